@@ -1,0 +1,146 @@
+"""The subcommands. Each parses options and calls one library function through `execute`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quantcli.cli import Debug, Force, Json, Out, Output, Quiet, RecipeOpt, app, emit, execute
+
+Src = Annotated[Path, typer.Argument(help="input artifact folder")]
+
+
+@app.command()
+def capture(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")], out: Out,
+            force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Build the model from the recipe and capture it with torch.export.
+
+    Example: quantcli capture --recipe configs/digits/recipe.yaml -o work/captured
+    """
+    o = Output(json, quiet, debug)
+    from quantcli.stages import capture as stage
+
+    emit(o, execute(o, lambda progress: stage.run(recipe, out, force=force)))
+
+
+@app.command()
+def prepare(src: Src, out: Out, qat: Annotated[bool, typer.Option("--qat", help="prepare for quantization-aware training")] = False,
+            force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Annotate the captured graph with the recipe's quantizer and insert observers.
+
+    Example: quantcli prepare work/captured -o work/prepared
+    """
+    o = Output(json, quiet, debug)
+    from quantcli.stages import prepare as stage
+
+    emit(o, execute(o, lambda progress: stage.run(src, out, qat=qat, force=force)))
+
+
+@app.command()
+def calibrate(src: Src, out: Out,
+              data: Annotated[Optional[str], typer.Option("--data", help=".npz, folder of .npy, or file.py:callable")] = None,
+              batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="use at most N batches")] = None,
+              recipe: RecipeOpt = None, force: Force = False, json: Json = False, quiet: Quiet = False,
+              debug: Debug = False) -> None:
+    """Run calibration batches through the prepared model to collect ranges.
+
+    Example: quantcli calibrate work/prepared -o work/calibrated --batches 8
+    """
+    o = Output(json, quiet, debug)
+    from quantcli.stages import calibrate as stage
+
+    emit(o, execute(o, lambda progress: stage.run(src, out, data=data, batches=batches, recipe_path=recipe,
+                                                  force=force, progress=progress), "calibrating"))
+
+
+@app.command()
+def train(src: Src, out: Out, recipe: RecipeOpt = None,
+          resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its checkpoint")] = False,
+          device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+          force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Quantization-aware training of a --qat prepared (or calibrated) artifact.
+
+    Example: quantcli train work/calibrated -o work/trained
+    """
+    o = Output(json, quiet, debug)
+    from quantcli.stages import train as stage
+
+    emit(o, execute(o, lambda progress: stage.run(src, out, recipe_path=recipe, resume=resume, device=device,
+                                                  force=force, progress=progress), "training"))
+
+
+@app.command()
+def convert(src: Src, out: Out,
+            fold_quantize: Annotated[bool, typer.Option("--fold-quantize/--no-fold-quantize",
+                                                        help="store weights as int8 constants")] = True,
+            reference_representation: Annotated[bool, typer.Option("--reference-representation",
+                                                                   help="apply the reference representation rewrite")] = False,
+            force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Convert observers to quantize/dequantize ops (convert_pt2e) and save the program.
+
+    Example: quantcli convert work/calibrated -o work/converted
+    """
+    o = Output(json, quiet, debug)
+    from quantcli.stages import convert as stage
+
+    emit(o, execute(o, lambda progress: stage.run(src, out, fold_quantize=fold_quantize,
+                                                  reference_representation=reference_representation, force=force)))
+
+
+@app.command()
+def export(src: Src, out: Out, opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: recipe)")] = None,
+           recipe: RecipeOpt = None, force: Force = False, json: Json = False, quiet: Quiet = False,
+           debug: Debug = False) -> None:
+    """Export to one ONNX QDQ file, check it, infer shapes, and test parity in ONNX Runtime.
+
+    Example: quantcli export work/converted -o work/model.onnx
+    """
+    o = Output(json, quiet, debug)
+    from quantcli.stages import export as stage
+
+    emit(o, execute(o, lambda progress: stage.run(src, out, opset=opset, recipe_path=recipe, force=force)))
+
+
+@app.command()
+def run(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")], out: Out,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and plan, run nothing")] = False,
+        force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Run every stage: capture, prepare, calibrate, (train), convert, export into one folder.
+
+    Example: quantcli run --recipe configs/digits/recipe.yaml -o work
+    """
+    o = Output(json, quiet, debug)
+    from quantcli import pipeline
+
+    if dry_run:
+        pipeline.print_plan(execute(o, lambda progress: pipeline.plan(recipe, out)), json)
+        return
+    emit(o, execute(o, lambda progress: pipeline.run(recipe, out, force=force, progress=progress), "working"))
+
+
+@app.command()
+def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML")], json: Json = False, quiet: Quiet = False,
+             debug: Debug = False) -> None:
+    """Check a recipe (schema and referenced files) without importing torch.
+
+    Example: quantcli validate configs/digits/recipe.yaml
+    """
+    o = Output(json, quiet, debug)
+    from quantcli import pipeline
+
+    pipeline.print_validated(execute(o, lambda progress: pipeline.validate(recipe)), o)
+
+
+@app.command()
+def inspect(path: Annotated[Path, typer.Argument(help="a stage folder or an .onnx file")], json: Json = False,
+            quiet: Quiet = False, debug: Debug = False) -> None:
+    """Show an artifact's manifest and a summary of its graph.
+
+    Example: quantcli inspect work/model.onnx --json
+    """
+    o = Output(json, quiet, debug)
+    from quantcli import inspection
+
+    inspection.show(execute(o, lambda progress: inspection.inspect(path)), json)

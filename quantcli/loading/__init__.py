@@ -1,0 +1,1 @@
+"""Loading user things: model factories, example inputs and data sources."""

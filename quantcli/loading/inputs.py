@@ -1,0 +1,45 @@
+"""Example inputs for capture and checks, and the dynamic shapes torch.export needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from quantcli.loading.data import NUMPY_DTYPES, iter_batches
+from quantcli.recipe import InputSpec, Recipe
+
+
+def synthetic(inputs: list[InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of the recipe's shapes: floats standard normal, integers and booleans zero."""
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for spec in inputs:
+        dtype = NUMPY_DTYPES[spec.dtype]
+        if np.issubdtype(dtype, np.floating):
+            batch[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
+        else:
+            batch[spec.name] = np.zeros(spec.shape, dtype=dtype)
+    return batch
+
+
+def example_batch(recipe: Recipe) -> dict[str, np.ndarray]:
+    """The first calibration batch when there is data (keeps token ids valid), else synthetic."""
+    cal = recipe.calibration
+    if cal is not None:
+        _, batches = iter_batches(cal.data, cal.keys, recipe.inputs, cal.batch_size, 1, "calibration")
+        for batch in batches:
+            return batch
+    return synthetic(recipe.inputs)
+
+
+def dynamic_shapes(inputs: list[InputSpec]) -> tuple[dict[int, Any] | None, ...]:
+    """One dict per input mapping axis -> torch.export.Dim; symbols are shared by name."""
+    import torch
+
+    dims: dict[str, Any] = {}
+    shapes = []
+    for spec in inputs:
+        axes = {axis: dims.setdefault(sym, torch.export.Dim(sym)) for axis, sym in spec.axes().items()}
+        shapes.append(axes or None)
+    return tuple(shapes)

@@ -1,0 +1,1 @@
+"""ONNX export, checks, ONNX Runtime sessions and the integer-kernel report."""

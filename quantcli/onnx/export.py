@@ -1,0 +1,127 @@
+"""ONNX export of a converted program: the dynamo exporter, opset, checker, shape inference, metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from quantcli.errors import ModelError, RecipeError
+
+EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through the version converter
+
+
+def to_onnx(program: Any, *, opset: int, input_names: list[str], output_names: list[str]) -> Any:
+    """Export with torch.onnx (dynamo) and return the onnx.ModelProto at the requested opset."""
+    import torch
+
+    try:
+        onnx_program = torch.onnx.export(
+            program, (), dynamo=True, opset_version=max(opset, EXPORTER_OPSET), input_names=input_names,
+            output_names=output_names, external_data=False, verbose=False, optimize=True,
+        )
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "out_dtype" in str(exc):
+            raise ModelError("the converted graph cannot be exported to ONNX (out_dtype has no ONNX conversion)",
+                             "convert without --reference-representation") from exc
+        raise ModelError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
+    model = onnx_program.model_proto
+    return convert_opset(model, opset) if opset < EXPORTER_OPSET else model
+
+
+def convert_opset(model: Any, opset: int) -> Any:
+    """Down-convert with onnx.version_converter and check the result; a failure is an error."""
+    import onnx
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RecipeError(f"export.opset {opset}: the model cannot be converted from opset {EXPORTER_OPSET}: {first}",
+                          f"use --opset {EXPORTER_OPSET} or higher") from exc
+    if opset_of(converted) != opset:
+        raise RecipeError(f"export.opset {opset}: the converter produced opset {opset_of(converted)}")
+    return converted
+
+
+def opset_of(model: Any) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def rename_dims(model: Any, inputs: list[Any]) -> None:
+    """Give symbolic dimensions the recipe's names (batch, seq, ...) instead of the exporter's s0, s1."""
+    mapping: dict[str, str] = {}
+    by_name = {spec.name: spec for spec in inputs}
+    for value in model.graph.input:
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_param and axis in spec.axes():
+                mapping.setdefault(dim.dim_param, spec.axes()[axis])
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in mapping:
+                dim.dim_param = mapping[dim.dim_param]
+
+
+def infer_shapes(model: Any) -> Any:
+    """Strict ONNX shape inference with data propagation; the result is stored in the model."""
+    import onnx
+
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"ONNX shape inference failed: {first}") from exc
+
+
+def shape_coverage(model: Any) -> dict[str, int]:
+    """How many intermediate tensors carry a value_info with dtype and full shape."""
+    typed = {v.name for v in model.graph.value_info
+             if v.type.tensor_type.elem_type and v.type.tensor_type.HasField("shape")
+             and all(d.dim_param or d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)}
+    outputs = {o.name for o in model.graph.output}
+    produced = {out for node in model.graph.node for out in node.output if out and out not in outputs}
+    return {"intermediate": len(produced), "with_shape": len(produced & typed)}
+
+
+def check(model: Any) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"the exported ONNX model fails onnx.checker: {first}") from exc
+
+
+def set_metadata(model: Any, fields: dict[str, Any]) -> None:
+    del model.metadata_props[:]
+    for key, value in sorted(fields.items()):
+        entry = model.metadata_props.add()
+        entry.key = f"quantcli.{key}"
+        entry.value = json.dumps(value, sort_keys=True)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key.removeprefix("quantcli."): json.loads(p.value) for p in model.metadata_props
+            if p.key.startswith("quantcli.")}
+
+
+def graph_summary(model: Any) -> dict[str, Any]:
+    """Op counts, quantized initializers and opset of an ONNX model."""
+    from onnx import TensorProto
+
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    int8 = [t for t in model.graph.initializer if t.data_type in (TensorProto.INT8, TensorProto.UINT8)]
+    return {"opset": opset_of(model), "nodes": len(model.graph.node), "ops": dict(sorted(ops.items())),
+            "int8_initializers": len(int8), "initializers": len(model.graph.initializer)}

@@ -1,0 +1,55 @@
+"""ONNX Runtime sessions as users run them (default full graph optimizations), and timing."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def session(path: str | Path, *, optimize: bool = True, threads: int = 0, optimized_path: str | Path | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT's own warnings would reach the user's terminal
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess: Any, batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    feeds = {i.name: batch[i.name] for i in sess.get_inputs()}
+    return sess.run(None, feeds)
+
+
+def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (capped at 200 for identical outputs)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(other, dtype=np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return 200.0
+    if signal == 0.0:
+        return -200.0
+    return round(float(min(200.0, 10.0 * np.log10(signal / noise))), 3)
+
+
+def latency_ms(sess: Any, batch: Mapping[str, np.ndarray], runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one run, in milliseconds."""
+    for _ in range(warmup):
+        run(sess, batch)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(sess, batch)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 3)

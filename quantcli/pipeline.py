@@ -1,0 +1,82 @@
+"""`quantcli run`, `--dry-run` and `validate`: the whole chain into one work folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from quantcli import recipe as recipes
+from quantcli.errors import InputError, RecipeError
+
+ONNX_NAME = "model.onnx"
+
+
+def plan(recipe_path: str | Path, work: str | Path) -> dict[str, Any]:
+    """The stages `run` would execute, with their output folders, and the resolved recipe."""
+    recipe = recipes.load(recipe_path)
+    work = Path(work)
+    qat = recipe.training is not None
+    steps = [("capture", work / "captured"), ("prepare", work / "prepared")]
+    if recipe.calibration is not None:
+        steps.append(("calibrate", work / "calibrated"))
+    elif not qat:
+        raise RecipeError("calibration: missing; post-training quantization needs calibration data",
+                          "add a calibration: section (or a training: section for QAT)")
+    if qat:
+        steps.append(("train", work / "trained"))
+    steps += [("convert", work / "converted"), ("export", work / ONNX_NAME)]
+    return {"recipe": recipe.model_dump(mode="json"), "qat": qat,
+            "steps": [{"command": name, "out": str(path)} for name, path in steps]}
+
+
+def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, progress: Any = None) -> list[Any]:
+    from quantcli import stages
+    from quantcli.stages.base import no_progress
+
+    progress = progress or no_progress
+    steps = {s["command"]: Path(s["out"]) for s in plan(recipe_path, work)["steps"]}
+    qat = "train" in steps
+    results = [stages.capture.run(recipe_path, steps["capture"], force=force)]
+    results.append(stages.prepare.run(steps["capture"], steps["prepare"], qat=qat, force=force))
+    last = steps["prepare"]
+    if "calibrate" in steps:
+        results.append(stages.calibrate.run(last, steps["calibrate"], force=force, progress=progress))
+        last = steps["calibrate"]
+    if qat:
+        results.append(stages.train.run(last, steps["train"], force=force, progress=progress))
+        last = steps["train"]
+    results.append(stages.convert.run(last, steps["convert"], force=force))
+    results.append(stages.export.run(steps["convert"], steps["export"], force=force))
+    return results
+
+
+def print_plan(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    import yaml
+
+    print(yaml.safe_dump(doc["recipe"], sort_keys=False).rstrip())
+    print("# plan:")
+    for step in doc["steps"]:
+        print(f"#   quantcli {step['command']} -> {step['out']}")
+
+
+def validate(recipe_path: str | Path) -> dict[str, Any]:
+    """Schema and referenced files; raises with every problem listed."""
+    recipe = recipes.load(recipe_path)
+    missing = recipes.missing_files(recipe)
+    if missing:
+        raise InputError(f"{recipe_path}: " + "; ".join(missing))
+    return {"recipe": str(recipe_path), "valid": True, "files": [p for _, p in recipes.referenced_files(recipe)]}
+
+
+def print_validated(doc: dict[str, Any], out: Any) -> None:
+    if out.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(f"{doc['recipe']}: valid")
+    if not out.quiet and not out.json:
+        print(f"checked {len(doc['files'])} referenced file(s)", file=sys.stderr)

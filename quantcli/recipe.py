@@ -1,0 +1,340 @@
+"""The YAML recipe: one pydantic schema, loading, path resolution and did-you-mean errors.
+
+This module must not import torch: `quantcli validate` and `--help` stay instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantcli.errors import InputError, RecipeError
+
+DTYPES = ("float32", "float16", "int64", "int32", "bool")
+OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile")
+TARGET_CPUS = ("auto", "avx2", "avx512", "vnni", "arm64")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    factory: str = Field(description='"file.py:callable" or "package.module:callable" returning an nn.Module')
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to the factory")
+
+    @field_validator("factory")
+    @classmethod
+    def _has_callable(cls, v: str) -> str:
+        module, sep, attr = v.rpartition(":")
+        if not sep or not module or not attr:
+            raise ValueError('must look like "file.py:callable" or "package.module:callable"')
+        return v
+
+
+class InputSpec(_Section):
+    name: str = Field(description="input name, in forward() order; becomes the ONNX input name")
+    shape: list[int] = Field(description="example shape used at capture")
+    dtype: Literal["float32", "float16", "int64", "int32", "bool"] = "float32"
+    dynamic_axes: dict[int, str] | None = Field(
+        default=None, description='axis -> symbol; default {0: "batch"}; {} makes every axis static'
+    )
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(d <= 0 for d in v):
+            raise ValueError("every dimension must be a positive integer")
+        return v
+
+    def axes(self) -> dict[int, str]:
+        """The dynamic axes with the default applied."""
+        if self.dynamic_axes is None:
+            return {0: "batch"} if self.shape else {}
+        return dict(self.dynamic_axes)
+
+    @model_validator(mode="after")
+    def _axes_in_range(self) -> "InputSpec":
+        for axis in self.axes():
+            if not 0 <= axis < len(self.shape):
+                raise ValueError(f"dynamic_axes: axis {axis} is outside shape {self.shape}")
+        return self
+
+
+class DataSource(_Section):
+    data: str = Field(description=".npz file, folder of .npy files, or file.py:callable yielding dicts")
+    keys: dict[str, str] = Field(default_factory=dict, description="input name -> array name in the data")
+
+
+class CalibrationSection(DataSource):
+    batch_size: int = Field(default=32, gt=0)
+    num_batches: int | None = Field(default=None, gt=0, description="default: all the data")
+
+
+class EvaluationSection(DataSource):
+    targets: str = Field(description="array of targets in the data")
+    metric: Literal["accuracy"] = "accuracy"
+    batch_size: int = Field(default=64, gt=0)
+
+
+class WeightsConfig(_Section):
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    symmetric: bool = True
+
+
+class ActivationsConfig(_Section):
+    dtype: Literal["uint8", "int8"] = "uint8"
+    symmetric: bool = False
+
+
+class OverrideConfig(_Section):
+    names: list[str] = Field(min_length=1, description="module-name globs this override applies to")
+    weights: WeightsConfig | None = None
+    activations: ActivationsConfig | None = None
+    observer: Literal["minmax", "moving_average_minmax", "histogram", "percentile"] | None = None
+    reduce_range: bool | None = None
+    exclude: bool = Field(default=False, description="keep these modules in float")
+
+
+class QuantizationSection(_Section):
+    target: str = Field(default="onnxruntime", description="quantizer registry name")
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
+    observer: Literal["minmax", "moving_average_minmax", "histogram", "percentile"] = "histogram"
+    target_cpu: Literal["auto", "avx2", "avx512", "vnni", "arm64"] = "auto"
+    reduce_range: Union[Literal["auto"], bool] = "auto"
+    exclude_names: list[str] = Field(default_factory=list)
+    exclude_types: list[str] = Field(default_factory=list)
+    overrides: list[OverrideConfig] = Field(default_factory=list)
+    equalize: bool = Field(default=True, description="SmoothQuant-style equalization of outlier activations")
+
+
+class TrainingSection(DataSource):
+    targets: str = Field(description="array of targets in the data")
+    loss: str = Field(default="cross_entropy", description='cross_entropy | mse | "file.py:callable"')
+    optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "sgd", "lr": 0.01, "momentum": 0.9})
+    epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    freeze_bn_after: float | int | None = None
+    freeze_observers_after: float | int | None = None
+    checkpoint_every: int | None = Field(default=None, gt=0)
+    seed: int = 0
+
+    @field_validator("freeze_bn_after", "freeze_observers_after")
+    @classmethod
+    def _fraction_or_step(cls, v: float | int | None) -> float | int | None:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError("a float must be a fraction of the steps in (0, 1); an int is a step")
+        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            raise ValueError("a step must be >= 0")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        if v not in ("cross_entropy", "mse") and ":" not in v:
+            raise ValueError(f"unknown loss {v!r}; valid: cross_entropy, mse, or \"file.py:callable\"")
+        return v
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: dict[str, Any]) -> dict[str, Any]:
+        name = v.get("name", "sgd")
+        if name not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adamw")
+        return v
+
+
+class ExportSection(_Section):
+    opset: int = Field(default=18, ge=7, le=23)
+    parity_min_sqnr_db: float = Field(default=30.0, description="ORT (full optimizations) vs converted PyTorch")
+
+
+class Recipe(_Section):
+    model: ModelSection
+    inputs: list[InputSpec] = Field(min_length=1)
+    outputs: list[str] | None = None
+    calibration: CalibrationSection | None = None
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    training: TrainingSection | None = None
+    evaluation: EvaluationSection | None = None
+    export: ExportSection = Field(default_factory=ExportSection)
+
+    @model_validator(mode="after")
+    def _inputs_consistent(self) -> "Recipe":
+        names = [i.name for i in self.inputs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"inputs: duplicate names {dupes}")
+        for section in (self.calibration, self.training, self.evaluation):
+            if section is not None:
+                unknown = sorted(set(section.keys) - set(names))
+                if unknown:
+                    raise ValueError(f"keys name unknown inputs {unknown}; inputs are {names}")
+        return self
+
+    def digest(self) -> str:
+        return hash_json(self.model_dump(mode="json"))
+
+    def sections(self, *names: str) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        return {n: data[n] for n in names}
+
+
+# Sections each later stage may change through --recipe; everything else is fixed at capture.
+UPSTREAM_SECTIONS = ("model", "inputs", "outputs", "quantization")
+
+
+def hash_json(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk the schema along `loc` to the model holding the last key (for did-you-mean)."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = _unwrap(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    for arg in getattr(annotation, "__args__", ()) or ():
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One line per problem, each naming its dotted key path (and a did-you-mean for unknown keys)."""
+    lines = []
+    for err in exc.errors():
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":
+            owner = _model_for(loc)
+            valid = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+            lines.append(f"{_loc(loc)}: unknown key{hint}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{_loc(loc)}: {msg}")
+    return lines
+
+
+def parse(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a parsed YAML document; raise RecipeError listing every problem at once."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = format_errors(exc)
+        raise RecipeError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"recipe not found: {path}", "pass an existing YAML file with --recipe")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read recipe {path}: {exc}") from None
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    """Resolve a data path, or the file of "file.py:callable", against the recipe's folder.
+
+    "package.module:callable" is left as written.
+    """
+    file_part, sep, attr = value.rpartition(":")
+    if sep and file_part.endswith(".py"):
+        return f"{(base / file_part).resolve()}:{attr}"
+    if sep and "/" not in file_part and not Path(value).suffix:
+        return value
+    return str((base / value).resolve())
+
+
+def split_callable(value: str) -> tuple[str, str] | None:
+    """("file.py" or "package.module", "callable") when `value` names a callable, else None."""
+    file_part, sep, attr = value.rpartition(":")
+    if sep and attr.isidentifier() and (file_part.endswith(".py") or "/" not in file_part):
+        return file_part, attr
+    return None
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Return a copy whose file references are absolute, relative to `base` (the recipe's folder)."""
+    data = recipe.model_dump(mode="json")
+    data["model"]["factory"] = _resolve_path(data["model"]["factory"], base)
+    for name in ("calibration", "training", "evaluation"):
+        if data.get(name):
+            data[name]["data"] = _resolve_path(data[name]["data"], base)
+    if data.get("training") and ":" in data["training"]["loss"]:
+        data["training"]["loss"] = _resolve_path(data["training"]["loss"], base)
+    return Recipe.model_validate(data)
+
+
+def load(path: str | Path) -> Recipe:
+    """Read, validate and resolve a recipe file."""
+    path = Path(path)
+    return resolve_paths(parse(read_yaml(path), str(path)), path.resolve().parent)
+
+
+def referenced_files(recipe: Recipe) -> list[tuple[str, str]]:
+    """(key path, filesystem path) of every file the recipe refers to."""
+    refs = []
+    for key, value in [("model.factory", recipe.model.factory)] + [
+        (f"{name}.data", getattr(recipe, name).data)
+        for name in ("calibration", "training", "evaluation")
+        if getattr(recipe, name) is not None
+    ]:
+        target = split_callable(value)
+        if target is None:
+            refs.append((key, value))
+        elif target[0].endswith(".py"):
+            refs.append((key, target[0]))
+    return refs
+
+
+def missing_files(recipe: Recipe) -> list[str]:
+    return [f"{key}: file not found: {p}" for key, p in referenced_files(recipe) if not Path(p).exists()]
+
+
+def merge_later_sections(recorded: Recipe, new: Recipe, stage: str, allowed: tuple[str, ...]) -> Recipe:
+    """Take `allowed` sections from `new`; refuse if an upstream section differs from the recorded one."""
+    old_data, new_data = recorded.model_dump(mode="json"), new.model_dump(mode="json")
+    for key in ("target_cpu", "reduce_range"):  # "auto" means: as resolved at prepare
+        if new_data["quantization"][key] == "auto":
+            new_data["quantization"][key] = old_data["quantization"][key]
+    changed = [k for k in UPSTREAM_SECTIONS if old_data[k] != new_data[k]]
+    if changed:
+        rerun = "capture" if set(changed) - {"quantization"} else "prepare"
+        raise RecipeError(
+            f"--recipe changes {', '.join(changed)}, which were fixed when the artifact was made",
+            f"rerun `quantcli {rerun}` with this recipe; `{stage}` may only change {', '.join(allowed)}",
+        )
+    for key in allowed:
+        old_data[key] = new_data[key]
+    return Recipe.model_validate(old_data)

@@ -1,0 +1,71 @@
+"""calibrate: feed calibration batches through the prepared model so observers collect ranges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quantcli import artifacts, recipe as recipes
+from quantcli.errors import DataError, RecipeError
+from quantcli.loading.data import iter_batches, to_tensors
+from quantcli.recipe import CalibrationSection, Recipe
+from quantcli.stages.base import (Progress, StageResult, carry_program, data_hashes, no_progress, produce,
+                                  recipe_of, restore_prepared, save_state)
+
+
+def with_overrides(recipe: Recipe, recipe_path: str | Path | None, data: str | None,
+                   batches: int | None) -> CalibrationSection:
+    """The calibration section after --recipe, --data and --batches are applied."""
+    if recipe_path is not None:
+        recipe = recipes.merge_later_sections(recipe, recipes.load(recipe_path), "calibrate", ("calibration",))
+    section = recipe.calibration
+    if section is None and data is None:
+        raise RecipeError("calibration.data is not set", "pass --data FILE.npz or add a calibration: section")
+    section = section or CalibrationSection(data=str(Path(data).resolve()))
+    update: dict[str, Any] = {}
+    if data is not None:
+        update["data"] = str(Path(data).resolve()) if Path(data).exists() else data
+    if batches is not None:
+        update["num_batches"] = batches
+    return section.model_copy(update=update)
+
+
+def run_batches(module: Any, section: CalibrationSection, inputs: list, progress: Progress) -> int:
+    from quantcli import _torch
+
+    total, batches = iter_batches(section.data, section.keys, inputs, section.batch_size, section.num_batches,
+                                  "calibration")
+    seen = 0
+    with _torch.torch.no_grad():
+        for index, batch in enumerate(batches):
+            args = to_tensors(batch, inputs)
+            try:
+                module(*args)
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise DataError(f"calibration batch {index} does not fit the model: {first}") from exc
+            seen += 1
+            progress(seen, total or None, {})
+    if seen == 0:
+        raise DataError("calibration: the data yielded no batches")
+    return seen
+
+
+def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: int | None = None,
+        recipe_path: str | Path | None = None, force: bool = False, progress: Progress = no_progress) -> StageResult:
+    parent = artifacts.open_artifact(src, ("prepared",), "calibrate")
+    recipe = recipe_of(parent)
+    section = with_overrides(recipe, recipe_path, data, batches)
+    recipe = recipe.model_copy(update={"calibration": section})
+    hashes = data_hashes({"calibration.data": section.data})
+
+    def body(folder: Path) -> dict[str, Any]:
+        module = restore_prepared(parent)
+        seen = run_batches(module, section, recipe.inputs, progress)
+        carry_program(parent, folder)
+        save_state(module, folder)
+        return {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen}
+
+    options = {"calibration": section.model_dump(mode="json")}
+    return produce("calibrated", Path(out), recipe=recipe, parent=parent, options=options, data=hashes,
+                   force=force, body=body)

@@ -1,0 +1,46 @@
+"""convert: turn observers into quantize/dequantize ops (convert_pt2e) and save a new program."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quantcli import artifacts
+from quantcli.errors import ModelError
+from quantcli.loading.data import to_tensors
+from quantcli.loading.inputs import dynamic_shapes, synthetic
+from quantcli.stages.base import StageResult, produce, recipe_of, restore_prepared
+
+
+def count_ops(module: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in module.graph.nodes:
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", str(node.target))
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, reference_representation: bool = False,
+        force: bool = False) -> StageResult:
+    parent = artifacts.open_artifact(src, ("calibrated", "trained"), "convert")
+    recipe = recipe_of(parent)
+    options = {"fold_quantize": fold_quantize, "reference_representation": reference_representation}
+
+    def body(folder: Path) -> dict[str, Any]:
+        from quantcli import _torch
+
+        module = _torch.to_eval(restore_prepared(parent))
+        module = _torch.prune_unused(_torch.convert(module, fold_quantize, reference_representation))
+        args = to_tensors(synthetic(recipe.inputs), recipe.inputs)
+        try:
+            program = _torch.export(module, args, dynamic_shapes(recipe.inputs))
+        except Exception as exc:
+            raise ModelError(f"cannot re-export the converted model: {type(exc).__name__}: {exc}") from exc
+        _torch.save_program(program, folder / artifacts.PROGRAM)
+        artifacts.link_or_copy(parent.file(artifacts.PROGRAM), folder / artifacts.FLOAT_PROGRAM)
+        return {"qat": parent.manifest["qat"], "io": parent.manifest["io"],
+                "ops": count_ops(program.graph_module)}
+
+    return produce("converted", Path(out), recipe=recipe, parent=parent, options=options, data={},
+                   force=force, body=body)

@@ -1,0 +1,116 @@
+"""export: converted program -> one self-contained ONNX QDQ file, checked, shape-inferred, parity-tested."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from quantcli import artifacts, recipe as recipes
+from quantcli.errors import NumericsError
+from quantcli.loading.data import to_tensors
+from quantcli.loading.inputs import example_batch
+from quantcli.onnx import export as onnx_export
+from quantcli.onnx import runtime
+from quantcli.recipe import Recipe
+from quantcli.stages.base import StageResult, data_hashes, recipe_of
+
+
+def report_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".report.json")
+
+
+def parity(program: Any, onnx_path: Path, recipe: Recipe, sample: dict[str, Any]) -> dict[str, Any]:
+    """ORT (full optimizations, as users run it) vs the converted PyTorch module, per output."""
+    import torch
+
+    with torch.no_grad():
+        expected = torch.utils._pytree.tree_flatten(program.module()(*to_tensors(sample, recipe.inputs)))[0]
+    got = runtime.run(runtime.session(onnx_path), sample)
+    per_output = {f"output_{i}": runtime.sqnr_db(e.numpy(), g) for i, (e, g) in enumerate(zip(expected, got))}
+    worst = min(per_output.values())
+    threshold = recipe.export.parity_min_sqnr_db
+    return {"min_sqnr_db": worst, "threshold_db": threshold, "passed": bool(worst >= threshold), "per_output_db": per_output,
+            "samples": int(next(iter(sample.values())).shape[0])}
+
+
+def vs_float(float_program: Any, onnx_path: Path, recipe: Recipe, sample: dict[str, Any]) -> dict[str, float]:
+    import torch
+
+    with torch.no_grad():
+        expected = torch.utils._pytree.tree_flatten(float_program.module()(*to_tensors(sample, recipe.inputs)))[0]
+    got = runtime.run(runtime.session(onnx_path), sample)
+    return {f"output_{i}": runtime.sqnr_db(e.numpy(), g) for i, (e, g) in enumerate(zip(expected, got))}
+
+
+def build_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> Any:
+    from quantcli import _torch
+
+    program = _torch.load_program(parent.file(artifacts.PROGRAM))
+    io = parent.manifest["io"]
+    model = onnx_export.to_onnx(program, opset=opset, input_names=io["inputs"], output_names=io["outputs"])
+    onnx_export.rename_dims(model, recipe.inputs)
+    onnx_export.check(model)
+    return program, onnx_export.infer_shapes(model)
+
+
+def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_path: str | Path | None = None,
+        force: bool = False) -> StageResult:
+    import onnx
+
+    from quantcli import _torch
+    from quantcli.report import evaluate
+
+    parent = artifacts.open_artifact(src, ("converted",), "export")
+    recipe = recipe_of(parent)
+    if recipe_path is not None:
+        recipe = recipes.merge_later_sections(recipe, recipes.load(recipe_path), "export", ("export", "evaluation"))
+    if opset is not None:
+        recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"opset": opset})})
+    out = Path(out)
+    reads = {k: getattr(recipe, k.split(".")[0]).data for k in ("calibration.data", "evaluation.data")
+             if getattr(recipe, k.split(".")[0]) is not None}
+    data = data_hashes(reads)
+    options = {"export": recipe.export.model_dump(mode="json")}
+    key = artifacts.stage_key("exported", options, parent.digest, data)
+    existing = artifacts.check_output_file(out, key, force, onnx_export.read_metadata)
+    if existing is not None:
+        return StageResult("exported", out, existing, reused=True)
+
+    start = time.perf_counter()
+    program, model = build_model(parent, recipe, recipe.export.opset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = artifacts.tmp_sibling(out)
+    tmp_report = artifacts.tmp_sibling(report_path(out))
+    try:
+        onnx.save(model, str(tmp))
+        sample = example_batch(recipe)
+        check = parity(program, tmp, recipe, sample)
+        float_program = _torch.load_program(parent.file(artifacts.FLOAT_PROGRAM))
+        report = {"parity": check, "sqnr_vs_float_db": vs_float(float_program, tmp, recipe, sample),
+                  "onnx": {**onnx_export.graph_summary(model), "shapes": onnx_export.shape_coverage(model),
+                           "size_bytes": tmp.stat().st_size}}
+        if recipe.evaluation is not None:
+            report["evaluation"] = evaluate.evaluate(recipe, float_program, tmp, parent.manifest["io"])
+        manifest = artifacts.base_manifest("exported", recipe.model_dump(mode="json"), recipe.digest(), parent,
+                                           options, key, data)
+        manifest.update(io=parent.manifest["io"], files={}, status="ok" if check["passed"] else "parity_failed")
+        onnx_export.set_metadata(model, manifest)
+        onnx.save(model, str(tmp))
+        seconds = time.perf_counter() - start
+        tmp_report.write_text(json.dumps({**report, "seconds": round(seconds, 3)}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp_report, report_path(out))
+        artifacts.replace_into(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_report.unlink(missing_ok=True)
+    result = StageResult("exported", out, manifest, seconds=seconds, details={"report": report})
+    if not check["passed"]:
+        raise NumericsError(
+            f"parity failed: ONNX Runtime vs the converted model {check['min_sqnr_db']:.1f} dB "
+            f"< export.parity_min_sqnr_db {check['threshold_db']} (model and report written to {out})",
+            "see the report; the onnxruntime target with reduce_range keeps ORT's int8 kernels accurate",
+        )
+    return result

@@ -1,0 +1,28 @@
+"""prepare: annotate the captured graph with the recipe's quantizer and insert observers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quantcli import artifacts
+from quantcli.stages.base import StageResult, carry_program, produce, recipe_of, restore_prepared, save_state
+
+
+def run(src: str | Path, out: str | Path, *, qat: bool = False, force: bool = False) -> StageResult:
+    from quantcli import quantizers
+
+    parent = artifacts.open_artifact(src, ("captured",), "prepare")
+    recipe = recipe_of(parent)
+    # target_cpu/reduce_range are resolved once, here, and recorded: reruns elsewhere agree.
+    recipe = recipe.model_copy(update={"quantization": quantizers.resolve(recipe.quantization)})
+
+    def body(folder: Path) -> dict[str, Any]:
+        carry_program(parent, folder)
+        manifest = {"qat": qat, "io": parent.manifest["io"], "recipe": recipe.model_dump(mode="json")}
+        module = restore_prepared(artifacts.Artifact(folder, {**parent.manifest, **manifest}))
+        save_state(module, folder)
+        return {"qat": qat, "io": parent.manifest["io"]}
+
+    return produce("prepared", Path(out), recipe=recipe, parent=parent, options={"qat": qat}, data={},
+                   force=force, body=body)
