@@ -64,6 +64,15 @@ def export(module: Any, args: tuple, dynamic_shapes: Any) -> Any:
 
 
 def save_program(program: Any, path: Path) -> None:
+    """torch.export.save, made reproducible: the same program gives the same bytes in every process.
+
+    Node provenance (`meta["from_node"]`, written by passes such as convert_pt2e) records `id()` of
+    graphs, a memory address that differs on every run; it is dropped before saving.
+    """
+    for module in program.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            node.meta.pop("from_node", None)
     torch.export.save(program, str(path))
 
 
