@@ -36,7 +36,11 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
         model = onnx.load(str(path))
     except Exception as exc:
         raise ArtifactError(f"{path} is not a readable ONNX model: {exc}") from None
-    return {"path": str(path), "manifest": onnx_export.read_metadata(path), "graph": onnx_export.graph_summary(model)}
+    doc = {"path": str(path), "manifest": onnx_export.read_metadata(path), "graph": onnx_export.graph_summary(model)}
+    report = path.with_name(path.stem + ".report.json")
+    if report.is_file():
+        doc["report"] = json.loads(report.read_text())
+    return doc
 
 
 def show(doc: dict[str, Any], as_json: bool) -> None:
@@ -54,3 +58,22 @@ def show(doc: dict[str, Any], as_json: bool) -> None:
     ops = graph.get("ops", {})
     if ops:
         print("  ops: " + ", ".join(f"{k}={v}" for k, v in ops.items()))
+    if "report" in doc:
+        _show_report(doc["report"])
+
+
+def _show_report(report: dict[str, Any]) -> None:
+    parity = report["parity"]
+    print(f"  parity: ONNX Runtime vs converted PyTorch {parity['min_sqnr_db']:.1f} dB "
+          f"(threshold {parity['threshold_db']} dB): {'passed' if parity['passed'] else 'FAILED'}")
+    print("  SQNR vs fp32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["sqnr_vs_float_db"].items()))
+    ev = report.get("evaluation")
+    if not ev:
+        return
+    print(f"  {ev['metric']} on {ev['samples']} held-out samples: fp32 {100 * ev['fp32_torch']:.2f}%  "
+          f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {ev['accuracy_drop_points']:.2f} points)")
+    sizes = ev["size_bytes"]
+    print(f"  size: fp32 ONNX {sizes['fp32_onnx'] / 1024:.1f} KiB, int8 ONNX {sizes['int8_onnx'] / 1024:.1f} KiB")
+    for batch, t in ev["ort_latency"].items():
+        print(f"  ORT latency {batch.replace('_', ' ')}: fp32 {t['fp32_ms']:.3f} ms, int8 {t['int8_ms']:.3f} ms "
+              f"({t['fp32_ms'] / t['int8_ms']:.2f}x)")
