@@ -37,10 +37,13 @@ _silence()
 import torch  # noqa: E402
 import torchao  # noqa: E402,F401  (registers quantized_decomposed ops used by saved programs)
 from torchao.quantization.pt2e import (  # noqa: E402
+    FakeQuantizeBase,
     allow_exported_model_train_eval,
+    disable_observer,
     move_exported_model_to_eval,
     move_exported_model_to_train,
 )
+from torchao.quantization.pt2e.constant_fold import constant_fold  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -55,6 +58,12 @@ __all__ = [
     "to_train",
     "to_eval",
     "allow_exported_model_train_eval",
+    "freeze_bn",
+    "bn_buffers",
+    "fake_quantizers",
+    "disable_observers",
+    "observers_frozen",
+    "refresh_qparams",
 ]
 
 
@@ -85,7 +94,15 @@ def prepare(module: Any, quantizer: Any, qat: bool) -> Any:
 
 
 def convert(module: Any, fold_quantize: bool, reference_representation: bool = False) -> Any:
-    return convert_pt2e(module, use_reference_representation=reference_representation, fold_quantize=fold_quantize)
+    module = convert_pt2e(module, use_reference_representation=reference_representation, fold_quantize=fold_quantize)
+    if not fold_quantize:
+        # ONNX QuantizeLinear has no int32 output: int32 biases are folded even when weights stay float.
+        constant_fold(module, _int32_quantize)
+    return module
+
+
+def _int32_quantize(node: Any) -> bool:
+    return node.op == "call_function" and str(node.target).startswith("quantized_decomposed.quantize_per") and torch.int32 in node.args
 
 
 def prune_unused(module: Any) -> Any:
@@ -101,9 +118,71 @@ def prune_unused(module: Any) -> Any:
     return module
 
 
-def to_train(module: Any) -> Any:
-    return move_exported_model_to_train(module)
+def to_train(module: Any, bn_frozen: bool = False) -> Any:
+    """Dropout and batch norm in training mode; batch norm stays on running stats if `bn_frozen`.
+
+    torchao's switch rewrites every batch-norm node to training=True, undoing a freeze, so the
+    freeze is re-applied here after it.
+    """
+    move_exported_model_to_train(module)
+    if bn_frozen:
+        freeze_bn(module)
+    return module
 
 
 def to_eval(module: Any) -> Any:
     return move_exported_model_to_eval(module)
+
+
+# Batch-norm ops whose args[5] is the `training` flag (torch.ops.aten schemas); the flag is graph
+# state, not in the state_dict.
+def _bn_nodes(module: Any) -> list[Any]:
+    aten = torch.ops.aten
+    targets = {aten.batch_norm.default, aten._native_batch_norm_legit.default, aten.cudnn_batch_norm.default}
+    return [n for n in module.graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def freeze_bn(module: Any) -> Any:
+    """Batch norm normalizes with, and stops updating, its running statistics (a training-mode switch).
+
+    The PT2E QAT recipe: set `training=False` on the batch-norm nodes of the fused conv-bn graph.
+    """
+    for node in _bn_nodes(module):
+        if node.args[5] is not False:
+            node.args = (*node.args[:5], False, *node.args[6:])
+    module.recompile()
+    return module
+
+
+def bn_buffers(module: Any) -> list[Any]:
+    """The running mean and variance tensors read by the graph's batch-norm nodes."""
+    names = []
+    for node in _bn_nodes(module):
+        for arg in node.args[3:5]:
+            if getattr(arg, "op", None) == "get_attr" and arg.target not in names:
+                names.append(arg.target)
+    return [module.get_buffer(name) for name in names]
+
+
+def fake_quantizers(module: Any) -> list[Any]:
+    return [m for m in module.modules() if isinstance(m, FakeQuantizeBase)]
+
+
+def disable_observers(module: Any) -> Any:
+    """Freeze quantization ranges: fake quantization goes on with the last computed scales."""
+    module.apply(disable_observer)
+    return module
+
+
+def observers_frozen(module: Any) -> bool:
+    return all(int(fq.observer_enabled[0]) == 0 for fq in fake_quantizers(module))
+
+
+def refresh_qparams(fq: Any) -> None:
+    """Recompute a FakeQuantize's scale and zero point from its observer (as its forward does)."""
+    scale, zero_point = fq.calculate_qparams()
+    if fq.scale.shape != scale.shape:
+        fq.scale.resize_(scale.shape)
+        fq.zero_point.resize_(zero_point.shape)
+    fq.scale.copy_(scale.to(fq.scale.device))
+    fq.zero_point.copy_(zero_point.to(fq.zero_point.device))

@@ -139,4 +139,4 @@ def _factory_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], n
 def to_tensors(batch: Mapping[str, np.ndarray], inputs: list[InputSpec]) -> tuple:
     import torch
 
-    return tuple(torch.from_numpy(np.asarray(batch[i.name], dtype=NUMPY_DTYPES[i.dtype])) for i in inputs)
+    return tuple(torch.from_numpy(np.require(batch[i.name], NUMPY_DTYPES[i.dtype], ["C", "W"])) for i in inputs)

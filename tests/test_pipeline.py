@@ -1,0 +1,155 @@
+"""The library API runs every stage for each model family; each stage reloads its input from disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from quantcli import artifacts, stages
+from quantcli.onnx import runtime
+from tests.models import example_batch
+from tests.recipes import write_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_chain(folder: Path, name: str, **sections) -> tuple[Path, dict]:
+    recipe = write_recipe(folder, name, **sections)
+    w = folder / "w"
+    stages.capture.run(recipe, w / "captured")
+    stages.prepare.run(w / "captured", w / "prepared")
+    stages.calibrate.run(w / "prepared", w / "calibrated")
+    stages.convert.run(w / "calibrated", w / "converted")
+    result = stages.export.run(w / "converted", w / "model.onnx")
+    return w, result.details["report"]
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "mlp", "bert", "two_io"])
+def test_every_stage_on_model_family(tmp_path, name):
+    w, report = run_chain(tmp_path, name)
+    model = onnx.load(str(w / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert report["parity"]["passed"] and report["parity"]["min_sqnr_db"] >= 30
+    shapes = report["onnx"]["shapes"]
+    assert shapes["intermediate"] > 0 and shapes["with_shape"] == shapes["intermediate"]
+    ops = report["onnx"]["ops"]
+    assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
+    assert report["onnx"]["int8_initializers"] > 0
+    recipe_inputs = [i["name"] for i in json.loads((w / "captured" / "manifest.json").read_text())["recipe"]["inputs"]]
+    assert [i.name for i in model.graph.input] == recipe_inputs
+    # the batch axis stays symbolic, under the recipe's name, and another batch size runs
+    assert all(i.type.tensor_type.shape.dim[0].dim_param == "batch" for i in model.graph.input)
+    batch = {k: v.numpy() for k, v in example_batch(name, batch=3, seed=7).items()}
+    outputs = runtime.run(runtime.session(w / "model.onnx"), batch)
+    assert all(o.shape[0] == 3 and np.isfinite(o).all() for o in outputs)
+
+
+def test_two_outputs_are_named_after_dict_keys(tmp_path):
+    w, _ = run_chain(tmp_path, "two_io")
+    model = onnx.load(str(w / "model.onnx"))
+    assert [o.name for o in model.graph.output] == ["logits", "embedding"]
+
+
+def test_recipe_output_names_are_used(tmp_path):
+    w, _ = run_chain(tmp_path, "two_io", outputs=["scores", "vector"])
+    assert [o.name for o in onnx.load(str(w / "model.onnx")).graph.output] == ["scores", "vector"]
+
+
+def test_converted_program_keeps_only_int8_weights(tmp_path):
+    w, _ = run_chain(tmp_path, "mlp")
+    from quantcli import _torch
+
+    program = _torch.load_program(w / "converted" / artifacts.PROGRAM)
+    weights = {k: v for k, v in program.state_dict.items()} | dict(program.constants)
+    matrices = [v for v in weights.values() if getattr(v, "ndim", 0) == 2]
+    assert matrices and all(str(v.dtype) == "torch.int8" for v in matrices)
+
+
+def test_no_fold_quantize_keeps_float_weights(tmp_path):
+    recipe = write_recipe(tmp_path, "mlp")
+    w = tmp_path / "w"
+    stages.capture.run(recipe, w / "captured")
+    stages.prepare.run(w / "captured", w / "prepared")
+    stages.calibrate.run(w / "prepared", w / "calibrated")
+    stages.convert.run(w / "calibrated", w / "converted", fold_quantize=False)
+    report = stages.export.run(w / "converted", w / "model.onnx").details["report"]
+    model = onnx.load(str(w / "model.onnx"))
+    float_matrices = [t for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
+    assert float_matrices and report["parity"]["passed"]
+
+
+RESTORE = """
+import sys, numpy as np, torch
+from quantcli import artifacts
+from quantcli.stages.base import restore_prepared
+art = artifacts.open_artifact(sys.argv[1], ("prepared", "calibrated"), "test")
+x = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    np.save(sys.argv[3], restore_prepared(art)(x).numpy())
+"""
+
+
+def test_calibrated_artifact_restores_bit_identically_in_a_new_process(tmp_path):
+    recipe = write_recipe(tmp_path, "resnet")
+    w = tmp_path / "w"
+    stages.capture.run(recipe, w / "captured")
+    stages.prepare.run(w / "captured", w / "prepared")
+    stages.calibrate.run(w / "prepared", w / "calibrated")
+    x = example_batch("resnet", batch=4, seed=3)["x"]
+    np.save(tmp_path / "x.npy", x.numpy())
+    outputs = {}
+    for stage in ("prepared", "calibrated"):
+        out = tmp_path / f"{stage}.npy"
+        subprocess.run([sys.executable, "-c", RESTORE, str(w / stage), str(tmp_path / "x.npy"), str(out)],
+                       check=True, cwd=ROOT)
+        outputs[stage] = np.load(out)
+    from quantcli.stages.base import restore_prepared
+    import torch
+
+    with torch.no_grad():
+        here = restore_prepared(artifacts.open_artifact(w / "calibrated", ("calibrated",), "test"))(x).numpy()
+    assert np.array_equal(here, outputs["calibrated"])
+    # calibration changed the observers, so the restored state is not just the prepared one
+    assert observers_changed(w / "prepared", w / "calibrated")
+
+
+def test_calibration_uses_a_final_partial_batch_and_num_batches(tmp_path):
+    recipe = write_recipe(tmp_path, "mlp", batch_size=10)  # 24 samples -> 10, 10, 4
+    w = tmp_path / "w"
+    stages.capture.run(recipe, w / "captured")
+    stages.prepare.run(w / "captured", w / "prepared")
+    assert stages.calibrate.run(w / "prepared", w / "all").manifest["batches"] == 3
+    assert stages.calibrate.run(w / "prepared", w / "two", batches=2).manifest["batches"] == 2
+
+
+def test_npy_folder_and_factory_data_sources(tmp_path):
+    recipe = write_recipe(tmp_path, "mlp")
+    w = tmp_path / "w"
+    stages.capture.run(recipe, w / "captured")
+    stages.prepare.run(w / "captured", w / "prepared")
+    x = example_batch("mlp", batch=12, seed=5)["x"].numpy()
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "x.npy", x)
+    (tmp_path / "factory.py").write_text(
+        "import numpy as np\n"
+        f"def batches():\n    x = np.load({str(tmp_path / 'npy' / 'x.npy')!r})\n"
+        "    for i in range(0, 12, 4):\n        yield {'x': x[i:i + 4]}\n")
+    folder = stages.calibrate.run(w / "prepared", w / "from_npy", data=str(tmp_path / "npy"))
+    factory = stages.calibrate.run(w / "prepared", w / "from_factory", data=f"{tmp_path / 'factory.py'}:batches")
+    assert folder.manifest["batches"] == 2 and factory.manifest["batches"] == 3  # batch_size 8 vs factory's 4
+    assert observers_changed(w / "prepared", w / "from_npy")
+    assert observers_changed(w / "prepared", w / "from_factory")
+
+
+def observers_changed(before: Path, after: Path) -> bool:
+    import torch
+
+    old = torch.load(before / artifacts.STATE, weights_only=True)
+    new = torch.load(after / artifacts.STATE, weights_only=True)
+    return any(k in old and (old[k].shape != v.shape or not torch.equal(old[k], v)) for k, v in new.items())
