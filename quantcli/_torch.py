@@ -7,10 +7,11 @@ warning category, so that users see only quantcli's own output.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 _NOISY_LOGGERS = (
     "torchao",
@@ -45,6 +46,7 @@ from torchao.quantization.pt2e import (  # noqa: E402
 )
 from torchao.quantization.pt2e.constant_fold import constant_fold  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
+from torchao.quantization.pt2e import qat_utils as _qat_utils  # noqa: E402  (private: see _present_convs_only)
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -64,6 +66,7 @@ __all__ = [
     "disable_observers",
     "observers_frozen",
     "refresh_qparams",
+    "ddp",
 ]
 
 
@@ -90,15 +93,57 @@ def load_program(path: Path) -> Any:
 
 
 def prepare(module: Any, quantizer: Any, qat: bool) -> Any:
-    return (prepare_qat_pt2e if qat else prepare_pt2e)(module, quantizer)
+    if not qat:
+        return prepare_pt2e(module, quantizer)
+    with _present_convs_only():
+        return prepare_qat_pt2e(module, quantizer)
 
 
 def convert(module: Any, fold_quantize: bool, reference_representation: bool = False) -> Any:
-    module = convert_pt2e(module, use_reference_representation=reference_representation, fold_quantize=fold_quantize)
+    with _present_convs_only():
+        module = convert_pt2e(module, use_reference_representation=reference_representation,
+                              fold_quantize=fold_quantize)
     if not fold_quantize:
         # ONNX QuantizeLinear has no int32 output: int32 biases are folded even when weights stay float.
         constant_fold(module, _int32_quantize)
     return module
+
+
+@contextlib.contextmanager
+def _present_convs_only() -> Iterator[None]:
+    """Skip torchao's conv-bn QAT fuse/fold passes for conv functions the graph does not call.
+
+    prepare_qat_pt2e and convert_pt2e run one pass per conv function (conv1d, conv2d,
+    conv_transpose1d/2d), each exporting its patterns with torch.export whether or not the graph
+    has that conv: 96 exports, about 0.3 s each, in convert alone; QAT convert of the 8x8 digits
+    CNN took 17-29 s. A pass cannot match where its conv op is absent, so skipping it changes
+    nothing else. The helpers are private (torchao.quantization.pt2e.qat_utils) and the public
+    API has no switch, hence this temporary patch of their module attributes.
+    """
+    aten = torch.ops.aten
+    ops = {
+        torch.nn.functional.conv1d: {aten.conv1d.default, aten.conv1d.padding},
+        torch.nn.functional.conv2d: {aten.conv2d.default, aten.conv2d.padding},
+        torch.nn.functional.conv_transpose1d: {aten.conv_transpose1d.default},
+        torch.nn.functional.conv_transpose2d: {aten.conv_transpose2d.input},
+    }
+    originals = {name: getattr(_qat_utils, name) for name in ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")}
+
+    def only_present(helper: Any) -> Any:
+        def run(m: Any, conv_fn: Any, *args: Any, **kwargs: Any) -> Any:
+            wanted = ops.get(conv_fn)
+            if wanted is not None and not any(n.target in wanted for n in m.graph.nodes):
+                return m
+            return helper(m, conv_fn, *args, **kwargs)
+        return run
+
+    for name, helper in originals.items():
+        setattr(_qat_utils, name, only_present(helper))
+    try:
+        yield
+    finally:
+        for name, helper in originals.items():
+            setattr(_qat_utils, name, helper)
 
 
 def _int32_quantize(node: Any) -> bool:
@@ -186,3 +231,14 @@ def refresh_qparams(fq: Any) -> None:
         fq.zero_point.resize_(zero_point.shape)
     fq.scale.copy_(scale.to(fq.scale.device))
     fq.zero_point.copy_(zero_point.to(fq.zero_point.device))
+
+
+def ddp(module: Any, device_ids: list[int] | None) -> Any:
+    """DistributedDataParallel that averages gradients but leaves buffers (BN, observers) per rank.
+
+    They are synced at init (every rank starts from the same state) and reconciled by quantcli at
+    its sync points. `forward_sync_buffers` replaced `broadcast_buffers` in torch 2.13.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
