@@ -104,6 +104,8 @@ def restore_prepared(art: Artifact) -> Any:
     if art.file(artifacts.STATE).exists():
         state = _torch.torch.load(art.file(artifacts.STATE), weights_only=True)
         module.load_state_dict(state, strict=True)
+    if art.manifest.get("observers_frozen"):  # a trained artifact's ranges are final, in eval mode too
+        _torch.disable_observers(module)
     return _torch.to_eval(module)
 
 

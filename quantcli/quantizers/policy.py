@@ -1,0 +1,97 @@
+"""Which setting applies to a graph node: exclude lists and overrides over nn_module_stack.
+
+A name glob matches a module path (fnmatch, e.g. "layer2.*", "encoder.layers.?.output") and
+applies to every node inside that module, its children included. exclude_types names module
+classes (e.g. LayerNorm, BertSelfAttention). Of the overrides matching a node, the last one
+wins; the fields it leaves unset come from the section. A glob or type that matches nothing in
+the graph is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import difflib
+from fnmatch import fnmatchcase
+from typing import Optional
+
+from quantcli.errors import RecipeError
+from quantcli.quantizers.specs import Setting
+from quantcli.recipe import OverrideConfig, QuantizationSection
+
+
+def module_scope(node) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(module paths, module class names) enclosing a node, outermost first, root omitted."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths, types = [], []
+    for path, mtype in stack.values():
+        if not path:
+            continue
+        paths.append(path)
+        name = mtype if isinstance(mtype, str) else getattr(mtype, "__qualname__", str(mtype))
+        types.append(name.rsplit(".", 1)[-1])
+    return tuple(paths), tuple(types)
+
+
+def _matches(globs: list[str], paths: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(p, g) for g in globs for p in paths)
+
+
+class Policy:
+    """Maps a node to its Setting, or None where the node must stay in float."""
+
+    def __init__(self, q: QuantizationSection, *, qat: bool):
+        self.q = q
+        self.qat = qat
+        self._cache: dict[tuple, Optional[Setting]] = {}
+
+    def setting(self, node) -> Optional[Setting]:
+        key = module_scope(node)
+        if key not in self._cache:
+            self._cache[key] = self._resolve(*key)
+        return self._cache[key]
+
+    def _resolve(self, paths: tuple[str, ...], types: tuple[str, ...]) -> Optional[Setting]:
+        q = self.q
+        if _matches(q.exclude_names, paths) or set(q.exclude_types) & set(types):
+            return None
+        weights, acts, observer, reduce_range = q.weights, q.activations, q.observer, q.reduce_range
+        matching: list[OverrideConfig] = [o for o in q.overrides if _matches(o.names, paths)]
+        if matching:  # the last matching override wins
+            o = matching[-1]
+            if o.exclude:
+                return None
+            weights = o.weights or weights
+            acts = o.activations or acts
+            observer = o.observer or observer
+            reduce_range = reduce_range if o.reduce_range is None else o.reduce_range
+        return Setting(
+            act_dtype=acts.dtype,
+            act_symmetric=acts.symmetric,
+            observer=observer,
+            w_per_channel=weights.granularity == "per_channel",
+            w_symmetric=weights.symmetric,
+            reduce_range=bool(reduce_range),
+            qat=self.qat,
+        )
+
+
+def check_matches(q: QuantizationSection, graph) -> None:
+    """Raise RecipeError for an exclude/override entry that matches no module of the graph."""
+    paths, types = set(), set()
+    for node in graph.nodes:
+        p, t = module_scope(node)
+        paths.update(p)
+        types.update(t)
+    problems = [f"quantization.exclude_names[{i}] {g!r}{_hint(g, paths)}"
+                for i, g in enumerate(q.exclude_names) if not _matches([g], tuple(paths))]
+    problems += [f"quantization.exclude_types[{i}] {t!r}{_hint(t, types)}"
+                 for i, t in enumerate(q.exclude_types) if t not in types]
+    problems += [f"quantization.overrides[{i}].names[{j}] {g!r}{_hint(g, paths)}"
+                 for i, o in enumerate(q.overrides) for j, g in enumerate(o.names) if not _matches([g], tuple(paths))]
+    if problems:
+        raise RecipeError("matches no module of the model: " + "; ".join(problems),
+                          "module names are the model's named_modules() paths, e.g. 'layer1.0.conv1'")
+
+
+def _hint(word: str, valid: set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,84 @@
+"""QuantizationSpecs for one resolved setting: activations, weights (per axis)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+from torchao.quantization.pt2e.observer import (
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    PerChannelMinMaxObserver,
+)
+from torchao.quantization.pt2e.quantizer import DerivedQuantizationSpec, QuantizationSpec
+
+from quantcli.quantizers.observers import ACTIVATION_OBSERVERS
+
+_EPS = 2**-12
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything that decides how one node's tensors are quantized (hashable)."""
+
+    act_dtype: str  # uint8 | int8
+    act_symmetric: bool
+    observer: str
+    w_per_channel: bool
+    w_symmetric: bool
+    reduce_range: bool
+    qat: bool
+
+
+@lru_cache(maxsize=None)
+def activation_spec(s: Setting) -> QuantizationSpec:
+    dtype, qmin, qmax = (torch.uint8, 0, 255) if s.act_dtype == "uint8" else (torch.int8, -128, 127)
+    qscheme = torch.per_tensor_symmetric if s.act_symmetric else torch.per_tensor_affine
+    if s.qat:  # moving-average ranges under plain FakeQuantize (see FIELD-NOTES: QAT)
+        ctr = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=_EPS)
+    else:
+        ctr = ACTIVATION_OBSERVERS[s.observer].with_args(eps=_EPS)
+    return QuantizationSpec(dtype=dtype, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
+                            observer_or_fake_quant_ctr=ctr)
+
+
+@lru_cache(maxsize=None)
+def weight_spec(s: Setting, axis: int) -> QuantizationSpec:
+    """int8 weights; `axis` is the output-channel axis (used when per-channel)."""
+    bits = 7 if s.reduce_range else 8
+    if s.w_symmetric:
+        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1  # -127..127 or -63..63
+    else:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if s.w_per_channel:
+        qscheme = torch.per_channel_symmetric if s.w_symmetric else torch.per_channel_affine
+        observer, ch_axis = PerChannelMinMaxObserver, axis
+    else:
+        qscheme = torch.per_tensor_symmetric if s.w_symmetric else torch.per_tensor_affine
+        observer, ch_axis = MinMaxObserver, None
+    if s.qat:
+        extra = {"ch_axis": axis} if s.w_per_channel else {}
+        ctr = FakeQuantize.with_args(observer=observer, eps=_EPS, **extra)
+    else:
+        ctr = observer.with_args(eps=_EPS)
+    return QuantizationSpec(dtype=torch.int8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
+                            ch_axis=ch_axis, observer_or_fake_quant_ctr=ctr)
+
+
+def _bias_qparams(obs_or_fqs):
+    """int32 bias scale = activation scale x weight scale (per channel), zero point 0."""
+    act_scale, _ = obs_or_fqs[0].calculate_qparams()
+    w_scale, _ = obs_or_fqs[1].calculate_qparams()
+    scale = (act_scale * w_scale).float().reshape(-1)
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+
+def bias_spec(s: Setting, x, weight) -> DerivedQuantizationSpec:
+    """int32 bias derived from the input edge `x` and weight edge `weight` (node pairs)."""
+    qscheme = torch.per_channel_symmetric if s.w_per_channel else torch.per_tensor_symmetric
+    return DerivedQuantizationSpec(
+        derived_from=[x, weight], derive_qparams_fn=_bias_qparams, dtype=torch.int32,
+        quant_min=-(2**31), quant_max=2**31 - 1, qscheme=qscheme, ch_axis=0 if s.w_per_channel else None,
+    )
