@@ -6,6 +6,7 @@ documented exit code (see quantcli.errors). Heavy imports happen inside the comm
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -49,8 +50,7 @@ class Output:
     def console(self) -> Any:
         from rich.console import Console
 
-        return Console(stderr=True, no_color="NO_COLOR" in os.environ or not sys.stderr.isatty(),
-                       quiet=self.quiet, highlight=False)
+        return Console(stderr=True, no_color=plain(), quiet=self.quiet, highlight=False, soft_wrap=True)
 
     def progress(self, label: str) -> Any:
         """A callback drawing a Rich progress bar on stderr (only on a terminal)."""
@@ -62,14 +62,26 @@ class Output:
                         TimeElapsedColumn(), console=self.console(), transient=True)
 
 
+def plain() -> bool:
+    """No colour: stderr is not a terminal, or NO_COLOR is set (https://no-color.org)."""
+    return not sys.stderr.isatty() or bool(os.environ.get("NO_COLOR"))
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def one_line(message: str) -> str:
+    """The message with line breaks and other control characters escaped: an error is one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def _fail(out: Output, code: int, kind: str, message: str) -> None:
+    message = one_line(message)
     if out.json:
         print(json.dumps({"error": {"code": code, "kind": kind, "message": message}}))
-    print(f"error: {message}", file=sys.stderr)
+    line = f"error: {message}"
+    print(line if plain() else f"\x1b[31m{line}\x1b[0m", file=sys.stderr)
     raise typer.Exit(code)
 
 
@@ -96,9 +108,15 @@ def execute(out: Output, action: Callable[[Any], Any], label: str = "") -> Any:
     except Exception as exc:  # a bug in quantcli or a library: one line unless --debug
         if out.debug:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno in _INPUT_ERRNOS:
+            _fail(out, 3, "input", f"cannot use {exc.filename or 'a file'}: {exc.strerror or exc}")
         first = (str(exc).strip().splitlines() or [""])[0]
         _fail(out, 1, "internal", f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
     return result
+
+
+# A path the user gave that the OS refuses: an input error (exit 3), not a bug.
+_INPUT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ELOOP}
 
 
 def _no_progress(done: int, total: int | None, metrics: dict[str, Any]) -> None:
@@ -135,5 +153,22 @@ def main_options(
 from quantcli import commands  # noqa: E402,F401  (registers the commands on `app`)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console script: usage errors too become one line (and a JSON document with --json)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # a kill during start-up is an interrupt too
+    if not args:
+        app(args=args, prog_name="quantcli")  # prints the help
+    try:
+        code = app(args=args, prog_name="quantcli", standalone_mode=False)
+    except typer.TyperException as exc:  # click's UsageError and friends (typer vendors click)
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "quantcli"
+        kind = "usage" if exc.exit_code == 2 else "internal"
+        try:
+            _fail(Output(json="--json" in args), exc.exit_code, kind, f"{exc.format_message()} (see `{command} --help`)")
+        except typer.Exit as done:
+            code = done.exit_code
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)
