@@ -7,11 +7,14 @@ same inputs give the same bytes); timings live in `timings.json`, outside the ha
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
+import threading
 import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -106,9 +109,33 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{mpath} is corrupt: {exc}") from None
-    if not isinstance(manifest, dict) or "stage" not in manifest or "files" not in manifest:
+    if not _is_manifest(manifest):
         raise ArtifactError(f"{mpath} is corrupt: not a quantcli manifest")
     return manifest
+
+
+def _is_manifest(manifest: Any) -> bool:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stage"), str):
+        return False
+    files = manifest.get("files")
+    return isinstance(files, dict) and all(
+        isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
+        and isinstance(info, dict) and isinstance(info.get("sha256"), str) and isinstance(info.get("size"), int)
+        for name, info in files.items())
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the files of the artifact at `path` (missing, truncated, altered), or None."""
+    for name, info in manifest["files"].items():
+        fpath = path / name
+        if not fpath.is_file():
+            return f"{name} is missing"
+        size = fpath.stat().st_size
+        if size != info["size"]:
+            return f"{name} is truncated or altered: {size} bytes, the manifest records {info['size']}"
+        if sha256_file(fpath) != info["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
 
 
 def open_artifact(path: str | Path, expect: tuple[str, ...], command: str) -> Artifact:
@@ -128,12 +155,9 @@ def open_artifact(path: str | Path, expect: tuple[str, ...], command: str) -> Ar
         raise ArtifactError(f"{path} is a {manifest['stage']} artifact; `quantcli {command}` needs {need}")
     if manifest.get("status", "ok") != "ok":
         raise ArtifactError(f"{path} is marked {manifest['status']}; it is not a usable output")
-    for name, info in manifest["files"].items():
-        fpath = path / name
-        if not fpath.is_file():
-            raise ArtifactError(f"{path} is incomplete: {name} is missing")
-        if fpath.stat().st_size != info["size"] or sha256_file(fpath) != info["sha256"]:
-            raise ArtifactError(f"{path} is corrupt: {name} does not match its recorded sha256")
+    problem = verify_files(path, manifest)
+    if problem is not None:
+        raise ArtifactError(f"{path} is corrupt: {problem}", f"recreate it with `{PRODUCERS.get(manifest['stage'], 'quantcli')}`")
     return Artifact(path, manifest)
 
 
@@ -141,33 +165,56 @@ def is_artifact(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def check_output(out: Path, key: str, force: bool) -> dict[str, Any] | None:
+# Names a stage folder may hold; a folder with an unreadable manifest is only taken for a
+# (corrupt) quantcli artifact, and replaced with --force, when it holds nothing else.
+KNOWN_FILES = frozenset({MANIFEST, TIMINGS, PROGRAM, FLOAT_PROGRAM, STATE})
+
+
+def check_output(out: Path, key: str, force: bool, stage: str | None = None) -> dict[str, Any] | None:
     """Decide what to do with an existing output path.
 
-    Returns the existing manifest when it is a complete output with the same key (reuse);
-    None when the path is free or may be replaced; raises ArtifactError otherwise.
+    Returns the existing manifest when it is a complete `stage` output with the same key (reuse);
+    None when the path is free or may be replaced (--force); raises ArtifactError otherwise.
+    A path that is not a quantcli artifact, or holds files quantcli did not write, is never replaced.
     """
     if not out.exists():
         return None
-    manifest = _existing_manifest(out)
-    if manifest is None:
-        raise ArtifactError(
-            f"{out} exists and is not a quantcli artifact", "choose another output path; it is never replaced"
-        )
+    manifest = _owned_manifest(out)
     if force:
         return None
-    if manifest.get("key") == key and manifest.get("status", "ok") == "ok":
-        return manifest
-    why = "is marked " + manifest["status"] if manifest.get("status", "ok") != "ok" else "was made from other inputs"
-    raise ArtifactError(f"{out} exists and {why}", "pass --force to replace it")
+    if manifest is None:
+        raise ArtifactError(f"{out} exists and is a corrupt quantcli artifact (unreadable {MANIFEST})",
+                            "pass --force to replace it")
+    if stage is not None and manifest["stage"] != stage:
+        raise ArtifactError(f"{out} exists and is a {manifest['stage']} artifact, not a {stage} one",
+                            "choose another output path, or pass --force to replace it")
+    if manifest.get("status", "ok") != "ok":
+        raise ArtifactError(f"{out} exists and is marked {manifest['status']}", "pass --force to replace it")
+    if manifest.get("key") != key:
+        raise ArtifactError(f"{out} exists and was made from other inputs or options", "pass --force to replace it")
+    problem = verify_files(out, manifest)
+    if problem is not None:
+        raise ArtifactError(f"{out} exists but is corrupt: {problem}", "pass --force to replace it")
+    return manifest
 
 
-def _existing_manifest(out: Path) -> dict[str, Any] | None:
-    if out.is_dir() and (out / MANIFEST).is_file():
-        with contextlib.suppress(ArtifactError):
-            return read_manifest(out)
-        return {"status": "corrupt"}
-    return None
+def _owned_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of the quantcli artifact at `out` (None when it is unreadable); raises if `out` is not one."""
+    never = "choose another output path; it is never replaced"
+    if not (out.is_dir() and (out / MANIFEST).is_file()):
+        raise ArtifactError(f"{out} exists and is not a quantcli artifact", never)
+    names = {p.name for p in out.iterdir()}
+    try:
+        manifest = read_manifest(out)
+    except ArtifactError:
+        if PROGRAM in names and names <= KNOWN_FILES:
+            return None
+        raise ArtifactError(f"{out} exists and is not a quantcli artifact", never) from None
+    foreign = sorted(names - set(manifest["files"]) - {MANIFEST, TIMINGS})
+    if foreign:
+        raise ArtifactError(f"{out} holds files quantcli did not write ({', '.join(foreign[:3])})",
+                            "move them away or choose another output path; it is never replaced")
+    return manifest
 
 
 @dataclass
@@ -190,21 +237,65 @@ class Staging:
 
 
 def tmp_sibling(out: Path, tag: str = "tmp") -> Path:
+    """A hidden, unique sibling `.<name>.<tag>-<pid>-<random>`; stale ones of dead processes are removed."""
+    remove_stale(out, tag)
     return out.parent / f".{out.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale(out: Path, tag: str) -> None:
+    """Remove `.<name>.<tag>-<pid>-*` siblings whose process is gone (killed with SIGKILL, power loss).
+
+    SIGINT and SIGTERM clean up themselves; this covers what they cannot.
+    """
+    prefix = f".{out.name}.{tag}-"
+    for path in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = path.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while an output is swapped in: an interrupt lands after, never between."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def replace_into(tmp: Path, out: Path) -> None:
     """Move `tmp` to `out`, replacing an existing quantcli artifact or file there."""
-    if out.exists():
-        trash = tmp_sibling(out, "old")
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        if trash.is_dir():
-            shutil.rmtree(trash, ignore_errors=True)
+    with _signals_held():
+        if out.exists():
+            trash = tmp_sibling(out, "old")
+            os.replace(out, trash)
+            os.replace(tmp, out)
         else:
-            trash.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, out)
+            trash = None
+            os.replace(tmp, out)
+    if trash is not None:
+        _remove(trash)
 
 
 @contextlib.contextmanager

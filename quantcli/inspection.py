@@ -17,6 +17,9 @@ def inspect(path: str | Path) -> dict[str, Any]:
     if path.is_file() and path.suffix == ".onnx":
         return _inspect_onnx(path)
     manifest = artifacts.read_manifest(path)
+    problem = artifacts.verify_files(path, manifest)  # nothing unverified is loaded
+    if problem is not None:
+        raise ArtifactError(f"{path} is corrupt: {problem}")
     doc: dict[str, Any] = {"path": str(path), "manifest": manifest}
     program = path / artifacts.PROGRAM
     if program.is_file():
