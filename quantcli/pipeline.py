@@ -65,11 +65,20 @@ def print_plan(doc: dict[str, Any], as_json: bool) -> None:
 
 
 def validate(recipe_path: str | Path) -> dict[str, Any]:
-    """Schema and referenced files; raises with every problem listed."""
-    recipe = recipes.load(recipe_path)
-    missing = recipes.missing_files(recipe)
+    """Schema and referenced files, without importing torch; raises with every problem listed.
+
+    Exit 2 when the schema has problems (missing files are listed with them), else 3 for missing files.
+    """
+    path = Path(recipe_path)
+    data = recipes.read_yaml(path)
+    recipe, problems = recipes.schema_problems(data)
+    missing = recipes.file_problems(data, path.resolve().parent)
+    if recipe is None:
+        problems += missing
+        raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
     if missing:
-        raise InputError(f"{recipe_path}: " + "; ".join(missing))
+        raise InputError(f"{path}: " + "; ".join(missing))
+    recipe = recipes.resolve_paths(recipe, path.resolve().parent)
     return {"recipe": str(recipe_path), "valid": True, "files": [p for _, p in recipes.referenced_files(recipe)]}
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quantcli.errors import InputError, RecipeError
+from quantcli.errors import ArtifactError, InputError, RecipeError
 
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile")
@@ -32,6 +32,7 @@ class ModelSection(_Section):
     @field_validator("factory")
     @classmethod
     def _has_callable(cls, v: str) -> str:
+        _no_nul(v)
         module, sep, attr = v.rpartition(":")
         if not sep or not module or not attr:
             raise ValueError('must look like "file.py:callable" or "package.module:callable"')
@@ -68,8 +69,19 @@ class InputSpec(_Section):
 
 
 class DataSource(_Section):
-    data: str = Field(description=".npz file, folder of .npy files, or file.py:callable yielding dicts")
+    data: str = Field(min_length=1, description=".npz file, folder of .npy files, or file.py:callable yielding dicts")
     keys: dict[str, str] = Field(default_factory=dict, description="input name -> array name in the data")
+
+    @field_validator("data")
+    @classmethod
+    def _path_like(cls, v: str) -> str:
+        return _no_nul(v)
+
+
+def _no_nul(v: str) -> str:
+    if "\0" in v:
+        raise ValueError("must not contain a NUL character")
+    return v
 
 
 class CalibrationSection(DataSource):
@@ -114,6 +126,31 @@ class QuantizationSection(_Section):
     overrides: list[OverrideConfig] = Field(default_factory=list)
     equalize: bool = Field(default=True, description="SmoothQuant-style equalization of outlier activations")
 
+    @field_validator("target")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        targets = _registered_targets()
+        if targets and v not in targets:
+            raise ValueError(f"unknown target {v!r}{did_you_mean(v, targets)}; valid: {', '.join(targets)}")
+        return v
+
+
+def _registered_targets() -> tuple[str, ...]:
+    """The quantizer registry's names, so `validate` rejects an unknown target before any work.
+
+    Imported here, lazily, because quantcli.quantizers imports this module; it imports no torch.
+    """
+    try:
+        from quantcli.quantizers import TARGETS
+    except ImportError:  # the registry is still being imported (it builds sections at import time)
+        return ()
+    return tuple(TARGETS)
+
+
+def did_you_mean(word: str, valid: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(v) for v in valid], n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
 
 class TrainingSection(DataSource):
     targets: str = Field(description="array of targets in the data")
@@ -138,6 +175,7 @@ class TrainingSection(DataSource):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:
+        _no_nul(v)
         if v not in ("cross_entropy", "mse") and ":" not in v:
             raise ValueError(f"unknown loss {v!r}; valid: cross_entropy, mse, or \"file.py:callable\"")
         return v
@@ -229,8 +267,7 @@ def format_errors(exc: ValidationError) -> list[str]:
         if err["type"] == "extra_forbidden":
             owner = _model_for(loc)
             valid = sorted(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+            hint = did_you_mean(loc[-1], valid) or (f"; valid keys: {', '.join(valid)}" if valid else "")
             lines.append(f"{_loc(loc)}: unknown key{hint}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
@@ -238,29 +275,44 @@ def format_errors(exc: ValidationError) -> list[str]:
     return lines
 
 
+def schema_problems(data: Any) -> tuple[Recipe | None, list[str]]:
+    """(the recipe, []) when `data` is valid, else (None, one line per problem)."""
+    if data is None:
+        return None, ["the recipe is empty"]
+    if not isinstance(data, dict):
+        return None, [f"the recipe must be a YAML mapping, got {type(data).__name__}"]
+    try:
+        return Recipe.model_validate(data), []
+    except ValidationError as exc:
+        return None, format_errors(exc)
+
+
 def parse(data: Any, source: str = "recipe") -> Recipe:
     """Validate a parsed YAML document; raise RecipeError listing every problem at once."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: the recipe must be a YAML mapping, got {type(data).__name__}")
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        problems = format_errors(exc)
-        raise RecipeError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems)) from None
+    recipe, problems = schema_problems(data)
+    if recipe is None:
+        raise RecipeError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
+    return recipe
 
 
 def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise InputError(f"recipe not found: {path}", "pass an existing YAML file with --recipe")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: invalid YAML: not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "malformed YAML"
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read recipe {path}: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: invalid YAML: nested too deeply") from None
 
 
 def _resolve_path(value: str, base: Path) -> str:
@@ -271,9 +323,13 @@ def _resolve_path(value: str, base: Path) -> str:
     file_part, sep, attr = value.rpartition(":")
     if sep and file_part.endswith(".py"):
         return f"{(base / file_part).resolve()}:{attr}"
-    if sep and "/" not in file_part and not Path(value).suffix:
+    if sep and _is_module_name(file_part):
         return value
     return str((base / value).resolve())
+
+
+def _is_module_name(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
 
 
 def split_callable(value: str) -> tuple[str, str] | None:
@@ -319,7 +375,74 @@ def referenced_files(recipe: Recipe) -> list[tuple[str, str]]:
 
 
 def missing_files(recipe: Recipe) -> list[str]:
-    return [f"{key}: file not found: {p}" for key, p in referenced_files(recipe) if not Path(p).exists()]
+    return [f"{key}: file not found: {p}" for key, p in referenced_files(recipe) if not exists(p)]
+
+
+def exists(path: str | Path, kind: str = "any") -> bool:
+    """Path.exists/is_file that answers False for names the OS refuses (too long, not a path)."""
+    try:
+        return Path(path).is_file() if kind == "file" else Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _raw_references(data: Any) -> list[tuple[str, str]]:
+    """(key path, value) of the file references in a raw, possibly invalid, recipe document."""
+    refs = []
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("factory"), str):
+        refs.append(("model.factory", model["factory"]))
+    for name in ("calibration", "training", "evaluation"):
+        section = data.get(name) if isinstance(data, dict) else None
+        if isinstance(section, dict) and isinstance(section.get("data"), str) and section["data"]:
+            refs.append((f"{name}.data", section["data"]))
+        if name == "training" and isinstance(section, dict) and isinstance(section.get("loss"), str) \
+                and ":" in section["loss"]:
+            refs.append(("training.loss", section["loss"]))
+    return refs
+
+
+def file_problems(data: Any, base: Path) -> list[str]:
+    """Referenced files (and modules) that do not exist, checked without importing them.
+
+    Works on the raw document, so `validate` reports them together with any schema problems.
+    """
+    problems = []
+    for key, value in _raw_references(data):
+        if "\0" in value:
+            continue  # a schema problem, reported as such
+        resolved = _resolve_path(value, base)
+        target = split_callable(resolved)
+        if target is not None and not target[0].endswith(".py"):
+            if not _module_exists(target[0]):
+                problems.append(f"{key}: no module named {target[0]!r}")
+        elif target is not None and not exists(target[0], "file"):
+            problems.append(f"{key}: file not found: {target[0]}")
+        elif target is None and ":" not in value and not exists(resolved):
+            problems.append(f"{key}: file not found: {resolved}")
+    return problems
+
+
+def _module_exists(name: str) -> bool:
+    """Whether the top-level package of `name` can be found (from the working folder too), unimported."""
+    import importlib.util
+    import os
+    import sys
+
+    top = name.split(".")[0]
+    if top in sys.modules:
+        return True
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def merge_later_sections(recorded: Recipe, new: Recipe, stage: str, allowed: tuple[str, ...]) -> Recipe:
@@ -330,10 +453,11 @@ def merge_later_sections(recorded: Recipe, new: Recipe, stage: str, allowed: tup
             new_data["quantization"][key] = old_data["quantization"][key]
     changed = [k for k in UPSTREAM_SECTIONS if old_data[k] != new_data[k]]
     if changed:
-        rerun = "capture" if set(changed) - {"quantization"} else "prepare"
-        raise RecipeError(
-            f"--recipe changes {', '.join(changed)}, which were fixed when the artifact was made",
-            f"rerun `quantcli {rerun}` with this recipe; `{stage}` may only change {', '.join(allowed)}",
+        fixed = "prepare" if changed == ["quantization"] else "capture"
+        raise ArtifactError(
+            f"--recipe changes {', '.join(changed)}, fixed when the artifact was made (at {fixed}); "
+            f"`quantcli {stage} --recipe` may only change {', '.join(allowed)}",
+            "rerun the chain from `quantcli capture --recipe` with this recipe",
         )
     for key in allowed:
         old_data[key] = new_data[key]

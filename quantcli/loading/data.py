@@ -128,6 +128,12 @@ def _factory_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], n
                 return
             if not isinstance(item, Mapping):
                 raise DataError(f"{what}.data {spec} yielded {type(item).__name__}, not a dict of arrays")
+            absent = [(i.name, keys.get(i.name, i.name)) for i in inputs if keys.get(i.name, i.name) not in item]
+            if absent:
+                name, array = absent[0]
+                mapped = f" ({what}.keys maps {name!r} to it)" if array != name else ""
+                raise DataError(f"{what} batch {index}: no array {array!r} for input {name!r}{mapped}; "
+                                f"it has {sorted(map(str, item))}")
             batch = {i.name: np.asarray(item.get(keys.get(i.name, i.name))) for i in inputs
                      if keys.get(i.name, i.name) in item}
             check_batch(batch, inputs, f"{what} batch {index}")
