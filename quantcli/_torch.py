@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -89,7 +90,61 @@ def save_program(program: Any, path: Path) -> None:
 
 
 def load_program(path: Path) -> Any:
-    return torch.export.load(str(path))
+    """torch.export.load without running code from the file.
+
+    torch.export.load is not safe on a crafted .pt2 (torch 2.13): sample inputs that fail
+    `torch.load(weights_only=True)` are retried with weights_only=False, tensor-subclass weights are
+    loaded with weights_only=False, custom and opaque objects are unpickled, and AOTInductor
+    packages are dlopen'ed. Here every torch.load is forced weights-only through torch's documented
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD switch, and archives holding pickled objects or compiled code
+    (quantcli never writes either) are refused before torch reads them.
+    """
+    from quantcli.errors import ArtifactError
+
+    problem = _unsafe_entry(path)
+    if problem is not None:
+        raise ArtifactError(f"{path} holds {problem}; quantcli does not load it", "recreate it with quantcli")
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    quiet = logging.getLogger("torch.export")  # it logs a traceback before raising
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"{path} cannot be loaded safely by this torch: {type(exc).__name__}: {first}",
+                            "recreate it with this version of quantcli and torch") from exc
+    finally:
+        quiet.setLevel(level)
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _unsafe_entry(path: Path) -> str | None:
+    """What in a .pt2 archive torch.export.load would unpickle or execute, or None."""
+    import json
+    import zipfile
+
+    from torch.export.pt2_archive import constants as pt2
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                inner = name.split("/", 1)[-1]
+                if inner.startswith((pt2.AOTINDUCTOR_DIR, pt2.EXECUTORCH_DIR, pt2.MTIA_DIR)):
+                    return f"compiled code ({name})"
+                if inner.endswith(("_weights_config.json", "_constants_config.json")):
+                    config = json.loads(archive.read(name)).get("config", {})
+                    for fqn, entry in config.items():
+                        if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(
+                                (pt2.WEIGHT_FILENAME_PREFIX, pt2.TENSOR_CONSTANT_FILENAME_PREFIX)):
+                            return f"a pickled object ({fqn} in {name})"
+    except (zipfile.BadZipFile, ValueError, AttributeError, OSError) as exc:
+        return f"no readable archive ({type(exc).__name__})"
+    return None
 
 
 def prepare(module: Any, quantizer: Any, qat: bool) -> Any:
