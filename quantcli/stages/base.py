@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from quantcli import artifacts
 from quantcli.artifacts import Artifact
-from quantcli.errors import DataError
+from quantcli.errors import InputError
 from quantcli.recipe import Recipe, split_callable
 
 
@@ -57,7 +57,7 @@ def data_hashes(paths: dict[str, str]) -> dict[str, str]:
         elif target and not target[0].endswith(".py"):
             hashes[key] = value  # package.module:callable: named, not hashed
         else:
-            raise DataError(f"{key}: data not found: {value}")
+            raise InputError(f"{key}: file not found: {value}")
     return hashes
 
 
@@ -71,7 +71,7 @@ def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, o
     recipe_json = recipe.model_dump(mode="json")
     parent_id = parent.digest if parent else recipe.digest()
     key = artifacts.stage_key(stage, options, parent_id, data)
-    existing = artifacts.check_output(out, key, force)
+    existing = artifacts.check_output(out, key, force, stage)
     if existing is not None:
         return StageResult(stage, out, existing, reused=True)
     start = time.perf_counter()
