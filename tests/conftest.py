@@ -1,0 +1,175 @@
+"""Shared fixtures: the real `quantcli` command, and one digits chain per test session.
+
+Every quantcli process costs seconds of torch import, so the chain runs once per session (across
+pytest-xdist workers too, under a file lock) by running scripts/ci-example.sh, exactly as a CI job
+would. Tests read that work folder; a test that changes an artifact works on a copy (`copy_work`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from filelock import FileLock
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits"
+DIGITS_RECIPE = DIGITS / "recipe.yaml"
+CI_SCRIPT = ROOT / "scripts" / "ci-example.sh"
+STAGES = ("captured", "prepared", "calibrated", "converted")
+ANSI = re.compile(r"\x1b\[")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CI job: no terminal, no colour forcing, this venv's quantcli first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "CLICOLOR_FORCE")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"  # the tests run two workers on two cores
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Run:
+    """One finished quantcli process."""
+
+    args: list[str]
+    rc: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        """stdout must be exactly one JSON document (json.loads rejects anything around it)."""
+        return json.loads(self.stdout)
+
+    def error_line(self) -> str:
+        """The one line a failure prints on stderr: no traceback, no colour, nothing else."""
+        lines = self.stderr.splitlines()
+        assert len(lines) == 1, f"expected one error line, got:\n{self.stderr}"
+        assert lines[0].startswith("error: ") and not ANSI.search(lines[0]), lines[0]
+        return lines[0]
+
+
+def quantcli(*args: Any, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> Run:
+    """Run the real CLI (`python -m quantcli`, the console script's entry point) as a CI script would."""
+    argv = [str(a) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "quantcli", *argv], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env or cli_env(), timeout=timeout)
+    return Run(argv, proc.returncode, proc.stdout, proc.stderr)
+
+
+def assert_fails(run: Run, code: int, *fragments: str) -> str:
+    """Exit `code`, one error line holding every fragment, nothing on stdout, no traceback."""
+    assert run.rc == code, f"exit {run.rc}, expected {code}\nstdout: {run.stdout}\nstderr: {run.stderr}"
+    line = run.error_line()
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert run.stdout == "" and "Traceback" not in run.stderr
+    return line
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary siblings quantcli writes while it works (`.<name>.tmp-*`, `.<name>.old-*`)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name))
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `path` (or of `path` itself), to prove nothing changed."""
+    if path.is_file():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def digits_recipe(folder: Path, name: str = "recipe.yaml", **sections: Any) -> Path:
+    """The digits recipe with absolute paths (so the model matches the shared chain's), `sections` replaced.
+
+    A section given as None is removed.
+    """
+    recipe = yaml.safe_load(DIGITS_RECIPE.read_text())
+    recipe["model"]["factory"] = f"{DIGITS / 'model.py'}:build"
+    for section in ("calibration", "evaluation"):
+        recipe[section]["data"] = str(DIGITS / "digits.npz")
+    for key, value in sections.items():
+        if value is None:
+            recipe.pop(key, None)
+        else:
+            recipe[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@dataclass
+class ScriptRun:
+    work: Path
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def run_ci_script(recipe: Path, work: Path) -> ScriptRun:
+    proc = subprocess.run(["bash", str(CI_SCRIPT), str(recipe), str(work)], capture_output=True, text=True,
+                          cwd=ROOT, env=cli_env(), timeout=900)
+    return ScriptRun(work, proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> ScriptRun:
+    """scripts/ci-example.sh on the digits recipe, run once for all workers of this session."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent
+    record = shared / "digits-ci.json"
+    with FileLock(str(shared / "digits-ci.lock")):
+        if not record.exists():
+            # The recipe the work folder is made from is the digits recipe written with absolute
+            # paths, so that tests can write variants of it (digits_recipe) that differ only where they mean to.
+            recipe = digits_recipe(shared / "digits-recipe")
+            result = run_ci_script(recipe, shared / "digits-work")
+            record.write_text(json.dumps({"work": str(result.work), "rc": result.rc, "stdout": result.stdout,
+                                          "stderr": result.stderr, "recipe": str(recipe)}))
+        data = json.loads(record.read_text())
+    return ScriptRun(Path(data["work"]), data["rc"], data["stdout"], data["stderr"])
+
+
+@pytest.fixture(scope="session")
+def work(ci_run: ScriptRun) -> Path:
+    """The digits work folder (captured, prepared, calibrated, converted, model.onnx). Read it, never write."""
+    if ci_run.rc != 0:
+        pytest.fail(f"scripts/ci-example.sh failed with exit {ci_run.rc}:\n{ci_run.stderr}")
+    return ci_run.work
+
+
+@pytest.fixture(scope="session")
+def shared_recipe(work: Path) -> Path:
+    """The recipe the shared work folder was made from."""
+    return work.parent / "digits-recipe" / "recipe.yaml"
+
+
+@pytest.fixture
+def copy_work(work: Path, tmp_path: Path):
+    """Copy stages (and model.onnx) of the shared work folder into a fresh folder a test may change."""
+
+    def copy(*names: str) -> Path:
+        dst = tmp_path / "w"
+        dst.mkdir(exist_ok=True)
+        for name in names:
+            src = work / name
+            if src.is_dir():
+                shutil.copytree(src, dst / name)
+            else:
+                shutil.copy2(src, dst / name)
+        return dst
+
+    return copy
