@@ -301,9 +301,14 @@ def replace_into(tmp: Path, out: Path) -> None:
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Staging]:
     """Write into a hidden temporary sibling; on success rename it to `out`, else remove it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(out)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_sibling(out)
+        tmp.mkdir()
+    except OSError as exc:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is not a folder" if blocker else (exc.strerror or str(exc))
+        raise ArtifactError(f"cannot write {out}: {why}", "choose another output path") from None
     stage = Staging(out, tmp)
     try:
         yield stage

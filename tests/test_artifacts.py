@@ -70,6 +70,14 @@ def test_staging_leaves_nothing_when_the_body_fails_or_is_interrupted(tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_staging_under_a_file_is_an_artifact_error(tmp_path):
+    (tmp_path / "a-file").write_text("mine")
+    with fails(ArtifactError, f"cannot write {tmp_path / 'a-file' / 'out'}: {tmp_path / 'a-file'} is not a folder "
+                              "(choose another output path)"):
+        make_artifact(tmp_path / "a-file" / "out")
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
 def test_staging_replaces_an_existing_artifact_whole(tmp_path):
     out = tmp_path / "captured"
     make_artifact(out, files={PROGRAM: b"old", "extra.bin": b"old only"})
