@@ -123,6 +123,21 @@ def test_without_json_results_on_stdout_and_one_closing_line_per_stage_on_stderr
     assert not ANSI.search(run.stdout + run.stderr)  # not a terminal: plain
 
 
+@pytest.mark.parametrize("command", ["validate", "run", "capture", "prepare", "calibrate", "train", "convert",
+                                     "export", "inspect"])
+def test_every_subcommand_fails_with_one_json_error_document(tmp_path, command):
+    missing = tmp_path / "missing"
+    args = {"validate": [missing], "run": ["--recipe", missing, "-o", tmp_path / "w"],
+            "capture": ["--recipe", missing, "-o", tmp_path / "w"], "inspect": [missing]}.get(
+        command, [missing, "-o", tmp_path / "w"])
+    run = quantcli(command, *args, "--json", "--quiet")
+    assert run.rc == 3
+    error = run.json()["error"]
+    assert error["code"] == 3 and error["kind"] == "input" and str(missing) in error["message"]
+    assert run.stderr == f"error: {error['message']}\n"  # --quiet keeps the error line
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_errors_with_json_give_one_error_document_and_quiet_keeps_the_error_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {factory: m.py:build, kwarg: 1}\ninputs: [{name: x, shape: [1]}]\n")
