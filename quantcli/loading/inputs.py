@@ -23,6 +23,13 @@ def synthetic(inputs: list[InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
     return batch
 
 
+def export_example(inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Synthetic inputs for torch.export: a dynamic axis of size 1 would be specialized, so it gets 2."""
+    widened = [i.model_copy(update={"shape": [max(d, 2) if a in i.axes() else d for a, d in enumerate(i.shape)]})
+               for i in inputs]
+    return synthetic(widened)
+
+
 def example_batch(recipe: Recipe) -> dict[str, np.ndarray]:
     """The first calibration batch when there is data (keeps token ids valid), else synthetic."""
     cal = recipe.calibration
@@ -30,7 +37,7 @@ def example_batch(recipe: Recipe) -> dict[str, np.ndarray]:
         _, batches = iter_batches(cal.data, cal.keys, recipe.inputs, cal.batch_size, 1, "calibration")
         for batch in batches:
             return batch
-    return synthetic(recipe.inputs)
+    return export_example(recipe.inputs)
 
 
 def dynamic_shapes(inputs: list[InputSpec]) -> tuple[dict[int, Any] | None, ...]:

@@ -8,7 +8,7 @@ from typing import Any
 from quantcli import artifacts
 from quantcli.errors import ModelError
 from quantcli.loading.data import to_tensors
-from quantcli.loading.inputs import dynamic_shapes, synthetic
+from quantcli.loading.inputs import dynamic_shapes, export_example
 from quantcli.stages.base import StageResult, produce, recipe_of, restore_prepared
 
 
@@ -32,7 +32,7 @@ def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, referen
 
         module = _torch.to_eval(restore_prepared(parent))
         module = _torch.prune_unused(_torch.convert(module, fold_quantize, reference_representation))
-        args = to_tensors(synthetic(recipe.inputs), recipe.inputs)
+        args = to_tensors(export_example(recipe.inputs), recipe.inputs)
         try:
             program = _torch.export(module, args, dynamic_shapes(recipe.inputs))
         except Exception as exc:
