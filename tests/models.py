@@ -437,3 +437,25 @@ def example_batch(name: str, batch: int = 2, seed: int = 0) -> dict[str, torch.T
         else:
             out[spec["name"]] = torch.randn(shape, generator=g)
     return out
+
+
+def _calibration(name: str, batches: int = 4, batch_size: int = 8):
+    """Calibration batches for MODELS[name] (a data factory for the recipes under configs/)."""
+    for seed in range(batches):
+        yield {k: v.numpy() for k, v in example_batch(name, batch=batch_size, seed=100 + seed).items()}
+
+
+def image_batches():
+    return _calibration("resnet")
+
+
+def audio_batches():
+    return _calibration("audio")
+
+
+def text_batches():
+    return _calibration("bert")
+
+
+def token_batches():
+    return _calibration("gpt")
