@@ -5,5 +5,5 @@
     stages.prepare.run("w/captured", "w/prepared")
 """
 
-from quantcli.stages import calibrate, capture, convert, export, prepare  # noqa: F401
+from quantcli.stages import calibrate, capture, convert, export, prepare, train  # noqa: F401
 from quantcli.stages.base import StageResult  # noqa: F401

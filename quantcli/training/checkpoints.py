@@ -1,0 +1,62 @@
+"""Training checkpoints in `.<out>.partial/`, a hidden sibling of the output that is never an artifact.
+
+A checkpoint holds everything the rest of the run depends on: the prepared module's state_dict
+(weights, BN running statistics, observer ranges and enabled flags, fake-quant scales), whether BN
+is frozen (graph state, not in the state_dict), the optimizer state, every rank's RNG state, and
+the current epoch's data order. It is written atomically by rank 0 and read with
+`torch.load(weights_only=True)`: tensors, numbers, strings and containers only. The folder
+survives an interrupted run (that is its purpose) and is removed once the output is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from quantcli import artifacts
+from quantcli.errors import ArtifactError
+
+FORMAT = 1
+
+
+def partial_dir(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.partial"
+
+
+def save(partial: Path, state: dict[str, Any]) -> None:
+    import torch
+
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / (artifacts.CHECKPOINT + ".tmp")
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, partial / artifacts.CHECKPOINT)
+
+
+def load(partial: Path, key: str, world_size: int) -> dict[str, Any] | None:
+    """The checkpoint of this run (same stage key and process count), or None if there is none."""
+    import torch
+
+    path = partial / artifacts.CHECKPOINT
+    if not path.is_file():
+        return None
+    restart = "rerun without --resume to start over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(f"{path} is unreadable: {type(exc).__name__}: {exc}", restart) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a quantcli {FORMAT=} checkpoint", restart)
+    if state["key"] != key:
+        raise ArtifactError(f"{path} is the checkpoint of another run (other input, recipe or options)", restart)
+    if state["world_size"] != world_size:
+        raise ArtifactError(
+            f"{path} was written by {state['world_size']} process(es); this run has {world_size}",
+            f"resume with --nproc_per_node {state['world_size']}, or {restart}",
+        )
+    return state
+
+
+def discard(partial: Path) -> None:
+    shutil.rmtree(partial, ignore_errors=True)
