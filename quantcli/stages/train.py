@@ -39,8 +39,11 @@ def with_training(recipe: Recipe, recipe_path: str | Path | None) -> Recipe:
 
 
 def _reads(recipe: Recipe) -> dict[str, str]:
+    """The files training reads (hashed into the reuse key): the data, and a user loss's file."""
+    from quantcli.training.objectives import LOSSES
+
     reads = {"training.data": recipe.training.data}
-    if recipe.training.loss not in ("cross_entropy", "mse"):
+    if recipe.training.loss not in LOSSES:
         reads["training.loss"] = recipe.training.loss
     return reads
 
