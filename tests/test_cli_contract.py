@@ -115,7 +115,7 @@ def test_json_and_quiet_on_every_subcommand(copy_work, shared_recipe):
     assert docs["inspect onnx"]["manifest"]["status"] == "ok"
 
 
-def test_without_json_results_on_stdout_and_one_closing_line_per_stage_on_stderr(work, shared_recipe, copy_work):
+def test_without_json_results_on_stdout_and_one_closing_line_per_stage_on_stderr(shared_recipe, copy_work):
     w = copy_work("captured")
     run = quantcli("capture", "--recipe", shared_recipe, "-o", w / "captured")
     assert run.rc == 0 and run.stdout == f"{w / 'captured'}\n"
