@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts, recipe as recipes
-from quantcli.errors import ArtifactError, RecipeError
+from quantcli.errors import RecipeError
 from quantcli.recipe import Recipe
 from quantcli.stages.base import Progress, StageResult, data_hashes, no_progress, produce, recipe_of
 
@@ -50,12 +50,9 @@ def _reads(recipe: Recipe) -> dict[str, str]:
 
 def run(src: str | Path, out: str | Path, *, recipe_path: str | Path | None = None, resume: bool = False,
         device: str = "cpu", force: bool = False, progress: Progress = no_progress) -> StageResult:
-    from quantcli.training import distributed
+    from quantcli.training import api, distributed
 
-    parent = artifacts.open_artifact(src, ("prepared", "calibrated"), "train")
-    if not parent.manifest["qat"]:
-        raise ArtifactError(f"{src} was prepared for post-training quantization",
-                            "QAT needs `quantcli prepare CAPTURED -o PREPARED --qat`")
+    parent = api.require_qat(artifacts.open_artifact(src, ("prepared", "calibrated"), "train"))
     recipe = with_training(recipe_of(parent), recipe_path)
     hashes = data_hashes(_reads(recipe))
     out = Path(out)

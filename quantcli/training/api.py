@@ -81,10 +81,15 @@ def load(path: str | Path) -> QatModule:
     return from_artifact(artifacts.open_artifact(path, INPUT_STAGES, "training.load"))
 
 
-def from_artifact(source: Artifact) -> QatModule:
+def require_qat(source: Artifact) -> Artifact:
     if not source.manifest["qat"]:
         raise ArtifactError(f"{source.path} was prepared for post-training quantization",
                             "QAT needs `quantcli prepare CAPTURED -o PREPARED --qat`")
+    return source
+
+
+def from_artifact(source: Artifact) -> QatModule:
+    require_qat(source)
     return QatModule(restore_prepared(source), source, bool(source.manifest.get("bn_frozen", False)))
 
 
