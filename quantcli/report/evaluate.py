@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from quantcli.loading.data import TARGETS, Dataset, load_dataset, to_tensors
 from quantcli.onnx import export as onnx_export
