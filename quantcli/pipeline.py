@@ -35,6 +35,8 @@ def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, progr
     from quantcli import stages
     from quantcli.stages.base import no_progress
 
+    # Later stages read the recipe again: they take the sections they consume from it, so a
+    # reused capture (same model, inputs, outputs, quantization) meets the edited later sections.
     progress = progress or no_progress
     steps = {s["command"]: Path(s["out"]) for s in plan(recipe_path, work)["steps"]}
     qat = "train" in steps
@@ -42,13 +44,14 @@ def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, progr
     results.append(stages.prepare.run(steps["capture"], steps["prepare"], qat=qat, force=force))
     last = steps["prepare"]
     if "calibrate" in steps:
-        results.append(stages.calibrate.run(last, steps["calibrate"], force=force, progress=progress))
+        results.append(stages.calibrate.run(last, steps["calibrate"], recipe_path=recipe_path, force=force,
+                                            progress=progress))
         last = steps["calibrate"]
     if qat:
-        results.append(stages.train.run(last, steps["train"], force=force, progress=progress))
+        results.append(stages.train.run(last, steps["train"], recipe_path=recipe_path, force=force, progress=progress))
         last = steps["train"]
     results.append(stages.convert.run(last, steps["convert"], force=force))
-    results.append(stages.export.run(steps["convert"], steps["export"], force=force))
+    results.append(stages.export.run(steps["convert"], steps["export"], recipe_path=recipe_path, force=force))
     return results
 
 

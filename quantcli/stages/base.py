@@ -45,31 +45,47 @@ def recipe_of(art: Artifact) -> Recipe:
     return Recipe.model_validate(art.manifest["recipe"])
 
 
+def _source(key: str, value: str) -> Path | None:
+    """The file or folder behind a data reference; None for a package.module:callable."""
+    target = split_callable(value)
+    if Path(value).exists():
+        return Path(value)
+    if target and target[0].endswith(".py") and Path(target[0]).is_file():
+        return Path(target[0])
+    if target and not target[0].endswith(".py"):
+        return None
+    raise InputError(f"{key}: file not found: {value}")
+
+
+def require_files(paths: dict[str, str]) -> None:
+    """Fail with an input error naming the recipe key when a referenced file does not exist."""
+    for key, value in paths.items():
+        _source(key, value)
+
+
 def data_hashes(paths: dict[str, str]) -> dict[str, str]:
-    """sha256 of each data file, folder or factory file a stage reads, keyed by recipe key path."""
+    """sha256 of each data file, folder or factory file a stage reads, keyed by recipe key path.
+
+    A package.module:callable is recorded by name, not hashed.
+    """
     hashes = {}
     for key, value in paths.items():
-        target = split_callable(value)
-        if Path(value).exists():
-            hashes[key] = artifacts.sha256_path(Path(value))
-        elif target and target[0].endswith(".py") and Path(target[0]).is_file():
-            hashes[key] = artifacts.sha256_file(Path(target[0]))
-        elif target and not target[0].endswith(".py"):
-            hashes[key] = value  # package.module:callable: named, not hashed
-        else:
-            raise InputError(f"{key}: file not found: {value}")
+        source = _source(key, value)
+        hashes[key] = value if source is None else artifacts.sha256_path(source)
     return hashes
 
 
 def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, options: dict[str, Any],
-            data: dict[str, str], force: bool, body: Callable[[Path], dict[str, Any] | None]) -> StageResult:
+            data: dict[str, str], force: bool, body: Callable[[Path], dict[str, Any] | None],
+            identity: str | None = None) -> StageResult:
     """Run `body(tmp_folder)` unless a complete output with the same key exists; commit atomically.
 
-    `body` writes the payload files and returns extra manifest fields.
+    `body` writes the payload files and returns extra manifest fields. The key is made of the
+    stage, options, data hashes and the parent artifact's hash, or `identity` for a first stage.
     """
     out = Path(out)
     recipe_json = recipe.model_dump(mode="json")
-    parent_id = parent.digest if parent else recipe.digest()
+    parent_id = parent.digest if parent else identity or recipe.digest()
     key = artifacts.stage_key(stage, options, parent_id, data)
     existing = artifacts.check_output(out, key, force, stage)
     if existing is not None:

@@ -10,7 +10,7 @@ from quantcli.errors import ModelError, RecipeError
 from quantcli.loading.data import to_tensors
 from quantcli.loading.inputs import dynamic_shapes, example_batch
 from quantcli.loading.model import build_model
-from quantcli.stages.base import StageResult, data_hashes, produce
+from quantcli.stages.base import StageResult, data_hashes, produce, require_files
 
 
 def output_names(result: Any, declared: list[str] | None) -> list[str]:
@@ -42,8 +42,11 @@ def _model_files(recipe: recipes.Recipe) -> dict[str, str]:
 
 def run(recipe_path: str | Path, out: str | Path, *, force: bool = False) -> StageResult:
     recipe = recipes.load(recipe_path)
-    data = data_hashes(_model_files(recipe) | (
-        {"calibration.data": recipe.calibration.data} if recipe.calibration else {}))
+    data = data_hashes(_model_files(recipe))
+    require_files({"calibration.data": recipe.calibration.data} if recipe.calibration else {})
+    # Reusable across recipes that differ only in sections later stages take through --recipe
+    # (calibration, training, evaluation, export), so a CI cache survives such an edit.
+    identity = recipes.hash_json(recipe.sections(*recipes.UPSTREAM_SECTIONS))
 
     def body(folder: Path) -> dict[str, Any]:
         from quantcli import _torch
@@ -62,4 +65,5 @@ def run(recipe_path: str | Path, out: str | Path, *, force: bool = False) -> Sta
         return {"qat": False, "io": {"inputs": [i.name for i in recipe.inputs],
                                      "outputs": output_names(result, recipe.outputs)}}
 
-    return produce("captured", Path(out), recipe=recipe, parent=None, options={}, data=data, force=force, body=body)
+    return produce("captured", Path(out), recipe=recipe, parent=None, options={}, data=data, force=force, body=body,
+                   identity=identity)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts, recipe as recipes
-from quantcli.errors import NumericsError
+from quantcli.errors import ArtifactError, NumericsError
 from quantcli.loading.data import to_tensors
 from quantcli.loading.inputs import example_batch
 from quantcli.onnx import export as onnx_export
@@ -20,6 +20,29 @@ from quantcli.stages.base import StageResult, data_hashes, recipe_of
 
 def report_path(out: Path) -> Path:
     return out.with_name(out.stem + ".report.json")
+
+
+def read_report(out: Path) -> dict[str, Any] | None:
+    """The quantcli report beside `out`, or None if there is none; a foreign file is refused."""
+    path = report_path(out)
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        report = None
+    if not isinstance(report, dict) or "onnx_sha256" not in report:
+        raise ArtifactError(f"{path} exists and was not written by quantcli export",
+                            "choose another output name; it is never replaced")
+    return report
+
+
+def verify_reused(out: Path) -> None:
+    """A reused model must still be the file its report describes (sha256)."""
+    report = read_report(out)
+    if report is None or report["onnx_sha256"] != artifacts.sha256_file(out):
+        raise ArtifactError(f"{out} does not match its report {report_path(out).name} (corrupt or replaced)",
+                            "pass --force to export it again")
 
 
 def parity(program: Any, onnx_path: Path, recipe: Recipe, sample: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +83,6 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
         force: bool = False) -> StageResult:
     import onnx
 
-    from quantcli import _torch
     from quantcli.report import evaluate
 
     parent = artifacts.open_artifact(src, ("converted",), "export")
@@ -77,7 +99,11 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
     key = artifacts.stage_key("exported", options, parent.digest, data)
     existing = artifacts.check_output_file(out, key, force, onnx_export.read_metadata)
     if existing is not None:
+        verify_reused(out)
         return StageResult("exported", out, existing, reused=True)
+    read_report(out)  # never overwrite a user's file of that name
+
+    from quantcli import _torch
 
     start = time.perf_counter()
     program, model = build_model(parent, recipe, recipe.export.opset)
@@ -100,7 +126,8 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
         onnx_export.set_metadata(model, manifest)
         onnx.save(model, str(tmp))
         seconds = time.perf_counter() - start
-        tmp_report.write_text(json.dumps({**report, "seconds": round(seconds, 3)}, indent=2, sort_keys=True) + "\n")
+        report.update(onnx_sha256=artifacts.sha256_file(tmp), seconds=round(seconds, 3))
+        tmp_report.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         os.replace(tmp_report, report_path(out))
         artifacts.replace_into(tmp, out)
     finally:
