@@ -102,7 +102,8 @@ def execute(out: Output, action: Callable[[Any], Any], label: str = "") -> Any:
             traceback.print_exc()
         _fail(out, exc.exit_code, exc.kind, exc.line())
     except KeyboardInterrupt:
-        _fail(out, EXIT_INTERRUPTED, "interrupted", "interrupted; no partial output was left")
+        _fail(out, EXIT_INTERRUPTED, "interrupted", "interrupted; no partial output was left"
+              + (" (training checkpoints stay in .<out>.partial/: rerun with --resume)" if label == "training" else ""))
     except (typer.Exit, SystemExit):
         raise
     except Exception as exc:  # a bug in quantcli or a library: one line unless --debug
@@ -129,6 +130,8 @@ def emit(out: Output, results: Any) -> None:
     console = out.console()
     for result in results:
         console.print(result.summary())
+    if not results[-1].writes_output:  # a torchrun rank > 0: rank 0 prints the result
+        return
     if out.json:
         docs = [r.to_json() for r in results]
         print(json.dumps(docs[0] if len(docs) == 1 else {"stages": docs}, indent=2, sort_keys=True))

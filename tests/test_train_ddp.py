@@ -69,6 +69,7 @@ def test_two_processes_with_live_bn_and_observers_reach_the_accuracy_goal(qat_wo
     run = torchrun(src, "-o", tmp_path / "two", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "rank 1 of 2 done" in run.stderr
+    assert run.stdout.splitlines() == [str(tmp_path / "two")]  # only rank 0 prints the result
     trained = open_stage(tmp_path / "two")
     assert trained.manifest["bn_frozen"] and trained.manifest["observers_frozen"]
     assert trained.manifest["options"]["training"]["freeze_bn_after"] == 0.5  # BN and observers live for a while

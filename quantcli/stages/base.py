@@ -23,6 +23,7 @@ class StageResult:
     reused: bool = False
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    writes_output = True  # False for a torchrun rank > 0, which trained a shard and wrote nothing
 
     def summary(self) -> str:
         if self.reused:

@@ -24,6 +24,8 @@ from quantcli.stages.base import Progress, StageResult, data_hashes, no_progress
 class RankResult(StageResult):
     """What a rank other than 0 returns: it trained its shard; rank 0 wrote the output."""
 
+    writes_output = False
+
     def summary(self) -> str:
         return f"{self.stage}: rank {self.details['rank']} of {self.details['world_size']} done"
 
