@@ -58,6 +58,8 @@ def test_digits_int8_onnx_keeps_fp32_accuracy(work):
     assert ev["samples"] == 400 and ev["fp32_torch"] >= 0.97
     assert ev["int8_onnx"] >= ev["fp32_torch"] - 0.003  # within 0.3 points, ORT optimizations on
     assert report["parity"]["passed"]
+    # int8 weights, and no exporter debug metadata (stack traces held 60 % of the bytes)
+    assert ev["size_bytes"]["int8_onnx"] < 0.45 * ev["size_bytes"]["fp32_onnx"]
 
 
 def test_digits_onnx_carries_manifest_and_shapes(work):
@@ -70,6 +72,7 @@ def test_digits_onnx_carries_manifest_and_shapes(work):
     produced = {o for n in model.graph.node for o in n.output} - {"logits"}
     assert produced <= {v.name for v in model.graph.value_info}
     assert not (work / "model.onnx.data").exists()  # one self-contained file
+    assert not any(node.metadata_props for node in model.graph.node)
 
 
 def test_inspect_json_of_each_stage(work):

@@ -46,6 +46,7 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
         float_path = Path(tmp) / "float.onnx"
         model = onnx_export.to_onnx(float_program, opset=recipe.export.opset, input_names=io["inputs"],
                                     output_names=io["outputs"])
+        onnx_export.strip_node_metadata(model)  # as in the int8 file, so the sizes compare like for like
         import onnx
 
         onnx.save(model, str(float_path))

@@ -74,6 +74,7 @@ def build_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> Any:
     program = _torch.load_program(parent.file(artifacts.PROGRAM))
     io = parent.manifest["io"]
     model = onnx_export.to_onnx(program, opset=opset, input_names=io["inputs"], output_names=io["outputs"])
+    onnx_export.strip_node_metadata(model)
     onnx_export.rename_dims(model, recipe.inputs)
     onnx_export.check(model)
     return program, onnx_export.infer_shapes(model)
