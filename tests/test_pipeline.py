@@ -19,12 +19,22 @@ from tests.recipes import write_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_chain(folder: Path, name: str, **sections) -> tuple[Path, dict]:
-    recipe = write_recipe(folder, name, **sections)
+def prepared(folder: Path, name: str, **sections) -> Path:
+    """capture and prepare MODELS[name] into folder/w; returns the work folder."""
     w = folder / "w"
-    stages.capture.run(recipe, w / "captured")
+    stages.capture.run(write_recipe(folder, name, **sections), w / "captured")
     stages.prepare.run(w / "captured", w / "prepared")
+    return w
+
+
+def calibrated(folder: Path, name: str, **sections) -> Path:
+    w = prepared(folder, name, **sections)
     stages.calibrate.run(w / "prepared", w / "calibrated")
+    return w
+
+
+def run_chain(folder: Path, name: str, **sections) -> tuple[Path, dict]:
+    w = calibrated(folder, name, **sections)
     stages.convert.run(w / "calibrated", w / "converted")
     result = stages.export.run(w / "converted", w / "model.onnx")
     return w, result.details["report"]
@@ -72,11 +82,7 @@ def test_converted_program_keeps_only_int8_weights(tmp_path):
 
 
 def test_no_fold_quantize_keeps_float_weights(tmp_path):
-    recipe = write_recipe(tmp_path, "mlp")
-    w = tmp_path / "w"
-    stages.capture.run(recipe, w / "captured")
-    stages.prepare.run(w / "captured", w / "prepared")
-    stages.calibrate.run(w / "prepared", w / "calibrated")
+    w = calibrated(tmp_path, "mlp")
     stages.convert.run(w / "calibrated", w / "converted", fold_quantize=False)
     report = stages.export.run(w / "converted", w / "model.onnx").details["report"]
     model = onnx.load(str(w / "model.onnx"))
@@ -96,11 +102,7 @@ with torch.no_grad():
 
 
 def test_calibrated_artifact_restores_bit_identically_in_a_new_process(tmp_path):
-    recipe = write_recipe(tmp_path, "resnet")
-    w = tmp_path / "w"
-    stages.capture.run(recipe, w / "captured")
-    stages.prepare.run(w / "captured", w / "prepared")
-    stages.calibrate.run(w / "prepared", w / "calibrated")
+    w = calibrated(tmp_path, "resnet")
     x = example_batch("resnet", batch=4, seed=3)["x"]
     np.save(tmp_path / "x.npy", x.numpy())
     outputs = {}
@@ -120,19 +122,13 @@ def test_calibrated_artifact_restores_bit_identically_in_a_new_process(tmp_path)
 
 
 def test_calibration_uses_a_final_partial_batch_and_num_batches(tmp_path):
-    recipe = write_recipe(tmp_path, "mlp", batch_size=10)  # 24 samples -> 10, 10, 4
-    w = tmp_path / "w"
-    stages.capture.run(recipe, w / "captured")
-    stages.prepare.run(w / "captured", w / "prepared")
+    w = prepared(tmp_path, "mlp", batch_size=10)  # 24 samples -> 10, 10, 4
     assert stages.calibrate.run(w / "prepared", w / "all").manifest["batches"] == 3
     assert stages.calibrate.run(w / "prepared", w / "two", batches=2).manifest["batches"] == 2
 
 
 def test_npy_folder_and_factory_data_sources(tmp_path):
-    recipe = write_recipe(tmp_path, "mlp")
-    w = tmp_path / "w"
-    stages.capture.run(recipe, w / "captured")
-    stages.prepare.run(w / "captured", w / "prepared")
+    w = prepared(tmp_path, "mlp")
     x = example_batch("mlp", batch=12, seed=5)["x"].numpy()
     (tmp_path / "npy").mkdir()
     np.save(tmp_path / "npy" / "x.npy", x)
