@@ -80,22 +80,41 @@ def build_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> Any:
     return program, onnx_export.infer_shapes(model)
 
 
-def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_path: str | Path | None = None,
-        force: bool = False) -> StageResult:
-    import onnx
-
-    from quantcli.report import evaluate
-
+def resolve(src: str | Path, opset: int | None, recipe_path: str | Path | None) -> tuple[artifacts.Artifact, Recipe]:
+    """The converted artifact and its recipe with --recipe's export/evaluation and --opset applied."""
     parent = artifacts.open_artifact(src, ("converted",), "export")
     recipe = recipe_of(parent)
     if recipe_path is not None:
         recipe = recipes.merge_later_sections(recipe, recipes.load(recipe_path), "export", ("export", "evaluation"))
     if opset is not None:
         recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"opset": opset})})
+    return parent, recipe
+
+
+def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any, path: Path) -> dict[str, Any]:
+    """The report of the ONNX file at `path`: parity, SQNR against fp32, graph summary, evaluation."""
+    from quantcli import _torch
+    from quantcli.report import evaluate
+
+    sample = example_batch(recipe)
+    float_program = _torch.load_program(parent.file(artifacts.FLOAT_PROGRAM))
+    report = {"parity": parity(program, path, recipe, sample),
+              "sqnr_vs_float_db": vs_float(float_program, path, recipe, sample),
+              "onnx": {**onnx_export.graph_summary(model), "shapes": onnx_export.shape_coverage(model),
+                       "size_bytes": path.stat().st_size}}
+    if recipe.evaluation is not None:
+        report["evaluation"] = evaluate.evaluate(recipe, float_program, path, parent.manifest["io"])
+    return report
+
+
+def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_path: str | Path | None = None,
+        force: bool = False) -> StageResult:
+    import onnx
+
+    parent, recipe = resolve(src, opset, recipe_path)
     out = Path(out)
-    reads = {k: getattr(recipe, k.split(".")[0]).data for k in ("calibration.data", "evaluation.data")
-             if getattr(recipe, k.split(".")[0]) is not None}
-    data = data_hashes(reads)
+    data = data_hashes({f"{name}.data": getattr(recipe, name).data for name in ("calibration", "evaluation")
+                        if getattr(recipe, name) is not None})
     options = {"export": recipe.export.model_dump(mode="json")}
     key = artifacts.stage_key("exported", options, parent.digest, data)
     existing = artifacts.check_output_file(out, key, force, onnx_export.read_metadata)
@@ -104,26 +123,17 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
         return StageResult("exported", out, existing, reused=True)
     read_report(out)  # never overwrite a user's file of that name
 
-    from quantcli import _torch
-
     start = time.perf_counter()
     program, model = build_model(parent, recipe, recipe.export.opset)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = artifacts.tmp_sibling(out)
-    tmp_report = artifacts.tmp_sibling(report_path(out))
+    tmp, tmp_report = artifacts.tmp_sibling(out), artifacts.tmp_sibling(report_path(out))
     try:
         onnx.save(model, str(tmp))
-        sample = example_batch(recipe)
-        check = parity(program, tmp, recipe, sample)
-        float_program = _torch.load_program(parent.file(artifacts.FLOAT_PROGRAM))
-        report = {"parity": check, "sqnr_vs_float_db": vs_float(float_program, tmp, recipe, sample),
-                  "onnx": {**onnx_export.graph_summary(model), "shapes": onnx_export.shape_coverage(model),
-                           "size_bytes": tmp.stat().st_size}}
-        if recipe.evaluation is not None:
-            report["evaluation"] = evaluate.evaluate(recipe, float_program, tmp, parent.manifest["io"])
+        report = measure(parent, recipe, program, model, tmp)
+        passed = report["parity"]["passed"]
         manifest = artifacts.base_manifest("exported", recipe.model_dump(mode="json"), recipe.digest(), parent,
                                            options, key, data)
-        manifest.update(io=parent.manifest["io"], files={}, status="ok" if check["passed"] else "parity_failed")
+        manifest.update(io=parent.manifest["io"], files={}, status="ok" if passed else "parity_failed")
         onnx_export.set_metadata(model, manifest)
         onnx.save(model, str(tmp))
         seconds = time.perf_counter() - start
@@ -134,11 +144,11 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
     finally:
         tmp.unlink(missing_ok=True)
         tmp_report.unlink(missing_ok=True)
-    result = StageResult("exported", out, manifest, seconds=seconds, details={"report": report})
-    if not check["passed"]:
+    if not passed:
+        check = report["parity"]
         raise NumericsError(
             f"parity failed: ONNX Runtime vs the converted model {check['min_sqnr_db']:.1f} dB "
             f"< export.parity_min_sqnr_db {check['threshold_db']} (model and report written to {out})",
             "see the report; the onnxruntime target with reduce_range keeps ORT's int8 kernels accurate",
         )
-    return result
+    return StageResult("exported", out, manifest, seconds=seconds, details={"report": report})
