@@ -318,6 +318,69 @@ def test_observer_state_survives_a_fresh_prepare(observer):
         assert torch.equal(a(*test.values()), b(*test.values()))
 
 
+# ------------------------------------------------------------------ scaled_dot_product_attention
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+@pytest.mark.parametrize("name", ["vit", "hf_bert"])
+def test_sdpa_written_out_equals_it_in_fp32(name):
+    from quantcli.quantizers.attention import decompose_sdpa
+
+    calib, test = model_data(name, batches=1, batch=4)
+    module = capture(MODELS[name][0](), calib[0])[0].module()
+    with torch.no_grad():
+        before = leaves(module(*test.values()))
+        assert decompose_sdpa(module, lambda node: True) == 2
+        after = leaves(module(*test.values()))
+    assert not [n for n in module.graph.nodes if n.target == SDPA]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(before, after)) < 1e-5
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, q, k, v, mask):
+        kw = dict(self.kw)
+        if kw.pop("masked", False):
+            kw["attn_mask"] = mask > 0 if kw.pop("bool_mask", False) else mask
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("kw,written", [
+    ({"is_causal": True}, True), ({"masked": True, "scale": 0.3}, True),
+    ({"masked": True, "bool_mask": True}, True), ({"dropout_p": 0.1}, False),
+])
+def test_sdpa_forms(kw, written):
+    from quantcli.quantizers.attention import decompose_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 4, 7, 8, generator=g) for _ in range(3)] + [torch.randn(2, 1, 7, 7, generator=g)]
+    module = torch.export.export(_Attention(**kw), tuple(args)).module()
+    expected = module(*args)
+    assert decompose_sdpa(module, lambda node: True) == int(written)
+    if written:
+        assert torch.allclose(module(*args), expected, atol=1e-5)
+
+
+def test_sdpa_matmuls_are_quantized_except_where_excluded():
+    calib, test = model_data("vit", batches=1, batch=4)
+    prepared = prepare(MODELS["vit"][0](), calib[0], section())
+    matmuls = [n for n in prepared.graph.nodes if n.target == torch.ops.aten.matmul.default]
+    assert len(matmuls) == 4 and all(a.op == "call_module" for n in matmuls for a in n.args[:2])
+    kept = prepare(MODELS["vit"][0](), calib[0], section(exclude_types=["SelfAttention"]))
+    assert len([n for n in kept.graph.nodes if n.target == SDPA]) == 2
+    assert not [n for n in kept.graph.nodes if n.target == torch.ops.aten.matmul.default]
+    # a fresh prepare (another process) builds the same graph, for QAT too
+    for qat in (False, True):
+        first = prepare(MODELS["vit"][0](), calib[0], section(), qat=qat)
+        second = prepare(MODELS["vit"][0](), calib[0], section(), qat=qat)
+        second.load_state_dict(first.state_dict(), strict=True)
+        assert [n.name for n in first.graph.nodes] == [n.name for n in second.graph.nodes]
+        assert not [n for n in first.graph.nodes if n.target == SDPA]
+
+
 # ------------------------------------------------------------------ QAT
 def test_qat_uses_plain_fake_quantize_and_matches_convert():
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize

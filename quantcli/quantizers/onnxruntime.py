@@ -2,7 +2,8 @@
 
 Activations uint8 asymmetric and weights int8 symmetric per output channel by default, the
 combination ORT's QDQ fusions need. Conv(+BN)(+ReLU/ReLU6) and Linear/MatMul quantize their
-inputs and weights; a conv chain also quantizes its output, so DQ-Conv-Q becomes QLinearConv.
+inputs and weights (scaled_dot_product_attention is written out first, so its two matmuls are
+among them); a conv chain also quantizes its output, so DQ-Conv-Q becomes QLinearConv.
 Add/Mul, ReLU, pooling, concat and shape ops are quantized only where a quantized consumer
 follows, so no Q/DQ pair lands in front of an op that stays float (LayerNorm, Softmax, GELU,
 Hardswish...). Only floating-point tensors are touched: ids, masks, positions and shapes stay
@@ -23,6 +24,7 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
+from quantcli.quantizers.attention import decompose_sdpa
 from quantcli.quantizers.equalize import equalize_ffn
 from quantcli.quantizers.policy import Policy, check_matches
 from quantcli.quantizers.specs import Setting, activation_spec, bias_spec, weight_spec
@@ -100,9 +102,11 @@ class OnnxRuntimeQuantizer(Quantizer):
         self.qat = qat
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        """Write SDPA out as matmuls (so both get quantized) and equalize FFNs, where quantized."""
         check_matches(self.q, model.graph)
+        policy = Policy(self.q, qat=self.qat)
+        decompose_sdpa(model, lambda sdpa: policy.setting(sdpa) is not None)
         if self.q.equalize:
-            policy = Policy(self.q, qat=self.qat)
             equalize_ffn(model, lambda fc2: policy.setting(fc2) is not None)
         return model
 

@@ -1,0 +1,101 @@
+"""Write scaled_dot_product_attention out as matmul-softmax-matmul so its matmuls can be quantized.
+
+torch.export keeps F.scaled_dot_product_attention as one aten op, which exports to ONNX as
+float MatMuls (QK^T and attention x V) that no annotation can reach. Rewritten as
+softmax(q @ k^T * scale + mask) @ v, the two matmuls are ordinary aten.matmul nodes that the
+quantizer annotates like any other; the softmax stays float. A bool mask (True = attend) becomes
+masked_fill with the dtype's lowest value rather than -inf, which gives the same probabilities
+wherever a row attends to anything and no NaN where it attends to nothing.
+
+Only the forms these rewrites reproduce exactly are touched: no dropout, static head size and
+(for is_causal) static sequence lengths, and grouped-query attention only where the query and
+key head counts agree. Anything else keeps its SDPA node. The rewrite is a pure function of the
+graph, so prepare in another process builds the same nodes under the same names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+_NAMES = [a.name for a in SDPA._schema.arguments]
+_DEFAULTS = {a.name: a.default_value for a in SDPA._schema.arguments if a.has_default_value()}
+
+
+def sdpa_arguments(node: Node) -> dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in."""
+    bound = dict(_DEFAULTS)
+    bound.update(zip(_NAMES, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _val(arg) -> Optional[torch.Tensor]:
+    val = arg.meta.get("val") if isinstance(arg, Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def supported(node: Node) -> bool:
+    """Whether `node` is an SDPA call that decompose_sdpa() reproduces exactly."""
+    if node.op != "call_function" or node.target is not SDPA:
+        return False
+    a = sdpa_arguments(node)
+    q, k, v = (_val(a[n]) for n in ("query", "key", "value"))
+    mask = a["attn_mask"]
+    if q is None or k is None or v is None or not all(t.dtype.is_floating_point for t in (q, k, v)):
+        return False
+    if a["dropout_p"] != 0.0 or not isinstance(q.shape[-1], int):
+        return False
+    if a["enable_gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+        return False
+    if mask is not None and (_val(mask) is None or a["is_causal"]):
+        return False
+    if a["is_causal"] and not (isinstance(q.shape[-2], int) and isinstance(k.shape[-2], int)):
+        return False
+    return True
+
+
+def decompose_sdpa(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """Rewrite every supported SDPA node for which `wanted(node)`; return how many."""
+    count = 0
+    for node in list(model.graph.nodes):
+        if supported(node) and wanted(node):
+            _rewrite(model.graph, node)
+            count += 1
+    if count:
+        model.graph.lint()
+        model.recompile()
+    return count
+
+
+def _rewrite(graph, node: Node) -> None:
+    a = sdpa_arguments(node)
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    q_val = q.meta["val"]
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q_val.shape[-1])
+
+    def op(target, *args) -> Node:
+        """A node after the last one built, with the SDPA node's meta (module stack) and its own val."""
+        new = graph.call_function(target, args)
+        new.meta.update({key: value for key, value in node.meta.items() if key != "val"})
+        new.meta["val"] = target(*[_val(x) if isinstance(x, Node) else x for x in args])
+        return new
+
+    with graph.inserting_before(node):
+        scores = op(aten.mul.Tensor, op(aten.matmul.default, q, op(aten.transpose.int, k, -2, -1)), scale)
+        if a["is_causal"]:
+            ones = op(aten.new_ones.default, q, [q_val.shape[-2], k.meta["val"].shape[-2]])
+            mask = op(aten.tril.default, op(aten.to.dtype, ones, torch.bool))
+        if mask is not None and mask.meta["val"].dtype == torch.bool:
+            lowest = torch.finfo(q_val.dtype).min
+            scores = op(aten.masked_fill.Scalar, scores, op(aten.logical_not.default, mask), lowest)
+        elif mask is not None:
+            scores = op(aten.add.Tensor, scores, mask)
+        out = op(aten.matmul.default, op(aten.softmax.int, scores, -1), v)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
