@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quantcli import recipe as recipes
+from quantcli import recipe as recipes, references
 from quantcli.errors import InputError, RecipeError
 
 ONNX_NAME = "model.onnx"
@@ -75,7 +75,7 @@ def validate(recipe_path: str | Path) -> dict[str, Any]:
     path = Path(recipe_path)
     data = recipes.read_yaml(path)
     recipe, problems = recipes.schema_problems(data)
-    missing = recipes.file_problems(data, path.resolve().parent)
+    missing = references.file_problems(data, path.resolve().parent)
     if recipe is None:
         problems += missing
         raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))

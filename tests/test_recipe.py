@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantcli import pipeline, recipe as recipes
+from quantcli import pipeline, recipe as recipes, references
 from quantcli.errors import ArtifactError, InputError, RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_paths_resolve_against_the_recipe_folder(tmp_path):
     ("model.py:not-an-identifier", None),
 ])
 def test_split_callable(value, expected):
-    assert recipes.split_callable(value) == expected
+    assert references.split_callable(value) == expected
 
 
 def test_file_problems_come_from_the_raw_document_even_when_it_is_invalid(tmp_path):
@@ -132,14 +132,14 @@ def test_file_problems_come_from_the_raw_document_even_when_it_is_invalid(tmp_pa
             "calibration": {"data": "missing.npz"},
             "evaluation": {"data": "no_such_package_xyz.sub:fn"},
             "training": {"data": "t.npz", "loss": "loss.py:fn"}}
-    assert recipes.file_problems(data, tmp_path) == [
+    assert references.file_problems(data, tmp_path) == [
         f"calibration.data: file not found: {tmp_path / 'missing.npz'}",
         f"training.data: file not found: {tmp_path / 't.npz'}",
         f"training.loss: file not found: {tmp_path / 'loss.py'}",
         "evaluation.data: no module named 'no_such_package_xyz.sub'",
     ]
-    assert recipes.file_problems({"model": {"factory": "json.decoder:JSONDecoder"}}, tmp_path) == []
-    assert recipes.file_problems(["not", "a", "mapping"], tmp_path) == []
+    assert references.file_problems({"model": {"factory": "json.decoder:JSONDecoder"}}, tmp_path) == []
+    assert references.file_problems(["not", "a", "mapping"], tmp_path) == []
 
 
 def test_validate_lists_schema_and_file_problems_together_exit_2(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantcli.errors import InputError
-from quantcli.recipe import split_callable
+from quantcli.references import split_callable
 
 
 def load_callable(spec: str, what: str, error: type[InputError] = InputError) -> Callable[..., Any]:

@@ -10,7 +10,8 @@ from typing import Any, Callable
 from quantcli import artifacts
 from quantcli.artifacts import Artifact
 from quantcli.errors import InputError
-from quantcli.recipe import Recipe, split_callable
+from quantcli.recipe import Recipe
+from quantcli.references import split_callable
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts, recipe as recipes
+from quantcli import artifacts, recipe as recipes, references
 from quantcli.errors import ModelError, RecipeError
 from quantcli.loading.data import to_tensors
 from quantcli.loading.inputs import dynamic_shapes, example_batch
@@ -30,7 +30,7 @@ def output_names(result: Any, declared: list[str] | None) -> list[str]:
 def _model_files(recipe: recipes.Recipe) -> dict[str, str]:
     """Files that define the model: the factory file and any kwarg naming an existing file."""
     files = {}
-    target = recipes.split_callable(recipe.model.factory)
+    target = references.split_callable(recipe.model.factory)
     if target and target[0].endswith(".py"):
         files["model.factory"] = recipe.model.factory
         base = Path(target[0]).parent
