@@ -17,10 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from quantcli.errors import ArtifactError, InputError, RecipeError
 from quantcli.references import exists, resolve_path, split_callable
 
-DTYPES = ("float32", "float16", "int64", "int32", "bool")
-OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile")
-TARGET_CPUS = ("auto", "avx2", "avx512", "vnni", "arm64")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)

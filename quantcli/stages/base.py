@@ -102,10 +102,6 @@ def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, o
     return StageResult(stage, out, manifest, seconds=seconds)
 
 
-def io_names(art: Artifact) -> dict[str, list[str]]:
-    return art.manifest["io"]
-
-
 def restore_prepared(art: Artifact) -> Any:
     """Rebuild the prepared (observed or fake-quantized) module of a prepared/calibrated/trained artifact.
 
