@@ -45,27 +45,21 @@ def verify_reused(out: Path) -> None:
                             "pass --force to export it again")
 
 
-def parity(program: Any, onnx_path: Path, recipe: Recipe, sample: dict[str, Any]) -> dict[str, Any]:
-    """ORT (full optimizations, as users run it) vs the converted PyTorch module, per output."""
+def sqnr_per_output(program: Any, got: list[Any], recipe: Recipe, sample: dict[str, Any]) -> dict[str, float]:
+    """SQNR of ONNX Runtime's outputs `got` against `program` run in PyTorch on the same sample."""
     import torch
 
     with torch.no_grad():
         expected = torch.utils._pytree.tree_flatten(program.module()(*to_tensors(sample, recipe.inputs)))[0]
-    got = runtime.run(runtime.session(onnx_path), sample)
-    per_output = {f"output_{i}": runtime.sqnr_db(e.numpy(), g) for i, (e, g) in enumerate(zip(expected, got))}
+    return {f"output_{i}": runtime.sqnr_db(e.numpy(), g) for i, (e, g) in enumerate(zip(expected, got))}
+
+
+def parity(per_output: dict[str, float], recipe: Recipe, samples: int) -> dict[str, Any]:
+    """ORT (full optimizations, as users run it) vs the converted PyTorch module, against the threshold."""
     worst = min(per_output.values())
     threshold = recipe.export.parity_min_sqnr_db
-    return {"min_sqnr_db": worst, "threshold_db": threshold, "passed": bool(worst >= threshold), "per_output_db": per_output,
-            "samples": int(next(iter(sample.values())).shape[0])}
-
-
-def vs_float(float_program: Any, onnx_path: Path, recipe: Recipe, sample: dict[str, Any]) -> dict[str, float]:
-    import torch
-
-    with torch.no_grad():
-        expected = torch.utils._pytree.tree_flatten(float_program.module()(*to_tensors(sample, recipe.inputs)))[0]
-    got = runtime.run(runtime.session(onnx_path), sample)
-    return {f"output_{i}": runtime.sqnr_db(e.numpy(), g) for i, (e, g) in enumerate(zip(expected, got))}
+    return {"min_sqnr_db": worst, "threshold_db": threshold, "passed": bool(worst >= threshold),
+            "per_output_db": per_output, "samples": samples}
 
 
 def build_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> Any:
@@ -98,8 +92,10 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
 
     sample = example_batch(recipe)
     float_program = _torch.load_program(parent.file(artifacts.FLOAT_PROGRAM))
-    report = {"parity": parity(program, path, recipe, sample),
-              "sqnr_vs_float_db": vs_float(float_program, path, recipe, sample),
+    got = runtime.run(runtime.session(path), sample)  # one ORT session serves both comparisons
+    samples = int(next(iter(sample.values())).shape[0])
+    report = {"parity": parity(sqnr_per_output(program, got, recipe, sample), recipe, samples),
+              "sqnr_vs_float_db": sqnr_per_output(float_program, got, recipe, sample),
               "onnx": {**onnx_export.graph_summary(model), "shapes": onnx_export.shape_coverage(model),
                        "size_bytes": path.stat().st_size}}
     if recipe.evaluation is not None:
