@@ -9,3 +9,9 @@ fi
 # torch first and pinned: the CPU wheel; an unpinned torch could pull a multi-GB CUDA build.
 python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 python -m pip install -q --disable-pip-version-check -e ".[test]"
+# torchvision and timm for the model-zoo tests, kept out of the main environment (they would break
+# transformers there): see tests/zoo_site/sitecustomize.py. --no-deps: never another torch.
+if [ ! -d .venv/zoo/torchvision-0.28.0.dist-info ] || [ ! -d .venv/zoo/timm-1.0.31.dist-info ]; then
+  rm -rf .venv/zoo
+  python -m pip install -q --disable-pip-version-check --no-deps --target .venv/zoo "torchvision==0.28.0" "timm==1.0.31"
+fi
