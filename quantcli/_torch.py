@@ -32,6 +32,8 @@ def _silence() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.onnx.*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._export.*")
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
+    # the exporter's constant folding evaluates ops with onnx's reference implementation (log of 0...)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"onnx\.reference\..*")
 
 
 _silence()
@@ -205,17 +207,42 @@ def _int32_quantize(node: Any) -> bool:
     return node.op == "call_function" and str(node.target).startswith("quantized_decomposed.quantize_per") and torch.int32 in node.args
 
 
-def prune_unused(module: Any) -> Any:
-    """Drop parameters and buffers no get_attr node reads (convert leaves the fp32 weights behind)."""
+def prune_unused(module: Any) -> bool:
+    """Drop parameters and buffers no get_attr node reads, under every name they have; True if any.
+
+    convert leaves the fp32 weights behind; a captured model can hold unused submodules (a pooler
+    whose output nobody reads) and tied weights registered under two names, of which the graph
+    reads one.
+    """
     used = {n.target for n in module.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
-        if name not in used and not any(u.startswith(name + ".") for u in used):
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
+    state = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    unused = [name for name, _ in state if name not in used and not any(u.startswith(name + ".") for u in used)]
+    for name in unused:
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if hasattr(owner, attr):  # a tied tensor may be listed twice under one owner
             delattr(owner, attr)
+    if unused:
+        module.delete_all_unused_submodules()
     module.graph.lint()
     module.recompile()
-    return module
+    return bool(unused)
+
+
+def without_dead_state(program: Any, args: tuple, dynamic_shapes: Any) -> Any:
+    """The captured program with no dead nodes, no unused parameters or buffers and no weight aliases.
+
+    Later stages re-run prepare in a new process and load the state saved by the one before
+    strictly; torchao's eval/train switch deletes submodules no node reads, so anything unused
+    would exist in one process's module and not in the saved state. Resolving it here, once,
+    before anything is saved, makes every stage see the same module. Re-exports only when
+    something was removed.
+    """
+    module = program.module()
+    dead = module.graph.eliminate_dead_code()
+    if not prune_unused(module) and not dead:
+        return program
+    return export(module, args, dynamic_shapes)
 
 
 def to_train(module: Any, bn_frozen: bool = False) -> Any:

@@ -57,6 +57,7 @@ def run(recipe_path: str | Path, out: str | Path, *, force: bool = False) -> Sta
             with _torch.torch.no_grad():
                 result = model(*args)
             program = _torch.export(model, args, dynamic_shapes(recipe.inputs))
+            program = _torch.without_dead_state(program, args, dynamic_shapes(recipe.inputs))
         except Exception as exc:  # the user's model and inputs disagree
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"capture failed: {type(exc).__name__}: {first}",

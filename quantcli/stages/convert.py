@@ -31,7 +31,8 @@ def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, referen
         from quantcli import _torch
 
         module = _torch.to_eval(restore_prepared(parent))
-        module = _torch.prune_unused(_torch.convert(module, fold_quantize, reference_representation))
+        module = _torch.convert(module, fold_quantize, reference_representation)
+        _torch.prune_unused(module)
         args = to_tensors(export_example(recipe.inputs), recipe.inputs)
         try:
             program = _torch.export(module, args, dynamic_shapes(recipe.inputs))
