@@ -67,8 +67,10 @@ def show(doc: dict[str, Any], as_json: bool) -> None:
 
 def _show_report(report: dict[str, Any]) -> None:
     parity = report["parity"]
-    print(f"  parity: ONNX Runtime vs converted PyTorch {parity['min_sqnr_db']:.1f} dB "
-          f"(threshold {parity['threshold_db']} dB): {'passed' if parity['passed'] else 'FAILED'}")
+    floor = f", floor {parity['threshold_db']} dB" if parity["threshold_db"] is not None else ""
+    print(f"  parity: {'passed' if parity['passed'] else 'FAILED'}: ONNX Runtime adds {parity['excess_db']:.1f} dB "
+          f"of error to the int8 model's (at most {parity['max_excess_db']}); ORT vs PyTorch int8 "
+          f"{parity['min_sqnr_db']:.1f} dB{floor}")
     print("  SQNR vs fp32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["sqnr_vs_float_db"].items()))
     ev = report.get("evaluation")
     if not ev:

@@ -31,18 +31,6 @@ def run(sess: Any, batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return sess.run(None, feeds)
 
 
-def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (capped at 200 for identical outputs)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    noise = float(np.sum((ref - np.asarray(other, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
-    if noise == 0.0:
-        return 200.0
-    if signal == 0.0:
-        return -200.0
-    return round(float(min(200.0, 10.0 * np.log10(signal / noise))), 3)
-
-
 def latency_ms(sess: Any, batch: Mapping[str, np.ndarray], runs: int = 20, warmup: int = 3) -> float:
     """Median wall time of one run, in milliseconds."""
     for _ in range(warmup):

@@ -15,6 +15,7 @@ from quantcli.loading.inputs import example_batch
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import runtime
 from quantcli.recipe import Recipe
+from quantcli.report import parity
 from quantcli.stages.base import StageResult, data_hashes, recipe_of
 
 
@@ -45,21 +46,13 @@ def verify_reused(out: Path) -> None:
                             "pass --force to export it again")
 
 
-def sqnr_per_output(program: Any, got: list[Any], recipe: Recipe, sample: dict[str, Any]) -> dict[str, float]:
-    """SQNR of ONNX Runtime's outputs `got` against `program` run in PyTorch on the same sample."""
+def outputs(program: Any, recipe: Recipe, sample: dict[str, Any]) -> list[Any]:
+    """The flattened outputs of `program` run in PyTorch on `sample`, as numpy arrays."""
     import torch
 
     with torch.no_grad():
-        expected = torch.utils._pytree.tree_flatten(program.module()(*to_tensors(sample, recipe.inputs)))[0]
-    return {f"output_{i}": runtime.sqnr_db(e.numpy(), g) for i, (e, g) in enumerate(zip(expected, got))}
-
-
-def parity(per_output: dict[str, float], recipe: Recipe, samples: int) -> dict[str, Any]:
-    """ORT (full optimizations, as users run it) vs the converted PyTorch module, against the threshold."""
-    worst = min(per_output.values())
-    threshold = recipe.export.parity_min_sqnr_db
-    return {"min_sqnr_db": worst, "threshold_db": threshold, "passed": bool(worst >= threshold),
-            "per_output_db": per_output, "samples": samples}
+        result = program.module()(*to_tensors(sample, recipe.inputs))
+    return [t.numpy() for t in torch.utils._pytree.tree_flatten(result)[0]]
 
 
 def build_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> Any:
@@ -92,10 +85,13 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
 
     sample = example_batch(recipe)
     float_program = _torch.load_program(parent.file(artifacts.FLOAT_PROGRAM))
-    got = runtime.run(runtime.session(path), sample)  # one ORT session serves both comparisons
-    samples = int(next(iter(sample.values())).shape[0])
-    report = {"parity": parity(sqnr_per_output(program, got, recipe, sample), recipe, samples),
-              "sqnr_vs_float_db": sqnr_per_output(float_program, got, recipe, sample),
+    names = parent.manifest["io"]["outputs"]
+    fp32, int8 = outputs(float_program, recipe, sample), outputs(program, recipe, sample)
+    ort = runtime.run(runtime.session(path), sample)
+    check = parity.verdict(names, fp32, int8, ort, max_excess_db=recipe.export.parity_max_excess_db,
+                           min_sqnr_db=recipe.export.parity_min_sqnr_db)
+    report = {"parity": check,
+              "sqnr_vs_float_db": {name: figures["ort_vs_fp32_db"] for name, figures in check["per_output"].items()},
               "onnx": {**onnx_export.graph_summary(model), "shapes": onnx_export.shape_coverage(model),
                        "size_bytes": path.stat().st_size}}
     if recipe.evaluation is not None:
@@ -141,10 +137,6 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
         tmp.unlink(missing_ok=True)
         tmp_report.unlink(missing_ok=True)
     if not passed:
-        check = report["parity"]
-        raise NumericsError(
-            f"parity failed: ONNX Runtime vs the converted model {check['min_sqnr_db']:.1f} dB "
-            f"< export.parity_min_sqnr_db {check['threshold_db']} (model and report written to {out})",
-            "see the report; the onnxruntime target with reduce_range keeps ORT's int8 kernels accurate",
-        )
+        raise NumericsError(f"parity failed: {parity.failure(report['parity'])} (model and report written to {out})",
+                            "see the report's parity section; `quantcli inspect` shows it")
     return StageResult("exported", out, manifest, seconds=seconds, details={"report": report})
