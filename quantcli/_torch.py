@@ -55,7 +55,9 @@ torch.set_num_threads(max(1, torch.get_num_threads()))
 
 __all__ = [
     "torch",
-    "export",
+    "export_program",
+    "without_dead_state",
+    "prune_unused",
     "save_program",
     "load_program",
     "prepare",
@@ -73,7 +75,7 @@ __all__ = [
 ]
 
 
-def export(module: Any, args: tuple, dynamic_shapes: Any) -> Any:
+def export_program(module: Any, args: tuple, dynamic_shapes: Any) -> Any:
     """torch.export.export, non-strict (keeps nn_module_stack), with the recipe's dynamic axes."""
     return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
 
@@ -242,7 +244,7 @@ def without_dead_state(program: Any, args: tuple, dynamic_shapes: Any) -> Any:
     dead = module.graph.eliminate_dead_code()
     if not prune_unused(module) and not dead:
         return program
-    return export(module, args, dynamic_shapes)
+    return export_program(module, args, dynamic_shapes)
 
 
 def to_train(module: Any, bn_frozen: bool = False) -> Any:

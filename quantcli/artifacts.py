@@ -1,47 +1,64 @@
-"""The artifact folder contract: file names, manifests, hashes, atomic writes and reuse.
+"""The artifact contract: the stages, their file names, manifests, hashes, keys and verification.
 
-Every stage writes `<out>/manifest.json` beside its payload. The manifest is deterministic (the
-same inputs give the same bytes); timings live in `timings.json`, outside the hashed part.
+Every stage output carries a manifest: `<out>/manifest.json` beside a stage folder's payload, or
+the `metadata_props` of the exported `.onnx` file. The manifest is deterministic (the same inputs
+give the same bytes); timings live outside it (`timings.json`, the export report). Writing outputs
+atomically, reusing and replacing them is `quantcli.staging`'s part.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
-import os
 import platform
-import shutil
-import signal
-import threading
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from quantcli import __version__
 from quantcli.errors import ArtifactError, InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 TIMINGS = "timings.json"
 PROGRAM = "program.pt2"  # a torch.export ExportedProgram
 FLOAT_PROGRAM = "float.pt2"  # the captured fp32 program, kept beside a converted one for reports
 STATE = "state.pt"  # state_dict of the prepared module (observers, fake quant, weights)
 CHECKPOINT = "checkpoint.pt"  # training checkpoint inside .<out>.partial/
+REPORT_SUFFIX = ".report.json"  # the export report beside `<name>.onnx`: `<name>.report.json`
 
-# stage name -> the command that produces it
-PRODUCERS = {
-    "captured": "quantcli capture",
-    "prepared": "quantcli prepare",
-    "calibrated": "quantcli calibrate",
-    "trained": "quantcli train",
-    "converted": "quantcli convert",
-    "exported": "quantcli export",
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: the command that produces its output, and the recipe sections it consumes.
+
+    The consumed sections are the only ones that command's `--recipe` may change, and they key
+    the reuse of its output; sections consumed earlier in an artifact's chain are fixed.
+    """
+
+    command: str
+    consumes: tuple[str, ...]
+
+
+STAGES: dict[str, Stage] = {
+    "captured": Stage("capture", ("model", "inputs", "outputs")),
+    "prepared": Stage("prepare", ("quantization",)),
+    "calibrated": Stage("calibrate", ("calibration",)),
+    "trained": Stage("train", ("training",)),
+    "converted": Stage("convert", ()),
+    "exported": Stage("export", ("export", "evaluation")),
 }
 LIBRARIES = ("torch", "torchao", "onnx", "onnxruntime", "onnxscript")
+
+
+def producer(stage: str) -> str:
+    """`quantcli <command>`, the command that produces `stage`."""
+    return f"quantcli {STAGES[stage].command}"
+
+
+def report_path(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.stem + REPORT_SUFFIX)
 
 
 def sha256_file(path: Path) -> str:
@@ -84,7 +101,7 @@ def stage_key(stage: str, options: dict[str, Any], parent: str | None, data: dic
 
 @dataclass
 class Artifact:
-    """A verified stage folder on disk."""
+    """A verified stage output on disk."""
 
     path: Path
     manifest: dict[str, Any]
@@ -94,11 +111,34 @@ class Artifact:
         return self.manifest["stage"]
 
     @property
+    def chain(self) -> list[str]:
+        """The stages that made it, first to last (it included)."""
+        return list(self.manifest["chain"])
+
+    @property
     def digest(self) -> str:
         return hashlib.sha256(canonical(self.manifest)).hexdigest()
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+
+def base_manifest(stage: str, recipe: dict[str, Any], recipe_hash: str, parent: Artifact | None,
+                  options: dict[str, Any], key: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "chain": (parent.chain if parent else []) + [stage],
+        "status": "ok",
+        "quantcli_version": __version__,
+        "versions": library_versions(),
+        "recipe": recipe,
+        "recipe_hash": recipe_hash,
+        "parent": {"stage": parent.stage, "sha256": parent.digest} if parent else None,
+        "options": options,
+        "data": data,
+        "key": key,
+    }
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -109,12 +149,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{mpath} is corrupt: {exc}") from None
-    if not _is_manifest(manifest):
+    if not is_manifest(manifest):
         raise ArtifactError(f"{mpath} is corrupt: not a quantcli manifest")
     return manifest
 
 
-def _is_manifest(manifest: Any) -> bool:
+def is_manifest(manifest: Any) -> bool:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("stage"), str):
         return False
     files = manifest.get("files")
@@ -142,7 +182,7 @@ def open_artifact(path: str | Path, expect: tuple[str, ...], command: str) -> Ar
     """Open `path` as one of the `expect` stages for `command`, verifying every file's sha256."""
     path = Path(path)
     if not path.exists():
-        need = " or ".join(f"a {s} artifact (made by `{PRODUCERS[s]}`)" for s in expect)
+        need = " or ".join(f"a {s} artifact (made by `{producer(s)}`)" for s in expect)
         raise InputError(f"{path} does not exist", f"`quantcli {command}` needs {need}")
     manifest = read_manifest(path)
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -151,213 +191,16 @@ def open_artifact(path: str | Path, expect: tuple[str, ...], command: str) -> Ar
             "recreate it with this version of quantcli",
         )
     if manifest["stage"] not in expect:
-        need = " or ".join(f"{s} (made by `{PRODUCERS[s]}`)" for s in expect)
+        need = " or ".join(f"{s} (made by `{producer(s)}`)" for s in expect)
         raise ArtifactError(f"{path} is a {manifest['stage']} artifact; `quantcli {command}` needs {need}")
     if manifest.get("status", "ok") != "ok":
         raise ArtifactError(f"{path} is marked {manifest['status']}; it is not a usable output")
     problem = verify_files(path, manifest)
     if problem is not None:
-        raise ArtifactError(f"{path} is corrupt: {problem}", f"recreate it with `{PRODUCERS.get(manifest['stage'], 'quantcli')}`")
+        raise ArtifactError(f"{path} is corrupt: {problem}", f"recreate it with `{producer(manifest['stage'])}`"
+                            if manifest["stage"] in STAGES else None)
     return Artifact(path, manifest)
 
 
 def is_artifact(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
-
-
-# Names a stage folder may hold; a folder with an unreadable manifest is only taken for a
-# (corrupt) quantcli artifact, and replaced with --force, when it holds nothing else.
-KNOWN_FILES = frozenset({MANIFEST, TIMINGS, PROGRAM, FLOAT_PROGRAM, STATE})
-
-
-def check_output(out: Path, key: str, force: bool, stage: str | None = None) -> dict[str, Any] | None:
-    """Decide what to do with an existing output path.
-
-    Returns the existing manifest when it is a complete `stage` output with the same key (reuse);
-    None when the path is free or may be replaced (--force); raises ArtifactError otherwise.
-    A path that is not a quantcli artifact, or holds files quantcli did not write, is never replaced.
-    """
-    if not out.exists():
-        return None
-    manifest = _owned_manifest(out)
-    if force:
-        return None
-    if manifest is None:
-        raise ArtifactError(f"{out} exists and is a corrupt quantcli artifact (unreadable {MANIFEST})",
-                            "pass --force to replace it")
-    if stage is not None and manifest["stage"] != stage:
-        raise ArtifactError(f"{out} exists and is a {manifest['stage']} artifact, not a {stage} one",
-                            "choose another output path, or pass --force to replace it")
-    if manifest.get("status", "ok") != "ok":
-        raise ArtifactError(f"{out} exists and is marked {manifest['status']}", "pass --force to replace it")
-    if manifest.get("key") != key:
-        raise ArtifactError(f"{out} exists and was made from other inputs or options", "pass --force to replace it")
-    problem = verify_files(out, manifest)
-    if problem is not None:
-        raise ArtifactError(f"{out} exists but is corrupt: {problem}", "pass --force to replace it")
-    return manifest
-
-
-def _owned_manifest(out: Path) -> dict[str, Any] | None:
-    """The manifest of the quantcli artifact at `out` (None when it is unreadable); raises if `out` is not one."""
-    never = "choose another output path; it is never replaced"
-    if not (out.is_dir() and (out / MANIFEST).is_file()):
-        raise ArtifactError(f"{out} exists and is not a quantcli artifact", never)
-    names = {p.name for p in out.iterdir()}
-    try:
-        manifest = read_manifest(out)
-    except ArtifactError:
-        if PROGRAM in names and names <= KNOWN_FILES:
-            return None
-        raise ArtifactError(f"{out} exists and is not a quantcli artifact", never) from None
-    foreign = sorted(names - set(manifest["files"]) - {MANIFEST, TIMINGS})
-    if foreign:
-        raise ArtifactError(f"{out} holds files quantcli did not write ({', '.join(foreign[:3])})",
-                            "move them away or choose another output path; it is never replaced")
-    return manifest
-
-
-@dataclass
-class Staging:
-    """A temporary folder beside the output; `commit` renames it into place."""
-
-    out: Path
-    tmp: Path
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    def write_manifest(self, manifest: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
-        files = {}
-        for fpath in sorted(p for p in self.tmp.iterdir() if p.is_file() and p.name not in (MANIFEST, TIMINGS)):
-            files[fpath.name] = {"sha256": sha256_file(fpath), "size": fpath.stat().st_size}
-        manifest = {**manifest, "files": files}
-        (self.tmp / MANIFEST).write_bytes(canonical(manifest))
-        (self.tmp / TIMINGS).write_bytes(canonical({k: round(v, 3) for k, v in timings.items()}))
-        self.manifest = manifest
-        return manifest
-
-
-def tmp_sibling(out: Path, tag: str = "tmp") -> Path:
-    """A hidden, unique sibling `.<name>.<tag>-<pid>-<random>`; stale ones of dead processes are removed."""
-    remove_stale(out, tag)
-    return out.parent / f".{out.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def remove_stale(out: Path, tag: str) -> None:
-    """Remove `.<name>.<tag>-<pid>-*` siblings whose process is gone (killed with SIGKILL, power loss).
-
-    SIGINT and SIGTERM clean up themselves; this covers what they cannot.
-    """
-    prefix = f".{out.name}.{tag}-"
-    for path in out.parent.glob(glob.escape(prefix) + "*"):
-        pid = path.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            _remove(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while an output is swapped in: an interrupt lands after, never between."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def replace_into(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`, replacing an existing quantcli artifact or file there."""
-    with _signals_held():
-        if out.exists():
-            trash = tmp_sibling(out, "old")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-        else:
-            trash = None
-            os.replace(tmp, out)
-    if trash is not None:
-        _remove(trash)
-
-
-@contextlib.contextmanager
-def staging(out: Path) -> Iterator[Staging]:
-    """Write into a hidden temporary sibling; on success rename it to `out`, else remove it."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_sibling(out)
-        tmp.mkdir()
-    except OSError as exc:
-        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is not a folder" if blocker else (exc.strerror or str(exc))
-        raise ArtifactError(f"cannot write {out}: {why}", "choose another output path") from None
-    stage = Staging(out, tmp)
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_into(tmp, out)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a parent's file (no extra disk) or copy it where links are not possible."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def base_manifest(stage: str, recipe: dict[str, Any], recipe_hash: str, parent: Artifact | None,
-                  options: dict[str, Any], key: str, data: dict[str, str]) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "stage": stage,
-        "status": "ok",
-        "quantcli_version": __version__,
-        "versions": library_versions(),
-        "recipe": recipe,
-        "recipe_hash": recipe_hash,
-        "parent": {"stage": parent.stage, "sha256": parent.digest} if parent else None,
-        "options": options,
-        "data": data,
-        "key": key,
-    }
-
-
-def check_output_file(out: Path, key: str, force: bool, read_fields: Any) -> dict[str, Any] | None:
-    """check_output for a single-file output (the .onnx), whose manifest lives in its metadata."""
-    if not out.exists():
-        return None
-    if out.is_dir():
-        raise ArtifactError(f"{out} is a folder", "name an .onnx file with -o")
-    try:
-        fields = read_fields(out)
-    except Exception:
-        fields = {}
-    if fields.get("stage") != "exported":
-        raise ArtifactError(f"{out} exists and was not written by quantcli export", "choose another output path")
-    if force:
-        return None
-    if fields.get("key") == key and fields.get("status") == "ok":
-        return fields
-    why = "is marked " + fields.get("status", "unknown") if fields.get("status") != "ok" else "was made from other inputs"
-    raise ArtifactError(f"{out} exists and {why}", "pass --force to replace it")

@@ -1,4 +1,9 @@
-"""The subcommands. Each parses options and calls one library function through `execute`."""
+"""The Typer app: one thin command per stage over quantcli.stages.
+
+Every command parses options, calls one library function through `console.execute` (the error
+boundary) and hands the result to the console to print. Heavy imports happen inside the
+commands, so `quantcli --help` and `validate` stay instant.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,40 @@ from typing import Annotated, Optional
 
 import typer
 
-from quantcli.cli import Debug, Force, Json, Out, Output, Quiet, RecipeOpt, app, emit, execute
+from quantcli import __version__, render
+from quantcli.console import Output, emit, execute, show
+
+app = typer.Typer(
+    name="quantcli",
+    help="Turn a PyTorch model into a fast, accurate int8 ONNX model through the PT2E flow.\n\n"
+    "Example: quantcli run --recipe configs/digits/recipe.yaml -o work",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+Out = Annotated[Path, typer.Option("-o", "--out", help="output path")]
+Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON document on stdout")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print nothing on stderr but errors")]
+Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")]
+Force = Annotated[bool, typer.Option("--force", help="replace an existing quantcli output at -o")]
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="recipe YAML")]
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"quantcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """quantcli: PyTorch model + YAML recipe -> int8 ONNX (QDQ), one stage per command."""
+
 
 Src = Annotated[Path, typer.Argument(help="input artifact folder")]
 
@@ -27,7 +65,8 @@ def capture(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")
 
 @app.command()
 def prepare(src: Src, out: Out, qat: Annotated[bool, typer.Option("--qat", help="prepare for quantization-aware training")] = False,
-            force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+            recipe: RecipeOpt = None, force: Force = False, json: Json = False, quiet: Quiet = False,
+            debug: Debug = False) -> None:
     """Annotate the captured graph with the recipe's quantizer and insert observers.
 
     Example: quantcli prepare work/captured -o work/prepared
@@ -35,7 +74,7 @@ def prepare(src: Src, out: Out, qat: Annotated[bool, typer.Option("--qat", help=
     o = Output(json, quiet, debug)
     from quantcli.stages import prepare as stage
 
-    emit(o, execute(o, lambda progress: stage.run(src, out, qat=qat, force=force)))
+    emit(o, execute(o, lambda progress: stage.run(src, out, qat=qat, recipe_path=recipe, force=force)))
 
 
 @app.command()
@@ -115,7 +154,7 @@ def run(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")], o
     from quantcli import pipeline
 
     if dry_run:
-        pipeline.print_plan(execute(o, lambda progress: pipeline.plan(recipe, out)), json)
+        show(o, execute(o, lambda progress: pipeline.plan(recipe, out)), render.plan)
         return
     emit(o, execute(o, lambda progress: pipeline.run(recipe, out, force=force, progress=progress), "working"))
 
@@ -130,7 +169,10 @@ def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML")], json: 
     o = Output(json, quiet, debug)
     from quantcli import pipeline
 
-    pipeline.print_validated(execute(o, lambda progress: pipeline.validate(recipe)), o)
+    doc = execute(o, lambda progress: pipeline.validate(recipe))
+    show(o, doc, render.validated)
+    if not json:
+        o.console().print(f"checked {len(doc['files'])} referenced file(s)")
 
 
 @app.command()
@@ -143,4 +185,4 @@ def inspect(path: Annotated[Path, typer.Argument(help="a stage folder or an .onn
     o = Output(json, quiet, debug)
     from quantcli import inspection
 
-    inspection.show(execute(o, lambda progress: inspection.inspect(path)), json)
+    show(o, execute(o, lambda progress: inspection.inspect(path)), render.inspected)

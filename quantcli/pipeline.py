@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +34,13 @@ def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, progr
     from quantcli.stages.base import no_progress
 
     # Later stages read the recipe again: they take the sections they consume from it, so a
-    # reused capture (same model, inputs, outputs, quantization) meets the edited later sections.
+    # reused capture (same model, inputs, outputs) meets the edited later sections.
     progress = progress or no_progress
     steps = {s["command"]: Path(s["out"]) for s in plan(recipe_path, work)["steps"]}
     qat = "train" in steps
     results = [stages.capture.run(recipe_path, steps["capture"], force=force)]
-    results.append(stages.prepare.run(steps["capture"], steps["prepare"], qat=qat, force=force))
+    results.append(stages.prepare.run(steps["capture"], steps["prepare"], qat=qat, recipe_path=recipe_path,
+                                      force=force))
     last = steps["prepare"]
     if "calibrate" in steps:
         results.append(stages.calibrate.run(last, steps["calibrate"], recipe_path=recipe_path, force=force,
@@ -53,18 +52,6 @@ def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, progr
     results.append(stages.convert.run(last, steps["convert"], force=force))
     results.append(stages.export.run(steps["convert"], steps["export"], recipe_path=recipe_path, force=force))
     return results
-
-
-def print_plan(doc: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
-        return
-    import yaml
-
-    print(yaml.safe_dump(doc["recipe"], sort_keys=False).rstrip())
-    print("# plan:")
-    for step in doc["steps"]:
-        print(f"#   quantcli {step['command']} -> {step['out']}")
 
 
 def validate(recipe_path: str | Path) -> dict[str, Any]:
@@ -83,12 +70,3 @@ def validate(recipe_path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: " + "; ".join(missing))
     recipe = recipes.resolve_paths(recipe, path.resolve().parent)
     return {"recipe": str(recipe_path), "valid": True, "files": [p for _, p in recipes.referenced_files(recipe)]}
-
-
-def print_validated(doc: dict[str, Any], out: Any) -> None:
-    if out.json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        print(f"{doc['recipe']}: valid")
-    if not out.quiet and not out.json:
-        print(f"checked {len(doc['files'])} referenced file(s)", file=sys.stderr)

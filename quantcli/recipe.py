@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantcli.errors import ArtifactError, InputError, RecipeError
-from quantcli.references import exists, resolve_path, split_callable
+from quantcli.references import file_values, resolve_path, split_callable
 
 
 class _Section(BaseModel):
@@ -151,6 +151,15 @@ def did_you_mean(word: str, valid: Any) -> str:
 
 class TrainingSection(DataSource):
     targets: str = Field(description="array of targets in the data")
+
+    @field_validator("data")
+    @classmethod
+    def _indexed(cls, v: str) -> str:
+        if split_callable(v) is not None:
+            raise ValueError("must be an .npz file or a folder of .npy files, not a callable: training needs "
+                             "indexed samples (shuffled, split across processes, its order saved for --resume)")
+        return v
+
     loss: str = Field(default="cross_entropy", description='cross_entropy | mse | "file.py:callable"')
     optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "sgd", "lr": 0.01, "momentum": 0.9})
     epochs: int = Field(default=1, gt=0)
@@ -224,10 +233,6 @@ class Recipe(_Section):
     def sections(self, *names: str) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         return {n: data[n] for n in names}
-
-
-# Sections each later stage may change through --recipe; everything else is fixed at capture.
-UPSTREAM_SECTIONS = ("model", "inputs", "outputs", "quantization")
 
 
 def hash_json(obj: Any) -> str:
@@ -319,12 +324,9 @@ def read_yaml(path: Path) -> Any:
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Return a copy whose file references are absolute, relative to `base` (the recipe's folder)."""
     data = recipe.model_dump(mode="json")
-    data["model"]["factory"] = resolve_path(data["model"]["factory"], base)
-    for name in ("calibration", "training", "evaluation"):
-        if data.get(name):
-            data[name]["data"] = resolve_path(data[name]["data"], base)
-    if data.get("training") and ":" in data["training"]["loss"]:
-        data["training"]["loss"] = resolve_path(data["training"]["loss"], base)
+    for key, value in file_values(data):
+        section, field = key.split(".")
+        data[section][field] = resolve_path(value, base)
     return Recipe.model_validate(data)
 
 
@@ -337,11 +339,7 @@ def load(path: str | Path) -> Recipe:
 def referenced_files(recipe: Recipe) -> list[tuple[str, str]]:
     """(key path, filesystem path) of every file the recipe refers to."""
     refs = []
-    for key, value in [("model.factory", recipe.model.factory)] + [
-        (f"{name}.data", getattr(recipe, name).data)
-        for name in ("calibration", "training", "evaluation")
-        if getattr(recipe, name) is not None
-    ]:
+    for key, value in file_values(recipe.model_dump(mode="json")):
         target = split_callable(value)
         if target is None:
             refs.append((key, value))
@@ -350,24 +348,25 @@ def referenced_files(recipe: Recipe) -> list[tuple[str, str]]:
     return refs
 
 
-def missing_files(recipe: Recipe) -> list[str]:
-    return [f"{key}: file not found: {p}" for key, p in referenced_files(recipe) if not exists(p)]
+def merge(recorded: Recipe, new: Recipe, *, takes: tuple[str, ...], fixed: dict[str, str], command: str) -> Recipe:
+    """The recorded recipe with the `takes` sections from `new`.
 
-
-def merge_later_sections(recorded: Recipe, new: Recipe, stage: str, allowed: tuple[str, ...]) -> Recipe:
-    """Take `allowed` sections from `new`; refuse if an upstream section differs from the recorded one."""
+    `fixed` maps each section an earlier stage consumed to that stage's command: `new` must agree
+    with the recorded recipe there, else the artifact would not be what `new` describes.
+    """
     old_data, new_data = recorded.model_dump(mode="json"), new.model_dump(mode="json")
-    for key in ("target_cpu", "reduce_range"):  # "auto" means: as resolved at prepare
-        if new_data["quantization"][key] == "auto":
-            new_data["quantization"][key] = old_data["quantization"][key]
-    changed = [k for k in UPSTREAM_SECTIONS if old_data[k] != new_data[k]]
+    if "quantization" in fixed:
+        for key in ("target_cpu", "reduce_range"):  # "auto" means: as resolved at prepare
+            if new_data["quantization"][key] == "auto":
+                new_data["quantization"][key] = old_data["quantization"][key]
+    changed = [k for k in fixed if old_data[k] != new_data[k]]
     if changed:
-        fixed = "prepare" if changed == ["quantization"] else "capture"
+        first = fixed[changed[0]]
         raise ArtifactError(
-            f"--recipe changes {', '.join(changed)}, fixed when the artifact was made (at {fixed}); "
-            f"`quantcli {stage} --recipe` may only change {', '.join(allowed)}",
-            "rerun the chain from `quantcli capture --recipe` with this recipe",
+            f"--recipe changes {', '.join(changed)}, fixed when the artifact was made (at {first}); "
+            f"`quantcli {command} --recipe` may only change {', '.join(takes) or 'nothing'}",
+            f"rerun the chain from `quantcli {first}` with this recipe",
         )
-    for key in allowed:
+    for key in takes:
         old_data[key] = new_data[key]
     return Recipe.model_validate(old_data)

@@ -42,19 +42,22 @@ def exists(path: str | Path, kind: str = "any") -> bool:
         return False
 
 
-def _raw_references(data: Any) -> list[tuple[str, str]]:
-    """(key path, value) of the file references in a raw, possibly invalid, recipe document."""
+# Every recipe key whose value names a file, a folder or a callable ("file.py:callable").
+FILE_KEYS = ("model.factory", "calibration.data", "training.data", "training.loss", "evaluation.data")
+
+
+def file_values(doc: Any) -> list[tuple[str, str]]:
+    """(key path, value) of the file references in a recipe document, raw (possibly invalid) or dumped.
+
+    A training loss is a file reference only when it names a callable; otherwise it is a built-in name.
+    """
     refs = []
-    model = data.get("model") if isinstance(data, dict) else None
-    if isinstance(model, dict) and isinstance(model.get("factory"), str):
-        refs.append(("model.factory", model["factory"]))
-    for name in ("calibration", "training", "evaluation"):
-        section = data.get(name) if isinstance(data, dict) else None
-        if isinstance(section, dict) and isinstance(section.get("data"), str) and section["data"]:
-            refs.append((f"{name}.data", section["data"]))
-        if name == "training" and isinstance(section, dict) and isinstance(section.get("loss"), str) \
-                and ":" in section["loss"]:
-            refs.append(("training.loss", section["loss"]))
+    for key in FILE_KEYS:
+        section, field = key.split(".")
+        part = doc.get(section) if isinstance(doc, dict) else None
+        value = part.get(field) if isinstance(part, dict) else None
+        if isinstance(value, str) and value and (key != "training.loss" or ":" in value):
+            refs.append((key, value))
     return refs
 
 
@@ -64,7 +67,7 @@ def file_problems(data: Any, base: Path) -> list[str]:
     Works on the raw document, so `validate` reports them together with any schema problems.
     """
     problems = []
-    for key, value in _raw_references(data):
+    for key, value in file_values(data):
         if "\0" in value:
             continue  # a schema problem, reported as such
         resolved = resolve_path(value, base)

@@ -173,3 +173,21 @@ def copy_work(work: Path, tmp_path: Path):
         return dst
 
     return copy
+
+
+def session_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A folder every pytest-xdist worker of this session shares."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+@pytest.fixture(scope="session")
+def qat_work(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """`quantcli run --recipe configs/digits/qat.yaml`, once for all workers of the session."""
+    shared = session_dir(tmp_path_factory, worker_id)
+    work = shared / "digits-qat"
+    with FileLock(str(shared / "digits-qat.lock")):
+        if not (work / "model.onnx").exists():
+            run = quantcli("run", "--recipe", DIGITS / "qat.yaml", "-o", work)
+            assert run.rc == 0, run.stderr
+    return work

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from quantcli import artifacts
+from quantcli import artifacts, staging
 from quantcli.artifacts import MANIFEST, PROGRAM, STATE, TIMINGS
 from quantcli.errors import ArtifactError, InputError
 
@@ -31,11 +31,11 @@ def make_artifact(folder: Path, stage: str = "captured", key: str = "k1", status
                   files: dict[str, bytes] | None = None) -> dict:
     """A committed stage folder written through `staging`, as stages write them."""
     files = {PROGRAM: b"program bytes", STATE: b"state bytes"} if files is None else files
-    with artifacts.staging(folder) as st:
+    with staging.staging(folder) as st:
         for name, data in files.items():
             (st.tmp / name).write_bytes(data)
         manifest = {"schema_version": artifacts.SCHEMA_VERSION, "stage": stage, "status": status, "key": key}
-        return st.write_manifest(manifest, {"seconds": 1.25})
+        return st.seal(manifest, {"seconds": 1.25})
 
 
 def test_staging_commits_by_rename_with_hashes_and_timings_apart(tmp_path):
@@ -51,10 +51,10 @@ def test_staging_commits_by_rename_with_hashes_and_timings_apart(tmp_path):
 
 def test_manifest_bytes_do_not_depend_on_timings_or_insertion_order(tmp_path):
     a = make_artifact(tmp_path / "a")
-    with artifacts.staging(tmp_path / "b") as st:
+    with staging.staging(tmp_path / "b") as st:
         (st.tmp / STATE).write_bytes(b"state bytes")
         (st.tmp / PROGRAM).write_bytes(b"program bytes")
-        st.write_manifest({"key": "k1", "status": "ok", "stage": "captured",
+        st.seal({"key": "k1", "status": "ok", "stage": "captured",
                            "schema_version": artifacts.SCHEMA_VERSION}, {"seconds": 99.0})
     assert (tmp_path / "a" / MANIFEST).read_bytes() == (tmp_path / "b" / MANIFEST).read_bytes()
     assert artifacts.Artifact(tmp_path / "a", a).digest == artifacts.Artifact(tmp_path / "b", a).digest
@@ -64,7 +64,7 @@ def test_manifest_bytes_do_not_depend_on_timings_or_insertion_order(tmp_path):
 def test_staging_leaves_nothing_when_the_body_fails_or_is_interrupted(tmp_path, error):
     out = tmp_path / "calibrated"
     with pytest.raises(type(error)):
-        with artifacts.staging(out) as st:
+        with staging.staging(out) as st:
             (st.tmp / PROGRAM).write_bytes(b"half")
             raise error
     assert list(tmp_path.iterdir()) == []
@@ -119,12 +119,12 @@ def test_stage_key_changes_with_each_of_its_parts(monkeypatch):
 # --- check_output: reuse, refuse, replace -------------------------------------------------------
 
 def test_check_output_free_path(tmp_path):
-    assert artifacts.check_output(tmp_path / "nothing", "k1", force=False, stage="captured") is None
+    assert staging.check_output(tmp_path / "nothing", "k1", force=False, stage="captured") is None
 
 
 def test_check_output_reuses_a_complete_output_with_the_same_key(tmp_path):
     manifest = make_artifact(tmp_path / "c")
-    assert artifacts.check_output(tmp_path / "c", "k1", force=False, stage="captured") == manifest
+    assert staging.check_output(tmp_path / "c", "k1", force=False, stage="captured") == manifest
 
 
 @pytest.mark.parametrize("key, stage, status, fragment", [
@@ -135,16 +135,16 @@ def test_check_output_reuses_a_complete_output_with_the_same_key(tmp_path):
 def test_check_output_refuses_another_key_stage_or_a_failed_output_unless_forced(tmp_path, key, stage, status, fragment):
     make_artifact(tmp_path / "c", status=status)
     with pytest.raises(ArtifactError) as info:
-        artifacts.check_output(tmp_path / "c", key, force=False, stage=stage)
+        staging.check_output(tmp_path / "c", key, force=False, stage=stage)
     assert f"{fragment} (" in info.value.line() and info.value.line().endswith("pass --force to replace it)")
-    assert artifacts.check_output(tmp_path / "c", key, force=True, stage=stage) is None
+    assert staging.check_output(tmp_path / "c", key, force=True, stage=stage) is None
 
 
 def test_check_output_does_not_reuse_a_truncated_output(tmp_path):
     make_artifact(tmp_path / "c")
     (tmp_path / "c" / STATE).write_bytes(b"state")
     with fails(ArtifactError, "exists but is corrupt: state.pt is truncated or altered: 5 bytes, the manifest records 11"):
-        artifacts.check_output(tmp_path / "c", "k1", force=False, stage="captured")
+        staging.check_output(tmp_path / "c", "k1", force=False, stage="captured")
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -156,41 +156,26 @@ def test_check_output_never_replaces_a_folder_that_is_not_an_artifact(tmp_path, 
         for name, text in layout.items():
             (folder / name).write_text(text)
         with fails(ArtifactError, "exists and is not a quantcli artifact (choose another output path; it is never replaced)"):
-            artifacts.check_output(folder, "k1", force=force, stage="captured")
+            staging.check_output(folder, "k1", force=force, stage="captured")
     user_file = tmp_path / "file.txt"
     user_file.write_text("mine")
     with fails(ArtifactError, "exists and is not a quantcli artifact"):
-        artifacts.check_output(user_file, "k1", force=force, stage="captured")
+        staging.check_output(user_file, "k1", force=force, stage="captured")
 
 
 def test_force_never_deletes_files_quantcli_did_not_write(tmp_path):
     make_artifact(tmp_path / "c")
     (tmp_path / "c" / "my-notes.txt").write_text("mine")
     with fails(ArtifactError, "holds files quantcli did not write (my-notes.txt)"):
-        artifacts.check_output(tmp_path / "c", "k2", force=True, stage="captured")
+        staging.check_output(tmp_path / "c", "k2", force=True, stage="captured")
 
 
 def test_a_quantcli_artifact_with_an_unreadable_manifest_is_replaced_only_with_force(tmp_path):
     make_artifact(tmp_path / "c")
     (tmp_path / "c" / MANIFEST).write_text('{"stage": "capt')
     with fails(ArtifactError, "is a corrupt quantcli artifact (unreadable manifest.json) (pass --force"):
-        artifacts.check_output(tmp_path / "c", "k1", force=False, stage="captured")
-    assert artifacts.check_output(tmp_path / "c", "k1", force=True, stage="captured") is None
-
-
-def test_check_output_file_refuses_foreign_or_failed_files():
-    def fields(value):
-        return lambda path: value
-
-    with pytest.raises(ArtifactError, match="was not written by quantcli export"):
-        artifacts.check_output_file(Path(__file__), "k", True, fields({}))
-    with pytest.raises(ArtifactError, match="is marked parity_failed"):
-        artifacts.check_output_file(Path(__file__), "k", False, fields({"stage": "exported", "key": "k",
-                                                                         "status": "parity_failed"}))
-    ok = {"stage": "exported", "key": "k", "status": "ok"}
-    assert artifacts.check_output_file(Path(__file__), "k", False, fields(ok)) == ok
-    with pytest.raises(ArtifactError, match="is a folder"):
-        artifacts.check_output_file(Path(__file__).parent, "k", True, fields(ok))
+        staging.check_output(tmp_path / "c", "k1", force=False, stage="captured")
+    assert staging.check_output(tmp_path / "c", "k1", force=True, stage="captured") is None
 
 
 # --- open_artifact: what a stage accepts as input ------------------------------------------------
@@ -227,7 +212,7 @@ def test_open_artifact_refuses_a_damaged_artifact_naming_the_file(tmp_path, dama
 
 
 @pytest.mark.parametrize("edit, fragment", [
-    ({"schema_version": 99}, "has artifact schema 99, this quantcli reads 1"),
+    ({"schema_version": 99}, f"has artifact schema 99, this quantcli reads {artifacts.SCHEMA_VERSION}"),
     ({"files": ["program.pt2"]}, "not a quantcli manifest"),
     ({"files": {"../../etc/passwd": {"sha256": "0", "size": 1}}}, "not a quantcli manifest"),
     ({"files": {"program.pt2": {"sha256": "0"}}}, "not a quantcli manifest"),

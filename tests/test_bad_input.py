@@ -212,7 +212,7 @@ DAMAGE = {
     "file-missing": (lambda f: (f / "state.pt").unlink(), " is corrupt: state.pt is missing"),
     "manifest-garbled": (lambda f: (f / "manifest.json").write_text('{"stage": "calib'), "/manifest.json is corrupt: Unterminated string"),
     "manifest-missing": (lambda f: (f / "manifest.json").unlink(), " is not a quantcli artifact (no manifest.json)"),
-    "other-schema": (_edit_manifest(schema_version=99), " has artifact schema 99, this quantcli reads 1"),
+    "other-schema": (_edit_manifest(schema_version=99), " has artifact schema 99, this quantcli reads 2"),
 }
 
 
@@ -278,7 +278,8 @@ def test_export_never_replaces_a_file_it_did_not_write(work, tmp_path, force):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"somebody else's model")
     args = ["export", work / "converted", "-o", out] + (["--force"] if force else [])
-    assert_fails(quantcli(*args), 4, f"{out} exists and was not written by quantcli export (choose another output path)")
+    assert_fails(quantcli(*args), 4, f"{out} exists and was not written by quantcli export "
+                                     "(choose another output path; it is never replaced)")
     assert out.read_bytes() == b"somebody else's model"
     assert leftovers(tmp_path) == [] and not (tmp_path / "model.report.json").exists()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from quantcli import __version__, errors
+from quantcli import __version__, artifacts, errors
 from tests.conftest import (ANSI, DIGITS_RECIPE, ROOT, STAGES, assert_fails, cli_env, digits_recipe, leftovers,
                             quantcli, snapshot)
 
@@ -50,7 +50,7 @@ def test_version():
 def test_an_unexpected_error_is_exit_1_and_one_line(capsys):
     from typer import Exit
 
-    from quantcli.cli import Output, execute
+    from quantcli.console import Output, execute
 
     def buggy(progress):
         raise ValueError("the impossible happened\nsecond line")
@@ -203,9 +203,11 @@ def test_the_manifest_records_what_the_output_was_made_from(work):
     digest = hashlib.sha256((json.dumps(parent, sort_keys=True, indent=2) + "\n").encode()).hexdigest()
     assert manifest["parent"] == {"stage": "prepared", "sha256": digest}
     data = str(ROOT / "configs/digits/digits.npz")
-    assert manifest["options"]["calibration"]["data"] == data
+    assert manifest["options"]["recipe"] == {"calibration": manifest["recipe"]["calibration"]}  # what it consumed
+    assert manifest["recipe"]["calibration"]["data"] == data
+    assert manifest["chain"] == ["captured", "prepared", "calibrated"]
     assert manifest["data"] == {"calibration.data": hashlib.sha256(Path(data).read_bytes()).hexdigest()}
-    assert manifest["quantcli_version"] == __version__ and manifest["schema_version"] == 1
+    assert manifest["quantcli_version"] == __version__ and manifest["schema_version"] == artifacts.SCHEMA_VERSION
     assert set(manifest["files"]) == {"program.pt2", "state.pt"}
     for name, info in manifest["files"].items():
         assert info == {"sha256": hashlib.sha256((work / "calibrated" / name).read_bytes()).hexdigest(),
@@ -260,7 +262,7 @@ def test_a_recipe_that_changes_earlier_sections_is_refused(work, tmp_path, comma
     assert_fails(quantcli(command, work / src, "-o", out, "--recipe", recipe), 4,
                  f"--recipe changes {section}, fixed when the artifact was made (at {fixed_at}); "
                  f"`quantcli {command} --recipe` may only change {allowed} "
-                 "(rerun the chain from `quantcli capture --recipe` with this recipe)")
+                 f"(rerun the chain from `quantcli {fixed_at}` with this recipe)")
     assert not out.exists() and leftovers(tmp_path) == []
 
 

@@ -22,7 +22,7 @@ from quantcli import _torch, artifacts, stages, training
 from quantcli.errors import ArtifactError, DataError, RecipeError
 from quantcli.stages.base import restore_prepared
 from quantcli.training import checkpoints
-from tests.conftest import assert_fails, cli_env, leftovers, quantcli
+from tests.conftest import assert_fails, cli_env, leftovers, quantcli, session_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits"
@@ -31,24 +31,6 @@ BN_OPS = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_l
 
 
 # ------------------------------------------------------------------ shared work
-def session_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
-    """A folder every pytest-xdist worker of this session shares."""
-    base = tmp_path_factory.getbasetemp()
-    return base if worker_id == "master" else base.parent
-
-
-@pytest.fixture(scope="session")
-def qat_work(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
-    """`quantcli run --recipe configs/digits/qat.yaml`, once for all workers of the session."""
-    shared = session_dir(tmp_path_factory, worker_id)
-    work = shared / "digits-qat"
-    with FileLock(str(shared / "digits-qat.lock")):
-        if not (work / "model.onnx").exists():
-            run = quantcli("run", "--recipe", DIGITS / "qat.yaml", "-o", work)
-            assert run.rc == 0, run.stderr
-    return work
-
-
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """The first 256 training digits (8 steps an epoch at batch 32), and labels out of range."""
@@ -165,7 +147,7 @@ def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert(
     torch.manual_seed(0)
     model = ConvFamilies().eval()
     x = torch.randn(8, 4, 16)
-    program = _torch.export(model, (x,), ({0: torch.export.Dim("batch")},))
+    program = _torch.export_program(model, (x,), ({0: torch.export.Dim("batch")},))
     quantizer = quantizers.build(quantizers.resolve(QuantizationSection()), qat=True)
     prepared = _torch.prepare(program.module(), quantizer, True)
     assert len(bn_training_flags(prepared)) == 2

@@ -196,9 +196,12 @@ def _recorded():
         update={"target_cpu": "avx2", "reduce_range": True})})
 
 
+FIXED_BEFORE_CALIBRATE = {"model": "capture", "inputs": "capture", "outputs": "capture", "quantization": "prepare"}
+
+
 def test_a_later_stage_takes_its_own_sections_from_the_new_recipe():
     new = recipes.parse(edited(calibration={"data": "other.npz", "batch_size": 8}, export={"opset": 17}))
-    merged = recipes.merge_later_sections(_recorded(), new, "calibrate", ("calibration",))
+    merged = recipes.merge(_recorded(), new, takes=("calibration",), fixed=FIXED_BEFORE_CALIBRATE, command="calibrate")
     assert merged.calibration.batch_size == 8 and merged.calibration.data == "other.npz"
     assert merged.export.opset == 18  # not calibrate's to change
     assert merged.quantization.target_cpu == "avx2"  # "auto" in the new recipe means: as resolved
@@ -211,8 +214,9 @@ def test_a_later_stage_takes_its_own_sections_from_the_new_recipe():
 ])
 def test_a_recipe_that_changes_earlier_sections_is_refused_naming_the_stage(change, named, fixed_at):
     with pytest.raises(ArtifactError) as info:
-        recipes.merge_later_sections(_recorded(), recipes.parse(edited(**change)), "export", ("export", "evaluation"))
+        recipes.merge(_recorded(), recipes.parse(edited(**change)), takes=("export", "evaluation"),
+                      fixed=FIXED_BEFORE_CALIBRATE, command="export")
     assert info.value.exit_code == 4
     assert info.value.line() == (
         f"--recipe changes {named}, fixed when the artifact was made (at {fixed_at}); `quantcli export --recipe` "
-        "may only change export, evaluation (rerun the chain from `quantcli capture --recipe` with this recipe)")
+        f"may only change export, evaluation (rerun the chain from `quantcli {fixed_at}` with this recipe)")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import pytest
 import yaml
+
+from quantcli import artifacts
 
 from tests.conftest import assert_fails, quantcli, snapshot
 
@@ -41,15 +45,46 @@ def test_a_changed_export_section_is_seen_by_run(copy_work, shared_recipe, tmp_p
     assert json.loads((w / "model.report.json").read_text())["parity"]["threshold_db"] == 21.5
 
 
-def test_a_reused_model_must_match_its_report(copy_work):
+def test_a_model_that_does_not_match_its_report_is_exported_again(copy_work):
     w = copy_work("converted", "model.onnx", "model.report.json")
-    args = ["export", w / "converted", "-o", w / "model.onnx"]
-    assert quantcli(*args).rc == 0  # same key, intact: reused
+    args = ["export", w / "converted", "-o", w / "model.onnx", "--json"]
+    assert quantcli(*args).json()["reused"]  # same key, intact
     data = bytearray((w / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0x01  # flip a bit inside the graph (initializers); the metadata at the end stays readable
     (w / "model.onnx").write_bytes(bytes(data))
-    assert_fails(quantcli(*args), 4, f"{w / 'model.onnx'} does not match its report model.report.json")
-    assert quantcli(*args, "--force").rc == 0
+    shown = quantcli("inspect", w / "model.onnx", "--json")
+    assert "report" not in shown.json() and "records another sha256" in shown.json()["report_mismatch"]
+    redo = quantcli(*args)
+    assert redo.rc == 0 and not redo.json()["reused"], redo.stderr  # never reused nor believed: redone
+    report = json.loads((w / "model.report.json").read_text())
+    assert report["onnx_sha256"] == hashlib.sha256((w / "model.onnx").read_bytes()).hexdigest()
+
+
+def test_an_export_interrupted_between_its_two_renames_is_redone(copy_work, monkeypatch):
+    """The model is renamed into place first, then its report: a kill in between leaves the new model
+    beside the old report, whose sha256 names the old model; that pair is never reused."""
+    from quantcli import staging
+    from quantcli.stages import export
+
+    w = copy_work("converted", "model.onnx", "model.report.json")
+    old_report = (w / "model.report.json").read_bytes()
+    real_replace, calls = staging.os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(".report.json"):
+            raise KeyboardInterrupt  # SIGINT between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(staging.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.run(w / "converted", w / "model.onnx", opset=20, force=True)  # another key: a new model
+    monkeypatch.setattr(staging.os, "replace", real_replace)
+    assert (w / "model.report.json").read_bytes() == old_report  # the torn pair: new model, old report
+    assert [p.name for p in w.iterdir() if p.name.startswith(".")] == []  # the temporary report went too
+    again = export.run(w / "converted", w / "model.onnx", opset=20)
+    assert not again.reused and again.details["report"]["onnx_sha256"] == artifacts.sha256_file(w / "model.onnx")
+    assert json.loads((w / "model.report.json").read_text())["onnx_sha256"] == again.details["report"]["onnx_sha256"]
 
 
 def test_export_never_overwrites_a_users_report_file(work, tmp_path):
@@ -58,3 +93,12 @@ def test_export_never_overwrites_a_users_report_file(work, tmp_path):
                  f"{tmp_path / 'model.report.json'} exists and was not written by quantcli export")
     assert (tmp_path / "model.report.json").read_text() == "my notes\n"
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_an_unreadable_model_beside_its_report_is_replaced_only_with_force(copy_work):
+    w = copy_work("converted", "model.onnx", "model.report.json")
+    (w / "model.onnx").write_bytes(b"\x00truncated")
+    args = ["export", w / "converted", "-o", w / "model.onnx"]
+    assert_fails(quantcli(*args), 4, f"{w / 'model.onnx'} exists and is a corrupt quantcli model",
+                 "pass --force to replace it")
+    assert quantcli(*args, "--force").rc == 0

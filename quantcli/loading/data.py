@@ -80,7 +80,7 @@ class Dataset:
         return {name: np.ascontiguousarray(arr[np.sort(index)]) for name, arr in self.columns.items()}
 
 
-TARGETS = "__targets__"
+TARGET_COLUMN = "__targets__"  # the targets' column in a batch, beside the inputs
 
 
 def load_dataset(spec: str, keys: dict[str, str], inputs: list[InputSpec], what: str,
@@ -88,23 +88,28 @@ def load_dataset(spec: str, keys: dict[str, str], inputs: list[InputSpec], what:
     arrays = open_arrays(spec, what)
     columns = {i.name: _get(arrays, keys.get(i.name, i.name), what) for i in inputs}
     if targets is not None:
-        columns[TARGETS] = _get(arrays, targets, what)
+        columns[TARGET_COLUMN] = _get(arrays, targets, what)
     lengths = {name: arr.shape[0] if arr.ndim else 0 for name, arr in columns.items()}
     if len(set(lengths.values())) != 1:
         raise DataError(f"{what}: arrays disagree on the number of samples: {lengths}")
     length = next(iter(lengths.values()))
     if length == 0:
         raise DataError(f"{what}: the data holds no samples")
-    check_batch({k: v for k, v in columns.items() if k != TARGETS}, inputs, what)
+    check_batch({k: v for k, v in columns.items() if k != TARGET_COLUMN}, inputs, what)
     return Dataset(columns, length)
 
 
 def iter_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], batch_size: int,
-                 num_batches: int | None, what: str) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
-    """(number of batches, iterator of input-name -> array batches); a final partial batch included."""
+                 num_batches: int | None, what: str,
+                 targets: str | None = None) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+    """(number of batches, iterator of input-name -> array batches); a final partial batch included.
+
+    With `targets` (an array name), each batch also holds the targets under TARGET_COLUMN. The
+    one loading path of calibration and evaluation data, whatever the source.
+    """
     if split_callable(spec) is not None and not Path(spec).exists():
-        return _factory_batches(spec, keys, inputs, num_batches, what)
-    data = load_dataset(spec, keys, inputs, what)
+        return _factory_batches(spec, keys, inputs, num_batches, what, targets)
+    data = load_dataset(spec, keys, inputs, what, targets)
     total = -(-data.length // batch_size)
     count = min(total, num_batches) if num_batches else total
 
@@ -116,7 +121,7 @@ def iter_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], batch
 
 
 def _factory_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], num_batches: int | None,
-                     what: str) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+                     what: str, targets: str | None) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
     factory = load_callable(spec, f"{what}.data", DataError)
     try:
         source = iter(factory())
@@ -135,9 +140,13 @@ def _factory_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], n
                 mapped = f" ({what}.keys maps {name!r} to it)" if array != name else ""
                 raise DataError(f"{what} batch {index}: no array {array!r} for input {name!r}{mapped}; "
                                 f"it has {sorted(map(str, item))}")
-            batch = {i.name: np.asarray(item.get(keys.get(i.name, i.name))) for i in inputs
-                     if keys.get(i.name, i.name) in item}
+            if targets is not None and targets not in item:
+                raise DataError(f"{what} batch {index}: no array {targets!r} for the targets ({what}.targets); "
+                                f"it has {sorted(map(str, item))}")
+            batch = {i.name: np.asarray(item[keys.get(i.name, i.name)]) for i in inputs}
             check_batch(batch, inputs, f"{what} batch {index}")
+            if targets is not None:
+                batch[TARGET_COLUMN] = np.asarray(item[targets])
             yield batch
 
     return (num_batches or 0), gen()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from quantcli import artifacts
+from quantcli import artifacts, recipe as recipes, staging
 from quantcli.artifacts import Artifact
 from quantcli.errors import InputError
 from quantcli.recipe import Recipe
@@ -77,29 +77,51 @@ def data_hashes(paths: dict[str, str]) -> dict[str, str]:
     return hashes
 
 
-def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, options: dict[str, Any],
-            data: dict[str, str], force: bool, body: Callable[[Path], dict[str, Any] | None],
-            identity: str | None = None) -> StageResult:
-    """Run `body(tmp_folder)` unless a complete output with the same key exists; commit atomically.
+def recipe_for(stage: str, parent: Artifact, recipe_path: str | Path | None) -> Recipe:
+    """The recipe `stage` works with: the one recorded in `parent`, with --recipe's sections for this stage.
 
-    `body` writes the payload files and returns extra manifest fields. The key is made of the
-    stage, options, data hashes and the parent artifact's hash, or `identity` for a first stage.
+    A stage takes from --recipe exactly the sections it consumes (artifacts.STAGES); the sections
+    consumed earlier in the parent's chain must not differ.
+    """
+    recorded = recipe_of(parent)
+    if recipe_path is None:
+        return recorded
+    fixed = {section: artifacts.STAGES[s].command for s in parent.chain for section in artifacts.STAGES[s].consumes}
+    return recipes.merge(recorded, recipes.load(recipe_path), takes=artifacts.STAGES[stage].consumes, fixed=fixed,
+                         command=artifacts.STAGES[stage].command)
+
+
+def keyed(stage: str, recipe: Recipe, parent: Artifact | None, options: dict[str, Any],
+          data: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """The options with the recipe sections `stage` consumes, and the output's reuse key."""
+    options = {**options, "recipe": recipe.sections(*artifacts.STAGES[stage].consumes)}
+    return options, artifacts.stage_key(stage, options, parent.digest if parent else None, data)
+
+
+def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, options: dict[str, Any],
+            data: dict[str, str], force: bool, body: Callable[[staging.Staging], dict[str, Any] | None]) -> StageResult:
+    """Run `body(staging)` unless a complete output with the same key exists; commit atomically.
+
+    `body` writes the payload into `staging.tmp` and returns extra manifest fields. The key is made
+    of the stage, its options, the recipe sections it consumes, the data it reads and the parent
+    artifact's hash. The exported stage writes one .onnx file (and its report), the others a folder.
     """
     out = Path(out)
-    recipe_json = recipe.model_dump(mode="json")
-    parent_id = parent.digest if parent else identity or recipe.digest()
-    key = artifacts.stage_key(stage, options, parent_id, data)
-    existing = artifacts.check_output(out, key, force, stage)
+    onnx_file = stage == "exported"
+    options, key = keyed(stage, recipe, parent, options, data)
+    existing = staging.check_onnx(out, key, force) if onnx_file else staging.check_output(out, key, force, stage)
     if existing is not None:
         return StageResult(stage, out, existing, reused=True)
     start = time.perf_counter()
-    with artifacts.staging(out) as st:
-        extra = body(st.tmp) or {}
-        manifest = artifacts.base_manifest(stage, recipe_json, recipe.digest(), parent, options, key, data)
+    with staging.staging(out, onnx_file) as st:
+        extra = body(st) or {}
+        manifest = artifacts.base_manifest(stage, recipe.model_dump(mode="json"), recipe.digest(), parent, options,
+                                           key, data)
         manifest.update(extra)
         seconds = time.perf_counter() - start
-        manifest = st.write_manifest(manifest, {"seconds": seconds})
-    return StageResult(stage, out, manifest, seconds=seconds)
+        manifest = st.seal(manifest, {"seconds": seconds})
+    details = {"report": st.report} if onnx_file else {}
+    return StageResult(stage, out, manifest, seconds=seconds, details=details)
 
 
 def restore_prepared(art: Artifact) -> Any:
@@ -130,4 +152,4 @@ def save_state(module: Any, folder: Path) -> None:
 
 
 def carry_program(parent: Artifact, folder: Path) -> None:
-    artifacts.link_or_copy(parent.file(artifacts.PROGRAM), folder / artifacts.PROGRAM)
+    staging.link_or_copy(parent.file(artifacts.PROGRAM), folder / artifacts.PROGRAM)

@@ -5,19 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts, recipe as recipes
+from quantcli import artifacts
 from quantcli.errors import DataError, RecipeError
 from quantcli.loading.data import iter_batches, to_tensors
 from quantcli.recipe import CalibrationSection, Recipe
 from quantcli.stages.base import (Progress, StageResult, carry_program, data_hashes, no_progress, produce,
-                                  recipe_of, restore_prepared, save_state)
+                                  recipe_for, restore_prepared, save_state)
 
 
-def with_overrides(recipe: Recipe, recipe_path: str | Path | None, data: str | None,
-                   batches: int | None) -> CalibrationSection:
-    """The calibration section after --recipe, --data and --batches are applied."""
-    if recipe_path is not None:
-        recipe = recipes.merge_later_sections(recipe, recipes.load(recipe_path), "calibrate", ("calibration",))
+def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> CalibrationSection:
+    """The calibration section after --data and --batches are applied."""
     section = recipe.calibration
     if section is None and data is None:
         raise RecipeError("calibration.data is not set", "pass --data FILE.npz or add a calibration: section")
@@ -54,18 +51,17 @@ def run_batches(module: Any, section: CalibrationSection, inputs: list, progress
 def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: int | None = None,
         recipe_path: str | Path | None = None, force: bool = False, progress: Progress = no_progress) -> StageResult:
     parent = artifacts.open_artifact(src, ("prepared",), "calibrate")
-    recipe = recipe_of(parent)
-    section = with_overrides(recipe, recipe_path, data, batches)
+    recipe = recipe_for("calibrated", parent, recipe_path)
+    section = with_overrides(recipe, data, batches)
     recipe = recipe.model_copy(update={"calibration": section})
     hashes = data_hashes({"calibration.data": section.data})
 
-    def body(folder: Path) -> dict[str, Any]:
+    def body(st: Any) -> dict[str, Any]:
         module = restore_prepared(parent)
         seen = run_batches(module, section, recipe.inputs, progress)
-        carry_program(parent, folder)
-        save_state(module, folder)
+        carry_program(parent, st.tmp)
+        save_state(module, st.tmp)
         return {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen}
 
-    options = {"calibration": section.model_dump(mode="json")}
-    return produce("calibrated", Path(out), recipe=recipe, parent=parent, options=options, data=hashes,
+    return produce("calibrated", Path(out), recipe=recipe, parent=parent, options={}, data=hashes,
                    force=force, body=body)

@@ -44,11 +44,8 @@ def run(recipe_path: str | Path, out: str | Path, *, force: bool = False) -> Sta
     recipe = recipes.load(recipe_path)
     data = data_hashes(_model_files(recipe))
     require_files({"calibration.data": recipe.calibration.data} if recipe.calibration else {})
-    # Reusable across recipes that differ only in sections later stages take through --recipe
-    # (calibration, training, evaluation, export), so a CI cache survives such an edit.
-    identity = recipes.hash_json(recipe.sections(*recipes.UPSTREAM_SECTIONS))
 
-    def body(folder: Path) -> dict[str, Any]:
+    def body(st: Any) -> dict[str, Any]:
         from quantcli import _torch
 
         model = build_model(recipe.model)
@@ -56,15 +53,16 @@ def run(recipe_path: str | Path, out: str | Path, *, force: bool = False) -> Sta
         try:
             with _torch.torch.no_grad():
                 result = model(*args)
-            program = _torch.export(model, args, dynamic_shapes(recipe.inputs))
+            program = _torch.export_program(model, args, dynamic_shapes(recipe.inputs))
             program = _torch.without_dead_state(program, args, dynamic_shapes(recipe.inputs))
         except Exception as exc:  # the user's model and inputs disagree
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"capture failed: {type(exc).__name__}: {first}",
                              "check the recipe's inputs (names, shapes, dtypes, dynamic_axes) against forward()") from exc
-        _torch.save_program(program, folder / artifacts.PROGRAM)
+        _torch.save_program(program, st.tmp / artifacts.PROGRAM)
         return {"qat": False, "io": {"inputs": [i.name for i in recipe.inputs],
                                      "outputs": output_names(result, recipe.outputs)}}
 
-    return produce("captured", Path(out), recipe=recipe, parent=None, options={}, data=data, force=force, body=body,
-                   identity=identity)
+    # The key covers the sections capture consumes (model, inputs, outputs) and the model's files,
+    # so an edit of a later section (quantization, calibration, ...) reuses the captured program.
+    return produce("captured", Path(out), recipe=recipe, parent=None, options={}, data=data, force=force, body=body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts
+from quantcli import artifacts, staging
 from quantcli.errors import ModelError
 from quantcli.loading.data import to_tensors
 from quantcli.loading.inputs import dynamic_shapes, export_example
@@ -27,7 +27,7 @@ def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, referen
     recipe = recipe_of(parent)
     options = {"fold_quantize": fold_quantize, "reference_representation": reference_representation}
 
-    def body(folder: Path) -> dict[str, Any]:
+    def body(st: Any) -> dict[str, Any]:
         from quantcli import _torch
 
         module = _torch.to_eval(restore_prepared(parent))
@@ -35,11 +35,11 @@ def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, referen
         _torch.prune_unused(module)
         args = to_tensors(export_example(recipe.inputs), recipe.inputs)
         try:
-            program = _torch.export(module, args, dynamic_shapes(recipe.inputs))
+            program = _torch.export_program(module, args, dynamic_shapes(recipe.inputs))
         except Exception as exc:
             raise ModelError(f"cannot re-export the converted model: {type(exc).__name__}: {exc}") from exc
-        _torch.save_program(program, folder / artifacts.PROGRAM)
-        artifacts.link_or_copy(parent.file(artifacts.PROGRAM), folder / artifacts.FLOAT_PROGRAM)
+        _torch.save_program(program, st.tmp / artifacts.PROGRAM)
+        staging.link_or_copy(parent.file(artifacts.PROGRAM), st.tmp / artifacts.FLOAT_PROGRAM)
         return {"qat": parent.manifest["qat"], "io": parent.manifest["io"],
                 "ops": count_ops(program.graph_module)}
 

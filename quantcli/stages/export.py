@@ -2,48 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts, recipe as recipes
-from quantcli.errors import ArtifactError, NumericsError
+from quantcli import artifacts
+from quantcli.errors import NumericsError
 from quantcli.loading.data import to_tensors
 from quantcli.loading.inputs import example_batch
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import runtime
 from quantcli.recipe import Recipe
 from quantcli.report import parity
-from quantcli.stages.base import StageResult, data_hashes, recipe_of
-
-
-def report_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".report.json")
-
-
-def read_report(out: Path) -> dict[str, Any] | None:
-    """The quantcli report beside `out`, or None if there is none; a foreign file is refused."""
-    path = report_path(out)
-    if not path.exists():
-        return None
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        report = None
-    if not isinstance(report, dict) or "onnx_sha256" not in report:
-        raise ArtifactError(f"{path} exists and was not written by quantcli export",
-                            "choose another output name; it is never replaced")
-    return report
-
-
-def verify_reused(out: Path) -> None:
-    """A reused model must still be the file its report describes (sha256)."""
-    report = read_report(out)
-    if report is None or report["onnx_sha256"] != artifacts.sha256_file(out):
-        raise ArtifactError(f"{out} does not match its report {report_path(out).name} (corrupt or replaced)",
-                            "pass --force to export it again")
+from quantcli.stages.base import StageResult, data_hashes, produce, recipe_for
 
 
 def outputs(program: Any, recipe: Recipe, sample: dict[str, Any]) -> list[Any]:
@@ -55,7 +25,8 @@ def outputs(program: Any, recipe: Recipe, sample: dict[str, Any]) -> list[Any]:
     return [t.numpy() for t in torch.utils._pytree.tree_flatten(result)[0]]
 
 
-def build_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> Any:
+def onnx_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> tuple[Any, Any]:
+    """(the converted program, its checked and shape-inferred ONNX model)."""
     from quantcli import _torch
 
     program = _torch.load_program(parent.file(artifacts.PROGRAM))
@@ -67,12 +38,10 @@ def build_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> Any:
     return program, onnx_export.infer_shapes(model)
 
 
-def resolve(src: str | Path, opset: int | None, recipe_path: str | Path | None) -> tuple[artifacts.Artifact, Recipe]:
+def source(src: str | Path, opset: int | None, recipe_path: str | Path | None) -> tuple[artifacts.Artifact, Recipe]:
     """The converted artifact and its recipe with --recipe's export/evaluation and --opset applied."""
     parent = artifacts.open_artifact(src, ("converted",), "export")
-    recipe = recipe_of(parent)
-    if recipe_path is not None:
-        recipe = recipes.merge_later_sections(recipe, recipes.load(recipe_path), "export", ("export", "evaluation"))
+    recipe = recipe_for("exported", parent, recipe_path)
     if opset is not None:
         recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"opset": opset})})
     return parent, recipe
@@ -103,40 +72,21 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
         force: bool = False) -> StageResult:
     import onnx
 
-    parent, recipe = resolve(src, opset, recipe_path)
+    parent, recipe = source(src, opset, recipe_path)
     out = Path(out)
+    # the parity sample is the first calibration batch; evaluation reads its own data
     data = data_hashes({f"{name}.data": getattr(recipe, name).data for name in ("calibration", "evaluation")
                         if getattr(recipe, name) is not None})
-    options = {"export": recipe.export.model_dump(mode="json")}
-    key = artifacts.stage_key("exported", options, parent.digest, data)
-    existing = artifacts.check_output_file(out, key, force, onnx_export.read_metadata)
-    if existing is not None:
-        verify_reused(out)
-        return StageResult("exported", out, existing, reused=True)
-    read_report(out)  # never overwrite a user's file of that name
 
-    start = time.perf_counter()
-    program, model = build_model(parent, recipe, recipe.export.opset)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, tmp_report = artifacts.tmp_sibling(out), artifacts.tmp_sibling(report_path(out))
-    try:
-        onnx.save(model, str(tmp))
-        report = measure(parent, recipe, program, model, tmp)
-        passed = report["parity"]["passed"]
-        manifest = artifacts.base_manifest("exported", recipe.model_dump(mode="json"), recipe.digest(), parent,
-                                           options, key, data)
-        manifest.update(io=parent.manifest["io"], files={}, status="ok" if passed else "parity_failed")
-        onnx_export.set_metadata(model, manifest)
-        onnx.save(model, str(tmp))
-        seconds = time.perf_counter() - start
-        report.update(onnx_sha256=artifacts.sha256_file(tmp), seconds=round(seconds, 3))
-        tmp_report.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp_report, report_path(out))
-        artifacts.replace_into(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_report.unlink(missing_ok=True)
-    if not passed:
-        raise NumericsError(f"parity failed: {parity.failure(report['parity'])} (model and report written to {out})",
+    def body(st: Any) -> dict[str, Any]:
+        program, model = onnx_model(parent, recipe, recipe.export.opset)
+        onnx.save(model, str(st.tmp))
+        st.report = measure(parent, recipe, program, model, st.tmp)
+        return {"io": parent.manifest["io"], "status": "ok" if st.report["parity"]["passed"] else "parity_failed"}
+
+    result = produce("exported", out, recipe=recipe, parent=parent, options={}, data=data, force=force, body=body)
+    if result.manifest["status"] != "ok":
+        raise NumericsError(f"parity failed: {parity.failure(result.details['report']['parity'])} "
+                            f"(model and report written to {out})",
                             "see the report's parity section; `quantcli inspect` shows it")
-    return StageResult("exported", out, manifest, seconds=seconds, details={"report": report})
+    return result

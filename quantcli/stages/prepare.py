@@ -6,22 +6,23 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts
-from quantcli.stages.base import StageResult, carry_program, produce, recipe_of, restore_prepared, save_state
+from quantcli.stages.base import StageResult, carry_program, produce, recipe_for, restore_prepared, save_state
 
 
-def run(src: str | Path, out: str | Path, *, qat: bool = False, force: bool = False) -> StageResult:
+def run(src: str | Path, out: str | Path, *, qat: bool = False, recipe_path: str | Path | None = None,
+        force: bool = False) -> StageResult:
     from quantcli import quantizers
 
     parent = artifacts.open_artifact(src, ("captured",), "prepare")
-    recipe = recipe_of(parent)
+    recipe = recipe_for("prepared", parent, recipe_path)
     # target_cpu/reduce_range are resolved once, here, and recorded: reruns elsewhere agree.
     recipe = recipe.model_copy(update={"quantization": quantizers.resolve(recipe.quantization)})
 
-    def body(folder: Path) -> dict[str, Any]:
-        carry_program(parent, folder)
+    def body(st: Any) -> dict[str, Any]:
+        carry_program(parent, st.tmp)
         manifest = {"qat": qat, "io": parent.manifest["io"], "recipe": recipe.model_dump(mode="json")}
-        module = restore_prepared(artifacts.Artifact(folder, {**parent.manifest, **manifest}))
-        save_state(module, folder)
+        module = restore_prepared(artifacts.Artifact(st.tmp, {**parent.manifest, **manifest}))
+        save_state(module, st.tmp)
         return {"qat": qat, "io": parent.manifest["io"]}
 
     return produce("prepared", Path(out), recipe=recipe, parent=parent, options={"qat": qat}, data={},

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts, recipe as recipes
+from quantcli import artifacts, staging
 from quantcli.errors import RecipeError
 from quantcli.recipe import Recipe
-from quantcli.stages.base import Progress, StageResult, data_hashes, no_progress, produce, recipe_of
+from quantcli.stages.base import Progress, StageResult, data_hashes, keyed, no_progress, produce, recipe_for
 
 
 @dataclass
@@ -30,10 +30,9 @@ class RankResult(StageResult):
         return f"{self.stage}: rank {self.details['rank']} of {self.details['world_size']} done"
 
 
-def with_training(recipe: Recipe, recipe_path: str | Path | None) -> Recipe:
+def with_training(parent: artifacts.Artifact, recipe_path: str | Path | None) -> Recipe:
     """The recorded recipe with --recipe's training: section applied; it must have one."""
-    if recipe_path is not None:
-        recipe = recipes.merge_later_sections(recipe, recipes.load(recipe_path), "train", ("training",))
+    recipe = recipe_for("trained", parent, recipe_path)
     if recipe.training is None:
         raise RecipeError("training: missing; `quantcli train` needs a training: section",
                           "add one to the recipe and pass it with --recipe")
@@ -55,21 +54,20 @@ def run(src: str | Path, out: str | Path, *, recipe_path: str | Path | None = No
     from quantcli.training import api, distributed
 
     parent = api.require_qat(artifacts.open_artifact(src, ("prepared", "calibrated"), "train"))
-    recipe = with_training(recipe_of(parent), recipe_path)
+    recipe = with_training(parent, recipe_path)
     hashes = data_hashes(_reads(recipe))
     out = Path(out)
     with distributed.session(device) as world:
-        options = {"training": recipe.training.model_dump(mode="json"), "world_size": world.size,
-                   "device": world.device.type}
-        key = artifacts.stage_key("trained", options, parent.digest, hashes)
+        options = {"world_size": world.size, "device": world.device.type}
+        _, key = keyed("trained", recipe, parent, options, hashes)
         details: dict[str, Any] = {}
 
-        def body(folder: Path | None) -> dict[str, Any]:
-            details.update(_train(parent, recipe, world, out, key, resume, folder, progress))
+        def body(st: Any) -> dict[str, Any]:
+            details.update(_train(parent, recipe, world, out, key, resume, st and st.tmp, progress))
             return {k: details[k] for k in ("qat", "io", "bn_frozen", "observers_frozen", "steps")}
 
         if not world.is_main:
-            existing = artifacts.check_output(out, key, force, "trained")
+            existing = staging.check_output(out, key, force, "trained")
             if existing is not None:
                 return StageResult("trained", out, existing, reused=True)
             body(None)

@@ -113,8 +113,8 @@ def save(model: QatModule, out: str | Path, *, force: bool = False) -> StageResu
     source = model.source
     options = {"trained_by": "quantcli.training.save", "state_sha256": _state_digest(model)}
 
-    def body(folder: Path) -> dict[str, Any]:
-        write(model, folder)
+    def body(st: Any) -> dict[str, Any]:
+        write(model, st.tmp)
         return trained_fields(source, model)
 
     return produce("trained", Path(out), recipe=recipe_of(source), parent=source, options=options, data={},

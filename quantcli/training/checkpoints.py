@@ -15,14 +15,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts
+from quantcli import artifacts, staging
 from quantcli.errors import ArtifactError
 
 FORMAT = 1
 
 
 def partial_dir(out: Path) -> Path:
-    return Path(out).parent / f".{Path(out).name}.partial"
+    return staging.hidden_sibling(Path(out), "partial")
 
 
 def save(partial: Path, state: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from quantcli.errors import DataError, RecipeError
-from quantcli.loading.data import TARGETS, Dataset, to_tensors
+from quantcli.loading.data import TARGET_COLUMN, Dataset, to_tensors
 from quantcli.recipe import InputSpec, TrainingSection
 from quantcli.stages.base import Progress
 from quantcli.training import distributed, objectives
@@ -130,7 +130,7 @@ class Trainer:
         self._freeze_due()
         batch = self._batch()
         args = tuple(t.to(self.world.device) for t in to_tensors(batch, self.inputs))
-        targets = torch.from_numpy(np.asarray(batch[TARGETS])).to(self.world.device)
+        targets = torch.from_numpy(np.asarray(batch[TARGET_COLUMN])).to(self.world.device)
         output = torch.utils._pytree.tree_flatten(self.net(*args))[0][0]
         objectives.check_targets(self.section.loss, self.section.targets, output, targets)
         try:

@@ -1,0 +1,58 @@
+"""Human-readable text of command results (the CLI layer; `--json` prints the documents themselves)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def plan(doc: dict[str, Any]) -> str:
+    """`run --dry-run`: the resolved recipe as YAML, then the stages it would run."""
+    import yaml
+
+    lines = [yaml.safe_dump(doc["recipe"], sort_keys=False).rstrip(), "# plan:"]
+    lines += [f"#   quantcli {step['command']} -> {step['out']}" for step in doc["steps"]]
+    return "\n".join(lines)
+
+
+def validated(doc: dict[str, Any]) -> str:
+    return f"{doc['recipe']}: valid"
+
+
+def inspected(doc: dict[str, Any]) -> str:
+    """`inspect`: the manifest's essentials, the graph's ops and the export report."""
+    manifest = doc["manifest"]
+    lines = [f"{doc['path']}: {manifest.get('stage', '?')} artifact ({manifest.get('status', 'ok')})"]
+    for key in ("quantcli_version", "recipe_hash", "parent", "options"):
+        if key in manifest:
+            lines.append(f"  {key}: {json.dumps(manifest[key], sort_keys=True)}")
+    for name, info in manifest.get("files", {}).items():
+        lines.append(f"  file {name}: {info['size']} bytes sha256 {info['sha256'][:12]}")
+    ops = doc.get("graph", {}).get("ops", {})
+    if ops:
+        lines.append("  ops: " + ", ".join(f"{k}={v}" for k, v in ops.items()))
+    if "report" in doc:
+        lines += _report(doc["report"])
+    if "report_mismatch" in doc:
+        lines.append(f"  report: not shown: {doc['report_mismatch']} (rerun `quantcli export`)")
+    return "\n".join(lines)
+
+
+def _report(report: dict[str, Any]) -> list[str]:
+    parity = report["parity"]
+    floor = f", floor {parity['threshold_db']} dB" if parity["threshold_db"] is not None else ""
+    lines = [f"  parity: {'passed' if parity['passed'] else 'FAILED'}: ONNX Runtime adds {parity['excess_db']:.1f} dB "
+             f"of error to the int8 model's (at most {parity['max_excess_db']}); ORT vs PyTorch int8 "
+             f"{parity['min_sqnr_db']:.1f} dB{floor}",
+             "  SQNR vs fp32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["sqnr_vs_float_db"].items())]
+    ev = report.get("evaluation")
+    if not ev:
+        return lines
+    sizes = ev["size_bytes"]
+    lines += [f"  {ev['metric']} on {ev['samples']} held-out samples: fp32 {100 * ev['fp32_torch']:.2f}%  "
+              f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {ev['accuracy_drop_points']:.2f} points)",
+              f"  size: fp32 ONNX {sizes['fp32_onnx'] / 1024:.1f} KiB, int8 ONNX {sizes['int8_onnx'] / 1024:.1f} KiB"]
+    for batch, t in ev["ort_latency"].items():
+        lines.append(f"  ORT latency {batch.replace('_', ' ')}: fp32 {t['fp32_ms']:.3f} ms, int8 {t['int8_ms']:.3f} ms "
+                     f"({t['fp32_ms'] / t['int8_ms']:.2f}x)")
+    return lines
