@@ -9,10 +9,10 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantcli.errors import ArtifactError, InputError, RecipeError
 from quantcli.references import file_values, resolve_path, split_callable
@@ -102,11 +102,24 @@ class ActivationsConfig(_Section):
     symmetric: bool = False
 
 
+def _known_observer(v: str) -> str:
+    """A name from quantcli.quantizers.names, imported here lazily: quantcli.quantizers imports this module."""
+    from quantcli.quantizers.names import OBSERVERS
+
+    if v not in OBSERVERS:
+        raise ValueError(f"unknown observer {v!r}{did_you_mean(v, OBSERVERS)}; valid: {', '.join(OBSERVERS)}")
+    return v
+
+
+Observer = Annotated[str, AfterValidator(_known_observer),
+                     Field(description="activation calibration method; see README, Quantization targets")]
+
+
 class OverrideConfig(_Section):
     names: list[str] = Field(min_length=1, description="module-name globs this override applies to")
     weights: WeightsConfig | None = None
     activations: ActivationsConfig | None = None
-    observer: Literal["minmax", "moving_average_minmax", "histogram", "percentile"] | None = None
+    observer: Observer | None = None
     reduce_range: bool | None = None
     exclude: bool = Field(default=False, description="keep these modules in float")
 
@@ -115,7 +128,7 @@ class QuantizationSection(_Section):
     target: str = Field(default="onnxruntime", description="quantizer registry name")
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
-    observer: Literal["minmax", "moving_average_minmax", "histogram", "percentile"] = "histogram"
+    observer: Observer = "histogram"
     target_cpu: Literal["auto", "avx2", "avx512", "vnni", "arm64"] = "auto"
     reduce_range: Union[Literal["auto"], bool] = "auto"
     exclude_names: list[str] = Field(default_factory=list)

@@ -60,7 +60,8 @@ def test_every_problem_is_reported_at_once_with_its_dotted_key_path():
         "inputs.0.shape: every dimension must be a positive integer",
         "inputs.0.dtyp: unknown key; did you mean 'dtype'?",
         "quantization.weights.granularity: Input should be 'per_channel' or 'per_tensor'",
-        "quantization.observer: Input should be 'minmax', 'moving_average_minmax', 'histogram' or 'percentile'",
+        "quantization.observer: unknown observer 'minmx'; did you mean 'minmax'?; "
+        "valid: minmax, moving_average_minmax, histogram, mse, percentile, entropy",
         "quantization.overrides.0.weight: unknown key; did you mean 'weights'?",
         "export.opset: Input should be less than or equal to 23",
         "calibraton: unknown key; did you mean 'calibration'?",
