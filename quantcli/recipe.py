@@ -12,9 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from quantcli.errors import ArtifactError, InputError, RecipeError
+from quantcli.loading.dtypes import NUMPY_DTYPES
+from quantcli.quantizers import TARGETS
+from quantcli.quantizers.names import OBSERVERS
+from quantcli.training.objectives import LOSSES, OPTIMIZERS
 from quantcli.references import file_values, resolve_path, split_callable
 
 
@@ -39,7 +44,7 @@ class ModelSection(_Section):
 class InputSpec(_Section):
     name: str = Field(description="input name, in forward() order; becomes the ONNX input name")
     shape: list[int] = Field(description="example shape used at capture")
-    dtype: Literal["float32", "float16", "int64", "int32", "bool"] = "float32"
+    dtype: Literal[tuple(NUMPY_DTYPES)] = "float32"  # type: ignore[valid-type]
     dynamic_axes: dict[int, str] | None = Field(
         default=None, description='axis -> symbol; default {0: "batch"}; {} makes every axis static'
     )
@@ -103,9 +108,6 @@ class ActivationsConfig(_Section):
 
 
 def _known_observer(v: str) -> str:
-    """A name from quantcli.quantizers.names, imported here lazily: quantcli.quantizers imports this module."""
-    from quantcli.quantizers.names import OBSERVERS
-
     if v not in OBSERVERS:
         raise ValueError(f"unknown observer {v!r}{did_you_mean(v, OBSERVERS)}; valid: {', '.join(OBSERVERS)}")
     return v
@@ -139,22 +141,22 @@ class QuantizationSection(_Section):
     @field_validator("target")
     @classmethod
     def _registered(cls, v: str) -> str:
-        targets = _registered_targets()
-        if targets and v not in targets:
-            raise ValueError(f"unknown target {v!r}{did_you_mean(v, targets)}; valid: {', '.join(targets)}")
+        if v not in TARGETS:
+            raise ValueError(f"unknown target {v!r}{did_you_mean(v, TARGETS)}; valid: {', '.join(TARGETS)}")
         return v
 
-
-def _registered_targets() -> tuple[str, ...]:
-    """The quantizer registry's names, so `validate` rejects an unknown target before any work.
-
-    Imported here, lazily, because quantcli.quantizers imports this module; it imports no torch.
-    """
-    try:
-        from quantcli.quantizers import TARGETS
-    except ImportError:  # the registry is still being imported (it builds sections at import time)
-        return ()
-    return tuple(TARGETS)
+    @model_validator(mode="after")
+    def _options_the_target_reads(self, info: ValidationInfo) -> "QuantizationSection":
+        """An option the target ignores is an error where the user wrote it (recorded recipes hold every
+        default and the resolved values, so they are not judged)."""
+        reads = TARGETS.get(self.target)
+        if not (info.context or {}).get("written") or reads is None or reads.options is None:
+            return self
+        ignored = sorted(self.model_fields_set - {"target"} - reads.options)
+        if ignored:
+            raise ValueError(f"target {self.target!r} ignores {', '.join(ignored)}; remove "
+                             f"{'them' if len(ignored) > 1 else 'it'} or use the onnxruntime target")
+        return self
 
 
 def did_you_mean(word: str, valid: Any) -> str:
@@ -173,7 +175,7 @@ class TrainingSection(DataSource):
                              "indexed samples (shuffled, split across processes, its order saved for --resume)")
         return v
 
-    loss: str = Field(default="cross_entropy", description='cross_entropy | mse | "file.py:callable"')
+    loss: str = Field(default="cross_entropy", description='a built-in loss (cross_entropy, mse) or "file.py:callable"')
     optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "sgd", "lr": 0.01, "momentum": 0.9})
     epochs: int = Field(default=1, gt=0)
     batch_size: int = Field(default=64, gt=0)
@@ -195,16 +197,18 @@ class TrainingSection(DataSource):
     @classmethod
     def _known_loss(cls, v: str) -> str:
         _no_nul(v)
-        if v not in ("cross_entropy", "mse") and ":" not in v:
-            raise ValueError(f"unknown loss {v!r}; valid: cross_entropy, mse, or \"file.py:callable\"")
+        if v not in LOSSES and ":" not in v:
+            raise ValueError(f"unknown loss {v!r}{did_you_mean(v, LOSSES)}; valid: {', '.join(LOSSES)}, "
+                             "or \"file.py:callable\"")
         return v
 
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, v: dict[str, Any]) -> dict[str, Any]:
         name = v.get("name", "sgd")
-        if name not in ("sgd", "adamw"):
-            raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adamw")
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}{did_you_mean(name, OPTIMIZERS)}; "
+                             f"valid: {', '.join(OPTIMIZERS)}")
         return v
 
 
@@ -301,7 +305,7 @@ def schema_problems(data: Any) -> tuple[Recipe | None, list[str]]:
     if not isinstance(data, dict):
         return None, [f"the recipe must be a YAML mapping, got {type(data).__name__}"]
     try:
-        return Recipe.model_validate(data), []
+        return Recipe.model_validate(data, context={"written": True}), []
     except ValidationError as exc:
         return None, format_errors(exc)
 

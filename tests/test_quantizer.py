@@ -151,14 +151,6 @@ def test_import_does_not_load_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_unknown_target_lists_valid_targets():
-    q = QuantizationSection.model_construct(**{**section().model_dump(), "target": "tensorrt"})
-    with pytest.raises(RecipeError) as err:
-        quantizers.build(q, qat=False)
-    assert "tensorrt" in err.value.message and "onnxruntime, x86_inductor" in err.value.line()
-    assert set(quantizers.TARGETS) == {"onnxruntime", "x86_inductor"}
-
-
 def test_build_refuses_an_unresolved_section():
     with pytest.raises(RecipeError):
         quantizers.build(QuantizationSection(), qat=False)

@@ -78,9 +78,11 @@ def test_an_unknown_key_with_no_close_match_lists_the_valid_ones():
 
 def test_an_unknown_quantization_target_gets_a_did_you_mean():
     assert problems(edited(quantization={"target": "onnxruntim"})) == [
-        "quantization.target: unknown target 'onnxruntim'; did you mean 'onnxruntime'?; valid: "
-        + ", ".join(recipes._registered_targets())]
-    assert "onnxruntime" in recipes._registered_targets()
+        "quantization.target: unknown target 'onnxruntim'; did you mean 'onnxruntime'?; valid: onnxruntime, "
+        "x86_inductor"]
+    from quantcli import quantizers
+
+    assert set(quantizers.TARGETS) == {"onnxruntime", "x86_inductor"}  # the registry the schema checks against
 
 
 @pytest.mark.parametrize("data, expected", [
@@ -221,3 +223,40 @@ def test_a_recipe_that_changes_earlier_sections_is_refused_naming_the_stage(chan
     assert info.value.line() == (
         f"--recipe changes {named}, fixed when the artifact was made (at {fixed_at}); `quantcli export --recipe` "
         f"may only change export, evaluation (rerun the chain from `quantcli {fixed_at}` with this recipe)")
+
+
+# --- names come from the registries that execute them --------------------------------------------
+
+def test_an_option_the_target_ignores_is_an_error_where_written_but_a_recorded_recipe_reloads():
+    problem = problems(edited(quantization={"target": "x86_inductor", "exclude_names": ["head.*"], "observer": "minmax"}))
+    assert problem == ["quantization: target 'x86_inductor' ignores exclude_names, observer; remove them or use the "
+                       "onnxruntime target"]
+    written = recipes.parse(edited(quantization={"target": "x86_inductor"}))
+    recorded = written.model_dump(mode="json")  # every default, as a manifest records it
+    assert recipes.Recipe.model_validate(recorded).quantization.target == "x86_inductor"
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("loss", "cross_entropi", "unknown loss 'cross_entropi'; did you mean 'cross_entropy'?; valid: cross_entropy, mse"),
+    ("optimizer", {"name": "adam"}, "unknown optimizer 'adam'; did you mean 'adamw'?; valid: sgd, adamw"),
+])
+def test_training_names_come_from_the_objectives_registry(section, value, message):
+    from quantcli.training.objectives import LOSSES, OPTIMIZERS
+
+    assert set(LOSSES) == {"cross_entropy", "mse"} and set(OPTIMIZERS) == {"sgd", "adamw"}
+    training = {"data": "d.npz", "targets": "y", section: value}
+    assert any(message in p for p in problems(edited(training=training))), problems(edited(training=training))
+
+
+def test_a_training_data_callable_is_refused_at_validation_with_the_reason():
+    found = problems(edited(training={"data": "data.py:batches", "targets": "y"}))
+    assert found == ["training.data: must be an .npz file or a folder of .npy files, not a callable: training needs "
+                     "indexed samples (shuffled, split across processes, its order saved for --resume)"]
+
+
+def test_input_dtypes_are_the_loaders():
+    from quantcli.loading.dtypes import NUMPY_DTYPES
+
+    names = [repr(n) for n in NUMPY_DTYPES]
+    assert problems(edited(inputs=[{"name": "x", "shape": [1], "dtype": "float64"}])) == [
+        f"inputs.0.dtype: Input should be {', '.join(names[:-1])} or {names[-1]}"]

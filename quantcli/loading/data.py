@@ -17,11 +17,11 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from quantcli.errors import DataError
+from quantcli.loading.dtypes import NUMPY_DTYPES
 from quantcli.loading.factory import load_callable
 from quantcli.recipe import InputSpec
 from quantcli.references import split_callable
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
 def open_arrays(spec: str, what: str) -> Mapping[str, Any]:

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.loading.data import NUMPY_DTYPES, iter_batches
+from quantcli.loading.data import iter_batches
+from quantcli.loading.dtypes import NUMPY_DTYPES
 from quantcli.recipe import InputSpec, Recipe
 
 

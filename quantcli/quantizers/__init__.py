@@ -7,53 +7,58 @@ only inside the target factories, so importing this package stays instant.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from quantcli.errors import RecipeError
 from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
-from quantcli.recipe import QuantizationSection
 
 if TYPE_CHECKING:  # pragma: no cover
     from torchao.quantization.pt2e.quantizer import Quantizer
 
+    from quantcli.recipe import QuantizationSection
 
-def _onnxruntime(q: QuantizationSection, qat: bool) -> Any:
+
+def _onnxruntime(q: "QuantizationSection", qat: bool) -> Any:
     from quantcli.quantizers.onnxruntime import OnnxRuntimeQuantizer
 
     return OnnxRuntimeQuantizer(q, qat=qat)
 
 
-def _x86_inductor(q: QuantizationSection, qat: bool) -> Any:
+def _x86_inductor(q: "QuantizationSection", qat: bool) -> Any:
     from quantcli.quantizers.x86_inductor import x86_inductor_quantizer
 
     return x86_inductor_quantizer(q, qat=qat)
 
 
-REGISTRY: dict[str, Callable[[QuantizationSection, bool], Any]] = {
-    "onnxruntime": _onnxruntime,
-    "x86_inductor": _x86_inductor,
+@dataclass(frozen=True)
+class Target:
+    """A quantization target: its quantizer factory and the `quantization:` options it reads."""
+
+    factory: Callable[["QuantizationSection", bool], Any]
+    options: frozenset[str] | None  # None: every option of the section
+
+
+# The registry: the recipe schema validates `quantization.target` (and the options a target
+# ignores) against it; this package imports no torch and not the schema, so both import cheaply.
+TARGETS: dict[str, Target] = {
+    "onnxruntime": Target(_onnxruntime, None),
+    "x86_inductor": Target(_x86_inductor, frozenset()),  # torchao's default configuration
 }
-TARGETS: tuple[str, ...] = tuple(REGISTRY)
 
 
-def resolve(q: QuantizationSection) -> QuantizationSection:
+def resolve(q: "QuantizationSection") -> "QuantizationSection":
     """Return a copy with target_cpu and reduce_range "auto" replaced by what this CPU needs."""
     cpu = detect_cpu() if q.target_cpu == "auto" else q.target_cpu
     reduce_range = saturates_u8s8(cpu) if q.reduce_range == "auto" else q.reduce_range
     return q.model_copy(update={"target_cpu": cpu, "reduce_range": reduce_range})
 
 
-def build(q: QuantizationSection, *, qat: bool) -> "Quantizer":
-    """The torchao Quantizer registered as `q.target`; `q` must already be resolved."""
-    factory = REGISTRY.get(q.target)
-    if factory is None:
-        raise RecipeError(
-            f"quantization.target: unknown target {q.target!r}",
-            f"valid targets: {', '.join(TARGETS)}",
-        )
+def build(q: "QuantizationSection", *, qat: bool) -> "Quantizer":
+    """The torchao Quantizer of the target `q.target` (validated by the schema); `q` must be resolved."""
     if q.target_cpu == "auto" or q.reduce_range == "auto":
         raise RecipeError(
             "quantization: target_cpu/reduce_range are still 'auto'",
             "call quantcli.quantizers.resolve() on the section first",
         )
-    return factory(q, qat)
+    return TARGETS[q.target].factory(q, qat)
