@@ -1,20 +1,23 @@
 """The CLI's boundary and renderer: where results are printed and errors become exit codes.
 
-Library functions return data and raise QuantCliError; this module alone prints. A command's
-result goes to stdout (human-readable, or exactly one JSON document with --json); logs, progress
-and errors go to stderr. Every error is one line, and its exit code is the error class's.
+Library functions return data, raise QuantCliError and log notices to the `quantcli` logger; this
+module alone prints. A command's result goes to stdout (human-readable, or exactly one JSON
+document with --json); notices (`note: ...`), progress and errors go to stderr. Every error is one
+line, and its exit code is the error class's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import typer
 
@@ -67,8 +70,40 @@ def fail(out: Output, code: int, kind: str, message: str) -> None:
     raise typer.Exit(code)
 
 
+class _Notes(logging.Handler):
+    """Prints the library's notices (the `quantcli` logger, warning and up) on stderr, each once."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = one_line(record.getMessage())
+        if message not in self.seen:
+            self.seen.add(message)
+            print(f"note: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def notes(out: Output) -> Iterator[None]:
+    """Let library notices (e.g. a cast applied to the data) reach stderr unless --quiet."""
+    logger = logging.getLogger("quantcli")
+    handler = logging.NullHandler() if out.quiet else _Notes()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def execute(out: Output, action: Callable[[Any], Any], label: str = "") -> Any:
     """The error boundary: run `action(progress_callback)`, report, map errors to exit codes."""
+    with notes(out):
+        return _execute(out, action, label)
+
+
+def _execute(out: Output, action: Callable[[Any], Any], label: str) -> Any:
     signal.signal(signal.SIGTERM, _on_sigterm)
     bar = out.progress(label) if label else None
     try:
