@@ -1,8 +1,15 @@
-"""The one place that imports torch/torchao and calls their churning APIs.
+"""quantcli's gateway to torch and torchao's churning APIs, and the silencing of their noise.
+
+The boundary: the pipeline (stages, training, reports) reaches torch.export, saving and loading
+programs and states, prepare/convert, the train/eval switches, BN and observer state and pytree
+flattening through this module, so the next torch or torchao release is a change here. Two
+places use torch directly, on purpose: `quantcli.quantizers` is the torchao plugin surface (fx
+graphs, QuantizationSpec, observers, op schemas, which a quantizer cannot avoid), and plain tensor
+work (`torch.no_grad`, `torch.from_numpy`, functional losses) is imported where it is used.
 
 torch and torchao print noise at import (torchao failing to load CUDA/cp310 kernels, pytree Enum
-deprecations, exporter registration messages). It is silenced here, precisely, by logger name and
-warning category, so that users see only quantcli's own output.
+deprecations, exporter registration messages). Importing this module silences it, precisely, by
+logger name and warning category, so that users see only quantcli's own output.
 """
 
 from __future__ import annotations
@@ -42,7 +49,6 @@ import torch  # noqa: E402
 import torchao  # noqa: E402,F401  (registers quantized_decomposed ops used by saved programs)
 from torchao.quantization.pt2e import (  # noqa: E402
     FakeQuantizeBase,
-    allow_exported_model_train_eval,
     disable_observer,
     move_exported_model_to_eval,
     move_exported_model_to_train,
@@ -51,8 +57,6 @@ from torchao.quantization.pt2e.constant_fold import constant_fold  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
 from torchao.quantization.pt2e import qat_utils as _qat_utils  # noqa: E402  (private: see _present_convs_only)
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
-
 __all__ = [
     "torch",
     "export_program",
@@ -60,11 +64,13 @@ __all__ = [
     "prune_unused",
     "save_program",
     "load_program",
+    "save_state",
+    "load_state",
+    "leaves",
     "prepare",
     "convert",
     "to_train",
     "to_eval",
-    "allow_exported_model_train_eval",
     "freeze_bn",
     "bn_buffers",
     "fake_quantizers",
@@ -149,6 +155,24 @@ def _unsafe_entry(path: Path) -> str | None:
     except (zipfile.BadZipFile, ValueError, AttributeError, OSError) as exc:
         return f"no readable archive ({type(exc).__name__})"
     return None
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """A state_dict or checkpoint, readable back with `load_state` (tensors, numbers, strings, containers)."""
+    torch.save(state, path)
+
+
+def load_state(path: Path) -> Any:
+    """torch.load(weights_only=True): never unpickles code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def leaves(result: Any) -> list[Any]:
+    """A model's outputs flattened (tuples, dicts, dataclasses) into a list of tensors, in pytree order.
+
+    torch has no public pytree module: torch.utils._pytree is what torch.export itself uses.
+    """
+    return torch.utils._pytree.tree_flatten(result)[0]
 
 
 def prepare(module: Any, quantizer: Any, qat: bool) -> Any:

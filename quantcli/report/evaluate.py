@@ -24,7 +24,9 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
     stays bounded by a batch; each batch goes through the three models once.
     """
     import onnx
-    import torch
+
+    from quantcli import _torch
+    torch = _torch.torch
 
     section = recipe.evaluation
     _, batches = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, None, "evaluation",
@@ -43,7 +45,7 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
             targets = batch.pop(TARGET_COLUMN)
             first = first or batch
             with torch.no_grad():
-                logits = torch.utils._pytree.tree_flatten(module(*to_tensors(batch, recipe.inputs)))[0][0].numpy()
+                logits = _torch.leaves(module(*to_tensors(batch, recipe.inputs)))[0].numpy()
             correct["fp32_torch"] += int((_predictions(logits) == targets).sum())
             for name, sess in sessions.items():
                 correct[name] += int((_predictions(runtime.run(sess, batch)[0]) == targets).sum())

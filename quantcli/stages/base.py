@@ -138,7 +138,7 @@ def restore_prepared(art: Artifact) -> Any:
     program = _torch.load_program(art.file(artifacts.PROGRAM))
     module = _torch.prepare(program.module(), quantizers.build(recipe.quantization, qat=qat), qat)
     if art.file(artifacts.STATE).exists():
-        state = _torch.torch.load(art.file(artifacts.STATE), weights_only=True)
+        state = _torch.load_state(art.file(artifacts.STATE))
         module.load_state_dict(state, strict=True)
     if art.manifest.get("observers_frozen"):  # a trained artifact's ranges are final, in eval mode too
         _torch.disable_observers(module)
@@ -148,7 +148,7 @@ def restore_prepared(art: Artifact) -> Any:
 def save_state(module: Any, folder: Path) -> None:
     from quantcli import _torch
 
-    _torch.torch.save(module.state_dict(), folder / artifacts.STATE)
+    _torch.save_state(module.state_dict(), folder / artifacts.STATE)
 
 
 def carry_program(parent: Artifact, folder: Path) -> None:

@@ -15,9 +15,10 @@ from quantcli.stages.base import StageResult, data_hashes, produce, require_file
 
 def output_names(result: Any, declared: list[str] | None) -> list[str]:
     """Names of the flattened outputs: the recipe's, else a dict's keys, else output_0, output_1, ..."""
-    import torch
+    from quantcli import _torch
 
-    leaves, spec = torch.utils._pytree.tree_flatten(result)
+    torch = _torch.torch
+    leaves = _torch.leaves(result)
     if declared is not None:
         if len(declared) != len(leaves):
             raise RecipeError(f"outputs: names {len(declared)} outputs, but the model returns {len(leaves)}")

@@ -18,11 +18,11 @@ from quantcli.stages.base import StageResult, data_hashes, produce, recipe_for
 
 def outputs(program: Any, recipe: Recipe, sample: dict[str, Any]) -> list[Any]:
     """The flattened outputs of `program` run in PyTorch on `sample`, as numpy arrays."""
-    import torch
+    from quantcli import _torch
 
-    with torch.no_grad():
+    with _torch.torch.no_grad():
         result = program.module()(*to_tensors(sample, recipe.inputs))
-    return [t.numpy() for t in torch.utils._pytree.tree_flatten(result)[0]]
+    return [t.numpy() for t in _torch.leaves(result)]
 
 
 def onnx_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> tuple[Any, Any]:

@@ -101,7 +101,7 @@ def trained_fields(source: Artifact, model: QatModule) -> dict[str, Any]:
 
 def write(model: QatModule, folder: Path) -> None:
     carry_program(model.source, folder)
-    _torch.torch.save(model.prepared_state(), folder / artifacts.STATE)
+    _torch.save_state(model.prepared_state(), folder / artifacts.STATE)
 
 
 def save(model: QatModule, out: str | Path, *, force: bool = False) -> StageResult:

@@ -26,24 +26,24 @@ def partial_dir(out: Path) -> Path:
 
 
 def save(partial: Path, state: dict[str, Any]) -> None:
-    import torch
+    from quantcli import _torch
 
     partial.mkdir(parents=True, exist_ok=True)
     tmp = partial / (artifacts.CHECKPOINT + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
+    _torch.save_state({"format": FORMAT, **state}, tmp)
     os.replace(tmp, partial / artifacts.CHECKPOINT)
 
 
 def load(partial: Path, key: str, world_size: int) -> dict[str, Any] | None:
     """The checkpoint of this run (same stage key and process count), or None if there is none."""
-    import torch
+    from quantcli import _torch
 
     path = partial / artifacts.CHECKPOINT
     if not path.is_file():
         return None
     restart = "rerun without --resume to start over"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch.load_state(path)
     except Exception as exc:
         raise ArtifactError(f"{path} is unreadable: {type(exc).__name__}: {exc}", restart) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

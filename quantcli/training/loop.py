@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from quantcli import _torch
 from quantcli.errors import DataError, RecipeError
 from quantcli.loading.data import TARGET_COLUMN, Dataset, to_tensors
 from quantcli.recipe import InputSpec, TrainingSection
@@ -131,7 +132,7 @@ class Trainer:
         batch = self._batch()
         args = tuple(t.to(self.world.device) for t in to_tensors(batch, self.inputs))
         targets = torch.from_numpy(np.asarray(batch[TARGET_COLUMN])).to(self.world.device)
-        output = torch.utils._pytree.tree_flatten(self.net(*args))[0][0]
+        output = _torch.leaves(self.net(*args))[0]
         objectives.check_targets(self.section.loss, self.section.targets, output, targets)
         try:
             loss = self.loss(output, targets)
