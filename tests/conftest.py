@@ -7,7 +7,9 @@ would. Tests read that work folder; a test that changes an artifact works on a c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -66,6 +68,26 @@ def quantcli(*args: Any, cwd: Path | None = None, env: dict[str, str] | None = N
     proc = subprocess.run([sys.executable, "-m", "quantcli", *argv], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env or cli_env(), timeout=timeout)
     return Run(argv, proc.returncode, proc.stdout, proc.stderr)
+
+
+def cli(*args: Any) -> Run:
+    """Run the real CLI in this process (`quantcli.cli.main`, the console script's code path).
+
+    It avoids paying torch's start-up per command; exit codes, stdout and stderr are what the
+    process would give. Use `quantcli` (a real process) where the process boundary is what is
+    tested: start-up imports, signals, artifacts read back by a new process, the CI script.
+    """
+    from quantcli.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            rc = 0
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return Run(argv, rc, out.getvalue(), err.getvalue())
 
 
 def assert_fails(run: Run, code: int, *fragments: str) -> str:

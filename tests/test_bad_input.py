@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DIGITS, assert_fails, digits_recipe, leftovers, quantcli, snapshot
+from tests.conftest import DIGITS, assert_fails, cli, digits_recipe, leftovers, snapshot
 
 FACTORIES = textwrap.dedent('''
     import numpy as np
@@ -85,7 +85,7 @@ def test_bad_recipe_fails_before_any_work(tmp_path, case, command):
     out = tmp_path / "out"
     args = {"validate": ["validate", recipe], "capture": ["capture", "--recipe", recipe, "-o", out],
             "run": ["run", "--recipe", recipe, "-o", out]}[command]
-    assert_fails(quantcli(*args), code, str(recipe), *fragments)
+    assert_fails(cli(*args), code, str(recipe), *fragments)
     assert_nothing_left(out)
 
 
@@ -94,7 +94,7 @@ def test_missing_recipe_is_an_input_error(tmp_path, command):
     recipe, out = tmp_path / "none.yaml", tmp_path / "out"
     args = {"validate": ["validate", recipe], "capture": ["capture", "--recipe", recipe, "-o", out],
             "run": ["run", "--recipe", recipe, "-o", out, "--dry-run"]}[command]
-    assert_fails(quantcli(*args), 3, f"recipe not found: {recipe}")
+    assert_fails(cli(*args), 3, f"recipe not found: {recipe}")
     assert_nothing_left(out)
 
 
@@ -102,7 +102,7 @@ def test_validate_names_every_missing_file_and_module(tmp_path):
     recipe = digits_recipe(tmp_path, model={"factory": "nowhere.py:build"},
                            calibration={"data": "missing.npz", "keys": {"x": "calib_x"}},
                            evaluation={"data": "no_such_package_xyz.data:load", "targets": "y"})
-    assert_fails(quantcli("validate", recipe), 3,
+    assert_fails(cli("validate", recipe), 3,
                  f"model.factory: file not found: {tmp_path / 'nowhere.py'}",
                  f"calibration.data: file not found: {tmp_path / 'missing.npz'}",
                  "evaluation.data: no module named 'no_such_package_xyz.data'")
@@ -146,7 +146,7 @@ def test_bad_model_or_data_at_capture(tmp_path, files, case):
     sections, fragments = _model_cases(files)[case]
     recipe = digits_recipe(tmp_path, **sections)
     out = tmp_path / "w" / "captured"
-    assert_fails(quantcli("capture", "--recipe", recipe, "-o", out), 3, *fragments)
+    assert_fails(cli("capture", "--recipe", recipe, "-o", out), 3, *fragments)
     assert_nothing_left(out)
 
 
@@ -159,7 +159,7 @@ def test_bad_model_or_data_at_capture(tmp_path, files, case):
 ])
 def test_bad_calibration_data(work, files, tmp_path, data, fragments):
     out = tmp_path / "calibrated"
-    assert_fails(quantcli("calibrate", work / "prepared", "-o", out, "--data", files / data), 3, *fragments)
+    assert_fails(cli("calibrate", work / "prepared", "-o", out, "--data", files / data), 3, *fragments)
     assert_nothing_left(out)
 
 
@@ -176,13 +176,13 @@ def test_bad_calibration_data(work, files, tmp_path, data, fragments):
 def test_wrong_stage_names_the_command_that_makes_what_is_needed(work, tmp_path, command, src, fragment):
     out = tmp_path / ("model.onnx" if command == "export" else "out")
     args = [command, work / src] + ([] if command == "inspect" else ["-o", out])
-    assert_fails(quantcli(*args), 4, f"{work / src} {fragment}")
+    assert_fails(cli(*args), 4, f"{work / src} {fragment}")
     assert_nothing_left(out)
 
 
 def test_missing_input_artifact_is_an_input_error(tmp_path):
     out = tmp_path / "converted"
-    assert_fails(quantcli("convert", tmp_path / "calibrated", "-o", out), 3,
+    assert_fails(cli("convert", tmp_path / "calibrated", "-o", out), 3,
                  f"{tmp_path / 'calibrated'} does not exist (`quantcli convert` needs a calibrated artifact "
                  "(made by `quantcli calibrate`) or a trained artifact (made by `quantcli train`))")
     assert_nothing_left(out)
@@ -222,7 +222,7 @@ def test_damaged_input_artifact_is_refused_naming_the_file(copy_work, case):
     w = copy_work("calibrated")
     damage(w / "calibrated")
     out = w / "converted"
-    line = assert_fails(quantcli("convert", w / "calibrated", "-o", out), 4, f"{w / 'calibrated'}{fragment}")
+    line = assert_fails(cli("convert", w / "calibrated", "-o", out), 4, f"{w / 'calibrated'}{fragment}")
     if case in ("truncated", "corrupted", "file-missing"):
         assert line.endswith("(recreate it with `quantcli calibrate`)")
     assert_nothing_left(out)
@@ -232,7 +232,7 @@ def test_inspect_refuses_a_corrupt_artifact(copy_work):
     w = copy_work("converted")
     _flip_byte(w / "converted")
     message = f"{w / 'converted'} is corrupt: program.pt2 does not match its recorded sha256"
-    run = quantcli("inspect", w / "converted", "--json")
+    run = cli("inspect", w / "converted", "--json")
     assert run.rc == 4 and run.json() == {"error": {"code": 4, "kind": "artifact", "message": message}}
     assert run.error_line() == f"error: {message}"
 
@@ -246,7 +246,7 @@ def test_a_folder_that_is_not_an_artifact_is_never_replaced(work, tmp_path, forc
     (out / "notes.txt").write_text("my own file")
     before = snapshot(out)
     args = ["prepare", work / "captured", "-o", out] + (["--force"] if force else [])
-    assert_fails(quantcli(*args), 4, f"{out} exists and is not a quantcli artifact "
+    assert_fails(cli(*args), 4, f"{out} exists and is not a quantcli artifact "
                                      "(choose another output path; it is never replaced)")
     assert_nothing_left(out, before)
 
@@ -255,7 +255,7 @@ def test_force_never_deletes_the_users_files_inside_an_artifact(copy_work):
     w = copy_work("captured", "prepared")
     (w / "prepared" / "my-notes.txt").write_text("mine")
     before = snapshot(w / "prepared")
-    assert_fails(quantcli("prepare", w / "captured", "-o", w / "prepared", "--force"), 4,
+    assert_fails(cli("prepare", w / "captured", "-o", w / "prepared", "--force"), 4,
                  f"{w / 'prepared'} holds files quantcli did not write (my-notes.txt)")
     assert_nothing_left(w / "prepared", before)
 
@@ -263,11 +263,11 @@ def test_force_never_deletes_the_users_files_inside_an_artifact(copy_work):
 def test_an_artifact_of_another_stage_is_refused_and_force_replaces_it(copy_work):
     w = copy_work("captured", "calibrated")
     before = snapshot(w / "calibrated")
-    assert_fails(quantcli("prepare", w / "captured", "-o", w / "calibrated"), 4,
+    assert_fails(cli("prepare", w / "captured", "-o", w / "calibrated"), 4,
                  f"{w / 'calibrated'} exists and is a calibrated artifact, not a prepared one "
                  "(choose another output path, or pass --force to replace it)")
     assert_nothing_left(w / "calibrated", before)
-    forced = quantcli("prepare", w / "captured", "-o", w / "calibrated", "--force")
+    forced = cli("prepare", w / "captured", "-o", w / "calibrated", "--force")
     assert forced.rc == 0, forced.stderr
     assert json.loads((w / "calibrated" / "manifest.json").read_text())["stage"] == "prepared"
     assert sorted(p.name for p in w.iterdir()) == ["calibrated", "captured"]  # no temporary, no old copy
@@ -278,14 +278,14 @@ def test_export_never_replaces_a_file_it_did_not_write(work, tmp_path, force):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"somebody else's model")
     args = ["export", work / "converted", "-o", out] + (["--force"] if force else [])
-    assert_fails(quantcli(*args), 4, f"{out} exists and was not written by quantcli export "
+    assert_fails(cli(*args), 4, f"{out} exists and was not written by quantcli export "
                                      "(choose another output path; it is never replaced)")
     assert out.read_bytes() == b"somebody else's model"
     assert leftovers(tmp_path) == [] and not (tmp_path / "model.report.json").exists()
 
 
 def test_export_to_a_folder_is_refused(work, tmp_path):
-    assert_fails(quantcli("export", work / "converted", "-o", tmp_path), 4, f"{tmp_path} is a folder")
+    assert_fails(cli("export", work / "converted", "-o", tmp_path), 4, f"{tmp_path} is a folder")
 
 
 # --- the command line itself: exit 2 ------------------------------------------------------------------
@@ -297,17 +297,18 @@ def test_export_to_a_folder_is_refused(work, tmp_path):
     (["export", "x", "-o", "y", "--opset", "eighteen"], "Invalid value for '--opset'"),
     (["frobnicate"], "No such command 'frobnicate'. (see `quantcli --help`)"),
 ])
-def test_usage_errors_are_one_line_too(tmp_path, args, fragment):
-    run = quantcli(*args, cwd=tmp_path)
+def test_usage_errors_are_one_line_too(tmp_path, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    run = cli(*args)
     assert_fails(run, 2, fragment)
     assert list(tmp_path.iterdir()) == []
-    with_json = quantcli(*args, "--json", cwd=tmp_path)
+    with_json = cli(*args, "--json")
     assert with_json.rc == 2 and with_json.json()["error"]["kind"] == "usage"
 
 
 def test_debug_adds_the_traceback(tmp_path):
     recipe = digits_recipe(tmp_path, model={"factory": "nowhere.py:build"})
-    run = quantcli("capture", "--recipe", recipe, "-o", tmp_path / "out", "--debug")
+    run = cli("capture", "--recipe", recipe, "-o", tmp_path / "out", "--debug")
     assert run.rc == 3 and "Traceback (most recent call last)" in run.stderr
     assert run.stderr.splitlines()[-1].startswith("error: model.factory: file not found")
 
@@ -357,6 +358,6 @@ def test_a_crafted_program_is_refused_without_running_its_code(copy_work, tmp_pa
     manifest["files"]["program.pt2"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     (w / "captured" / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n")
     out = w / "prepared"
-    assert_fails(quantcli("prepare", w / "captured", "-o", out), 4, fragment)
+    assert_fails(cli("prepare", w / "captured", "-o", out), 4, fragment)
     assert not marker.exists(), "unpickling the crafted archive ran code"
     assert_nothing_left(out)

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from quantcli import __version__, artifacts, errors
-from tests.conftest import (ANSI, DIGITS_RECIPE, ROOT, STAGES, assert_fails, cli_env, digits_recipe, leftovers,
+from tests.conftest import (ANSI, DIGITS_RECIPE, ROOT, STAGES, assert_fails, cli, cli_env, digits_recipe, leftovers,
                             quantcli, snapshot)
 
 # --- start-up: no torch where none is needed ---------------------------------------------------------
@@ -95,7 +95,7 @@ def test_json_and_quiet_on_every_subcommand(copy_work, shared_recipe):
     before = snapshot(w)
     docs = {}
     for name, args in _commands(w, shared_recipe).items():
-        run = quantcli(*args, "--json", "--quiet")
+        run = cli(*args, "--json", "--quiet")
         assert (run.rc, run.stderr) == (0, ""), (name, run.stderr)
         docs[name] = run.json()
     assert snapshot(w) == before  # everything was reused, nothing rewritten
@@ -117,7 +117,7 @@ def test_json_and_quiet_on_every_subcommand(copy_work, shared_recipe):
 
 def test_without_json_results_on_stdout_and_one_closing_line_per_stage_on_stderr(shared_recipe, copy_work):
     w = copy_work("captured")
-    run = quantcli("capture", "--recipe", shared_recipe, "-o", w / "captured")
+    run = cli("capture", "--recipe", shared_recipe, "-o", w / "captured")
     assert run.rc == 0 and run.stdout == f"{w / 'captured'}\n"
     assert run.stderr == f"captured: reused {w / 'captured'} (same inputs and options)\n"
     assert not ANSI.search(run.stdout + run.stderr)  # not a terminal: plain
@@ -130,7 +130,7 @@ def test_every_subcommand_fails_with_one_json_error_document(tmp_path, command):
     args = {"validate": [missing], "run": ["--recipe", missing, "-o", tmp_path / "w"],
             "capture": ["--recipe", missing, "-o", tmp_path / "w"], "inspect": [missing]}.get(
         command, [missing, "-o", tmp_path / "w"])
-    run = quantcli(command, *args, "--json", "--quiet")
+    run = cli(command, *args, "--json", "--quiet")
     assert run.rc == 3
     error = run.json()["error"]
     assert error["code"] == 3 and error["kind"] == "input" and str(missing) in error["message"]
@@ -141,7 +141,7 @@ def test_every_subcommand_fails_with_one_json_error_document(tmp_path, command):
 def test_errors_with_json_give_one_error_document_and_quiet_keeps_the_error_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {factory: m.py:build, kwarg: 1}\ninputs: [{name: x, shape: [1]}]\n")
-    run = quantcli("capture", "--recipe", recipe, "-o", tmp_path / "out", "--json", "--quiet")
+    run = cli("capture", "--recipe", recipe, "-o", tmp_path / "out", "--json", "--quiet")
     assert run.rc == 2
     error = run.json()["error"]
     assert error["code"] == 2 and error["kind"] == "recipe" and "model.kwarg: unknown key" in error["message"]
@@ -184,16 +184,16 @@ def test_a_rerun_with_other_options_is_refused_and_force_replaces(copy_work):
     w = copy_work("prepared", "calibrated")
     before = snapshot(w / "calibrated")
     args = ["calibrate", w / "prepared", "-o", w / "calibrated", "--batches", "2"]
-    assert_fails(quantcli(*args), 4, f"{w / 'calibrated'} exists and was made from other inputs or options "
+    assert_fails(cli(*args), 4, f"{w / 'calibrated'} exists and was made from other inputs or options "
                                      "(pass --force to replace it)")
     assert snapshot(w / "calibrated") == before
-    run = quantcli(*args, "--force", "--json")
+    run = cli(*args, "--force", "--json")
     assert run.rc == 0, run.stderr
     doc = run.json()
     assert doc["reused"] is False and doc["manifest"]["batches"] == 2
     assert doc["manifest"] == json.loads((w / "calibrated" / "manifest.json").read_text())
     assert sorted(os.listdir(w)) == ["calibrated", "prepared"]  # no temporary or old copy left
-    rerun = quantcli(*args, "--json")  # the same key again: reused
+    rerun = cli(*args, "--json")  # the same key again: reused
     assert rerun.rc == 0 and rerun.json()["reused"] is True and rerun.json()["manifest"] == doc["manifest"]
 
 
@@ -243,7 +243,7 @@ def test_calibrate_recipe_changes_calibration_only(copy_work, tmp_path):
     w = copy_work("prepared")
     recipe = digits_recipe(tmp_path / "r", calibration={"data": str(ROOT / "configs/digits/digits.npz"),
                                                         "keys": {"x": "calib_x"}, "batch_size": 16, "num_batches": 3})
-    run = quantcli("calibrate", w / "prepared", "-o", w / "calibrated", "--recipe", recipe, "--json")
+    run = cli("calibrate", w / "prepared", "-o", w / "calibrated", "--recipe", recipe, "--json")
     assert run.rc == 0, run.stderr
     manifest = run.json()["manifest"]
     assert manifest["batches"] == 3 and manifest["recipe"]["calibration"]["batch_size"] == 16
@@ -259,7 +259,7 @@ def test_a_recipe_that_changes_earlier_sections_is_refused(work, tmp_path, comma
     out = tmp_path / ("model.onnx" if command == "export" else "out")
     section = next(iter(change))
     allowed = "calibration" if command == "calibrate" else "export, evaluation"
-    assert_fails(quantcli(command, work / src, "-o", out, "--recipe", recipe), 4,
+    assert_fails(cli(command, work / src, "-o", out, "--recipe", recipe), 4,
                  f"--recipe changes {section}, fixed when the artifact was made (at {fixed_at}); "
                  f"`quantcli {command} --recipe` may only change {allowed} "
                  f"(rerun the chain from `quantcli {fixed_at}` with this recipe)")
@@ -272,7 +272,7 @@ def test_parity_failure_writes_the_model_marks_it_failed_and_a_rerun_refuses_it(
     recipe = digits_recipe(tmp_path / "r", export={"opset": 18, "parity_min_sqnr_db": 300})
     out = tmp_path / "model.onnx"
     args = ["export", work / "converted", "-o", out, "--recipe", recipe]
-    line = assert_fails(quantcli(*args), 5, "parity failed: ONNX Runtime vs the converted model",
+    line = assert_fails(cli(*args), 5, "parity failed: ONNX Runtime vs the converted model",
                         "< export.parity_min_sqnr_db 300.0", f"model and report written to {out}")
     assert line.startswith("error: parity failed")
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -280,7 +280,7 @@ def test_parity_failure_writes_the_model_marks_it_failed_and_a_rerun_refuses_it(
     report = json.loads((tmp_path / "model.report.json").read_text())
     assert report["parity"]["passed"] is False and report["parity"]["threshold_db"] == 300
     before = snapshot(out)
-    assert_fails(quantcli(*args), 4, f"{out} exists and is marked parity_failed (pass --force to replace it)")
+    assert_fails(cli(*args), 4, f"{out} exists and is marked parity_failed (pass --force to replace it)")
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
 

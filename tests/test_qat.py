@@ -22,7 +22,7 @@ from quantcli import _torch, artifacts, stages, training
 from quantcli.errors import ArtifactError, DataError, RecipeError
 from quantcli.stages.base import restore_prepared
 from quantcli.training import checkpoints
-from tests.conftest import assert_fails, cli_env, leftovers, quantcli, session_dir
+from tests.conftest import assert_fails, cli, cli_env, leftovers, quantcli, session_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits"
@@ -365,7 +365,7 @@ def test_bad_training_section_is_one_clear_error(qat_work, small_data, tmp_path,
     with pytest.raises(error, match=re.escape(fragment)):
         stages.train.run(qat_work / "calibrated", out, recipe_path=recipe)
     if cli:
-        assert_fails(quantcli("train", qat_work / "calibrated", "-o", out, "--recipe", recipe), code, fragment)
+        assert_fails(cli("train", qat_work / "calibrated", "-o", out, "--recipe", recipe), code, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.yaml"]  # no output, no checkpoint, no temp
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from quantcli import artifacts
 
-from tests.conftest import assert_fails, quantcli, snapshot
+from tests.conftest import assert_fails, cli, snapshot
 
 
 def test_run_reuses_capture_when_only_later_sections_change(shared_recipe, copy_work, tmp_path):
@@ -22,10 +22,10 @@ def test_run_reuses_capture_when_only_later_sections_change(shared_recipe, copy_
     edited.write_text(yaml.safe_dump(recipe))
     # calibrated/ was made from the other calibration section: refused, after capture and
     # prepare were reused untouched (timings.json included: they were not rewritten)
-    assert_fails(quantcli("run", "--recipe", edited, "-o", w), 4, f"{w / 'calibrated'} exists")
+    assert_fails(cli("run", "--recipe", edited, "-o", w), 4, f"{w / 'calibrated'} exists")
     assert snapshot(w / "captured") | {f"prepared/{k}": v for k, v in snapshot(w / "prepared").items()} == early
     (w / "calibrated").rename(tmp_path / "old-calibrated")
-    run = quantcli("run", "--recipe", edited, "-o", w, "--json")
+    run = cli("run", "--recipe", edited, "-o", w, "--json")
     assert run.rc == 0, run.stderr
     stages = {doc["stage"]: doc for doc in run.json()["stages"]}
     assert stages["captured"]["reused"] and stages["prepared"]["reused"]
@@ -38,7 +38,7 @@ def test_a_changed_export_section_is_seen_by_run(copy_work, shared_recipe, tmp_p
     recipe["export"]["parity_min_sqnr_db"] = 21.5
     edited = tmp_path / "edited.yaml"
     edited.write_text(yaml.safe_dump(recipe))
-    run = quantcli("run", "--recipe", edited, "-o", w, "--json")
+    run = cli("run", "--recipe", edited, "-o", w, "--json")
     assert run.rc == 0, run.stderr
     reused = {doc["stage"]: doc["reused"] for doc in run.json()["stages"]}
     assert reused == {"captured": True, "prepared": True, "calibrated": True, "converted": True, "exported": False}
@@ -48,13 +48,13 @@ def test_a_changed_export_section_is_seen_by_run(copy_work, shared_recipe, tmp_p
 def test_a_model_that_does_not_match_its_report_is_exported_again(copy_work):
     w = copy_work("converted", "model.onnx", "model.report.json")
     args = ["export", w / "converted", "-o", w / "model.onnx", "--json"]
-    assert quantcli(*args).json()["reused"]  # same key, intact
+    assert cli(*args).json()["reused"]  # same key, intact
     data = bytearray((w / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0x01  # flip a bit inside the graph (initializers); the metadata at the end stays readable
     (w / "model.onnx").write_bytes(bytes(data))
-    shown = quantcli("inspect", w / "model.onnx", "--json")
+    shown = cli("inspect", w / "model.onnx", "--json")
     assert "report" not in shown.json() and "records another sha256" in shown.json()["report_mismatch"]
-    redo = quantcli(*args)
+    redo = cli(*args)
     assert redo.rc == 0 and not redo.json()["reused"], redo.stderr  # never reused nor believed: redone
     report = json.loads((w / "model.report.json").read_text())
     assert report["onnx_sha256"] == hashlib.sha256((w / "model.onnx").read_bytes()).hexdigest()
@@ -89,7 +89,7 @@ def test_an_export_interrupted_between_its_two_renames_is_redone(copy_work, monk
 
 def test_export_never_overwrites_a_users_report_file(work, tmp_path):
     (tmp_path / "model.report.json").write_text("my notes\n")
-    assert_fails(quantcli("export", work / "converted", "-o", tmp_path / "model.onnx", "--force"), 4,
+    assert_fails(cli("export", work / "converted", "-o", tmp_path / "model.onnx", "--force"), 4,
                  f"{tmp_path / 'model.report.json'} exists and was not written by quantcli export")
     assert (tmp_path / "model.report.json").read_text() == "my notes\n"
     assert not (tmp_path / "model.onnx").exists()
@@ -99,6 +99,6 @@ def test_an_unreadable_model_beside_its_report_is_replaced_only_with_force(copy_
     w = copy_work("converted", "model.onnx", "model.report.json")
     (w / "model.onnx").write_bytes(b"\x00truncated")
     args = ["export", w / "converted", "-o", w / "model.onnx"]
-    assert_fails(quantcli(*args), 4, f"{w / 'model.onnx'} exists and is a corrupt quantcli model",
+    assert_fails(cli(*args), 4, f"{w / 'model.onnx'} exists and is a corrupt quantcli model",
                  "pass --force to replace it")
-    assert quantcli(*args, "--force").rc == 0
+    assert cli(*args, "--force").rc == 0
