@@ -124,7 +124,7 @@ class Where:
     """Where a batch comes from, for messages: the section, the batch index, the rows of the data."""
 
     what: str
-    batch: int
+    batch: int | None  # None: a scan of the whole source, not one of its batches
     rows: Sequence[int] | None = None  # the data's sample index of each row; None: a factory's batch
     arrays: dict[str, str] = field(default_factory=dict)  # input name -> array name
     said: set[str] = field(default_factory=set)  # notes already logged for this source
@@ -134,6 +134,9 @@ class Where:
         if message not in self.said:
             self.said.add(message)
             log.warning(message)
+
+    def label(self) -> str:
+        return self.what if self.batch is None else f"{self.what} batch {self.batch}"
 
     def sample(self, row: int) -> str:
         if self.rows is None:
@@ -151,16 +154,16 @@ def conform(batch: dict[str, np.ndarray], inputs: list[InputSpec], where: Where)
     counts = {name: (np.shape(a)[0] if np.ndim(a) else 0) for name, a in batch.items()}
     if len(set(counts.values())) > 1:
         shown = {("targets" if k == TARGET_COLUMN else k): v for k, v in counts.items()}
-        raise DataError(f"{where.what} batch {where.batch}: arrays disagree on the number of samples: {shown}")
+        raise DataError(f"{where.label()}: arrays disagree on the number of samples: {shown}")
     if counts and not next(iter(counts.values())):
-        raise DataError(f"{where.what} batch {where.batch}: holds no samples")
+        raise DataError(f"{where.label()}: holds no samples")
     out = dict(batch)
     for spec in inputs:
         out[spec.name] = _cast(batch[spec.name], spec, where)
-        _finite(out[spec.name], f"input {spec.name!r}{_array_note(spec.name, where.arrays.get(spec.name, spec.name))}",
-                where)
+        _finite(out[spec.name], f"input {spec.name!r}{_array_note(spec.name, where.arrays.get(spec.name, spec.name))} "
+                "holds", where)
     if TARGET_COLUMN in batch:
-        _finite(batch[TARGET_COLUMN], "the targets", where)
+        _finite(batch[TARGET_COLUMN], "the targets hold", where)
     return out
 
 
@@ -177,16 +180,19 @@ def _cast(arr: np.ndarray, spec: InputSpec, where: Where) -> np.ndarray:
         info = np.iinfo(want)
         low, high = arr.min(), arr.max()
         if low < info.min or high > info.max:
-            raise DataError(f"{where.what} batch {where.batch}: input {spec.name!r}{_array_note(spec.name, array)} is "
+            raise DataError(f"{where.label()}: input {spec.name!r}{_array_note(spec.name, array)} is "
                             f"{arr.dtype} with values in [{low}, {high}], outside the recipe's {want}",
                             "declare the input as int64, or fix the data")
     where.note(f"{where.what}: input {spec.name!r}{_array_note(spec.name, array)} is {arr.dtype} in the data; "
                f"cast to {want}, the recipe's dtype")
-    return arr.astype(want)
+    with np.errstate(over="ignore"):  # a value too large for float16 becomes Inf, which _finite reports
+        return arr.astype(want)
 
 
 def _finite(arr: np.ndarray, label: str, where: Where) -> None:
-    """Raise naming the first NaN or Inf, by batch and sample (a cheap isfinite on float arrays)."""
+    """Raise naming the first NaN or Inf, by batch and sample (a cheap isfinite on float arrays).
+
+    `label` is the message's subject and verb: "input 'x' holds", "the targets hold"."""
     if not np.issubdtype(arr.dtype, np.floating):
         return
     bad = ~np.isfinite(arr)
@@ -195,7 +201,7 @@ def _finite(arr: np.ndarray, label: str, where: Where) -> None:
     index = np.argwhere(bad)[0]
     value = arr[tuple(index)]
     kind = "NaN" if np.isnan(value) else "Inf"
-    raise DataError(f"{where.what} batch {where.batch}: {label} holds {kind} at {where.sample(int(index[0]))}",
+    raise DataError(f"{where.label()}: {label} {kind} at {where.sample(int(index[0]))}",
                     "quantization ranges need finite values: fix or drop that sample")
 
 
@@ -216,6 +222,13 @@ class Dataset:
         raw = {name: np.ascontiguousarray(arr[start:stop]) for name, arr in self.columns.items()}
         rows = range(start, min(stop, self.length))
         return conform(raw, self.inputs, Where(self.what, index, rows, self.arrays, self.said))
+
+    def scan(self, chunk: int = 4096) -> None:
+        """Check every sample (dtypes, finite values) before work starts, a chunk at a time."""
+        for start in range(0, self.length, chunk):
+            raw = {name: np.asarray(arr[start:start + chunk]) for name, arr in self.columns.items()}
+            conform(raw, self.inputs, Where(self.what, None, range(start, min(start + chunk, self.length)),
+                                            self.arrays, self.said))
 
     def take(self, index: np.ndarray, batch: int = 0) -> dict[str, np.ndarray]:
         """The samples at `index` (in ascending order), conformed; `batch` names the batch (a step) in messages."""

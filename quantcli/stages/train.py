@@ -92,6 +92,7 @@ def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, ke
 
     section = recipe.training
     data = load_dataset(section.data, section.keys, recipe.inputs, "training", targets=section.targets)
+    data.scan()  # NaN/Inf or values that do not fit fail before the first step, not in the middle of training
     schedule = loop.Schedule.of(section, data.length, world)
     if schedule.freeze_observers_at == 0 and parent.stage == "prepared":
         raise RecipeError("training.freeze_observers_after: 0 freezes the observers before they see any data",
