@@ -333,3 +333,15 @@ def _kwargs_only(self, **inputs): ...
 def test_forward_signatures(forward, names, expected):
     bound = forward.__get__(object())
     assert signature_problem(bound, [InputSpec(name=n, shape=[1]) for n in names]) == expected
+
+
+def test_capture_reads_only_the_first_batch_of_a_data_callable(tmp_path):
+    from quantcli.stages.capture import scan_calibration
+
+    (tmp_path / "b.py").write_text("import numpy as np\n"
+                                   "def batches():\n"
+                                   "    yield {'x': np.ones((3, 1, 8, 8), np.float32)}\n"
+                                   "    raise RuntimeError('the second batch was read')\n")
+    recipe = recipes.load(_recipe(tmp_path, calibration={"data": "b.py:batches"}))
+    scan_calibration(recipe)  # user code: not scanned
+    assert example_batch(recipe)["x"].shape == (3, 1, 8, 8)

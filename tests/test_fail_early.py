@@ -319,3 +319,10 @@ def test_other_constraint_violations_carry_torchs_fix_in_recipe_terms():
             _torch.export_program(model, args, dynamic_shapes(inputs))
         error = diagnose.capture_error(info.value, _torch.export_failure(info.value), inputs)
         assert error.exit_code == 2 and error.line().endswith(expected), error.line()
+
+
+def test_the_factorys_module_is_put_in_eval_mode(files):
+    from quantcli.loading.model import build_model
+    from quantcli.recipe import ModelSection
+
+    assert build_model(ModelSection(factory=f"{files / 'models.py'}:dict_out")).training is False
