@@ -29,7 +29,7 @@ class StageResult:
 
     def summary(self) -> str:
         if self.reused:
-            return f"{self.stage}: reused {self.out} (same inputs and options{', ' + self.work if self.work else ''})"
+            return f"{self.stage}: reused {self.out} (same inputs and options){', ' + self.work if self.work else ''}"
         return f"{self.stage}: wrote {self.out} in {self.seconds:.1f}s{f' ({self.work})' if self.work else ''}"
 
     def to_json(self) -> dict[str, Any]:
