@@ -345,3 +345,10 @@ def test_capture_reads_only_the_first_batch_of_a_data_callable(tmp_path):
     recipe = recipes.load(_recipe(tmp_path, calibration={"data": "b.py:batches"}))
     scan_calibration(recipe)  # user code: not scanned
     assert example_batch(recipe)["x"].shape == (3, 1, 8, 8)
+
+
+def test_a_sources_sample_count_is_not_a_static_batch_axis(tmp_path):
+    """dynamic_axes: {} makes axis 0 static at the recipe's 32; the file's 200 samples are not a batch."""
+    recipe = _recipe(tmp_path, inputs=[{"name": "x", "shape": [32, 1, 8, 8], "dynamic_axes": {}}],
+                     calibration={"data": str(DIGITS / "digits.npz"), "keys": {"x": "calib_x"}})
+    assert pipeline.validate(recipe)["valid"] is True

@@ -77,21 +77,21 @@ def _get(arrays: Mapping[str, Any], name: str, what: str, role: str) -> np.ndarr
 def shape_problem(spec: InputSpec, shape: Sequence[int], sample_axis: bool = True) -> str | None:
     """What is wrong with data of `shape` for `spec` (rank, static sizes, dynamic bounds), or None.
 
-    The first axis is the samples' when `sample_axis`, so only dynamic axes may differ from the
-    recipe's example shape."""
+    With `sample_axis` the shape is a whole source's (axis 0 counts samples, not a batch), so axis 0
+    is not compared; a batch (`sample_axis=False`) is checked on every axis."""
     shape = list(shape)
     if len(shape) != len(spec.shape):
         return f"input {spec.name!r} has shape {shape}, expected rank {len(spec.shape)} like {spec.shape}"
     bounds = spec.bounds()
     for axis, (got, want) in enumerate(zip(shape, spec.shape)):
         dim = bounds.get(axis)
+        if sample_axis and axis == 0:
+            continue
         if dim is None and got != want:
             return f"input {spec.name!r} has shape {shape}; axis {axis} must be {want} (static in the recipe)"
-        low, high = (dim.min, dim.max) if dim is not None else (None, None)
-        if axis > 0 or not sample_axis:
-            if (low is not None and got < low) or (high is not None and got > high):
-                return (f"input {spec.name!r} has shape {shape}; axis {axis} ({dim.name}) must be within "
-                        f"{dim.range()} (its bounds in the recipe)")
+        if dim is not None and ((dim.min is not None and got < dim.min) or (dim.max is not None and got > dim.max)):
+            return (f"input {spec.name!r} has shape {shape}; axis {axis} ({dim.name}) must be within "
+                    f"{dim.range()} (its bounds in the recipe)")
     return None
 
 
@@ -328,7 +328,7 @@ def _factory_batch(item: Any, where: Where, spec: str, inputs: list[InputSpec], 
         raise DataError(f"{what} batch {index}: no array {targets!r} for the targets ({what}.targets); "
                         f"it has {sorted(map(str, item))}")
     batch = {i.name: np.asarray(item[arrays[i.name]]) for i in inputs}
-    check_batch(batch, inputs, f"{what} batch {index}")
+    check_batch(batch, inputs, f"{what} batch {index}", sample_axis=False)
     if targets is not None:
         batch[TARGET_COLUMN] = np.asarray(item[targets])
     return conform(batch, inputs, where)
