@@ -15,8 +15,10 @@ logger name and warning category, so that users see only quantcli's own output.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -60,13 +62,16 @@ from torchao.quantization.pt2e import qat_utils as _qat_utils  # noqa: E402  (pr
 __all__ = [
     "torch",
     "export_program",
+    "output_leaves",
+    "portable_outputs",
+    "export_failure",
+    "held_output",
     "without_dead_state",
     "prune_unused",
     "save_program",
     "load_program",
     "save_state",
     "load_state",
-    "leaves",
     "prepare",
     "convert",
     "to_train",
@@ -82,8 +87,118 @@ __all__ = [
 
 
 def export_program(module: Any, args: tuple, dynamic_shapes: Any) -> Any:
-    """torch.export.export, non-strict (keeps nn_module_stack), with the recipe's dynamic axes."""
-    return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    """torch.export.export, non-strict (keeps nn_module_stack), with the recipe's dynamic axes.
+
+    What torch writes meanwhile (see `held_output`) is kept off the terminal; on failure it is
+    attached to the exception as a note, which only --debug's traceback shows.
+    """
+    with held_output() as held:
+        try:
+            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:
+            if held.getvalue().strip():
+                exc.add_note("torch's output during torch.export:\n" + held.getvalue().rstrip())
+            raise
+
+
+class _Hold(logging.Filter):
+    """A handler filter that writes each record into `held` instead of letting the handler emit it."""
+
+    def __init__(self, held: io.StringIO):
+        super().__init__()
+        self.held = held
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.held.write(f"{record.levelname} {record.name}: {record.getMessage()}\n")
+        return False
+
+
+@contextlib.contextmanager
+def held_output() -> Iterator[io.StringIO]:
+    """Hold what torch writes during an export: its loggers' records (data-dependent guards, constraint
+    reports, exportdb hints), warnings, and the partial FX graphs torch.export prints to sys.stderr
+    when it fails (torch/export/_trace.py `_log_export_wrapper`). torch's logging handlers keep the
+    stream they were made with, so they are filtered rather than redirected."""
+    held = io.StringIO()
+    hold = _Hold(held)
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    terminal = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    handlers = {id(h): h for lg in loggers for h in lg.handlers  # not torch's trace-file handlers
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in terminal}.values()
+    for handler in handlers:
+        handler.addFilter(hold)
+    try:
+        with contextlib.redirect_stderr(held):
+            yield held
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+
+
+def export_failure(exc: BaseException) -> str | None:
+    """What kind of torch.export failure `exc` is: "data_dependent" (control flow on tensor values),
+    "constraints" (a dynamic axis the model does not accept at every size), or None."""
+    from torch._dynamo.exc import UserError, UserErrorType
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError, GuardOnDataDependentSymNode
+
+    if isinstance(exc, GuardOnDataDependentSymNode) or (
+            isinstance(exc, UserError) and exc.error_type == UserErrorType.DYNAMIC_CONTROL_FLOW):
+        return "data_dependent"
+    if isinstance(exc, ConstraintViolationError) or (
+            isinstance(exc, UserError) and exc.error_type == UserErrorType.CONSTRAINT_VIOLATION):
+        return "constraints"
+    return None
+
+
+def output_leaves(result: Any) -> list[tuple[str, Any]]:
+    """(dotted path, tensor) of each output of a forward() result, in torch.export's order.
+
+    None leaves are dropped: the ONNX exporter drops them too (ONNX has no None output), so the
+    names, the parity figures and the file's outputs stay aligned. torch has no public pytree
+    module: torch.utils._pytree is what torch.export itself uses.
+    """
+    leaves, _ = torch.utils._pytree.tree_flatten_with_path(result)
+    return [(".".join(_key_name(k) for k in path), leaf) for path, leaf in leaves if leaf is not None]
+
+
+def _portable(result: Any) -> bool:
+    """Whether a forward() result is built from tensors, None and plain tuples, lists and dicts only."""
+    if result is None or isinstance(result, torch.Tensor):
+        return True
+    if type(result) in (tuple, list):
+        return all(_portable(r) for r in result)
+    if type(result) is dict:
+        return all(_portable(r) for r in result.values())
+    return False
+
+
+@contextlib.contextmanager
+def portable_outputs(module: Any, result: Any) -> Iterator[None]:
+    """While capturing, return the outputs as a flat tuple when `result` (an eager forward() result)
+    holds other containers, such as a Hugging Face ModelOutput.
+
+    A saved program records its output containers by type name, and loading it in the next stage's
+    process fails unless that type is registered there (which would mean importing the user's
+    libraries from a name in the artifact). A forward hook flattens the result instead: module
+    names (what `exclude_names` and overrides match) stay as they are. The names of the outputs
+    come from the eager result (`output_leaves`), in the same order.
+    """
+    if _portable(result):
+        yield
+        return
+    handle = module.register_forward_hook(lambda m, args, out: tuple(t for _, t in output_leaves(out)))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def save_program(program: Any, path: Path) -> None:
@@ -165,14 +280,6 @@ def save_state(state: dict[str, Any], path: Path) -> None:
 def load_state(path: Path) -> Any:
     """torch.load(weights_only=True): never unpickles code."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def leaves(result: Any) -> list[Any]:
-    """A model's outputs flattened (tuples, dicts, dataclasses) into a list of tensors, in pytree order.
-
-    torch has no public pytree module: torch.utils._pytree is what torch.export itself uses.
-    """
-    return torch.utils._pytree.tree_flatten(result)[0]
 
 
 def prepare(module: Any, quantizer: Any, qat: bool) -> Any:

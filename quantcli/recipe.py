@@ -41,13 +41,30 @@ class ModelSection(_Section):
         return v
 
 
+class DynamicAxis(_Section):
+    """A dynamic axis with bounds: torch.export.Dim(name, min=, max=)."""
+
+    name: str = Field(min_length=1, description="symbol; axes with the same name share one size")
+    min: int | None = Field(default=None, ge=0, description="smallest size the model accepts (default: torch's)")
+    max: int | None = Field(default=None, ge=1, description="largest size, e.g. max_position_embeddings")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DynamicAxis":
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is larger than max {self.max}")
+        return self
+
+    def range(self) -> str:
+        return f"{'' if self.min is None else self.min}..{'' if self.max is None else self.max}"
+
+
 class InputSpec(_Section):
     name: str = Field(description="input name, in forward() order; becomes the ONNX input name")
     shape: list[int] = Field(description="example shape used at capture")
     dtype: Literal[tuple(NUMPY_DTYPES)] = "float32"  # type: ignore[valid-type]
-    dynamic_axes: dict[int, str] | None = Field(
-        default=None, description='axis -> symbol; default {0: "batch"}; {} makes every axis static'
-    )
+    dynamic_axes: dict[int, Union[str, DynamicAxis]] | None = Field(
+        default=None, description='axis -> symbol, or {name, min, max}; default {0: "batch"}; {} makes every '
+        "axis static")
 
     @field_validator("shape")
     @classmethod
@@ -56,18 +73,60 @@ class InputSpec(_Section):
             raise ValueError("every dimension must be a positive integer")
         return v
 
+    @field_validator("dynamic_axes", mode="before")
+    @classmethod
+    def _axis_forms(cls, v: Any) -> Any:
+        """One message per bad axis, instead of one per branch of the str-or-bounds union."""
+        for axis, value in v.items() if isinstance(v, dict) else ():
+            if isinstance(value, dict):
+                try:
+                    DynamicAxis.model_validate(value)
+                except ValidationError as exc:
+                    problems = [m.removeprefix("(top level): ") for m in format_errors(exc, DynamicAxis)]
+                    raise ValueError(f"axis {axis}: " + "; ".join(problems)) from None
+            elif not isinstance(value, str):
+                raise ValueError(f"axis {axis}: must be a symbol name or {{name, min, max}}, "
+                                 f"got {type(value).__name__}")
+        return v
+
     def axes(self) -> dict[int, str]:
-        """The dynamic axes with the default applied."""
+        """The dynamic axes' symbols with the default applied."""
         if self.dynamic_axes is None:
             return {0: "batch"} if self.shape else {}
-        return dict(self.dynamic_axes)
+        return {axis: a if isinstance(a, str) else a.name for axis, a in self.dynamic_axes.items()}
+
+    def bounds(self) -> dict[int, DynamicAxis]:
+        """Every dynamic axis as a DynamicAxis (unbounded where the recipe names only the symbol)."""
+        if self.dynamic_axes is None:
+            return {axis: DynamicAxis(name=name) for axis, name in self.axes().items()}
+        return {axis: a if isinstance(a, DynamicAxis) else DynamicAxis(name=a) for axis, a in self.dynamic_axes.items()}
 
     @model_validator(mode="after")
     def _axes_in_range(self) -> "InputSpec":
-        for axis in self.axes():
+        for axis, dim in self.bounds().items():
             if not 0 <= axis < len(self.shape):
                 raise ValueError(f"dynamic_axes: axis {axis} is outside shape {self.shape}")
+            size = self.shape[axis]
+            if (dim.min is not None and size < dim.min) or (dim.max is not None and size > dim.max):
+                raise ValueError(f"dynamic_axes: axis {axis} ({dim.name}) is bounded {dim.range()}, but shape "
+                                 f"gives it {size}")
         return self
+
+
+def _shared_bounds(inputs: list[InputSpec]) -> list[InputSpec]:
+    """One symbol, one size: axes that share a name must not declare different bounds."""
+    seen: dict[str, tuple[str, DynamicAxis]] = {}
+    for i, spec in enumerate(inputs):
+        for axis, dim in spec.bounds().items():
+            where = f"inputs.{i}.dynamic_axes.{axis}"
+            first = seen.setdefault(dim.name, (where, dim))
+            bounded = [d for d in (first[1], dim) if d.min is not None or d.max is not None]
+            if len(bounded) == 2 and (first[1].min, first[1].max) != (dim.min, dim.max):
+                raise ValueError(f"symbol {dim.name!r} is bounded {dim.range()} at {where} but "
+                                 f"{first[1].range()} at {first[0]}; one symbol is one size, give it one range")
+            if dim.min is not None or dim.max is not None:
+                seen[dim.name] = (where, dim)
+    return inputs
 
 
 class DataSource(_Section):
@@ -223,7 +282,7 @@ class ExportSection(_Section):
 
 class Recipe(_Section):
     model: ModelSection
-    inputs: list[InputSpec] = Field(min_length=1)
+    inputs: Annotated[list[InputSpec], AfterValidator(_shared_bounds)] = Field(min_length=1)
     outputs: list[str] | None = None
     calibration: CalibrationSection | None = None
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -261,9 +320,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_for(loc: tuple[Any, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """Walk the schema along `loc` to the model holding the last key (for did-you-mean)."""
-    model: Any = Recipe
+    model: Any = root or Recipe
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -282,13 +341,13 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def format_errors(exc: ValidationError) -> list[str]:
+def format_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
     """One line per problem, each naming its dotted key path (and a did-you-mean for unknown keys)."""
     lines = []
     for err in exc.errors():
         loc = err["loc"]
         if err["type"] == "extra_forbidden":
-            owner = _model_for(loc)
+            owner = _model_for(loc, root)
             valid = sorted(owner.model_fields) if owner else []
             hint = did_you_mean(loc[-1], valid) or (f"; valid keys: {', '.join(valid)}" if valid else "")
             lines.append(f"{_loc(loc)}: unknown key{hint}")

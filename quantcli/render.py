@@ -26,8 +26,13 @@ def inspected(doc: dict[str, Any]) -> str:
     for key in ("quantcli_version", "recipe_hash", "parent", "options"):
         if key in manifest:
             lines.append(f"  {key}: {json.dumps(manifest[key], sort_keys=True)}")
+    if "samples" in manifest:
+        lines.append(f"  calibration: {manifest['batches']} batches, {manifest['samples']} samples")
     for name, info in manifest.get("files", {}).items():
         lines.append(f"  file {name}: {info['size']} bytes sha256 {info['sha256'][:12]}")
+    for kind in ("inputs", "outputs"):
+        for value in doc.get("io", {}).get(kind, []):
+            lines.append(f"  {kind[:-1]} {value['name']}: {value['dtype']} [{', '.join(map(str, value['shape']))}]")
     ops = doc.get("graph", {}).get("ops", {})
     if ops:
         lines.append("  ops: " + ", ".join(f"{k}={v}" for k, v in ops.items()))

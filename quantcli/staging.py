@@ -11,6 +11,7 @@ replaced.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -99,7 +100,12 @@ def replace_into(tmp: Path, out: Path) -> None:
         if out.exists():
             trash = tmp_sibling(out, "old")
             os.replace(out, trash)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if trash is not None:  # put the previous output back: nothing half-replaced
+                os.replace(trash, out)
+            raise
     if trash is not None:
         remove(trash)
 
@@ -189,7 +195,7 @@ class OnnxStaging(Staging):
         return manifest
 
     def make(self) -> None:
-        pass
+        self.tmp.touch(exist_ok=False)  # an unwritable output fails here, before the export's work
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
@@ -206,19 +212,72 @@ class OnnxStaging(Staging):
 
 @contextlib.contextmanager
 def staging(out: Path, onnx_file: bool = False) -> Iterator[Staging]:
-    """Write into a hidden temporary sibling; on success move it to `out`, else remove it."""
+    """Write into a hidden temporary sibling; on success move it to `out`, else remove it.
+
+    Whichever step finds the output unwritable (its folder, the temporary, a write in the body, the
+    final rename), it is one ArtifactError (exit 4), and nothing is left behind.
+    """
+    check_name(out, onnx_file)
     with parent_folders(out):
         st = (OnnxStaging if onnx_file else Staging)(out, tmp_sibling(out))
         try:
             st.make()
         except OSError as exc:
-            raise ArtifactError(f"cannot write {out}: {exc.strerror or exc}", "choose another output path") from None
+            raise unwritable(out, exc) from None
         try:
             yield st
-        except BaseException:
+        except BaseException as exc:
             st.discard()
+            if isinstance(exc, OSError) and _writing(exc, out):
+                raise unwritable(out, exc) from exc
             raise
-        st.commit()
+        try:
+            st.commit()
+        except OSError as exc:
+            st.discard()
+            raise unwritable(out, exc) from exc
+
+
+def unwritable(out: Path, exc: OSError) -> ArtifactError:
+    return ArtifactError(f"cannot write {out}: {exc.strerror or exc}", "choose another output path")
+
+
+# errnos that mean the output cannot be written, whichever file the error names
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _writing(exc: OSError, out: Path) -> bool:
+    """Whether `exc` came from writing the output: its temporary or hidden siblings (`.<name>.*`), or a full disk."""
+    if exc.errno in _FULL:
+        return True
+    name = os.fspath(exc.filename) if exc.filename is not None else ""
+    ours = (str(out), str(hidden_sibling(out, "")))
+    return bool(name) and name.startswith(ours)
+
+
+NAME_MAX = 255  # bytes, where the file system does not say
+
+
+def check_name(out: Path, onnx_file: bool) -> None:
+    """Refuse, before any work, an output whose name (or its report's, beside an .onnx) the file system
+    cannot hold; hidden siblings are shortened (`hidden_sibling`), the names users chose are not."""
+    names = [out.name] + ([report_path(out).name] if onnx_file else [])
+    limit = _name_max(out.parent)
+    for name in names:
+        if len(os.fsencode(name)) > limit:
+            which = "its report's name" if name != out.name else "the name"
+            raise ArtifactError(f"cannot write {out}: {which} is {len(os.fsencode(name))} bytes, over the "
+                                f"file-name limit of {limit}", "choose a shorter output name")
+
+
+def _name_max(folder: Path) -> int:
+    """The file-name limit of the nearest existing folder at or above `folder`."""
+    for candidate in [folder, *folder.parents]:
+        try:
+            return int(os.pathconf(candidate, "PC_NAME_MAX"))
+        except (OSError, ValueError):
+            continue
+    return NAME_MAX
 
 
 # ------------------------------------------------------------------ existing outputs

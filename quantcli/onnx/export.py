@@ -138,3 +138,27 @@ def graph_summary(model: Any) -> dict[str, Any]:
     int8 = [t for t in model.graph.initializer if t.data_type in (TensorProto.INT8, TensorProto.UINT8)]
     return {"opset": opset_of(model), "nodes": len(model.graph.node), "ops": dict(sorted(ops.items())),
             "int8_initializers": len(int8), "initializers": len(model.graph.initializer)}
+
+
+def io_summary(model: Any) -> dict[str, list[dict[str, Any]]]:
+    """The model's inputs and outputs as the file names them: name, element type and shape
+    (symbolic dimensions by name, e.g. batch, seq)."""
+    initializers = {t.name for t in model.graph.initializer}
+
+    def describe(value: Any) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
+        return {"name": value.name, "dtype": _dtype_name(tensor.elem_type), "shape": dims}
+
+    return {"inputs": [describe(v) for v in model.graph.input if v.name not in initializers],
+            "outputs": [describe(v) for v in model.graph.output]}
+
+
+def _dtype_name(elem_type: int) -> str:
+    """numpy's name for an ONNX element type (float32, int64, ...), as the recipe spells dtypes."""
+    from onnx import TensorProto, helper
+
+    try:
+        return helper.tensor_dtype_to_np_dtype(elem_type).name
+    except (KeyError, TypeError, ValueError):
+        return TensorProto.DataType.Name(elem_type).lower()

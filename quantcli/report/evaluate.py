@@ -28,6 +28,8 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
     from quantcli import _torch
     torch = _torch.torch
 
+    from quantcli import _torch
+
     section = recipe.evaluation
     _, batches = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, None, "evaluation",
                               targets=section.targets)
@@ -45,7 +47,7 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
             targets = batch.pop(TARGET_COLUMN)
             first = first or batch
             with torch.no_grad():
-                logits = _torch.leaves(module(*to_tensors(batch, recipe.inputs)))[0].numpy()
+                logits = _torch.output_leaves(module(*to_tensors(batch, recipe.inputs)))[0][1].numpy()
             correct["fp32_torch"] += int((_predictions(logits) == targets).sum())
             for name, sess in sessions.items():
                 correct[name] += int((_predictions(runtime.run(sess, batch)[0]) == targets).sum())

@@ -24,12 +24,13 @@ class StageResult:
     reused: bool = False
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    work: str = ""  # how much work the output holds, for the closing line (calibration: batches, samples)
     writes_output = True  # False for a torchrun rank > 0, which trained a shard and wrote nothing
 
     def summary(self) -> str:
         if self.reused:
-            return f"{self.stage}: reused {self.out} (same inputs and options)"
-        return f"{self.stage}: wrote {self.out} in {self.seconds:.1f}s"
+            return f"{self.stage}: reused {self.out} (same inputs and options){', ' + self.work if self.work else ''}"
+        return f"{self.stage}: wrote {self.out} in {self.seconds:.1f}s{f' ({self.work})' if self.work else ''}"
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "out": str(self.out), "reused": self.reused,
@@ -108,6 +109,7 @@ def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, o
     """
     out = Path(out)
     onnx_file = stage == "exported"
+    staging.check_name(out, onnx_file)
     options, key = keyed(stage, recipe, parent, options, data)
     existing = staging.check_onnx(out, key, force) if onnx_file else staging.check_output(out, key, force, stage)
     if existing is not None:

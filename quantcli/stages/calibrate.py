@@ -7,7 +7,8 @@ from typing import Any
 
 from quantcli import artifacts
 from quantcli.errors import DataError, RecipeError
-from quantcli.loading.data import iter_batches, to_tensors
+from quantcli.loading.data import iter_batches, samples_in, to_tensors
+from quantcli.loading.headers import check_sources
 from quantcli.recipe import CalibrationSection, Recipe
 from quantcli.stages.base import (Progress, StageResult, carry_program, data_hashes, no_progress, produce,
                                   recipe_for, restore_prepared, save_state)
@@ -27,12 +28,13 @@ def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> Cal
     return section.model_copy(update=update)
 
 
-def run_batches(module: Any, section: CalibrationSection, inputs: list, progress: Progress) -> int:
+def run_batches(module: Any, section: CalibrationSection, inputs: list, progress: Progress) -> tuple[int, int]:
+    """Feed the calibration batches through `module`; (batches, samples) seen."""
     from quantcli import _torch
 
     total, batches = iter_batches(section.data, section.keys, inputs, section.batch_size, section.num_batches,
                                   "calibration")
-    seen = 0
+    seen = samples = 0
     with _torch.torch.no_grad():
         for index, batch in enumerate(batches):
             args = to_tensors(batch, inputs)
@@ -42,10 +44,11 @@ def run_batches(module: Any, section: CalibrationSection, inputs: list, progress
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise DataError(f"calibration batch {index} does not fit the model: {first}") from exc
             seen += 1
+            samples += samples_in(batch)
             progress(seen, total or None, {})
     if seen == 0:
         raise DataError("calibration: the data yielded no batches")
-    return seen
+    return seen, samples
 
 
 def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: int | None = None,
@@ -55,13 +58,23 @@ def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: i
     section = with_overrides(recipe, data, batches)
     recipe = recipe.model_copy(update={"calibration": section})
     hashes = data_hashes({"calibration.data": section.data})
+    check_sources(recipe, ("calibration",))
 
     def body(st: Any) -> dict[str, Any]:
         module = restore_prepared(parent)
-        seen = run_batches(module, section, recipe.inputs, progress)
+        seen, samples = run_batches(module, section, recipe.inputs, progress)
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
-        return {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen}
+        return {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
 
-    return produce("calibrated", Path(out), recipe=recipe, parent=parent, options={}, data=hashes,
-                   force=force, body=body)
+    result = produce("calibrated", Path(out), recipe=recipe, parent=parent, options={}, data=hashes,
+                     force=force, body=body)
+    result.work = work_done(result.manifest)
+    return result
+
+
+def work_done(manifest: dict[str, Any]) -> str:
+    """"N batches, M samples" as a calibrated manifest records them ("" for artifacts made before it did)."""
+    if "samples" not in manifest:
+        return f"{manifest['batches']} batches" if "batches" in manifest else ""
+    return f"{manifest['batches']} batches, {manifest['samples']} samples"

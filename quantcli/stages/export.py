@@ -8,6 +8,7 @@ from typing import Any
 from quantcli import artifacts
 from quantcli.errors import NumericsError
 from quantcli.loading.data import to_tensors
+from quantcli.loading.headers import check_sources
 from quantcli.loading.inputs import example_batch
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import runtime
@@ -22,7 +23,7 @@ def outputs(program: Any, recipe: Recipe, sample: dict[str, Any]) -> list[Any]:
 
     with _torch.torch.no_grad():
         result = program.module()(*to_tensors(sample, recipe.inputs))
-    return [t.numpy() for t in _torch.leaves(result)]
+    return [t.numpy() for _, t in _torch.output_leaves(result)]
 
 
 def onnx_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> tuple[Any, Any]:
@@ -74,6 +75,7 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
 
     parent, recipe = source(src, opset, recipe_path)
     out = Path(out)
+    check_sources(recipe, ("calibration", "evaluation"))  # the parity sample and evaluation data, before work
     # the parity sample is the first calibration batch; evaluation reads its own data
     data = data_hashes({f"{name}.data": getattr(recipe, name).data for name in ("calibration", "evaluation")
                         if getattr(recipe, name) is not None})

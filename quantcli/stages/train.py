@@ -16,6 +16,7 @@ from typing import Any
 
 from quantcli import artifacts, staging
 from quantcli.errors import RecipeError
+from quantcli.loading.headers import check_sources
 from quantcli.recipe import Recipe
 from quantcli.stages.base import Progress, StageResult, data_hashes, keyed, no_progress, produce, recipe_for
 
@@ -56,6 +57,7 @@ def run(src: str | Path, out: str | Path, *, recipe_path: str | Path | None = No
     parent = api.require_qat(artifacts.open_artifact(src, ("prepared", "calibrated"), "train"))
     recipe = with_training(parent, recipe_path)
     hashes = data_hashes(_reads(recipe))
+    check_sources(recipe, ("training",))
     out = Path(out)
     with distributed.session(device) as world:
         options = {"world_size": world.size, "device": world.device.type}
@@ -90,6 +92,7 @@ def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, ke
 
     section = recipe.training
     data = load_dataset(section.data, section.keys, recipe.inputs, "training", targets=section.targets)
+    data.scan()  # NaN/Inf or values that do not fit fail before the first step, not in the middle of training
     schedule = loop.Schedule.of(section, data.length, world)
     if schedule.freeze_observers_at == 0 and parent.stage == "prepared":
         raise RecipeError("training.freeze_observers_after: 0 freezes the observers before they see any data",

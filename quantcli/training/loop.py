@@ -123,7 +123,7 @@ class Trainer:
             self.epoch, self.order = epoch, epoch_order(self.section.seed, epoch, self.data.length)
         size = self.section.batch_size
         picked = self.order[index * size:(index + 1) * size]
-        return self.data.take(picked[self.world.rank::self.world.size])
+        return self.data.take(picked[self.world.rank::self.world.size], batch=self.step)
 
     def run_step(self) -> float:
         import torch
@@ -132,7 +132,7 @@ class Trainer:
         batch = self._batch()
         args = tuple(t.to(self.world.device) for t in to_tensors(batch, self.inputs))
         targets = torch.from_numpy(np.asarray(batch[TARGET_COLUMN])).to(self.world.device)
-        output = _torch.leaves(self.net(*args))[0]
+        output = _torch.output_leaves(self.net(*args))[0][1]
         objectives.check_targets(self.section.loss, self.section.targets, output, targets)
         try:
             loss = self.loss(output, targets)

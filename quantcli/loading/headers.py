@@ -1,0 +1,109 @@
+"""What a recipe's data files hold, from their array headers alone: names, dtypes, shapes.
+
+`validate` (no torch, well under a second) and the first stage that reads a section use it, so that
+an array the file lacks, an unsafe dtype or a wrong shape fails before any work, not at export.
+Only the headers are read: an .npz member's first bytes through `zipfile`, an .npy file's first
+bytes. Data callables ("file.py:callable") are user code and are not run here.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from numpy.lib import format as npy
+
+from quantcli.errors import DataError, InputError
+from quantcli.loading.data import dtype_problem, missing_array, role_of, shape_problem
+from quantcli.recipe import InputSpec, Recipe
+from quantcli.references import exists, split_callable
+
+SECTIONS = ("calibration", "training", "evaluation")
+
+
+@dataclass(frozen=True)
+class Header:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def _read_header(fh: IO[bytes]) -> Header:
+    version = npy.read_magic(fh)
+    read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    shape, _, dtype = read(fh)
+    return Header(np.dtype(dtype), tuple(shape))
+
+
+def headers(path: Path) -> dict[str, Header]:
+    """Array name -> header for an .npz file or a folder of .npy files; raises ValueError/OSError."""
+    if path.is_dir():
+        found = {}
+        for file in sorted(path.glob("*.npy")):
+            with open(file, "rb") as fh:
+                found[file.stem] = _read_header(fh)
+        if not found:
+            raise ValueError("the folder holds no .npy files")
+        return found
+    with zipfile.ZipFile(path) as archive:
+        found = {}
+        for name in archive.namelist():
+            if name.endswith(".npy"):
+                with archive.open(name) as fh:
+                    found[name[:-4]] = _read_header(fh)
+        return found
+
+
+def source_problems(section: str, source: Any, inputs: list[InputSpec]) -> list[str]:
+    """Every problem the headers of one section's file source show (none for a callable)."""
+    if split_callable(source.data) is not None and not exists(source.data):
+        return []
+    path = Path(source.data)
+    if not exists(path):
+        return []  # a missing file is reported as such (references.file_problems)
+    try:
+        found = headers(path)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        what = "" if path.is_dir() else " as .npz"  # the loader's wording (data.open_arrays)
+        return [f"{section}: cannot read {path}{what}: {exc}"]
+    problems, lengths = [], {}
+    for spec in inputs:
+        array = source.keys.get(spec.name, spec.name)
+        header = found.get(array)
+        if header is None:
+            problems.append(missing_array(section, array, found, role_of(spec.name, array, section)))
+            continue
+        lengths[array] = header.shape[0] if header.shape else 0
+        problem = shape_problem(spec, header.shape) or dtype_problem(spec, header.dtype, array)
+        if problem is not None:
+            problems.append(f"{section}: {problem}")
+    targets = getattr(source, "targets", None)
+    if targets is not None:
+        if targets not in found:
+            problems.append(missing_array(section, targets, found, f"for the targets, {section}.targets"))
+        else:
+            lengths[targets] = found[targets].shape[0] if found[targets].shape else 0
+    if len(set(lengths.values())) > 1:
+        problems.append(f"{section}: arrays disagree on the number of samples: {lengths}")
+    elif lengths and not next(iter(lengths.values())):
+        problems.append(f"{section}: the data holds no samples")
+    return problems
+
+
+def data_problems(recipe: Recipe, sections: tuple[str, ...] = SECTIONS) -> list[str]:
+    """The header problems of every file source among `sections` of a (path-resolved) recipe."""
+    problems = []
+    for name in sections:
+        source = getattr(recipe, name)
+        if source is not None:
+            problems += source_problems(name, source, recipe.inputs)
+    return problems
+
+
+def check_sources(recipe: Recipe, sections: tuple[str, ...] = SECTIONS, error: type[InputError] = DataError) -> None:
+    """Raise `error` listing every problem the data headers of `sections` show, before any work."""
+    problems = data_problems(recipe, sections)
+    if problems:
+        raise error("; ".join(problems), "fix the data or the recipe; `quantcli validate` checks both")
