@@ -205,12 +205,15 @@ def save_program(program: Any, path: Path) -> None:
     """torch.export.save, made reproducible: the same program gives the same bytes in every process.
 
     Node provenance (`meta["from_node"]`, written by passes such as convert_pt2e) records `id()` of
-    graphs, a memory address that differs on every run; it is dropped before saving.
+    graphs, a memory address that differs on every run, and stack traces record the absolute
+    paths of the Python files involved (the environment's, the user's): both are dropped before
+    saving, so two machines or virtual environments give the same program and manifest.
     """
     for module in program.graph_module.modules():
         graph = getattr(module, "graph", None)
         for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
             node.meta.pop("from_node", None)
+            node.meta.pop("stack_trace", None)
     torch.export.save(program, str(path))
 
 
