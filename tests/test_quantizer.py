@@ -146,7 +146,8 @@ def test_weights_are_int8_symmetric_per_channel_and_7bit_with_reduce_range(tmp_p
 
 # ------------------------------------------------------------------ registry, CPU, config
 def test_import_does_not_load_torch():
-    code = "import sys, quantcli.quantizers as q; q.resolve(q.QuantizationSection()); print('torch' in sys.modules)"
+    code = ("import sys, quantcli.quantizers as q; from quantcli.recipe import QuantizationSection; "
+            "q.resolve(QuantizationSection()); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
 

@@ -20,7 +20,7 @@ import torch
 from quantcli import stages, training
 from tests.conftest import cli_env
 from tests.test_qat import (assert_not_trivial, digits_test_split, load_state, open_stage,  # noqa: F401
-                            qat_work, small_data, training_recipe)
+                            small_data, training_recipe)
 
 
 def torchrun(*args: object, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
