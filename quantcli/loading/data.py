@@ -84,7 +84,10 @@ TARGET_COLUMN = "__targets__"  # the targets' column in a batch, beside the inpu
 
 
 def load_dataset(spec: str, keys: dict[str, str], inputs: list[InputSpec], what: str,
-                 targets: str | None = None) -> Dataset:
+                 targets: str | None = None, files: Any = None) -> Dataset:
+    """The samples of an .npz file or .npy folder; `files` (loading.files.reader) reads text and image files."""
+    if files is not None:
+        return files.dataset()
     arrays = open_arrays(spec, what)
     columns = {i.name: _get(arrays, keys.get(i.name, i.name), what) for i in inputs}
     if targets is not None:
@@ -100,13 +103,16 @@ def load_dataset(spec: str, keys: dict[str, str], inputs: list[InputSpec], what:
 
 
 def iter_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], batch_size: int,
-                 num_batches: int | None, what: str,
-                 targets: str | None = None) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+                 num_batches: int | None, what: str, targets: str | None = None,
+                 files: Any = None) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
     """(number of batches, iterator of input-name -> array batches); a final partial batch included.
 
     With `targets` (an array name), each batch also holds the targets under TARGET_COLUMN. The
-    one loading path of calibration and evaluation data, whatever the source.
+    one loading path of calibration and evaluation data, whatever the source: `files` (made by
+    loading.files.reader for text, tables and image folders) streams them preprocessed the model's way.
     """
+    if files is not None:
+        return files.iter_batches(batch_size, num_batches)
     if split_callable(spec) is not None and not Path(spec).exists():
         return _factory_batches(spec, keys, inputs, num_batches, what, targets)
     data = load_dataset(spec, keys, inputs, what, targets)

@@ -27,11 +27,13 @@ def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> Cal
     return section.model_copy(update=update)
 
 
-def run_batches(module: Any, section: CalibrationSection, inputs: list, progress: Progress) -> int:
+def run_batches(module: Any, recipe: Recipe, progress: Progress) -> int:
     from quantcli import _torch
+    from quantcli.loading.files import reader
 
+    section, inputs = recipe.calibration, recipe.inputs
     total, batches = iter_batches(section.data, section.keys, inputs, section.batch_size, section.num_batches,
-                                  "calibration")
+                                  "calibration", files=reader(recipe, "calibration"))
     seen = 0
     with _torch.torch.no_grad():
         for index, batch in enumerate(batches):
@@ -58,7 +60,7 @@ def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: i
 
     def body(st: Any) -> dict[str, Any]:
         module = restore_prepared(parent)
-        seen = run_batches(module, section, recipe.inputs, progress)
+        seen = run_batches(module, recipe, progress)
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
         return {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen}

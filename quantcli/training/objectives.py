@@ -34,12 +34,29 @@ def _cross_entropy_shape(output: Any, targets: Any) -> str | None:
     return None
 
 
+def _token_cross_entropy(output: Any, targets: Any) -> Any:
+    """Cross-entropy over labelled tokens: scores [batch, seq, classes], targets [batch, seq], -100 ignored."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(output.flatten(0, -2), targets.long().flatten(), ignore_index=-100)
+
+
+def _token_shape(output: Any, targets: Any) -> str | None:
+    labelled = targets[targets != -100]
+    if targets.is_floating_point() or tuple(targets.shape) != tuple(output.shape[:-1]):
+        return f"class indices of shape {list(output.shape[:-1])} (-100 where unlabelled)"
+    if labelled.numel() and (int(labelled.min()) < 0 or int(labelled.max()) >= output.shape[-1]):
+        return f"class indices in [0, {output.shape[-1]}) or -100"
+    return None
+
+
 def _mse_shape(output: Any, targets: Any) -> str | None:
     return None if targets.shape == output.shape else f"the output's shape {list(output.shape)}"
 
 
 LOSSES: dict[str, tuple[Loss, Callable[[Any, Any], str | None]]] = {
     "cross_entropy": (_cross_entropy, _cross_entropy_shape),
+    "token_cross_entropy": (_token_cross_entropy, _token_shape),  # token-classification's default
     "mse": (_mse, _mse_shape),
 }
 OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW"}
@@ -54,14 +71,14 @@ def loss(spec: str) -> Loss:
     return load_callable(spec, "training.loss", InputError)
 
 
-def check_targets(spec: str, targets_key: str, output: Any, targets: Any) -> None:
+def check_targets(spec: str, targets_key: str | None, output: Any, targets: Any) -> None:
     """Raise DataError when the targets cannot go with the model's output under a registered loss."""
     if spec not in LOSSES:
         return
     need = LOSSES[spec][1](output, targets)
     if need is not None:
         raise DataError(
-            f"training.targets {targets_key!r}: a batch of targets has shape {list(targets.shape)} "
+            f"training.targets {targets_key or '(the class folders)'!r}: a batch of targets has shape {list(targets.shape)} "
             f"({str(targets.dtype).removeprefix('torch.')}), but the model's output is {list(output.shape)} "
             f"and {spec} needs {need}"
         )
