@@ -7,6 +7,7 @@ from typing import Any
 
 from quantcli import recipe as recipes, references
 from quantcli.errors import InputError, RecipeError
+from quantcli.loading import file_checks
 
 ONNX_NAME = "model.onnx"
 
@@ -55,9 +56,10 @@ def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, progr
 
 
 def validate(recipe_path: str | Path) -> dict[str, Any]:
-    """Schema and referenced files, without importing torch; raises with every problem listed.
+    """Schema, referenced files and what they hold, without importing torch; raises with every problem listed.
 
-    Exit 2 when the schema has problems (missing files are listed with them), else 3 for missing files.
+    Exit 2 when the schema has problems (missing files are listed with them), else 3 for missing files
+    and for what a model folder or data file lacks (a config, a column, images, class folders).
     """
     path = Path(recipe_path)
     data = recipes.read_yaml(path)
@@ -69,4 +71,7 @@ def validate(recipe_path: str | Path) -> dict[str, Any]:
     if missing:
         raise InputError(f"{path}: " + "; ".join(missing))
     recipe = recipes.resolve_paths(recipe, path.resolve().parent)
+    inside = file_checks.problems(recipe)
+    if inside:
+        raise InputError(f"{path}: " + "; ".join(inside))
     return {"recipe": str(recipe_path), "valid": True, "files": [p for _, p in recipes.referenced_files(recipe)]}

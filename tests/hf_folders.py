@@ -60,13 +60,13 @@ def labelled(labels: list[str]) -> dict[str, Any]:
 
 
 def bert_folder(folder: Path, texts: list[str], task: str = "feature-extraction", labels: list[str] | None = None,
-                seed: int = 0, model: Any = None) -> Path:
+                seed: int = 0, model: Any = None, vocab_size: int = 400) -> Path:
     """A BERT folder for `task` (random weights unless `model` is given) with its WordPiece tokenizer."""
     import torch
     from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
 
     torch.manual_seed(seed)
-    tokenizer = wordpiece(texts)
+    tokenizer = wordpiece(texts, vocab_size)
     if model is None:
         config = bert_config(len(tokenizer), **(labelled(labels) if labels else {}))
         cls = {"feature-extraction": BertModel, "text-classification": BertForSequenceClassification,

@@ -68,7 +68,7 @@ def table_rows(path: Path, what: str) -> Iterator[dict[str, Any]]:
 
 def _column(row: dict[str, Any], name: str, key: str, what: str, path: Path) -> Any:
     if name not in row:
-        raise DataError(f"{what}.{key}: no column {name!r} in {path.name}; it has {sorted(row)}")
+        raise DataError(f"{what}.{key}: no column {name!r} in {path.name}; it has {list(row)}")
     return row[name]
 
 

@@ -7,9 +7,11 @@ bars are silenced: quantcli reports what matters (newly initialized weights, the
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,15 @@ _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_
             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def transformers() -> Any:
-    """transformers, imported offline and quiet (torch first, through quantcli's silenced import)."""
+def transformers(images: bool = False) -> Any:
+    """transformers, imported offline and quiet (torch first, through quantcli's silenced import).
+
+    A text model needs no torchvision, and transformers imports it when it finds it (a broken one
+    then breaks BertModel's import): it is hidden unless images are processed, and then only if broken.
+    """
     from quantcli import _torch  # noqa: F401  (silences torchao's import noise, which transformers triggers)
 
+    _without_broken_torchvision(images)
     for key, value in _OFFLINE.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", module=r"transformers\..*")
@@ -37,6 +44,27 @@ def transformers() -> Any:
     tf.utils.logging.set_verbosity_error()
     tf.utils.logging.disable_progress_bar()
     return tf
+
+
+def _without_broken_torchvision(images: bool) -> None:
+    """Hide torchvision from this process (sys.modules[name] = None: find_spec answers None, import fails)
+    when text models are loaded, or when it is installed but does not import (a build for another torch)."""
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
+        return
+    if images:
+        try:
+            import torchvision  # noqa: F401
+            return
+        except Exception as exc:
+            from quantcli.sources.zoo import paired_torchvision, _version
+
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning(f"torchvision {_version('torchvision')} does not import beside torch {_version('torch')} "
+                        f"({first}); image processors run without it (install torchvision "
+                        f"{paired_torchvision(_version('torch'))} built for this torch, or uninstall it)")
+    for name in [m for m in sys.modules if m.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.modules["torchvision"] = None  # type: ignore[assignment]
 
 
 def _loaded(what: str, folder: Path, load: Any) -> Any:
@@ -61,7 +89,7 @@ def tokenizer(section: ModelSection) -> Any:
 
 
 def image_processor(section: ModelSection) -> Any:
-    tf = transformers()
+    tf = transformers(images=True)
     folder = Path(section.huggingface)
     return _loaded("image processor", folder, lambda: tf.AutoImageProcessor.from_pretrained(
         folder, local_files_only=True, trust_remote_code=section.trust_remote_code))
@@ -71,7 +99,7 @@ def load(section: ModelSection) -> Any:
     """The folder's model as the task's Auto class, fp32, eval mode, without a KV cache."""
     import torch
 
-    tf = transformers()
+    tf = transformers(images=TASKS[section.task].modality == "image")
     folder = hf_folder.transformer_dir(Path(section.huggingface))
     hf_folder.config(Path(section.huggingface))  # a clear error for a folder without config.json
     auto = getattr(tf, TASKS[section.task].auto_class)
