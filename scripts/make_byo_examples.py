@@ -132,6 +132,7 @@ def make_text() -> None:
 
     AutoTokenizer.from_pretrained(CONFIGS / "sentiment" / "model").save_pretrained(embedding / "model")
     hf_folders.sentence_transformers_files(embedding / "model", pooling="mean", normalize=True, dim=64)
+    (embedding / "data" / "calibration.txt").write_text("".join(f"{t}\n" for t, _ in train[:128]))
     (embedding / "data" / "sentences.txt").write_text("".join(f"{t}\n" for t, _ in dev[:200]))
 
 
