@@ -202,3 +202,44 @@ def test_text_data_for_an_image_model_is_a_data_error(tmp_path, hf):
                                                                                  "task": "text-classification"})})
     with pytest.raises(DataError, match="holds images, but the huggingface model"):
         reader(recipe, "calibration")
+
+
+def test_missing_task_weights_are_named(hf, caplog):
+    from quantcli.recipe import ModelSection
+    from quantcli.sources import huggingface
+
+    section = ModelSection(huggingface=str(hf / "plain"), task="text-classification", kwargs={"num_labels": 3})
+    with caplog.at_level(logging.WARNING, "quantcli"):
+        model = huggingface.load(section)
+    assert model.config.num_labels == 3 and not model.training  # kwargs reach from_pretrained
+    assert f"are not in {hf / 'plain'} and were initialized at random for text-classification (classifier.bias" \
+        in caplog.text
+
+
+def test_a_model_that_specializes_the_sequence_is_captured_with_it_static(caplog):
+    import torch
+
+    from quantcli.loading.model import Built
+    from quantcli.stages.capture import _capture
+
+    class Positions(torch.nn.Module):
+        """Slices a fixed-size buffer by the sequence length, as BERT's position ids do."""
+
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 8)
+            self.register_buffer("pos", torch.arange(32).unsqueeze(0))
+
+        def forward(self, input_ids):
+            return self.emb(input_ids) + self.pos[:, :input_ids.shape[1]].unsqueeze(-1)
+
+    spec = {"name": "input_ids", "shape": [1, 16], "dtype": "int64", "dynamic_axes": {0: "batch", 1: "seq"}}
+    dynamic = recipes.Recipe.model_validate({"model": {"factory": "m.py:build"}, "inputs": [spec]})
+    static = recipes.Recipe.model_validate({"model": {"factory": "m.py:build"},
+                                            "inputs": [dict(spec, dynamic_axes={0: "batch"})]})
+    with caplog.at_level(logging.WARNING, "quantcli"):
+        program, _, used = _capture(Built(Positions().eval(), dynamic, static))
+    assert used is static
+    assert "the sequence axis is static (16 tokens): torch.export cannot keep it dynamic for this model" in caplog.text
+    shape = [n for n in program.graph.nodes if n.op == "placeholder"][-1].meta["val"].shape
+    assert shape[1] == 16 and not isinstance(shape[0], int)

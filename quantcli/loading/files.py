@@ -38,7 +38,13 @@ def _datasets() -> tuple[Any, str]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import datasets
+    try:
+        import datasets
+    except ModuleNotFoundError as exc:
+        if exc.name != "datasets":
+            raise
+        raise DataError("reading text and table files needs Hugging Face datasets",
+                        "pip install 'quantcli[files]' (datasets, Pillow)") from None
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()

@@ -39,7 +39,13 @@ def transformers(images: bool = False) -> Any:
     for key, value in _OFFLINE.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", module=r"transformers\..*")
-    import transformers as tf
+    try:
+        import transformers as tf
+    except ModuleNotFoundError as exc:
+        if exc.name != "transformers":
+            raise
+        raise ModelError("model.huggingface: transformers is not installed",
+                         "pip install 'quantcli[huggingface]'") from None
 
     tf.utils.logging.set_verbosity_error()
     tf.utils.logging.disable_progress_bar()
