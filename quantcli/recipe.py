@@ -296,8 +296,7 @@ class TrainingSection(DataSource):
                              "indexed samples (shuffled, split across processes, its order saved for --resume)")
         return v
 
-    loss: str | None = Field(default=None, description='a built-in loss (cross_entropy, token_cross_entropy, mse) or '
-                             '"file.py:callable"; default: token_cross_entropy for token-classification, else cross_entropy')
+    loss: str = Field(default="cross_entropy", description='a built-in loss (cross_entropy, mse) or "file.py:callable"')
     optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "sgd", "lr": 0.01, "momentum": 0.9})
     epochs: int = Field(default=1, gt=0)
     batch_size: int = Field(default=64, gt=0)
@@ -317,9 +316,7 @@ class TrainingSection(DataSource):
 
     @field_validator("loss")
     @classmethod
-    def _known_loss(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
+    def _known_loss(cls, v: str) -> str:
         _no_nul(v)
         if v not in LOSSES and ":" not in v:
             raise ValueError(f"unknown loss {v!r}{did_you_mean(v, LOSSES)}; valid: {', '.join(LOSSES)}, "
@@ -386,8 +383,6 @@ class Recipe(_Section):
             section = getattr(self, name)
             if section is not None:
                 problems += [f"{name}.{p}" for p in _data_problems(section, self.model)]
-        if self.training is not None and self.training.loss is None:
-            self.training.loss = "token_cross_entropy" if task == "token-classification" else "cross_entropy"
         if self.evaluation is not None:
             ev = self.evaluation
             ev.metric = ev.metric or (TASKS[task].default_metric if task else "accuracy")

@@ -31,7 +31,7 @@ def test_token_classifier_trains_from_jsonl(tmp_path, hf):
               "evaluation": {"data": tags, "text": "tokens", "targets": "tags"}}
     results = pipeline.run(byo.write_recipe(tmp_path, recipe), tmp_path / "w")
     trained = next(r for r in results if r.stage == "trained")
-    assert trained.manifest["recipe"]["training"]["loss"] == "token_cross_entropy"  # the task's default
+    assert trained.manifest["recipe"]["training"]["loss"] == "cross_entropy"  # over tokens, -100 ignored
     assert trained.details["steps"] == 4 and np.isfinite(trained.details["final_loss"])
     cache = list((tmp_path / "w" / ".quantcli-cache").iterdir())
     assert len(cache) == 1 and np.load(cache[0] / "input_ids.npy", mmap_mode="r").shape == (16, 24)

@@ -100,7 +100,8 @@ def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, ke
         raise RecipeError("training.freeze_observers_after: 0 freezes the observers before they see any data",
                           "calibrate first (`quantcli calibrate`), or freeze them later")
     model = api.from_artifact(parent)
-    trainer = loop.Trainer(model, data, section, recipe.inputs, world, schedule)
+    trainer = loop.Trainer(model, data, section, recipe.inputs, world, schedule,
+                           classes_last=recipe.model.task == "token-classification")
     partial = checkpoints.partial_dir(out)
     state = checkpoints.load(partial, key, world.size) if resume else None
     if state is not None:

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from quantcli.errors import DataError, InputError, RecipeError
 from quantcli.loading.factory import load_callable
+from quantcli.report.metrics import IGNORE  # torch's cross_entropy ignore_index (-100)
 
 Loss = Callable[[Any, Any], Any]  # (output, targets) -> scalar tensor, a mean over the batch
 
@@ -27,26 +28,11 @@ def _cross_entropy_shape(output: Any, targets: Any) -> str | None:
         want = (*output.shape[:1], *output.shape[2:])
         if tuple(targets.shape) != want:
             return f"class indices of shape {list(want)}"
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= output.shape[1]):
-            return f"class indices in [0, {output.shape[1]})"
+        labelled = targets[targets != IGNORE]  # cross_entropy's ignore_index: unlabelled sub-tokens
+        if labelled.numel() and (int(labelled.min()) < 0 or int(labelled.max()) >= output.shape[1]):
+            return f"class indices in [0, {output.shape[1]}) (or {IGNORE}: ignored)"
     elif targets.shape != output.shape:
         return f"probabilities of shape {list(output.shape)}"
-    return None
-
-
-def _token_cross_entropy(output: Any, targets: Any) -> Any:
-    """Cross-entropy over labelled tokens: scores [batch, seq, classes], targets [batch, seq], -100 ignored."""
-    import torch.nn.functional as F
-
-    return F.cross_entropy(output.flatten(0, -2), targets.long().flatten(), ignore_index=-100)
-
-
-def _token_shape(output: Any, targets: Any) -> str | None:
-    labelled = targets[targets != -100]
-    if targets.is_floating_point() or tuple(targets.shape) != tuple(output.shape[:-1]):
-        return f"class indices of shape {list(output.shape[:-1])} (-100 where unlabelled)"
-    if labelled.numel() and (int(labelled.min()) < 0 or int(labelled.max()) >= output.shape[-1]):
-        return f"class indices in [0, {output.shape[-1]}) or -100"
     return None
 
 
@@ -56,7 +42,6 @@ def _mse_shape(output: Any, targets: Any) -> str | None:
 
 LOSSES: dict[str, tuple[Loss, Callable[[Any, Any], str | None]]] = {
     "cross_entropy": (_cross_entropy, _cross_entropy_shape),
-    "token_cross_entropy": (_token_cross_entropy, _token_shape),  # token-classification's default
     "mse": (_mse, _mse_shape),
 }
 OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW"}
