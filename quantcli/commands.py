@@ -79,7 +79,7 @@ def prepare(src: Src, out: Out, qat: Annotated[bool, typer.Option("--qat", help=
 
 @app.command()
 def calibrate(src: Src, out: Out,
-              data: Annotated[Optional[str], typer.Option("--data", help=".npz, folder of .npy, or file.py:callable")] = None,
+              data: Annotated[Optional[str], typer.Option("--data", help=".npz, folder of .npy, file.py:callable, text file or image folder")] = None,
               batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="use at most N batches")] = None,
               recipe: RecipeOpt = None, force: Force = False, json: Json = False, quiet: Quiet = False,
               debug: Debug = False) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from quantcli import recipe as recipes, references
 from quantcli.errors import InputError, RecipeError
-from quantcli.loading import headers
+from quantcli.loading import file_checks, headers
 
 ONNX_NAME = "model.onnx"
 
@@ -56,11 +56,11 @@ def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, progr
 
 
 def validate(recipe_path: str | Path) -> dict[str, Any]:
-    """Schema, referenced files and the data files' array headers, without importing torch; raises
-    with every problem listed.
+    """Schema, referenced files and what they hold, without importing torch; raises with every problem listed.
 
     Exit 2 when the schema has problems (missing files are listed with them), else 3 for missing
-    files, then 3 for data that does not fit the inputs (array names, dtypes, shapes, sample counts).
+    files, then 3 for what a model folder or data file lacks (a config, a column, images, class
+    folders) and for data arrays that do not fit the inputs (names, dtypes, shapes, sample counts).
     """
     path = Path(recipe_path)
     data = recipes.read_yaml(path)
@@ -72,7 +72,7 @@ def validate(recipe_path: str | Path) -> dict[str, Any]:
     if missing:
         raise InputError(f"{path}: " + "; ".join(missing))
     recipe = recipes.resolve_paths(recipe, path.resolve().parent)
-    problems = headers.data_problems(recipe)
+    problems = file_checks.problems(recipe) + headers.data_problems(recipe)
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))
     return {"recipe": str(recipe_path), "valid": True, "files": [p for _, p in recipes.referenced_files(recipe)]}

@@ -6,6 +6,7 @@ This module must not import torch: `quantcli validate` and `--help` stay instant
 from __future__ import annotations
 
 import difflib
+import re
 import hashlib
 import json
 from pathlib import Path
@@ -16,9 +17,12 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 
 from quantcli.errors import ArtifactError, InputError, RecipeError
+from quantcli.loading import kinds
 from quantcli.loading.dtypes import NUMPY_DTYPES
 from quantcli.quantizers import TARGETS
 from quantcli.quantizers.names import OBSERVERS
+from quantcli.report.metrics import METRICS, fits, fitting
+from quantcli.sources.names import POOLINGS, SOURCES, TASKS, ZOO_TASK
 from quantcli.training.objectives import LOSSES, OPTIMIZERS
 from quantcli.references import file_values, resolve_path, split_callable
 
@@ -27,18 +31,103 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class ImageOptions(_Section):
+    """A torchvision/timm model's image preprocessing; unset keys come from the model's own defaults.
+
+    Resolved at capture (torchvision's weights transforms, timm's resolve_data_config) and recorded,
+    so every later stage preprocesses the same way without importing torchvision.
+    """
+
+    size: int | None = Field(default=None, gt=0, description="side of the square centre crop fed to the model")
+    resize: int | None = Field(default=None, gt=0, description="the shorter side is resized to this before the crop")
+    mean: list[float] | None = Field(default=None, min_length=3, max_length=3, description="per-channel mean (0-1 scale)")
+    std: list[float] | None = Field(default=None, min_length=3, max_length=3, description="per-channel std (0-1 scale)")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(x <= 0 for x in v):
+            raise ValueError("every std must be positive")
+        return v
+
+
 class ModelSection(_Section):
-    factory: str = Field(description='"file.py:callable" or "package.module:callable" returning an nn.Module')
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to the factory")
+    factory: str | None = Field(default=None, description='"file.py:callable" or "package.module:callable" returning an nn.Module')
+    huggingface: str | None = Field(default=None, description="a local Hugging Face model folder (config.json, weights, tokenizer or image processor)")
+    torchvision: str | None = Field(default=None, description="a torchvision.models architecture name, e.g. resnet18")
+    timm: str | None = Field(default=None, description="a timm architecture name, e.g. resnet10t")
+    task: str | None = Field(default=None, description="what a Hugging Face model is loaded as; decides inputs, outputs and metrics")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory, the torchvision/timm constructor or from_pretrained")
+    weights: str | None = Field(default=None, description="torchvision: a state_dict file (.pt/.pth/.safetensors); null: random weights")
+    checkpoint: str | None = Field(default=None, description="timm: a checkpoint file for create_model(checkpoint_path=...); null: random weights")
+    trust_remote_code: bool = Field(default=False, description="huggingface: run the model folder's own Python code")
+    pooling: str = Field(default="auto", description="feature-extraction: auto (the folder's 1_Pooling, else mean) | mean | cls | max | lasttoken | mean_sqrt_len | none (last hidden state)")
+    normalize: bool | None = Field(default=None, description="feature-extraction: L2-normalize the embedding; default: as the folder's modules.json says")
+    image: ImageOptions | None = Field(default=None, description="torchvision/timm: preprocessing overrides")
 
     @field_validator("factory")
     @classmethod
-    def _has_callable(cls, v: str) -> str:
+    def _has_callable(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         _no_nul(v)
         module, sep, attr = v.rpartition(":")
         if not sep or not module or not attr:
             raise ValueError('must look like "file.py:callable" or "package.module:callable"')
         return v
+
+    @field_validator("huggingface", "torchvision", "timm", "weights", "checkpoint")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        if v is not None and not v:
+            raise ValueError("must not be empty")
+        return v if v is None else _no_nul(v)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str | None) -> str | None:
+        if v is not None and v not in TASKS:
+            raise ValueError(f"unknown task {v!r}{did_you_mean(v, TASKS)}; valid: {', '.join(TASKS)}")
+        return v
+
+    @field_validator("pooling")
+    @classmethod
+    def _known_pooling(cls, v: str) -> str:
+        if v not in POOLINGS:
+            raise ValueError(f"unknown pooling {v!r}{did_you_mean(v, POOLINGS)}; valid: {', '.join(POOLINGS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSection":
+        """Exactly one source; each source's own keys only with it; torchvision/timm are image classifiers."""
+        given = [name for name in SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of {', '.join(SOURCES)}" + (f" (got {', '.join(given)})" if given else ""))
+        source = given[0]
+        if source in ("torchvision", "timm"):
+            if self.task not in (None, ZOO_TASK):
+                raise ValueError(f"task: a {source} model is an {ZOO_TASK} model, not {self.task}")
+            self.task = ZOO_TASK
+        if source == "huggingface" and self.task is None:
+            raise ValueError(f"task: required with huggingface; valid: {', '.join(TASKS)}")
+        if source == "factory" and self.task is not None:
+            raise ValueError("task: only with huggingface, torchvision or timm (a factory's model returns what it returns)")
+        misplaced = [key for key, owner in (("weights", "torchvision"), ("checkpoint", "timm"), ("image", "torchvision or timm"))
+                     if getattr(self, key) is not None and source not in owner.split(" or ")]
+        misplaced += ["trust_remote_code"] if self.trust_remote_code and source != "huggingface" else []
+        if misplaced:
+            raise ValueError(f"{misplaced[0]}: does not apply to a {source} model"
+                             + ("; timm takes checkpoint:" if misplaced[0] == "weights" else "")
+                             + ("; torchvision takes weights:" if misplaced[0] == "checkpoint" else ""))
+        if (self.pooling != "auto" or self.normalize is not None) and self.task != "feature-extraction":
+            raise ValueError("pooling/normalize: only with task feature-extraction")
+        return self
+
+    @property
+    def source(self) -> str:
+        """Which of SOURCES this model comes from."""
+        return next(name for name in SOURCES if getattr(self, name) is not None)
 
 
 class DynamicAxis(_Section):
@@ -130,13 +219,36 @@ def _shared_bounds(inputs: list[InputSpec]) -> list[InputSpec]:
 
 
 class DataSource(_Section):
-    data: str = Field(min_length=1, description=".npz file, folder of .npy files, or file.py:callable yielding dicts")
+    data: str = Field(min_length=1, description=".npz, folder of .npy files, file.py:callable yielding dicts; or "
+                      ".txt/.jsonl/.csv/.parquet text, or a folder of images (class subfolders: the labels)")
     keys: dict[str, str] = Field(default_factory=dict, description="input name -> array name in the data")
+    text: str | None = Field(default=None, description='the text column of a .jsonl/.csv/.parquet file (default "text")')
+    text_pair: str | None = Field(default=None, description="the second text column of sentence pairs")
+    max_length: int | None = Field(default=None, gt=0, description="tokenizer: pad/truncate to this many tokens (default 128)")
+    padding: Literal["max_length", "longest"] = Field(default="max_length", description="tokenizer padding")
+    truncation: bool = Field(default=True, description="tokenizer: cut longer texts at max_length")
 
     @field_validator("data")
     @classmethod
     def _path_like(cls, v: str) -> str:
         return _no_nul(v)
+
+    @model_validator(mode="after")
+    def _keys_fit_the_kind(self, info: ValidationInfo) -> "DataSource":
+        """Tokenizer keys need text; `keys:` maps arrays, which text and images do not have.
+
+        Tokenizer settings are judged where the user wrote them (recorded recipes hold every default).
+        """
+        kind = kinds.by_name(self.data)
+        if (self.text is not None or self.text_pair is not None) and kind != "table":
+            raise ValueError("text/text_pair: name columns of a .jsonl/.csv/.tsv/.parquet file; "
+                             + ("a .txt file holds one example a line" if kind == "text" else f"{self.data} has none"))
+        tokenizer = {"max_length", "padding", "truncation"} & self.model_fields_set
+        if tokenizer and (info.context or {}).get("written") and kind in ("arrays", "callable"):
+            raise ValueError(f"{sorted(tokenizer)[0]}: tokenizer settings apply to text files, not to {self.data}")
+        if self.keys and kind in ("text", "table"):
+            raise ValueError("keys: maps array names; text files are tokenized into the model's inputs")
+        return self
 
 
 def _no_nul(v: str) -> str:
@@ -151,9 +263,17 @@ class CalibrationSection(DataSource):
 
 
 class EvaluationSection(DataSource):
-    targets: str = Field(description="array of targets in the data")
-    metric: Literal["accuracy"] = "accuracy"
+    targets: str | None = Field(default=None, description="the targets: an array, or a column of a text file; "
+                                "an image folder's class subfolders give them")
+    metric: str | None = Field(default=None, description="default: the task's (accuracy for a factory model)")
     batch_size: int = Field(default=64, gt=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str | None) -> str | None:
+        if v is not None and v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}{did_you_mean(v, METRICS)}; valid: {', '.join(METRICS)}")
+        return v
 
 
 class WeightsConfig(_Section):
@@ -224,7 +344,8 @@ def did_you_mean(word: str, valid: Any) -> str:
 
 
 class TrainingSection(DataSource):
-    targets: str = Field(description="array of targets in the data")
+    targets: str | None = Field(default=None, description="the targets: an array, or a column of a text file; "
+                                "an image folder's class subfolders give them")
 
     @field_validator("data")
     @classmethod
@@ -282,7 +403,9 @@ class ExportSection(_Section):
 
 class Recipe(_Section):
     model: ModelSection
-    inputs: Annotated[list[InputSpec], AfterValidator(_shared_bounds)] = Field(min_length=1)
+    inputs: Annotated[list[InputSpec], AfterValidator(_shared_bounds)] | None = Field(
+        default=None, min_length=1, description="default: from the model source (resolved at capture and "
+        "recorded); required with a factory")
     outputs: list[str] | None = None
     calibration: CalibrationSection | None = None
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -292,6 +415,11 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _inputs_consistent(self) -> "Recipe":
+        if self.inputs is None:
+            if self.model.source == "factory":
+                raise ValueError("inputs: required with a model factory (a Hugging Face, torchvision or timm model "
+                                 "knows its own)")
+            return self
         names = [i.name for i in self.inputs]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -303,12 +431,51 @@ class Recipe(_Section):
                     raise ValueError(f"keys name unknown inputs {unknown}; inputs are {names}")
         return self
 
+    @model_validator(mode="after")
+    def _data_fits_the_model(self) -> "Recipe":
+        """Each data section's kind fits the model's source and task; the metric fits the task; defaults by task.
+
+        Judged by names only (no file is opened): `validate` looks inside the files and folders.
+        """
+        task = self.model.task
+        problems = []
+        for name in ("calibration", "training", "evaluation"):
+            section = getattr(self, name)
+            if section is not None:
+                problems += [f"{name}.{p}" for p in _data_problems(section, self.model)]
+        if self.evaluation is not None:
+            ev = self.evaluation
+            ev.metric = ev.metric or (TASKS[task].default_metric if task else "accuracy")
+            if not fits(ev.metric, task):
+                problems.append(f"evaluation.metric: {ev.metric} does not fit task {task}; valid: {', '.join(fitting(task))}")
+            elif METRICS[ev.metric].needs_targets and ev.targets is None and kinds.by_name(ev.data) != "folder":
+                problems.append(f"evaluation.targets: missing; {ev.metric} needs targets (an array or a column; an "
+                                "image folder's class subfolders give them)")
+        if self.training is not None and self.training.targets is None and kinds.by_name(self.training.data) != "folder":
+            problems.append("training.targets: missing (an array or a column; an image folder's class subfolders give them)")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
     def digest(self) -> str:
         return hash_json(self.model_dump(mode="json"))
 
     def sections(self, *names: str) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         return {n: data[n] for n in names}
+
+
+def _data_problems(section: DataSource, model: ModelSection) -> list[str]:
+    """What is wrong with a data section for this model, judged from names (no file is read)."""
+    kind = kinds.by_name(section.data)
+    if kind not in ("text", "table"):
+        return []
+    if model.source == "factory":
+        return [f"data: {section.data} is text; text files need a model that knows its tokenizer "
+                "(model.huggingface); a factory takes .npz, .npy folders or a callable"]
+    if TASKS[model.task].modality != "text":
+        return [f"data: {section.data} is text, but a {model.task} model takes images (a folder of image files)"]
+    return []
 
 
 def hash_json(obj: Any) -> str:
@@ -353,8 +520,12 @@ def format_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> 
             lines.append(f"{_loc(loc)}: unknown key{hint}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{_loc(loc)}: {msg}")
+            lines += msg.split("\n") if not loc and _NAMES_KEY.match(msg) else [f"{_loc(loc)}: {msg}"]
     return lines
+
+
+# A message of a validator across sections starts with the key path it is about ("evaluation.metric: ...").
+_NAMES_KEY = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)*: ")
 
 
 def schema_problems(data: Any) -> tuple[Recipe | None, list[str]]:
@@ -431,6 +602,8 @@ def merge(recorded: Recipe, new: Recipe, *, takes: tuple[str, ...], fixed: dict[
     with the recorded recipe there, else the artifact would not be what `new` describes.
     """
     old_data, new_data = recorded.model_dump(mode="json"), new.model_dump(mode="json")
+    if "inputs" in fixed:
+        _as_resolved_at_capture(old_data, new_data)
     if "quantization" in fixed:
         for key in ("target_cpu", "reduce_range"):  # "auto" means: as resolved at prepare
             if new_data["quantization"][key] == "auto":
@@ -446,3 +619,17 @@ def merge(recorded: Recipe, new: Recipe, *, takes: tuple[str, ...], fixed: dict[
     for key in takes:
         old_data[key] = new_data[key]
     return Recipe.model_validate(old_data)
+
+
+def _as_resolved_at_capture(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """What `new` leaves to the model source (inputs, image preprocessing) means: as capture resolved it.
+
+    Capture records the inputs and a torchvision/timm model's image preprocessing it resolved from the
+    model; a later stage's --recipe that leaves them out agrees with the recorded values.
+    """
+    if new["inputs"] is None:
+        new["inputs"] = old["inputs"]
+    old_image, new_image = old["model"].get("image"), new["model"].get("image")
+    if old_image is not None:
+        new["model"]["image"] = {k: old_image[k] if (new_image or {}).get(k) is None else new_image[k]
+                                 for k in old_image}

@@ -54,9 +54,14 @@ def _report(report: dict[str, Any]) -> list[str]:
     if not ev:
         return lines
     sizes = ev["size_bytes"]
-    lines += [f"  {ev['metric']} on {ev['samples']} held-out samples: fp32 {100 * ev['fp32_torch']:.2f}%  "
-              f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {ev['accuracy_drop_points']:.2f} points)",
-              f"  size: fp32 ONNX {sizes['fp32_onnx'] / 1024:.1f} KiB, int8 ONNX {sizes['int8_onnx'] / 1024:.1f} KiB"]
+    if "accuracy_drop_points" in ev:
+        line = (f"  {ev['metric']} on {ev['samples']} held-out samples: fp32 {100 * ev['fp32_torch']:.2f}%  "
+                f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {ev['accuracy_drop_points']:.2f} points)")
+    else:  # a similarity to the fp32 PyTorch model
+        worst = f" (worst sample {ev['worst']['int8_onnx']:.4f})" if "worst" in ev else ""
+        line = (f"  {ev['metric']} to fp32 PyTorch on {ev['samples']} samples: fp32 ONNX {ev['fp32_onnx']:.4f}  "
+                f"int8 ONNX {ev['int8_onnx']:.4f}{worst}")
+    lines += [line, f"  size: fp32 ONNX {sizes['fp32_onnx'] / 1024:.1f} KiB, int8 ONNX {sizes['int8_onnx'] / 1024:.1f} KiB"]
     for batch, t in ev["ort_latency"].items():
         lines.append(f"  ORT latency {batch.replace('_', ' ')}: fp32 {t['fp32_ms']:.3f} ms, int8 {t['int8_ms']:.3f} ms "
                      f"({t['fp32_ms'] / t['int8_ms']:.2f}x)")

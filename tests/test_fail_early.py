@@ -323,6 +323,7 @@ def test_other_constraint_violations_carry_torchs_fix_in_recipe_terms():
 
 def test_the_factorys_module_is_put_in_eval_mode(files):
     from quantcli.loading.model import build_model
-    from quantcli.recipe import ModelSection
+    from quantcli.recipe import Recipe
 
-    assert build_model(ModelSection(factory=f"{files / 'models.py'}:dict_out")).training is False
+    recipe = Recipe(model={"factory": f"{files / 'models.py'}:dict_out"}, inputs=[{"name": "x", "shape": [1, 4]}])
+    assert build_model(recipe).module.training is False

@@ -92,7 +92,7 @@ def test_an_unknown_quantization_target_gets_a_did_you_mean():
     ({}, "model: Field required"),
     ({"model": {"factory": "model.py"}, "inputs": [{"name": "x", "shape": [1]}]},
      'model.factory: must look like "file.py:callable" or "package.module:callable"'),
-    (edited(inputs=[]), "inputs: List should have at least 1 item after validation, not 0"),
+    (edited(inputs=[]), "inputs: Value should have at least 1 item after validation, not 0"),
     (edited(inputs=[{"name": "x", "shape": [2, 3], "dynamic_axes": {2: "n"}}]), "inputs.0: dynamic_axes: axis 2 is outside shape [2, 3]"),
     (edited(inputs=[{"name": "x", "shape": [2]}, {"name": "x", "shape": [2]}]), "inputs: duplicate names ['x']"),
     (edited(calibration={"data": "d.npz", "keys": {"y": "a"}}), "keys name unknown inputs ['y']; inputs are ['x']"),

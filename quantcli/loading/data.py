@@ -238,8 +238,13 @@ class Dataset:
 
 
 def load_dataset(spec: str, keys: dict[str, str], inputs: list[InputSpec], what: str,
-                 targets: str | None = None) -> Dataset:
-    """Open an .npz or .npy folder for `inputs`: names, sample counts, shapes and dtypes checked, no data read."""
+                 targets: str | None = None, files: Any = None) -> Dataset:
+    """Open an .npz or .npy folder for `inputs`: names, sample counts, shapes and dtypes checked, no data read.
+
+    `files` (loading.files.reader) reads text and image files instead.
+    """
+    if files is not None:
+        return files.dataset()
     arrays = open_arrays(spec, what)
     names = {i.name: keys.get(i.name, i.name) for i in inputs}
     columns = {i.name: _get(arrays, names[i.name], what, role_of(i.name, names[i.name], what)) for i in inputs}
@@ -261,14 +266,17 @@ def load_dataset(spec: str, keys: dict[str, str], inputs: list[InputSpec], what:
 
 
 def iter_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], batch_size: int,
-                 num_batches: int | None, what: str,
-                 targets: str | None = None) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+                 num_batches: int | None, what: str, targets: str | None = None,
+                 files: Any = None) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
     """(number of batches, iterator of conformed input-name -> array batches); a final partial batch included.
 
     With `targets` (an array name), each batch also holds the targets under TARGET_COLUMN. The
-    one loading path of calibration and evaluation data, whatever the source. Asking for more
-    batches than the data holds, or a batch larger than the data, is said on stderr.
+    one loading path of calibration and evaluation data, whatever the source: `files` (made by
+    loading.files.reader for text, tables and image folders) streams them preprocessed the model's
+    way. Asking for more batches than the data holds, or a batch larger than the data, is said on stderr.
     """
+    if files is not None:
+        return files.iter_batches(batch_size, num_batches)
     if split_callable(spec) is not None and not Path(spec).exists():
         return _factory_batches(spec, keys, inputs, num_batches, what, targets)
     data = load_dataset(spec, keys, inputs, what, targets)

@@ -3,7 +3,8 @@
 `validate` (no torch, well under a second) and the first stage that reads a section use it, so that
 an array the file lacks, an unsafe dtype or a wrong shape fails before any work, not at export.
 Only the headers are read: an .npz member's first bytes through `zipfile`, an .npy file's first
-bytes. Data callables ("file.py:callable") are user code and are not run here.
+bytes. Data callables ("file.py:callable") are user code and are not run here; text, tables and
+image folders are checked by loading.file_checks.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 from numpy.lib import format as npy
 
 from quantcli.errors import DataError, InputError
+from quantcli.loading import kinds
 from quantcli.loading.data import dtype_problem, missing_array, role_of, shape_problem
 from quantcli.recipe import InputSpec, Recipe
-from quantcli.references import exists, split_callable
+from quantcli.references import exists
 
 SECTIONS = ("calibration", "training", "evaluation")
 
@@ -56,13 +58,14 @@ def headers(path: Path) -> dict[str, Header]:
         return found
 
 
-def source_problems(section: str, source: Any, inputs: list[InputSpec]) -> list[str]:
+def source_problems(section: str, source: Any, inputs: list[InputSpec] | None) -> list[str]:
     """Every problem the headers of one section's file source show (none for a callable)."""
-    if split_callable(source.data) is not None and not exists(source.data):
-        return []
     path = Path(source.data)
-    if not exists(path):
-        return []  # a missing file is reported as such (references.file_problems)
+    if not exists(path) or inputs is None:
+        return []  # a missing file is reported as such (references.file_problems); inputs come at capture
+    kind = kinds.by_name(source.data)
+    if kind not in ("arrays", "folder") or (kind == "folder" and kinds.of_folder(path) != "arrays"):
+        return []  # callables are user code, text and images are read by loading.files
     try:
         found = headers(path)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:

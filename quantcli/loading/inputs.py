@@ -42,9 +42,12 @@ def export_example(inputs: list[InputSpec]) -> dict[str, np.ndarray]:
 
 def example_batch(recipe: Recipe) -> dict[str, np.ndarray]:
     """The first calibration batch when there is data (keeps token ids valid), else synthetic."""
+    from quantcli.loading.files import reader
+
     cal = recipe.calibration
     if cal is not None:
-        _, batches = iter_batches(cal.data, cal.keys, recipe.inputs, cal.batch_size, 1, "calibration")
+        _, batches = iter_batches(cal.data, cal.keys, recipe.inputs, cal.batch_size, 1, "calibration",
+                                  files=reader(recipe, "calibration"))
         for batch in batches:
             return batch
     return export_example(recipe.inputs)

@@ -1,17 +1,34 @@
-"""Build the user's nn.Module from the recipe's model section."""
+"""Build the model from the recipe's model section: one dispatch by source (factory, Hugging Face, zoo).
+
+Every builder returns the module and the recipe with what the source knows resolved (inputs, a zoo
+model's image preprocessing), which capture records so that later stages read it from the artifact.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from quantcli.errors import ModelError
 from quantcli.loading.factory import load_callable
-from quantcli.recipe import ModelSection
+from quantcli.recipe import Recipe
 
 
-def build_model(section: ModelSection) -> Any:
+@dataclass
+class Built:
+    """A model ready to capture, the recipe it was resolved into, and a fallback to try if capture fails."""
+
+    module: Any  # torch.nn.Module in eval mode
+    recipe: Recipe  # inputs (and image preprocessing) resolved
+    fallback: Recipe | None = None  # the same with the sequence axis static, for models that specialize it
+    outputs: list[str] | None = None  # the output names the source gives when the recipe names none
+    details: dict[str, Any] = field(default_factory=dict)  # what the source resolved, for the manifest
+
+
+def _factory(recipe: Recipe) -> Built:
     import torch
 
+    section = recipe.model
     factory = load_callable(section.factory, "model.factory", ModelError)
     try:
         model = factory(**section.kwargs)
@@ -21,4 +38,31 @@ def build_model(section: ModelSection) -> Any:
         raise ModelError(
             f"model.factory {section.factory} returned {type(model).__name__}, not a torch.nn.Module"
         )
-    return model.eval()
+    return Built(model.eval(), recipe)
+
+
+def _huggingface(recipe: Recipe) -> Built:
+    from quantcli.sources import huggingface
+
+    return huggingface.build(recipe)
+
+
+def _torchvision(recipe: Recipe) -> Built:
+    from quantcli.sources import zoo
+
+    return zoo.build(recipe, zoo.TORCHVISION)
+
+
+def _timm(recipe: Recipe) -> Built:
+    from quantcli.sources import zoo
+
+    return zoo.build(recipe, zoo.TIMM)
+
+
+BUILDERS: dict[str, Callable[[Recipe], Built]] = {
+    "factory": _factory, "huggingface": _huggingface, "torchvision": _torchvision, "timm": _timm}
+
+
+def build_model(recipe: Recipe) -> Built:
+    """The recipe's model by its source (sources.names.SOURCES; a test checks both lists agree)."""
+    return BUILDERS[recipe.model.source](recipe)

@@ -1,4 +1,8 @@
-"""Accuracy, size and ONNX Runtime latency of the fp32 model and the int8 ONNX, from the evaluation section."""
+"""The evaluation section's metric, size and ONNX Runtime latency of the fp32 model and the int8 ONNX.
+
+The metric comes from the registry (quantcli.report.metrics) by name: accuracy, token accuracy, or
+cosine similarity to the fp32 PyTorch model.
+"""
 
 from __future__ import annotations
 
@@ -11,28 +15,29 @@ from quantcli.loading.data import TARGET_COLUMN, iter_batches, to_tensors
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import runtime
 from quantcli.recipe import Recipe
+from quantcli.report.metrics import METRICS, summarize
 
-
-def _predictions(output: Any) -> Any:
-    return output.argmax(-1)
+MODELS = ("fp32_torch", "fp32_onnx", "int8_onnx")
 
 
 def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, list[str]]) -> dict[str, Any]:
-    """fp32 (PyTorch and ONNX) and int8 ONNX accuracy on the held-out data; sizes; median latency.
+    """The metric of fp32 (PyTorch and ONNX) and int8 ONNX on the held-out data; sizes; median latency.
 
-    The data streams batch by batch (an .npz, a folder of .npy files or a callable), so memory
-    stays bounded by a batch; each batch goes through the three models once.
+    The data streams batch by batch (an .npz, a folder of .npy files, a callable, text or image
+    files), so memory stays bounded by a batch; each batch goes through the three models once.
     """
     import onnx
 
     from quantcli import _torch
+    from quantcli.loading.files import reader
+
     torch = _torch.torch
 
-    from quantcli import _torch
-
     section = recipe.evaluation
+    metric = METRICS[section.metric]
+    targets = section.targets if metric.needs_targets else None
     _, batches = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, None, "evaluation",
-                              targets=section.targets)
+                              targets=targets, files=reader(recipe, "evaluation", targets=metric.needs_targets))
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
         model = onnx_export.to_onnx(float_program, opset=recipe.export.opset, input_names=io["inputs"],
@@ -41,22 +46,21 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
         onnx.save(model, str(float_path))
         sessions = {"fp32_onnx": runtime.session(float_path), "int8_onnx": runtime.session(int8_path)}
         module = float_program.module()
-        correct = {"fp32_torch": 0, "fp32_onnx": 0, "int8_onnx": 0}
+        scores = {name: metric.accumulator() for name in MODELS}
         samples, first = 0, None
         for batch in batches:
-            targets = batch.pop(TARGET_COLUMN)
+            target = batch.pop(TARGET_COLUMN, None)
             first = first or batch
             with torch.no_grad():
-                logits = _torch.output_leaves(module(*to_tensors(batch, recipe.inputs)))[0][1].numpy()
-            correct["fp32_torch"] += int((_predictions(logits) == targets).sum())
+                reference = _torch.output_leaves(module(*to_tensors(batch, recipe.inputs)))[0][1].numpy()
+            scores["fp32_torch"].update(reference, reference, target)
             for name, sess in sessions.items():
-                correct[name] += int((_predictions(runtime.run(sess, batch)[0]) == targets).sum())
-            samples += len(targets)
+                scores[name].update(runtime.run(sess, batch)[0], reference, target)
+            samples += len(reference)
         result = {"metric": section.metric, "samples": samples,
-                  **{name: round(n / samples, 5) for name, n in correct.items()},
+                  **summarize(section.metric, {name: acc.result() for name, acc in scores.items()}),
                   "size_bytes": {"fp32_onnx": float_path.stat().st_size, "int8_onnx": int8_path.stat().st_size},
                   "ort_latency": _latency(sessions, first, section.batch_size)}
-    result["accuracy_drop_points"] = round(100 * (result["fp32_torch"] - result["int8_onnx"]), 3)
     return result
 
 

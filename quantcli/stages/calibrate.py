@@ -28,12 +28,14 @@ def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> Cal
     return section.model_copy(update=update)
 
 
-def run_batches(module: Any, section: CalibrationSection, inputs: list, progress: Progress) -> tuple[int, int]:
+def run_batches(module: Any, recipe: Recipe, progress: Progress) -> tuple[int, int]:
     """Feed the calibration batches through `module`; (batches, samples) seen."""
     from quantcli import _torch
+    from quantcli.loading.files import reader
 
+    section, inputs = recipe.calibration, recipe.inputs
     total, batches = iter_batches(section.data, section.keys, inputs, section.batch_size, section.num_batches,
-                                  "calibration")
+                                  "calibration", files=reader(recipe, "calibration"))
     seen = samples = 0
     with _torch.torch.no_grad():
         for index, batch in enumerate(batches):
@@ -62,7 +64,7 @@ def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: i
 
     def body(st: Any) -> dict[str, Any]:
         module = restore_prepared(parent)
-        seen, samples = run_batches(module, section, recipe.inputs, progress)
+        seen, samples = run_batches(module, recipe, progress)
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
         return {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}

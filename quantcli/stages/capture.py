@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts, diagnose, recipe as recipes, references
-from quantcli.errors import RecipeError
+from quantcli.errors import QuantCliError, RecipeError
 from quantcli.loading.data import iter_batches, to_tensors
+from quantcli.loading.files import reader
 from quantcli.loading.headers import check_sources
 from quantcli.loading.inputs import dynamic_shapes, example_batch
-from quantcli.loading.model import build_model
+from quantcli.loading.model import Built, build_model
+from quantcli.sources.names import TASKS
 from quantcli.stages.base import StageResult, data_hashes, produce, require_files
+
+log = logging.getLogger("quantcli")
 
 
 def output_names(result: Any, declared: list[str] | None) -> list[str]:
@@ -33,9 +38,12 @@ def output_names(result: Any, declared: list[str] | None) -> list[str]:
 
 
 def _model_files(recipe: recipes.Recipe) -> dict[str, str]:
-    """Files that define the model: the factory file and any kwarg naming an existing file."""
-    files = {}
-    target = references.split_callable(recipe.model.factory)
+    """Files that define the model: the factory file and any kwarg naming an existing file; a Hugging
+    Face folder; a torchvision/timm weights file."""
+    files = {key: getattr(recipe.model, key.split(".")[1]) for key in ("model.huggingface", "model.weights",
+                                                                       "model.checkpoint")
+             if getattr(recipe.model, key.split(".")[1]) is not None}
+    target = references.split_callable(recipe.model.factory) if recipe.model.factory else None
     if target and target[0].endswith(".py"):
         files["model.factory"] = recipe.model.factory
         base = Path(target[0]).parent
@@ -54,44 +62,78 @@ def run(recipe_path: str | Path, out: str | Path, *, force: bool = False) -> Sta
     def body(st: Any) -> dict[str, Any]:
         from quantcli import _torch
 
-        scan_calibration(recipe)
-        model = build_model(recipe.model)
-        diagnose.check_signature(model, recipe.inputs)
-        args = to_tensors(example_batch(recipe), recipe.inputs)
-        try:
-            with _torch.torch.no_grad():
-                result = model(*args)
-        except Exception as exc:  # the user's model and inputs disagree
-            raise diagnose.capture_error(exc, None, recipe.inputs) from exc
-        with _torch.portable_outputs(model, result):
-            program = _export(model, args, recipe.inputs)
+        built = build_model(recipe)
+        scan_calibration(built.recipe)
+        program, result, resolved = _capture(built)
         _torch.save_program(program, st.tmp / artifacts.PROGRAM)
-        return {"qat": False, "io": {"inputs": [i.name for i in recipe.inputs],
-                                     "outputs": output_names(result, recipe.outputs)}}
+        declared = resolved.outputs or built.outputs
+        extra = {"source": built.details} if built.details else {}
+        # the recipe recorded is the resolved one: later stages read its inputs (and a zoo model's image
+        # preprocessing) from here, and a later --recipe that leaves them out means "as resolved"
+        return {"qat": False, "io": {"inputs": [i.name for i in resolved.inputs],
+                                     "outputs": output_names(result, declared)},
+                "recipe": resolved.model_dump(mode="json"), "recipe_hash": resolved.digest(), **extra}
 
-    # The key covers the sections capture consumes (model, inputs, outputs) and the model's files,
-    # so an edit of a later section (quantization, calibration, ...) reuses the captured program.
-    return produce("captured", Path(out), recipe=recipe, parent=None, options={}, data=data, force=force, body=body)
+    # The key covers the sections capture consumes (model, inputs, outputs) as written, the model's files and
+    # what its data settings decide at capture (max_length), so an edit of a later section (quantization,
+    # calibration data, ...) reuses the captured program.
+    return produce("captured", Path(out), recipe=recipe, parent=None, options=_options(recipe), data=data,
+                   force=force, body=body)
 
 
-def _export(model: Any, args: tuple, inputs: list) -> Any:
-    """torch.export with the recipe's dynamic axes; a failure becomes one line naming its cause."""
+def _options(recipe: recipes.Recipe) -> dict[str, Any]:
+    """What beyond the consumed sections decides a source's resolved inputs: a text model's max_length."""
+    if recipe.inputs is not None or recipe.model.task is None or TASKS[recipe.model.task].modality != "text":
+        return {}
+    sections = [getattr(recipe, n) for n in ("calibration", "training", "evaluation")]
+    return {"max_length": next((s.max_length for s in sections if s is not None and s.max_length), None)}
+
+
+def _capture(built: Built) -> tuple[Any, Any, recipes.Recipe]:
+    """Export with the resolved inputs; where the model specializes a dynamic sequence, with it static."""
+    try:
+        program, result = _export(built.module, built.recipe)
+        return program, result, built.recipe
+    except QuantCliError as exc:
+        if built.fallback is None:
+            raise
+        log.warning(f"the sequence axis is static ({built.fallback.inputs[0].shape[1]} tokens): torch.export cannot "
+                    f"keep it dynamic for this model ({exc.message.removeprefix('capture failed: ')[:200]})")
+    program, result = _export(built.module, built.fallback)
+    return program, result, built.fallback
+
+
+def _export(module: Any, recipe: recipes.Recipe) -> tuple[Any, Any]:
+    """(the exported program, the model's output on the example batch) with the recipe's inputs and
+    dynamic axes; a failure becomes one line naming its cause."""
     from quantcli import _torch
 
-    shapes = dynamic_shapes(inputs)
+    diagnose.check_signature(module, recipe.inputs)
+    args = to_tensors(example_batch(recipe), recipe.inputs)
     try:
-        program = _torch.export_program(model, args, shapes)
-        return _torch.without_dead_state(program, args, shapes)
-    except Exception as exc:
-        raise diagnose.capture_error(exc, _torch.export_failure(exc), inputs) from exc
+        with _torch.torch.no_grad():
+            result = module(*args)
+    except Exception as exc:  # the user's model and inputs disagree
+        raise diagnose.capture_error(exc, None, recipe.inputs) from exc
+    shapes = dynamic_shapes(recipe.inputs)
+    with _torch.portable_outputs(module, result):
+        try:
+            program = _torch.export_program(module, args, shapes)
+            program = _torch.without_dead_state(program, args, shapes)
+        except Exception as exc:
+            raise diagnose.capture_error(exc, _torch.export_failure(exc), recipe.inputs) from exc
+    return program, result
 
 
 def scan_calibration(recipe: recipes.Recipe) -> None:
-    """Read every calibration batch of a file source through the loading checks (dtypes, NaN/Inf, counts),
+    """Read every calibration batch of an array source through the loading checks (dtypes, NaN/Inf, counts),
     so bad calibration data fails here rather than at calibrate or convert. A data callable is user
-    code: only its first batch (the example inputs) is read at capture."""
+    code: only its first batch (the example inputs) is read at capture; text and image files are
+    preprocessed by quantcli and read at calibrate."""
     cal = recipe.calibration
     if cal is None or (references.split_callable(cal.data) is not None and not references.exists(cal.data)):
+        return
+    if reader(recipe, "calibration") is not None:
         return
     _, batches = iter_batches(cal.data, cal.keys, recipe.inputs, cal.batch_size, cal.num_batches, "calibration")
     for _ in batches:

@@ -31,6 +31,9 @@ class RankResult(StageResult):
         return f"{self.stage}: rank {self.details['rank']} of {self.details['world_size']} done"
 
 
+CACHE = ".quantcli-cache"  # training's preprocessed text and images, beside the outputs in the work folder
+
+
 def with_training(parent: artifacts.Artifact, recipe_path: str | Path | None) -> Recipe:
     """The recorded recipe with --recipe's training: section applied; it must have one."""
     recipe = recipe_for("trained", parent, recipe_path)
@@ -88,17 +91,20 @@ def run(src: str | Path, out: str | Path, *, recipe_path: str | Path | None = No
 def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, key: str, resume: bool,
            folder: Path | None, progress: Progress) -> dict[str, Any]:
     from quantcli.loading.data import load_dataset
+    from quantcli.loading.files import reader
     from quantcli.training import api, checkpoints, loop
 
     section = recipe.training
-    data = load_dataset(section.data, section.keys, recipe.inputs, "training", targets=section.targets)
+    files = reader(recipe, "training", targets=True, cache=out.parent / CACHE)
+    data = load_dataset(section.data, section.keys, recipe.inputs, "training", targets=section.targets, files=files)
     data.scan()  # NaN/Inf or values that do not fit fail before the first step, not in the middle of training
     schedule = loop.Schedule.of(section, data.length, world)
     if schedule.freeze_observers_at == 0 and parent.stage == "prepared":
         raise RecipeError("training.freeze_observers_after: 0 freezes the observers before they see any data",
                           "calibrate first (`quantcli calibrate`), or freeze them later")
     model = api.from_artifact(parent)
-    trainer = loop.Trainer(model, data, section, recipe.inputs, world, schedule)
+    trainer = loop.Trainer(model, data, section, recipe.inputs, world, schedule,
+                           classes_last=recipe.model.task == "token-classification")
     partial = checkpoints.partial_dir(out)
     state = checkpoints.load(partial, key, world.size) if resume else None
     if state is not None:

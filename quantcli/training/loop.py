@@ -63,10 +63,11 @@ class Trainer:
     """One rank's training state: the module (DDP-wrapped if several ranks), optimizer, loss, data."""
 
     def __init__(self, model: QatModule, data: Dataset, section: TrainingSection, inputs: list[InputSpec],
-                 world: World, schedule: Schedule):
+                 world: World, schedule: Schedule, classes_last: bool = False):
         import torch
 
         self.model, self.data, self.section, self.inputs = model, data, section, inputs
+        self.classes_last = classes_last
         self.world, self.schedule = world, schedule
         torch.manual_seed(section.seed + world.rank)
         model.to(world.device).train()
@@ -133,6 +134,8 @@ class Trainer:
         args = tuple(t.to(self.world.device) for t in to_tensors(batch, self.inputs))
         targets = torch.from_numpy(np.asarray(batch[TARGET_COLUMN])).to(self.world.device)
         output = _torch.output_leaves(self.net(*args))[0][1]
+        if self.classes_last:  # token scores [batch, seq, classes]: losses take classes on axis 1
+            output = output.movedim(-1, 1)
         objectives.check_targets(self.section.loss, self.section.targets, output, targets)
         try:
             loss = self.loss(output, targets)

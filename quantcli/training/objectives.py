@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from quantcli.errors import DataError, InputError, RecipeError
 from quantcli.loading.factory import load_callable
+from quantcli.report.metrics import IGNORE  # torch's cross_entropy ignore_index (-100)
 
 Loss = Callable[[Any, Any], Any]  # (output, targets) -> scalar tensor, a mean over the batch
 
@@ -27,8 +28,9 @@ def _cross_entropy_shape(output: Any, targets: Any) -> str | None:
         want = (*output.shape[:1], *output.shape[2:])
         if tuple(targets.shape) != want:
             return f"class indices of shape {list(want)}"
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= output.shape[1]):
-            return f"class indices in [0, {output.shape[1]})"
+        labelled = targets[targets != IGNORE]  # cross_entropy's ignore_index: unlabelled sub-tokens
+        if labelled.numel() and (int(labelled.min()) < 0 or int(labelled.max()) >= output.shape[1]):
+            return f"class indices in [0, {output.shape[1]}) (or {IGNORE}: ignored)"
     elif targets.shape != output.shape:
         return f"probabilities of shape {list(output.shape)}"
     return None
@@ -54,14 +56,14 @@ def loss(spec: str) -> Loss:
     return load_callable(spec, "training.loss", InputError)
 
 
-def check_targets(spec: str, targets_key: str, output: Any, targets: Any) -> None:
+def check_targets(spec: str, targets_key: str | None, output: Any, targets: Any) -> None:
     """Raise DataError when the targets cannot go with the model's output under a registered loss."""
     if spec not in LOSSES:
         return
     need = LOSSES[spec][1](output, targets)
     if need is not None:
         raise DataError(
-            f"training.targets {targets_key!r}: a batch of targets has shape {list(targets.shape)} "
+            f"training.targets {targets_key or '(the class folders)'!r}: a batch of targets has shape {list(targets.shape)} "
             f"({str(targets.dtype).removeprefix('torch.')}), but the model's output is {list(output.shape)} "
             f"and {spec} needs {need}"
         )
