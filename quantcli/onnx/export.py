@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import ModelError, RecipeError
+from quantcli.onnx import rewrite
 
 EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through the version converter
 
@@ -26,7 +27,7 @@ def to_onnx(program: Any, *, opset: int, input_names: list[str], output_names: l
             raise ModelError("the converted graph cannot be exported to ONNX (out_dtype has no ONNX conversion)",
                              "convert without --reference-representation") from exc
         raise ModelError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
-    model = onnx_program.model_proto
+    model = rewrite.rewrite(onnx_program.model_proto)  # integer forms ORT can run (GlobalAveragePool...)
     return convert_opset(model, opset) if opset < EXPORTER_OPSET else model
 
 
