@@ -186,7 +186,7 @@ def _scaled_passthrough(g: _Graph, mul) -> Optional[tuple]:
     if mul.op_type != "Mul" or len(mul.input) != 2:
         return None
     users = g.consumers.get(mul.output[0], [])
-    if len(users) != 1 or users[0].op_type != "QuantizeLinear" or mul.output[0] in g.outputs:
+    if len(users) != 1 or users[0].op_type != "QuantizeLinear" or users[0].output[0] in g.outputs:
         return None
     for data, const in (mul.input, mul.input[::-1]):
         dq, factor = g.producer.get(data), _scalar(g, const)
