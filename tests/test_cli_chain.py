@@ -15,7 +15,8 @@ import onnx
 import pytest
 
 from quantcli import artifacts
-from quantcli.onnx.fusion import integer_op_report
+from quantcli.onnx.export import MODULE_KEY, MODULE_TYPE_KEY, OP_KEY
+from quantcli.onnx.fusion import analyze, integer_op_report
 from tests.conftest import quantcli
 from tests.models import MODELS
 from tests.recipes import write_recipe
@@ -72,7 +73,11 @@ def test_digits_onnx_carries_manifest_and_shapes(work):
     produced = {o for n in model.graph.node for o in n.output} - {"logits"}
     assert produced <= {v.name for v in model.graph.value_info}
     assert not (work / "model.onnx.data").exists()  # one self-contained file
-    assert not any(node.metadata_props for node in model.graph.node)
+    # of the exporter's debug metadata only each node's origin is kept: module, its class, torch op
+    origins = [{p.key: p.value for p in node.metadata_props} for node in model.graph.node]
+    assert {key for origin in origins for key in origin} == {MODULE_KEY, MODULE_TYPE_KEY, OP_KEY}
+    assert {o[MODULE_KEY] for o in origins if MODULE_KEY in o} >= {"features.0.0", "features.4.conv1", "fc"}
+    assert not any("/" in value for origin in origins for value in origin.values())  # no paths
 
 
 def test_inspect_json_of_each_stage(work):
@@ -121,6 +126,8 @@ def test_architecture_chain_as_separate_processes(name, tmp_path):
     assert shapes["with_shape"] == shapes["intermediate"] > 0
     kernels = integer_op_report(w / "model.onnx")
     assert kernels["integer"] == integer and kernels["float_ops"] == floating, kernels["op_types"]
+    islands = analyze(w / "model.onnx")["islands"]  # only kinds ORT has no integer kernel for
+    assert not [i for i in islands if not i["allowed"]], islands
     assert [i.name for i in model.graph.input] == [i["name"] for i in MODELS[name][1]]
     # only floating-point values are observed: ids, masks, positions and shapes stay as captured
     from quantcli.stages.base import restore_prepared

@@ -38,13 +38,14 @@ def _import_file(location: str, what: str, error: type[InputError]) -> Any:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))
+    sys.modules[name] = module  # before running it, as importlib does: dataclasses look their module up there
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[name]
         raise error(f"{what}: cannot import {path}: {type(exc).__name__}: {exc}") from exc
     finally:
         sys.path.remove(str(path.parent))
-    sys.modules[name] = module
     return module
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import ModelError, RecipeError
+from quantcli.onnx import rewrite
 
 EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through the version converter
 
@@ -26,7 +27,7 @@ def to_onnx(program: Any, *, opset: int, input_names: list[str], output_names: l
             raise ModelError("the converted graph cannot be exported to ONNX (out_dtype has no ONNX conversion)",
                              "convert without --reference-representation") from exc
         raise ModelError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
-    model = onnx_program.model_proto
+    model = rewrite.rewrite(onnx_program.model_proto)  # integer forms ORT can run (GlobalAveragePool...)
     return convert_opset(model, opset) if opset < EXPORTER_OPSET else model
 
 
@@ -51,13 +52,52 @@ def opset_of(model: Any) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def strip_node_metadata(model: Any) -> None:
-    """Drop the exporter's per-node debug metadata (stack traces, FX node text, name scopes).
+# Node metadata quantcli keeps (everything else the exporter writes is dropped): where a node came from.
+MODULE_KEY = "quantcli.module"  # the innermost nn.Module path, e.g. "features.3.block.1"; absent at the root
+MODULE_TYPE_KEY = "quantcli.module_type"  # that module's class name, e.g. "Conv2dNormActivation"
+OP_KEY = "quantcli.op"  # the torch op the node was exported from, e.g. "aten.gelu.default"
 
-    It held 60 % of the bytes of a small model and absolute paths of the machine that exported it.
+
+def node_origin(node: Any) -> dict[str, str]:
+    """The module path, module class and torch op an exported node came from, from the exporter's metadata.
+
+    The exporter writes `pkg.torch.onnx.name_scopes` (every enclosing module path, then the FX node's
+    name) and `pkg.torch.onnx.class_hierarchy` (their classes, then the torch op) as Python list
+    literals. Quantize/dequantize nodes carry no module and need no op: their ONNX op type says it.
+    """
+    import ast
+
+    props = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+        classes = ast.literal_eval(props.get("pkg.torch.onnx.class_hierarchy", "[]"))
+    except (ValueError, SyntaxError):
+        return {}
+    if not (isinstance(scopes, list) and isinstance(classes, list)) or len(classes) < 1:
+        return {}
+    origin = {}
+    if not str(classes[-1]).startswith("quantized_decomposed."):
+        origin[OP_KEY] = str(classes[-1])
+    if len(scopes) >= 2 and len(classes) == len(scopes) and scopes[-2]:
+        origin[MODULE_KEY] = str(scopes[-2])
+        origin[MODULE_TYPE_KEY] = str(classes[-2]).rsplit(".", 1)[-1]
+    return origin
+
+
+def strip_node_metadata(model: Any) -> None:
+    """Replace the exporter's per-node debug metadata with the node's origin (module, class, op).
+
+    The debug metadata (stack traces, FX node text, every enclosing scope) held 60 % of the bytes of
+    a small model and absolute paths of the machine that exported it. What is kept (`node_origin`)
+    is short, machine-independent and maps each node to the module it came from: the float-island
+    report and per-layer reports name modules with it.
     """
     for node in model.graph.node:
+        origin = node_origin(node)
         del node.metadata_props[:]
+        for key, value in origin.items():
+            entry = node.metadata_props.add()
+            entry.key, entry.value = key, value
     for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         del value.metadata_props[:]
     for tensor in model.graph.initializer:

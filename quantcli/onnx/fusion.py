@@ -1,9 +1,10 @@
-"""Which Conv/MatMul/Gemm of a QDQ model ONNX Runtime actually runs as integer kernels.
+"""Which Conv/MatMul/Gemm of a QDQ model ONNX Runtime actually runs as integer kernels, and what stays float.
 
 ORT fuses DQ -> Conv -> Q into QLinearConv (and MatMul/Gemm/Add/pooling likewise) only when
 the annotation suits its selectors; otherwise the op runs in float between DequantizeLinear
-and QuantizeLinear. `integer_op_report` optimizes the model the way a deployment would
-(ORT_ENABLE_ALL) and counts what is left.
+and QuantizeLinear. Both reports optimize the model the way a deployment would (ORT_ENABLE_ALL,
+CPU): `integer_op_report` counts op types, `analyze` gives the integer-kernel coverage and every
+float island with the module it came from (quantcli.onnx.islands).
 """
 
 from __future__ import annotations
@@ -12,14 +13,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-# Op types (any domain) that carry out a Conv/MatMul/Gemm in integer arithmetic.
-INTEGER_KERNELS = frozenset({
-    "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul", "QGemm", "QAttention", "DynamicQuantizeLSTM", "QLinearConvTranspose",
-    "MatMulNBits",
-})
-FLOAT_KERNELS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul",
-                           "FusedGemm", "NhwcFusedConv"})
+from quantcli.onnx.islands import FLOAT_KERNELS, INTEGER_KERNELS, Origins, allowance, island_nodes
 
 
 def optimized_graph(onnx_path: str | Path, threads: int = 1):
@@ -57,3 +51,34 @@ def integer_op_report(onnx_path: str | Path) -> dict:
         "quantize": ops.get("QuantizeLinear", 0) + ops.get("DynamicQuantizeLinear", 0),
         "dequantize": ops.get("DequantizeLinear", 0),
     }
+
+
+def analyze(onnx_path: str | Path) -> dict:
+    """Integer-kernel coverage and float islands of a QDQ model in ORT's optimized graph (CPU, ORT_ENABLE_ALL).
+
+    Returns {"coverage": {"integer": n, "total": n, "integer_ops": {...}, "float_ops": {...}},
+    "islands": [{"op_type", "name", "module", "module_type", "torch_op", "allowed", "reason"}, ...]}
+    where coverage counts Conv/MatMul/Gemm (and their fused forms) run as integer kernels against
+    all of them, and islands lists every node `island_nodes` finds, in graph order, with the module
+    it came from (the exported file's node metadata, see quantcli.onnx.export.node_origin) and
+    whether it is one of the allowed kinds (`ALLOWED`).
+    """
+    import onnx
+
+    exported = onnx.load(str(onnx_path)).graph
+    graph = optimized_graph(onnx_path)
+    ops = Counter(node.op_type for node in graph.node)
+    integer = {t: n for t, n in sorted(ops.items()) if t in INTEGER_KERNELS}
+    floating = {t: n for t, n in sorted(ops.items()) if t in FLOAT_KERNELS}
+    origins = Origins(exported, graph)
+    reasons = {id(n): allowance(n.op_type, origins.origin(n)) for n in graph.node}
+    islands = []
+    for node in island_nodes(graph, lambda n: bool(reasons[id(n)])):
+        origin = origins.origin(node)
+        reason = reasons[id(node)]
+        islands.append({"op_type": node.op_type, "name": node.name, "module": origin["module"],
+                        "module_type": origin["module_type"], "torch_op": origin["torch_op"],
+                        "allowed": bool(reason), "reason": reason})
+    return {"coverage": {"integer": sum(integer.values()), "total": sum(integer.values()) + sum(floating.values()),
+                         "integer_ops": integer, "float_ops": floating},
+            "islands": islands}

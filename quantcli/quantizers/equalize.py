@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import torch
 from torch.fx import GraphModule, Node
 
+from quantcli.quantizers.rewrites import get_attr_value as _attr, set_parameter as _set_attr
+
 aten = torch.ops.aten
 OUTLIER_RATIO = 4.0
 SIGMAS = 3.0
@@ -33,21 +35,6 @@ def _skip_passthrough(node: Node) -> Node:
     while isinstance(node, Node) and node.op == "call_function" and node.target in _PASS:
         node = node.args[0]
     return node
-
-
-def _attr(model: GraphModule, node) -> Optional[torch.Tensor]:
-    if not (isinstance(node, Node) and node.op == "get_attr"):
-        return None
-    obj = model
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj if isinstance(obj, torch.Tensor) else None
-
-
-def _set_attr(model: GraphModule, target: str, value: torch.Tensor) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = model.get_submodule(owner_path) if owner_path else model
-    setattr(owner, name, torch.nn.Parameter(value, requires_grad=getattr(owner, name).requires_grad))
 
 
 def channel_scales(gamma, beta, w1, b1, w2_cols: int) -> Optional[torch.Tensor]:

@@ -1,22 +1,24 @@
 """quantcli's own PT2E quantizer: annotates what ONNX Runtime runs as integer kernels.
 
 Activations uint8 asymmetric and weights int8 symmetric per output channel by default, the
-combination ORT's QDQ fusions need. Conv(+BN)(+ReLU/ReLU6) and Linear/MatMul quantize their
-inputs and weights (scaled_dot_product_attention is written out first, so its two matmuls are
-among them); a conv chain also quantizes its output, so DQ-Conv-Q becomes QLinearConv.
-Add/Mul, ReLU, pooling, concat and shape ops are quantized only where a quantized consumer
-follows, so no Q/DQ pair lands in front of an op that stays float (LayerNorm, Softmax, GELU,
-Hardswish...). Only floating-point tensors are touched: ids, masks, positions and shapes stay
-as captured. Annotation is a pure function of the graph and the QuantizationSection.
+combination ORT's QDQ fusions need. Conv(+BN)(+ReLU/ReLU6), Linear, addmm and MatMul quantize
+their inputs and weights (scaled_dot_product_attention is written out first, so its two matmuls
+are among them); a conv chain also quantizes its output, so DQ-Conv-Q becomes QLinearConv, and a
+zero pad right before a conv is left between its DequantizeLinear and the conv, where ORT folds
+it into the QLinearConv. Add/Mul, ReLU, sigmoid (SiLU is written out as x * sigmoid(x)), pooling,
+global means, concat, split and shape ops are quantized where a quantized consumer follows or
+where they would otherwise be a float island (quantizers.selection), never in front of an op
+that stays float only because of them (LayerNorm, Softmax, GELU, Hardswish...). Only
+floating-point tensors are touched: ids, masks, positions and shapes stay as captured.
+Annotation is a pure function of the graph and the QuantizationSection.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Optional
+from typing import Callable, Optional
 
-import torch
 from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import (
     QuantizationAnnotation,
@@ -24,46 +26,16 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
+from quantcli.quantizers import rewrites
 from quantcli.quantizers.attention import decompose_sdpa
 from quantcli.quantizers.equalize import equalize_ffn
+from quantcli.quantizers.patterns import BATCH_NORM, KIND, absorbed_pad, is_activation, only_user, positive_scalar, value
 from quantcli.quantizers.policy import Policy, check_matches
-from quantcli.quantizers.specs import Setting, activation_spec, bias_spec, weight_spec
+from quantcli.quantizers.selection import quantized_nodes
+from quantcli.quantizers.specs import Setting, activation_spec, bias_spec, scaled_spec, weight_spec
 from quantcli.recipe import QuantizationSection
 
-aten = torch.ops.aten
 KEY = "quantization_annotation"
-
-_OPS = {
-    "conv": (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-             aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding),
-    "conv_transpose": (aten.conv_transpose1d.default, aten.conv_transpose2d.input,
-                       aten.conv_transpose3d.input),
-    "linear": (aten.linear.default,),
-    "matmul": (aten.matmul.default, aten.bmm.default, aten.mm.default),
-    "binary": (aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor),
-    "relu": (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default),
-    "cat": (aten.cat.default, aten.concat.default),
-    # the output keeps the input's quantization parameters; ORT keeps these integer
-    "shared": (aten.max_pool1d.default, aten.max_pool2d.default, aten.avg_pool1d.default,
-               aten.avg_pool2d.default, aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
-               aten.reshape.default, aten.view.default, aten.flatten.using_ints, aten.permute.default,
-               aten.transpose.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-               aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.dropout.default,
-               aten.clone.default, aten.slice.Tensor, aten.select.int),
-}
-KIND = {op: kind for kind, ops in _OPS.items() for op in ops}
-BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
-              aten._native_batch_norm_legit.default}
-WEIGHTED = ("conv", "conv_transpose", "linear", "matmul")
-
-
-def is_float(arg) -> bool:
-    val = arg.meta.get("val") if isinstance(arg, Node) else None
-    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
-
-
-def is_activation(arg) -> bool:
-    return is_float(arg) and arg.op != "get_attr"
 
 
 def is_annotated(node: Node) -> bool:
@@ -74,27 +46,8 @@ def annotate(node: Node, inputs: dict, output=None) -> None:
     node.meta[KEY] = QuantizationAnnotation(input_qspec_map=inputs, output_qspec=output, _annotated=True)
 
 
-def only_user(node: Node) -> Optional[Node]:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def quantizable(node: Node) -> bool:
-    """Whether the op and its inputs are of a kind this quantizer handles (float tensors only)."""
-    kind = KIND.get(node.target)
-    if kind is None or not is_float(node):
-        return False
-    if kind in WEIGHTED:
-        x, w = node.args[0], node.args[1]
-        return is_activation(x) and is_float(w) and (kind == "matmul" or w.op == "get_attr")
-    if kind == "binary":  # two activations; a constant operand (a scale, a bias) stays float
-        return all(isinstance(a, Node) and is_activation(a) for a in node.args[:2])
-    if kind == "cat":
-        return all(is_activation(a) for a in node.args[0])
-    return is_activation(node.args[0])
-
-
 class OnnxRuntimeQuantizer(Quantizer):
-    """Annotates Conv/Linear/MatMul chains, Add/Mul, pooling and shape ops for ORT's QDQ fusion."""
+    """Annotates conv/linear/matmul chains and the ops around them for ORT's QDQ fusions."""
 
     def __init__(self, q: QuantizationSection, *, qat: bool = False):
         super().__init__()
@@ -102,42 +55,30 @@ class OnnxRuntimeQuantizer(Quantizer):
         self.qat = qat
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
-        """Write SDPA out as matmuls (so both get quantized) and equalize FFNs, where quantized."""
+        """Rewrites that give ORT integer forms (see quantizers.rewrites), where the policy quantizes."""
         check_matches(self.q, model.graph)
         policy = Policy(self.q, qat=self.qat)
-        decompose_sdpa(model, lambda sdpa: policy.setting(sdpa) is not None)
+        wanted = lambda node: policy.setting(node) is not None  # noqa: E731
+        decompose_sdpa(model, wanted)
         if self.q.equalize:
-            equalize_ffn(model, lambda fc2: policy.setting(fc2) is not None)
+            equalize_ffn(model, wanted)
+        rewrites.decompose_silu(model, wanted)
+        rewrites.pools_to_means(model, wanted)
+        rewrites.fold_channel_scales(model, wanted)
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:
         policy = Policy(self.q, qat=self.qat)
-        wants = self._takes_int8(model.graph, policy)
+        chosen = quantized_nodes(model.graph, policy)
         for node in model.graph.nodes:
-            if node.op != "call_function" or is_annotated(node) or not wants.get(node, False):
+            if node not in chosen or is_annotated(node):
                 continue
-            kind = KIND[node.target]
-            setting = policy.setting(node)
-            out = any(wants.get(u, False) for u in node.users)
-            getattr(self, f"_annotate_{kind}")(node, setting, out, policy)
+            out = any(u in chosen for u in node.users)
+            self.ANNOTATORS[KIND[node.target]](self, node, policy.setting(node), out, policy)
         return model
 
     def validate(self, model: GraphModule) -> None:
         return None
-
-    @staticmethod
-    def _takes_int8(graph, policy: Policy) -> dict[Node, bool]:
-        """Node -> whether it will be quantized (and so quantizes its float activation inputs).
-
-        Conv/Linear/MatMul always are; the other kinds only where one of their users is, which
-        is known for every user first because the graph is walked backwards.
-        """
-        wants: dict[Node, bool] = {}
-        for node in reversed(graph.nodes):
-            if node.op != "call_function" or not quantizable(node) or policy.setting(node) is None:
-                continue
-            wants[node] = KIND[node.target] in WEIGHTED or any(wants.get(u, False) for u in node.users)
-        return wants
 
     # -- one method per kind: (node, setting, whether a quantized consumer follows, policy)
     def _annotate_conv(self, conv: Node, s: Setting, out: bool, policy: Policy) -> None:
@@ -151,7 +92,10 @@ class OnnxRuntimeQuantizer(Quantizer):
 
     def _conv_chain(self, conv: Node, s: Setting, w_spec) -> None:
         act = activation_spec(s)
-        annotate(conv, {conv.args[0]: act, conv.args[1]: w_spec})
+        pad = absorbed_pad(conv)
+        if pad is not None:  # DQ -> Pad -> Conv: quantize the pad's input, nothing between pad and conv
+            annotate(pad, {pad.args[0]: act})
+        annotate(conv, {conv.args[1]: w_spec} if pad is not None else {conv.args[0]: act, conv.args[1]: w_spec})
         last = conv
         nxt = only_user(last)
         if nxt is not None and nxt.target in BATCH_NORM:
@@ -175,25 +119,40 @@ class OnnxRuntimeQuantizer(Quantizer):
         inputs = {x: act, w: weight_spec(s, 0)}
         bias = node.args[2] if len(node.args) > 2 else None
         # A 2-D linear exports as Gemm, which ORT fuses (QGemm) only with an int32 bias.
-        if isinstance(bias, Node) and bias.op == "get_attr" and x.meta["val"].dim() == 2:
+        if isinstance(bias, Node) and bias.op == "get_attr" and value(x).dim() == 2:
             inputs[bias] = bias_spec(s, (x, node), (w, node))
         annotate(node, inputs, act if out else None)
+
+    def _annotate_addmm(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
+        """bias + x @ W, W stored (in, out) as in GPT-2's Conv1D: per-channel on axis 1, int32 bias (QGemm)."""
+        act = activation_spec(s)
+        bias, x, w = node.args[:3]
+        annotate(node, {x: act, w: weight_spec(s, 1), bias: bias_spec(s, (x, node), (w, node))},
+                 act if out else None)
 
     def _annotate_matmul(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         act = activation_spec(s)
         a, b = node.args[0], node.args[1]
-        b_spec = weight_spec(s, b.meta["val"].dim() - 1) if b.op == "get_attr" else act
+        b_spec = act if is_activation(b) else weight_spec(s, value(b).dim() - 1)
         annotate(node, {a: act, b: b_spec}, act if out else None)
 
     def _annotate_binary(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
-        """Add/Mul of two activations, with a following ReLU folded in (QLinearAdd/QLinearMul)."""
-        act = activation_spec(s)
-        annotate(node, {a: act for a in node.args[:2]})
+        """Add/Mul of two activations, a following ReLU folded in (QLinearAdd/QLinearMul).
+
+        x * c with a positive scalar c (a query scaling) keeps x's quantization with its scale times
+        c: on the integers that is no op at all, and the export removes it.
+        """
+        factor = positive_scalar(node)
+        if factor is not None:
+            x = node.args[0]
+            annotate(node, {x: activation_spec(s)}, scaled_spec(s, (x, node), factor))
+            return
+        annotate(node, {a: activation_spec(s) for a in node.args[:2]})
         last = node
         nxt = only_user(node)
         if nxt is not None and KIND.get(nxt.target) == "relu" and policy.setting(nxt) is not None:
             last, _ = self._absorb(nxt)
-        last.meta[KEY].output_qspec = act
+        last.meta[KEY].output_qspec = activation_spec(s)
 
     def _annotate_relu(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         act = activation_spec(s)
@@ -204,6 +163,41 @@ class OnnxRuntimeQuantizer(Quantizer):
         act = activation_spec(s)
         annotate(node, {a: act for a in node.args[0]}, act)
 
+    def _annotate_requantizing(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
+        """Pools, global means, sigmoid, leaky ReLU: ORT's QLinear kernels give the output its own range."""
+        act = activation_spec(s)
+        annotate(node, {node.args[0]: act}, act)
+
+    def _annotate_split(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
+        """Split/chunk/unbind: every piece keeps the input's parameters (ORT splits the uint8 tensor)."""
+        x = node.args[0]
+        annotate(node, {x: activation_spec(s)})
+        for piece in node.users:
+            if piece.target is operator.getitem and not is_annotated(piece):
+                annotate(piece, {}, SharedQuantizationSpec((x, node)))
+
+    def _annotate_getitem(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
+        self._annotate_split(node.args[0], s, out, policy)
+
     def _annotate_shared(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
+        user = only_user(node)
+        if user is not None and KIND.get(user.target) == "conv" and absorbed_pad(user) is node:
+            return  # annotated with its conv
         x = node.args[0]
         annotate(node, {x: activation_spec(s)}, SharedQuantizationSpec((x, node)))
+
+    ANNOTATORS: dict[str, Callable] = {
+        "conv": _annotate_conv,
+        "conv_transpose": _annotate_conv_transpose,
+        "linear": _annotate_linear,
+        "addmm": _annotate_addmm,
+        "matmul": _annotate_matmul,
+        "binary": _annotate_binary,
+        "relu": _annotate_relu,
+        "cat": _annotate_cat,
+        "pool": _annotate_shared,
+        "unary": _annotate_requantizing,
+        "split": _annotate_split,
+        "getitem": _annotate_getitem,
+        "shared": _annotate_shared,
+    }

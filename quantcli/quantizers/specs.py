@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantize
@@ -82,3 +82,20 @@ def bias_spec(s: Setting, x, weight) -> DerivedQuantizationSpec:
         derived_from=[x, weight], derive_qparams_fn=_bias_qparams, dtype=torch.int32,
         quant_min=-(2**31), quant_max=2**31 - 1, qscheme=qscheme, ch_axis=0 if s.w_per_channel else None,
     )
+
+
+def _scaled_qparams(factor: float, obs_or_fqs):
+    """The input's parameters with the scale times `factor` (> 0), the zero point kept."""
+    scale, zero_point = obs_or_fqs[0].calculate_qparams()
+    return scale * factor, zero_point
+
+
+def scaled_spec(s: Setting, edge, factor: float) -> DerivedQuantizationSpec:
+    """The output of x * factor (factor > 0) quantized as x is, its scale times factor.
+
+    Then DQ(x) -> Mul -> Q equals no op at all on the integers: quantcli.onnx.rewrite removes it.
+    """
+    dtype, qmin, qmax = (torch.uint8, 0, 255) if s.act_dtype == "uint8" else (torch.int8, -128, 127)
+    qscheme = torch.per_tensor_symmetric if s.act_symmetric else torch.per_tensor_affine
+    return DerivedQuantizationSpec(derived_from=[edge], derive_qparams_fn=partial(_scaled_qparams, factor),
+                                   dtype=dtype, quant_min=qmin, quant_max=qmax, qscheme=qscheme)

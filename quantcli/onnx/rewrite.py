@@ -1,0 +1,326 @@
+"""ONNX rewrites at export that let ONNX Runtime keep quantized tensors in integer, numerically equal.
+
+- `global_average_pools`: a ReduceMean over all spatial axes of an (N, C, ...) tensor becomes
+  GlobalAveragePool, which ORT runs as QLinearGlobalAveragePool between a DequantizeLinear and a
+  QuantizeLinear (it has no integer ReduceMean). With keepdims=0 and a QuantizeLinear as the only
+  consumer, the squeeze moves after the QuantizeLinear (per-tensor parameters commute with it).
+- `integer_data_movement`: DequantizeLinear -> ops that only move or copy values (Reshape,
+  Transpose, Slice, Split, Concat, Pad with 0...) -> QuantizeLinear, with one set of per-tensor
+  parameters on every entry and exit, runs those ops on the integers instead. ORT does this
+  itself for single ops it knows, but not for Pad, nor inside the several nodes one torch op
+  exports as (torch.roll: Slice + Concat). A zero pad becomes a pad with the zero point.
+
+- `scaled_passthroughs`: DequantizeLinear(scale s) -> Mul by a positive scalar c -> QuantizeLinear
+  with scale s * c and the same zero point (what the quantizer makes of a query scaling) is the
+  identity on the integers, and goes.
+
+Value names of the graph's inputs and outputs stay; intermediate value_info is kept consistent,
+so strict shape inference stays complete.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+_DATA_MOVEMENT = {"Reshape", "Transpose", "Slice", "Split", "Concat", "Gather", "Squeeze", "Unsqueeze",
+                  "Flatten", "Expand", "Tile", "Identity", "Pad", "DepthToSpace", "SpaceToDepth"}
+# Inputs that carry the data (the rest are shapes, indices, axes, pads: integers).
+_DATA_INPUTS = {"Concat": None, "Pad": (0,)}
+
+
+def rewrite(model: Any) -> Any:
+    """Apply every rewrite of this module to `model` in place; return it."""
+    global_average_pools(model)
+    scaled_passthroughs(model)
+    integer_data_movement(model)
+    return model
+
+
+class _Graph:
+    """Producers, consumers, constants and value types of an onnx GraphProto."""
+
+    def __init__(self, model: Any):
+        from onnx import numpy_helper
+
+        self.model, self.graph = model, model.graph
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.consts = {n.output[0]: numpy_helper.to_array(a.t) for n in self.graph.node
+                       if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
+        self.producer = {o: n for n in self.graph.node for o in n.output if o}
+        self.consumers: dict[str, list] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.types = {v.name: v.type.tensor_type for v in
+                      list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)}
+        self.outputs = {o.name for o in self.graph.output}
+
+    def constant(self, name: str) -> Optional[np.ndarray]:
+        from onnx import numpy_helper
+
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        return self.consts.get(name)
+
+    def rank(self, name: str) -> Optional[int]:
+        t = self.types.get(name)
+        return len(t.shape.dim) if t is not None and t.HasField("shape") else None
+
+    def add_initializer(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def fresh(self, base: str) -> str:
+        names = set(self.producer) | set(self.inits) | {i.name for i in self.graph.input}
+        name, n = base, 0
+        while name in names:
+            n += 1
+            name = f"{base}_{n}"
+        return name
+
+
+# ------------------------------------------------------------------ ReduceMean -> GlobalAveragePool
+def _spatial_mean(g: _Graph, node) -> Optional[tuple[int, bool]]:
+    """(rank, keepdims) when `node` is a ReduceMean over every axis from 2 on, else None."""
+    if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
+        return None
+    attrs = {a.name: a.i for a in node.attribute}
+    rank = g.rank(node.input[0])
+    axes = g.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if rank is None or rank < 3 or axes is None:
+        return None
+    if sorted(int(a) % rank for a in np.atleast_1d(axes)) != list(range(2, rank)):
+        return None
+    return rank, bool(attrs.get("keepdims", 1))
+
+
+def global_average_pools(model: Any) -> int:
+    """ReduceMean over the spatial axes -> GlobalAveragePool (see the module docstring); return how many."""
+    g = _Graph(model)
+    count = 0
+    for node in list(g.graph.node):
+        found = _spatial_mean(g, node)
+        if found is None:
+            continue
+        rank, keepdims = found
+        users = g.consumers.get(node.output[0], [])
+        if keepdims:
+            _replace_with_pool(node)
+        elif len(users) == 1 and users[0].op_type == "QuantizeLinear" and _per_tensor(g, users[0]) \
+                and node.output[0] not in g.outputs:
+            _pool_then_squeeze(g, node, users[0], rank)
+        else:
+            continue
+        count += 1
+    return count
+
+
+def _replace_with_pool(node) -> None:
+    del node.input[1:]
+    del node.attribute[:]
+    node.op_type = "GlobalAveragePool"
+
+
+def _pool_then_squeeze(g: _Graph, node, quantize, rank: int) -> None:
+    """mean(keepdims=0) -> Q  becomes  GlobalAveragePool -> Q -> Squeeze; the squeeze takes the Q's output name."""
+    from onnx import helper
+
+    mean_out, squeezed = node.output[0], quantize.output[0]
+    pooled, quantized = g.fresh(mean_out + "_pooled"), g.fresh(squeezed + "_pooled")
+    _replace_with_pool(node)
+    node.output[0] = quantize.input[0] = pooled
+    quantize.output[0] = quantized
+    axes = g.add_initializer(g.fresh(node.name + "_axes"), np.arange(2, rank, dtype=np.int64))
+    squeeze = helper.make_node("Squeeze", [quantized, axes], [squeezed], name=g.fresh(node.name + "_squeeze"))
+    squeeze.metadata_props.extend(node.metadata_props)
+    g.graph.node.insert(list(g.graph.node).index(quantize) + 1, squeeze)
+    _drop_value_info(g, {mean_out})  # no longer produced; the squeezed value keeps the Q's value_info
+
+
+def _drop_value_info(g: _Graph, names: set[str]) -> None:
+    for v in [v for v in g.graph.value_info if v.name in names]:
+        g.graph.value_info.remove(v)
+
+
+def _per_tensor(g: _Graph, qdq) -> bool:
+    scale = g.constant(qdq.input[1])
+    return scale is not None and scale.size == 1
+
+
+# ------------------------------------------------------------------ x * c between equal integers
+def _scalar(g: _Graph, name: str) -> Optional[float]:
+    value = g.constant(name)
+    return float(value.reshape(())) if value is not None and value.size == 1 else None
+
+
+def scaled_passthroughs(model: Any) -> int:
+    """Remove DQ(s, z) -> Mul(c > 0) -> Q(s * c, z) (see the module docstring); return how many."""
+    g = _Graph(model)
+    released: set[str] = set()
+    count = 0
+    for mul in list(g.graph.node):
+        found = _scaled_passthrough(g, mul)
+        if found is None:
+            continue
+        dq, q = found
+        for user in g.consumers.get(q.output[0], []):
+            for k, name in enumerate(user.input):
+                if name == q.output[0]:
+                    user.input[k] = dq.input[0]
+        released |= set(mul.input) | set(q.input[1:])
+        g.graph.node.remove(mul)
+        g.graph.node.remove(q)
+        _drop_value_info(g, {mul.output[0], q.output[0]})
+        count += 1
+    if count:
+        _drop_unused(g, released)
+    return count
+
+
+def _scaled_passthrough(g: _Graph, mul) -> Optional[tuple]:
+    """(DQ, Q) around `mul` when they and its scalar cancel out, else None."""
+    if mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    users = g.consumers.get(mul.output[0], [])
+    if len(users) != 1 or users[0].op_type != "QuantizeLinear" or users[0].output[0] in g.outputs:
+        return None
+    for data, const in (mul.input, mul.input[::-1]):
+        dq, factor = g.producer.get(data), _scalar(g, const)
+        if dq is None or dq.op_type != "DequantizeLinear" or factor is None or not factor > 0:
+            continue
+        a, b = _qparams(g, dq), _qparams(g, users[0])
+        if a is not None and b is not None and a[1:] == b[1:] and abs(a[0] * factor - b[0]) <= 1e-5 * b[0]:
+            return dq, users[0]
+    return None
+
+
+# ------------------------------------------------------------------ integer data movement
+def _data_inputs(node) -> list[str]:
+    picked = _DATA_INPUTS.get(node.op_type, (0,))
+    return [i for i in node.input if i] if picked is None else [node.input[k] for k in picked if k < len(node.input)]
+
+
+def _movable(g: _Graph, node) -> bool:
+    if node.op_type not in _DATA_MOVEMENT or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Pad":
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        fill = g.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
+        return mode == "constant" and fill is not None and not np.any(fill)
+    return True
+
+
+def _qparams(g: _Graph, qdq) -> Optional[tuple]:
+    scale = g.constant(qdq.input[1])
+    zero = g.constant(qdq.input[2]) if len(qdq.input) > 2 and qdq.input[2] else None
+    if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+        return None
+    return float(scale.reshape(())), zero.dtype.str, int(zero.reshape(()))
+
+
+def _region(g: _Graph, start, movable: dict) -> Optional[tuple[list, list, list]]:
+    """The connected data-movement nodes around `start`, their entry DQs and exit Qs, or None if it leaks."""
+    nodes, entries, exits, todo = [], [], [], [start]
+    seen = {id(start)}
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        for name in _data_inputs(node):
+            parent = g.producer.get(name)
+            if parent is None:
+                return None
+            if parent.op_type == "DequantizeLinear":
+                entries.append((parent, node))
+            elif movable.get(id(parent)):
+                if id(parent) not in seen:
+                    seen.add(id(parent))
+                    todo.append(parent)
+            else:
+                return None
+        for out in node.output:
+            if out in g.outputs:
+                return None
+            for user in g.consumers.get(out, []):
+                if user.op_type == "QuantizeLinear" and user.input[0] == out and user.output[0] not in g.outputs:
+                    exits.append(user)
+                elif movable.get(id(user)) and out in _data_inputs(user):
+                    if id(user) not in seen:
+                        seen.add(id(user))
+                        todo.append(user)
+                else:
+                    return None
+    return nodes, entries, exits
+
+
+def integer_data_movement(model: Any) -> int:
+    """Run DQ -> data movement -> Q regions on the integers (see the module docstring); return how many regions."""
+    g = _Graph(model)
+    movable = {id(n): _movable(g, n) for n in g.graph.node}
+    done: set[int] = set()
+    released: set[str] = set()  # scales and zero points of removed Q/DQ nodes
+    count = 0
+    for node in list(g.graph.node):
+        if not movable[id(node)] or id(node) in done:
+            continue
+        region = _region(g, node, movable)
+        if region is None:
+            continue
+        nodes, entries, exits = region
+        done.update(id(n) for n in nodes)
+        params = {_qparams(g, q) for q in [dq for dq, _ in entries] + exits}
+        if not entries or not exits or len(params) != 1 or None in params:
+            continue
+        released |= {name for q in [dq for dq, _ in entries] + exits for name in q.input[1:]}
+        _to_integers(g, nodes, entries, exits, params.pop())
+        count += 1
+    if count:
+        _drop_unused(g, released)
+    return count
+
+
+def _to_integers(g: _Graph, nodes: list, entries: list, exits: list, params: tuple) -> None:
+    from onnx import TensorProto, helper
+
+    _, dtype, zero = params
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    for dq, user in entries:
+        for k, name in enumerate(user.input):
+            if name == dq.output[0]:
+                user.input[k] = dq.input[0]
+    for node in nodes:
+        if node.op_type == "Pad":
+            fill = g.add_initializer(g.fresh(node.name + "_zero_point"), np.array(zero, dtype=np.dtype(dtype)))
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = fill
+        for out in node.output:
+            if out in g.types and g.types[out].elem_type != TensorProto.UNDEFINED:
+                g.types[out].elem_type = elem
+    for q in exits:
+        source = q.input[0]
+        for user in g.consumers.get(q.output[0], []):
+            for k, name in enumerate(user.input):
+                if name == q.output[0]:
+                    user.input[k] = source
+        g.graph.node.remove(q)
+    _drop_value_info(g, {q.output[0] for q in exits})
+
+
+def _drop_unused(g: _Graph, released: set[str]) -> None:
+    """Remove DequantizeLinear nodes left without users, and the released initializers nothing reads any more."""
+    while True:
+        used = {i for n in g.graph.node for i in n.input} | g.outputs
+        dead = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            released.update(n.input)
+            g.graph.node.remove(n)
+        _drop_value_info(g, {n.output[0] for n in dead})
+    used = {i for n in g.graph.node for i in n.input}
+    for init in [i for i in g.graph.initializer if i.name in released and i.name not in used]:
+        g.graph.initializer.remove(init)

@@ -1,0 +1,186 @@
+"""Graph rewrites before annotation that give ONNX Runtime integer forms to ops it would run in float.
+
+- SiLU/Swish exports as Sigmoid then Mul; written out as x * sigmoid(x) here, both get quantized
+  (QLinearSigmoid, QLinearMul) instead of sitting between a DequantizeLinear and a QuantizeLinear.
+- adaptive_avg_pool to size 1 becomes a mean over the spatial dims: the same values, exported
+  as ReduceMean (quantcli.onnx.rewrite turns it into GlobalAveragePool) and never as the
+  as_strided copy the pool's decomposition adds for channels-last inputs.
+- A multiplication by a per-channel constant or a scalar right after a Linear/Conv (ConvNeXt's
+  layer scale, a query scaling) is folded into that layer's weight and bias.
+
+Each rewrite is a pure function of the graph and its weights, so prepare in another process
+builds the same nodes, buffers and state_dict keys. They touch only nodes `wanted(node)` accepts
+(the quantization policy), so excluded modules keep their captured ops.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from quantcli.quantizers.patterns import value
+
+aten = torch.ops.aten
+_SILU = (aten.silu.default, aten.silu_.default)
+_ADAPTIVE = {aten.adaptive_avg_pool1d.default: [-1], aten.adaptive_avg_pool2d.default: [-2, -1]}
+_PERMUTES = (aten.permute.default, aten.transpose.int)
+_FOLD_INTO = (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+
+
+def get_attr_value(model: GraphModule, node) -> Optional[torch.Tensor]:
+    """The tensor a get_attr node reads, or None."""
+    if not (isinstance(node, Node) and node.op == "get_attr"):
+        return None
+    obj = model
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def set_parameter(model: GraphModule, target: str, new: torch.Tensor) -> None:
+    """Replace the parameter at `target` by a new Parameter holding `new` (the captured one is untouched)."""
+    owner_path, _, name = target.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    setattr(owner, name, torch.nn.Parameter(new, requires_grad=getattr(owner, name).requires_grad))
+
+
+def _node(graph, like: Node, target, args, val: torch.Tensor) -> Node:
+    """A call to `target` with `like`'s metadata (module stack) and its own value."""
+    new = graph.call_function(target, args)
+    new.meta.update({k: v for k, v in like.meta.items() if k != "val"})
+    new.meta["val"] = val
+    return new
+
+
+def _finish(model: GraphModule, count: int) -> int:
+    if count:
+        model.graph.eliminate_dead_code()
+        model.graph.lint()
+        model.recompile()
+    return count
+
+
+def decompose_silu(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """silu(x) -> x * sigmoid(x) (equal up to float rounding); return how many."""
+    count = 0
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target not in _SILU or not wanted(node):
+            continue
+        x = node.args[0]
+        with model.graph.inserting_before(node):
+            sig = _node(model.graph, node, aten.sigmoid.default, (x,), torch.sigmoid(value(x)))
+            mul = _node(model.graph, node, aten.mul.Tensor, (x, sig), node.meta["val"])
+        node.replace_all_uses_with(mul)
+        model.graph.erase_node(node)
+        count += 1
+    return _finish(model, count)
+
+
+def pools_to_means(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """adaptive_avg_pool{1,2}d(x, 1) -> x.mean(spatial dims, keepdim=True); return how many."""
+    count = 0
+    for node in list(model.graph.nodes):
+        dims = _ADAPTIVE.get(node.target) if node.op == "call_function" else None
+        if dims is None or any(s != 1 for s in node.args[1]) or not wanted(node):
+            continue
+        with model.graph.inserting_before(node):
+            mean = _node(model.graph, node, aten.mean.dim, (node.args[0], dims, True), node.meta["val"])
+        node.replace_all_uses_with(mean)
+        model.graph.erase_node(node)
+        count += 1
+    return _finish(model, count)
+
+
+def fold_channel_scales(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """mul(permute*(linear/conv(x)), c) -> permute*(linear/conv'(x)) with the weight rows times c.
+
+    `c` is a scalar or a constant varying only along the layer's output channels as they appear at
+    the mul (through permutes/transposes). The layer, its weight and bias must have no other users.
+    """
+    count = 0
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.mul.Tensor or not wanted(node):
+            continue
+        found = _scaled_layer(model, node)
+        if found is None or not wanted(found[0]):
+            continue
+        layer, scales, y = found
+        _scale_layer(model, layer, scales)
+        node.replace_all_uses_with(y)
+        model.graph.erase_node(node)
+        count += 1
+    return _finish(model, count)
+
+
+def _scaled_layer(model: GraphModule, mul: Node):
+    """(layer, per-channel scales, the mul's other operand) when `mul` can be folded, else None."""
+    for y, c in (mul.args[:2], mul.args[1::-1]):
+        constant = get_attr_value(model, c) if isinstance(c, Node) else None
+        if not isinstance(y, Node) or (constant is None and not isinstance(c, numbers.Real)) or isinstance(c, bool):
+            continue
+        layer, axis = _producer(y)
+        if layer is None:
+            continue
+        scales = _channel_vector(constant if constant is not None else float(c), value(y), axis)
+        if scales is not None and _foldable_weights(model, layer):
+            return layer, scales, y
+    return None
+
+
+def _producer(y: Node) -> tuple[Optional[Node], int]:
+    """The single-use Linear/Conv behind `y` (through single-use permutes) and the axis of y holding its channels."""
+    chain = []
+    node = y
+    while node.op == "call_function" and node.target in _PERMUTES and len(node.users) == 1:
+        chain.append(node)
+        node = node.args[0]
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target in _FOLD_INTO
+            and len(node.users) == 1 and value(node) is not None):
+        return None, 0
+    axis = value(node).dim() - 1 if node.target is aten.linear.default else 1
+    for step in reversed(chain):  # follow the channel axis forwards to y
+        rank = value(step).dim()
+        if step.target is aten.permute.default:
+            axis = [d % rank for d in step.args[1]].index(axis)
+        else:
+            a, b = (d % rank for d in step.args[1:3])
+            axis = b if axis == a else a if axis == b else axis
+    return node, axis
+
+
+def _channel_vector(c, y: torch.Tensor, axis: int) -> Optional[torch.Tensor]:
+    """c as one scale per channel of y's `axis`, or None when it varies along another axis."""
+    channels = y.shape[axis]
+    if not isinstance(channels, int):
+        return None
+    if not isinstance(c, torch.Tensor):
+        return torch.full((channels,), float(c), dtype=y.dtype)
+    if c.dim() > y.dim() or c.dtype != y.dtype:
+        return None
+    full = c.detach().reshape((1,) * (y.dim() - c.dim()) + tuple(c.shape))
+    varying = [d for d in range(full.dim()) if full.shape[d] != 1]
+    if varying not in ([], [axis]) or (varying and full.shape[axis] != channels):
+        return None
+    return full.reshape(-1).expand(channels).clone()
+
+
+def _foldable_weights(model: GraphModule, layer: Node) -> bool:
+    """Weight (and bias) are parameters read only by this layer (not tied to another one)."""
+    params = [a for a in layer.args[1:3] if a is not None]
+    if not all(isinstance(p, Node) and p.op == "get_attr" and len(p.users) == 1 for p in params):
+        return False
+    mine = {get_attr_value(model, p).untyped_storage().data_ptr() for p in params}
+    others = [get_attr_value(model, n) for n in model.graph.nodes if n.op == "get_attr" and n not in params]
+    return not any(t is not None and t.untyped_storage().data_ptr() in mine for t in others)
+
+
+def _scale_layer(model: GraphModule, layer: Node, scales: torch.Tensor) -> None:
+    weight = layer.args[1]
+    w = get_attr_value(model, weight)
+    set_parameter(model, weight.target, w.detach() * scales.reshape((-1,) + (1,) * (w.dim() - 1)))
+    bias = layer.args[2] if len(layer.args) > 2 else None
+    if isinstance(bias, Node):
+        set_parameter(model, bias.target, get_attr_value(model, bias).detach() * scales)
