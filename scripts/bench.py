@@ -21,7 +21,7 @@ similarity of each int8 model's outputs to fp32's on held-out inputs (photo crop
 sequences), raw and on outputs standardized per dimension with fp32's mean and std over those
 inputs (the input-dependent part, every dimension weighing alike).
 
-    python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--work DIR]
+    python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--work DIR [--reuse]]
 
 A benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
 """
@@ -201,6 +201,11 @@ def build(model: str, out: Path) -> None:
     (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def slug(model: str) -> str:
+    """A model's folder name: its bench name, or <folder>-<stem> of a recipe path."""
+    return model if model in (*VISION, ENCODER) else f"{Path(model).parent.name}-{Path(model).stem}"
+
+
 def build_in_child(model: str, out: Path) -> dict:
     """Run `build` in a fresh process (zoo PYTHONPATH for vision models); its build.json or the error."""
     paths = [*ZOO_PATH] if model in VISION else []
@@ -246,13 +251,15 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> dict[str, dict]:
     """Cosine to fp32 per held-out row, raw and on outputs standardized per dimension with fp32's
-    mean and std over the rows (every dimension weighs alike): mean and worst row."""
+    mean and std over the rows (every dimension weighs alike): mean and worst row. Also the share of
+    fp32's output energy that varies with the input: near 0 (random-weight CNNs) the standardized
+    figures compare quantization noise with noise and mean nothing."""
     n = len(next(iter(rows.values())))
     outs = {name: np.concatenate([run_all(s, {k: v[i:i + batch] for k, v in rows.items()}) for i in range(0, n, batch)])
             for name, s in sessions.items()}
-    fp32 = outs.pop("fp32").reshape(n, -1)
+    fp32 = outs.pop("fp32").reshape(n, -1).astype(np.float64)
     mean, std = fp32.mean(0), np.maximum(fp32.std(0), 1e-12)
-    result = {}
+    result = {"fp32_input_dependent_share": round(float(fp32.var(0).sum() / np.square(fp32).mean(0).sum()), 5)}
     for name, out in outs.items():
         out = out.reshape(n, -1)
         raw, standardized = cosines(fp32, out), cosines((fp32 - mean) / std, (out - mean) / std)
@@ -263,11 +270,11 @@ def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> di
 
 
 def graph_ops(path: str) -> dict:
-    """What ORT runs after its optimizations: integer vs float Conv/MatMul/Gemm, Q/DQ counts."""
+    """What ORT runs after its optimizations: integer vs float Conv/MatMul/Gemm, Q/DQ and all op counts."""
     from quantcli.onnx.fusion import integer_op_report
 
     r = integer_op_report(path)
-    return {k: r[k] for k in ("integer", "float", "float_ops", "quantize", "dequantize")}
+    return {k: r[k] for k in ("integer", "float", "float_ops", "quantize", "dequantize", "op_types")}
 
 
 def measure(info: dict, rounds: int) -> dict:
@@ -320,11 +327,14 @@ def table(rows: list[dict]) -> str:
             for flow in row["ort_flows"]:
                 lines.append(f"{row['model']:22} {batch:>5} {b['ms']['fp32']:>9.3f} {flow:20} {b['ms'][flow]:>9.3f} "
                              f"{b['ms']['quantcli']:>11.3f} {b['ratio_vs'][flow]:>6.3f} {b['speedup_vs_fp32']['quantcli']:>6.2f}x")
-    lines += ["", f"{'model':22} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} {'std-cos worst':>13}"]
+    lines += ["", f"{'model':22} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} "
+                  f"{'std-cos worst':>13} {'input-dep':>9}"]
     for row in rows:
-        for name, f in row.get("fidelity", {}).items():
+        figures = dict(row.get("fidelity", {}))
+        share = figures.pop("fp32_input_dependent_share", float("nan"))
+        for name, f in figures.items():
             lines.append(f"{row['model']:22} {name:20} {f['cos_mean']:>9.4f} {f['cos_worst']:>9.4f} "
-                         f"{f['std_cos_mean']:>12.4f} {f['std_cos_worst']:>13.4f}")
+                         f"{f['std_cos_mean']:>12.4f} {f['std_cos_worst']:>13.4f} {share:>9.2%}")
     return "\n".join(lines)
 
 
@@ -336,6 +346,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--work", type=Path, help="keep every model file here (default: a temporary folder)")
+    parser.add_argument("--reuse", action="store_true", help="time the models already built under --work")
     parser.add_argument("--build", help=argparse.SUPPRESS)  # child-process entry
     args = parser.parse_args()
     if args.build:
@@ -345,12 +356,17 @@ def main() -> int:
     unknown = [m for m in models if m not in (*VISION, ENCODER) and not Path(m).is_file()]
     if unknown:
         parser.error(f"unknown models {unknown}; known: {', '.join([*VISION, ENCODER])}")
+    if args.reuse and not args.work:
+        parser.error("--reuse needs --work")
     with tempfile.TemporaryDirectory(prefix="quantcli-bench-") as tmp:
-        work = args.work or Path(tmp)
+        work = (args.work or Path(tmp)).resolve()
         rows = []
         for i, model in enumerate(models):
-            print(f"[{i + 1}/{len(models)}] {model}: building", file=sys.stderr, flush=True)
-            info = build_in_child(model, work / f"{i:02d}-{Path(model).stem}")
+            out = work / slug(model)
+            reused = args.reuse and (out / "build.json").is_file()
+            print(f"[{i + 1}/{len(models)}] {model}: {'reusing ' + str(out) if reused else 'building'}",
+                  file=sys.stderr, flush=True)
+            info = json.loads((out / "build.json").read_text()) if reused else build_in_child(model, out)
             rows.append(info if "error" in info else measure(info, args.rounds))
     report = {"machine": machine(), "rounds": args.rounds, "models": rows}
     print(f"{report['machine']['cpu']}, {THREADS} threads, {args.rounds} rounds; ORT "
