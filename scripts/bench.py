@@ -226,8 +226,10 @@ def run_all(sess, batch: dict[str, np.ndarray]) -> np.ndarray:
     return sess.run(None, {i.name: batch[i.name] for i in sess.get_inputs()})[0]
 
 
-def interleaved(sessions: dict, feed: dict, rounds: int) -> dict[str, float]:
-    """Median ms per run of each session, timed round-robin so load drifts hit all alike."""
+def interleaved(sessions: dict, feed: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall ms per run of each session, timed round-robin so load drifts hit all alike; and
+    the median CPU ms of this process per run (all threads), which waiting for a busy core does not
+    inflate: a check on the wall-time ratios when the machine is shared."""
     warm = {}
     for name, sess in sessions.items():
         run_all(sess, feed)
@@ -235,14 +237,17 @@ def interleaved(sessions: dict, feed: dict, rounds: int) -> dict[str, float]:
         run_all(sess, feed)
         warm[name] = time.perf_counter() - start
     per_round = max(1, math.ceil(ROUND_SECONDS / min(warm.values())))
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+    wall: dict[str, list[float]] = {name: [] for name in sessions}
+    cpu: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, sess in sessions.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(per_round):
                 run_all(sess, feed)
-            times[name].append((time.perf_counter() - start) * 1000 / per_round)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append((time.perf_counter() - start) * 1000 / per_round)
+            cpu[name].append((time.process_time() - start_cpu) * 1000 / per_round)
+    return ({name: statistics.median(t) for name, t in wall.items()},
+            {name: statistics.median(t) for name, t in cpu.items()})
 
 
 def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -285,10 +290,12 @@ def measure(info: dict, rounds: int) -> dict:
     result = dict(info)
     for batch in (1, 32):
         feed = {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:]))) for k, v in rows.items()}
-        med = interleaved(sessions, feed, rounds)
+        med, cpu = interleaved(sessions, feed, rounds)
         result[f"batch_{batch}"] = {"ms": {k: round(v, 3) for k, v in med.items()},
                                     "ratio_vs": {f: round(med["quantcli"] / med[f], 3) for f in info["ort_flows"]},
-                                    "speedup_vs_fp32": {k: round(med["fp32"] / v, 3) for k, v in med.items() if k != "fp32"}}
+                                    "speedup_vs_fp32": {k: round(med["fp32"] / v, 3) for k, v in med.items() if k != "fp32"},
+                                    "cpu_ms": {k: round(v, 3) for k, v in cpu.items()},
+                                    "cpu_ratio_vs": {f: round(cpu["quantcli"] / cpu[f], 3) for f in info["ort_flows"]}}
     result["fidelity"] = fidelity(sessions, rows)
     result["ops"] = {name: graph_ops(path) for name, path in info["sessions"].items() if name != "fp32"}
     return result
