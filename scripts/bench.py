@@ -3,23 +3,19 @@
 Models (`--models`, default all): the zoo CNNs of configs/bench/vision.py at 224 px (torchvision
 ResNet-18, MobileNetV2, MobileNetV3-Large, EfficientNet-B0, ShuffleNetV2 x1.0, RegNetX-400MF,
 ConvNeXt-Tiny, timm tf_efficientnet_lite0) and `minilm`, the MiniLM-sized sentence encoder of
-configs/bench/text.py; positional arguments add any other recipe.
+configs/bench/text.py; positional arguments add any other recipe (benchmarked like the CNNs).
 
-Each model is built in a child process (the CNNs with tests/zoo_site and .venv/zoo on PYTHONPATH,
-which torchvision and timm need): quantcli's pipeline (`quantcli run`) gives the int8 model and the
-fp32 program, which the same exporter turns into the fp32 ONNX. ONNX Runtime's recommended flow
-quantizes that fp32 ONNX after `quant_pre_process`:
-  - CNNs: `quantize_static` (QDQ, per-channel, uint8 activations, int8 weights, reduce_range as
-    quantcli resolved it for this CPU, quantcli's calibration data, ORT's default MinMax);
-  - encoder: `quantize_dynamic`, ORT's method for transformers, as its documentation's example
-    calls it (QInt8 weights, per-tensor) and with per_channel=True (reduce_range as above, which
-    ORT's FAQ asks for with per-channel on AVX2/AVX-512 without VNNI).
-This process then times every session of a model (fp32, ORT flows, quantcli) interleaved, round
-after round, at batch 1 and 32 with 2 threads and spinning off, and reports medians, the ratio
-quantcli / ORT flow (below 1: quantcli faster) and the speed-up over fp32. Fidelity: cosine
-similarity of each int8 model's outputs to fp32's on held-out inputs (photo crops; 256 token
-sequences), raw and on outputs standardized per dimension with fp32's mean and std over those
-inputs (the input-dependent part, every dimension weighing alike).
+scripts/bench_build.py builds each model in a process of its own (the CNNs with the zoo
+PYTHONPATH torchvision/timm need): quantcli's int8 model, the fp32 ONNX from the same exporter,
+and ORT's recommended flow on that fp32 ONNX after `quant_pre_process` (`quantize_static` for the
+CNNs; `quantize_dynamic`, default and per-channel, for the encoder). This process then times
+every session of a model (fp32, ORT flows, quantcli) interleaved, round after round, at batch 1
+and 32 with 2 threads and spinning off, and reports medians, the ratio quantcli / ORT flow (below
+1: quantcli faster) and the speed-up over fp32. Fidelity: cosine similarity of each int8 model's
+outputs to fp32's on held-out inputs (photo crops; 256 token sequences), raw and on outputs
+standardized per dimension with fp32's mean and std over those inputs (every dimension weighing
+alike). The JSON also holds CPU times, the op counts ORT runs after optimizing each model, the
+machine (CPU model, AVX2/AVX-512/VNNI flags) and the versions.
 
     python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--work DIR [--reuse]]
 
@@ -30,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -44,175 +39,27 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_build import MODELS, VISION
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "configs" / "bench"
+BUILD = Path(__file__).resolve().parent / "bench_build.py"
 ZOO_PATH = [ROOT / "tests" / "zoo_site", ROOT / ".venv" / "zoo"]
-ENCODER = "minilm"
 THREADS = 2
 ROUND_SECONDS = 0.25  # each session runs about this long per round (at least one run)
 
 
-def _vision_names() -> tuple[str, ...]:
-    spec = importlib.util.spec_from_file_location("bench_vision", BENCH / "vision.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # numpy only at import time
-    return module.MODELS
-
-
-VISION = _vision_names()
-
-
-# ---------------------------------------------------------------- build (child process)
-
-def recipe_file(model: str, out: Path) -> Path:
-    """The recipe of a bench model (vision.yaml with its name, encoder.yaml) or a recipe path."""
-    import yaml
-
-    if model == ENCODER:
-        return BENCH / "encoder.yaml"
-    if model not in VISION:
-        return Path(model).resolve()
-    recipe = yaml.safe_load((BENCH / "vision.yaml").read_text())
-    recipe["model"].update(factory=f"{BENCH / 'vision.py'}:build", kwargs={"name": model})
-    recipe["calibration"]["data"] = f"{BENCH / 'vision.py'}:calibration"
-    path = out / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def quantcli_model(recipe: Path, out: Path) -> dict:
-    """Run quantcli's pipeline and export its fp32 program; the paths, resolved recipe and parity."""
-    import onnx
-
-    from quantcli import _torch, pipeline
-    from quantcli.errors import NumericsError
-    from quantcli.onnx import export as onnx_export
-
-    work, start, parity = out / "quantcli", time.perf_counter(), "passed"
-    try:
-        pipeline.run(recipe, work, force=True)
-    except NumericsError as exc:  # the model is written; a benchmark reports it and measures on
-        parity = f"failed: {exc}"
-    manifest = json.loads((work / "converted" / "manifest.json").read_text())
-    seconds = time.perf_counter() - start
-    io = manifest["io"]
-    fp32 = onnx_export.to_onnx(_torch.load_program(work / "converted" / "float.pt2"), opset=18,
-                               input_names=io["inputs"], output_names=io["outputs"])
-    onnx.save(fp32, str(out / "fp32.onnx"))
-    return {"int8": work / "model.onnx", "fp32": out / "fp32.onnx", "recipe": manifest["recipe"],
-            "parity": parity, "pipeline_seconds": round(seconds, 1)}
-
-
-def pre_process(fp32: Path, out: Path) -> tuple[Path, str]:
-    """ORT's quant_pre_process; where its symbolic shape inference fails, again without it (noted)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        quant_pre_process(str(fp32), str(out))
-        return out, "quant_pre_process"
-    except Exception as exc:
-        quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        return out, f"quant_pre_process, skip_symbolic_shape=True (symbolic shape inference failed: {first})"
-
-
-def static_flow(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    from quantcli.loading.data import iter_batches
-    from quantcli.recipe import Recipe
-
-    r = Recipe.model_validate(recipe)
-    names = [i.name for i in r.inputs]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            cal = r.calibration
-            self.batches = iter_batches(cal.data, cal.keys, r.inputs, cal.batch_size, cal.num_batches,
-                                        "calibration")[1]
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {n: batch[n] for n in names}
-
-    path = out / "quantize_static.onnx"
-    quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=bool(r.quantization.reduce_range), activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    return {"quantize_static": path}
-
-
-def dynamic_flows(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    default, per_channel = out / "quantize_dynamic.onnx", out / "quantize_dynamic_pc.onnx"
-    quantize_dynamic(str(pre), str(default), weight_type=QuantType.QInt8)
-    quantize_dynamic(str(pre), str(per_channel), weight_type=QuantType.QInt8, per_channel=True,
-                     reduce_range=bool(recipe["quantization"]["reduce_range"]))
-    return {"quantize_dynamic": default, "quantize_dynamic_pc": per_channel}
-
-
-def held_out(model: str, recipe: dict) -> tuple[dict[str, np.ndarray], str]:
-    """Inputs the calibration did not see (for timing feeds and fidelity), and what they are."""
-    from quantcli.loading.factory import load_callable
-
-    if model == ENCODER:
-        return load_callable(f"{BENCH / 'text.py'}:held_out", "bench")(), "256 token sequences (seed 1)"
-    if model in VISION:
-        return {"x": load_callable(f"{BENCH / 'vision.py'}:photos", "bench")(64, seed=7)}, "64 photo crops (seed 7)"
-    from quantcli.loading.data import iter_batches
-    from quantcli.recipe import Recipe
-
-    r = Recipe.model_validate(recipe)
-    cal = r.calibration
-    batches = list(iter_batches(cal.data, cal.keys, r.inputs, cal.batch_size, 4, "calibration")[1])
-    return {i.name: np.concatenate([b[i.name] for b in batches]) for i in r.inputs}, "calibration data (not held out)"
-
-
-def planted(model: str, rows: dict[str, np.ndarray]) -> dict | None:
-    """The encoder's measured activation ranges (outlier vs other channels) on held-out rows."""
-    if model != ENCODER:
-        return None
-    from quantcli.loading.factory import load_callable
-
-    encoder = load_callable(f"{BENCH / 'text.py'}:encoder", "bench")()
-    ranges = load_callable(f"{BENCH / 'text.py'}:activation_ranges", "bench")
-    return ranges(encoder, {k: v[:64] for k, v in rows.items()})
-
-
-def build(model: str, out: Path) -> None:
-    """Child-process entry: every model file, held-out inputs and build.json under `out`."""
-    import logging
-
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "consider pre-processing" advice
-    out.mkdir(parents=True, exist_ok=True)
-    q = quantcli_model(recipe_file(model, out), out)
-    pre, pre_note = pre_process(q["fp32"], out / "fp32.pre.onnx")
-    flows = dynamic_flows(pre, q["recipe"], out) if model == ENCODER else static_flow(pre, q["recipe"], out)
-    rows, rows_note = held_out(model, q["recipe"])
-    np.savez(out / "held_out.npz", **rows)
-    quant = q["recipe"]["quantization"]
-    info = {"model": model, "sessions": {"fp32": str(q["fp32"]), **{k: str(v) for k, v in flows.items()},
-                                         "quantcli": str(q["int8"])},
-            "ort_flows": list(flows), "pre_process": pre_note, "held_out": rows_note, "parity": q["parity"],
-            "reduce_range": quant["reduce_range"], "target_cpu": quant["target_cpu"],
-            "equalize": quant.get("equalize"), "pipeline_seconds": q["pipeline_seconds"],
-            "planted": planted(model, rows)}
-    (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-
-
 def slug(model: str) -> str:
     """A model's folder name: its bench name, or <folder>-<stem> of a recipe path."""
-    return model if model in (*VISION, ENCODER) else f"{Path(model).parent.name}-{Path(model).stem}"
+    return model if model in MODELS else f"{Path(model).parent.name}-{Path(model).stem}"
 
 
 def build_in_child(model: str, out: Path) -> dict:
-    """Run `build` in a fresh process (zoo PYTHONPATH for vision models); its build.json or the error."""
+    """Run bench_build.py in a fresh process (zoo PYTHONPATH for vision models); its build.json or the error."""
     paths = [*ZOO_PATH] if model in VISION else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*paths, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "build.log", "w") as log:
-        done = subprocess.run([sys.executable, __file__, "--build", model, "--work", str(out)], env=env,
+        done = subprocess.run([sys.executable, str(BUILD), model, str(out)], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         tail = (out / "build.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
@@ -322,17 +169,23 @@ def machine() -> dict:
 
 # ---------------------------------------------------------------- report
 
+def label(model: str) -> str:
+    """A model's name in the table: its bench name, or a recipe path relative to the repository."""
+    path = Path(model)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else model
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'model':22} {'batch':>5} {'fp32 ms':>9} {'ORT flow':20} {'ORT ms':>9} {'quantcli ms':>11} {'q/ORT':>6} {'vs fp32':>7}"
     lines = [head]
     for row in rows:
         if "error" in row:
-            lines.append(f"{row['model']:22} {row['error']}")
+            lines.append(f"{label(row['model']):22} {row['error']}")
             continue
         for batch in (1, 32):
             b = row[f"batch_{batch}"]
             for flow in row["ort_flows"]:
-                lines.append(f"{row['model']:22} {batch:>5} {b['ms']['fp32']:>9.3f} {flow:20} {b['ms'][flow]:>9.3f} "
+                lines.append(f"{label(row['model']):22} {batch:>5} {b['ms']['fp32']:>9.3f} {flow:20} {b['ms'][flow]:>9.3f} "
                              f"{b['ms']['quantcli']:>11.3f} {b['ratio_vs'][flow]:>6.3f} {b['speedup_vs_fp32']['quantcli']:>6.2f}x")
     lines += ["", f"{'model':22} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} "
                   f"{'std-cos worst':>13} {'input-dep':>9}"]
@@ -340,7 +193,7 @@ def table(rows: list[dict]) -> str:
         figures = dict(row.get("fidelity", {}))
         share = figures.pop("fp32_input_dependent_share", float("nan"))
         for name, f in figures.items():
-            lines.append(f"{row['model']:22} {name:20} {f['cos_mean']:>9.4f} {f['cos_worst']:>9.4f} "
+            lines.append(f"{label(row['model']):22} {name:20} {f['cos_mean']:>9.4f} {f['cos_worst']:>9.4f} "
                          f"{f['std_cos_mean']:>12.4f} {f['std_cos_worst']:>13.4f} {share:>9.2%}")
     return "\n".join(lines)
 
@@ -348,21 +201,17 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", help="extra recipe files (benchmarked like the CNNs)")
-    parser.add_argument("--models", default=",".join([*VISION, ENCODER]),
-                        help=f"comma-separated, from: {', '.join([*VISION, ENCODER])}; '' for none")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, from: {', '.join(MODELS)}; '' for none")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--work", type=Path, help="keep every model file here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="time the models already built under --work")
-    parser.add_argument("--build", help=argparse.SUPPRESS)  # child-process entry
     args = parser.parse_args()
-    if args.build:
-        build(args.build, args.work)
-        return 0
     models = [m for m in args.models.split(",") if m] + [str(Path(r).resolve()) for r in args.recipes]
-    unknown = [m for m in models if m not in (*VISION, ENCODER) and not Path(m).is_file()]
+    unknown = [m for m in models if m not in MODELS and not Path(m).is_file()]
     if unknown:
-        parser.error(f"unknown models {unknown}; known: {', '.join([*VISION, ENCODER])}")
+        parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
     if args.reuse and not args.work:
         parser.error("--reuse needs --work")
     with tempfile.TemporaryDirectory(prefix="quantcli-bench-") as tmp:
