@@ -17,7 +17,7 @@ standardized per dimension with fp32's mean and std over those inputs (every dim
 alike). The JSON also holds CPU times, the op counts ORT runs after optimizing each model, the
 machine (CPU model, AVX2/AVX-512/VNNI flags) and the versions.
 
-    python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--work DIR [--reuse]]
+    python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--markdown] [--work DIR [--reuse]]
 
 A benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
 """
@@ -176,25 +176,58 @@ def label(model: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'model':22} {'batch':>5} {'fp32 ms':>9} {'ORT flow':20} {'ORT ms':>9} {'quantcli ms':>11} {'q/ORT':>6} {'vs fp32':>7}"
+    head = f"{'model':26} {'batch':>5} {'fp32 ms':>9} {'ORT flow':20} {'ORT ms':>9} {'quantcli ms':>11} {'q/ORT':>6} {'vs fp32':>7}"
     lines = [head]
     for row in rows:
         if "error" in row:
-            lines.append(f"{label(row['model']):22} {row['error']}")
+            lines.append(f"{label(row['model']):26} {row['error']}")
             continue
         for batch in (1, 32):
             b = row[f"batch_{batch}"]
             for flow in row["ort_flows"]:
-                lines.append(f"{label(row['model']):22} {batch:>5} {b['ms']['fp32']:>9.3f} {flow:20} {b['ms'][flow]:>9.3f} "
+                lines.append(f"{label(row['model']):26} {batch:>5} {b['ms']['fp32']:>9.3f} {flow:20} {b['ms'][flow]:>9.3f} "
                              f"{b['ms']['quantcli']:>11.3f} {b['ratio_vs'][flow]:>6.3f} {b['speedup_vs_fp32']['quantcli']:>6.2f}x")
-    lines += ["", f"{'model':22} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} "
+    lines += ["", f"{'model':26} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} "
                   f"{'std-cos worst':>13} {'input-dep':>9}"]
     for row in rows:
         figures = dict(row.get("fidelity", {}))
         share = figures.pop("fp32_input_dependent_share", float("nan"))
         for name, f in figures.items():
-            lines.append(f"{label(row['model']):22} {name:20} {f['cos_mean']:>9.4f} {f['cos_worst']:>9.4f} "
+            lines.append(f"{label(row['model']):26} {name:20} {f['cos_mean']:>9.4f} {f['cos_worst']:>9.4f} "
                          f"{f['std_cos_mean']:>12.4f} {f['std_cos_worst']:>13.4f} {share:>9.2%}")
+    return "\n".join(lines)
+
+
+def cpu_words(m: dict) -> str:
+    flags = m["flags"]
+    kind = ("AVX-512 VNNI" if flags["avx512_vnni"] else "AVX-VNNI" if flags["avx_vnni"]
+            else "AVX-512, no VNNI" if flags["avx512f"] else "AVX2, no VNNI" if flags["avx2"] else "no AVX2")
+    return f"{m['cpu']} ({kind})"
+
+
+def markdown(report: dict) -> str:
+    """The README's tables: latency per model and batch, then fidelity where the output varies with the input."""
+    m = report["machine"]
+    lines = [f"Medians of {report['rounds']} interleaved rounds in one run on {cpu_words(m)}, {m['threads']} threads, "
+             f"ONNX Runtime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}.", "",
+             "| model | batch | fp32 ms | ORT flow | ORT ms | quantcli ms | quantcli / ORT | speed-up vs fp32 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [r for r in report["models"] if "error" not in r]
+    for row in rows:
+        for batch in (1, 32):
+            b = row[f"batch_{batch}"]
+            for flow in row["ort_flows"]:
+                lines.append(f"| {label(row['model'])} | {batch} | {b['ms']['fp32']:.4g} | `{flow}` | {b['ms'][flow]:.4g} | "
+                             f"{b['ms']['quantcli']:.4g} | {b['ratio_vs'][flow]:.3f} | {b['speedup_vs_fp32']['quantcli']:.2f}x |")
+    lines += ["", "| model | int8 model | cosine to fp32, mean | worst | standardized cosine, mean | worst |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        figures = {k: v for k, v in row["fidelity"].items() if k != "fp32_input_dependent_share"}
+        if row["fidelity"]["fp32_input_dependent_share"] < 0.05:
+            continue  # a random-weight CNN's output hardly depends on its input
+        for name, f in figures.items():
+            lines.append(f"| {label(row['model'])} | {name} | {f['cos_mean']:.4f} | {f['cos_worst']:.4f} | "
+                         f"{f['std_cos_mean']:.4f} | {f['std_cos_worst']:.4f} |")
     return "\n".join(lines)
 
 
@@ -207,6 +240,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--work", type=Path, help="keep every model file here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="time the models already built under --work")
+    parser.add_argument("--markdown", action="store_true", help="also print the README's tables in Markdown")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m] + [str(Path(r).resolve()) for r in args.recipes]
     unknown = [m for m in models if m not in MODELS and not Path(m).is_file()]
@@ -228,6 +262,8 @@ def main() -> int:
     print(f"{report['machine']['cpu']}, {THREADS} threads, {args.rounds} rounds; ORT "
           f"{report['machine']['versions']['onnxruntime']}, torch {report['machine']['versions']['torch']}")
     print(table(rows))
+    if args.markdown:
+        print("\n" + markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
