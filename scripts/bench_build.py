@@ -18,6 +18,9 @@ ORT's flows, as its documentation recommends them:
   - encoder: `quantize_dynamic`, ORT's method for transformers, as its documentation's example
     calls it (QInt8 weights, per-tensor), and with per_channel=True (reduce_range as above, which
     ORT's FAQ asks for with per-channel on AVX2/AVX-512 without VNNI).
+ORT's docs also suggest its transformer optimizer before quantizing (for QAttention); on this
+dynamo-exported graph `optimize_model(model_type="bert")` fuses no Attention (only BiasGelu and
+SkipLayerNormalization, which the session's own optimizations do too), so it is not a flow here.
 """
 
 from __future__ import annotations
