@@ -81,7 +81,8 @@ class _Notes(logging.Handler):
         message = one_line(record.getMessage())
         if message not in self.seen:
             self.seen.add(message)
-            print(f"note: {message}", file=sys.stderr)
+            kind = "warning" if getattr(record, "warning", False) else "note"
+            print(f"{kind}: {message}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 
@@ -50,6 +51,7 @@ def _report(report: dict[str, Any]) -> list[str]:
              f"of error to the int8 model's (at most {parity['max_excess_db']}); ORT vs PyTorch int8 "
              f"{parity['min_sqnr_db']:.1f} dB{floor}",
              "  SQNR vs fp32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["sqnr_vs_float_db"].items())]
+    lines += _kernels(report.get("kernels"))
     ev = report.get("evaluation")
     if not ev:
         return lines
@@ -65,4 +67,24 @@ def _report(report: dict[str, Any]) -> list[str]:
     for batch, t in ev["ort_latency"].items():
         lines.append(f"  ORT latency {batch.replace('_', ' ')}: fp32 {t['fp32_ms']:.3f} ms, int8 {t['int8_ms']:.3f} ms "
                      f"({t['fp32_ms'] / t['int8_ms']:.2f}x)")
+    return lines
+
+
+def _kernels(kernels: dict[str, Any] | None) -> list[str]:
+    """Integer-kernel coverage and each float island with its source module (reports before 0.2 have none)."""
+    if kernels is None:
+        return []
+    cov = kernels["coverage"]
+    lines = [f"  integer kernels in ONNX Runtime: {cov['integer']} of {cov['total']} convs/matmuls"
+             + (f" (float: {', '.join(f'{n} {t}' for t, n in cov['float_ops'].items())})" if cov["float_ops"] else "")]
+    if kernels.get("warning"):
+        lines.append(f"  warning: {kernels['warning']}")
+    islands = kernels["islands"]
+    expected = Counter(i["op_type"] for i in islands if i["allowed"])
+    looked = [i for i in islands if not i["allowed"]]
+    lines.append(f"  float islands: {len(looked)} avoidable"
+                 + (f"; expected: {', '.join(f'{n} {t}' for t, n in expected.most_common())}" if expected else ""))
+    for island in looked:
+        kind = f" [{island['module_type']}]" if island["module_type"] else ""
+        lines.append(f"    {island['op_type']:<16} {island['module'] or '(no module)'}{kind}")
     return lines

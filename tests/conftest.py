@@ -213,3 +213,52 @@ def qat_work(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
             run = quantcli("run", "--recipe", DIGITS / "qat.yaml", "-o", work)
             assert run.rc == 0, run.stderr
     return work
+
+
+CHAIN = ("capture", "prepare", "calibrate", "convert", "export")
+CHAIN_OUT = {"capture": "captured", "prepare": "prepared", "calibrate": "calibrated", "convert": "converted",
+             "export": "model.onnx"}
+
+
+def run_chain(recipe: Path, w: Path) -> list[Run]:
+    """capture -> prepare -> calibrate -> convert -> export through the CLI (in-process, artifacts on disk).
+
+    Each command must exit 0, print its output path alone on stdout and one closing line on stderr.
+    """
+    runs, src = [], recipe
+    for command in CHAIN:
+        out = w / CHAIN_OUT[command]
+        runs.append(cli(command, *(["--recipe"] if command == "capture" else []), src, "-o", out))
+        assert runs[-1].rc == 0, f"{command}: {runs[-1].stderr}"
+        assert runs[-1].stdout.strip() == str(out)
+        assert f"wrote {out} in " in runs[-1].stderr
+        src = out
+    return runs
+
+
+@pytest.fixture(scope="session")
+def chained(tmp_path_factory: pytest.TempPathFactory, worker_id: str):
+    """name -> work folder of tests/models.py's MODELS[name] run through the whole chain at defaults.
+
+    Each model's chain runs once per session for all workers (a file lock per model); tests read
+    the folders and write anything new elsewhere.
+    """
+    from tests.recipes import write_recipe
+
+    shared = session_dir(tmp_path_factory, worker_id) / "chains"
+    shared.mkdir(exist_ok=True)
+
+    def get(name: str) -> Path:
+        folder = shared / name
+        with FileLock(str(shared / f"{name}.lock")):
+            failed = folder / "failed.txt"
+            if not (folder / "w" / "model.onnx").exists() and not failed.exists():
+                try:
+                    run_chain(write_recipe(folder, name), folder / "w")
+                except AssertionError as exc:
+                    failed.write_text(str(exc))
+            if failed.exists():
+                pytest.fail(f"the {name} chain failed: {failed.read_text()}")
+        return folder / "w"
+
+    return get

@@ -1,45 +1,29 @@
-"""The CLI contract as a CI shell script uses it: each stage a separate process.
+"""The CLI contract as a CI shell script uses it, and every architecture of tests/models.py through it.
 
-The digits chain is the session's shared run of scripts/ci-example.sh (conftest `ci_run`); every
-architecture of tests/models.py also runs capture -> prepare -> calibrate -> convert -> export as
-five processes, and its ONNX is checked against fp32, against the converted module in ONNX
-Runtime, and for ORT's integer kernels.
+The digits chain is the session's shared run of scripts/ci-example.sh (conftest `ci_run`): each
+stage a separate process. Every architecture of tests/models.py runs capture -> prepare ->
+calibrate -> convert -> export through the CLI's code in-process (conftest `chained`, once per
+session; each stage still reads the previous one's artifact from disk), and its ONNX is checked
+against fp32, against the converted module in ONNX Runtime, and for ORT's integer kernels.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
 from quantcli import artifacts
 from quantcli.onnx.export import MODULE_KEY, MODULE_TYPE_KEY, OP_KEY
-from quantcli.onnx.fusion import analyze, integer_op_report
+from quantcli.onnx import runtime
+from quantcli.onnx.fusion import integer_op_report
 from tests.conftest import quantcli
-from tests.models import MODELS
-from tests.recipes import write_recipe
+from tests.models import MODELS, example_batch
 
 STAGE_FILES = {"captured": {"program.pt2"}, "prepared": {"program.pt2", "state.pt"},
                "calibrated": {"program.pt2", "state.pt"}, "converted": {"program.pt2", "float.pt2"}}
-
-
-def chain(recipe: Path, w: Path) -> list:
-    steps = [
-        ("capture", "--recipe", recipe, "-o", w / "captured"),
-        ("prepare", w / "captured", "-o", w / "prepared"),
-        ("calibrate", w / "prepared", "-o", w / "calibrated"),
-        ("convert", w / "calibrated", "-o", w / "converted", "--fold-quantize"),
-        ("export", w / "converted", "-o", w / "model.onnx"),
-    ]
-    runs = []
-    for step in steps:
-        runs.append(quantcli(*step))
-        assert runs[-1].rc == 0, runs[-1].stderr
-        assert runs[-1].stdout.strip() == str(step[-1] if step[0] != "convert" else w / "converted")
-        assert f"wrote {runs[-1].stdout.strip()} in " in runs[-1].stderr  # one closing line on stderr
-    return runs
 
 
 def test_digits_chain_writes_exactly_each_stage(ci_run, work):
@@ -113,10 +97,9 @@ def test_expected_covers_every_model():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_architecture_chain_as_separate_processes(name, tmp_path):
+def test_architecture_chain(name, chained):
     floor, integer, floating = EXPECTED[name]
-    w = tmp_path / "w"
-    chain(write_recipe(tmp_path, name), w)
+    w = chained(name)
     model = onnx.load(str(w / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
     report = json.loads((w / "model.report.json").read_text())
@@ -124,11 +107,18 @@ def test_architecture_chain_as_separate_processes(name, tmp_path):
     assert min(report["sqnr_vs_float_db"].values()) >= floor, report["sqnr_vs_float_db"]
     shapes = report["onnx"]["shapes"]
     assert shapes["with_shape"] == shapes["intermediate"] > 0
+    assert report["onnx"]["int8_initializers"] > 0
     kernels = integer_op_report(w / "model.onnx")
     assert kernels["integer"] == integer and kernels["float_ops"] == floating, kernels["op_types"]
-    islands = analyze(w / "model.onnx")["islands"]  # only kinds ORT has no integer kernel for
+    assert report["kernels"]["coverage"]["integer"] == integer and report["kernels"]["warning"] is None
+    islands = report["kernels"]["islands"]  # only kinds ORT has no integer kernel for
     assert not [i for i in islands if not i["allowed"]], islands
     assert [i.name for i in model.graph.input] == [i["name"] for i in MODELS[name][1]]
+    # the batch axis stays symbolic, under the recipe's name, and another batch size runs
+    assert all(i.type.tensor_type.shape.dim[0].dim_param == "batch" for i in model.graph.input)
+    batch = {k: v.numpy() for k, v in example_batch(name, batch=3, seed=7).items()}
+    outputs = runtime.run(runtime.session(w / "model.onnx"), batch)
+    assert all(o.shape[0] == 3 and np.isfinite(o).all() for o in outputs)
     # only floating-point values are observed: ids, masks, positions and shapes stay as captured
     from quantcli.stages.base import restore_prepared
 

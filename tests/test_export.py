@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
 
 from quantcli import stages
 from quantcli.errors import ModelError, RecipeError
 from quantcli.onnx import export as onnx_export
+from tests.conftest import cli, run_chain
 from tests.recipes import write_recipe
 
 
-@pytest.fixture(scope="module")
-def mlp(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlp")
-    w = folder / "w"
-    stages.capture.run(write_recipe(folder, "mlp"), w / "captured")
-    stages.prepare.run(w / "captured", w / "prepared")
-    stages.calibrate.run(w / "prepared", w / "calibrated")
-    stages.convert.run(w / "calibrated", w / "converted")
-    return w
+@pytest.fixture
+def mlp(chained):
+    """The session's mlp chain (conftest `chained`): read only, new files go to tmp_path."""
+    return chained("mlp")
 
 
 @pytest.mark.parametrize("opset", [17, 20])
@@ -57,3 +55,20 @@ def test_an_out_dtype_graph_names_the_option_to_drop():
     with pytest.raises(ModelError) as info:
         onnx_export.to_onnx(program, opset=18, input_names=["a"], output_names=["y"])
     assert "convert without --reference-representation" in info.value.line()
+
+
+def test_the_report_gives_integer_kernel_coverage_and_warns_under_half(mlp, tmp_path):
+    report = json.loads((mlp / "model.report.json").read_text())
+    assert report["kernels"]["coverage"]["integer"] == report["kernels"]["coverage"]["total"] == 3
+    assert report["kernels"]["warning"] is None
+    # two of the three Linear layers kept in float: 1 of 3 in integer, said on stderr and in the report
+    recipe = write_recipe(tmp_path, "mlp", quantization={"exclude_names": ["fc1", "fc2"]})
+    w = tmp_path / "w"
+    run = run_chain(recipe, w)[-1]
+    assert "warning: only 1 of 3 convs/matmuls run as integer kernels in ONNX Runtime" in run.stderr
+    kernels = json.loads((w / "model.report.json").read_text())["kernels"]
+    assert kernels["coverage"] == {**kernels["coverage"], "integer": 1, "total": 3}
+    assert kernels["warning"].startswith("only 1 of 3")
+    inspected = cli("inspect", w / "model.onnx")
+    assert "integer kernels in ONNX Runtime: 1 of 3 convs/matmuls" in inspected.stdout
+    assert "warning: only 1 of 3" in inspected.stdout

@@ -22,6 +22,7 @@ from quantcli.onnx import export as onnx_export
 from quantcli.onnx import rewrite, runtime
 from quantcli.onnx.fusion import analyze
 from quantcli.recipe import QuantizationSection
+from quantcli.report.parity import sqnr_db
 
 torch = _torch.torch
 nn, F = torch.nn, torch.nn.functional
@@ -52,15 +53,16 @@ def quantize(model: nn.Module, shape: tuple, folder: Path, qat: bool = False, **
     test = torch.randn(16, *shape[1:], generator=g)
     dynamic = ({0: torch.export.Dim("batch")},)
     section = quantizers.resolve(QuantizationSection(**q))
-    prepared = _torch.prepare(_torch.export(model, (calib[0],), dynamic).module(),
+    prepared = _torch.prepare(_torch.export_program(model, (calib[0],), dynamic).module(),
                               quantizers.build(section, qat=qat), qat)
     if qat:
         _torch.to_eval(prepared)
     with torch.no_grad():
         for x in calib:
             prepared(x)
-    converted = _torch.prune_unused(_torch.convert(prepared, fold_quantize=True))
-    program = _torch.export(converted, (calib[0],), dynamic)
+    converted = _torch.convert(prepared, fold_quantize=True)
+    _torch.prune_unused(converted)
+    program = _torch.export_program(converted, (calib[0],), dynamic)
     proto = onnx_export.to_onnx(program, opset=18, input_names=["x"], output_names=["y"])
     onnx_export.strip_node_metadata(proto)
     onnx_export.check(proto)
@@ -117,7 +119,7 @@ def test_zero_pad_folds_into_its_conv(tmp_path):
     assert_all_integer(result, 4)
     ops = result.optimized_ops()
     assert "Pad" not in ops and ops["QLinearConv"] == 4
-    assert runtime.sqnr_db(result.fp, result.ort) > 40  # measured 43.7
+    assert sqnr_db(result.fp, result.ort) > 40  # measured 43.7
 
 
 def test_a_pad_with_another_value_stays_and_is_reported(tmp_path):
@@ -127,7 +129,7 @@ def test_a_pad_with_another_value_stays_and_is_reported(tmp_path):
     assert result.analysis["coverage"]["integer"] == 4
     pads = [i for i in result.defects() if i["op_type"] == "Pad"]
     assert len(pads) == 2 and {i["torch_op"] for i in pads} == {"aten.pad.default"}
-    assert runtime.sqnr_db(result.fp, result.ort) > 35  # measured 39.4
+    assert sqnr_db(result.fp, result.ort) > 35  # measured 39.4
 
 
 # ------------------------------------------------------------------ SiLU, squeeze-excitation, global pooling
@@ -156,7 +158,7 @@ def test_silu_and_squeeze_excitation_run_in_integer(tmp_path):
     ops = result.optimized_ops()
     assert ops["QLinearSigmoid"] == 3 and ops["QLinearMul"] == 3  # two SiLUs and the gate
     assert ops["QLinearGlobalAveragePool"] == 2 and "ReduceMean" not in ops
-    assert runtime.sqnr_db(result.fp, result.ort) > 42  # measured 46.7
+    assert sqnr_db(result.fp, result.ort) > 42  # measured 46.7
 
 
 def test_silu_written_out_equals_it_in_fp32():
@@ -165,7 +167,7 @@ def test_silu_written_out_equals_it_in_fp32():
     with torch.random.fork_rng():
         model = seeded(SwishSE)
     x = torch.randn(4, 3, 12, 12)
-    module = _torch.export(model, (x,), None).module()
+    module = _torch.export_program(model, (x,), None).module()
     with torch.no_grad():
         before = module(x)
         assert decompose_silu(module, lambda node: True) == 2
@@ -196,7 +198,7 @@ def test_chunk_shuffle_and_cat_stay_integer(tmp_path):
     assert not result.analysis["islands"]
     ops = result.optimized_ops()
     assert ops["QLinearConcat"] == 1 and ops["Split"] == 1
-    assert runtime.sqnr_db(result.fp, result.ort) > 31  # measured 34.6
+    assert sqnr_db(result.fp, result.ort) > 31  # measured 34.6
 
 
 # ------------------------------------------------------------------ addmm (GPT-2's Conv1D), weight norm
@@ -238,7 +240,7 @@ def test_addmm_runs_as_qgemm_with_weights_per_channel_on_axis_1(tmp_path):
     biases = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"
               and n.input[0] in inits and inits[n.input[0]].dtype == np.int32]
     assert sorted(b.shape for b in biases) == [(16,), (64,)]
-    assert runtime.sqnr_db(result.fp, result.ort) > 30  # measured 33.9
+    assert sqnr_db(result.fp, result.ort) > 30  # measured 33.9
 
 
 class WeightNormConv(nn.Module):
@@ -264,7 +266,7 @@ def test_weight_norm_conv_gets_int8_weights(tmp_path):
                and n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
     assert [w.shape for w in weights] == [(16, 4, 3), (16, 4, 5)]  # the weight norm folded into int8 weights
     assert not [n for n in model.graph.node if n.op_type in ("ReduceL2", "Div", "Sqrt")]
-    assert runtime.sqnr_db(result.fp, result.ort) > 26  # measured 30.1
+    assert sqnr_db(result.fp, result.ort) > 26  # measured 30.1
 
 
 # ------------------------------------------------------------------ where islands come from
@@ -418,7 +420,7 @@ def test_a_scaled_query_keeps_integers_between_its_matmuls(tmp_path):
     assert_all_integer(result, 4)
     assert "Mul" not in result.optimized_ops()  # x * c kept x's integers, its scale times c
     assert not result.analysis["islands"]
-    assert runtime.sqnr_db(result.fp, result.ort) > 34  # measured 37.7
+    assert sqnr_db(result.fp, result.ort) > 34  # measured 37.7
 
 
 # ------------------------------------------------------------------ QAT
@@ -434,7 +436,7 @@ def test_qat_fake_quantizes_the_new_patterns_and_converts_to_the_trained_model(b
         model = build().train()
     x = torch.randn(8, *shape[1:], generator=g)
     section = quantizers.resolve(QuantizationSection())
-    program = _torch.export(model, (x,), ({0: torch.export.Dim("batch")},))
+    program = _torch.export_program(model, (x,), ({0: torch.export.Dim("batch")},))
     prepared = _torch.prepare(program.module(), quantizers.build(section, qat=True), True)
     assert _torch.fake_quantizers(prepared)
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
@@ -448,4 +450,4 @@ def test_qat_fake_quantizes_the_new_patterns_and_converts_to_the_trained_model(b
     with torch.no_grad():
         trained = prepared(x)
         converted = _torch.convert(prepared, True)
-        assert runtime.sqnr_db(trained.numpy(), converted(x).numpy()) > 50
+        assert sqnr_db(trained.numpy(), converted(x).numpy()) > 50

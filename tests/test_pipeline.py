@@ -1,18 +1,15 @@
-"""The library API runs every stage for each model family; each stage reloads its input from disk."""
+"""The library API's stages: outputs, weights, restoring state in a new process, data sources."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 
 from quantcli import artifacts, stages
-from quantcli.onnx import runtime
 from tests.models import example_batch
 from tests.recipes import write_recipe
 
@@ -40,29 +37,8 @@ def run_chain(folder: Path, name: str, **sections) -> tuple[Path, dict]:
     return w, result.details["report"]
 
 
-@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "mlp", "bert", "two_io"])
-def test_every_stage_on_model_family(tmp_path, name):
-    w, report = run_chain(tmp_path, name)
-    model = onnx.load(str(w / "model.onnx"))
-    onnx.checker.check_model(model, full_check=True)
-    assert report["parity"]["passed"] and report["parity"]["min_sqnr_db"] >= 30
-    shapes = report["onnx"]["shapes"]
-    assert shapes["intermediate"] > 0 and shapes["with_shape"] == shapes["intermediate"]
-    ops = report["onnx"]["ops"]
-    assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
-    assert report["onnx"]["int8_initializers"] > 0
-    recipe_inputs = [i["name"] for i in json.loads((w / "captured" / "manifest.json").read_text())["recipe"]["inputs"]]
-    assert [i.name for i in model.graph.input] == recipe_inputs
-    # the batch axis stays symbolic, under the recipe's name, and another batch size runs
-    assert all(i.type.tensor_type.shape.dim[0].dim_param == "batch" for i in model.graph.input)
-    batch = {k: v.numpy() for k, v in example_batch(name, batch=3, seed=7).items()}
-    outputs = runtime.run(runtime.session(w / "model.onnx"), batch)
-    assert all(o.shape[0] == 3 and np.isfinite(o).all() for o in outputs)
-
-
-def test_two_outputs_are_named_after_dict_keys(tmp_path):
-    w, _ = run_chain(tmp_path, "two_io")
-    model = onnx.load(str(w / "model.onnx"))
+def test_two_outputs_are_named_after_dict_keys(chained):
+    model = onnx.load(str(chained("two_io") / "model.onnx"))
     assert [o.name for o in model.graph.output] == ["logits", "embedding"]
 
 
@@ -71,21 +47,19 @@ def test_recipe_output_names_are_used(tmp_path):
     assert [o.name for o in onnx.load(str(w / "model.onnx")).graph.output] == ["scores", "vector"]
 
 
-def test_converted_program_keeps_only_int8_weights(tmp_path):
-    w, _ = run_chain(tmp_path, "mlp")
+def test_converted_program_keeps_only_int8_weights(chained):
     from quantcli import _torch
 
-    program = _torch.load_program(w / "converted" / artifacts.PROGRAM)
+    program = _torch.load_program(chained("mlp") / "converted" / artifacts.PROGRAM)
     weights = {k: v for k, v in program.state_dict.items()} | dict(program.constants)
     matrices = [v for v in weights.values() if getattr(v, "ndim", 0) == 2]
     assert matrices and all(str(v.dtype) == "torch.int8" for v in matrices)
 
 
-def test_no_fold_quantize_keeps_float_weights(tmp_path):
-    w = calibrated(tmp_path, "mlp")
-    stages.convert.run(w / "calibrated", w / "converted", fold_quantize=False)
-    report = stages.export.run(w / "converted", w / "model.onnx").details["report"]
-    model = onnx.load(str(w / "model.onnx"))
+def test_no_fold_quantize_keeps_float_weights(chained, tmp_path):
+    stages.convert.run(chained("mlp") / "calibrated", tmp_path / "converted", fold_quantize=False)
+    report = stages.export.run(tmp_path / "converted", tmp_path / "model.onnx").details["report"]
+    model = onnx.load(str(tmp_path / "model.onnx"))
     float_matrices = [t for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
     assert float_matrices and report["parity"]["passed"]
 

@@ -49,13 +49,6 @@ EXPECTED: dict[str, tuple[int, float | None, float | None]] = {
     "hf_wav2vec2": (21, 26, None),  # 29.3 (the weight-normed positional conv included)
 }
 
-# The state round trip of prepared models with unused submodules (a pooler, a tied embedding or
-# LM head) fails until the lead's fix lands: torchao's move_exported_model_to_eval deletes them.
-ROUND_TRIP = {"hf_bert", "hf_t5_encoder", "hf_gpt2"}
-DEPENDS_ON_ROUND_TRIP_FIX = pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                              reason="Missing key(s) in state_dict: the lead's fix removes this")
-
-
 def test_expected_covers_the_zoo():
     assert set(EXPECTED) == set(zoo.ZOO)
 
@@ -65,6 +58,7 @@ def assert_result(name: str, result: dict) -> None:
     assert result["rc"] == 0, result.get("traceback", result["error"])
     coverage = result["coverage"]
     assert coverage["integer"] == coverage["total"] == integer, coverage
+    assert result["warning"] is None
     defects = [(i["op_type"], i["module"], i["torch_op"]) for i in result["islands"] if not i["allowed"]]
     assert not defects, defects
     if floor is None:  # nothing input-dependent to measure: the output is the same for every input
@@ -97,7 +91,6 @@ def test_vision_model(name, vision_results):
 
 
 # ------------------------------------------------------------------ transformers
-@pytest.mark.parametrize("name", [pytest.param(n, marks=DEPENDS_ON_ROUND_TRIP_FIX) if n in ROUND_TRIP else n
-                                  for n in zoo.TRANSFORMERS])
+@pytest.mark.parametrize("name", zoo.TRANSFORMERS)
 def test_transformers_model(name, tmp_path):
     assert_result(name, zoo.run(name, tmp_path / name))

@@ -82,3 +82,16 @@ def analyze(onnx_path: str | Path) -> dict:
     return {"coverage": {"integer": sum(integer.values()), "total": sum(integer.values()) + sum(floating.values()),
                          "integer_ops": integer, "float_ops": floating},
             "islands": islands}
+
+
+def coverage_warning(analysis: dict) -> str | None:
+    """A warning when fewer than half of the convs/matmuls run as integer kernels, or none was quantized.
+
+    Peers emit unquantized graphs silently; a model with no conv or matmul (nothing to judge) gets none.
+    """
+    integer, total = analysis["coverage"]["integer"], analysis["coverage"]["total"]
+    if total == 0 or 2 * integer >= total:
+        return None
+    what = "none" if integer == 0 else f"only {integer}"
+    return (f"{what} of {total} convs/matmuls run as integer kernels in ONNX Runtime: the int8 model may be "
+            "no faster than fp32 (`quantcli inspect` lists the float ops and their modules)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,12 @@ from quantcli.loading.data import to_tensors
 from quantcli.loading.headers import check_sources
 from quantcli.loading.inputs import example_batch
 from quantcli.onnx import export as onnx_export
-from quantcli.onnx import runtime
+from quantcli.onnx import fusion, runtime
 from quantcli.recipe import Recipe
 from quantcli.report import parity
 from quantcli.stages.base import StageResult, data_hashes, produce, recipe_for
+
+log = logging.getLogger("quantcli")
 
 
 def outputs(program: Any, recipe: Recipe, sample: dict[str, Any]) -> list[Any]:
@@ -49,7 +52,8 @@ def source(src: str | Path, opset: int | None, recipe_path: str | Path | None) -
 
 
 def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any, path: Path) -> dict[str, Any]:
-    """The report of the ONNX file at `path`: parity, SQNR against fp32, graph summary, evaluation."""
+    """The report of the ONNX file at `path`: parity, SQNR against fp32, graph summary, integer-kernel
+    coverage and float islands in ORT's optimized graph (a warning when under half), evaluation."""
     from quantcli import _torch
     from quantcli.report import evaluate
 
@@ -60,10 +64,15 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     ort = runtime.run(runtime.session(path), sample)
     check = parity.verdict(names, fp32, int8, ort, max_excess_db=recipe.export.parity_max_excess_db,
                            min_sqnr_db=recipe.export.parity_min_sqnr_db)
+    kernels = fusion.analyze(path)
+    warning = fusion.coverage_warning(kernels)
+    if warning is not None:
+        log.warning(warning, extra={"warning": True})
     report = {"parity": check,
               "sqnr_vs_float_db": {name: figures["ort_vs_fp32_db"] for name, figures in check["per_output"].items()},
               "onnx": {**onnx_export.graph_summary(model), "shapes": onnx_export.shape_coverage(model),
-                       "size_bytes": path.stat().st_size}}
+                       "size_bytes": path.stat().st_size},
+              "kernels": {**kernels, "warning": warning}}
     if recipe.evaluation is not None:
         report["evaluation"] = evaluate.evaluate(recipe, float_program, path, parent.manifest["io"])
     return report
