@@ -237,13 +237,15 @@ class DataSource(_Section):
     def _keys_fit_the_kind(self, info: ValidationInfo) -> "DataSource":
         """Tokenizer keys need text; `keys:` maps arrays, which text and images do not have.
 
-        Tokenizer settings are judged where the user wrote them (recorded recipes hold every default).
+        Tokenizer settings are judged where the user wrote them, other than their defaults (recorded
+        recipes hold every default, and a user may rerun one).
         """
         kind = kinds.by_name(self.data)
         if (self.text is not None or self.text_pair is not None) and kind != "table":
             raise ValueError("text/text_pair: name columns of a .jsonl/.csv/.tsv/.parquet file; "
                              + ("a .txt file holds one example a line" if kind == "text" else f"{self.data} has none"))
-        tokenizer = {"max_length", "padding", "truncation"} & self.model_fields_set
+        tokenizer = {k for k in {"max_length", "padding", "truncation"} & self.model_fields_set
+                     if getattr(self, k) != type(self).model_fields[k].default}  # a recorded default is no setting
         if tokenizer and (info.context or {}).get("written") and kind in ("arrays", "callable"):
             raise ValueError(f"{sorted(tokenizer)[0]}: tokenizer settings apply to text files, not to {self.data}")
         if self.keys and kind in ("text", "table"):

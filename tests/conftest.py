@@ -32,6 +32,14 @@ STAGES = ("captured", "prepared", "calibrated", "converted")
 ANSI = re.compile(r"\x1b\[")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the model zoo's vision runner (minutes of one core) as soon as its tests are collected."""
+    if any(item.nodeid.startswith("tests/test_zoo.py::test_vision_model") for item in items):
+        from tests import zoo
+
+        zoo.start_vision_runner()
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a CI job: no terminal, no colour forcing, this venv's quantcli first on PATH."""
     env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "CLICOLOR_FORCE")}

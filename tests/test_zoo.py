@@ -4,8 +4,9 @@ Each model must finish (exit 0), run every Conv/MatMul/Gemm of ORT's optimized g
 kernel, leave no float island but the allowed kinds (quantcli.onnx.fusion.ALLOWED: ops ORT has no
 CPU integer kernel for, and Softmax), and keep an SQNR floor against fp32 a few dB under the value
 measured on the reference machine. The torchvision and timm models run in one subprocess for the
-whole session (they must not share a process with transformers, see tests/zoo_site); transformers
-models run here, one test each.
+whole session (they must not share a process with transformers, see tests/zoo_site), started in
+the background as the session begins so that no worker waits for it; transformers models run
+here, one test each.
 
 For CNNs with random weights the SQNR floor applies to the raw output, and to its input-dependent
 part (the output minus its batch mean) where that part is more than 0.1 % of the output's energy:
@@ -14,12 +15,7 @@ below that it is float rounding (FIELD-NOTES: random-weight CNN outputs hardly d
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
-from filelock import FileLock
 
 from tests import zoo
 
@@ -71,18 +67,13 @@ def assert_result(name: str, result: dict) -> None:
 
 # ------------------------------------------------------------------ torchvision and timm
 @pytest.fixture(scope="session")
-def vision_results(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict:
-    """tests/zoo.py's runner over every vision model, once for all workers of the session."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base if worker_id == "master" else base.parent
-    out = shared / "zoo-vision.json"
-    with FileLock(str(shared / "zoo-vision.lock")):
-        if not out.exists():
-            proc = subprocess.run([sys.executable, str(zoo.ZOO_FILE), str(out), str(shared / "zoo-vision")],
-                                  capture_output=True, text=True, env=zoo.vision_env(), cwd=zoo.ROOT)
-            if proc.returncode != 0 or not out.exists():
-                pytest.fail(f"the zoo runner failed with exit {proc.returncode}:\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+def vision_results() -> dict:
+    """tests/zoo.py's runner over every vision model: started in the background when the session
+    collected these tests (conftest), read here once it has finished."""
+    results = zoo.vision_results()
+    if "failed" in results:
+        pytest.fail(results["failed"])
+    return results
 
 
 @pytest.mark.parametrize("name", zoo.VISION)

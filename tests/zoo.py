@@ -18,7 +18,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
 import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,45 @@ ZOO_FILE = Path(__file__).resolve()
 VISION_PATH = (ROOT / "tests" / "zoo_site", ROOT / ".venv" / "zoo")
 VOCAB = 128
 SEQ = 16
+
+
+def vision_run_dir() -> Path:
+    """The folder of this test run's background vision runner, the same in every pytest-xdist worker."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo-{os.getpid()}"
+    return Path(tempfile.gettempdir()) / f"quantcli-zoo-{run}"
+
+
+def start_vision_runner() -> None:
+    """Run every vision model in one background process, once per test run (the first caller starts it).
+
+    It writes results.json, then its exit code to `rc`, then deletes the models it built.
+    """
+    from filelock import FileLock
+
+    folder = vision_run_dir()
+    folder.mkdir(exist_ok=True)
+    with FileLock(str(folder / "start.lock")):
+        if (folder / "started").exists():
+            return
+        script = (f'"{sys.executable}" "{ZOO_FILE}" "{folder / "results.json"}" "{folder / "work"}" '
+                  f'2> "{folder / "stderr.txt"}"; echo $? > "{folder / "rc"}"; rm -rf "{folder / "work"}"')
+        subprocess.Popen(["sh", "-c", script], env=vision_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, start_new_session=True)
+        (folder / "started").write_text("")
+
+
+def vision_results(poll: float = 2.0) -> dict[str, Any]:
+    """The background runner's {name: result} once it has finished (starting it if nobody has);
+    {"failed": why} when it exited without results."""
+    start_vision_runner()
+    folder = vision_run_dir()
+    while not (folder / "rc").exists():
+        time.sleep(poll)
+    results = folder / "results.json"
+    if (folder / "rc").read_text().strip() != "0" or not results.exists():
+        return {"failed": f"the zoo runner failed with exit {(folder / 'rc').read_text().strip()}:\n"
+                          f"{(folder / 'stderr.txt').read_text()[-4000:]}"}
+    return json.loads(results.read_text())
 
 
 def vision_env() -> dict[str, str]:
