@@ -87,16 +87,12 @@ class ModelSection(_Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str | None) -> str | None:
-        if v is not None and v not in TASKS:
-            raise ValueError(f"unknown task {v!r}{did_you_mean(v, TASKS)}; valid: {', '.join(TASKS)}")
-        return v
+        return v if v is None else one_of(v, TASKS, "task")
 
     @field_validator("pooling")
     @classmethod
     def _known_pooling(cls, v: str) -> str:
-        if v not in POOLINGS:
-            raise ValueError(f"unknown pooling {v!r}{did_you_mean(v, POOLINGS)}; valid: {', '.join(POOLINGS)}")
-        return v
+        return one_of(v, POOLINGS, "pooling")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
@@ -273,9 +269,7 @@ class EvaluationSection(DataSource):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str | None) -> str | None:
-        if v is not None and v not in METRICS:
-            raise ValueError(f"unknown metric {v!r}{did_you_mean(v, METRICS)}; valid: {', '.join(METRICS)}")
-        return v
+        return v if v is None else one_of(v, METRICS, "metric")
 
 
 class WeightsConfig(_Section):
@@ -289,9 +283,7 @@ class ActivationsConfig(_Section):
 
 
 def _known_observer(v: str) -> str:
-    if v not in OBSERVERS:
-        raise ValueError(f"unknown observer {v!r}{did_you_mean(v, OBSERVERS)}; valid: {', '.join(OBSERVERS)}")
-    return v
+    return one_of(v, OBSERVERS, "observer")
 
 
 Observer = Annotated[str, AfterValidator(_known_observer),
@@ -322,9 +314,7 @@ class QuantizationSection(_Section):
     @field_validator("target")
     @classmethod
     def _registered(cls, v: str) -> str:
-        if v not in TARGETS:
-            raise ValueError(f"unknown target {v!r}{did_you_mean(v, TARGETS)}; valid: {', '.join(TARGETS)}")
-        return v
+        return one_of(v, TARGETS, "target")
 
     @model_validator(mode="after")
     def _options_the_target_reads(self, info: ValidationInfo) -> "QuantizationSection":
@@ -338,6 +328,13 @@ class QuantizationSection(_Section):
             raise ValueError(f"target {self.target!r} ignores {', '.join(ignored)}; remove "
                              f"{'them' if len(ignored) > 1 else 'it'} or use the onnxruntime target")
         return self
+
+
+def one_of(value: str, names: Any, what: str) -> str:
+    """`value` if it is one of `names`, else a ValueError naming the closest and every valid one."""
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}{did_you_mean(value, names)}; valid: {', '.join(names)}")
+    return value
 
 
 def did_you_mean(word: str, valid: Any) -> str:
