@@ -186,3 +186,22 @@ def inspect(path: Annotated[Path, typer.Argument(help="a stage folder or an .onn
     from quantcli import inspection
 
     show(o, execute(o, lambda progress: inspection.inspect(path)), render.inspected)
+
+
+@app.command()
+def report(src: Annotated[Path, typer.Argument(help="a converted artifact folder")],
+           onnx: Annotated[Optional[Path], typer.Option("--onnx", help="its exported .onnx: ORT per layer too")] = None,
+           data: Annotated[Optional[str], typer.Option("--data", help="data instead of the recipe's evaluation "
+                                                                      "(else calibration) data")] = None,
+           batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="use at most N batches")] = None,
+           plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of per-layer SQNR")] = None,
+           json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Per-layer error of the int8 model against fp32 (local and accumulated SQNR), worst layers first.
+
+    Example: quantcli report work/converted --onnx work/model.onnx --plot work/layers.png
+    """
+    o = Output(json, quiet, debug)
+    from quantcli.report import layers
+
+    show(o, execute(o, lambda progress: layers.run(src, onnx=onnx, data=data, batches=batches, plot=plot,
+                                                   progress=progress), "measuring"), render.layer_report)

@@ -88,3 +88,58 @@ def _kernels(kernels: dict[str, Any] | None) -> list[str]:
         kind = f" [{island['module_type']}]" if island["module_type"] else ""
         lines.append(f"    {island['op_type']:<16} {island['module'] or '(no module)'}{kind}")
     return lines
+
+
+SHOWN_LAYERS = 25  # rows of the per-layer table; --json has every layer
+
+
+def layer_report(doc: dict[str, Any]) -> str:
+    """`report`: the per-layer table, worst local SQNR first, then the whole-model figures."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    ort = bool(doc.get("onnx"))
+    table = Table(title=f"per-layer SQNR against fp32 on {doc['data']['samples']} {doc['data']['section']} samples "
+                  "(dB, higher is better)")
+    for column in ("#", "layer", "type", "op", "local", "accumulated") + (("ORT vs int8", "ORT vs fp32") if ort else ()):
+        table.add_column(column, justify="right" if column not in ("layer", "type", "op") else "left")
+    by_name = {d["name"]: d for d in doc["layers"]}
+    for name in doc["worst"][:SHOWN_LAYERS]:
+        d = by_name[name]
+        row = [str(d["depth"]), name, d["module_type"], d["op"], _db(d["local_db"]), _db(d["accumulated_db"])]
+        if ort:
+            row += [_db(d.get("ort_vs_int8_db")), _db(d.get("ort_vs_fp32_db"))]
+        table.add_row(*row)
+    buffer = io.StringIO()
+    Console(file=buffer, width=130, no_color=True, highlight=False).print(table)
+    lines = [buffer.getvalue().rstrip()]
+    if len(doc["worst"]) > SHOWN_LAYERS:
+        lines.append(f"({len(doc['worst']) - SHOWN_LAYERS} more layers: --json lists them all)")
+    lines += _model_lines(doc)
+    return "\n".join(lines)
+
+
+def _db(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _model_lines(doc: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, out in doc["model"]["outputs"].items():
+        line = f"output {name}: int8 vs fp32 {out['int8_vs_fp32_db']:.1f} dB, max abs error {out['max_abs_error']:.4g}"
+        if "ort_vs_fp32_db" in out:
+            line += f"; ORT vs fp32 {out['ort_vs_fp32_db']:.1f} dB, ORT vs PyTorch int8 {out['ort_vs_int8_db']:.1f} dB"
+        lines.append(line)
+    ev = doc.get("evaluation")
+    if ev:
+        models = ", ".join(f"{k} {ev[k]:.4f}" for k in ("fp32_torch", "int8_torch", "int8_onnx") if k in ev)
+        lines.append(f"{ev['metric']}: {models} (drop {ev['drop']:.4f})")
+    sizes = doc["sizes"]
+    lines.append("size: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sizes.items()))
+    if "kernels" in doc:
+        lines += [line.strip() for line in _kernels(doc["kernels"])]
+    if doc.get("plot"):
+        lines.append(f"plot: {doc['plot']}")
+    return lines
