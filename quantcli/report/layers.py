@@ -98,7 +98,8 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
                                  files=reader(recipe, what, targets=targets is not None))
     reference, converted, saved = modules(art)
     found = taps.points(converted)
-    figures = Figures(found, art.manifest["io"]["outputs"], recipe if targets else None)
+    figures = Figures(found, taps.quantized_inputs(converted), art.manifest["io"]["outputs"],
+                      recipe if targets else None)
     ends = taps.output_points(converted, found)  # float outputs of int8 ops: ORT's graph outputs
     ort = OrtTaps(onnx_path, [p.node for p in found], {p.node: p.module for p in found}) if onnx_path else None
     try:

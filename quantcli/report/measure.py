@@ -40,10 +40,10 @@ class _Output:
 class Figures:
     """Accumulates a report over batches; `result()` gives its JSON document."""
 
-    def __init__(self, found: list[Point], outputs: list[str], recipe: Recipe | None):
+    def __init__(self, found: list[Point], substituted: set[str], outputs: list[str], recipe: Recipe | None):
         self.points = found
         self.names = names(found)
-        self.watch = [p.node for p in found]
+        self.watch = sorted({p.node for p in found} | substituted)
         self.layer = {p.node: {k: Powers() for k in KINDS} for p in found}
         self.outputs = {name: _Output() for name in outputs}
         self.reproduce = Powers()

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from quantcli._torch import torch
+from quantcli.quantizers.patterns import KIND
 
 _QD = "quantized_decomposed."
+_MOVES = ("shared", "split", "getitem")  # quantizer pattern kinds whose output shares the input's qparams
 
 
 def _target(node: Any) -> str:
@@ -70,12 +72,14 @@ def points(converted: Any) -> list[Point]:
 
     A point is a node whose output is quantized (a quantize node reads it), or an op that reads a
     dequantized weight but whose output stays float. Graph inputs quantized at entry count too
-    (module "", op "input"): input quantization is error the model has before its first op.
+    (module "", op "input"): input quantization is error the model has before its first op. Ops
+    that only move data (reshape, transpose, slice, max pool...) keep their input's quantization
+    parameters and add no error of their own: they are not points.
     """
     found: list[Point] = []
     for node in converted.graph.nodes:
         quantized = any(is_quantize(u) for u in node.users)
-        if node.op == "get_attr" or is_dequantize(node) or is_quantize(node):
+        if node.op == "get_attr" or is_dequantize(node) or is_quantize(node) or KIND.get(node.target) in _MOVES:
             continue
         if not quantized and not (node.op == "call_function" and _weighted(node)):
             continue
@@ -100,6 +104,11 @@ def output_points(converted: Any, found: list[Point]) -> dict[str, int]:
     flat = torch.utils._pytree.tree_leaves(output.args[0])  # torch has no public pytree module
     index = {getattr(n, "name", None): i for i, n in enumerate(flat)}
     return {p.node: index[p.node] for p in found if not p.quantized_output and p.node in index}
+
+
+def quantized_inputs(converted: Any) -> set[str]:
+    """The nodes quantize nodes read: the values local mode replaces with the reference's."""
+    return {n.args[0].name for n in converted.graph.nodes if is_quantize(n) and hasattr(n.args[0], "name")}
 
 
 class Tap(torch.fx.Interpreter):
