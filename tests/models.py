@@ -228,6 +228,22 @@ def mlp(in_features: int = 64, hidden: int = 256, num_classes: int = 10, seed: i
     return _seeded(lambda: MLP(in_features, hidden, num_classes), seed)
 
 
+def mlp_outlier(channels: tuple[int, ...] = (3, 17, 40), factor: float = 300.0, seed: int = 0) -> nn.Module:
+    """The MLP with outlier channels planted in fc1's output, the same function in fp32.
+
+    fc1's rows `channels` are scaled by `factor` and fc2's matching columns divided by it (ReLU
+    commutes with a positive scale): per-tensor uint8 activations of fc1's output leave the other
+    channels a step or two of range, and plain PTQ loses the output (1.3 dB SQNR).
+    """
+    model = mlp(seed=seed)
+    with torch.no_grad():
+        for c in channels:
+            model.fc1.weight[c] *= factor
+            model.fc1.bias[c] *= factor
+            model.fc2.weight[:, c] /= factor
+    return model
+
+
 # ---------------------------------------------------------------- transformers
 class SelfAttention(nn.Module):
     """Multi-head attention written out: Linear q/k/v, matmul, softmax with additive mask, matmul."""

@@ -13,7 +13,7 @@ from tests.conftest import assert_fails, cli
 
 LAYER_KEYS = {"name", "node", "module", "module_type", "op", "depth", "quantized_output", "local_db", "accumulated_db"}
 ORT_KEYS = {"ort_vs_int8_db", "ort_vs_fp32_db"}
-TOP_KEYS = {"layers", "worst", "model", "artifact", "onnx", "data", "sizes"}
+TOP_KEYS = {"layers", "worst", "model", "artifact", "onnx", "data", "sizes", "unmatched"}
 
 
 def report_json(*args) -> dict:
@@ -83,7 +83,7 @@ def test_a_corrupted_layer_is_named_first(planted, chained):
 def test_json_keys_and_ort_taps_on_a_transformer(chained):
     w = chained("bert")
     doc = report_json(w / "converted", "--onnx", w / "model.onnx", "--batches", "2")
-    assert TOP_KEYS | {"kernels"} <= set(doc)
+    assert set(doc) == TOP_KEYS | {"kernels"} and doc["unmatched"] == []
     assert doc["data"] == {"section": "calibration", "source": doc["data"]["source"], "batches": 2, "samples": 16}
     assert all(set(d) == LAYER_KEYS | ORT_KEYS for d in doc["layers"])
     assert sorted(doc["worst"]) == sorted(d["name"] for d in doc["layers"])

@@ -97,8 +97,11 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
     total, stream = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, limit, what, targets=targets,
                                  files=reader(recipe, what, targets=targets is not None))
     reference, converted, saved = modules(art)
-    found = taps.points(converted)
-    figures = Figures(found, taps.quantized_inputs(converted), art.manifest["io"]["outputs"],
+    # QAT's convert folds BN into the convs: those nodes exist in the converted graph only
+    known = {n.name for n in reference.graph.nodes}
+    found = [p for p in taps.points(converted) if p.node in known]
+    unmatched = [p.node for p in taps.points(converted) if p.node not in known]
+    figures = Figures(found, taps.quantized_inputs(converted) & known, art.manifest["io"]["outputs"],
                       recipe if targets else None)
     ends = taps.output_points(converted, found)  # float outputs of int8 ops: ORT's graph outputs
     ort = OrtTaps(onnx_path, [p.node for p in found], {p.node: p.module for p in found}) if onnx_path else None
@@ -126,7 +129,7 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
     if doc["model"]["saved_vs_copy_db"] < REPRODUCE_MIN_DB:
         raise ArtifactError(f"{src}: converting its calibrated state again gives other outputs than its program "
                             f"({doc['model']['saved_vs_copy_db']} dB)", "rerun `quantcli convert`")
-    doc.update({"artifact": str(src), "onnx": str(onnx_path) if onnx_path else None,
+    doc.update({"artifact": str(src), "onnx": str(onnx_path) if onnx_path else None, "unmatched": unmatched,
                 "data": {"section": what, "source": section.data, "batches": figures.batches,
                          "samples": figures.samples},
                 "sizes": _sizes(art, onnx_path)})

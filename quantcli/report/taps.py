@@ -54,7 +54,7 @@ class Point:
 def _origin(node: Any) -> tuple[str, str]:
     """(innermost module path, its class name) from nn_module_stack; ("", "") at the root."""
     stack = [v for v in (node.meta.get("nn_module_stack") or {}).values() if v[0]]
-    if not stack:
+    if not stack or node.op == "placeholder":  # a graph input belongs to no module
         return "", ""
     path, mtype = stack[-1]
     name = mtype if isinstance(mtype, str) else getattr(mtype, "__qualname__", str(mtype))
