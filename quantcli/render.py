@@ -143,3 +143,20 @@ def _model_lines(doc: dict[str, Any]) -> list[str]:
     if doc.get("plot"):
         lines.append(f"plot: {doc['plot']}")
     return lines
+
+
+def tuned(doc: dict[str, Any]) -> str:
+    """`tune`: the goal, baseline and best trial, then every trial."""
+    def measured(m: dict[str, Any]) -> str:
+        metric = f"{doc['metric']} {m['metric']:.4f} (drop {m['drop']:.4f}), " if "metric" in m else ""
+        return f"{metric}output SQNR {m['sqnr_db']:.1f} dB, {m['latency_ms']:.3f} ms"
+
+    goal = ", ".join(f"{k} {v}" for k, v in doc["goal"].items())
+    lines = [f"goal {goal}: {'met' if doc['achieved'] else 'NOT met'}",
+             f"baseline: {measured(doc['baseline'])}",
+             f"best: trial {doc['best']['trial']}: {measured(doc['best'])}; layers changed: "
+             f"{', '.join(doc['layers_changed']) or 'none'}"]
+    for t in doc["trials"]:
+        lines.append(f"  trial {t['trial']:2d} {t['change']:<40} {measured(t)}{'' if t['status'] == 'ok' else ' ' + t['status']}")
+    lines.append(f"wrote {doc['model']} and {doc['recipe']} in {doc['seconds']:.0f}s")
+    return "\n".join(lines)
