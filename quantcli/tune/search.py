@@ -83,6 +83,9 @@ def run(recipe_path: str | Path, out: str | Path, *, max_drop: float | None = No
     if recipe.training is not None:
         raise RecipeError("tune searches post-training quantization; the recipe has a training: section",
                           "remove it, or tune a recipe without it and train afterwards")
+    if max_drop is not None and (recipe.evaluation is None or recipe.evaluation.targets is None and metric is None):
+        raise RecipeError("--max-drop needs an evaluation: section with data and targets",
+                          "add one, or use --min-sqnr DB")
     score = load_callable(metric, "--metric") if metric else None
     out = Path(out)
     trials_dir = out / "trials"
