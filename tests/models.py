@@ -475,3 +475,7 @@ def text_batches():
 
 def token_batches():
     return _calibration("gpt")
+
+
+def mlp_batches():
+    return _calibration("mlp")
