@@ -143,3 +143,12 @@ def test_bad_inputs_are_one_line_errors(chained, tmp_path):
     assert_fails(cli("report", w / "converted", "--onnx", chained("bert") / "model.onnx"), 4, "was not exported from")
     assert_fails(cli("report", w / "converted", "--plot", tmp_path / "x.jpg"), 2, "PNG")
     assert_fails(cli("report", w / "converted", "--data", tmp_path / "none.npz"), 3, "not found")
+
+
+def test_after_qat_the_folded_convs_are_unmatched_and_the_rest_measured(qat_work):
+    doc = report_json(qat_work / "converted", "--batches", "2")
+    assert doc["unmatched"] and all(node.startswith("conv") for node in doc["unmatched"])
+    ops = {d["op"] for d in doc["layers"]}
+    assert {"relu.default", "linear.default"} <= ops and "conv2d.default" not in ops
+    assert doc["data"]["section"] == "evaluation" and doc["evaluation"]["metric"] == "accuracy"
+    assert all(d["local_db"] > 20 for d in doc["layers"]) and doc["model"]["saved_vs_copy_db"] == 200.0
