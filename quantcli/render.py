@@ -103,7 +103,8 @@ def layer_report(doc: dict[str, Any]) -> str:
     ort = bool(doc.get("onnx"))
     table = Table(title=f"per-layer SQNR against fp32 on {doc['data']['samples']} {doc['data']['section']} samples "
                   "(dB, higher is better)")
-    for column in ("#", "layer", "type", "op", "local", "accumulated") + (("ORT vs int8", "ORT vs fp32") if ort else ()):
+    columns = ("#", "layer", "type", "op", "local", "accumulated") + (("ORT vs int8", "ORT vs fp32") if ort else ())
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("layer", "type", "op") else "left")
     by_name = {d["name"]: d for d in doc["layers"]}
     for name in doc["worst"][:SHOWN_LAYERS]:
@@ -157,6 +158,7 @@ def tuned(doc: dict[str, Any]) -> str:
              f"best: trial {doc['best']['trial']}: {measured(doc['best'])}; layers changed: "
              f"{', '.join(doc['layers_changed']) or 'none'}"]
     for t in doc["trials"]:
-        lines.append(f"  trial {t['trial']:2d} {t['change']:<40} {measured(t)}{'' if t['status'] == 'ok' else ' ' + t['status']}")
+        status = "" if t["status"] == "ok" else f" {t['status']}"
+        lines.append(f"  trial {t['trial']:2d} {t['change']:<40} {measured(t)}{status}")
     lines.append(f"wrote {doc['model']} and {doc['recipe']} in {doc['seconds']:.0f}s")
     return "\n".join(lines)

@@ -94,7 +94,8 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
     what, section, recipe = data_source(recipe_of(art), data, batches)
     targets = section.targets if what == "evaluation" and data is None else None
     limit = batches or getattr(section, "num_batches", None)
-    total, stream = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, limit, what, targets=targets,
+    total, stream = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, limit, what,
+                                 targets=targets,
                                  files=reader(recipe, what, targets=targets is not None))
     reference, converted, saved = modules(art)
     # QAT's convert folds BN into the convs: those nodes exist in the converted graph only

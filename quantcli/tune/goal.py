@@ -76,7 +76,8 @@ class Judge:
         for batch in stream:
             self.targets.append(batch.pop(TARGET_COLUMN, None))
             with _torch.torch.no_grad():
-                self.fp32.append([t.numpy() for _, t in _torch.output_leaves(module(*to_tensors(batch, recipe.inputs)))])
+                result = module(*to_tensors(batch, recipe.inputs))
+            self.fp32.append([t.numpy() for _, t in _torch.output_leaves(result)])
             self.batches.append(batch)
         self.section, self.goal, self.callable = what, goal, metric
         self.fp32_metric = self._score([out[0] for out in self.fp32]) if self.metric_name else None

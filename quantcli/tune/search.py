@@ -71,6 +71,57 @@ def trial(captured: Path, folder: Path, recipe_path: Path, force: bool) -> str:
     return "ok"
 
 
+class Search:
+    """The trials so far, the fixes kept and the best trial; `layer(module)` tries one module's fixes."""
+
+    def __init__(self, recipe: recipes.Recipe, judge: Judge, base: Path, force: bool, progress: Progress):
+        self.recipe, self.judge, self.base, self.force, self.progress = recipe, judge, base, force, progress
+        baseline = {"trial": 0, "change": None, "overrides": [], "status": "ok",
+                    **judge.measure(base / pipeline.ONNX_NAME)}
+        self.history: list[dict[str, Any]] = [baseline]
+        self.kept: list[dict[str, Any]] = []
+        self.best = baseline
+
+    @property
+    def trials(self) -> int:
+        return len(self.history) - 1
+
+    def layer(self, module: str, max_trials: int) -> None:
+        """Another calibration method for `module`, then float, until one of them is better than the best."""
+        current = next((o.observer for o in reversed(self.recipe.quantization.overrides)
+                        if module in o.names and o.observer), self.recipe.quantization.observer)
+        for fix in ({"names": [module], "observer": OTHER_OBSERVER[current]}, {"names": [module], "exclude": True}):
+            if self.trials >= max_trials:
+                return
+            record = self.attempt(fix, max_trials)
+            if record["status"] == "ok" and self.judge.goal.better(record, self.best):
+                self.kept, self.best = self.kept + [fix], record
+                return
+
+    def attempt(self, fix: dict[str, Any], max_trials: int) -> dict[str, Any]:
+        number = self.trials + 1
+        folder = self.base.parent / f"{number:02d}"
+        path = write_recipe(self.recipe, self.kept + [fix], folder / RECIPE)
+        status = trial(self.base / "captured", folder, path, self.force)
+        measured = self.judge.measure(folder / pipeline.ONNX_NAME)
+        record = {"trial": number, "change": _describe(fix), "overrides": self.kept + [fix], "status": status,
+                  **measured}
+        self.history.append(record)
+        self.progress(number, max_trials, {"sqnr_db": measured["sqnr_db"]})
+        return record
+
+
+def _checked(recipe_path: str | Path, max_drop: float | None, metric: str | None) -> recipes.Recipe:
+    recipe = recipes.load(recipe_path)
+    if recipe.training is not None:
+        raise RecipeError("tune searches post-training quantization; the recipe has a training: section",
+                          "remove it, or tune a recipe without it and train afterwards")
+    if max_drop is not None and (recipe.evaluation is None or recipe.evaluation.targets is None and metric is None):
+        raise RecipeError("--max-drop needs an evaluation: section with data and targets",
+                          "add one, or use --min-sqnr DB")
+    return recipe
+
+
 def run(recipe_path: str | Path, out: str | Path, *, max_drop: float | None = None, min_sqnr: float | None = None,
         metric: str | None = None, max_trials: int = 10, batches: int | None = None, force: bool = False,
         progress: Progress = no_progress) -> dict[str, Any]:
@@ -79,60 +130,42 @@ def run(recipe_path: str | Path, out: str | Path, *, max_drop: float | None = No
 
     start = time.perf_counter()
     goal = Goal(max_drop, min_sqnr)
-    recipe = recipes.load(recipe_path)
-    if recipe.training is not None:
-        raise RecipeError("tune searches post-training quantization; the recipe has a training: section",
-                          "remove it, or tune a recipe without it and train afterwards")
-    if max_drop is not None and (recipe.evaluation is None or recipe.evaluation.targets is None and metric is None):
-        raise RecipeError("--max-drop needs an evaluation: section with data and targets",
-                          "add one, or use --min-sqnr DB")
+    recipe = _checked(recipe_path, max_drop, metric)
     score = load_callable(metric, "--metric") if metric else None
     out = Path(out)
-    trials_dir = out / "trials"
-    base = trials_dir / "00"
+    base = out / "trials" / "00"
     pipeline.run(recipe_path, base, force=force)
-    float_program = _torch.load_program(base / "converted" / artifacts.FLOAT_PROGRAM)
-    recorded = recipe_of(artifacts.open_artifact(base / "converted", ("converted",), "tune"))  # inputs resolved
-    judge = Judge(recorded, float_program, goal, score, batches)
-    baseline = {"trial": 0, "change": None, "overrides": [], "status": "ok",
-                **judge.measure(base / pipeline.ONNX_NAME)}
-    history, kept, best = [baseline], [], baseline
-    ranking = [] if goal.met(baseline) else candidates(base / "converted", batches)
+    converted = artifacts.open_artifact(base / "converted", ("converted",), "tune")
+    float_program = _torch.load_program(converted.file(artifacts.FLOAT_PROGRAM))
+    judge = Judge(recipe_of(converted), float_program, goal, score, batches)  # its recipe: inputs resolved
+    search = Search(recipe, judge, base, force, progress)
+    ranking = [] if goal.met(search.best) else candidates(base / "converted", batches)
     for module in ranking:
-        if goal.met(best) or len(history) > max_trials:
+        if goal.met(search.best) or search.trials >= max_trials:
             break
-        current = next((o["observer"] for o in reversed(kept) if module in o["names"] and "observer" in o),
-                       recipe.quantization.observer)
-        for fix in ({"names": [module], "observer": OTHER_OBSERVER[current]}, {"names": [module], "exclude": True}):
-            if len(history) > max_trials:
-                break
-            number = len(history)
-            folder = trials_dir / f"{number:02d}"
-            path = write_recipe(recipe, kept + [fix], folder / RECIPE)
-            status = trial(base / "captured", folder, path, force)
-            measured = judge.measure(folder / pipeline.ONNX_NAME)
-            record = {"trial": number, "change": _describe(fix), "overrides": kept + [fix], "status": status, **measured}
-            history.append(record)
-            progress(number, max_trials, {"sqnr_db": measured["sqnr_db"]})
-            if status == "ok" and goal.better(measured, best):
-                kept, best = kept + [fix], record
-                break
-    final = write_recipe(recipe, best["overrides"], out / RECIPE)
-    pipeline.run(final, out, force=True)
-    outcome = {"goal": goal.to_json(), "achieved": goal.met(best), "metric": judge.metric_name,
-               "fp32_metric": judge.fp32_metric, "data": {"section": judge.section, "batches": len(judge.batches)},
-               "baseline": baseline, "best": best, "trials": history[1:], "ranking": ranking,
-               "layers_changed": sorted({n for o in best["overrides"] for n in o["names"]}),
-               "model": str(out / pipeline.ONNX_NAME), "recipe": str(final),
-               "reproduces_best_trial": _same_graph(out / pipeline.ONNX_NAME,
-                                                    trials_dir / f"{best['trial']:02d}" / pipeline.ONNX_NAME),
-               "seconds": round(time.perf_counter() - start, 1)}
+        search.layer(module, max_trials)
+    outcome = _finish(search, out, ranking)
+    outcome["seconds"] = round(time.perf_counter() - start, 1)
     (out / OUTCOME).write_text(json.dumps(outcome, indent=2, sort_keys=True) + "\n")
     if not outcome["achieved"]:
-        raise GoalError(f"goal {_goal_text(goal)} not met in {len(history) - 1} trial(s): best {_measure_text(best)} "
-                        f"(trial {best['trial']}); model, recipe and {OUTCOME} written to {out}",
-                        "raise --max-trials, or loosen the goal")
+        raise GoalError(f"goal {_goal_text(goal)} not met in {search.trials} trial(s): best "
+                        f"{_measure_text(search.best)} (trial {search.best['trial']}); model, recipe and {OUTCOME} "
+                        f"written to {out}", "raise --max-trials, or loosen the goal")
     return outcome
+
+
+def _finish(search: Search, out: Path, ranking: list[str]) -> dict[str, Any]:
+    """Write the best recipe and make `<out>` from it as `quantcli run` does; the outcome document."""
+    best, judge = search.best, search.judge
+    final = write_recipe(search.recipe, best["overrides"], out / RECIPE)
+    pipeline.run(final, out, force=True)
+    model = out / pipeline.ONNX_NAME
+    return {"goal": judge.goal.to_json(), "achieved": judge.goal.met(best), "metric": judge.metric_name,
+            "fp32_metric": judge.fp32_metric, "data": {"section": judge.section, "batches": len(judge.batches)},
+            "baseline": search.history[0], "best": best, "trials": search.history[1:], "ranking": ranking,
+            "layers_changed": sorted({n for o in best["overrides"] for n in o["names"]}),
+            "model": str(model), "recipe": str(final),
+            "reproduces_best_trial": _same_graph(model, search.base.parent / f"{best['trial']:02d}" / pipeline.ONNX_NAME)}
 
 
 def _describe(fix: dict[str, Any]) -> str:
