@@ -136,7 +136,9 @@ def _model_lines(doc: dict[str, Any]) -> list[str]:
     ev = doc.get("evaluation")
     if ev:
         models = ", ".join(f"{k} {ev[k]:.4f}" for k in ("fp32_torch", "int8_torch", "int8_onnx") if k in ev)
-        lines.append(f"{ev['metric']}: {models} (drop {ev['drop']:.4f})")
+        agree = ", ".join(f"{k} {v:.4f}" for k, v in ev.get("top1_agreement", {}).items())
+        lines.append(f"{ev['metric']}: {models} (drop {ev['drop']:.4f})" + (f"; top-1 agreement with fp32: {agree}"
+                                                                          if agree else ""))
     sizes = doc["sizes"]
     lines.append("size: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sizes.items()))
     if "kernels" in doc:

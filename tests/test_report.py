@@ -103,6 +103,16 @@ def test_json_keys_and_ort_taps_on_a_transformer(chained):
     assert doc["sizes"]["int8_onnx"] == (w / "model.onnx").stat().st_size
 
 
+def test_data_option_and_input_quantization(chained):
+    w = chained("mlp")
+    data = w.parent / "mlp.npz"
+    doc = report_json(w / "converted", "--data", data, "--batches", "2")
+    assert doc["data"] == {"section": "calibration", "source": str(data.resolve()), "batches": 2, "samples": 16}
+    first = doc["layers"][0]
+    assert (first["name"], first["op"], first["module"]) == ("x", "input", "")
+    assert first["local_db"] == first["accumulated_db"] < 60  # nothing before it: both are input quantization
+
+
 def test_text_table_lists_worst_first(chained):
     run = cli("report", chained("mlp") / "converted", "--batches", "1")
     assert run.rc == 0, run.stderr
@@ -133,6 +143,7 @@ def test_bundled_example_uses_its_evaluation_data(work):
     ev = doc["evaluation"]
     assert ev["metric"] == "accuracy" and ev["fp32_torch"] >= 0.99
     assert abs(ev["drop"] - (ev["fp32_torch"] - ev["int8_onnx"])) < 1e-6 and ev["drop"] <= 0.01
+    assert set(ev["top1_agreement"]) == {"int8_torch", "int8_onnx"} and 0.98 <= ev["top1_agreement"]["int8_onnx"] <= 1
 
 
 def test_bad_inputs_are_one_line_errors(chained, tmp_path):

@@ -29,7 +29,7 @@ def open_converted(src: str | Path) -> artifacts.Artifact:
     art = artifacts.open_artifact(src, ("converted",), "report")
     if artifacts.STATE not in art.manifest["files"]:
         raise ArtifactError(f"{src} does not hold the calibrated state report compares against",
-                            "it was converted by an older quantcli: rerun `quantcli convert`")
+                            "it was converted by an older quantcli: rerun `quantcli convert ... --force`")
     return art
 
 
@@ -92,7 +92,8 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
     art = open_converted(src)
     onnx_path = _onnx(onnx, art)
     what, section, recipe = data_source(recipe_of(art), data, batches)
-    targets = section.targets if what == "evaluation" and data is None else None
+    evaluating = what == "evaluation" and data is None  # the recipe's metric on its held-out data
+    targets = section.targets if evaluating else None
     limit = batches or getattr(section, "num_batches", None)
     total, stream = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, limit, what,
                                  targets=targets,
@@ -103,7 +104,7 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
     found = [p for p in taps.points(converted) if p.node in known]
     unmatched = [p.node for p in taps.points(converted) if p.node not in known]
     figures = Figures(found, taps.quantized_inputs(converted) & known, art.manifest["io"]["outputs"],
-                      recipe if targets else None)
+                      recipe if evaluating else None)
     ends = taps.output_points(converted, found)  # float outputs of int8 ops: ORT's graph outputs
     ort = OrtTaps(onnx_path, [p.node for p in found], {p.node: p.module for p in found}) if onnx_path else None
     try:
@@ -129,7 +130,7 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
     doc = figures.result()
     if doc["model"]["saved_vs_copy_db"] < REPRODUCE_MIN_DB:
         raise ArtifactError(f"{src}: converting its calibrated state again gives other outputs than its program "
-                            f"({doc['model']['saved_vs_copy_db']} dB)", "rerun `quantcli convert`")
+                            f"({doc['model']['saved_vs_copy_db']} dB)", "rerun `quantcli convert ... --force`")
     doc.update({"artifact": str(src), "onnx": str(onnx_path) if onnx_path else None, "unmatched": unmatched,
                 "data": {"section": what, "source": section.data, "batches": figures.batches,
                          "samples": figures.samples},

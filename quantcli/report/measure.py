@@ -50,6 +50,7 @@ class Figures:
         self.metric = recipe.evaluation.metric if recipe is not None and recipe.evaluation is not None else None
         self.scores = {m: METRICS[self.metric].accumulator() for m in ("fp32_torch", "int8_torch", "int8_onnx")
                        } if self.metric else {}
+        self.agreement: dict[str, tuple[int, int]] = {}  # model -> (predictions equal to fp32's, predictions)
         self.batches = self.samples = 0
         self.ort = False
         self._last: dict[str, Any] = {}
@@ -67,6 +68,7 @@ class Figures:
         if self.scores:
             self.scores["fp32_torch"].update(fp32[0], fp32[0], target)
             self.scores["int8_torch"].update(shipped[0], fp32[0], target)
+            self._agree("int8_torch", fp32[0], shipped[0])
         self.batches += 1
         self.samples += int(np.shape(fp32[0])[0]) if np.ndim(fp32[0]) else 1
         self._last = {"fp32": fp32, "int8": shipped, "ref": ref, "acc": acc}
@@ -83,6 +85,14 @@ class Figures:
             out.add("ort_vs_int8", q, o)
         if self.scores:
             self.scores["int8_onnx"].update(outputs[0], last["fp32"][0], target)
+            self._agree("int8_onnx", last["fp32"][0], outputs[0])
+
+    def _agree(self, model: str, fp32: np.ndarray, int8: np.ndarray) -> None:
+        """Top-1 agreement with fp32 (classifiers: accuracy metrics), counted over predictions."""
+        if self.metric in ("accuracy", "token_accuracy"):
+            same, count = self.agreement.get(model, (0, 0))
+            equal = int((fp32.argmax(-1) == int8.argmax(-1)).sum())
+            self.agreement[model] = (same + equal, count + fp32[..., 0].size)
 
     def _layer(self, p: Point) -> dict[str, Any]:
         powers = self.layer[p.node]
@@ -113,4 +123,7 @@ class Figures:
         shipped (ORT's where measured), in the metric's own units."""
         values = {k: acc.result()["value"] for k, acc in self.scores.items() if k != "int8_onnx" or self.ort}
         int8 = values.get("int8_onnx", values["int8_torch"])
-        return {"metric": self.metric, **values, "drop": round(values["fp32_torch"] - int8, 6)}
+        doc = {"metric": self.metric, **values, "drop": round(values["fp32_torch"] - int8, 6)}
+        if self.agreement:
+            doc["top1_agreement"] = {k: round(same / count, 6) for k, (same, count) in self.agreement.items()}
+        return doc
