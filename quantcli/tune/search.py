@@ -160,12 +160,13 @@ def _finish(search: Search, out: Path, ranking: list[str]) -> dict[str, Any]:
     final = write_recipe(search.recipe, best["overrides"], out / RECIPE)
     pipeline.run(final, out, force=True)
     model = out / pipeline.ONNX_NAME
+    trial_model = search.base.parent / f"{best['trial']:02d}" / pipeline.ONNX_NAME
     return {"goal": judge.goal.to_json(), "achieved": judge.goal.met(best), "metric": judge.metric_name,
             "fp32_metric": judge.fp32_metric, "data": {"section": judge.section, "batches": len(judge.batches)},
             "baseline": search.history[0], "best": best, "trials": search.history[1:], "ranking": ranking,
             "layers_changed": sorted({n for o in best["overrides"] for n in o["names"]}),
             "model": str(model), "recipe": str(final),
-            "reproduces_best_trial": _same_graph(model, search.base.parent / f"{best['trial']:02d}" / pipeline.ONNX_NAME)}
+            "reproduces_best_trial": _same_graph(model, trial_model)}
 
 
 def _describe(fix: dict[str, Any]) -> str:
