@@ -114,7 +114,8 @@ def layer_report(doc: dict[str, Any]) -> str:
             row += [_db(d.get("ort_vs_int8_db")), _db(d.get("ort_vs_fp32_db"))]
         table.add_row(*row)
     buffer = io.StringIO()
-    Console(file=buffer, width=130, no_color=True, highlight=False).print(table)
+    width = 100 + max((len(name) for name in doc["worst"][:SHOWN_LAYERS]), default=0)  # names never cut
+    Console(file=buffer, width=width, no_color=True, highlight=False).print(table)
     lines = [buffer.getvalue().rstrip()]
     if len(doc["worst"]) > SHOWN_LAYERS:
         lines.append(f"({len(doc['worst']) - SHOWN_LAYERS} more layers: --json lists them all)")

@@ -415,6 +415,20 @@ def hf_bert(layers: int = 2, seed: int = 0) -> nn.Module:
     return _seeded(lambda: HFBert(BertModel(config, add_pooling_layer=True)), seed)
 
 
+def hf_bert_outlier(layer: int = 1, channels: tuple[int, ...] = (5, 40, 77), factor: float = 300.0,
+                    seed: int = 0) -> nn.Module:
+    """The Hugging Face BertModel with outlier channels at one FFN down-projection's input: rows
+    `channels` of `encoder.layer.<layer>.intermediate.dense` scaled by `factor` (a different model
+    in fp32 too, since GELU does not commute with a scale)."""
+    model = hf_bert(seed=seed)
+    dense = model.bert.encoder.layer[layer].intermediate.dense
+    with torch.no_grad():
+        for c in channels:
+            dense.weight[c] *= factor
+            dense.bias[c] = dense.bias[c].abs() * factor
+    return model
+
+
 def _image(shape: list[int]) -> list[dict[str, Any]]:
     return [{"name": "x", "shape": shape, "dtype": "float32"}]
 
