@@ -85,7 +85,6 @@ def _onnx(path: str | Path | None, art: artifacts.Artifact) -> Path | None:
 def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None = None, batches: int | None = None,
            progress: Progress = no_progress) -> dict[str, Any]:
     """The per-layer and whole-model figures of the converted artifact `src` on the recipe's data."""
-    from quantcli import _torch
     from quantcli.loading.files import reader
     from quantcli.report.ort_taps import OrtTaps
 
@@ -94,34 +93,18 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
     what, section, recipe = data_source(recipe_of(art), data, batches)
     evaluating = what == "evaluation" and data is None  # the recipe's metric on its held-out data
     targets = section.targets if evaluating else None
-    limit = batches or getattr(section, "num_batches", None)
-    total, stream = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, limit, what,
-                                 targets=targets,
+    total, stream = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size,
+                                 batches or getattr(section, "num_batches", None), what, targets=targets,
                                  files=reader(recipe, what, targets=targets is not None))
-    reference, converted, saved = modules(art)
+    models = modules(art)
     # QAT's convert folds BN into the convs: those nodes exist in the converted graph only
-    known = {n.name for n in reference.graph.nodes}
-    found = [p for p in taps.points(converted) if p.node in known]
-    unmatched = [p.node for p in taps.points(converted) if p.node not in known]
-    figures = Figures(found, taps.quantized_inputs(converted) & known, art.manifest["io"]["outputs"],
+    known = {n.name for n in models[0].graph.nodes}
+    found = [p for p in taps.points(models[1]) if p.node in known]
+    figures = Figures(found, taps.quantized_inputs(models[1]) & known, art.manifest["io"]["outputs"],
                       recipe if evaluating else None)
-    ends = taps.output_points(converted, found)  # float outputs of int8 ops: ORT's graph outputs
     ort = OrtTaps(onnx_path, [p.node for p in found], {p.node: p.module for p in found}) if onnx_path else None
     try:
-        for index, batch in enumerate(stream):
-            target = batch.pop(TARGET_COLUMN, None)
-            args = to_tensors(batch, recipe.inputs)
-            fp32, ref = taps.observe(reference, args, figures.watch)
-            int8, acc = taps.observe(converted, args, figures.watch)
-            _, local = taps.observe(converted, args, figures.watch, substitute=ref)
-            with _torch.torch.no_grad():
-                shipped = [t for _, t in _torch.output_leaves(saved(*args))]
-            figures.add_torch(_leaves(fp32), _leaves(int8), [t.numpy() for t in shipped], ref, acc, local, target)
-            if ort is not None:
-                outs, tapped = ort.run(batch)
-                tapped.update({node: outs[i] for node, i in ends.items()})
-                figures.add_ort(outs, tapped, target)
-            progress(index + 1, total or None, {})
+        _measure(models, recipe, stream, figures, ort, lambda i: progress(i, total or None, {}))
     finally:
         if ort is not None:
             ort.close()
@@ -131,7 +114,8 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
     if doc["model"]["saved_vs_copy_db"] < REPRODUCE_MIN_DB:
         raise ArtifactError(f"{src}: converting its calibrated state again gives other outputs than its program "
                             f"({doc['model']['saved_vs_copy_db']} dB)", "rerun `quantcli convert ... --force`")
-    doc.update({"artifact": str(src), "onnx": str(onnx_path) if onnx_path else None, "unmatched": unmatched,
+    doc.update({"artifact": str(src), "onnx": str(onnx_path) if onnx_path else None,
+                "unmatched": [p.node for p in taps.points(models[1]) if p.node not in known],
                 "data": {"section": what, "source": section.data, "batches": figures.batches,
                          "samples": figures.samples},
                 "sizes": _sizes(art, onnx_path)})
@@ -141,6 +125,30 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
         doc["kernels"] = {**fusion.analyze(onnx_path), "fusions_kept_with_taps": ort.fusions_kept,
                           "tapped": len(ort.taps), "module_mismatch": ort.module_mismatch}
     return doc
+
+
+def _measure(models: tuple[Any, Any, Any], recipe: Recipe, stream: Any, figures: Figures, ort: Any,
+             progress: Any) -> None:
+    """Each batch through the fp32 reference, the int8 copy (accumulated, then local), the saved
+    int8 program and ORT; the figures add them up."""
+    from quantcli import _torch
+
+    reference, converted, saved = models
+    ends = taps.output_points(converted, figures.points)  # float outputs of int8 ops: ORT's graph outputs
+    for index, batch in enumerate(stream):
+        target = batch.pop(TARGET_COLUMN, None)
+        args = to_tensors(batch, recipe.inputs)
+        fp32, ref = taps.observe(reference, args, figures.watch)
+        int8, acc = taps.observe(converted, args, figures.watch)
+        _, local = taps.observe(converted, args, figures.watch, substitute=ref)
+        with _torch.torch.no_grad():
+            shipped = _leaves(saved(*args))
+        figures.add_torch(_leaves(fp32), _leaves(int8), shipped, ref, acc, local, target)
+        if ort is not None:
+            outs, tapped = ort.run(batch)
+            tapped.update({node: outs[i] for node, i in ends.items()})
+            figures.add_ort(outs, tapped, target)
+        progress(index + 1)
 
 
 def _leaves(out: Any) -> list[np.ndarray]:

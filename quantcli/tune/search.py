@@ -103,6 +103,9 @@ class Search:
         folder = self.base.parent / f"{number:02d}"
         path = write_recipe(self.recipe, self.kept + [fix], folder / RECIPE)
         status = trial(self.base / "captured", folder, path, self.force)
+        best_model = self.base.parent / f"{self.best['trial']:02d}" / pipeline.ONNX_NAME
+        if status == "ok" and _same_graph(folder / pipeline.ONNX_NAME, best_model):
+            status = "no_effect"  # the override changed nothing (e.g. a module whose output another op quantizes)
         measured = self.judge.measure(folder / pipeline.ONNX_NAME)
         record = {"trial": number, "change": _describe(fix), "overrides": self.kept + [fix], "status": status,
                   **measured}
