@@ -78,3 +78,13 @@ def test_goal_errors(outlier_recipe, tmp_path):
     assert_fails(cli("tune", "--recipe", outlier_recipe, "-o", tmp_path / "w", "--max-drop", "0.01"), 2,
                  "--max-drop needs an evaluation")
     assert not (tmp_path / "w").exists()
+
+
+def test_tune_on_a_transformer(tmp_path):
+    """The BERT-style encoder: its pooler is the weakest layer; keeping it in float gains the goal."""
+    recipe = write_recipe(tmp_path, "bert")
+    run = cli("tune", "--recipe", recipe, "-o", tmp_path / "w", "--min-sqnr", "42", "--max-trials", "2", "--json")
+    assert run.rc == 0, run.stderr
+    doc = run.json()
+    assert doc["ranking"][0] == "pooler" and doc["baseline"]["sqnr_db"] < 42 <= doc["best"]["sqnr_db"]
+    assert doc["layers_changed"] == ["pooler"] and len(doc["trials"]) == 2
