@@ -278,6 +278,9 @@ def test_parity_failure_writes_the_model_marks_it_failed_and_a_rerun_refuses_it(
     line = assert_fails(cli(*args), 5, "parity failed: ONNX Runtime vs the converted model",
                         "< export.parity_min_sqnr_db 300.0", f"model and report written to {out}")
     assert line.startswith("error: parity failed")
+    assert f"`quantcli report {work / 'converted'} --onnx {out}` shows the layer" in line
+    shown = cli("report", work / "converted", "--onnx", out, "--batches", "1", "--json")  # a failed model too
+    assert shown.rc == 0 and any(d["ort_vs_int8_db"] is not None for d in shown.json()["layers"]), shown.stderr
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(metadata["quantcli.status"]) == "parity_failed"
     report = json.loads((tmp_path / "model.report.json").read_text())
