@@ -186,3 +186,44 @@ def inspect(path: Annotated[Path, typer.Argument(help="a stage folder or an .onn
     from quantcli import inspection
 
     show(o, execute(o, lambda progress: inspection.inspect(path)), render.inspected)
+
+
+@app.command()
+def report(src: Annotated[Path, typer.Argument(help="a converted artifact folder")],
+           onnx: Annotated[Optional[Path], typer.Option("--onnx", help="its exported .onnx: ORT per layer too")] = None,
+           data: Annotated[Optional[str], typer.Option("--data", help="data instead of the recipe's evaluation "
+                                                                      "(else calibration) data")] = None,
+           batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="use at most N batches")] = None,
+           plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of per-layer SQNR")] = None,
+           json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Per-layer error of the int8 model against fp32 (local and accumulated SQNR), worst layers first.
+
+    Example: quantcli report work/converted --onnx work/model.onnx --plot work/layers.png
+    """
+    o = Output(json, quiet, debug)
+    from quantcli.report import layers
+
+    show(o, execute(o, lambda progress: layers.run(src, onnx=onnx, data=data, batches=batches, plot=plot,
+                                                   progress=progress), "measuring"), render.layer_report)
+
+
+@app.command()
+def tune(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")], out: Out,
+         max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="largest metric drop allowed, "
+                                                           "in the metric's units (0.01: one accuracy point)")] = None,
+         min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="least output SQNR against fp32, dB")] = None,
+         metric: Annotated[Optional[str], typer.Option("--metric", help="file.py:callable (outputs, targets) -> "
+                                                       "score, higher better")] = None,
+         max_trials: Annotated[int, typer.Option("--max-trials", min=0, help="trials after the baseline")] = 10,
+         batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="measure on at most N batches")] = None,
+         force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Fix the most sensitive layers (another calibration method, then float) until the goal is met.
+
+    Example: quantcli tune --recipe configs/digits/recipe.yaml -o work-tuned --max-drop 0.005
+    """
+    o = Output(json, quiet, debug)
+    from quantcli.tune import search
+
+    show(o, execute(o, lambda progress: search.run(recipe, out, max_drop=max_drop, min_sqnr=min_sqnr, metric=metric,
+                                                   max_trials=max_trials, batches=batches, force=force,
+                                                   progress=progress), "tuning"), render.tuned)

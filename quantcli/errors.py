@@ -4,7 +4,7 @@ Exit codes (stable, documented in the README):
   0 success, 1 unexpected internal error, 2 usage or recipe content error,
   3 input error (missing/unreadable file, model factory, data),
   4 artifact error (wrong stage, corrupt, incompatible, output may not be replaced),
-  5 numerical check failed (export parity), 130 interrupted.
+  5 numerical check failed (export parity), 6 accuracy goal not met (tune), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ class NumericsError(QuantCliError):
 
     exit_code = 5
     kind = "numerics"
+
+
+class GoalError(QuantCliError):
+    """`tune` could not meet its accuracy goal within its trials; the best model and outcome were still written."""
+
+    exit_code = 6
+    kind = "goal"
 
 
 EXIT_INTERRUPTED = 130

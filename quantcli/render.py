@@ -88,3 +88,80 @@ def _kernels(kernels: dict[str, Any] | None) -> list[str]:
         kind = f" [{island['module_type']}]" if island["module_type"] else ""
         lines.append(f"    {island['op_type']:<16} {island['module'] or '(no module)'}{kind}")
     return lines
+
+
+SHOWN_LAYERS = 25  # rows of the per-layer table; --json has every layer
+
+
+def layer_report(doc: dict[str, Any]) -> str:
+    """`report`: the per-layer table, worst local SQNR first, then the whole-model figures."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    ort = bool(doc.get("onnx"))
+    table = Table(title=f"per-layer SQNR against fp32 on {doc['data']['samples']} {doc['data']['section']} samples "
+                  "(dB, higher is better)")
+    columns = ("#", "layer", "type", "op", "local", "accumulated") + (("ORT vs int8", "ORT vs fp32") if ort else ())
+    for column in columns:
+        table.add_column(column, justify="right" if column not in ("layer", "type", "op") else "left")
+    by_name = {d["name"]: d for d in doc["layers"]}
+    for name in doc["worst"][:SHOWN_LAYERS]:
+        d = by_name[name]
+        row = [str(d["depth"]), name, d["module_type"], d["op"], _db(d["local_db"]), _db(d["accumulated_db"])]
+        if ort:
+            row += [_db(d.get("ort_vs_int8_db")), _db(d.get("ort_vs_fp32_db"))]
+        table.add_row(*row)
+    buffer = io.StringIO()
+    width = 100 + max((len(name) for name in doc["worst"][:SHOWN_LAYERS]), default=0)  # names never cut
+    Console(file=buffer, width=width, no_color=True, highlight=False).print(table)
+    lines = [buffer.getvalue().rstrip()]
+    if len(doc["worst"]) > SHOWN_LAYERS:
+        lines.append(f"({len(doc['worst']) - SHOWN_LAYERS} more layers: --json lists them all)")
+    lines += _model_lines(doc)
+    return "\n".join(lines)
+
+
+def _db(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _model_lines(doc: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, out in doc["model"]["outputs"].items():
+        line = f"output {name}: int8 vs fp32 {out['int8_vs_fp32_db']:.1f} dB, max abs error {out['max_abs_error']:.4g}"
+        if "ort_vs_fp32_db" in out:
+            line += f"; ORT vs fp32 {out['ort_vs_fp32_db']:.1f} dB, ORT vs PyTorch int8 {out['ort_vs_int8_db']:.1f} dB"
+        lines.append(line)
+    ev = doc.get("evaluation")
+    if ev:
+        models = ", ".join(f"{k} {ev[k]:.4f}" for k in ("fp32_torch", "int8_torch", "int8_onnx") if k in ev)
+        agree = ", ".join(f"{k} {v:.4f}" for k, v in ev.get("top1_agreement", {}).items())
+        lines.append(f"{ev['metric']}: {models} (drop {ev['drop']:.4f})" + (f"; top-1 agreement with fp32: {agree}"
+                                                                          if agree else ""))
+    sizes = doc["sizes"]
+    lines.append("size: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sizes.items()))
+    if "kernels" in doc:
+        lines += [line.strip() for line in _kernels(doc["kernels"])]
+    if doc.get("plot"):
+        lines.append(f"plot: {doc['plot']}")
+    return lines
+
+
+def tuned(doc: dict[str, Any]) -> str:
+    """`tune`: the goal, baseline and best trial, then every trial."""
+    def measured(m: dict[str, Any]) -> str:
+        metric = f"{doc['metric']} {m['metric']:.4f} (drop {m['drop']:.4f}), " if "metric" in m else ""
+        return f"{metric}output SQNR {m['sqnr_db']:.1f} dB, {m['latency_ms']:.3f} ms"
+
+    goal = ", ".join(f"{k} {v}" for k, v in doc["goal"].items())
+    lines = [f"goal {goal}: {'met' if doc['achieved'] else 'NOT met'}",
+             f"baseline: {measured(doc['baseline'])}",
+             f"best: trial {doc['best']['trial']}: {measured(doc['best'])}; layers changed: "
+             f"{', '.join(doc['layers_changed']) or 'none'}"]
+    for t in doc["trials"]:
+        status = "" if t["status"] == "ok" else f" {t['status']}"
+        lines.append(f"  trial {t['trial']:2d} {t['change']:<40} {measured(t)}{status}")
+    lines.append(f"wrote {doc['model']} and {doc['recipe']} in {doc['seconds']:.0f}s")
+    return "\n".join(lines)

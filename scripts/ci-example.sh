@@ -16,6 +16,7 @@
 #   0 success                 3 input error: a missing file, the model factory, the data
 #   1 internal error          4 artifact error: wrong stage, corrupt, output may not be replaced
 #   2 usage or recipe error   5 parity check failed: model and report written, marked failed
+#   6 tune: accuracy goal not met; the best model, its recipe and tune.json are written
 #   130 interrupted: nothing partial is left
 set -euo pipefail
 

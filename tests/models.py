@@ -228,6 +228,22 @@ def mlp(in_features: int = 64, hidden: int = 256, num_classes: int = 10, seed: i
     return _seeded(lambda: MLP(in_features, hidden, num_classes), seed)
 
 
+def mlp_outlier(channels: tuple[int, ...] = (3, 17, 40), factor: float = 300.0, seed: int = 0) -> nn.Module:
+    """The MLP with outlier channels planted in fc1's output, the same function in fp32.
+
+    fc1's rows `channels` are scaled by `factor` and fc2's matching columns divided by it (ReLU
+    commutes with a positive scale): per-tensor uint8 activations of fc1's output leave the other
+    channels a step or two of range, and plain PTQ loses the output (1.3 dB SQNR).
+    """
+    model = mlp(seed=seed)
+    with torch.no_grad():
+        for c in channels:
+            model.fc1.weight[c] *= factor
+            model.fc1.bias[c] *= factor
+            model.fc2.weight[:, c] /= factor
+    return model
+
+
 # ---------------------------------------------------------------- transformers
 class SelfAttention(nn.Module):
     """Multi-head attention written out: Linear q/k/v, matmul, softmax with additive mask, matmul."""
@@ -399,6 +415,20 @@ def hf_bert(layers: int = 2, seed: int = 0) -> nn.Module:
     return _seeded(lambda: HFBert(BertModel(config, add_pooling_layer=True)), seed)
 
 
+def hf_bert_outlier(layer: int = 1, channels: tuple[int, ...] = (5, 40, 77), factor: float = 300.0,
+                    seed: int = 0) -> nn.Module:
+    """The Hugging Face BertModel with outlier channels at one FFN down-projection's input: rows
+    `channels` of `encoder.layer.<layer>.intermediate.dense` scaled by `factor` (a different model
+    in fp32 too, since GELU does not commute with a scale)."""
+    model = hf_bert(seed=seed)
+    dense = model.bert.encoder.layer[layer].intermediate.dense
+    with torch.no_grad():
+        for c in channels:
+            dense.weight[c] *= factor
+            dense.bias[c] = dense.bias[c].abs() * factor
+    return model
+
+
 def _image(shape: list[int]) -> list[dict[str, Any]]:
     return [{"name": "x", "shape": shape, "dtype": "float32"}]
 
@@ -459,3 +489,7 @@ def text_batches():
 
 def token_batches():
     return _calibration("gpt")
+
+
+def mlp_batches():
+    return _calibration("mlp")

@@ -77,7 +77,8 @@ def test_readme_holds_the_ci_section_with_the_script_verbatim():
 
 def test_documented_exit_codes_match_the_code():
     codes = {0, errors.EXIT_INTERRUPTED} | {cls.exit_code for cls in (
-        errors.QuantCliError, errors.RecipeError, errors.InputError, errors.ArtifactError, errors.NumericsError)}
+        errors.QuantCliError, errors.RecipeError, errors.InputError, errors.ArtifactError, errors.NumericsError,
+        errors.GoalError)}
     section = README.read_text().split("## Exit codes")[1].split("\n## ")[0]
     assert {int(m) for m in re.findall(r"^\| `?(\d+)`? \|", section, flags=re.M)} == codes
     block = CI_SCRIPT.read_text().split("# Exit codes")[1].split("\n#\n")[0].split("set -")[0]

@@ -86,6 +86,7 @@ def _commands(w: Path, recipe: Path) -> dict[str, list]:
         "export": ["export", w / "converted", "-o", w / "model.onnx"],
         "inspect folder": ["inspect", w / "calibrated"],
         "inspect onnx": ["inspect", w / "model.onnx"],
+        "report": ["report", w / "converted", "--batches", "1"],
     }
 
 
@@ -113,6 +114,7 @@ def test_json_and_quiet_on_every_subcommand(copy_work, shared_recipe):
         assert docs[name]["reused"] is True and docs[name]["manifest"]["stage"] == stage, name
     assert docs["inspect folder"]["manifest"] == json.loads((w / "calibrated" / "manifest.json").read_text())
     assert docs["inspect onnx"]["manifest"]["status"] == "ok"
+    assert docs["report"]["worst"] and docs["report"]["data"]["batches"] == 1
 
 
 def test_without_json_results_on_stdout_and_one_closing_line_per_stage_on_stderr(shared_recipe, copy_work):
@@ -124,11 +126,12 @@ def test_without_json_results_on_stdout_and_one_closing_line_per_stage_on_stderr
 
 
 @pytest.mark.parametrize("command", ["validate", "run", "capture", "prepare", "calibrate", "train", "convert",
-                                     "export", "inspect"])
+                                     "export", "inspect", "report", "tune"])
 def test_every_subcommand_fails_with_one_json_error_document(tmp_path, command):
     missing = tmp_path / "missing"
     args = {"validate": [missing], "run": ["--recipe", missing, "-o", tmp_path / "w"],
-            "capture": ["--recipe", missing, "-o", tmp_path / "w"], "inspect": [missing]}.get(
+            "capture": ["--recipe", missing, "-o", tmp_path / "w"], "inspect": [missing], "report": [missing],
+            "tune": ["--recipe", missing, "-o", tmp_path / "w", "--min-sqnr", "30"]}.get(
         command, [missing, "-o", tmp_path / "w"])
     run = cli(command, *args, "--json", "--quiet")
     assert run.rc == 3
@@ -275,6 +278,9 @@ def test_parity_failure_writes_the_model_marks_it_failed_and_a_rerun_refuses_it(
     line = assert_fails(cli(*args), 5, "parity failed: ONNX Runtime vs the converted model",
                         "< export.parity_min_sqnr_db 300.0", f"model and report written to {out}")
     assert line.startswith("error: parity failed")
+    assert f"`quantcli report {work / 'converted'} --onnx {out}` shows the layer" in line
+    shown = cli("report", work / "converted", "--onnx", out, "--batches", "1", "--json")  # a failed model too
+    assert shown.rc == 0 and any(d["ort_vs_int8_db"] is not None for d in shown.json()["layers"]), shown.stderr
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(metadata["quantcli.status"]) == "parity_failed"
     report = json.loads((tmp_path / "model.report.json").read_text())

@@ -35,7 +35,26 @@ def _powers(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
 
 def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (capped at 200 for identical outputs)."""
-    signal, noise = _powers(reference, other)
+    return db_of(*_powers(reference, other))
+
+
+class Powers:
+    """Signal and noise power summed over batches, for an SQNR over data that never sits in memory at once."""
+
+    def __init__(self) -> None:
+        self.signal, self.noise = 0.0, 0.0
+
+    def add(self, reference: np.ndarray, other: np.ndarray) -> None:
+        signal, noise = _powers(reference, other)
+        self.signal += signal
+        self.noise += noise
+
+    def db(self) -> float:
+        return db_of(self.signal, self.noise)
+
+
+def db_of(signal: float, noise: float) -> float:
+    """SQNR in dB of summed signal and noise powers (capped at 200; -200 where there is no signal)."""
     if not math.isfinite(noise):
         return -200.0
     if noise == 0.0:

@@ -126,8 +126,11 @@ def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, o
     return StageResult(stage, out, manifest, seconds=seconds, details=details)
 
 
-def restore_prepared(art: Artifact) -> Any:
+def restore_prepared(art: Artifact, program: str = artifacts.PROGRAM) -> Any:
     """Rebuild the prepared (observed or fake-quantized) module of a prepared/calibrated/trained artifact.
+
+    A converted artifact keeps the captured program as `float.pt2` and the state it was converted
+    from: `restore_prepared(converted, artifacts.FLOAT_PROGRAM)` gives the calibrated module back.
 
     Prepared GraphModules do not pickle, so the artifact holds the captured program and the
     prepared module's state_dict; the same quantizer configuration (recorded, resolved, in the
@@ -137,8 +140,8 @@ def restore_prepared(art: Artifact) -> Any:
 
     recipe = recipe_of(art)
     qat = bool(art.manifest["qat"])
-    program = _torch.load_program(art.file(artifacts.PROGRAM))
-    module = _torch.prepare(program.module(), quantizers.build(recipe.quantization, qat=qat), qat)
+    captured = _torch.load_program(art.file(program))
+    module = _torch.prepare(captured.module(), quantizers.build(recipe.quantization, qat=qat), qat)
     if art.file(artifacts.STATE).exists():
         state = _torch.load_state(art.file(artifacts.STATE))
         module.load_state_dict(state, strict=True)

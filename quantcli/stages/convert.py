@@ -40,7 +40,9 @@ def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, referen
             raise ModelError(f"cannot re-export the converted model: {type(exc).__name__}: {exc}") from exc
         _torch.save_program(program, st.tmp / artifacts.PROGRAM)
         staging.link_or_copy(parent.file(artifacts.PROGRAM), st.tmp / artifacts.FLOAT_PROGRAM)
+        staging.link_or_copy(parent.file(artifacts.STATE), st.tmp / artifacts.STATE)  # the calibrated state, for report
         return {"qat": parent.manifest["qat"], "io": parent.manifest["io"],
+                "observers_frozen": bool(parent.manifest.get("observers_frozen")),
                 "ops": count_ops(program.graph_module)}
 
     return produce("converted", Path(out), recipe=recipe, parent=parent, options=options, data={},

@@ -99,5 +99,5 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
     if result.manifest["status"] != "ok":
         raise NumericsError(f"parity failed: {parity.failure(result.details['report']['parity'])} "
                             f"(model and report written to {out})",
-                            "see the report's parity section; `quantcli inspect` shows it")
+                            f"`quantcli report {src} --onnx {out}` shows the layer where ONNX Runtime diverges")
     return result
