@@ -422,25 +422,15 @@ for _name in ZOO:  # "tests/zoo.py:NAME_data" for recipes
 
 
 def recipe(name: str, folder: Path) -> Path:
-    """A default-settings recipe for ZOO[name] in `folder` (see PARITY_ONLY for its export section)."""
+    """A default-settings recipe for ZOO[name] in `folder`: the model, its inputs, calibration data."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
     doc = {"model": {"factory": f"{ZOO_FILE}:{name}"}, "inputs": ZOO[name].inputs,
            "calibration": {"data": f"{ZOO_FILE}:{name}_data"}}
-    if name in PARITY_ONLY:
-        doc["export"] = {"parity_min_sqnr_db": 0}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-# Export's parity check (ORT vs the PyTorch int8 model, >= 30 dB on the first calibration batch)
-# wrongly fails good deep models; the lead's new criterion replaces it. These models pass it here
-# by less than 2 dB (tf_efficientnet_lite0 30.1 dB, Swin 31.6 dB on an AVX-512 VNNI machine), which
-# rounding differences of another CPU take away, so their recipes set parity_min_sqnr_db: 0 and
-# everything else is still checked; each result records the figure ("parity_db").
-PARITY_ONLY: frozenset[str] = frozenset({"timm_tf_efficientnet_lite0", "tv_swin"})
 
 
 # ------------------------------------------------------------------ running and measuring
