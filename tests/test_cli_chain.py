@@ -23,7 +23,7 @@ from tests.conftest import quantcli
 from tests.models import MODELS, example_batch
 
 STAGE_FILES = {"captured": {"program.pt2"}, "prepared": {"program.pt2", "state.pt"},
-               "calibrated": {"program.pt2", "state.pt"}, "converted": {"program.pt2", "float.pt2"}}
+               "calibrated": {"program.pt2", "state.pt"}, "converted": {"program.pt2", "float.pt2", "state.pt"}}
 
 
 def test_digits_chain_writes_exactly_each_stage(ci_run, work):
