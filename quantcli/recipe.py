@@ -287,7 +287,7 @@ def _known_observer(v: str) -> str:
 
 
 Observer = Annotated[str, AfterValidator(_known_observer),
-                     Field(description="activation calibration method; see README, Quantization targets")]
+                     Field(description="activation calibration method; see docs/recipe.md, Quantization targets")]
 
 
 class OverrideConfig(_Section):

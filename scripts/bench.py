@@ -206,7 +206,7 @@ def cpu_words(m: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The README's tables: latency per model and batch, then fidelity where the output varies with the input."""
+    """The tables of docs/performance.md: latency per model and batch, then fidelity where the output varies with the input."""
     m = report["machine"]
     lines = [f"Medians of {report['rounds']} interleaved rounds in one run on {cpu_words(m)}, {m['threads']} threads, "
              f"ONNX Runtime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}.", "",
@@ -240,7 +240,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--work", type=Path, help="keep every model file here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="time the models already built under --work")
-    parser.add_argument("--markdown", action="store_true", help="also print the README's tables in Markdown")
+    parser.add_argument("--markdown", action="store_true", help="also print the tables of docs/performance.md in Markdown")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m] + [str(Path(r).resolve()) for r in args.recipes]
     unknown = [m for m in models if m not in MODELS and not Path(m).is_file()]
