@@ -27,6 +27,8 @@ def inspected(doc: dict[str, Any]) -> str:
     for key in ("quantcli_version", "recipe_hash", "parent", "options"):
         if key in manifest:
             lines.append(f"  {key}: {json.dumps(manifest[key], sort_keys=True)}")
+    if "target" in doc:
+        lines.append(f"  target: {doc['target']}")
     if "samples" in manifest:
         lines.append(f"  calibration: {manifest['batches']} batches, {manifest['samples']} samples")
     for name, info in manifest.get("files", {}).items():
