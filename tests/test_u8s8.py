@@ -8,6 +8,8 @@ ONNX Runtime itself where this machine's kernels saturate (x86 without VNNI), el
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -17,6 +19,7 @@ from quantcli.onnx import runtime, u8s8
 from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
 from quantcli.recipe import QuantizationSection
 from quantcli.report.parity import sqnr_db
+from tests.conftest import assert_fails, cli, digits_recipe
 from tests.test_quantizer import quantize
 
 torch = _torch.torch
@@ -134,3 +137,31 @@ def test_pair_safe_and_7_bit_models_have_nothing_to_emulate(tmp_path, reduce_ran
     assert len(counts) == 3 and not any(counts.values()), counts
     emulated, _ = u8s8.emulate(model)
     assert len(emulated.graph.node) == len(model.graph.node)
+
+
+# ------------------------------------------------------------------ the CLI: prepare's note, export's check
+@pytest.mark.parametrize("reduce_range", ["auto", False])
+def test_a_model_for_avx2_is_checked_on_avx2s_arithmetic_wherever_export_runs(tmp_path, reduce_range):
+    """auto builds pair-safe weights: 0 saturable pairs, parity passes; 8-bit weights forced for avx2 fail
+    export's parity with exit 5, on a VNNI machine through the emulation, on an AVX2 one by its own ORT."""
+    recipe = digits_recipe(tmp_path, quantization={"target_cpu": "avx2", "reduce_range": reduce_range})
+    run = cli("run", "--recipe", recipe, "-o", tmp_path / "w")
+    report = json.loads((tmp_path / "w" / "model.report.json").read_text())
+    u8s8_section = report["u8s8"]
+    assert u8s8_section["target_cpu"] == "avx2" and u8s8_section["target_saturates"] is True
+    assert u8s8_section["parity_arithmetic"] == ("this cpu" if saturates_u8s8(detect_cpu()) else "emulated")
+    assert len(u8s8_section["layers"]) == 7  # the digits net's 6 convs and its Linear, none depthwise
+    inspected = cli("inspect", tmp_path / "w" / "model.onnx").stdout
+    assert "saturable weight pairs" in inspected and "target: target_cpu avx2: " in inspected
+    if reduce_range == "auto":
+        assert run.rc == 0, run.stderr
+        assert "prepared: wrote " in run.stderr and "(target_cpu avx2: 8-bit weights, narrowed per output channel" \
+            in run.stderr
+        assert u8s8_section["saturable_pairs"] == 0 and report["parity"]["passed"]
+    else:
+        assert_fails(run, 5, "parity failed: ")
+        assert "WRONG on avx2" in json.loads((tmp_path / "w" / "prepared" / "manifest.json").read_text())["target"]
+        assert u8s8_section["saturable_pairs"] > 100 and not report["parity"]["passed"]
+        if u8s8_section["parity_arithmetic"] == "emulated":
+            assert "with avx2's int16 pair saturation emulated" in run.stderr
+            assert report["parity"]["local"]["passed"]  # this CPU's own ORT cannot see it

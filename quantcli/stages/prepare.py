@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts
 from quantcli.quantizers.cpu import describe
 from quantcli.stages.base import StageResult, carry_program, produce, recipe_for, restore_prepared, save_state
-
-log = logging.getLogger("quantcli")
 
 
 def run(src: str | Path, out: str | Path, *, qat: bool = False, recipe_path: str | Path | None = None,
@@ -22,7 +19,6 @@ def run(src: str | Path, out: str | Path, *, qat: bool = False, recipe_path: str
     # target_cpu/reduce_range are resolved once, here, and recorded: reruns elsewhere agree.
     recipe = recipe.model_copy(update={"quantization": quantizers.resolve(recipe.quantization)})
     target = describe(recipe.quantization.target_cpu, recipe.quantization.reduce_range)
-    log.warning(target)
 
     def body(st: Any) -> dict[str, Any]:
         carry_program(parent, st.tmp)
@@ -31,5 +27,7 @@ def run(src: str | Path, out: str | Path, *, qat: bool = False, recipe_path: str
         save_state(module, st.tmp)
         return {"qat": qat, "io": parent.manifest["io"], "target": target}
 
-    return produce("prepared", Path(out), recipe=recipe, parent=parent, options={"qat": qat}, data={},
-                   force=force, body=body)
+    result = produce("prepared", Path(out), recipe=recipe, parent=parent, options={"qat": qat}, data={},
+                     force=force, body=body)
+    result.work = target  # the closing line says what the model is built for and where it is right
+    return result
