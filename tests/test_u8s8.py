@@ -27,13 +27,16 @@ nn = torch.nn
 
 
 class Net(nn.Module):
-    """An odd input-channel count (pairs cross kernel positions), padding, a grouped conv, a Linear."""
+    """A grouped conv with an odd input-channel count per group (pairs cross kernel positions) and padding,
+    a strided conv, a Linear."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.conv1 = nn.Conv2d(3, 24, 3, padding=1)
-        self.conv2 = nn.Conv2d(24, 32, 3, stride=2, padding=1, groups=2)
+        self.conv1 = nn.Conv2d(6, 24, 3, padding=1, groups=2)
+        self.conv2 = nn.Conv2d(24, 32, 3, stride=2, padding=1)
+        with torch.no_grad():
+            self.conv1.weight.abs_()  # same-sign pairs: the grouped conv saturates on most inputs
         self.fc = nn.Linear(32 * 4 * 4, 10)
 
     def forward(self, x):
@@ -43,7 +46,7 @@ class Net(nn.Module):
 
 def _batches(n: int, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.rand(8, 3, 8, 8, generator=g) * 4} for _ in range(n)]
+    return [{"x": torch.rand(8, 6, 8, 8, generator=g) * 4} for _ in range(n)]
 
 
 def _with_outputs(model, names: list[str]):

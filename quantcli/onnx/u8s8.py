@@ -131,8 +131,8 @@ def _conv_pair_weights(layer: Layer, taps: list[tuple[int, int, int]]) -> np.nda
             if k >= positions * cin_g:
                 continue  # the zero MLAS pads an odd K with
             position, channel = divmod(k, cin_g)
-            weights[(p, g * cin_g + channel, *np.unravel_index(position, kernel))] = q[(c, channel,
-                                                                                         *np.unravel_index(position, kernel))]
+            at = tuple(int(i) for i in np.unravel_index(position, kernel))
+            weights[(p, g * cin_g + channel, *at)] = q[(c, channel, *at)]
     return weights
 
 
