@@ -110,9 +110,9 @@ def pre_process(fp32: Path, out: Path) -> tuple[Path, str]:
 def static_flow(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from quantcli.quantizers.cpu import saturates_u8s8
-
     from quantcli.loading.data import iter_batches
+    from quantcli.loading.files import reader
+    from quantcli.quantizers.cpu import saturates_u8s8
     from quantcli.recipe import Recipe
 
     r = Recipe.model_validate(recipe)
@@ -122,7 +122,7 @@ def static_flow(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
         def __init__(self) -> None:
             cal = r.calibration
             self.batches = iter_batches(cal.data, cal.keys, r.inputs, cal.batch_size, cal.num_batches,
-                                        "calibration")[1]
+                                        "calibration", files=reader(r, "calibration"))[1]
 
         def get_next(self):
             batch = next(self.batches, None)

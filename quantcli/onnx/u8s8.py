@@ -118,22 +118,24 @@ def _pair_taps(layer: Layer) -> list[tuple[int, int, int]]:
     return [(int(c), 2 * int(j), 2 * int(j) + 1) for c, j in zip(*np.nonzero(mask))]
 
 
-def _conv_pair_weights(layer: Layer, taps: list[tuple[int, int, int]]) -> np.ndarray:
-    """(pairs, in channels, *kernel): each pair's two weights at their taps, zeros elsewhere."""
+def _conv_pairs(layer: Layer, taps: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(input channel of each pair's two taps (2 per pair), the (pairs, 2, *kernel) weights of a conv with one
+    group per pair): each pair's two weights at their kernel positions, zeros elsewhere (and for the zero MLAS
+    pads an odd K with)."""
     q = layer.q
     out, cin_g, kernel = q.shape[0], q.shape[1], q.shape[2:]
-    groups = _attr(layer.node, "group", 1)
-    weights = np.zeros((len(taps), cin_g * groups, *kernel), np.float32)
-    positions = int(np.prod(kernel))
+    per_group = out // _attr(layer.node, "group", 1)
+    channels = np.zeros(2 * len(taps), np.int64)
+    weights = np.zeros((len(taps), 2, *kernel), np.float32)
     for p, (c, *ks) in enumerate(taps):
-        g = c // (out // groups)
-        for k in ks:
-            if k >= positions * cin_g:
-                continue  # the zero MLAS pads an odd K with
+        for t, k in enumerate(ks):
+            if k >= q[0].size:
+                continue
             position, channel = divmod(k, cin_g)
             at = tuple(int(i) for i in np.unravel_index(position, kernel))
-            weights[(p, g * cin_g + channel, *at)] = q[(c, channel, *at)]
-    return weights
+            channels[2 * p + t] = c // per_group * cin_g + channel
+            weights[(p, t, *at)] = q[(c, channel, *at)]
+    return channels, weights
 
 
 def _matrix_pair_weights(layer: Layer, taps: list[tuple[int, int, int]]) -> np.ndarray:
@@ -162,7 +164,9 @@ def _correction(layer: Layer, taps: list[tuple[int, int, int]], add: Any) -> str
         pads = _attr(layer.node, "pads", [0] * (2 * rank))
         padded = add("Pad", [a, add.const(np.array([0, 0, *pads[:rank], 0, 0, *pads[rank:]], np.int64)),
                               add.const(np.array(float(layer.x_zero_point), np.float32))])
-        pairs = add("Conv", [padded, add.const(_conv_pair_weights(layer, taps))],
+        channels, weights = _conv_pairs(layer, taps)  # each pair sees only its two input channels
+        picked = add("Gather", [padded, add.const(channels)], axis=1)
+        pairs = add("Conv", [picked, add.const(weights)], group=len(taps),
                     strides=_attr(layer.node, "strides", [1] * rank),
                     dilations=_attr(layer.node, "dilations", [1] * rank))
         select = select.T.reshape(out, len(taps), *[1] * rank)
