@@ -19,7 +19,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     problem = artifacts.verify_files(path, manifest)  # nothing unverified is loaded
     if problem is not None:
         raise ArtifactError(f"{path} is corrupt: {problem}")
-    doc: dict[str, Any] = {"path": str(path), "manifest": manifest}
+    doc: dict[str, Any] = {"path": str(path), "manifest": manifest, **_target(manifest)}
     program = path / artifacts.PROGRAM
     if program.is_file():
         from quantcli import _torch
@@ -38,7 +38,8 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
         model = onnx.load(str(path))
     except Exception as exc:
         raise ArtifactError(f"{path} is not a readable ONNX model: {exc}") from None
-    doc = {"path": str(path), "manifest": onnx_export.read_metadata(path), "graph": onnx_export.graph_summary(model),
+    manifest = onnx_export.read_metadata(path)
+    doc = {"path": str(path), "manifest": manifest, **_target(manifest), "graph": onnx_export.graph_summary(model),
            "io": onnx_export.io_summary(model)}
     report = staging.read_report(path)
     if report is not None and report["onnx_sha256"] == artifacts.sha256_file(path):
@@ -46,3 +47,13 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
     elif report is not None:  # an interrupted or altered export: its report describes another model
         doc["report_mismatch"] = f"{artifacts.report_path(path).name} records another sha256 than {path.name}'s"
     return doc
+
+
+def _target(manifest: dict[str, Any]) -> dict[str, str]:
+    """{"target": what the model was built for} once prepare has resolved the recipe's target_cpu, else {}."""
+    from quantcli.quantizers.cpu import describe
+
+    quantization = (manifest.get("recipe") or {}).get("quantization") or {}
+    if quantization.get("target_cpu", "auto") == "auto" or quantization.get("reduce_range", "auto") == "auto":
+        return {}
+    return {"target": describe(quantization["target_cpu"], quantization["reduce_range"])}

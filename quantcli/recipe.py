@@ -304,8 +304,12 @@ class QuantizationSection(_Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
     observer: Observer = "histogram"
-    target_cpu: Literal["auto", "avx2", "avx512", "vnni", "arm64"] = "auto"
-    reduce_range: Union[Literal["auto"], bool] = "auto"
+    target_cpu: Literal["auto", "avx2", "avx512", "vnni", "arm64"] = Field(
+        default="auto", description="the CPU class the model is built for; auto: this machine's, resolved at prepare")
+    reduce_range: Union[Literal["auto", "pair_safe"], bool] = Field(
+        default="auto", description="weight range: false 8-bit; true 7-bit everywhere (ORT's reduce_range); "
+        "pair_safe 8-bit narrowed per channel only as far as int16 pair sums need; auto: pair_safe on "
+        "avx2/avx512 targets, false elsewhere (docs/cpu-targets.md)")
     exclude_names: list[str] = Field(default_factory=list)
     exclude_types: list[str] = Field(default_factory=list)
     overrides: list[OverrideConfig] = Field(default_factory=list)

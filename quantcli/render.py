@@ -27,6 +27,8 @@ def inspected(doc: dict[str, Any]) -> str:
     for key in ("quantcli_version", "recipe_hash", "parent", "options"):
         if key in manifest:
             lines.append(f"  {key}: {json.dumps(manifest[key], sort_keys=True)}")
+    if "target" in doc:
+        lines.append(f"  target: {doc['target']}")
     if "samples" in manifest:
         lines.append(f"  calibration: {manifest['batches']} batches, {manifest['samples']} samples")
     for name, info in manifest.get("files", {}).items():
@@ -51,6 +53,11 @@ def _report(report: dict[str, Any]) -> list[str]:
              f"of error to the int8 model's (at most {parity['max_excess_db']}); ORT vs PyTorch int8 "
              f"{parity['min_sqnr_db']:.1f} dB{floor}",
              "  SQNR vs fp32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["sqnr_vs_float_db"].items())]
+    if "emulated" in parity:
+        lines.append(f"  parity on {parity['emulated']}'s arithmetic, emulated (this CPU cannot saturate); "
+                     f"this CPU's ONNX Runtime: {'passed' if parity['local']['passed'] else 'FAILED'}, "
+                     f"{parity['local']['excess_db']:.1f} dB")
+    lines += _u8s8(report.get("u8s8"))
     lines += _kernels(report.get("kernels"))
     ev = report.get("evaluation")
     if not ev:
@@ -68,6 +75,22 @@ def _report(report: dict[str, Any]) -> list[str]:
         lines.append(f"  ORT latency {batch.replace('_', ' ')}: fp32 {t['fp32_ms']:.3f} ms, int8 {t['int8_ms']:.3f} ms "
                      f"({t['fp32_ms'] / t['int8_ms']:.2f}x)")
     return lines
+
+
+def _u8s8(section: dict[str, Any] | None) -> list[str]:
+    """Per layer, the int8 weight pairs an x86 CPU without VNNI can saturate (reports before 0.3 have none)."""
+    if section is None:
+        return []
+    layers = section["layers"]
+    exposed = {k: v for k, v in layers.items() if v}
+    head = (f"  int16 pair saturation (x86 without VNNI): {section['saturable_pairs']} saturable weight pairs in "
+            f"{len(exposed)} of {len(layers)} u8 x s8 layers")
+    if section["target_saturates"]:
+        head += f" (target {section['target_cpu']}: 0 expected)"
+    else:
+        head += f" (target {section['target_cpu']} does not saturate)"
+    shown = sorted(exposed.items(), key=lambda kv: -kv[1])[:SHOWN_LAYERS]
+    return [head] + [f"    {name}: {count}" for name, count in shown]
 
 
 def _kernels(kernels: dict[str, Any] | None) -> list[str]:

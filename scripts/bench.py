@@ -18,6 +18,7 @@ alike). The JSON also holds CPU times, the op counts ORT runs after optimizing e
 machine (CPU model, AVX2/AVX-512/VNNI flags) and the versions.
 
     python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--markdown] [--work DIR [--reuse]]
+                            [--target-cpu avx2]
 
 A benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
 """
@@ -53,13 +54,21 @@ def slug(model: str) -> str:
     return model if model in MODELS else f"{Path(model).parent.name}-{Path(model).stem}"
 
 
-def build_in_child(model: str, out: Path) -> dict:
+def uses_zoo(model: str) -> bool:
+    """Whether a recipe's model comes from torchvision or timm (which need the zoo PYTHONPATH)."""
+    import yaml
+
+    path = Path(model)
+    return path.is_file() and bool({"torchvision", "timm"} & set(yaml.safe_load(path.read_text())["model"]))
+
+
+def build_in_child(model: str, out: Path, target_cpu: str) -> dict:
     """Run bench_build.py in a fresh process (zoo PYTHONPATH for vision models); its build.json or the error."""
-    paths = [*ZOO_PATH] if model in VISION else []
+    paths = [*ZOO_PATH] if model in VISION or uses_zoo(model) else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*paths, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "build.log", "w") as log:
-        done = subprocess.run([sys.executable, str(BUILD), model, str(out)], env=env,
+        done = subprocess.run([sys.executable, str(BUILD), model, str(out), target_cpu], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         tail = (out / "build.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
@@ -102,7 +111,8 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 
 def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> dict[str, dict]:
-    """Cosine to fp32 per held-out row, raw and on outputs standardized per dimension with fp32's
+    """Top-1 agreement with fp32 (argmax of the flattened output; for classifiers), cosine to fp32 per held-out row,
+    raw and on outputs standardized per dimension with fp32's
     mean and std over the rows (every dimension weighs alike): mean and worst row. Also the share of
     fp32's output energy that varies with the input: near 0 (random-weight CNNs) the standardized
     figures compare quantization noise with noise and mean nothing."""
@@ -115,7 +125,8 @@ def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> di
     for name, out in outs.items():
         out = out.reshape(n, -1)
         raw, standardized = cosines(fp32, out), cosines((fp32 - mean) / std, (out - mean) / std)
-        result[name] = {"cos_mean": round(float(raw.mean()), 5), "cos_worst": round(float(raw.min()), 5),
+        result[name] = {"top1_agreement": round(float((out.argmax(1) == fp32.argmax(1)).mean()), 5),
+                        "cos_mean": round(float(raw.mean()), 5), "cos_worst": round(float(raw.min()), 5),
                         "std_cos_mean": round(float(standardized.mean()), 5),
                         "std_cos_worst": round(float(standardized.min()), 5)}
     return result
@@ -209,6 +220,8 @@ def markdown(report: dict) -> str:
     """The tables of docs/performance.md: latency per model and batch, then fidelity where the output varies with the input."""
     m = report["machine"]
     lines = [f"Medians of {report['rounds']} interleaved rounds in one run on {cpu_words(m)}, {m['threads']} threads, "
+             f"models built for target_cpu {report.get('target_cpu', 'auto')} (timings mean something only on "
+             "that CPU class), "
              f"ONNX Runtime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}.", "",
              "| model | batch | fp32 ms | ORT flow | ORT ms | quantcli ms | quantcli / ORT | speed-up vs fp32 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -241,6 +254,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="keep every model file here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="time the models already built under --work")
     parser.add_argument("--markdown", action="store_true", help="also print the tables of docs/performance.md in Markdown")
+    parser.add_argument("--target-cpu", default="auto", choices=("auto", "avx2", "avx512", "vnni"),
+                        help="the CPU class quantcli's model (and quantize_static's reduce_range) is built for; "
+                             "any target builds anywhere, its latency means something only on that CPU")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m] + [str(Path(r).resolve()) for r in args.recipes]
     unknown = [m for m in models if m not in MODELS and not Path(m).is_file()]
@@ -256,9 +272,9 @@ def main() -> int:
             reused = args.reuse and (out / "build.json").is_file()
             print(f"[{i + 1}/{len(models)}] {model}: {'reusing ' + str(out) if reused else 'building'}",
                   file=sys.stderr, flush=True)
-            info = json.loads((out / "build.json").read_text()) if reused else build_in_child(model, out)
+            info = json.loads((out / "build.json").read_text()) if reused else build_in_child(model, out, args.target_cpu)
             rows.append(info if "error" in info else measure(info, args.rounds))
-    report = {"machine": machine(), "rounds": args.rounds, "models": rows}
+    report = {"machine": machine(), "rounds": args.rounds, "target_cpu": args.target_cpu, "models": rows}
     print(f"{report['machine']['cpu']}, {THREADS} threads, {args.rounds} rounds; ORT "
           f"{report['machine']['versions']['onnxruntime']}, torch {report['machine']['versions']['torch']}")
     print(table(rows))

@@ -1,6 +1,6 @@
 """One model of the benchmark (scripts/bench.py), built in a process of its own.
 
-    python scripts/bench_build.py MODEL OUT
+    python scripts/bench_build.py MODEL OUT [TARGET_CPU]
 
 MODEL is a name from MODELS (a zoo CNN of configs/bench/vision.py or the `minilm` encoder of
 configs/bench/text.py) or a recipe path. The zoo CNNs need torchvision/timm: bench.py runs this
@@ -10,11 +10,14 @@ torchvision, so the encoder's process has neither).
 Writes under OUT: quantcli's work folder and int8 model (`quantcli run` on the model's recipe),
 fp32.onnx (quantcli's captured fp32 program through the same exporter), fp32.pre.onnx (ORT's
 `quant_pre_process` of it), the ORT flows' models, held_out.npz (inputs for timing and fidelity)
-and build.json, which names them all and records how they were made.
+and build.json, which names them all and records how they were made. TARGET_CPU (auto, avx2,
+avx512, vnni) sets the recipe's quantization.target_cpu: a model for any target builds on any
+machine, but its latency means something only on that target's CPU.
 
 ORT's flows, as its documentation recommends them:
-  - CNNs: `quantize_static` (QDQ, per-channel, uint8 activations, int8 weights, reduce_range as
-    quantcli resolved it for this CPU, quantcli's calibration data, ORT's default MinMax);
+  - CNNs: `quantize_static` (QDQ, per-channel, uint8 activations, int8 weights, reduce_range where
+    the target's u8 x s8 kernels saturate (ORT's only remedy), quantcli's calibration data, ORT's
+    default MinMax);
   - encoder: `quantize_dynamic`, ORT's method for transformers, as its documentation's example
     calls it (QInt8 weights, per-tensor), and with per_channel=True (reduce_range as above, which
     ORT's FAQ asks for with per-channel on AVX2/AVX-512 without VNNI).
@@ -49,19 +52,22 @@ VISION = _vision_names()
 MODELS = (*VISION, ENCODER)
 
 
-def recipe_file(model: str, out: Path) -> Path:
-    """The recipe of a bench model (vision.yaml with its name, encoder.yaml) or a recipe path."""
+def recipe_file(model: str, out: Path, target_cpu: str = "auto") -> Path:
+    """The recipe of a bench model (vision.yaml with its name, encoder.yaml) or a recipe path, for `target_cpu`."""
     import yaml
 
-    if model == ENCODER:
-        return BENCH / "encoder.yaml"
-    if model not in VISION:
-        return Path(model).resolve()
-    recipe = yaml.safe_load((BENCH / "vision.yaml").read_text())
-    recipe["model"].update(factory=f"{BENCH / 'vision.py'}:build", kwargs={"name": model})
-    recipe["calibration"]["data"] = f"{BENCH / 'vision.py'}:calibration"
+    from quantcli.recipe import load
+
+    source = BENCH / "encoder.yaml" if model == ENCODER else Path(model).resolve()
+    if model in VISION:
+        source = BENCH / "vision.yaml"
+    recipe = load(source)  # file references made absolute: the copy lives in `out`
+    if model in VISION:
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
+            update={"factory": f"{BENCH / 'vision.py'}:build", "kwargs": {"name": model}})})
+    recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"target_cpu": target_cpu})})
     path = out / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     return path
 
 
@@ -105,6 +111,8 @@ def static_flow(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from quantcli.loading.data import iter_batches
+    from quantcli.loading.files import reader
+    from quantcli.quantizers.cpu import saturates_u8s8
     from quantcli.recipe import Recipe
 
     r = Recipe.model_validate(recipe)
@@ -114,7 +122,7 @@ def static_flow(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
         def __init__(self) -> None:
             cal = r.calibration
             self.batches = iter_batches(cal.data, cal.keys, r.inputs, cal.batch_size, cal.num_batches,
-                                        "calibration")[1]
+                                        "calibration", files=reader(r, "calibration"))[1]
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -122,7 +130,7 @@ def static_flow(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
 
     path = out / "quantize_static.onnx"
     quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=bool(r.quantization.reduce_range), activation_type=QuantType.QUInt8,
+                    reduce_range=saturates_u8s8(r.quantization.target_cpu), activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)
     return {"quantize_static": path}
 
@@ -130,10 +138,12 @@ def static_flow(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
 def dynamic_flows(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from quantcli.quantizers.cpu import saturates_u8s8
+
     default, per_channel = out / "quantize_dynamic.onnx", out / "quantize_dynamic_pc.onnx"
     quantize_dynamic(str(pre), str(default), weight_type=QuantType.QInt8)
     quantize_dynamic(str(pre), str(per_channel), weight_type=QuantType.QInt8, per_channel=True,
-                     reduce_range=bool(recipe["quantization"]["reduce_range"]))
+                     reduce_range=saturates_u8s8(recipe["quantization"]["target_cpu"]))
     return {"quantize_dynamic": default, "quantize_dynamic_pc": per_channel}
 
 
@@ -146,12 +156,15 @@ def held_out(model: str, recipe: dict) -> tuple[dict[str, np.ndarray], str]:
     if model in VISION:
         return {"x": load_callable(f"{BENCH / 'vision.py'}:photos", "bench")(64, seed=7)}, "64 photo crops (seed 7)"
     from quantcli.loading.data import iter_batches
+    from quantcli.loading.files import reader
     from quantcli.recipe import Recipe
 
     r = Recipe.model_validate(recipe)
-    cal = r.calibration
-    batches = list(iter_batches(cal.data, cal.keys, r.inputs, cal.batch_size, 4, "calibration")[1])
-    return {i.name: np.concatenate([b[i.name] for b in batches]) for i in r.inputs}, "calibration data (not held out)"
+    section, what, count = (r.evaluation, "evaluation", None) if r.evaluation else (r.calibration, "calibration", 4)
+    batches = list(iter_batches(section.data, section.keys, r.inputs, section.batch_size, count, what,
+                                files=reader(r, what))[1])
+    note = "the recipe's evaluation data" if r.evaluation else "calibration data (not held out)"
+    return {i.name: np.concatenate([b[i.name] for b in batches]) for i in r.inputs}, note
 
 
 def planted(model: str, rows: dict[str, np.ndarray]) -> dict | None:
@@ -165,13 +178,13 @@ def planted(model: str, rows: dict[str, np.ndarray]) -> dict | None:
     return ranges(encoder, {k: v[:64] for k, v in rows.items()})
 
 
-def build(model: str, out: Path) -> None:
-    """Every model file, the held-out inputs and build.json under `out`."""
+def build(model: str, out: Path, target_cpu: str = "auto") -> None:
+    """Every model file, the held-out inputs and build.json under `out`, quantcli's model for `target_cpu`."""
     import logging
 
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "consider pre-processing" advice
     out.mkdir(parents=True, exist_ok=True)
-    q = quantcli_model(recipe_file(model, out), out)
+    q = quantcli_model(recipe_file(model, out, target_cpu), out)
     pre, pre_note = pre_process(q["fp32"], out / "fp32.pre.onnx")
     flows = dynamic_flows(pre, q["recipe"], out) if model == ENCODER else static_flow(pre, q["recipe"], out)
     rows, rows_note = held_out(model, q["recipe"])
@@ -187,10 +200,10 @@ def build(model: str, out: Path) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
-    build(sys.argv[1], Path(sys.argv[2]))
+    build(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:])
     return 0
 
 

@@ -173,11 +173,13 @@ def test_cpu_classes(machine, flags, name, saturates):
 def test_resolve_replaces_only_auto():
     auto = quantizers.resolve(QuantizationSection())
     assert auto.target_cpu in ("avx2", "avx512", "vnni", "arm64")
-    assert auto.reduce_range is saturates_u8s8(auto.target_cpu)
+    assert auto.reduce_range == ("pair_safe" if saturates_u8s8(auto.target_cpu) else False)
     fixed = quantizers.resolve(QuantizationSection(target_cpu="avx2", reduce_range=False))
     assert (fixed.target_cpu, fixed.reduce_range) == ("avx2", False)
-    assert quantizers.resolve(QuantizationSection(target_cpu="avx2")).reduce_range is True
+    assert quantizers.resolve(QuantizationSection(target_cpu="avx2")).reduce_range == "pair_safe"
+    assert quantizers.resolve(QuantizationSection(target_cpu="avx512")).reduce_range == "pair_safe"
     assert quantizers.resolve(QuantizationSection(target_cpu="vnni")).reduce_range is False
+    assert quantizers.resolve(QuantizationSection(target_cpu="avx2", reduce_range=True)).reduce_range is True
 
 
 def _saturating_u8s8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -188,13 +190,13 @@ def _saturating_u8s8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_reduce_range_avoids_u8s8_saturation_on_avx2():
-    """On x86 without VNNI, 8-bit weights overflow the int16 pair sums; 7-bit weights cannot.
+    """On x86 without VNNI, 8-bit weights overflow the int16 pair sums; 7-bit and pair-safe weights cannot.
 
     The host may have VNNI, so the AVX2 kernel is emulated on the real quantized first layer of the MLP.
     """
     calib, test = model_data("mlp", batches=2, batch=64)
     results = {}
-    for reduce_range in (False, True):
+    for reduce_range in (False, True, "pair_safe"):
         q = quantizers.resolve(QuantizationSection(target_cpu="avx2", reduce_range=reduce_range))
         prepared = prepare(MODELS["mlp"][0](), calib[0], q)
         with torch.no_grad():
@@ -213,7 +215,43 @@ def test_reduce_range_avoids_u8s8_saturation_on_avx2():
         exact = a.astype(np.int64) @ w.astype(np.int64) - offset
         results[reduce_range] = sqnr_db(exact, _saturating_u8s8(a, w) - offset)
     assert results[True] > 100  # exact: |a*b + a*b| <= 2*255*63 = 32130 < 32767
+    assert results["pair_safe"] > 100  # exact: same-sign |q + q| <= 128, 128*255 = 32640
     assert results[False] < 25  # measured 17.6 dB
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_pair_safe_weights_are_finer_than_7_bits_and_never_saturate(qat):
+    """Pair-safe: no pair of any pairing layer (in ORT's K order) can overflow int16 for any uint8 input,
+    |q| <= 127, and each channel's scale is at most the 7-bit one (finer); depthwise convs keep 8 bits."""
+    from quantcli.quantizers import pair_safety
+    from quantcli.quantizers.pairs import k_rows, saturable
+
+    calib, _ = model_data("mobilenet_v2", batches=1, batch=8)
+    q = quantizers.resolve(QuantizationSection(target_cpu="avx2"))
+    prepared = prepare(MODELS["mobilenet_v2"][0](), calib[0], q, qat=qat)
+    with torch.no_grad():
+        prepared(*calib[0].values())
+    converted = _torch.convert(prepared, fold_quantize=True)
+    lowered = pair_safety.enforce(converted, q)  # what the convert stage does
+    assert (lowered == 0) is (not qat)  # PTQ's observers leave nothing to lower; QAT folds BN after them
+    pairing = depthwise = 0
+    for node in converted.graph.nodes:
+        if node.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+            continue
+        dq = node.args[1]
+        w = getattr(converted, dq.args[0].target).numpy()
+        scale = getattr(converted, dq.args[1].target).numpy()
+        assert np.abs(w.astype(int)).max() <= 127
+        if node.target == torch.ops.aten.conv2d.default and w.shape[1] == 1:
+            depthwise += 1
+            assert np.abs(w.astype(int)).max() == 127  # full 8 bits
+            continue
+        pairing += 1
+        assert not saturable(k_rows(w, 0, node.target == torch.ops.aten.conv2d.default)).any()
+        real = w.astype(np.float64) * scale.reshape(-1, *[1] * (w.ndim - 1))
+        seven_bit = np.abs(real).reshape(len(w), -1).max(1) / 63
+        assert (scale <= seven_bit * (1 + 1e-6)).all()
+    assert pairing >= 10 and depthwise >= 4
 
 
 # ------------------------------------------------------------------ exclusions and overrides

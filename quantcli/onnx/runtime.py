@@ -31,6 +31,18 @@ def run(sess: Any, batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return sess.run(None, feeds)
 
 
+def run_model(model: Any, batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run an in-memory ONNX model once with graph optimizations off (a temporary file, removed after)."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="quantcli-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path))
+        return run(session(path, optimize=False), batch)
+
+
 def latency_ms(sess: Any, batch: Mapping[str, np.ndarray], runs: int = 20, warmup: int = 3) -> float:
     """Median wall time of one run, in milliseconds."""
     for _ in range(warmup):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from quantcli.errors import RecipeError
-from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
+from quantcli.quantizers.cpu import PAIR_SAFE, detect_cpu, saturates_u8s8
 
 if TYPE_CHECKING:  # pragma: no cover
     from torchao.quantization.pt2e.quantizer import Quantizer
@@ -48,9 +48,12 @@ TARGETS: dict[str, Target] = {
 
 
 def resolve(q: "QuantizationSection") -> "QuantizationSection":
-    """Return a copy with target_cpu and reduce_range "auto" replaced by what this CPU needs."""
+    """Return a copy with target_cpu "auto" replaced by this CPU's class and reduce_range "auto" by what
+    the target needs: pair-safe weights where ORT's u8 x s8 kernels add pairs in int16, else 8-bit."""
     cpu = detect_cpu() if q.target_cpu == "auto" else q.target_cpu
-    reduce_range = saturates_u8s8(cpu) if q.reduce_range == "auto" else q.reduce_range
+    reduce_range: bool | str = q.reduce_range
+    if reduce_range == "auto":
+        reduce_range = PAIR_SAFE if saturates_u8s8(cpu) else False
     return q.model_copy(update={"target_cpu": cpu, "reduce_range": reduce_range})
 
 

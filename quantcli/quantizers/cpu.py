@@ -40,9 +40,34 @@ def detect_cpu(cpuinfo_path: str = "/proc/cpuinfo") -> str:
     return classify(platform.machine(), cpu_flags(text))
 
 
+# reduce_range's value for weights narrowed per output channel only as far as int16 pair sums need.
+PAIR_SAFE = "pair_safe"
+
+
 def saturates_u8s8(target_cpu: str) -> bool:
     """True where ORT's u8 x s8 kernels add pairs in int16 and saturate (x86 without VNNI).
 
-    There 7-bit weights (reduce_range) keep the pairwise sums in range.
+    There pair-safe weights (or reduce_range's 7 bits everywhere) keep the pair sums in range.
     """
     return target_cpu in ("avx2", "avx512")
+
+
+_WEIGHTS = {
+    False: "8-bit weights (-127..127)",
+    True: "7-bit weights (-63..63) everywhere",
+    PAIR_SAFE: "8-bit weights, narrowed per output channel where a pair of adjacent products could "
+               "overflow int16 (|q[k] + q[k+1]| <= 128); depthwise convs keep the full range",
+}
+
+
+def describe(target_cpu: str, reduce_range: bool | str) -> str:
+    """One sentence: the resolved target, its weight range and the CPUs the model computes right on."""
+    weights = _WEIGHTS[reduce_range]
+    if reduce_range is False and saturates_u8s8(target_cpu):
+        where = (f"WRONG on {target_cpu} itself and every x86 CPU without VNNI (int16 pair sums can saturate); "
+                 "right on VNNI and arm64 CPUs")
+    elif reduce_range is False and target_cpu == "vnni":
+        where = "right on VNNI and arm64 CPUs; x86 CPUs without VNNI (AVX2, AVX-512 before Ice Lake) can saturate"
+    else:
+        where = "right on every x86 CPU (AVX2, AVX-512, VNNI) and arm64"
+    return f"target_cpu {target_cpu}: {weights}; {where}"

@@ -16,9 +16,11 @@ from torchao.quantization.pt2e.observer import (
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
+    PerChannelMinMaxObserver,
 )
 
 from quantcli.quantizers.entropy import EntropyObserver
+from quantcli.quantizers.pairs import PAIR_LIMIT, k_rows, pair_bound
 
 
 class PercentileObserver(HistogramObserver):
@@ -48,6 +50,55 @@ class PercentileObserver(HistogramObserver):
 
     def extra_repr(self):
         return f"percentile={self.upper * 100:g}, " + super().extra_repr()
+
+
+class _PairSafe:
+    """Widens a symmetric weight observer's range so that no pair the u8 x s8 kernel adds can overflow int16.
+
+    The recorded range becomes, per output channel, max(|w|, s * quant_max / (PAIR_LIMIT - 0.5)) where
+    s is the channel's largest same-sign pair sum (quantcli.quantizers.pairs): the scale then maps every
+    such pair to at most 127.5, which rounds to at most PAIR_LIMIT (128). Exact and data-free; the
+    state is the base observer's (min_val, max_val), so state_dicts load as before, and convert (PTQ or
+    QAT's FakeQuantize) computes its scale from this very range.
+    """
+
+    def _widen(self, w: torch.Tensor) -> torch.Tensor | None:
+        if w.numel() == 0:
+            return None
+        rows = k_rows(w.detach().float().cpu().numpy(), self.out_axis, self.conv)
+        bound = torch.from_numpy(pair_bound(rows)).to(self.max_val.dtype)
+        return bound * (self.quant_max / (PAIR_LIMIT - 0.5))
+
+
+class PairSafePerChannelObserver(_PairSafe, PerChannelMinMaxObserver):
+    def __init__(self, *args, conv: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.conv, self.out_axis = conv, self.ch_axis
+
+    def forward(self, x_orig):
+        out = super().forward(x_orig)
+        reach = self._widen(x_orig)
+        if reach is not None:
+            self.max_val.copy_(torch.maximum(self.max_val, reach))
+            self.min_val.copy_(torch.minimum(self.min_val, -reach))
+        return out
+
+
+class PairSafeObserver(_PairSafe, MinMaxObserver):
+    """Per-tensor: one range wide enough for every output channel's pairs."""
+
+    def __init__(self, *args, conv: bool = False, out_axis: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.conv, self.out_axis = conv, out_axis
+
+    def forward(self, x_orig):
+        out = super().forward(x_orig)
+        reach = self._widen(x_orig)
+        if reach is not None:
+            top = reach.max()
+            self.max_val.copy_(torch.maximum(self.max_val, top))
+            self.min_val.copy_(torch.minimum(self.min_val, -top))
+        return out
 
 
 ACTIVATION_OBSERVERS = {

@@ -82,8 +82,15 @@ class OnnxRuntimeQuantizer(Quantizer):
 
     # -- one method per kind: (node, setting, whether a quantized consumer follows, policy)
     def _annotate_conv(self, conv: Node, s: Setting, out: bool, policy: Policy) -> None:
-        """conv [-> batch_norm (QAT; prepare folds it first in PTQ)] [-> relu/hardtanh], output quantized."""
-        self._conv_chain(conv, s, weight_spec(s, 0))
+        """conv [-> batch_norm (QAT; prepare folds it first in PTQ)] [-> relu/hardtanh], output quantized.
+
+        A depthwise conv (one input and one output channel per group) runs in MLAS's depthwise kernels,
+        which never add pairs of products in int16; every other conv runs in its u8 x s8 GEMM/ConvSym.
+        """
+        w = value(conv.args[1])
+        groups = conv.args[6] if len(conv.args) > 6 else 1
+        depthwise = w.shape[1] == 1 and w.shape[0] == groups
+        self._conv_chain(conv, s, weight_spec(s, 0, None if depthwise else "conv"))
 
     def _annotate_conv_transpose(self, conv: Node, s: Setting, out: bool, policy: Policy) -> None:
         groups = conv.args[6] if len(conv.args) > 6 else 1
@@ -116,7 +123,7 @@ class OnnxRuntimeQuantizer(Quantizer):
     def _annotate_linear(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         act = activation_spec(s)
         x, w = node.args[0], node.args[1]
-        inputs = {x: act, w: weight_spec(s, 0)}
+        inputs = {x: act, w: weight_spec(s, 0, "matrix")}
         bias = node.args[2] if len(node.args) > 2 else None
         # A 2-D linear exports as Gemm, which ORT fuses (QGemm) only with an int32 bias.
         if isinstance(bias, Node) and bias.op == "get_attr" and value(x).dim() == 2:
@@ -127,13 +134,13 @@ class OnnxRuntimeQuantizer(Quantizer):
         """bias + x @ W, W stored (in, out) as in GPT-2's Conv1D: per-channel on axis 1, int32 bias (QGemm)."""
         act = activation_spec(s)
         bias, x, w = node.args[:3]
-        annotate(node, {x: act, w: weight_spec(s, 1), bias: bias_spec(s, (x, node), (w, node))},
+        annotate(node, {x: act, w: weight_spec(s, 1, "matrix"), bias: bias_spec(s, (x, node), (w, node))},
                  act if out else None)
 
     def _annotate_matmul(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         act = activation_spec(s)
         a, b = node.args[0], node.args[1]
-        b_spec = act if is_activation(b) else weight_spec(s, value(b).dim() - 1)
+        b_spec = act if is_activation(b) else weight_spec(s, value(b).dim() - 1, "matrix")
         annotate(node, {a: act, b: b_spec}, act if out else None)
 
     def _annotate_binary(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:

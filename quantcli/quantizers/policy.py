@@ -69,7 +69,7 @@ class Policy:
             observer=observer,
             w_per_channel=weights.granularity == "per_channel",
             w_symmetric=weights.symmetric,
-            reduce_range=bool(reduce_range),
+            reduce_range=reduce_range if isinstance(reduce_range, str) else bool(reduce_range),
             qat=self.qat,
         )
 

@@ -14,7 +14,8 @@ from torchao.quantization.pt2e.observer import (
 )
 from torchao.quantization.pt2e.quantizer import DerivedQuantizationSpec, QuantizationSpec
 
-from quantcli.quantizers.observers import ACTIVATION_OBSERVERS
+from quantcli.quantizers.cpu import PAIR_SAFE
+from quantcli.quantizers.observers import ACTIVATION_OBSERVERS, PairSafeObserver, PairSafePerChannelObserver
 
 _EPS = 2**-12
 
@@ -28,8 +29,9 @@ class Setting:
     observer: str
     w_per_channel: bool
     w_symmetric: bool
-    reduce_range: bool
+    reduce_range: bool | str  # True: 7-bit; False: 8-bit; PAIR_SAFE: 8-bit narrowed per channel where pairs need it
     qat: bool
+
 
 
 @lru_cache(maxsize=None)
@@ -44,25 +46,44 @@ def activation_spec(s: Setting) -> QuantizationSpec:
                             observer_or_fake_quant_ctr=ctr)
 
 
+def _weight_range(s: Setting, pairs: str | None) -> tuple[int, bool]:
+    """(bits, pair-safe) of a weight: pair-safe only where the layer runs in a pairing u8 x s8 kernel.
+
+    Asymmetric weights have no pair-safe scale here: they keep reduce_range's 7 bits there.
+    """
+    if s.reduce_range is True:
+        return 7, False
+    if s.reduce_range == PAIR_SAFE and pairs is not None:
+        return (8, True) if s.w_symmetric else (7, False)
+    return 8, False
+
+
 @lru_cache(maxsize=None)
-def weight_spec(s: Setting, axis: int) -> QuantizationSpec:
-    """int8 weights; `axis` is the output-channel axis (used when per-channel)."""
-    bits = 7 if s.reduce_range else 8
+def weight_spec(s: Setting, axis: int, pairs: str | None = None) -> QuantizationSpec:
+    """int8 weights; `axis` is the output-channel axis (used when per-channel).
+
+    `pairs` says how ORT's u8 x s8 kernel orders this layer's K (quantcli.quantizers.pairs): "conv",
+    "matrix", or None where the layer never runs in it (depthwise conv, ConvTranspose).
+    """
+    bits, pair_safe = _weight_range(s, pairs)
     if s.w_symmetric:
         qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1  # -127..127 or -63..63
     else:
         qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    conv = {"conv": pairs == "conv"} if pair_safe else {}
     if s.w_per_channel:
         qscheme = torch.per_channel_symmetric if s.w_symmetric else torch.per_channel_affine
-        observer, ch_axis = PerChannelMinMaxObserver, axis
+        observer, ch_axis = (PairSafePerChannelObserver if pair_safe else PerChannelMinMaxObserver), axis
     else:
         qscheme = torch.per_tensor_symmetric if s.w_symmetric else torch.per_tensor_affine
-        observer, ch_axis = MinMaxObserver, None
+        observer, ch_axis = (PairSafeObserver if pair_safe else MinMaxObserver), None
+        if pair_safe:
+            conv["out_axis"] = axis
     if s.qat:
         extra = {"ch_axis": axis} if s.w_per_channel else {}
-        ctr = FakeQuantize.with_args(observer=observer, eps=_EPS, **extra)
+        ctr = FakeQuantize.with_args(observer=observer, eps=_EPS, **extra, **conv)
     else:
-        ctr = observer.with_args(eps=_EPS)
+        ctr = observer.with_args(eps=_EPS, **conv)
     return QuantizationSpec(dtype=torch.int8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
                             ch_axis=ch_axis, observer_or_fake_quant_ctr=ctr)
 

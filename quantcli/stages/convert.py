@@ -29,9 +29,11 @@ def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, referen
 
     def body(st: Any) -> dict[str, Any]:
         from quantcli import _torch
+        from quantcli.quantizers import pair_safety
 
         module = _torch.to_eval(restore_prepared(parent))
         module = _torch.convert(module, fold_quantize, reference_representation)
+        pairs_lowered = pair_safety.enforce(module, recipe.quantization)
         _torch.prune_unused(module)
         args = to_tensors(export_example(recipe.inputs), recipe.inputs)
         try:
@@ -43,7 +45,7 @@ def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, referen
         staging.link_or_copy(parent.file(artifacts.STATE), st.tmp / artifacts.STATE)  # the calibrated state, for report
         return {"qat": parent.manifest["qat"], "io": parent.manifest["io"],
                 "observers_frozen": bool(parent.manifest.get("observers_frozen")),
-                "ops": count_ops(program.graph_module)}
+                "ops": count_ops(program.graph_module), "pair_safe_weights_lowered": pairs_lowered}
 
     return produce("converted", Path(out), recipe=recipe, parent=parent, options=options, data={},
                    force=force, body=body)

@@ -61,14 +61,17 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     float_program = _torch.load_program(parent.file(artifacts.FLOAT_PROGRAM))
     names = parent.manifest["io"]["outputs"]
     fp32, int8 = outputs(float_program, recipe, sample), outputs(program, recipe, sample)
-    ort = runtime.run(runtime.session(path), sample)
-    check = parity.verdict(names, fp32, int8, ort, max_excess_db=recipe.export.parity_max_excess_db,
-                           min_sqnr_db=recipe.export.parity_min_sqnr_db)
+    saturation, emulated = target_arithmetic(model, recipe.quantization.target_cpu)
+    limits = {"max_excess_db": recipe.export.parity_max_excess_db, "min_sqnr_db": recipe.export.parity_min_sqnr_db}
+    check = parity.verdict(names, fp32, int8, runtime.run(runtime.session(path), sample), **limits)
+    if emulated is not None:  # this CPU cannot saturate: the target's arithmetic decides, this ORT must agree too
+        target = parity.verdict(names, fp32, int8, runtime.run_model(emulated, sample), **limits)
+        check = parity.with_local(target, check, recipe.quantization.target_cpu)
     kernels = fusion.analyze(path)
     warning = fusion.coverage_warning(kernels)
     if warning is not None:
         log.warning(warning, extra={"warning": True})
-    report = {"parity": check,
+    report = {"parity": check, "u8s8": saturation,
               "sqnr_vs_float_db": {name: figures["ort_vs_fp32_db"] for name, figures in check["per_output"].items()},
               "onnx": {**onnx_export.graph_summary(model), "shapes": onnx_export.shape_coverage(model),
                        "size_bytes": path.stat().st_size},
@@ -76,6 +79,26 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     if recipe.evaluation is not None:
         report["evaluation"] = evaluate.evaluate(recipe, float_program, path, parent.manifest["io"])
     return report
+
+
+def target_arithmetic(model: Any, target_cpu: str) -> tuple[dict[str, Any], Any]:
+    """(the report's u8s8 section, the model computing the target's arithmetic where parity must use it).
+
+    The section counts, per layer ORT runs in a pairing u8 x s8 kernel, the int8 weight pairs some
+    uint8 input can saturate on x86 without VNNI (zero expected for a model built for such a target).
+    When the target saturates and this CPU does not, ORT here cannot show what the target computes:
+    the emulated model (quantcli.onnx.u8s8) does, run with graph optimizations off.
+    """
+    from quantcli.onnx import u8s8
+    from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
+
+    here = detect_cpu()
+    emulate = saturates_u8s8(target_cpu) and not saturates_u8s8(here)
+    counts = u8s8.saturable_pairs(model)
+    section = {"target_cpu": target_cpu, "target_saturates": saturates_u8s8(target_cpu), "this_cpu": here,
+               "parity_arithmetic": "emulated" if emulate else "this cpu", "saturable_pairs": sum(counts.values()),
+               "layers": counts}
+    return section, (u8s8.emulate(model)[0] if emulate else None)
 
 
 def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_path: str | Path | None = None,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts
+from quantcli.quantizers.cpu import describe
 from quantcli.stages.base import StageResult, carry_program, produce, recipe_for, restore_prepared, save_state
 
 
@@ -17,13 +18,16 @@ def run(src: str | Path, out: str | Path, *, qat: bool = False, recipe_path: str
     recipe = recipe_for("prepared", parent, recipe_path)
     # target_cpu/reduce_range are resolved once, here, and recorded: reruns elsewhere agree.
     recipe = recipe.model_copy(update={"quantization": quantizers.resolve(recipe.quantization)})
+    target = describe(recipe.quantization.target_cpu, recipe.quantization.reduce_range)
 
     def body(st: Any) -> dict[str, Any]:
         carry_program(parent, st.tmp)
         manifest = {"qat": qat, "io": parent.manifest["io"], "recipe": recipe.model_dump(mode="json")}
         module = restore_prepared(artifacts.Artifact(st.tmp, {**parent.manifest, **manifest}))
         save_state(module, st.tmp)
-        return {"qat": qat, "io": parent.manifest["io"]}
+        return {"qat": qat, "io": parent.manifest["io"], "target": target}
 
-    return produce("prepared", Path(out), recipe=recipe, parent=parent, options={"qat": qat}, data={},
-                   force=force, body=body)
+    result = produce("prepared", Path(out), recipe=recipe, parent=parent, options={"qat": qat}, data={},
+                     force=force, body=body)
+    result.work = target  # the closing line says what the model is built for and where it is right
+    return result
