@@ -53,6 +53,18 @@ def example_batch(recipe: Recipe) -> dict[str, np.ndarray]:
     return export_example(recipe.inputs)
 
 
+def capture_example(recipe: Recipe) -> dict[str, np.ndarray]:
+    """The example batch for torch.export: a dynamic axis of size 1 (`batch_size: 1`, a callable yielding
+    single samples) would be specialized to 1, so such an axis is repeated to size 2 (the data's values
+    are kept; only the sizes torch.export sees change)."""
+    batch = example_batch(recipe)
+    for spec in recipe.inputs:
+        for axis in spec.axes():
+            if axis < np.ndim(batch[spec.name]) and np.shape(batch[spec.name])[axis] == 1:
+                batch[spec.name] = np.repeat(batch[spec.name], 2, axis=axis)
+    return batch
+
+
 def symbols(inputs: list[InputSpec]) -> dict[str, DynamicAxis]:
     """Each dynamic-axis symbol once, with its bounds (the schema rejects conflicting ones)."""
     found: dict[str, DynamicAxis] = {}

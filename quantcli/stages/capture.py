@@ -12,7 +12,7 @@ from quantcli.loading.data import iter_batches, to_tensors
 from quantcli.loading.factory import user_sources
 from quantcli.loading.files import reader
 from quantcli.loading.headers import check_sources
-from quantcli.loading.inputs import dynamic_shapes, example_batch
+from quantcli.loading.inputs import capture_example, dynamic_shapes
 from quantcli.loading.model import Built, build_model
 from quantcli.sources.names import TASKS
 from quantcli.stages.base import StageResult, data_hashes, produce, require_files
@@ -122,7 +122,7 @@ def _export(module: Any, recipe: recipes.Recipe) -> tuple[Any, Any]:
     from quantcli import _torch
 
     diagnose.check_signature(module, recipe.inputs)
-    args = to_tensors(example_batch(recipe), recipe.inputs)
+    args = to_tensors(capture_example(recipe), recipe.inputs)
     try:
         with _torch.torch.no_grad():
             result = module(*args)
