@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts
-from quantcli.errors import DataError, RecipeError
+from quantcli.errors import DataError, QuantCliError, RecipeError
 from quantcli.loading.data import iter_batches, samples_in, to_tensors
 from quantcli.loading.headers import check_sources
 from quantcli.recipe import CalibrationSection, Recipe
@@ -37,20 +37,60 @@ def run_batches(module: Any, recipe: Recipe, progress: Progress) -> tuple[int, i
     total, batches = iter_batches(section.data, section.keys, inputs, section.batch_size, section.num_batches,
                                   "calibration", files=reader(recipe, "calibration"))
     seen = samples = 0
+    axes = _torch.input_axes(module)
     with _torch.torch.no_grad():
         for index, batch in enumerate(batches):
             args = to_tensors(batch, inputs)
-            try:
-                module(*args)
-            except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise DataError(f"calibration batch {index} does not fit the model: {first}") from exc
+            check_fits(args, axes, inputs, index)
+            forward(module, args, index)
             seen += 1
             samples += samples_in(batch)
             progress(seen, total or None, {})
     if seen == 0:
         raise DataError("calibration: the data yielded no batches")
     return seen, samples
+
+
+def check_fits(args: tuple, axes: list[tuple[list[Any], Any]], inputs: list[Any], index: int) -> None:
+    """A DataError when a batch's rank, dtype or a dimension does not fit the captured program's inputs."""
+    for tensor, spec, (want, dtype) in zip(args, inputs, axes):
+        shape = list(tensor.shape)
+        problem = None
+        if tensor.dtype != dtype:
+            problem = f"is {str(tensor.dtype).removeprefix('torch.')}, the captured model takes " \
+                      f"{str(dtype).removeprefix('torch.')}"
+        elif len(shape) != len(want) or any(not _fits(n, w) for n, w in zip(shape, want)):
+            problem = f"has shape {shape}, the captured model takes {_shown(want)}"
+        if problem is not None:
+            raise DataError(f"calibration batch {index} does not fit the model: input {spec.name!r} {problem}")
+
+
+def _fits(size: int, want: int | tuple[int, int | None]) -> bool:
+    if isinstance(want, int):
+        return size == want
+    return size >= want[0] and (want[1] is None or size <= want[1])
+
+
+def _shown(axes: list[Any]) -> str:
+    return "[" + ", ".join(str(a) if isinstance(a, int) else f"{a[0]}..{'' if a[1] is None else a[1]}"
+                           for a in axes) + "]"
+
+
+def forward(module: Any, args: tuple, index: int) -> None:
+    """One calibration forward. Only the program's own input checks blame the data; running out of
+    memory says so; anything else is what it is (an internal error, with --debug's traceback)."""
+    from quantcli import _torch
+
+    try:
+        module(*args)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if _torch.is_guard_failure(exc):
+            raise DataError(f"calibration batch {index} does not fit the model: {first}") from exc
+        if _torch.is_out_of_memory(exc):
+            raise QuantCliError(f"calibration batch {index} ran out of memory: {first}",
+                                "lower calibration.batch_size") from exc
+        raise
 
 
 def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: int | None = None,
