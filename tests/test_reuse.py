@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import yaml
@@ -154,3 +155,44 @@ def test_a_library_version_keys_the_stage_and_is_named_when_it_is_redone(copy_wo
     redo = cli(*args, "--force", "--json")
     assert redo.rc == 0 and not redo.json()["reused"], redo.stderr
     assert redo.json()["redone"] == f"torchao {artifacts._versions()[2][1]} -> 0.99.0"
+
+
+DATA_CALLABLE = """from pathlib import Path
+
+import numpy as np
+
+
+def batches():
+    pixels = np.load(Path(__file__).with_name("pixels.npy"))
+    for start in range(0, len(pixels), 32):
+        yield {"calib_x": pixels[start:start + 32]}
+
+
+def noise():
+    for _ in range(2):
+        yield {"calib_x": np.random.rand(32, 1, 8, 8).astype(np.float32)}
+"""
+
+
+def test_a_data_callable_is_keyed_by_what_it_yields(work, tmp_path):
+    pixels = np.load(DIGITS / "digits.npz")["calib_x"][:64]
+    np.save(tmp_path / "pixels.npy", pixels)
+    (tmp_path / "data.py").write_text(DATA_CALLABLE)
+    args = ["calibrate", work / "prepared", "-o", tmp_path / "calibrated", "--data", f"{tmp_path / 'data.py'}:batches"]
+    first = cli(*args, "--json")
+    assert first.rc == 0 and not first.json()["reused"], first.stderr
+    assert first.json()["manifest"]["data"]["calibration.data"].startswith("yields ")
+    assert cli(*args, "--json").json()["reused"]
+    np.save(tmp_path / "pixels.npy", pixels * 0.5)  # the data behind the callable changes, its code does not
+    assert_fails(cli(*args), 4, "exists and was made from other inputs or options: calibration.data changed")
+    redo = cli(*args, "--force", "--json")
+    assert redo.rc == 0 and redo.json()["redone"] == "calibration.data changed", redo.stderr
+
+
+def test_a_data_callable_that_yields_other_batches_each_call_is_never_reused(work, tmp_path):
+    (tmp_path / "data.py").write_text(DATA_CALLABLE)
+    args = ["calibrate", work / "prepared", "-o", tmp_path / "calibrated", "--data", f"{tmp_path / 'data.py'}:noise"]
+    first = cli(*args)
+    assert first.rc == 0, first.stderr
+    assert f"calibration.data: {tmp_path / 'data.py'}:noise yielded other batches when called again" in first.stderr
+    assert_fails(cli(*args), 4, "calibration.data changed")

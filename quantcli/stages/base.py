@@ -83,6 +83,25 @@ def data_hashes(paths: dict[str, str]) -> dict[str, str]:
     return hashes
 
 
+def callable_digest(recipe: Recipe, name: str, count: int | None) -> str:
+    """What section `name`'s data callable yields, its first `count` batches (None: all) as a stage reads them
+    (targets included where the metric needs them): the data key of a stage reading a callable."""
+    import itertools
+
+    from quantcli.loading.data import BatchDigest, iter_batches
+    from quantcli.report.metrics import METRICS
+
+    section = getattr(recipe, name)
+    metric = METRICS.get(getattr(section, "metric", None) or "")
+    targets = section.targets if metric is not None and metric.needs_targets else None
+    _, batches = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, None, name,
+                              targets=targets)
+    digest = BatchDigest()
+    for batch in itertools.islice(batches, count):
+        digest.add(batch)
+    return digest.value()
+
+
 def recipe_for(stage: str, parent: Artifact, recipe_path: str | Path | None) -> Recipe:
     """The recipe `stage` works with: the one recorded in `parent`, with --recipe's sections for this stage.
 

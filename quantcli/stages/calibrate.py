@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts
 from quantcli.errors import DataError, QuantCliError, RecipeError
-from quantcli.loading.data import iter_batches, samples_in, to_tensors
+from quantcli.loading.data import BatchDigest, is_callable_source, iter_batches, samples_in, to_tensors
 from quantcli.loading.headers import check_sources
 from quantcli.recipe import CalibrationSection, Recipe
-from quantcli.stages.base import (Progress, StageResult, carry_program, data_hashes, no_progress, produce,
-                                  recipe_for, restore_prepared, save_state)
+from quantcli.stages.base import (Progress, StageResult, callable_digest, carry_program, data_hashes, no_progress,
+                                  produce, recipe_for, restore_prepared, save_state)
+
+log = logging.getLogger("quantcli")
 
 
 def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> CalibrationSection:
@@ -28,8 +31,9 @@ def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> Cal
     return section.model_copy(update=update)
 
 
-def run_batches(module: Any, recipe: Recipe, progress: Progress) -> tuple[int, int]:
-    """Feed the calibration batches through `module`; (batches, samples) seen."""
+def run_batches(module: Any, recipe: Recipe, progress: Progress,
+                digest: BatchDigest | None = None) -> tuple[int, int]:
+    """Feed the calibration batches through `module` (adding each to `digest`); (batches, samples) seen."""
     from quantcli import _torch
     from quantcli.loading.files import reader
 
@@ -43,6 +47,8 @@ def run_batches(module: Any, recipe: Recipe, progress: Progress) -> tuple[int, i
             args = to_tensors(batch, inputs)
             check_fits(args, axes, inputs, index)
             forward(module, args, index)
+            if digest is not None:
+                digest.add(batch)
             seen += 1
             samples += samples_in(batch)
             progress(seen, total or None, {})
@@ -57,12 +63,15 @@ def check_fits(args: tuple, axes: list[tuple[list[Any], Any]], inputs: list[Any]
         shape = list(tensor.shape)
         problem = None
         if tensor.dtype != dtype:
-            problem = f"is {str(tensor.dtype).removeprefix('torch.')}, the captured model takes " \
-                      f"{str(dtype).removeprefix('torch.')}"
+            problem = f"is {_dtype(tensor.dtype)}, the captured model takes {_dtype(dtype)}"
         elif len(shape) != len(want) or any(not _fits(n, w) for n, w in zip(shape, want)):
             problem = f"has shape {shape}, the captured model takes {_shown(want)}"
         if problem is not None:
             raise DataError(f"calibration batch {index} does not fit the model: input {spec.name!r} {problem}")
+
+
+def _dtype(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _fits(size: int, want: int | tuple[int, int | None]) -> bool:
@@ -101,13 +110,23 @@ def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: i
     recipe = recipe.model_copy(update={"calibration": section})
     hashes = data_hashes({"calibration.data": section.data})
     check_sources(recipe, ("calibration",))
+    streamed = is_callable_source(section.data)
+    if streamed:  # keyed by what it yields: a pass over its batches before deciding to reuse
+        hashes["calibration.data"] = callable_digest(recipe, "calibration", section.num_batches)
 
     def body(st: Any) -> dict[str, Any]:
         module = restore_prepared(parent)
-        seen, samples = run_batches(module, recipe, progress)
+        digest = BatchDigest() if streamed else None
+        seen, samples = run_batches(module, recipe, progress, digest)
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
-        return {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
+        extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
+        if digest is None:
+            return extra
+        if digest.value() != hashes["calibration.data"]:
+            log.warning(f"calibration.data: {section.data} yielded other batches when called again; an output "
+                        "calibrated on it is never reused")
+        return {**extra, "data": {**hashes, "calibration.data": digest.value()}}
 
     result = produce("calibrated", Path(out), recipe=recipe, parent=parent, options={}, data=hashes,
                      force=force, body=body)

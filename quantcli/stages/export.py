@@ -8,14 +8,14 @@ from typing import Any
 
 from quantcli import artifacts
 from quantcli.errors import NumericsError
-from quantcli.loading.data import to_tensors
+from quantcli.loading.data import is_callable_source, to_tensors
 from quantcli.loading.headers import check_sources
 from quantcli.loading.inputs import held_out_batch
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import fusion, runtime
 from quantcli.recipe import Recipe
 from quantcli.report import parity
-from quantcli.stages.base import StageResult, data_hashes, produce, recipe_for
+from quantcli.stages.base import StageResult, callable_digest, data_hashes, produce, recipe_for
 
 log = logging.getLogger("quantcli")
 
@@ -79,6 +79,18 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     return report
 
 
+def _callable_keys(recipe: Recipe) -> dict[str, str]:
+    """A data callable is keyed by what it yields: every evaluation batch; the calibration batches up to
+    the parity sample (loading.inputs.held_out_batch)."""
+    keys = {}
+    ev, cal = recipe.evaluation, recipe.calibration
+    if ev is not None and is_callable_source(ev.data):
+        keys["evaluation.data"] = callable_digest(recipe, "evaluation", None)
+    if cal is not None and is_callable_source(cal.data):
+        keys["calibration.data"] = callable_digest(recipe, "calibration", (cal.num_batches or 0) + 1)
+    return keys
+
+
 def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_path: str | Path | None = None,
         force: bool = False) -> StageResult:
     import onnx
@@ -89,6 +101,7 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
     # the parity sample is data the ranges were not fitted to (loading.inputs.held_out_batch)
     data = data_hashes({f"{name}.data": getattr(recipe, name).data for name in ("calibration", "evaluation")
                         if getattr(recipe, name) is not None})
+    data.update(_callable_keys(recipe))
 
     def body(st: Any) -> dict[str, Any]:
         program, model = onnx_model(parent, recipe, recipe.export.opset)
