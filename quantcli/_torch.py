@@ -285,6 +285,36 @@ def load_state(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def input_axes(module: Any) -> list[tuple[list[int | tuple[int, int | None]], Any]]:
+    """(axes, dtype) of each input of a module made from an ExportedProgram (`program.module()`, prepared
+    or not): an int for a static axis, (min, max) for a dynamic one, max None when unbounded."""
+    specs = []
+    for node in module.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if val is None or not hasattr(val, "shape"):
+            continue
+        specs.append(([d if isinstance(d, int) else _bounds(d) for d in val.shape], val.dtype))
+    return specs
+
+
+def _bounds(dim: Any) -> tuple[int, int | None]:
+    found = dim.node.shape_env.var_to_range.get(dim.node.expr)
+    if found is None:
+        return 0, None
+    unbounded = str(found.upper) in ("oo", "int_oo")  # sympy's and torch's infinities
+    return int(found.lower), None if unbounded else int(found.upper)
+
+
+def is_guard_failure(exc: BaseException) -> bool:
+    """Whether `exc` is an exported module's own check of its inputs against the program's shapes."""
+    text = str(exc)
+    return text.startswith("Guard failed") or text.startswith("Expected input at")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+
+
 def prepare(module: Any, quantizer: Any, qat: bool) -> Any:
     if not qat:
         return prepare_pt2e(module, quantizer)

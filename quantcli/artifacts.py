@@ -8,6 +8,7 @@ atomically, reusing and replacing them is `quantcli.staging`'s part.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -49,7 +50,9 @@ STAGES: dict[str, Stage] = {
     "converted": Stage("convert", ()),
     "exported": Stage("export", ("export", "evaluation")),
 }
-LIBRARIES = ("torch", "torchao", "onnx", "onnxruntime", "onnxscript")
+# The libraries whose versions are recorded in every manifest and key every stage's reuse.
+LIBRARIES = ("torch", "torchao", "onnx", "onnxruntime", "onnxscript", "transformers", "timm", "torchvision",
+             "datasets")
 
 
 def producer(stage: str) -> str:
@@ -83,20 +86,58 @@ def canonical(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode()
 
 
-def library_versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
-    return versions
+    return tuple(versions.items())
+
+
+def library_versions() -> dict[str, str]:
+    """Python's and each of LIBRARIES' version ("absent" when not installed)."""
+    return dict(_versions())
 
 
 def stage_key(stage: str, options: dict[str, Any], parent: str | None, data: dict[str, str]) -> str:
-    """What makes a stage output reusable: stage, options, input artifact, data files, version."""
-    blob = {"stage": stage, "options": options, "parent": parent, "data": data, "quantcli": __version__}
+    """What makes a stage output reusable: stage, options, input artifact, data, quantcli's and the libraries'
+    versions (docs/reuse.md says what each stage's data covers)."""
+    blob = {"stage": stage, "options": options, "parent": parent, "data": data, "quantcli": __version__,
+            "versions": library_versions()}
     return hashlib.sha256(canonical(blob)).hexdigest()
+
+
+def why_redone(previous: dict[str, Any], options: dict[str, Any], parent: str | None, data: dict[str, str]) -> str:
+    """What differs between the manifest of an existing output and the inputs of a new one, in a few words:
+    "model source netdef.py changed", "torch 2.13.0 -> 2.14.0", "calibration.num_batches changed"."""
+    reasons = [f"{name} {old} -> {new}" for name, old, new in _changed(previous.get("versions") or {},
+                                                                          library_versions())]
+    if previous.get("quantcli_version") != __version__:
+        reasons.append(f"quantcli {previous.get('quantcli_version')} -> {__version__}")
+    for key, old, new in _changed(previous.get("data") or {}, data):
+        reasons.append(f"{key} {'added' if old is None else 'removed' if new is None else 'changed'}")
+    old_options, new_options = dict(previous.get("options") or {}), dict(options)
+    reasons += [f"{path} changed" for path in _paths(old_options.pop("recipe", {}), new_options.pop("recipe", {}))]
+    reasons += [f"option {name} changed" for name, _, _ in _changed(old_options, new_options)]
+    if (previous.get("parent") or {}).get("sha256") != parent:
+        reasons.append("its input artifact changed")
+    if not reasons:
+        return "made with another key"
+    return "; ".join(reasons[:3]) + (f" and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted key paths where two recipe documents differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [p for k in sorted(set(old) | set(new)) for p in _paths(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if old != new else []
 
 
 @dataclass

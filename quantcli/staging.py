@@ -21,13 +21,14 @@ import signal
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from quantcli.artifacts import (FLOAT_PROGRAM, MANIFEST, PROGRAM, STATE, TIMINGS, canonical, read_manifest,
                                 report_path, sha256_file, verify_files)
 from quantcli.errors import ArtifactError
 
 NEVER = "choose another output path; it is never replaced"
+Why = Callable[[dict[str, Any]], str]  # what differs between an existing output's manifest and the new inputs
 FORCE = "pass --force to replace it"
 
 
@@ -286,7 +287,8 @@ def _name_max(folder: Path) -> int:
 KNOWN_FILES = frozenset({MANIFEST, TIMINGS, PROGRAM, FLOAT_PROGRAM, STATE})
 
 
-def check_output(out: Path, key: str, force: bool, stage: str | None = None) -> dict[str, Any] | None:
+def check_output(out: Path, key: str, force: bool, stage: str | None = None,
+                 why: Why | None = None) -> dict[str, Any] | None:
     """Decide what to do with an existing stage folder at `out`.
 
     Returns the existing manifest when it is a complete `stage` output with the same key (reuse);
@@ -300,21 +302,22 @@ def check_output(out: Path, key: str, force: bool, stage: str | None = None) -> 
         return None
     if manifest is None:
         raise ArtifactError(f"{out} exists and is a corrupt quantcli artifact (unreadable {MANIFEST})", FORCE)
-    _refuse_unusable(out, manifest, key, stage)
+    _refuse_unusable(out, manifest, key, stage, why)
     problem = verify_files(out, manifest)
     if problem is not None:
         raise ArtifactError(f"{out} exists but is corrupt: {problem}", FORCE)
     return manifest
 
 
-def _refuse_unusable(out: Path, manifest: dict[str, Any], key: str, stage: str | None) -> None:
+def _refuse_unusable(out: Path, manifest: dict[str, Any], key: str, stage: str | None, why: Why | None) -> None:
     if stage is not None and manifest["stage"] != stage:
         raise ArtifactError(f"{out} exists and is a {manifest['stage']} artifact, not a {stage} one",
                             "choose another output path, or pass --force to replace it")
     if manifest.get("status", "ok") != "ok":
         raise ArtifactError(f"{out} exists and is marked {manifest['status']}", FORCE)
     if manifest.get("key") != key:
-        raise ArtifactError(f"{out} exists and was made from other inputs or options", FORCE)
+        reason = f": {why(manifest)}" if why is not None else ""
+        raise ArtifactError(f"{out} exists and was made from other inputs or options{reason}", FORCE)
 
 
 def _owned_manifest(out: Path) -> dict[str, Any] | None:
@@ -349,7 +352,7 @@ def read_report(out: Path) -> dict[str, Any] | None:
     return report
 
 
-def check_onnx(out: Path, key: str, force: bool) -> dict[str, Any] | None:
+def check_onnx(out: Path, key: str, force: bool, why: Why | None = None) -> dict[str, Any] | None:
     """check_output for the exported `.onnx`, whose manifest lives in its metadata, its report beside it.
 
     A model whose report records another sha256 (a crash between the two renames, or an edit) is
@@ -380,5 +383,20 @@ def check_onnx(out: Path, key: str, force: bool) -> dict[str, Any] | None:
     intact = report is not None and report["onnx_sha256"] == sha256_file(out)
     if fields.get("key") == key and fields.get("status") == "ok":
         return fields if intact else None  # a torn or altered pair is never reused: redo it
-    _refuse_unusable(out, {**fields, "stage": "exported"}, key, None)
+    _refuse_unusable(out, {**fields, "stage": "exported"}, key, None, why)
     return None
+
+
+def previous_manifest(out: Path, onnx_file: bool) -> dict[str, Any] | None:
+    """The manifest of the quantcli output at `out`, or None where there is none or it does not read."""
+    if onnx_file:
+        from quantcli.onnx.export import read_metadata
+
+        try:
+            return read_metadata(out) if out.is_file() else None
+        except Exception:
+            return None
+    try:
+        return read_manifest(out)
+    except ArtifactError:
+        return None

@@ -187,13 +187,14 @@ def test_a_rerun_with_other_options_is_refused_and_force_replaces(copy_work):
     w = copy_work("prepared", "calibrated")
     before = snapshot(w / "calibrated")
     args = ["calibrate", w / "prepared", "-o", w / "calibrated", "--batches", "2"]
-    assert_fails(cli(*args), 4, f"{w / 'calibrated'} exists and was made from other inputs or options "
-                                     "(pass --force to replace it)")
+    assert_fails(cli(*args), 4, f"{w / 'calibrated'} exists and was made from other inputs or options: "
+                                     "calibration.num_batches changed (pass --force to replace it)")
     assert snapshot(w / "calibrated") == before
     run = cli(*args, "--force", "--json")
     assert run.rc == 0, run.stderr
     doc = run.json()
     assert doc["reused"] is False and doc["manifest"]["batches"] == 2
+    assert doc["redone"] == "calibration.num_batches changed"
     assert doc["manifest"] == json.loads((w / "calibrated" / "manifest.json").read_text())
     assert sorted(os.listdir(w)) == ["calibrated", "prepared"]  # no temporary or old copy left
     rerun = cli(*args, "--json")  # the same key again: reused

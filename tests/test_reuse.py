@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import yaml
 
 from quantcli import artifacts
 
-from tests.conftest import assert_fails, cli, snapshot
+from tests.conftest import DIGITS, assert_fails, cli, digits_recipe, snapshot
 
 
 def test_run_reuses_capture_when_only_later_sections_change(shared_recipe, copy_work, tmp_path):
@@ -102,3 +106,93 @@ def test_an_unreadable_model_beside_its_report_is_replaced_only_with_force(copy_
     assert_fails(cli(*args), 4, f"{w / 'model.onnx'} exists and is a corrupt quantcli model",
                  "pass --force to replace it")
     assert cli(*args, "--force").rc == 0
+
+
+def split_digits_factory(folder: Path) -> Path:
+    """The digits example with its factory split in two files: model.py does `from netdef import build`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(DIGITS / "model.py", folder / "netdef.py")
+    shutil.copy2(DIGITS / "net.pt", folder / "net.pt")
+    (folder / "model.py").write_text("from netdef import build\n")
+    recipe = yaml.safe_load(digits_recipe(folder).read_text())
+    recipe["model"]["factory"] = f"{folder / 'model.py'}:build"
+    recipe["model"]["kwargs"] = {"checkpoint": str(folder / "net.pt")}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return folder / "recipe.yaml"
+
+
+def test_a_change_in_a_module_the_factory_imports_is_never_reused(tmp_path):
+    recipe = split_digits_factory(tmp_path / "proj")
+    work = tmp_path / "work"
+    first = cli("run", "--recipe", recipe, "-o", work, "--json")
+    assert first.rc == 0, first.stderr
+    captured = json.loads((work / "captured" / "manifest.json").read_text())
+    assert set(captured["data"]) == {"model.factory", "model.kwargs.checkpoint", "model source netdef.py"}
+    assert all(cli("run", "--recipe", recipe, "-o", work, "--json").json()["stages"][i]["reused"] for i in range(5))
+    netdef = tmp_path / "proj" / "netdef.py"
+    netdef.write_text(netdef.read_text().replace("nn.ReLU(inplace=False)", "nn.ReLU6(inplace=False)", 1))
+    before = snapshot(work)
+    assert_fails(cli("run", "--recipe", recipe, "-o", work), 4, f"{work / 'captured'} exists and was made from "
+                 "other inputs or options: model source netdef.py changed (pass --force to replace it)")
+    assert snapshot(work) == before
+    again = cli("run", "--recipe", recipe, "-o", work, "--force")
+    assert again.rc == 0, again.stderr
+    assert f"captured: redone {work / 'captured'} in " in again.stderr
+    assert "(model source netdef.py changed)" in again.stderr
+    ops = {node.op_type for node in onnx.load(str(work / "model.onnx")).graph.node}
+    assert "Clip" in ops  # ReLU6: the new architecture was exported, not the old one
+    assert json.loads((work / "captured" / "manifest.json").read_text())["data"]["model source netdef.py"] == \
+        hashlib.sha256(netdef.read_bytes()).hexdigest()
+
+
+def test_a_library_version_keys_the_stage_and_is_named_when_it_is_redone(copy_work, monkeypatch):
+    w = copy_work("prepared", "calibrated")
+    args = ["calibrate", w / "prepared", "-o", w / "calibrated"]
+    assert cli(*args, "--json").json()["reused"]
+    versions = {**artifacts.library_versions(), "torchao": "0.99.0"}
+    monkeypatch.setattr(artifacts, "library_versions", lambda: versions)
+    assert_fails(cli(*args), 4, f"torchao {artifacts._versions()[2][1]} -> 0.99.0 (pass --force to replace it)")
+    redo = cli(*args, "--force", "--json")
+    assert redo.rc == 0 and not redo.json()["reused"], redo.stderr
+    assert redo.json()["redone"] == f"torchao {artifacts._versions()[2][1]} -> 0.99.0"
+
+
+DATA_CALLABLE = """from pathlib import Path
+
+import numpy as np
+
+
+def batches():
+    pixels = np.load(Path(__file__).with_name("pixels.npy"))
+    for start in range(0, len(pixels), 32):
+        yield {"calib_x": pixels[start:start + 32]}
+
+
+def noise():
+    for _ in range(2):
+        yield {"calib_x": np.random.rand(32, 1, 8, 8).astype(np.float32)}
+"""
+
+
+def test_a_data_callable_is_keyed_by_what_it_yields(work, tmp_path):
+    pixels = np.load(DIGITS / "digits.npz")["calib_x"][:64]
+    np.save(tmp_path / "pixels.npy", pixels)
+    (tmp_path / "data.py").write_text(DATA_CALLABLE)
+    args = ["calibrate", work / "prepared", "-o", tmp_path / "calibrated", "--data", f"{tmp_path / 'data.py'}:batches"]
+    first = cli(*args, "--json")
+    assert first.rc == 0 and not first.json()["reused"], first.stderr
+    assert first.json()["manifest"]["data"]["calibration.data"].startswith("yields ")
+    assert cli(*args, "--json").json()["reused"]
+    np.save(tmp_path / "pixels.npy", pixels * 0.5)  # the data behind the callable changes, its code does not
+    assert_fails(cli(*args), 4, "exists and was made from other inputs or options: calibration.data changed")
+    redo = cli(*args, "--force", "--json")
+    assert redo.rc == 0 and redo.json()["redone"] == "calibration.data changed", redo.stderr
+
+
+def test_a_data_callable_that_yields_other_batches_each_call_is_never_reused(work, tmp_path):
+    (tmp_path / "data.py").write_text(DATA_CALLABLE)
+    args = ["calibrate", work / "prepared", "-o", tmp_path / "calibrated", "--data", f"{tmp_path / 'data.py'}:noise"]
+    first = cli(*args)
+    assert first.rc == 0, first.stderr
+    assert f"calibration.data: {tmp_path / 'data.py'}:noise yielded other batches when called again" in first.stderr
+    assert_fails(cli(*args), 4, "calibration.data changed")

@@ -90,3 +90,30 @@ def test_zoo_preprocessing_weights_and_names(tmp_path):
     assert (kind, code) == ("ModelError", 3) and "does not fit the architecture" in line \
         and "width_mult" not in line and "pass the constructor's keyword arguments (model.kwargs)" in line
     assert out["timm_unknown"][:2] == ["RecipeError", 2] and "did you mean 'test_efficientnet'?" in out["timm_unknown"][2]
+
+
+SAME_PROCESS = r"""
+import sys
+from quantcli.cli import main
+
+for recipe, out in ((sys.argv[1], sys.argv[2]), (sys.argv[3], sys.argv[4])):
+    try:
+        main(["capture", "--recipe", recipe, "-o", out])
+    except SystemExit as exc:
+        if exc.code:
+            raise
+print("torchvision" in sys.modules and sys.modules["torchvision"] is not None)
+"""
+
+
+def test_a_text_model_leaves_torchvision_to_a_later_model_of_the_same_process(tmp_path):
+    """A library user (a notebook) captures a text model, then a torchvision one, in one process."""
+    args = [CONFIGS / "sentiment" / "recipe.yaml", tmp_path / "text", CONFIGS / "photos" / "torchvision.yaml",
+            tmp_path / "vision"]
+    proc = subprocess.run([sys.executable, "-c", SAME_PROCESS, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=zoo_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "True"  # torchvision imported, not hidden
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("text", "vision")]
+    assert [m["stage"] for m in manifests] == ["captured", "captured"]
+    assert manifests[1]["recipe"]["model"]["torchvision"] == "mobilenet_v3_small"

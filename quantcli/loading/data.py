@@ -14,6 +14,7 @@ training all see the same arrays, and bad data is an input error where it is loa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zipfile
 from dataclasses import dataclass, field
@@ -340,6 +341,30 @@ def _factory_batch(item: Any, where: Where, spec: str, inputs: list[InputSpec], 
     if targets is not None:
         batch[TARGET_COLUMN] = np.asarray(item[targets])
     return conform(batch, inputs, where)
+
+
+def is_callable_source(spec: str) -> bool:
+    """Whether a data reference names a callable ("file.py:callable", "package.module:callable"), not a path."""
+    return split_callable(spec) is not None and not Path(spec).exists()
+
+
+class BatchDigest:
+    """sha256 of a stream of conformed batches: each array's name, dtype, shape and bytes, in order.
+
+    A data callable is user code whose output no file hash can vouch for: a stage reading one is
+    keyed by this digest of what it yielded."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def add(self, batch: Mapping[str, np.ndarray]) -> None:
+        for name in sorted(batch):
+            arr = np.ascontiguousarray(batch[name])
+            self._sha.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+            self._sha.update(arr.reshape(-1).view(np.uint8) if arr.size else b"")
+
+    def value(self) -> str:
+        return "yields " + self._sha.hexdigest()
 
 
 def samples_in(batch: Mapping[str, np.ndarray]) -> int:

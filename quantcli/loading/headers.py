@@ -19,6 +19,7 @@ from numpy.lib import format as npy
 
 from quantcli.errors import DataError, InputError
 from quantcli.loading import kinds
+from quantcli.loading.targets import problem as target_problem
 from quantcli.loading.data import dtype_problem, missing_array, role_of, shape_problem
 from quantcli.recipe import InputSpec, Recipe
 from quantcli.references import exists
@@ -88,11 +89,22 @@ def source_problems(section: str, source: Any, inputs: list[InputSpec] | None) -
             problems.append(missing_array(section, targets, found, f"for the targets, {section}.targets"))
         else:
             lengths[targets] = found[targets].shape[0] if found[targets].shape else 0
+            problems += _target_problems(source, found[targets])
     if len(set(lengths.values())) > 1:
         problems.append(f"{section}: arrays disagree on the number of samples: {lengths}")
     elif lengths and not next(iter(lengths.values())):
         problems.append(f"{section}: the data holds no samples")
     return problems
+
+
+def _target_problems(source: Any, header: Header) -> list[str]:
+    """The evaluation targets' form for a class-index metric (accuracy), from the header."""
+    from quantcli.report.metrics import METRICS
+
+    metric = getattr(source, "metric", None)
+    axes = METRICS[metric].target_axes if metric in METRICS else None
+    found = None if axes is None else target_problem(header.shape, header.dtype, axes, metric)
+    return [] if found is None else [found]
 
 
 def data_problems(recipe: Recipe, sections: tuple[str, ...] = SECTIONS) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,47 @@ def example_batch(recipe: Recipe) -> dict[str, np.ndarray]:
         for batch in batches:
             return batch
     return export_example(recipe.inputs)
+
+
+def held_out_batch(recipe: Recipe) -> tuple[dict[str, np.ndarray], str]:
+    """A batch the quantization ranges were not fitted to (export's parity sample), and what it is.
+
+    The first evaluation batch; else the first calibration batch calibration did not read (the one
+    after `num_batches`); else, where calibration read all its data, its first batch, said as such;
+    without data, synthetic inputs of the recipe's shapes.
+    """
+    cal = recipe.calibration
+    batch = _batch_at(recipe, "evaluation", 0) if recipe.evaluation is not None else None
+    if batch is not None:
+        return batch, "evaluation batch 0"
+    batch = _batch_at(recipe, "calibration", cal.num_batches) if cal is not None and cal.num_batches else None
+    if batch is not None:
+        return batch, f"calibration batch {cal.num_batches}, held out from calibration (num_batches: {cal.num_batches})"
+    if cal is not None:
+        return example_batch(recipe), "calibration batch 0, which calibration read too (add an evaluation section)"
+    return export_example(recipe.inputs), "synthetic inputs of the recipe's shapes"
+
+
+def _batch_at(recipe: Recipe, name: str, index: int) -> dict[str, np.ndarray] | None:
+    """Batch `index` of section `name`'s data, None when it holds fewer batches."""
+    from quantcli.loading.files import reader
+
+    section = getattr(recipe, name)
+    _, batches = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, None, name,
+                              files=reader(recipe, name))
+    return next(itertools.islice(batches, index, None), None)
+
+
+def capture_example(recipe: Recipe) -> dict[str, np.ndarray]:
+    """The example batch for torch.export: a dynamic axis of size 1 (`batch_size: 1`, a callable yielding
+    single samples) would be specialized to 1, so such an axis is repeated to size 2 (the data's values
+    are kept; only the sizes torch.export sees change)."""
+    batch = example_batch(recipe)
+    for spec in recipe.inputs:
+        for axis in spec.axes():
+            if axis < np.ndim(batch[spec.name]) and np.shape(batch[spec.name])[axis] == 1:
+                batch[spec.name] = np.repeat(batch[spec.name], 2, axis=axis)
+    return batch
 
 
 def symbols(inputs: list[InputSpec]) -> dict[str, DynamicAxis]:

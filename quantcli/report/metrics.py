@@ -13,22 +13,37 @@ from typing import Any, Callable
 
 import numpy as np
 
+from quantcli.errors import QuantCliError
+from quantcli.loading.targets import class_indices
+
 IGNORE = -100  # a target no metric or loss counts: sub-tokens after a word's first, special tokens, padding
 
 
 class Accumulator:
     """Sums one model's metric over batches."""
 
+    name = ""
+    bounds = (0.0, 1.0)  # where the value must lie: one outside is a defect, never a result
+
     def update(self, output: np.ndarray, reference: np.ndarray, targets: np.ndarray | None) -> None:
         raise NotImplementedError
 
-    def result(self) -> dict[str, float]:
-        """{"value": the metric, ...extra figures}."""
+    def figures(self) -> dict[str, float]:
         raise NotImplementedError
+
+    def result(self) -> dict[str, float]:
+        """{"value": the metric, ...extra figures}; an internal error when the value is outside its bounds."""
+        figures = self.figures()
+        low, high = self.bounds
+        if not low <= figures["value"] <= high:
+            raise QuantCliError(f"internal error: {self.name} came out as {figures['value']}, outside [{low}, {high}]")
+        return figures
 
 
 class Accuracy(Accumulator):
     """Top-1 accuracy of class scores [batch, classes] against class indices, and top-5 over 5+ classes."""
+
+    name = "accuracy"
 
     def __init__(self) -> None:
         self.correct, self.top5, self.count, self.classes = 0, 0, 0, 0
@@ -36,13 +51,14 @@ class Accuracy(Accumulator):
     def update(self, output: np.ndarray, reference: np.ndarray, targets: np.ndarray | None) -> None:
         scores = output.reshape(len(output), -1)
         self.classes = scores.shape[1]
+        targets = class_indices(targets, 0, self.classes, self.name)
         self.correct += int((scores.argmax(-1) == targets).sum())
         if self.classes > 5:
             best = np.argpartition(-scores, 5, axis=1)[:, :5]
             self.top5 += int((best == targets[:, None]).any(axis=1).sum())
         self.count += len(targets)
 
-    def result(self) -> dict[str, float]:
+    def figures(self) -> dict[str, float]:
         extra = {"top5": round(self.top5 / self.count, 5)} if self.classes > 5 else {}
         return {"value": round(self.correct / self.count, 5), **extra}
 
@@ -50,20 +66,26 @@ class Accuracy(Accumulator):
 class TokenAccuracy(Accumulator):
     """Accuracy over labelled tokens: scores [batch, seq, classes], targets [batch, seq], IGNORE skipped."""
 
+    name = "token_accuracy"
+
     def __init__(self) -> None:
         self.correct, self.count = 0, 0
 
     def update(self, output: np.ndarray, reference: np.ndarray, targets: np.ndarray | None) -> None:
+        targets = class_indices(targets, 1, output.shape[-1], self.name, ignore=IGNORE)
         labelled = targets != IGNORE
         self.correct += int(((output.argmax(-1) == targets) & labelled).sum())
         self.count += int(labelled.sum())
 
-    def result(self) -> dict[str, float]:
+    def figures(self) -> dict[str, float]:
         return {"value": round(self.correct / max(self.count, 1), 5), "tokens": self.count}
 
 
 class Cosine(Accumulator):
     """Cosine similarity of each sample's output (flattened) to the fp32 PyTorch model's: mean and worst."""
+
+    name = "cosine"
+    bounds = (-1.0, 1.0)
 
     def __init__(self) -> None:
         self.total, self.count, self.worst = 0.0, 0, 1.0
@@ -77,7 +99,7 @@ class Cosine(Accumulator):
         self.count += len(cos)
         self.worst = min(self.worst, float(cos.min()))
 
-    def result(self) -> dict[str, float]:
+    def figures(self) -> dict[str, float]:
         return {"value": round(self.total / self.count, 6), "worst": round(self.worst, 6)}
 
 
@@ -89,11 +111,12 @@ class Metric:
     needs_targets: bool
     accumulator: Callable[[], Accumulator]
     percent: bool  # reported and rendered as a share (accuracy) rather than a similarity
+    target_axes: int | None = None  # class-index targets' axes beyond the sample axis (loading.targets)
 
 
 METRICS: dict[str, Metric] = {
-    "accuracy": Metric(("text-classification", "image-classification"), True, Accuracy, True),
-    "token_accuracy": Metric(("token-classification",), True, TokenAccuracy, True),
+    "accuracy": Metric(("text-classification", "image-classification"), True, Accuracy, True, target_axes=0),
+    "token_accuracy": Metric(("token-classification",), True, TokenAccuracy, True, target_axes=1),
     "cosine": Metric(None, False, Cosine, False),
 }
 

@@ -7,6 +7,7 @@ bars are silenced: quantcli reports what matters (newly initialized weights, the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -14,7 +15,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from quantcli.errors import ModelError, RecipeError
 from quantcli.recipe import InputSpec, ModelSection, Recipe
@@ -27,15 +28,27 @@ _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_
             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def transformers(images: bool = False) -> Any:
-    """transformers, imported offline and quiet (torch first, through quantcli's silenced import).
+@contextlib.contextmanager
+def transformers(images: bool = False) -> Iterator[Any]:
+    """transformers, imported offline and quiet (torch first, through quantcli's silenced import), for the
+    time of a `with` block that loads from it.
 
     A text model needs no torchvision, and transformers imports it when it finds it (a broken one
-    then breaks BertModel's import): it is hidden unless images are processed, and then only if broken.
+    then breaks BertModel's import): it is hidden unless images are processed, and then only if broken,
+    and only within the block, so that a torchvision model built later in the same process still finds it.
     """
     from quantcli import _torch  # noqa: F401  (silences torchao's import noise, which transformers triggers)
 
-    _without_broken_torchvision(images)
+    hidden = _without_broken_torchvision(images)
+    try:
+        yield _imported()
+    finally:
+        if hidden is not None:
+            sys.modules.pop("torchvision", None)
+            sys.modules.update(hidden)
+
+
+def _imported() -> Any:
     for key, value in _OFFLINE.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", module=r"transformers\..*")
@@ -52,15 +65,16 @@ def transformers(images: bool = False) -> Any:
     return tf
 
 
-def _without_broken_torchvision(images: bool) -> None:
-    """Hide torchvision from this process (sys.modules[name] = None: find_spec answers None, import fails)
-    when text models are loaded, or when it is installed but does not import (a build for another torch)."""
+def _without_broken_torchvision(images: bool) -> dict[str, Any] | None:
+    """Hide torchvision (sys.modules[name] = None: find_spec answers None, import fails) when text models
+    are loaded, or when it is installed but does not import (a build for another torch). Returns the
+    `torchvision.*` entries it took out of sys.modules (stubs a site may have put there), None if it hid nothing."""
     if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
-        return
+        return None
     if images:
         try:
             import torchvision  # noqa: F401
-            return
+            return None
         except Exception as exc:
             from quantcli.sources.zoo import paired_torchvision, _version
 
@@ -68,9 +82,9 @@ def _without_broken_torchvision(images: bool) -> None:
             log.warning(f"torchvision {_version('torchvision')} does not import beside torch {_version('torch')} "
                         f"({first}); image processors run without it (install torchvision "
                         f"{paired_torchvision(_version('torch'))} built for this torch, or uninstall it)")
-    for name in [m for m in sys.modules if m.startswith("torchvision.")]:
-        del sys.modules[name]
+    taken = {name: sys.modules.pop(name) for name in [m for m in sys.modules if m.startswith("torchvision.")]}
     sys.modules["torchvision"] = None  # type: ignore[assignment]
+    return taken
 
 
 def _loaded(what: str, folder: Path, load: Any) -> Any:
@@ -84,10 +98,10 @@ def _loaded(what: str, folder: Path, load: Any) -> Any:
 
 def tokenizer(section: ModelSection) -> Any:
     """The folder's own tokenizer; a decoder's without a pad token pads with its end-of-sequence token."""
-    tf = transformers()
     folder = hf_folder.transformer_dir(Path(section.huggingface))
-    tok = _loaded("tokenizer", folder, lambda: tf.AutoTokenizer.from_pretrained(
-        folder, local_files_only=True, trust_remote_code=section.trust_remote_code))
+    with transformers() as tf:
+        tok = _loaded("tokenizer", folder, lambda: tf.AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=section.trust_remote_code))
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
         log.warning("model.huggingface: the tokenizer has no pad token; padding with its end-of-sequence token")
@@ -95,23 +109,23 @@ def tokenizer(section: ModelSection) -> Any:
 
 
 def image_processor(section: ModelSection) -> Any:
-    tf = transformers(images=True)
     folder = Path(section.huggingface)
-    return _loaded("image processor", folder, lambda: tf.AutoImageProcessor.from_pretrained(
-        folder, local_files_only=True, trust_remote_code=section.trust_remote_code))
+    with transformers(images=True) as tf:
+        return _loaded("image processor", folder, lambda: tf.AutoImageProcessor.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=section.trust_remote_code))
 
 
 def load(section: ModelSection) -> Any:
     """The folder's model as the task's Auto class, fp32, eval mode, without a KV cache."""
     import torch
 
-    tf = transformers(images=TASKS[section.task].modality == "image")
     folder = hf_folder.transformer_dir(Path(section.huggingface))
     hf_folder.config(Path(section.huggingface))  # a clear error for a folder without config.json
-    auto = getattr(tf, TASKS[section.task].auto_class)
-    model, info = _loaded("model", folder, lambda: auto.from_pretrained(
-        folder, local_files_only=True, trust_remote_code=section.trust_remote_code, dtype=torch.float32,
-        output_loading_info=True, **section.kwargs))
+    with transformers(images=TASKS[section.task].modality == "image") as tf:
+        auto = getattr(tf, TASKS[section.task].auto_class)
+        model, info = _loaded("model", folder, lambda: auto.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=section.trust_remote_code, dtype=torch.float32,
+            output_loading_info=True, **section.kwargs))
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         log.warning(f"model.huggingface: {len(missing)} weight(s) are not in {folder} and were initialized at random "

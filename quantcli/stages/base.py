@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +26,20 @@ class StageResult:
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
     work: str = ""  # how much work the output holds, for the closing line (calibration: batches, samples)
+    redone: str | None = None  # why an existing output was replaced (artifacts.why_redone)
     writes_output = True  # False for a torchrun rank > 0, which trained a shard and wrote nothing
 
     def summary(self) -> str:
         if self.reused:
             return f"{self.stage}: reused {self.out} (same inputs and options){', ' + self.work if self.work else ''}"
-        return f"{self.stage}: wrote {self.out} in {self.seconds:.1f}s{f' ({self.work})' if self.work else ''}"
+        notes = "; ".join(n for n in (self.work, self.redone) if n)
+        verb = "redone" if self.redone else "wrote"
+        return f"{self.stage}: {verb} {self.out} in {self.seconds:.1f}s{f' ({notes})' if notes else ''}"
 
     def to_json(self) -> dict[str, Any]:
+        redone = {"redone": self.redone} if self.redone else {}
         return {"stage": self.stage, "out": str(self.out), "reused": self.reused,
-                "seconds": round(self.seconds, 3), "manifest": self.manifest, **self.details}
+                "seconds": round(self.seconds, 3), "manifest": self.manifest, **redone, **self.details}
 
 
 Progress = Callable[[int, int | None, dict[str, Any]], None]  # (done, total, metrics)
@@ -78,6 +83,25 @@ def data_hashes(paths: dict[str, str]) -> dict[str, str]:
     return hashes
 
 
+def callable_digest(recipe: Recipe, name: str, count: int | None) -> str:
+    """What section `name`'s data callable yields, its first `count` batches (None: all) as a stage reads them
+    (targets included where the metric needs them): the data key of a stage reading a callable."""
+    import itertools
+
+    from quantcli.loading.data import BatchDigest, iter_batches
+    from quantcli.report.metrics import METRICS
+
+    section = getattr(recipe, name)
+    metric = METRICS.get(getattr(section, "metric", None) or "")
+    targets = section.targets if metric is not None and metric.needs_targets else None
+    _, batches = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, None, name,
+                              targets=targets)
+    digest = BatchDigest()
+    for batch in itertools.islice(batches, count):
+        digest.add(batch)
+    return digest.value()
+
+
 def recipe_for(stage: str, parent: Artifact, recipe_path: str | Path | None) -> Recipe:
     """The recipe `stage` works with: the one recorded in `parent`, with --recipe's sections for this stage.
 
@@ -104,26 +128,46 @@ def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, o
     """Run `body(staging)` unless a complete output with the same key exists; commit atomically.
 
     `body` writes the payload into `staging.tmp` and returns extra manifest fields. The key is made
-    of the stage, its options, the recipe sections it consumes, the data it reads and the parent
-    artifact's hash. The exported stage writes one .onnx file (and its report), the others a folder.
+    of the stage, its options, the recipe sections it consumes, the data it reads, the parent
+    artifact's hash and the versions (artifacts.stage_key). `body` may return `data` again, with
+    what it saw while it worked (the batches a data callable yielded): the output is keyed by that.
+    The exported stage writes one .onnx file (and its report), the others a folder.
     """
     out = Path(out)
     onnx_file = stage == "exported"
     staging.check_name(out, onnx_file)
-    options, key = keyed(stage, recipe, parent, options, data)
-    existing = staging.check_onnx(out, key, force) if onnx_file else staging.check_output(out, key, force, stage)
+    keyed_options, key = keyed(stage, recipe, parent, options, data)
+    parent_digest = parent.digest if parent else None
+
+    def why(previous: dict[str, Any]) -> str:
+        return artifacts.why_redone(previous, keyed_options, parent_digest, data)
+
+    previous = staging.previous_manifest(out, onnx_file)
+    check = staging.check_onnx if onnx_file else functools.partial(staging.check_output, stage=stage)
+    existing = check(out, key, force, why=why)
     if existing is not None:
         return StageResult(stage, out, existing, reused=True)
+    redone = None if previous is None else _why_again(previous, key, force, why)
     start = time.perf_counter()
     with staging.staging(out, onnx_file) as st:
         extra = body(st) or {}
-        manifest = artifacts.base_manifest(stage, recipe.model_dump(mode="json"), recipe.digest(), parent, options,
-                                           key, data)
+        if "data" in extra:
+            data = extra.pop("data")
+            keyed_options, key = keyed(stage, recipe, parent, options, data)
+        manifest = artifacts.base_manifest(stage, recipe.model_dump(mode="json"), recipe.digest(), parent,
+                                           keyed_options, key, data)
         manifest.update(extra)
         seconds = time.perf_counter() - start
         manifest = st.seal(manifest, {"seconds": seconds})
     details = {"report": st.report} if onnx_file else {}
-    return StageResult(stage, out, manifest, seconds=seconds, details=details)
+    return StageResult(stage, out, manifest, seconds=seconds, details=details, redone=redone)
+
+
+def _why_again(previous: dict[str, Any], key: str, force: bool, why: Callable[[dict[str, Any]], str]) -> str:
+    """Why an existing output is made again: what changed, else --force, else it did not match its report."""
+    if previous.get("key") != key:
+        return why(previous)
+    return "--force" if force else "it did not match its report"
 
 
 def restore_prepared(art: Artifact, program: str = artifacts.PROGRAM) -> Any:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts
-from quantcli.errors import DataError, RecipeError
-from quantcli.loading.data import iter_batches, samples_in, to_tensors
+from quantcli.errors import DataError, QuantCliError, RecipeError
+from quantcli.loading.data import BatchDigest, is_callable_source, iter_batches, samples_in, to_tensors
 from quantcli.loading.headers import check_sources
 from quantcli.recipe import CalibrationSection, Recipe
-from quantcli.stages.base import (Progress, StageResult, carry_program, data_hashes, no_progress, produce,
-                                  recipe_for, restore_prepared, save_state)
+from quantcli.stages.base import (Progress, StageResult, callable_digest, carry_program, data_hashes, no_progress,
+                                  produce, recipe_for, restore_prepared, save_state)
+
+log = logging.getLogger("quantcli")
 
 
 def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> CalibrationSection:
@@ -28,8 +31,9 @@ def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> Cal
     return section.model_copy(update=update)
 
 
-def run_batches(module: Any, recipe: Recipe, progress: Progress) -> tuple[int, int]:
-    """Feed the calibration batches through `module`; (batches, samples) seen."""
+def run_batches(module: Any, recipe: Recipe, progress: Progress,
+                digest: BatchDigest | None = None) -> tuple[int, int]:
+    """Feed the calibration batches through `module` (adding each to `digest`); (batches, samples) seen."""
     from quantcli import _torch
     from quantcli.loading.files import reader
 
@@ -37,20 +41,65 @@ def run_batches(module: Any, recipe: Recipe, progress: Progress) -> tuple[int, i
     total, batches = iter_batches(section.data, section.keys, inputs, section.batch_size, section.num_batches,
                                   "calibration", files=reader(recipe, "calibration"))
     seen = samples = 0
+    axes = _torch.input_axes(module)
     with _torch.torch.no_grad():
         for index, batch in enumerate(batches):
             args = to_tensors(batch, inputs)
-            try:
-                module(*args)
-            except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise DataError(f"calibration batch {index} does not fit the model: {first}") from exc
+            check_fits(args, axes, inputs, index)
+            forward(module, args, index)
+            if digest is not None:
+                digest.add(batch)
             seen += 1
             samples += samples_in(batch)
             progress(seen, total or None, {})
     if seen == 0:
         raise DataError("calibration: the data yielded no batches")
     return seen, samples
+
+
+def check_fits(args: tuple, axes: list[tuple[list[Any], Any]], inputs: list[Any], index: int) -> None:
+    """A DataError when a batch's rank, dtype or a dimension does not fit the captured program's inputs."""
+    for tensor, spec, (want, dtype) in zip(args, inputs, axes):
+        shape = list(tensor.shape)
+        problem = None
+        if tensor.dtype != dtype:
+            problem = f"is {_dtype(tensor.dtype)}, the captured model takes {_dtype(dtype)}"
+        elif len(shape) != len(want) or any(not _fits(n, w) for n, w in zip(shape, want)):
+            problem = f"has shape {shape}, the captured model takes {_shown(want)}"
+        if problem is not None:
+            raise DataError(f"calibration batch {index} does not fit the model: input {spec.name!r} {problem}")
+
+
+def _dtype(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fits(size: int, want: int | tuple[int, int | None]) -> bool:
+    if isinstance(want, int):
+        return size == want
+    return size >= want[0] and (want[1] is None or size <= want[1])
+
+
+def _shown(axes: list[Any]) -> str:
+    return "[" + ", ".join(str(a) if isinstance(a, int) else f"{a[0]}..{'' if a[1] is None else a[1]}"
+                           for a in axes) + "]"
+
+
+def forward(module: Any, args: tuple, index: int) -> None:
+    """One calibration forward. Only the program's own input checks blame the data; running out of
+    memory says so; anything else is what it is (an internal error, with --debug's traceback)."""
+    from quantcli import _torch
+
+    try:
+        module(*args)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if _torch.is_guard_failure(exc):
+            raise DataError(f"calibration batch {index} does not fit the model: {first}") from exc
+        if _torch.is_out_of_memory(exc):
+            raise QuantCliError(f"calibration batch {index} ran out of memory: {first}",
+                                "lower calibration.batch_size") from exc
+        raise
 
 
 def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: int | None = None,
@@ -61,13 +110,23 @@ def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: i
     recipe = recipe.model_copy(update={"calibration": section})
     hashes = data_hashes({"calibration.data": section.data})
     check_sources(recipe, ("calibration",))
+    streamed = is_callable_source(section.data)
+    if streamed:  # keyed by what it yields: a pass over its batches before deciding to reuse
+        hashes["calibration.data"] = callable_digest(recipe, "calibration", section.num_batches)
 
     def body(st: Any) -> dict[str, Any]:
         module = restore_prepared(parent)
-        seen, samples = run_batches(module, recipe, progress)
+        digest = BatchDigest() if streamed else None
+        seen, samples = run_batches(module, recipe, progress, digest)
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
-        return {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
+        extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
+        if digest is None:
+            return extra
+        if digest.value() != hashes["calibration.data"]:
+            log.warning(f"calibration.data: {section.data} yielded other batches when called again; an output "
+                        "calibrated on it is never reused")
+        return {**extra, "data": {**hashes, "calibration.data": digest.value()}}
 
     result = produce("calibrated", Path(out), recipe=recipe, parent=parent, options={}, data=hashes,
                      force=force, body=body)

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts, diagnose, recipe as recipes, references
-from quantcli.errors import QuantCliError, RecipeError
+from quantcli.errors import ModelError, QuantCliError, RecipeError
 from quantcli.loading.data import iter_batches, to_tensors
+from quantcli.loading.factory import user_sources
 from quantcli.loading.files import reader
 from quantcli.loading.headers import check_sources
-from quantcli.loading.inputs import dynamic_shapes, example_batch
+from quantcli.loading.inputs import capture_example, dynamic_shapes
 from quantcli.loading.model import Built, build_model
 from quantcli.sources.names import TASKS
 from quantcli.stages.base import StageResult, data_hashes, produce, require_files
@@ -53,9 +54,21 @@ def _model_files(recipe: recipes.Recipe) -> dict[str, str]:
     return files
 
 
+def _model_sources(recipe: recipes.Recipe) -> dict[str, str]:
+    """The user source files the factory's import brings in beside the factory file itself (modules it imports
+    from outside installed packages), keyed "model source <path>" (relative to the factory's folder)."""
+    if recipe.model.factory is None:
+        return {}
+    location, _ = references.split_callable(recipe.model.factory)
+    base = Path(location).resolve().parent if location.endswith(".py") else Path.cwd()
+    files = user_sources(recipe.model.factory, "model.factory", ModelError)
+    return {f"model source {path.relative_to(base) if path.is_relative_to(base) else path}": digest
+            for path, digest in files.items() if path != Path(location).resolve()}
+
+
 def run(recipe_path: str | Path, out: str | Path, *, force: bool = False) -> StageResult:
     recipe = recipes.load(recipe_path)
-    data = data_hashes(_model_files(recipe))
+    data = data_hashes(_model_files(recipe)) | _model_sources(recipe)
     require_files({"calibration.data": recipe.calibration.data} if recipe.calibration else {})
     check_sources(recipe)  # every section's array names, dtypes and shapes, before any work
 
@@ -109,7 +122,7 @@ def _export(module: Any, recipe: recipes.Recipe) -> tuple[Any, Any]:
     from quantcli import _torch
 
     diagnose.check_signature(module, recipe.inputs)
-    args = to_tensors(example_batch(recipe), recipe.inputs)
+    args = to_tensors(capture_example(recipe), recipe.inputs)
     try:
         with _torch.torch.no_grad():
             result = module(*args)

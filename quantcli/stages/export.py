@@ -8,14 +8,14 @@ from typing import Any
 
 from quantcli import artifacts
 from quantcli.errors import NumericsError
-from quantcli.loading.data import to_tensors
+from quantcli.loading.data import is_callable_source, to_tensors
 from quantcli.loading.headers import check_sources
-from quantcli.loading.inputs import example_batch
+from quantcli.loading.inputs import held_out_batch
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import fusion, runtime
 from quantcli.recipe import Recipe
 from quantcli.report import parity
-from quantcli.stages.base import StageResult, data_hashes, produce, recipe_for
+from quantcli.stages.base import StageResult, callable_digest, data_hashes, produce, recipe_for
 
 log = logging.getLogger("quantcli")
 
@@ -52,12 +52,13 @@ def source(src: str | Path, opset: int | None, recipe_path: str | Path | None) -
 
 
 def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any, path: Path) -> dict[str, Any]:
-    """The report of the ONNX file at `path`: parity, SQNR against fp32, graph summary, integer-kernel
-    coverage and float islands in ORT's optimized graph (a warning when under half), evaluation."""
+    """The report of the ONNX file at `path`: parity (on a batch calibration did not see), SQNR against fp32,
+    graph summary, integer-kernel coverage and float islands in ORT's optimized graph (a warning when under
+    half), evaluation."""
     from quantcli import _torch
     from quantcli.report import evaluate
 
-    sample = example_batch(recipe)
+    sample, sample_of = held_out_batch(recipe)
     float_program = _torch.load_program(parent.file(artifacts.FLOAT_PROGRAM))
     names = parent.manifest["io"]["outputs"]
     fp32, int8 = outputs(float_program, recipe, sample), outputs(program, recipe, sample)
@@ -71,7 +72,7 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     warning = fusion.coverage_warning(kernels)
     if warning is not None:
         log.warning(warning, extra={"warning": True})
-    report = {"parity": check, "u8s8": saturation,
+    report = {"parity": {**check, "data": sample_of}, "u8s8": saturation,
               "sqnr_vs_float_db": {name: figures["ort_vs_fp32_db"] for name, figures in check["per_output"].items()},
               "onnx": {**onnx_export.graph_summary(model), "shapes": onnx_export.shape_coverage(model),
                        "size_bytes": path.stat().st_size},
@@ -101,6 +102,18 @@ def target_arithmetic(model: Any, target_cpu: str) -> tuple[dict[str, Any], Any]
     return section, (u8s8.emulate(model)[0] if emulate else None)
 
 
+def _callable_keys(recipe: Recipe) -> dict[str, str]:
+    """A data callable is keyed by what it yields: every evaluation batch; the calibration batches up to
+    the parity sample (loading.inputs.held_out_batch)."""
+    keys = {}
+    ev, cal = recipe.evaluation, recipe.calibration
+    if ev is not None and is_callable_source(ev.data):
+        keys["evaluation.data"] = callable_digest(recipe, "evaluation", None)
+    if cal is not None and is_callable_source(cal.data):
+        keys["calibration.data"] = callable_digest(recipe, "calibration", (cal.num_batches or 0) + 1)
+    return keys
+
+
 def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_path: str | Path | None = None,
         force: bool = False) -> StageResult:
     import onnx
@@ -108,9 +121,10 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
     parent, recipe = source(src, opset, recipe_path)
     out = Path(out)
     check_sources(recipe, ("calibration", "evaluation"))  # the parity sample and evaluation data, before work
-    # the parity sample is the first calibration batch; evaluation reads its own data
+    # the parity sample is data the ranges were not fitted to (loading.inputs.held_out_batch)
     data = data_hashes({f"{name}.data": getattr(recipe, name).data for name in ("calibration", "evaluation")
                         if getattr(recipe, name) is not None})
+    data.update(_callable_keys(recipe))
 
     def body(st: Any) -> dict[str, Any]:
         program, model = onnx_model(parent, recipe, recipe.export.opset)
