@@ -291,6 +291,9 @@ Observer = Annotated[str, AfterValidator(_known_observer),
 
 
 class OverrideConfig(_Section):
+    """Settings for the modules `names` matches; overrides matching one module merge field by field, the
+    last that sets a field winning (quantcli.quantizers.policy)."""
+
     names: list[str] = Field(min_length=1, description="module-name globs this override applies to")
     weights: WeightsConfig | None = None
     activations: ActivationsConfig | None = None
