@@ -12,6 +12,7 @@ from tests.conftest import DIGITS, assert_fails, cli
 from tests.recipes import MODELS_FILE, write_recipe
 
 TRIAL_KEYS = {"trial", "change", "overrides", "status", "sqnr_db", "latency_ms"}
+STAGE_OUTPUTS = ["captured", "prepared", "calibrated", "converted", "model.onnx", "model.report.json"]
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +44,62 @@ def test_tune_meets_a_goal_plain_ptq_misses_with_one_layer(tuned):
     assert {"model.onnx", "recipe.yaml", "tune.json", "trials"} <= {p.name for p in out.iterdir()}
 
 
-def test_a_plain_run_of_the_written_recipe_gives_the_same_onnx_bytes(tuned, tmp_path):
+def test_the_best_trial_is_linked_not_rerun_and_a_run_of_its_recipe_reuses_it(tuned, tmp_path):
+    import onnx
+
     out, run = tuned
     assert run.rc == 0, run.stderr
-    again = cli("run", "--recipe", out / "recipe.yaml", "-o", tmp_path / "again")
+    best = out / "trials" / f"{run.json()['best']['trial']:02d}"
+    # the best trial's own outputs (a rerun of the tuned recipe would record it in the captured manifest)
+    sources = {"captured": out / "trials" / "00" / "captured", **{n: best / n for n in STAGE_OUTPUTS[1:4]}}
+    for name, src in sources.items():
+        assert (out / name / "manifest.json").read_bytes() == (src / "manifest.json").read_bytes()
+    assert (out / "model.onnx").read_bytes() == (best / "model.onnx").read_bytes()
+    again = cli("run", "--recipe", out / "recipe.yaml", "-o", out, "--json")
     assert again.rc == 0, again.stderr
-    assert (tmp_path / "again" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    assert [r["reused"] for r in again.json()["stages"]] == [True] * 5
+    fresh = cli("run", "--recipe", out / "recipe.yaml", "-o", tmp_path / "again")
+    assert fresh.rc == 0, fresh.stderr
+    graphs = [onnx.load(str(folder / "model.onnx")) for folder in (out, tmp_path / "again")]
+    for g in graphs:
+        del g.metadata_props[:]  # the lineage hashes name the trial's chain
+    assert graphs[0].SerializeToString() == graphs[1].SerializeToString()
+
+
+def test_tune_onto_the_recipes_own_folder_leaves_it_byte_identical(outlier_recipe, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "recipe.yaml").write_bytes(outlier_recipe.read_bytes() + b"# my notes\n")
+    before = (work / "recipe.yaml").read_bytes()
+    for extra in ([], ["--force"]):
+        failed = cli("tune", "--recipe", work / "recipe.yaml", "-o", work, "--min-sqnr", "25", *extra)
+        assert_fails(failed, 4, "recipe.yaml is the recipe tune reads", "-o")
+    assert (work / "recipe.yaml").read_bytes() == before and sorted(p.name for p in work.iterdir()) == ["recipe.yaml"]
+
+
+def test_tune_refuses_files_it_did_not_write_unless_force(tuned, outlier_recipe, tmp_path):
+    out, run = tuned
+    w = tmp_path / "w"
+    shutil.copytree(out / "trials", w / "trials")  # the same trials: reused, not rerun
+    w.joinpath("recipe.yaml").write_text("mine: true\n")
+    args = ("tune", "--recipe", outlier_recipe, "-o", w, "--min-sqnr", "25", "--max-trials", "0")
+    assert_fails(cli(*args), 4, "recipe.yaml exists and was not written by quantcli tune", "--force")
+    assert w.joinpath("recipe.yaml").read_text() == "mine: true\n" and not (w / "captured").exists()
+    w.joinpath("recipe.yaml").unlink()
+    w.joinpath("tune.json").write_text("{}\n")
+    assert_fails(cli(*args), 4, "tune.json exists and was not written by quantcli tune")
+    w.joinpath("tune.json").unlink()
+    other = cli("run", "--recipe", DIGITS / "recipe.yaml", "-o", w / "elsewhere")  # another model's stages in w
+    assert other.rc == 0, other.stderr
+    shutil.copytree(w / "elsewhere" / "captured", w / "captured")
+    assert_fails(cli(*args), 4, "captured exists and was made from other inputs or options", "--force")
+    assert (w / "captured" / "manifest.json").read_bytes() == (w / "elsewhere" / "captured" / "manifest.json").read_bytes()
+    assert not (w / "tune.json").exists() and not (w / "recipe.yaml").exists()
+    forced = cli(*args, "--force", "--json")
+    assert forced.rc == 6, forced.stderr  # the goal is not met without a trial; everything written
+    assert all((w / name).exists() for name in STAGE_OUTPUTS + ["recipe.yaml", "tune.json"])
+    rerun = cli(*args)  # tune's own files, its own artifacts: no --force needed again
+    assert rerun.rc == 6 and "not met" in rerun.stderr
 
 
 def test_an_unmet_goal_still_writes_the_best_and_exits_6(tuned, outlier_recipe, tmp_path):
@@ -88,3 +139,15 @@ def test_tune_on_a_transformer(tmp_path):
     doc = run.json()
     assert doc["ranking"][0] == "pooler" and doc["baseline"]["sqnr_db"] < 42 <= doc["best"]["sqnr_db"]
     assert doc["layers_changed"] == ["pooler"] and len(doc["trials"]) == 2
+
+
+def test_a_layers_fix_starts_from_the_observer_a_glob_gave_it(tmp_path):
+    """`fc*` sets minmax: fc1's first trial is minmax's alternative (histogram), and the fix keeps the glob's
+    other fields (the policy merges the overrides matching a module field by field)."""
+    recipe = write_recipe(tmp_path, "mlp", model={"factory": f"{MODELS_FILE}:mlp_outlier"},
+                          quantization={"equalize": False, "overrides": [
+                              {"names": ["fc*"], "observer": "minmax", "reduce_range": True}]})
+    run = cli("tune", "--recipe", recipe, "-o", tmp_path / "w", "--min-sqnr", "60", "--max-trials", "1", "--json")
+    assert run.rc == 6, run.stderr
+    doc = json.loads((tmp_path / "w" / "tune.json").read_text())
+    assert [t["change"] for t in doc["trials"]] == ["fc1: observer histogram"]
