@@ -198,7 +198,8 @@ def report(src: Annotated[Path, typer.Argument(help="a converted artifact folder
                                                                       "(else calibration) data")] = None,
            batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="use at most N batches")] = None,
            plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of per-layer SQNR")] = None,
-           json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+           force: Annotated[bool, typer.Option("--force", help="replace a file at --plot that quantcli did not write")]
+           = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
     """Per-layer error of the int8 model against fp32 (local and accumulated SQNR), worst layers first.
 
     Example: quantcli report work/converted --onnx work/model.onnx --plot work/layers.png
@@ -206,7 +207,7 @@ def report(src: Annotated[Path, typer.Argument(help="a converted artifact folder
     o = Output(json, quiet, debug)
     from quantcli.report import layers
 
-    show(o, execute(o, lambda progress: layers.run(src, onnx=onnx, data=data, batches=batches, plot=plot,
+    show(o, execute(o, lambda progress: layers.run(src, onnx=onnx, data=data, batches=batches, plot=plot, force=force,
                                                    progress=progress), "measuring"), render.layer_report)
 
 

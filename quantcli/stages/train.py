@@ -32,7 +32,7 @@ class RankResult(StageResult):
         return f"{self.stage}: rank {self.details['rank']} of {self.details['world_size']} done"
 
 
-CACHE = ".quantcli-cache"  # training's preprocessed text and images, beside the outputs in the work folder
+CACHE = "cache"  # training's preprocessed text and images, in `.<out>.partial/`: kept for --resume, removed after
 
 
 def with_training(parent: artifacts.Artifact, recipe_path: str | Path | None) -> Recipe:
@@ -100,7 +100,11 @@ def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, ke
     from quantcli.training import api, checkpoints, loop
 
     section = recipe.training
-    files = reader(recipe, "training", targets=True, cache=out.parent / CACHE)
+    partial = checkpoints.partial_dir(out)
+    state = checkpoints.load(partial, key, world.size) if resume else None
+    if state is None and world.is_main:
+        checkpoints.discard(partial)
+    files = reader(recipe, "training", targets=True, cache=partial / CACHE)
     data = load_dataset(section.data, section.keys, recipe.inputs, "training", targets=section.targets, files=files)
     data.scan()  # NaN/Inf or values that do not fit fail before the first step, not in the middle of training
     schedule = loop.Schedule.of(section, data.length, world)
@@ -110,12 +114,8 @@ def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, ke
     model = api.from_artifact(parent)
     trainer = loop.Trainer(model, data, section, recipe.inputs, world, schedule,
                            classes_last=recipe.model.task == "token-classification")
-    partial = checkpoints.partial_dir(out)
-    state = checkpoints.load(partial, key, world.size) if resume else None
     if state is not None:
         trainer.restore(state)
-    elif world.is_main:
-        checkpoints.discard(partial)
     try:
         summary = loop.fit(trainer, checkpoint=lambda st: checkpoints.save(partial, {"key": key, **st}),
                            progress=progress)
