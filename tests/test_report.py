@@ -139,10 +139,12 @@ def test_plot_is_a_png_of_the_json_series(chained, tmp_path):
     drawn = plot(doc, tmp_path / "again.png")
     assert list(struct.unpack(">II", png.read_bytes()[16:24])) == drawn["size_px"] == [1400, 450]  # two panels
     depth = [float(d["depth"]) for d in doc["layers"]]
-    torch_panel, ort_panel = drawn["panels"]["PyTorch int8 vs fp32"], drawn["panels"]["ONNX Runtime (full optimizations)"]
+    torch_panel = drawn["panels"]["PyTorch int8 vs fp32"]
+    ort_panel = drawn["panels"]["ONNX Runtime (full optimizations)"]
     for panel, label, key in [(torch_panel, "local (fp32 input)", "local_db"),
                               (torch_panel, "accumulated (int8 input)", "accumulated_db"),
-                              (ort_panel, "ORT vs fp32", "ort_vs_fp32_db"), (ort_panel, "ORT vs PyTorch int8", "ort_vs_int8_db")]:
+                              (ort_panel, "ORT vs fp32", "ort_vs_fp32_db"),
+                              (ort_panel, "ORT vs PyTorch int8", "ort_vs_int8_db")]:
         x, y = panel["lines"][label]
         expected = [np.nan if d[key] is None else min(d[key], 120.0) for d in doc["layers"]]
         assert x == depth and len(doc["layers"]) >= 3

@@ -93,7 +93,8 @@ def test_tune_refuses_files_it_did_not_write_unless_force(tuned, outlier_recipe,
     assert other.rc == 0, other.stderr
     shutil.copytree(w / "elsewhere" / "captured", w / "captured")
     assert_fails(cli(*args), 4, "captured exists and was made from other inputs or options", "--force")
-    assert (w / "captured" / "manifest.json").read_bytes() == (w / "elsewhere" / "captured" / "manifest.json").read_bytes()
+    manifest = "captured/manifest.json"
+    assert (w / manifest).read_bytes() == (w / "elsewhere" / manifest).read_bytes()
     assert not (w / "tune.json").exists() and not (w / "recipe.yaml").exists()
     forced = cli(*args, "--force", "--json")
     assert forced.rc == 6, forced.stderr  # the goal is not met without a trial; everything written
@@ -119,7 +120,7 @@ def test_bundled_example_meets_a_drop_goal_with_a_metric_callable(tmp_path):
               "--metric", f"{metric}:top1", "--json")
     assert run.rc == 0, run.stderr
     doc = run.json()
-    assert doc["metric"] == "callable" and doc["fp32_metric"] == pytest.approx(0.995)
+    assert doc["metric"] == "callable" and doc["fp32_torch"] == pytest.approx(0.995)
     assert doc["achieved"] and doc["baseline"]["drop"] <= 0.01 and doc["trials"] == []
     assert doc["data"] == {"section": "evaluation", "batches": 7}
 
@@ -151,3 +152,30 @@ def test_a_layers_fix_starts_from_the_observer_a_glob_gave_it(tmp_path):
     assert run.rc == 6, run.stderr
     doc = json.loads((tmp_path / "w" / "tune.json").read_text())
     assert [t["change"] for t in doc["trials"]] == ["fc1: observer histogram"]
+
+
+def test_a_drop_goal_the_baseline_misses_is_met_by_a_trial(tmp_path):
+    """Accuracy against the fp32 model's own predictions: plain PTQ of the outlier MLP loses most of them,
+    keeping fc2 in float wins them back; the drop is fp32_torch minus int8_onnx, in accuracy units."""
+    import numpy as np
+    import torch
+
+    from tests.models import example_batch, mlp_outlier
+
+    x = example_batch("mlp", batch=96, seed=5)["x"]
+    with torch.no_grad():
+        labels = mlp_outlier()(x).argmax(-1)
+    np.savez(tmp_path / "eval.npz", x=x.numpy(), y=labels.numpy())
+    recipe = write_recipe(tmp_path, "mlp", model={"factory": f"{MODELS_FILE}:mlp_outlier"},
+                          quantization={"equalize": False},
+                          evaluation={"data": str(tmp_path / "eval.npz"), "targets": "y", "metric": "accuracy",
+                                      "batch_size": 32})
+    run = cli("tune", "--recipe", recipe, "-o", tmp_path / "w", "--max-drop", "0.02", "--json")
+    assert run.rc == 0, run.stderr
+    doc = run.json()
+    assert doc["metric"] == "accuracy" and doc["fp32_torch"] == 1.0 and doc["data"] == {"section": "evaluation",
+                                                                                          "batches": 3}
+    assert doc["baseline"]["drop"] > 0.02 >= doc["best"]["drop"] and doc["best"]["trial"] >= 1
+    for measured in [doc["baseline"], *doc["trials"]]:
+        assert set(measured) >= {"int8_onnx", "drop"} and measured["drop"] == pytest.approx(1.0 - measured["int8_onnx"])
+    assert doc["layers_changed"] == ["fc2"]

@@ -178,7 +178,7 @@ def _finish(search: Search, out: Path, recipe_path: Path, ranking: list[str], fo
     model, final = out / pipeline.ONNX_NAME, out / RECIPE
     trial_model = trial_folder / pipeline.ONNX_NAME
     return {"goal": judge.goal.to_json(), "achieved": judge.goal.met(best), "metric": judge.metric_name,
-            "fp32_metric": judge.fp32_metric, "data": {"section": judge.section, "batches": len(judge.batches)},
+            "fp32_torch": judge.fp32_torch, "data": {"section": judge.section, "batches": judge.batches},
             "baseline": search.history[0], "best": best, "trials": search.history[1:], "ranking": ranking,
             "layers_changed": sorted({n for o in best["overrides"] for n in o["names"]}),
             "model": str(model), "recipe": str(final),
