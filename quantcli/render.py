@@ -55,7 +55,7 @@ def _report(report: dict[str, Any]) -> list[str]:
     ev = report.get("evaluation")
     if not ev:
         return lines
-    from quantcli.report.metrics import METRICS
+    from quantcli.numerics.metrics import METRICS
 
     sizes = ev["size_bytes"]
     if METRICS[ev["metric"]].percent:

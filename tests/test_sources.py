@@ -15,7 +15,7 @@ import pytest
 from quantcli import recipe as recipes, stages
 from quantcli.errors import ArtifactError, DataError
 from quantcli.loading.model import BUILDERS
-from quantcli.report.metrics import METRICS, fits
+from quantcli.numerics.metrics import METRICS, fits
 from quantcli.sources.names import SOURCES, TASKS
 from tests import byo
 from tests.conftest import session_dir

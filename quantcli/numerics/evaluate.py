@@ -2,7 +2,7 @@
 
 `stream` reads a recipe section's data (an .npz, .npy folder, callable, text or image files) and
 yields each batch with the fp32 program's outputs on it and its targets; nothing outlives a batch.
-`Scores` sums, per model, the evaluation metric (quantcli.report.metrics) and the output SQNR
+`Scores` sums, per model, the evaluation metric (quantcli.numerics.metrics) and the output SQNR
 against fp32. export, `report` and `tune` read their figures from it, under one vocabulary
 (docs/keys.md):
 
@@ -27,7 +27,7 @@ import numpy as np
 from quantcli.errors import RecipeError
 from quantcli.loading.data import TARGET_COLUMN, iter_batches, to_tensors
 from quantcli.recipe import Recipe
-from quantcli.report.metrics import METRICS, Accumulator
+from quantcli.numerics.metrics import METRICS, Accumulator
 from quantcli.report.parity import Powers
 
 SHIPPED = ("int8_onnx", "int8_torch")  # the int8 model `drop` is measured on, the first one scored
