@@ -30,6 +30,7 @@ Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON docum
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print nothing on stderr but errors")]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")]
 Force = Annotated[bool, typer.Option("--force", help="replace an existing quantcli output at -o")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue an interrupted training from its checkpoint")]
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="recipe YAML")]
 
 
@@ -96,7 +97,7 @@ def calibrate(src: Src, out: Out,
 
 @app.command()
 def train(src: Src, out: Out, recipe: RecipeOpt = None,
-          resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its checkpoint")] = False,
+          resume: Resume = False,
           device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
           force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
     """Quantization-aware training of a --qat prepared (or calibrated) artifact.
@@ -145,6 +146,7 @@ def export(src: Src, out: Out, opset: Annotated[Optional[int], typer.Option("--o
 @app.command()
 def run(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")], out: Out,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and plan, run nothing")] = False,
+        resume: Resume = False,
         force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
     """Run every stage: capture, prepare, calibrate, (train), convert, export into one folder.
 
@@ -156,7 +158,8 @@ def run(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")], o
     if dry_run:
         show(o, execute(o, lambda progress: pipeline.plan(recipe, out)), render.plan)
         return
-    emit(o, execute(o, lambda progress: pipeline.run(recipe, out, force=force, progress=progress), "working"))
+    emit(o, execute(o, lambda progress: pipeline.run(recipe, out, force=force, resume=resume, progress=progress),
+                    "working"))
 
 
 @app.command()
@@ -195,7 +198,8 @@ def report(src: Annotated[Path, typer.Argument(help="a converted artifact folder
                                                                       "(else calibration) data")] = None,
            batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="use at most N batches")] = None,
            plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of per-layer SQNR")] = None,
-           json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
+           force: Annotated[bool, typer.Option("--force", help="replace a file at --plot that quantcli did not write")]
+           = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
     """Per-layer error of the int8 model against fp32 (local and accumulated SQNR), worst layers first.
 
     Example: quantcli report work/converted --onnx work/model.onnx --plot work/layers.png
@@ -203,7 +207,7 @@ def report(src: Annotated[Path, typer.Argument(help="a converted artifact folder
     o = Output(json, quiet, debug)
     from quantcli.report import layers
 
-    show(o, execute(o, lambda progress: layers.run(src, onnx=onnx, data=data, batches=batches, plot=plot,
+    show(o, execute(o, lambda progress: layers.run(src, onnx=onnx, data=data, batches=batches, plot=plot, force=force,
                                                    progress=progress), "measuring"), render.layer_report)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 
-from quantcli.errors import EXIT_INTERRUPTED, QuantCliError
+from quantcli.errors import EXIT_INTERRUPTED, Interrupted, QuantCliError
 
 
 @dataclass
@@ -119,9 +119,9 @@ def _execute(out: Output, action: Callable[[Any], Any], label: str) -> Any:
         if out.debug:
             traceback.print_exc()
         fail(out, exc.exit_code, exc.kind, exc.line())
-    except KeyboardInterrupt:
-        fail(out, EXIT_INTERRUPTED, "interrupted", "interrupted; no partial output was left"
-              + (" (training checkpoints stay in .<out>.partial/: rerun with --resume)" if label == "training" else ""))
+    except KeyboardInterrupt as exc:
+        kept = exc.kept if isinstance(exc, Interrupted) else "no partial output was left"
+        fail(out, EXIT_INTERRUPTED, "interrupted", f"interrupted; {kept}")
     except (typer.Exit, SystemExit):
         raise
     except Exception as exc:  # a bug in quantcli or a library: one line unless --debug

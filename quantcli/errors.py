@@ -73,3 +73,11 @@ class GoalError(QuantCliError):
 
 
 EXIT_INTERRUPTED = 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """An interrupt that left something to continue from (a training checkpoint): `kept` says what."""
+
+    def __init__(self, kept: str):
+        super().__init__(kept)
+        self.kept = kept

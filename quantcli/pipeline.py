@@ -30,7 +30,9 @@ def plan(recipe_path: str | Path, work: str | Path) -> dict[str, Any]:
             "steps": [{"command": name, "out": str(path)} for name, path in steps]}
 
 
-def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, progress: Any = None) -> list[Any]:
+def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, resume: bool = False,
+        progress: Any = None) -> list[Any]:
+    """Every stage into `work`; `resume` continues an interrupted training from its checkpoint."""
     from quantcli import stages
     from quantcli.stages.base import no_progress
 
@@ -48,7 +50,8 @@ def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, progr
                                             progress=progress))
         last = steps["calibrate"]
     if qat:
-        results.append(stages.train.run(last, steps["train"], recipe_path=recipe_path, force=force, progress=progress))
+        results.append(stages.train.run(last, steps["train"], recipe_path=recipe_path, resume=resume, force=force,
+                                        progress=progress))
         last = steps["train"]
     results.append(stages.convert.run(last, steps["convert"], force=force))
     results.append(stages.export.run(steps["convert"], steps["export"], recipe_path=recipe_path, force=force))

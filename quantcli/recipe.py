@@ -21,7 +21,7 @@ from quantcli.loading import kinds
 from quantcli.loading.dtypes import NUMPY_DTYPES
 from quantcli.quantizers import TARGETS
 from quantcli.quantizers.names import OBSERVERS
-from quantcli.report.metrics import METRICS, fits, fitting
+from quantcli.numerics.metrics import METRICS, fits, fitting
 from quantcli.sources.names import POOLINGS, SOURCES, TASKS, ZOO_TASK
 from quantcli.training.objectives import LOSSES, OPTIMIZERS
 from quantcli.references import file_values, resolve_path, split_callable
@@ -291,6 +291,9 @@ Observer = Annotated[str, AfterValidator(_known_observer),
 
 
 class OverrideConfig(_Section):
+    """Settings for the modules `names` matches; overrides matching one module merge field by field, the
+    last that sets a field winning (quantcli.quantizers.policy)."""
+
     names: list[str] = Field(min_length=1, description="module-name globs this override applies to")
     weights: WeightsConfig | None = None
     activations: ActivationsConfig | None = None

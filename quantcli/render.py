@@ -63,10 +63,12 @@ def _report(report: dict[str, Any]) -> list[str]:
     ev = report.get("evaluation")
     if not ev:
         return lines
+    from quantcli.numerics.metrics import METRICS
+
     sizes = ev["size_bytes"]
-    if "accuracy_drop_points" in ev:
+    if METRICS[ev["metric"]].percent:
         line = (f"  {ev['metric']} on {ev['samples']} held-out samples: fp32 {100 * ev['fp32_torch']:.2f}%  "
-                f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {ev['accuracy_drop_points']:.2f} points)")
+                f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {100 * ev['drop']:.2f} points)")
     else:  # a similarity to the fp32 PyTorch model
         worst = f" (worst sample {ev['worst']['int8_onnx']:.4f})" if "worst" in ev else ""
         line = (f"  {ev['metric']} to fp32 PyTorch on {ev['samples']} samples: fp32 ONNX {ev['fp32_onnx']:.4f}  "
@@ -176,7 +178,7 @@ def _model_lines(doc: dict[str, Any]) -> list[str]:
 def tuned(doc: dict[str, Any]) -> str:
     """`tune`: the goal, baseline and best trial, then every trial."""
     def measured(m: dict[str, Any]) -> str:
-        metric = f"{doc['metric']} {m['metric']:.4f} (drop {m['drop']:.4f}), " if "metric" in m else ""
+        metric = f"{doc['metric']} {m['int8_onnx']:.4f} (drop {m['drop']:.4f}), " if "int8_onnx" in m else ""
         return f"{metric}output SQNR {m['sqnr_db']:.1f} dB, {m['latency_ms']:.3f} ms"
 
     goal = ", ".join(f"{k} {v}" for k, v in doc["goal"].items())

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -64,13 +65,27 @@ def test_an_unexpected_error_is_exit_1_and_one_line(capsys):
     assert captured.err == f"error: {message}\n"
 
 
+def documented_exit_codes() -> dict[int, str]:
+    """The exit-code table of the user documentation (README.md or docs/*.md): code -> meaning."""
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        if "## Exit codes" in text:
+            section = text.split("## Exit codes")[1].split("\n## ")[0]
+            rows = re.findall(r"^\| `?(\d+)`? \| (.*) \|$", section, flags=re.M)
+            return {int(code): meaning for code, meaning in rows}
+    raise AssertionError("no exit-code table in README.md or docs/")
+
+
 def test_error_classes_carry_the_documented_exit_codes():
-    assert {cls.__name__: cls.exit_code for cls in (errors.QuantCliError, errors.RecipeError, errors.InputError,
-                                                   errors.ModelError, errors.DataError, errors.ArtifactError,
-                                                   errors.NumericsError)} == {
-        "QuantCliError": 1, "RecipeError": 2, "InputError": 3, "ModelError": 3, "DataError": 3,
-        "ArtifactError": 4, "NumericsError": 5}
-    assert errors.EXIT_INTERRUPTED == 130
+    """Each error class's code is the documented row that names what it is about (the docs, not the constants)."""
+    about = {errors.QuantCliError: "internal error", errors.RecipeError: "recipe", errors.InputError: "input error",
+             errors.ModelError: "model factory", errors.DataError: "data", errors.ArtifactError: "artifact error",
+             errors.NumericsError: "numerical check", errors.GoalError: "accuracy goal not met"}
+    table = documented_exit_codes()
+    for cls, words in about.items():
+        assert words in table[cls.exit_code], (cls.__name__, cls.exit_code, table[cls.exit_code])
+    assert "interrupted" in table[errors.EXIT_INTERRUPTED] and "success" in table[0]
+    assert set(table) == {0, errors.EXIT_INTERRUPTED} | {cls.exit_code for cls in about}
 
 
 # --- --json and --quiet on every subcommand --------------------------------------------------------------

@@ -11,7 +11,7 @@ from quantcli.errors import DataError
 from quantcli.loading.data import TARGET_COLUMN
 from quantcli.loading.files import reader
 from quantcli.recipe import Recipe
-from quantcli.report.metrics import IGNORE
+from quantcli.numerics.metrics import IGNORE
 from tests import byo
 from tests.conftest import session_dir
 

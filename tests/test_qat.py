@@ -346,6 +346,34 @@ def test_cli_sigterm_keeps_the_checkpoint_and_resume_matches_an_uninterrupted_ru
     assert_same_state(load_state(full), load_state(out))
 
 
+def test_run_after_an_interrupted_qat_keeps_the_checkpoint_says_so_and_resumes(tmp_path):
+    """The bundled QAT recipe through `quantcli run`: an interrupt names the checkpoint it kept, a rerun without
+    --resume refuses to throw it away, `run --resume` continues from it."""
+    from tests.conftest import DIGITS
+
+    doc = yaml.safe_load((DIGITS / "qat.yaml").read_text())
+    (tmp_path / "stopping_loss.py").write_text(STOPPING_LOSS)
+    doc["model"]["factory"] = str(DIGITS / "model.py:build")
+    doc["model"]["kwargs"]["checkpoint"] = str(DIGITS / "net.pt")
+    for section in ("calibration", "training", "evaluation"):
+        doc[section]["data"] = str(DIGITS / "digits.npz")
+    doc["training"]["loss"] = f"{tmp_path / 'stopping_loss.py'}:loss"
+    recipe, work = tmp_path / "qat.yaml", tmp_path / "work"
+    recipe.write_text(yaml.safe_dump(doc))
+    partial = work / ".trained.partial"
+    killed = quantcli("run", "--recipe", recipe, "-o", work, env=cli_env(STOP_AT_CALL="15"))
+    assert_fails(killed, 130, f"interrupted; the training checkpoint is kept in {partial}", "--resume")
+    assert (partial / artifacts.CHECKPOINT).is_file() and not (work / "trained").exists()
+    saved = (partial / artifacts.CHECKPOINT).read_bytes()
+    again = quantcli("run", "--recipe", recipe, "-o", work)
+    assert_fails(again, 4, f"{partial} holds the checkpoint of an interrupted training", "--resume", "--force")
+    assert (partial / artifacts.CHECKPOINT).read_bytes() == saved
+    resumed = quantcli("run", "--recipe", recipe, "-o", work, "--resume", "--json")
+    assert resumed.rc == 0, resumed.stderr
+    train = next(s for s in resumed.json()["stages"] if s["stage"] == "trained")
+    assert train["resumed_from_step"] == 10 and not partial.exists() and (work / "model.onnx").is_file()
+
+
 # ------------------------------------------------------------------ bad training sections
 BAD = {  # training: update -> error class, CLI exit code, message fragment, also run through the CLI
     "missing targets array": ({"targets": "labels"}, DataError, 3, "no array 'labels'", False),

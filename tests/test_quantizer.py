@@ -280,7 +280,7 @@ def test_exclude_types_uses_module_classes():
                 and n.args[0].op == "call_module"]
 
 
-def test_overrides_last_match_wins():
+def test_overrides_merge_field_by_field_the_last_setting_a_field_wins():
     from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
 
     calib, _ = model_data("mlp", batches=1)
@@ -289,6 +289,7 @@ def test_overrides_last_match_wins():
         {"names": ["fc2"], "reduce_range": False, "weights": {"granularity": "per_tensor"},
          "activations": {"dtype": "int8", "symmetric": True}},
         {"names": ["fc3"], "exclude": True},
+        {"names": ["fc1", "fc2", "fc3"], "observer": "minmax"},  # appended: changes the observer only
     ])
     prepared = prepare(MODELS["mlp"][0](), calib[0], q)
     fc = {n.meta["nn_module_stack"][next(reversed(n.meta["nn_module_stack"]))][0]: n
@@ -298,7 +299,7 @@ def test_overrides_last_match_wins():
     x2 = prepared.get_submodule(fc["fc2"].args[0].target)
     assert type(w1) is PerChannelMinMaxObserver and w1.quant_max == 63
     assert type(w2) is MinMaxObserver and w2.quant_max == 127 and w2.qscheme == torch.per_tensor_symmetric
-    assert x2.dtype == torch.int8 and x2.qscheme == torch.per_tensor_symmetric
+    assert x2.dtype == torch.int8 and x2.qscheme == torch.per_tensor_symmetric and type(x2) is MinMaxObserver
     assert fc["fc3"].args[0].op != "call_module" and fc["fc3"].args[1].op == "get_attr"
 
 

@@ -15,7 +15,7 @@ import pytest
 from quantcli import recipe as recipes, stages
 from quantcli.errors import ArtifactError, DataError
 from quantcli.loading.model import BUILDERS
-from quantcli.report.metrics import METRICS, fits
+from quantcli.numerics.metrics import METRICS, fits
 from quantcli.sources.names import SOURCES, TASKS
 from tests import byo
 from tests.conftest import session_dir
@@ -243,3 +243,36 @@ def test_a_model_that_specializes_the_sequence_is_captured_with_it_static(caplog
     assert "the sequence axis is static (16 tokens): torch.export cannot keep it dynamic for this model" in caplog.text
     shape = [n for n in program.graph.nodes if n.op == "placeholder"][-1].meta["val"].shape
     assert shape[1] == 16 and not isinstance(shape[0], int)
+
+
+@pytest.mark.parametrize("mode", ["cls", "lasttoken"])
+def test_first_and_last_token_poolings_follow_the_mask_with_a_left_padding_tokenizer(tmp_path, mode):
+    """A tokenizer that pads on the left (as decoder tokenizers often do): `cls` is the first token the mask
+    keeps and `lasttoken` the last, not position 0 or the mask's length - 1."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    from quantcli import _torch
+    from tests import hf_folders
+    from tests.conftest import cli
+
+    folder = hf_folders.bert_folder(tmp_path / "left", byo.WORDS)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    (tmp_path / "sentences.txt").write_text("\n".join(byo.WORDS) + "\n")
+    recipe = byo.write_recipe(tmp_path, {
+        "model": {"huggingface": str(folder), "task": "feature-extraction", "pooling": mode, "normalize": False},
+        "calibration": {"data": str(tmp_path / "sentences.txt"), "batch_size": 4, "max_length": 16}})
+    run = cli("capture", "--recipe", recipe, "-o", tmp_path / "captured")
+    assert run.rc == 0, run.stderr
+    texts = ["the film", "the book was not bad at all"]
+    enc = dict(AutoTokenizer.from_pretrained(folder)(texts, padding=True, return_tensors="pt"))
+    assert enc["attention_mask"][0, 0] == 0  # padded on the left
+    with torch.no_grad():
+        hidden = BertModel.from_pretrained(folder).eval()(**enc).last_hidden_state
+    real = [row.nonzero().flatten() for row in enc["attention_mask"]]
+    index = [int(r[0] if mode == "cls" else r[-1]) for r in real]
+    expected = hidden[torch.arange(2), torch.tensor(index)]
+    manifest = json.loads((tmp_path / "captured" / "manifest.json").read_text())
+    got = run_program(_torch.load_program(tmp_path / "captured" / "program.pt2"), manifest, enc)
+    assert torch.allclose(got, expected, atol=1e-5)

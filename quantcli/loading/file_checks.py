@@ -15,7 +15,7 @@ from pathlib import Path
 from quantcli.errors import QuantCliError
 from quantcli.loading import kinds
 from quantcli.recipe import DataSource, ModelSection, Recipe
-from quantcli.report.metrics import METRICS
+from quantcli.numerics.metrics import METRICS
 from quantcli.sources import hf_folder
 from quantcli.sources.names import TASKS
 

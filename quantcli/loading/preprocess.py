@@ -15,7 +15,7 @@ import numpy as np
 from quantcli.errors import DataError
 from quantcli.loading.dtypes import NUMPY_DTYPES
 from quantcli.recipe import DataSource, ImageOptions, Recipe
-from quantcli.report.metrics import IGNORE
+from quantcli.numerics.metrics import IGNORE
 from quantcli.sources import hf_folder
 
 _PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values

@@ -2,20 +2,27 @@
 
 A name glob matches a module path (fnmatch, e.g. "layer2.*", "encoder.layers.?.output") and
 applies to every node inside that module, its children included. exclude_types names module
-classes (e.g. LayerNorm, BertSelfAttention). Of the overrides matching a node, the last one
-wins; the fields it leaves unset come from the section. A glob or type that matches nothing in
-the graph is an error, not a silent no-op.
+classes (e.g. LayerNorm, BertSelfAttention). The overrides matching a node merge field by field,
+in recipe order: for each of `weights`, `activations`, `observer` and `reduce_range`, the last
+matching override that sets it wins, and a field no matching override sets comes from the
+section; `exclude: true` in any matching override keeps the node in float. (`weights:` and
+`activations:` are one field each: an override naming one gives all of its keys, its defaults
+for the keys it leaves out.) So an override appended for one module changes only the fields it
+names. A glob or type that matches nothing in the graph is an error, not a silent no-op.
 """
 
 from __future__ import annotations
 
 import difflib
 from fnmatch import fnmatchcase
-from typing import Optional
+from typing import Any, Optional
 
 from quantcli.errors import RecipeError
 from quantcli.quantizers.specs import Setting
 from quantcli.recipe import OverrideConfig, QuantizationSection
+
+
+OVERRIDE_FIELDS = ("weights", "activations", "observer", "reduce_range")
 
 
 def module_scope(node) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -53,16 +60,11 @@ class Policy:
         q = self.q
         if _matches(q.exclude_names, paths) or set(q.exclude_types) & set(types):
             return None
-        weights, acts, observer, reduce_range = q.weights, q.activations, q.observer, q.reduce_range
-        matching: list[OverrideConfig] = [o for o in q.overrides if _matches(o.names, paths)]
-        if matching:  # the last matching override wins
-            o = matching[-1]
-            if o.exclude:
-                return None
-            weights = o.weights or weights
-            acts = o.activations or acts
-            observer = o.observer or observer
-            reduce_range = reduce_range if o.reduce_range is None else o.reduce_range
+        merged = merge_overrides([o for o in q.overrides if _matches(o.names, paths)])
+        if merged.get("exclude"):
+            return None
+        weights, acts = merged.get("weights", q.weights), merged.get("activations", q.activations)
+        observer, reduce_range = merged.get("observer", q.observer), merged.get("reduce_range", q.reduce_range)
         return Setting(
             act_dtype=acts.dtype,
             act_symmetric=acts.symmetric,
@@ -72,6 +74,27 @@ class Policy:
             reduce_range=reduce_range if isinstance(reduce_range, str) else bool(reduce_range),
             qat=self.qat,
         )
+
+
+def merge_overrides(matching: list[OverrideConfig]) -> dict[str, Any]:
+    """The fields the `matching` overrides set, merged in order: the last that sets a field wins."""
+    merged: dict[str, Any] = {}
+    for o in matching:
+        merged.update({f: getattr(o, f) for f in OVERRIDE_FIELDS if getattr(o, f) is not None})
+        if o.exclude:
+            merged["exclude"] = True
+    return merged
+
+
+def setting_of_module(q: QuantizationSection, graph, module: str, *, qat: bool = False) -> Optional[Setting]:
+    """The Setting of the nodes directly inside `module` (a named_modules() path), as the quantizer
+    resolves them; None when it stays in float or no node of `graph` is inside it."""
+    policy = Policy(q, qat=qat)
+    for node in graph.nodes:
+        paths, _ = module_scope(node)
+        if paths and paths[-1] == module:
+            return policy.setting(node)
+    return None
 
 
 def check_matches(q: QuantizationSection, graph) -> None:

@@ -166,10 +166,15 @@ def _sizes(art: artifacts.Artifact, onnx_path: Path | None) -> dict[str, int]:
 
 
 def run(src: str | Path, *, onnx: str | Path | None = None, data: str | None = None, batches: int | None = None,
-        plot: str | Path | None = None, progress: Progress = no_progress) -> dict[str, Any]:
-    """`quantcli report`: the report, and with `plot` its PNG written there."""
+        plot: str | Path | None = None, force: bool = False, progress: Progress = no_progress) -> dict[str, Any]:
+    """`quantcli report`: the report, and with `plot` its PNG written there (a file quantcli did not write
+    there is replaced only with `force`)."""
     if plot is not None and Path(plot).suffix.lower() != ".png":
         raise RecipeError(f"--plot {plot}: the plot is a PNG file", "name it FILE.png")
+    if plot is not None:
+        from quantcli.report.plot import check_path
+
+        check_path(Path(plot), force)
     doc = report(src, onnx=onnx, data=data, batches=batches, progress=progress)
     if plot is not None:
         from quantcli.report.plot import plot as draw

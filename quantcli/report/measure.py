@@ -1,4 +1,5 @@
-"""The report's figures, summed batch by batch: per-layer SQNRs, whole-model output errors, the metric."""
+"""The report's figures, summed batch by batch: per-layer SQNRs, whole-model output errors, the metric
+(the one evaluator's `Scores`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from quantcli.recipe import Recipe
-from quantcli.report.metrics import METRICS
+from quantcli.numerics.evaluate import Scores
 from quantcli.report.parity import Powers
 from quantcli.report.taps import Point, names
 
@@ -47,10 +48,8 @@ class Figures:
         self.layer = {p.node: {k: Powers() for k in KINDS} for p in found}
         self.outputs = {name: _Output() for name in outputs}
         self.reproduce = Powers()
-        self.metric = recipe.evaluation.metric if recipe is not None and recipe.evaluation is not None else None
-        self.scores = {m: METRICS[self.metric].accumulator() for m in ("fp32_torch", "int8_torch", "int8_onnx")
-                       } if self.metric else {}
-        self.agreement: dict[str, tuple[int, int]] = {}  # model -> (predictions equal to fp32's, predictions)
+        metric = recipe.evaluation.metric if recipe is not None and recipe.evaluation is not None else None
+        self.scores = Scores(metric, ("fp32_torch", "int8_torch", "int8_onnx")) if metric else None
         self.batches = self.samples = 0
         self.ort = False
         self._last: dict[str, Any] = {}
@@ -66,9 +65,8 @@ class Figures:
             out.add("int8_vs_fp32", f, s)
             self.reproduce.add(s, q)
         if self.scores:
-            self.scores["fp32_torch"].update(fp32[0], fp32[0], target)
-            self.scores["int8_torch"].update(shipped[0], fp32[0], target)
-            self._agree("int8_torch", fp32[0], shipped[0])
+            self.scores.reference(fp32, target)
+            self.scores.add("int8_torch", shipped, fp32, target)
         self.batches += 1
         self.samples += int(np.shape(fp32[0])[0]) if np.ndim(fp32[0]) else 1
         self._last = {"fp32": fp32, "int8": shipped, "ref": ref, "acc": acc}
@@ -84,15 +82,7 @@ class Figures:
             out.add("ort_vs_fp32", f, o)
             out.add("ort_vs_int8", q, o)
         if self.scores:
-            self.scores["int8_onnx"].update(outputs[0], last["fp32"][0], target)
-            self._agree("int8_onnx", last["fp32"][0], outputs[0])
-
-    def _agree(self, model: str, fp32: np.ndarray, int8: np.ndarray) -> None:
-        """Top-1 agreement with fp32 (classifiers: accuracy metrics), counted over predictions."""
-        if self.metric in ("accuracy", "token_accuracy"):
-            same, count = self.agreement.get(model, (0, 0))
-            equal = int((fp32.argmax(-1) == int8.argmax(-1)).sum())
-            self.agreement[model] = (same + equal, count + fp32[..., 0].size)
+            self.scores.add("int8_onnx", outputs, last["fp32"], target)
 
     def _layer(self, p: Point) -> dict[str, Any]:
         powers = self.layer[p.node]
@@ -114,16 +104,6 @@ class Figures:
             "model": {"outputs": {name: out.result(self.ort) for name, out in self.outputs.items()},
                       "saved_vs_copy_db": self.reproduce.db()},
         }
-        if self.scores:
-            doc["evaluation"] = self._evaluation()
-        return doc
-
-    def _evaluation(self) -> dict[str, Any]:
-        """The metric of fp32 and int8 (PyTorch, and ORT with --onnx); `drop`: fp32 minus the int8 model
-        shipped (ORT's where measured), in the metric's own units."""
-        values = {k: acc.result()["value"] for k, acc in self.scores.items() if k != "int8_onnx" or self.ort}
-        int8 = values.get("int8_onnx", values["int8_torch"])
-        doc = {"metric": self.metric, **values, "drop": round(values["fp32_torch"] - int8, 6)}
-        if self.agreement:
-            doc["top1_agreement"] = {k: round(same / count, 6) for k, (same, count) in self.agreement.items()}
+        if self.scores:  # the metric of fp32 and int8 (PyTorch, and ORT with --onnx), in the evaluator's keys
+            doc["evaluation"] = self.scores.result()
         return doc

@@ -1,7 +1,10 @@
 """`report --plot`: per-layer SQNR along the depth of the network, PyTorch int8 and ORT side by side.
 
 `series` is what gets drawn, taken from the report's JSON document; `plot` draws it and returns
-it, so a test can hold the picture to the JSON.
+what its axes hold (each line's points, the labels written), read back from the figure, so a test
+can hold the picture to the JSON. The PNG says it was written by quantcli (a text
+chunk); an existing file at the path that does not is refused unless `--force` (`check_path`),
+and the picture is written to a hidden sibling and renamed into place.
 """
 
 from __future__ import annotations
@@ -10,6 +13,24 @@ from pathlib import Path
 from typing import Any
 
 LABELLED = 3  # the worst layers (by local SQNR) get their names on the plot
+SOFTWARE = "quantcli report"  # the PNG's Software text chunk
+
+
+def check_path(path: Path, force: bool) -> None:
+    """Refuse to replace a file at `path` that quantcli's report did not write, unless `force`."""
+    from quantcli import staging
+    from quantcli.errors import ArtifactError
+
+    if path.is_dir():
+        raise ArtifactError(f"--plot {path} is a folder", "name a .png file")
+    if path.exists() and not force and not _ours(path):
+        raise ArtifactError(f"--plot {path} exists and was not written by quantcli report", staging.FORCE)
+
+
+def _ours(path: Path) -> bool:
+    marker = b"tEXtSoftware\x00" + SOFTWARE.encode()
+    with open(path, "rb") as fh:
+        return marker in fh.read(1 << 16)
 
 
 def series(doc: dict[str, Any]) -> dict[str, Any]:
@@ -24,7 +45,7 @@ def series(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """Write a PNG of `doc`'s per-layer SQNRs to `path`; returns the series drawn."""
+    """Write a PNG of `doc`'s per-layer SQNRs to `path`; returns what the figure holds (`drawn`)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -53,9 +74,31 @@ def plot(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path), format="png", dpi=100)
+    _save(fig, Path(path))
+    held = drawn_on(fig)
     plt.close(fig)
-    return drawn
+    return held
+
+
+def drawn_on(fig: Any) -> dict[str, Any]:
+    """What the figure's axes hold: per panel title, each line's label -> (x, y) and the annotations' texts."""
+    panels = {}
+    for ax in fig.axes:
+        lines = {line.get_label(): ([float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()])
+                 for line in ax.get_lines()}
+        panels[ax.get_title()] = {"lines": lines, "texts": [t.get_text() for t in ax.texts]}
+    return {"panels": panels, "size_px": [int(v) for v in fig.get_size_inches() * fig.dpi]}
+
+
+def _save(fig: Any, path: Path) -> None:
+    from quantcli import staging
+
+    tmp = staging.tmp_sibling(path)
+    try:
+        fig.savefig(str(tmp), format="png", dpi=100, metadata={"Software": SOFTWARE})
+        staging.replace_into(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _line(ax: Any, x: list[int], y: list[float | None], label: str, style: str) -> None:

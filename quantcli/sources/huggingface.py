@@ -192,7 +192,10 @@ def _task_module() -> type:
 
 
 def pool(hidden: Any, mask: Any, mode: str, normalize: bool) -> Any:
-    """sentence-transformers' poolings over the attention mask (right padding)."""
+    """sentence-transformers' poolings over the attention mask, for either padding side.
+
+    `cls` takes the first token the mask keeps and `lasttoken` the last one, wherever the
+    tokenizer put its padding (decoder tokenizers often pad on the left)."""
     import torch
 
     if mode == "none":
@@ -200,13 +203,13 @@ def pool(hidden: Any, mask: Any, mode: str, normalize: bool) -> Any:
     if mask is None:
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
     m = mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "cls":
-        out = hidden[:, 0]
+    if mode in ("cls", "lasttoken"):
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        rank = positions if mode == "lasttoken" else hidden.shape[1] - positions  # the largest where wanted
+        index = ((mask > 0).to(positions.dtype) * rank).argmax(dim=1)
+        out = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
     elif mode == "max":
         out = torch.where(m > 0, hidden, torch.full_like(hidden, -1e9)).amax(dim=1)
-    elif mode == "lasttoken":
-        last = (mask.sum(dim=1) - 1).clamp(min=0)
-        out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     else:
         total = (hidden * m).sum(dim=1)
         count = m.sum(dim=1).clamp(min=1e-9)

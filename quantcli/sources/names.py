@@ -3,7 +3,7 @@
 A source is the `model:` key naming where the model comes from. A task decides what a Hugging Face
 model is loaded as (its Auto class), which tensor becomes the ONNX output and under what name, what
 its data looks like (text or images) and how evaluation targets are shaped; the metrics each task
-can have are the metrics registry's (`quantcli.report.metrics`).
+can have are the metrics registry's (`quantcli.numerics.metrics`).
 """
 
 from __future__ import annotations

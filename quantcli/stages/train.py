@@ -2,7 +2,8 @@
 
 The recipe's `training:` section drives it (see quantcli.training.loop for the schedule and data
 order). Checkpoints go to `.<out>.partial/` every `checkpoint_every` steps (default: each epoch);
-`--resume` continues from the last one and ends with the same model as an uninterrupted run. The
+`--resume` continues from the last one and ends with the same model as an uninterrupted run; a run
+without it refuses to discard a checkpoint unless `--force`. The
 output appears only when training completes; its observers are frozen (its ranges are final)
 and the manifest records whether BN was frozen, so a reload and convert see the trained module.
 Under torchrun every rank trains its shard and rank 0 writes the checkpoints and the artifact.
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts, staging
-from quantcli.errors import RecipeError
+from quantcli.errors import Interrupted, RecipeError
 from quantcli.loading.headers import check_sources
 from quantcli.recipe import Recipe
 from quantcli.stages.base import Progress, StageResult, data_hashes, keyed, no_progress, produce, recipe_for
@@ -31,7 +32,7 @@ class RankResult(StageResult):
         return f"{self.stage}: rank {self.details['rank']} of {self.details['world_size']} done"
 
 
-CACHE = ".quantcli-cache"  # training's preprocessed text and images, beside the outputs in the work folder
+CACHE = "cache"  # training's preprocessed text and images, in `.<out>.partial/`: kept for --resume, removed after
 
 
 def with_training(parent: artifacts.Artifact, recipe_path: str | Path | None) -> Recipe:
@@ -62,6 +63,10 @@ def run(src: str | Path, out: str | Path, *, recipe_path: str | Path | None = No
     hashes = data_hashes(_reads(recipe))
     check_sources(recipe, ("training",))
     out = Path(out)
+    if not resume and not force:
+        from quantcli.training import checkpoints
+
+        checkpoints.refuse_unless_resumed(checkpoints.partial_dir(out))
     with distributed.session(device) as world:
         options = {"world_size": world.size, "device": world.device.type}
         _, key = keyed("trained", recipe, parent, options, hashes)
@@ -95,7 +100,11 @@ def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, ke
     from quantcli.training import api, checkpoints, loop
 
     section = recipe.training
-    files = reader(recipe, "training", targets=True, cache=out.parent / CACHE)
+    partial = checkpoints.partial_dir(out)
+    state = checkpoints.load(partial, key, world.size) if resume else None
+    if state is None and world.is_main:
+        checkpoints.discard(partial)
+    files = reader(recipe, "training", targets=True, cache=partial / CACHE)
     data = load_dataset(section.data, section.keys, recipe.inputs, "training", targets=section.targets, files=files)
     data.scan()  # NaN/Inf or values that do not fit fail before the first step, not in the middle of training
     schedule = loop.Schedule.of(section, data.length, world)
@@ -105,14 +114,16 @@ def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, ke
     model = api.from_artifact(parent)
     trainer = loop.Trainer(model, data, section, recipe.inputs, world, schedule,
                            classes_last=recipe.model.task == "token-classification")
-    partial = checkpoints.partial_dir(out)
-    state = checkpoints.load(partial, key, world.size) if resume else None
     if state is not None:
         trainer.restore(state)
-    elif world.is_main:
-        checkpoints.discard(partial)
-    summary = loop.fit(trainer, checkpoint=lambda st: checkpoints.save(partial, {"key": key, **st}),
-                       progress=progress)
+    try:
+        summary = loop.fit(trainer, checkpoint=lambda st: checkpoints.save(partial, {"key": key, **st}),
+                           progress=progress)
+    except KeyboardInterrupt as exc:
+        kept = checkpoints.kept_line(partial)
+        if kept is None or isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(kept) from exc
     if folder is not None:
         api.write(model, folder)
     return {**api.trained_fields(parent, model), **summary}

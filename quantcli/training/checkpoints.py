@@ -6,6 +6,7 @@ is frozen (graph state, not in the state_dict), the optimizer state, every rank'
 the current epoch's data order. It is written atomically by rank 0 and read with
 `torch.load(weights_only=True)`: tensors, numbers, strings and containers only. The folder
 survives an interrupted run (that is its purpose) and is removed once the output is committed.
+A run without `--resume` refuses to start over a checkpoint unless `--force` says to discard it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def load(partial: Path, key: str, world_size: int) -> dict[str, Any] | None:
     path = partial / artifacts.CHECKPOINT
     if not path.is_file():
         return None
-    restart = "rerun without --resume to start over"
+    restart = "rerun with --force instead of --resume to start over"
     try:
         state = _torch.load_state(path)
     except Exception as exc:
@@ -56,6 +57,20 @@ def load(partial: Path, key: str, world_size: int) -> dict[str, Any] | None:
             f"resume with --nproc_per_node {state['world_size']}, or {restart}",
         )
     return state
+
+
+def refuse_unless_resumed(partial: Path) -> None:
+    """A checkpoint left by an interrupted run is never thrown away silently: continue it or say so."""
+    if (partial / artifacts.CHECKPOINT).is_file():
+        raise ArtifactError(f"{partial} holds the checkpoint of an interrupted training",
+                            "pass --resume to continue it, or --force to discard it and start over")
+
+
+def kept_line(partial: Path) -> str | None:
+    """What an interrupt leaves to resume from, said in the interrupt's line; None when nothing."""
+    if not (partial / artifacts.CHECKPOINT).is_file():
+        return None
+    return f"the training checkpoint is kept in {partial}: rerun the same command with --resume to continue"
 
 
 def discard(partial: Path) -> None:

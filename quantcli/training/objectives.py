@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from quantcli.errors import DataError, InputError, RecipeError
 from quantcli.loading.factory import load_callable
-from quantcli.report.metrics import IGNORE  # torch's cross_entropy ignore_index (-100)
+from quantcli.numerics.metrics import IGNORE  # torch's cross_entropy ignore_index (-100)
 
 Loss = Callable[[Any, Any], Any]  # (output, targets) -> scalar tensor, a mean over the batch
 

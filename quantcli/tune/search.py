@@ -7,14 +7,14 @@
    measure (goal.Goal.better) is kept and the next layer is tried on top of it; the search stops when the goal is met
    or the trials run out. Each trial reuses the baseline's captured artifact: prepare, calibrate,
    convert and export with the trial's recipe, measured on the real ONNX model in ORT.
-4. The best trial's recipe goes to `<out>/recipe.yaml` and is run with `quantcli run`'s own code
-   into `<out>`: `<out>/model.onnx` is what a plain `quantcli run` on that recipe writes, byte for
-   byte. The outcome goes to `<out>/tune.json`; an unmet goal raises GoalError (exit 6) after it.
+4. The best trial's recipe goes to `<out>/recipe.yaml` and its artifacts are linked into `<out>`
+   as they are (quantcli.tune.outputs): `quantcli run --recipe <out>/recipe.yaml -o <out>` reuses
+   every stage. The outcome goes to `<out>/tune.json`; an unmet goal raises GoalError (exit 6)
+   after it. Nothing in `<out>` that tune did not write is replaced without `--force`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,22 +24,24 @@ import yaml
 from quantcli import pipeline, recipe as recipes
 from quantcli.errors import GoalError, NumericsError, RecipeError
 from quantcli.stages.base import Progress, no_progress, recipe_of
+from quantcli.tune import outputs
 from quantcli.tune.goal import Goal, Judge
-
-OUTCOME = "tune.json"
-RECIPE = "recipe.yaml"
+from quantcli.tune.outputs import OUTCOME, RECIPE
 # Another calibration method to try for a layer, by the method it has.
 OTHER_OBSERVER = {"histogram": "percentile", "mse": "percentile", "percentile": "entropy", "entropy": "percentile",
                   "minmax": "histogram", "moving_average_minmax": "histogram"}
 
 
-def write_recipe(recipe: recipes.Recipe, overrides: list[dict[str, Any]], path: Path) -> Path:
+def recipe_text(recipe: recipes.Recipe, overrides: list[dict[str, Any]]) -> str:
     """The recipe with `overrides` appended to its quantization overrides (paths absolute, defaults left out)."""
     doc = recipe.model_dump(mode="json", exclude_defaults=True)
     quantization = doc.setdefault("quantization", {})
     quantization["overrides"] = quantization.get("overrides", []) + overrides
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def write_recipe(recipe: recipes.Recipe, overrides: list[dict[str, Any]], path: Path) -> Path:
+    outputs.write_atomic(path, recipe_text(recipe, overrides).encode())
     return path
 
 
@@ -74,8 +76,10 @@ def trial(captured: Path, folder: Path, recipe_path: Path, force: bool) -> str:
 class Search:
     """The trials so far, the fixes kept and the best trial; `layer(module)` tries one module's fixes."""
 
-    def __init__(self, recipe: recipes.Recipe, judge: Judge, base: Path, force: bool, progress: Progress):
+    def __init__(self, recipe: recipes.Recipe, judge: Judge, base: Path, graph: Any, force: bool,
+                 progress: Progress):
         self.recipe, self.judge, self.base, self.force, self.progress = recipe, judge, base, force, progress
+        self.graph = graph  # the captured graph, whose module scopes the quantizer's policy matches
         baseline = {"trial": 0, "change": None, "overrides": [], "status": "ok",
                     **judge.measure(base / pipeline.ONNX_NAME)}
         self.history: list[dict[str, Any]] = [baseline]
@@ -87,10 +91,17 @@ class Search:
         return len(self.history) - 1
 
     def layer(self, module: str, max_trials: int) -> None:
-        """Another calibration method for `module`, then float, until one of them is better than the best."""
-        current = next((o.observer for o in reversed(self.recipe.quantization.overrides)
-                        if module in o.names and o.observer), self.recipe.quantization.observer)
-        for fix in ({"names": [module], "observer": OTHER_OBSERVER[current]}, {"names": [module], "exclude": True}):
+        """Another calibration method for `module`, then float, until one of them is better than the best.
+
+        The fixes are appended overrides naming only what they change: the policy merges the overrides
+        matching a module field by field, so the module keeps every other setting it had."""
+        from quantcli.quantizers.policy import setting_of_module
+
+        current = setting_of_module(self.recipe.quantization, self.graph, module)
+        if current is None:  # already kept in float by the recipe
+            return
+        for fix in ({"names": [module], "observer": OTHER_OBSERVER[current.observer]},
+                    {"names": [module], "exclude": True}):
             if self.trials >= max_trials:
                 return
             record = self.attempt(fix, max_trials)
@@ -136,20 +147,21 @@ def run(recipe_path: str | Path, out: str | Path, *, max_drop: float | None = No
     recipe = _checked(recipe_path, max_drop, metric)
     score = load_callable(metric, "--metric") if metric else None
     out = Path(out)
+    outputs.check_own_files(out, Path(recipe_path), force)
     base = out / "trials" / "00"
     pipeline.run(recipe_path, base, force=force)
     converted = artifacts.open_artifact(base / "converted", ("converted",), "tune")
     float_program = _torch.load_program(converted.file(artifacts.FLOAT_PROGRAM))
     judge = Judge(recipe_of(converted), float_program, goal, score, batches)  # its recipe: inputs resolved
-    search = Search(recipe, judge, base, force, progress)
+    search = Search(recipe, judge, base, float_program.graph, force, progress)
     ranking = [] if goal.met(search.best) else candidates(base / "converted", batches)
     for module in ranking:
         if goal.met(search.best) or search.trials >= max_trials:
             break
         search.layer(module, max_trials)
-    outcome = _finish(search, out, ranking)
-    outcome["seconds"] = round(time.perf_counter() - start, 1)
-    (out / OUTCOME).write_text(json.dumps(outcome, indent=2, sort_keys=True) + "\n")
+    outcome = _finish(search, out, Path(recipe_path), ranking, force)
+    outcome = outputs.write_own_files(out, recipe_text(search.recipe, search.best["overrides"]),
+                                      {**outcome, "seconds": round(time.perf_counter() - start, 1)})
     if not outcome["achieved"]:
         raise GoalError(f"goal {_goal_text(goal)} not met in {search.trials} trial(s): best "
                         f"{_measure_text(search.best)} (trial {search.best['trial']}); model, recipe and {OUTCOME} "
@@ -157,15 +169,16 @@ def run(recipe_path: str | Path, out: str | Path, *, max_drop: float | None = No
     return outcome
 
 
-def _finish(search: Search, out: Path, ranking: list[str]) -> dict[str, Any]:
-    """Write the best recipe and make `<out>` from it as `quantcli run` does; the outcome document."""
+def _finish(search: Search, out: Path, recipe_path: Path, ranking: list[str], force: bool) -> dict[str, Any]:
+    """Link the best trial's artifacts into `<out>`; the outcome document."""
     best, judge = search.best, search.judge
-    final = write_recipe(search.recipe, best["overrides"], out / RECIPE)
-    pipeline.run(final, out, force=True)
-    model = out / pipeline.ONNX_NAME
-    trial_model = search.base.parent / f"{best['trial']:02d}" / pipeline.ONNX_NAME
+    trial_folder = search.base.parent / f"{best['trial']:02d}"
+    outputs.check_own_files(out, recipe_path, force)  # still tune's since the start
+    outputs.adopt(search.base, trial_folder, out, force)
+    model, final = out / pipeline.ONNX_NAME, out / RECIPE
+    trial_model = trial_folder / pipeline.ONNX_NAME
     return {"goal": judge.goal.to_json(), "achieved": judge.goal.met(best), "metric": judge.metric_name,
-            "fp32_metric": judge.fp32_metric, "data": {"section": judge.section, "batches": len(judge.batches)},
+            "fp32_torch": judge.fp32_torch, "data": {"section": judge.section, "batches": judge.batches},
             "baseline": search.history[0], "best": best, "trials": search.history[1:], "ranking": ranking,
             "layers_changed": sorted({n for o in best["overrides"] for n in o["names"]}),
             "model": str(model), "recipe": str(final),
