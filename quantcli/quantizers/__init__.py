@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from quantcli.errors import RecipeError
+from quantcli.quantizers import names
 from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,12 +40,10 @@ class Target:
     options: frozenset[str] | None  # None: every option of the section
 
 
-# The registry: the recipe schema validates `quantization.target` (and the options a target
-# ignores) against it; this package imports no torch and not the schema, so both import cheaply.
-TARGETS: dict[str, Target] = {
-    "onnxruntime": Target(_onnxruntime, None),
-    "x86_inductor": Target(_x86_inductor, frozenset()),  # torchao's default configuration
-}
+# The registry: the names and the options each target reads are quantizers.names' (the recipe schema
+# validates against those); this package imports no torch at import time.
+_FACTORIES = {"onnxruntime": _onnxruntime, "x86_inductor": _x86_inductor}
+TARGETS: dict[str, Target] = {name: Target(_FACTORIES[name], options) for name, options in names.TARGETS.items()}
 
 
 def resolve(q: "QuantizationSection") -> "QuantizationSection":

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from quantcli import extras
 from quantcli.errors import ModelError, RecipeError
 from quantcli.recipe import InputSpec, ModelSection, Recipe
 from quantcli.sources import hf_folder
@@ -39,13 +40,7 @@ def transformers(images: bool = False) -> Any:
     for key, value in _OFFLINE.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", module=r"transformers\..*")
-    try:
-        import transformers as tf
-    except ModuleNotFoundError as exc:
-        if exc.name != "transformers":
-            raise
-        raise ModelError("model.huggingface: transformers is not installed",
-                         "pip install 'quantcli[huggingface]'") from None
+    tf = extras.require("transformers", "model.huggingface", ModelError)
 
     tf.utils.logging.set_verbosity_error()
     tf.utils.logging.disable_progress_bar()
@@ -146,8 +141,7 @@ def text_inputs(section: ModelSection, model: Any, length: int) -> list[InputSpe
 
 def image_inputs(section: ModelSection) -> list[InputSpec]:
     """The image processor's inputs, shaped as it makes them (it runs on a blank image), dynamic batch."""
-    from PIL import Image
-
+    Image = extras.require("PIL.Image", "model.huggingface: an image model", ModelError)
     processor = image_processor(section)
     out = processor(images=[Image.new("RGB", (640, 480))], return_tensors="np")
     names = list(getattr(processor, "model_input_names", None) or ["pixel_values"])
