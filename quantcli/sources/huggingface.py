@@ -229,7 +229,7 @@ def _positions_are_default(model: Any, names: list[str]) -> bool:
 
 def build(recipe: Recipe) -> Any:
     """The wrapped model, the recipe with its inputs resolved, and a static-sequence fallback."""
-    from quantcli.loading.model import Built
+    from quantcli.sources.base import Built
 
     section = recipe.model
     task = TASKS[section.task]

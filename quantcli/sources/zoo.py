@@ -158,7 +158,7 @@ def image_options(defaults: ImageOptions, override: ImageOptions | None) -> Imag
 
 def build(recipe: Recipe, zoo: Zoo) -> Any:
     """Construct the architecture with the recipe's kwargs, load its weights, resolve its preprocessing."""
-    from quantcli.loading.model import Built
+    from quantcli.sources.base import Built
 
     section = recipe.model
     name = getattr(section, zoo.key)

@@ -12,7 +12,8 @@ from quantcli.loading.data import iter_batches, to_tensors
 from quantcli.loading.files import reader
 from quantcli.loading.headers import check_sources
 from quantcli.loading.inputs import dynamic_shapes, example_batch
-from quantcli.loading.model import Built, build_model
+from quantcli.sources.base import Built
+from quantcli.sources.build import build_model
 from quantcli.sources.names import TASKS
 from quantcli.stages.base import StageResult, data_hashes, produce, require_files
 
