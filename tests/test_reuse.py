@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from quantcli import artifacts
-
 from tests.conftest import assert_fails, cli, snapshot
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 from fnmatch import fnmatchcase
-from typing import Optional
 
 from quantcli.errors import RecipeError
 from quantcli.quantizers.specs import Setting
@@ -41,15 +40,15 @@ class Policy:
     def __init__(self, q: QuantizationSection, *, qat: bool):
         self.q = q
         self.qat = qat
-        self._cache: dict[tuple, Optional[Setting]] = {}
+        self._cache: dict[tuple, Setting | None] = {}
 
-    def setting(self, node) -> Optional[Setting]:
+    def setting(self, node) -> Setting | None:
         key = module_scope(node)
         if key not in self._cache:
             self._cache[key] = self._resolve(*key)
         return self._cache[key]
 
-    def _resolve(self, paths: tuple[str, ...], types: tuple[str, ...]) -> Optional[Setting]:
+    def _resolve(self, paths: tuple[str, ...], types: tuple[str, ...]) -> Setting | None:
         q = self.q
         if _matches(q.exclude_names, paths) or set(q.exclude_types) & set(types):
             return None
