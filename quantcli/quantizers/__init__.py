@@ -1,7 +1,8 @@
-"""Quantization targets: a registry of PT2E quantizers, configured from the recipe.
+"""Quantization targets: a registry of PT2E quantizers, configured from the recipe or a plain config.
 
 `resolve` fills the recipe's "auto" values from the local CPU; `build` returns the
-torchao Quantizer for a resolved `QuantizationSection`. torch and torchao are imported
+torchao Quantizer for a resolved `QuantizationSection`, or for a `QuantizerConfig` (plain values,
+no recipe: the onnxruntime quantizer as a library). torch and torchao are imported
 only inside the target factories, so importing this package stays instant.
 """
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantcli.errors import RecipeError
 from quantcli.quantizers import names
+from quantcli.quantizers.config import QuantizerConfig
 from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,8 +56,11 @@ def resolve(q: QuantizationSection) -> QuantizationSection:
     return q.model_copy(update={"target_cpu": cpu, "reduce_range": reduce_range})
 
 
-def build(q: QuantizationSection, *, qat: bool) -> Quantizer:
-    """The torchao Quantizer of the target `q.target` (validated by the schema); `q` must be resolved."""
+def build(q: QuantizationSection | QuantizerConfig, *, qat: bool = False) -> Quantizer:
+    """The torchao Quantizer of the target `q.target` (validated by the schema); a section must be resolved,
+    a QuantizerConfig is resolved for this machine here."""
+    if isinstance(q, QuantizerConfig):
+        q = resolve(q.section())
     if q.target_cpu == "auto" or q.reduce_range == "auto":
         raise RecipeError(
             "quantization: target_cpu/reduce_range are still 'auto'",
