@@ -8,7 +8,7 @@ commands, so `quantcli --help` and `validate` stay instant.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -30,7 +30,7 @@ Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON docum
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print nothing on stderr but errors")]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")]
 Force = Annotated[bool, typer.Option("--force", help="replace an existing quantcli output at -o")]
-RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="recipe YAML")]
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="recipe YAML")]
 
 
 def version_callback(value: bool) -> None:
@@ -64,16 +64,9 @@ def capture(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")
 
 
 @app.command()
-def prepare(
-    src: Src,
-    out: Out,
-    qat: Annotated[bool, typer.Option("--qat", help="prepare for quantization-aware training")] = False,
-    recipe: RecipeOpt = None,
-    force: Force = False,
-    json: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
+def prepare(src: Src, out: Out, qat: Annotated[bool, typer.Option("--qat", help="prepare for quantization-aware training")] = False,
+            recipe: RecipeOpt = None, force: Force = False, json: Json = False, quiet: Quiet = False,
+            debug: Debug = False) -> None:
     """Annotate the captured graph with the recipe's quantizer and insert observers.
 
     Example: quantcli prepare work/captured -o work/prepared
@@ -85,19 +78,11 @@ def prepare(
 
 
 @app.command()
-def calibrate(
-    src: Src,
-    out: Out,
-    data: Annotated[
-        str | None, typer.Option("--data", help=".npz, folder of .npy, file.py:callable, text file or image folder")
-    ] = None,
-    batches: Annotated[int | None, typer.Option("--batches", min=1, help="use at most N batches")] = None,
-    recipe: RecipeOpt = None,
-    force: Force = False,
-    json: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
+def calibrate(src: Src, out: Out,
+              data: Annotated[Optional[str], typer.Option("--data", help=".npz, folder of .npy, file.py:callable, text file or image folder")] = None,
+              batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="use at most N batches")] = None,
+              recipe: RecipeOpt = None, force: Force = False, json: Json = False, quiet: Quiet = False,
+              debug: Debug = False) -> None:
     """Run calibration batches through the prepared model to collect ranges.
 
     Example: quantcli calibrate work/prepared -o work/calibrated --batches 8
@@ -110,17 +95,10 @@ def calibrate(
 
 
 @app.command()
-def train(
-    src: Src,
-    out: Out,
-    recipe: RecipeOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its checkpoint")] = False,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
-    force: Force = False,
-    json: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
+def train(src: Src, out: Out, recipe: RecipeOpt = None,
+          resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its checkpoint")] = False,
+          device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+          force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
     """Quantization-aware training of a --qat prepared (or calibrated) artifact.
 
     Example: quantcli train work/calibrated -o work/trained
@@ -133,20 +111,12 @@ def train(
 
 
 @app.command()
-def convert(
-    src: Src,
-    out: Out,
-    fold_quantize: Annotated[
-        bool, typer.Option("--fold-quantize/--no-fold-quantize", help="store weights as int8 constants")
-    ] = True,
-    reference_representation: Annotated[
-        bool, typer.Option("--reference-representation", help="apply the reference representation rewrite")
-    ] = False,
-    force: Force = False,
-    json: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
+def convert(src: Src, out: Out,
+            fold_quantize: Annotated[bool, typer.Option("--fold-quantize/--no-fold-quantize",
+                                                        help="store weights as int8 constants")] = True,
+            reference_representation: Annotated[bool, typer.Option("--reference-representation",
+                                                                   help="apply the reference representation rewrite")] = False,
+            force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
     """Convert observers to quantize/dequantize ops (convert_pt2e) and save the program.
 
     Example: quantcli convert work/calibrated -o work/converted
@@ -159,16 +129,9 @@ def convert(
 
 
 @app.command()
-def export(
-    src: Src,
-    out: Out,
-    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: recipe)")] = None,
-    recipe: RecipeOpt = None,
-    force: Force = False,
-    json: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
+def export(src: Src, out: Out, opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: recipe)")] = None,
+           recipe: RecipeOpt = None, force: Force = False, json: Json = False, quiet: Quiet = False,
+           debug: Debug = False) -> None:
     """Export to one ONNX QDQ file, check it, infer shapes, and test parity in ONNX Runtime.
 
     Example: quantcli export work/converted -o work/model.onnx
@@ -180,15 +143,9 @@ def export(
 
 
 @app.command()
-def run(
-    recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")],
-    out: Out,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and plan, run nothing")] = False,
-    force: Force = False,
-    json: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
+def run(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")], out: Out,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and plan, run nothing")] = False,
+        force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
     """Run every stage: capture, prepare, calibrate, (train), convert, export into one folder.
 
     Example: quantcli run --recipe configs/digits/recipe.yaml -o work
@@ -233,11 +190,11 @@ def inspect(path: Annotated[Path, typer.Argument(help="a stage folder or an .onn
 
 @app.command()
 def report(src: Annotated[Path, typer.Argument(help="a converted artifact folder")],
-           onnx: Annotated[Path | None, typer.Option("--onnx", help="its exported .onnx: ORT per layer too")] = None,
-           data: Annotated[str | None, typer.Option("--data", help="data instead of the recipe's evaluation "
+           onnx: Annotated[Optional[Path], typer.Option("--onnx", help="its exported .onnx: ORT per layer too")] = None,
+           data: Annotated[Optional[str], typer.Option("--data", help="data instead of the recipe's evaluation "
                                                                       "(else calibration) data")] = None,
-           batches: Annotated[int | None, typer.Option("--batches", min=1, help="use at most N batches")] = None,
-           plot: Annotated[Path | None, typer.Option("--plot", help="write a PNG of per-layer SQNR")] = None,
+           batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="use at most N batches")] = None,
+           plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of per-layer SQNR")] = None,
            json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
     """Per-layer error of the int8 model against fp32 (local and accumulated SQNR), worst layers first.
 
@@ -251,26 +208,15 @@ def report(src: Annotated[Path, typer.Argument(help="a converted artifact folder
 
 
 @app.command()
-def tune(
-    recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")],
-    out: Out,
-    max_drop: Annotated[
-        float | None,
-        typer.Option(
-            "--max-drop", help="largest metric drop allowed, in the metric's units (0.01: one accuracy point)"
-        ),
-    ] = None,
-    min_sqnr: Annotated[float | None, typer.Option("--min-sqnr", help="least output SQNR against fp32, dB")] = None,
-    metric: Annotated[
-        str | None, typer.Option("--metric", help="file.py:callable (outputs, targets) -> score, higher better")
-    ] = None,
-    max_trials: Annotated[int, typer.Option("--max-trials", min=0, help="trials after the baseline")] = 10,
-    batches: Annotated[int | None, typer.Option("--batches", min=1, help="measure on at most N batches")] = None,
-    force: Force = False,
-    json: Json = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
-) -> None:
+def tune(recipe: Annotated[Path, typer.Option("--recipe", help="recipe YAML")], out: Out,
+         max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="largest metric drop allowed, "
+                                                           "in the metric's units (0.01: one accuracy point)")] = None,
+         min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="least output SQNR against fp32, dB")] = None,
+         metric: Annotated[Optional[str], typer.Option("--metric", help="file.py:callable (outputs, targets) -> "
+                                                       "score, higher better")] = None,
+         max_trials: Annotated[int, typer.Option("--max-trials", min=0, help="trials after the baseline")] = 10,
+         batches: Annotated[Optional[int], typer.Option("--batches", min=1, help="measure on at most N batches")] = None,
+         force: Force = False, json: Json = False, quiet: Quiet = False, debug: Debug = False) -> None:
     """Fix the most sensitive layers (another calibration method, then float) until the goal is met.
 
     Example: quantcli tune --recipe configs/digits/recipe.yaml -o work-tuned --max-drop 0.005

@@ -16,9 +16,8 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import typer
 
@@ -121,13 +120,8 @@ def _execute(out: Output, action: Callable[[Any], Any], label: str) -> Any:
             traceback.print_exc()
         fail(out, exc.exit_code, exc.kind, exc.line())
     except KeyboardInterrupt:
-        fail(
-            out,
-            EXIT_INTERRUPTED,
-            "interrupted",
-            "interrupted; no partial output was left"
-            + (" (training checkpoints stay in .<out>.partial/: rerun with --resume)" if label == "training" else ""),
-        )
+        fail(out, EXIT_INTERRUPTED, "interrupted", "interrupted; no partial output was left"
+              + (" (training checkpoints stay in .<out>.partial/: rerun with --resume)" if label == "training" else ""))
     except (typer.Exit, SystemExit):
         raise
     except Exception as exc:  # a bug in quantcli or a library: one line unless --debug
@@ -136,9 +130,7 @@ def _execute(out: Output, action: Callable[[Any], Any], label: str) -> Any:
         if isinstance(exc, OSError) and exc.errno in _INPUT_ERRNOS:
             fail(out, 3, "input", f"cannot use {exc.filename or 'a file'}: {exc.strerror or exc}")
         first = (str(exc).strip().splitlines() or [""])[0]
-        fail(
-            out, 1, "internal", f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)"
-        )
+        fail(out, 1, "internal", f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
     return result
 
 

@@ -6,27 +6,19 @@ This module must not import torch: `quantcli validate` and `--help` stay instant
 from __future__ import annotations
 
 import difflib
+import re
 import hashlib
 import json
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
+from quantcli.errors import ArtifactError, InputError, RecipeError
 # Layer 0 only: errors, file references and the torch-free name registries beside their owners
 # (tests/test_layers.py checks it); nothing here imports numpy or torch.
-from quantcli.errors import ArtifactError, InputError, RecipeError
 from quantcli.loading import kinds
 from quantcli.loading.dtypes import DTYPES
 from quantcli.quantizers.names import OBSERVERS, TARGETS
@@ -49,9 +41,7 @@ class ImageOptions(_Section):
 
     size: int | None = Field(default=None, gt=0, description="side of the square centre crop fed to the model")
     resize: int | None = Field(default=None, gt=0, description="the shorter side is resized to this before the crop")
-    mean: list[float] | None = Field(
-        default=None, min_length=3, max_length=3, description="per-channel mean (0-1 scale)"
-    )
+    mean: list[float] | None = Field(default=None, min_length=3, max_length=3, description="per-channel mean (0-1 scale)")
     std: list[float] | None = Field(default=None, min_length=3, max_length=3, description="per-channel std (0-1 scale)")
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
 
@@ -64,38 +54,17 @@ class ImageOptions(_Section):
 
 
 class ModelSection(_Section):
-    factory: str | None = Field(
-        default=None, description='"file.py:callable" or "package.module:callable" returning an nn.Module'
-    )
-    huggingface: str | None = Field(
-        default=None,
-        description="a local Hugging Face model folder (config.json, weights, tokenizer or image processor)",
-    )
+    factory: str | None = Field(default=None, description='"file.py:callable" or "package.module:callable" returning an nn.Module')
+    huggingface: str | None = Field(default=None, description="a local Hugging Face model folder (config.json, weights, tokenizer or image processor)")
     torchvision: str | None = Field(default=None, description="a torchvision.models architecture name, e.g. resnet18")
     timm: str | None = Field(default=None, description="a timm architecture name, e.g. resnet10t")
-    task: str | None = Field(
-        default=None, description="what a Hugging Face model is loaded as; decides inputs, outputs and metrics"
-    )
-    kwargs: dict[str, Any] = Field(
-        default_factory=dict,
-        description="keyword arguments for the factory, the torchvision/timm constructor or from_pretrained",
-    )
-    weights: str | None = Field(
-        default=None, description="torchvision: a state_dict file (.pt/.pth/.safetensors); null: random weights"
-    )
-    checkpoint: str | None = Field(
-        default=None, description="timm: a checkpoint file for create_model(checkpoint_path=...); null: random weights"
-    )
+    task: str | None = Field(default=None, description="what a Hugging Face model is loaded as; decides inputs, outputs and metrics")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory, the torchvision/timm constructor or from_pretrained")
+    weights: str | None = Field(default=None, description="torchvision: a state_dict file (.pt/.pth/.safetensors); null: random weights")
+    checkpoint: str | None = Field(default=None, description="timm: a checkpoint file for create_model(checkpoint_path=...); null: random weights")
     trust_remote_code: bool = Field(default=False, description="huggingface: run the model folder's own Python code")
-    pooling: str = Field(
-        default="auto",
-        description="feature-extraction: auto (the folder's 1_Pooling, else mean) | mean | cls | max | lasttoken | "
-        "mean_sqrt_len | none (last hidden state)",
-    )
-    normalize: bool | None = Field(
-        default=None,
-        description="feature-extraction: L2-normalize the embedding; default: as the folder's modules.json says",
-    )
+    pooling: str = Field(default="auto", description="feature-extraction: auto (the folder's 1_Pooling, else mean) | mean | cls | max | lasttoken | mean_sqrt_len | none (last hidden state)")
+    normalize: bool | None = Field(default=None, description="feature-extraction: L2-normalize the embedding; default: as the folder's modules.json says")
     image: ImageOptions | None = Field(default=None, description="torchvision/timm: preprocessing overrides")
 
     @field_validator("factory")
@@ -127,13 +96,11 @@ class ModelSection(_Section):
         return one_of(v, POOLINGS, "pooling")
 
     @model_validator(mode="after")
-    def _one_source(self) -> ModelSection:
+    def _one_source(self) -> "ModelSection":
         """Exactly one source; each source's own keys only with it; torchvision/timm are image classifiers."""
         given = [name for name in SOURCES if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"set exactly one of {', '.join(SOURCES)}" + (f" (got {', '.join(given)})" if given else "")
-            )
+            raise ValueError(f"set exactly one of {', '.join(SOURCES)}" + (f" (got {', '.join(given)})" if given else ""))
         source = given[0]
         if source in ("torchvision", "timm"):
             if self.task not in (None, ZOO_TASK):
@@ -142,14 +109,9 @@ class ModelSection(_Section):
         if source == "huggingface" and self.task is None:
             raise ValueError(f"task: required with huggingface; valid: {', '.join(TASKS)}")
         if source == "factory" and self.task is not None:
-            raise ValueError(
-                "task: only with huggingface, torchvision or timm (a factory's model returns what it returns)"
-            )
-        misplaced = [
-            key
-            for key, owner in (("weights", "torchvision"), ("checkpoint", "timm"), ("image", "torchvision or timm"))
-            if getattr(self, key) is not None and source not in owner.split(" or ")
-        ]
+            raise ValueError("task: only with huggingface, torchvision or timm (a factory's model returns what it returns)")
+        misplaced = [key for key, owner in (("weights", "torchvision"), ("checkpoint", "timm"), ("image", "torchvision or timm"))
+                     if getattr(self, key) is not None and source not in owner.split(" or ")]
         misplaced += ["trust_remote_code"] if self.trust_remote_code and source != "huggingface" else []
         if misplaced:
             raise ValueError(f"{misplaced[0]}: does not apply to a {source} model"
@@ -173,7 +135,7 @@ class DynamicAxis(_Section):
     max: int | None = Field(default=None, ge=1, description="largest size, e.g. max_position_embeddings")
 
     @model_validator(mode="after")
-    def _ordered(self) -> DynamicAxis:
+    def _ordered(self) -> "DynamicAxis":
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} is larger than max {self.max}")
         return self
@@ -186,7 +148,7 @@ class InputSpec(_Section):
     name: str = Field(description="input name, in forward() order; becomes the ONNX input name")
     shape: list[int] = Field(description="example shape used at capture")
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
-    dynamic_axes: dict[int, str | DynamicAxis] | None = Field(
+    dynamic_axes: dict[int, Union[str, DynamicAxis]] | None = Field(
         default=None, description='axis -> symbol, or {name, min, max}; default {0: "batch"}; {} makes every '
         "axis static")
 
@@ -226,7 +188,7 @@ class InputSpec(_Section):
         return {axis: a if isinstance(a, DynamicAxis) else DynamicAxis(name=a) for axis, a in self.dynamic_axes.items()}
 
     @model_validator(mode="after")
-    def _axes_in_range(self) -> InputSpec:
+    def _axes_in_range(self) -> "InputSpec":
         for axis, dim in self.bounds().items():
             if not 0 <= axis < len(self.shape):
                 raise ValueError(f"dynamic_axes: axis {axis} is outside shape {self.shape}")
@@ -257,13 +219,9 @@ class DataSource(_Section):
     data: str = Field(min_length=1, description=".npz, folder of .npy files, file.py:callable yielding dicts; or "
                       ".txt/.jsonl/.csv/.parquet text, or a folder of images (class subfolders: the labels)")
     keys: dict[str, str] = Field(default_factory=dict, description="input name -> array name in the data")
-    text: str | None = Field(
-        default=None, description='the text column of a .jsonl/.csv/.parquet file (default "text")'
-    )
+    text: str | None = Field(default=None, description='the text column of a .jsonl/.csv/.parquet file (default "text")')
     text_pair: str | None = Field(default=None, description="the second text column of sentence pairs")
-    max_length: int | None = Field(
-        default=None, gt=0, description="tokenizer: pad/truncate to this many tokens (default 128)"
-    )
+    max_length: int | None = Field(default=None, gt=0, description="tokenizer: pad/truncate to this many tokens (default 128)")
     padding: Literal["max_length", "longest"] = Field(default="max_length", description="tokenizer padding")
     truncation: bool = Field(default=True, description="tokenizer: cut longer texts at max_length")
 
@@ -273,7 +231,7 @@ class DataSource(_Section):
         return _no_nul(v)
 
     @model_validator(mode="after")
-    def _keys_fit_the_kind(self, info: ValidationInfo) -> DataSource:
+    def _keys_fit_the_kind(self, info: ValidationInfo) -> "DataSource":
         """Tokenizer keys need text; `keys:` maps arrays, which text and images do not have.
 
         Tokenizer settings are judged where the user wrote them, other than their defaults (recorded
@@ -348,7 +306,7 @@ class QuantizationSection(_Section):
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
     observer: Observer = "histogram"
     target_cpu: Literal["auto", "avx2", "avx512", "vnni", "arm64"] = "auto"
-    reduce_range: Literal["auto"] | bool = "auto"
+    reduce_range: Union[Literal["auto"], bool] = "auto"
     exclude_names: list[str] = Field(default_factory=list)
     exclude_types: list[str] = Field(default_factory=list)
     overrides: list[OverrideConfig] = Field(default_factory=list)
@@ -360,7 +318,7 @@ class QuantizationSection(_Section):
         return one_of(v, TARGETS, "target")
 
     @model_validator(mode="after")
-    def _options_the_target_reads(self, info: ValidationInfo) -> QuantizationSection:
+    def _options_the_target_reads(self, info: ValidationInfo) -> "QuantizationSection":
         """An option the target ignores is an error where the user wrote it (recorded recipes hold every
         default and the resolved values, so they are not judged)."""
         options = TARGETS.get(self.target)  # None: unknown (reported above) or every option
@@ -456,7 +414,7 @@ class Recipe(_Section):
     export: ExportSection = Field(default_factory=ExportSection)
 
     @model_validator(mode="after")
-    def _inputs_consistent(self) -> Recipe:
+    def _inputs_consistent(self) -> "Recipe":
         if self.inputs is None:
             if self.model.source == "factory":
                 raise ValueError("inputs: required with a model factory (a Hugging Face, torchvision or timm model "
@@ -474,7 +432,7 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
-    def _data_fits_the_model(self) -> Recipe:
+    def _data_fits_the_model(self) -> "Recipe":
         """Each data section's kind fits the model's source and task; the metric fits the task; defaults by task.
 
         Judged by names only (no file is opened): `validate` looks inside the files and folders.
@@ -489,20 +447,12 @@ class Recipe(_Section):
             ev = self.evaluation
             ev.metric = ev.metric or (TASKS[task].default_metric if task else "accuracy")
             if not fits(ev.metric, task):
-                problems.append(
-                    f"evaluation.metric: {ev.metric} does not fit task {task}; valid: {', '.join(fitting(task))}"
-                )
+                problems.append(f"evaluation.metric: {ev.metric} does not fit task {task}; valid: {', '.join(fitting(task))}")
             elif METRICS[ev.metric].needs_targets and ev.targets is None and kinds.by_name(ev.data) != "folder":
                 problems.append(f"evaluation.targets: missing; {ev.metric} needs targets (an array or a column; an "
                                 "image folder's class subfolders give them)")
-        if (
-            self.training is not None
-            and self.training.targets is None
-            and kinds.by_name(self.training.data) != "folder"
-        ):
-            problems.append(
-                "training.targets: missing (an array or a column; an image folder's class subfolders give them)"
-            )
+        if self.training is not None and self.training.targets is None and kinds.by_name(self.training.data) != "folder":
+            problems.append("training.targets: missing (an array or a column; an image folder's class subfolders give them)")
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -20,22 +20,11 @@ import shutil
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from quantcli.artifacts import (
-    FLOAT_PROGRAM,
-    MANIFEST,
-    PROGRAM,
-    STATE,
-    TIMINGS,
-    canonical,
-    read_manifest,
-    report_path,
-    sha256_file,
-    verify_files,
-)
+from quantcli.artifacts import (FLOAT_PROGRAM, MANIFEST, PROGRAM, STATE, TIMINGS, canonical, read_manifest,
+                                report_path, sha256_file, verify_files)
 from quantcli.errors import ArtifactError
 
 NEVER = "choose another output path; it is never replaced"

@@ -17,8 +17,7 @@ standardized per dimension with fp32's mean and std over those inputs (every dim
 alike). The JSON also holds CPU times, the op counts ORT runs after optimizing each model, the
 machine (CPU model, AVX2/AVX-512/VNNI flags) and the versions.
 
-    python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--markdown]
-                            [--work DIR [--reuse]]
+    python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--markdown] [--work DIR [--reuse]]
 
 A benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
 """
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from bench_build import MODELS, VISION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +56,7 @@ def slug(model: str) -> str:
 def build_in_child(model: str, out: Path) -> dict:
     """Run bench_build.py in a fresh process (zoo PYTHONPATH for vision models); its build.json or the error."""
     paths = [*ZOO_PATH] if model in VISION else []
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(map(str, [*paths, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])),
-    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*paths, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "build.log", "w") as log:
         done = subprocess.run([sys.executable, str(BUILD), model, str(out)], env=env,
@@ -101,9 +98,7 @@ def interleaved(sessions: dict, feed: dict, rounds: int) -> tuple[dict[str, floa
 
 
 def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
-    return (reference * other).sum(1) / np.maximum(
-        np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1), 1e-30
-    )
+    return (reference * other).sum(1) / np.maximum(np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1), 1e-30)
 
 
 def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> dict[str, dict]:
@@ -143,13 +138,11 @@ def measure(info: dict, rounds: int) -> dict:
     for batch in (1, 32):
         feed = {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:]))) for k, v in rows.items()}
         med, cpu = interleaved(sessions, feed, rounds)
-        result[f"batch_{batch}"] = {
-            "ms": {k: round(v, 3) for k, v in med.items()},
-            "ratio_vs": {f: round(med["quantcli"] / med[f], 3) for f in info["ort_flows"]},
-            "speedup_vs_fp32": {k: round(med["fp32"] / v, 3) for k, v in med.items() if k != "fp32"},
-            "cpu_ms": {k: round(v, 3) for k, v in cpu.items()},
-            "cpu_ratio_vs": {f: round(cpu["quantcli"] / cpu[f], 3) for f in info["ort_flows"]},
-        }
+        result[f"batch_{batch}"] = {"ms": {k: round(v, 3) for k, v in med.items()},
+                                    "ratio_vs": {f: round(med["quantcli"] / med[f], 3) for f in info["ort_flows"]},
+                                    "speedup_vs_fp32": {k: round(med["fp32"] / v, 3) for k, v in med.items() if k != "fp32"},
+                                    "cpu_ms": {k: round(v, 3) for k, v in cpu.items()},
+                                    "cpu_ratio_vs": {f: round(cpu["quantcli"] / cpu[f], 3) for f in info["ort_flows"]}}
     result["fidelity"] = fidelity(sessions, rows)
     result["ops"] = {name: graph_ops(path) for name, path in info["sessions"].items() if name != "fp32"}
     return result
@@ -183,8 +176,7 @@ def label(model: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':26} {'batch':>5} {'fp32 ms':>9} {'ORT flow':20} {'ORT ms':>9} {'quantcli ms':>11} "
-            f"{'q/ORT':>6} {'vs fp32':>7}")
+    head = f"{'model':26} {'batch':>5} {'fp32 ms':>9} {'ORT flow':20} {'ORT ms':>9} {'quantcli ms':>11} {'q/ORT':>6} {'vs fp32':>7}"
     lines = [head]
     for row in rows:
         if "error" in row:
@@ -193,11 +185,8 @@ def table(rows: list[dict]) -> str:
         for batch in (1, 32):
             b = row[f"batch_{batch}"]
             for flow in row["ort_flows"]:
-                lines.append(
-                    f"{label(row['model']):26} {batch:>5} {b['ms']['fp32']:>9.3f} {flow:20} {b['ms'][flow]:>9.3f} "
-                    f"{b['ms']['quantcli']:>11.3f} {b['ratio_vs'][flow]:>6.3f} "
-                    f"{b['speedup_vs_fp32']['quantcli']:>6.2f}x"
-                )
+                lines.append(f"{label(row['model']):26} {batch:>5} {b['ms']['fp32']:>9.3f} {flow:20} {b['ms'][flow]:>9.3f} "
+                             f"{b['ms']['quantcli']:>11.3f} {b['ratio_vs'][flow]:>6.3f} {b['speedup_vs_fp32']['quantcli']:>6.2f}x")
     lines += ["", f"{'model':26} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} "
                   f"{'std-cos worst':>13} {'input-dep':>9}"]
     for row in rows:
@@ -217,8 +206,7 @@ def cpu_words(m: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The tables of docs/performance.md: latency per model and batch, then fidelity where the output varies
-    with the input."""
+    """The tables of docs/performance.md: latency per model and batch, then fidelity where the output varies with the input."""
     m = report["machine"]
     lines = [f"Medians of {report['rounds']} interleaved rounds in one run on {cpu_words(m)}, {m['threads']} threads, "
              f"ONNX Runtime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}.", "",
@@ -229,10 +217,8 @@ def markdown(report: dict) -> str:
         for batch in (1, 32):
             b = row[f"batch_{batch}"]
             for flow in row["ort_flows"]:
-                lines.append(
-                    f"| {label(row['model'])} | {batch} | {b['ms']['fp32']:.4g} | `{flow}` | {b['ms'][flow]:.4g} | "
-                    f"{b['ms']['quantcli']:.4g} | {b['ratio_vs'][flow]:.3f} | {b['speedup_vs_fp32']['quantcli']:.2f}x |"
-                )
+                lines.append(f"| {label(row['model'])} | {batch} | {b['ms']['fp32']:.4g} | `{flow}` | {b['ms'][flow]:.4g} | "
+                             f"{b['ms']['quantcli']:.4g} | {b['ratio_vs'][flow]:.3f} | {b['speedup_vs_fp32']['quantcli']:.2f}x |")
     lines += ["", "| model | int8 model | cosine to fp32, mean | worst | standardized cosine, mean | worst |",
               "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -254,9 +240,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--work", type=Path, help="keep every model file here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="time the models already built under --work")
-    parser.add_argument(
-        "--markdown", action="store_true", help="also print the tables of docs/performance.md in Markdown"
-    )
+    parser.add_argument("--markdown", action="store_true", help="also print the tables of docs/performance.md in Markdown")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m] + [str(Path(r).resolve()) for r in args.recipes]
     unknown = [m for m in models if m not in MODELS and not Path(m).is_file()]

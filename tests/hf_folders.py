@@ -8,9 +8,8 @@ uses these too, for the bundled examples.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 

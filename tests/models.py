@@ -11,8 +11,7 @@ Usable from a recipe as "tests.models:resnet" or "tests/models.py:resnet".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn

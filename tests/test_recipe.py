@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantcli import pipeline, references
-from quantcli import recipe as recipes
+from quantcli import pipeline, recipe as recipes, references
 from quantcli.errors import ArtifactError, InputError, RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +73,7 @@ def test_every_problem_is_reported_at_once_with_its_dotted_key_path():
 
 
 def test_an_unknown_key_with_no_close_match_lists_the_valid_ones():
-    assert problems(edited(export={"zzz": 1})) == [
-        "export.zzz: unknown key; valid keys: opset, parity_max_excess_db, parity_min_sqnr_db"
-    ]
+    assert problems(edited(export={"zzz": 1})) == ["export.zzz: unknown key; valid keys: opset, parity_max_excess_db, parity_min_sqnr_db"]
 
 
 def test_an_unknown_quantization_target_gets_a_did_you_mean():
@@ -88,39 +85,24 @@ def test_an_unknown_quantization_target_gets_a_did_you_mean():
     assert set(quantizers.TARGETS) == {"onnxruntime", "x86_inductor"}  # the registry the schema checks against
 
 
-@pytest.mark.parametrize(
-    "data, expected",
-    [
-        (None, "the recipe is empty"),
-        ([1, 2], "the recipe must be a YAML mapping, got list"),
-        ("model", "the recipe must be a YAML mapping, got str"),
-        ({}, "model: Field required"),
-        (
-            {"model": {"factory": "model.py"}, "inputs": [{"name": "x", "shape": [1]}]},
-            'model.factory: must look like "file.py:callable" or "package.module:callable"',
-        ),
-        (edited(inputs=[]), "inputs: Value should have at least 1 item after validation, not 0"),
-        (
-            edited(inputs=[{"name": "x", "shape": [2, 3], "dynamic_axes": {2: "n"}}]),
-            "inputs.0: dynamic_axes: axis 2 is outside shape [2, 3]",
-        ),
-        (edited(inputs=[{"name": "x", "shape": [2]}, {"name": "x", "shape": [2]}]), "inputs: duplicate names ['x']"),
-        (edited(calibration={"data": "d.npz", "keys": {"y": "a"}}), "keys name unknown inputs ['y']; inputs are ['x']"),
-        (edited(calibration={"data": ""}), "calibration.data: String should have at least 1 character"),
-        (
-            edited(calibration={"data": "d.npz", "batch_size": 0}),
-            "calibration.batch_size: Input should be greater than 0",
-        ),
-        (
-            edited(training={"data": "d.npz", "targets": "y", "freeze_bn_after": 1.5}),
-            "training.freeze_bn_after: a float must be a fraction of the steps in (0, 1); an int is a step",
-        ),
-        (
-            edited(training={"data": "d.npz", "targets": "y", "optimizer": {"name": "lion"}}),
-            "training.optimizer: unknown optimizer 'lion'; valid: sgd, adamw",
-        ),
-    ],
-)
+@pytest.mark.parametrize("data, expected", [
+    (None, "the recipe is empty"),
+    ([1, 2], "the recipe must be a YAML mapping, got list"),
+    ("model", "the recipe must be a YAML mapping, got str"),
+    ({}, "model: Field required"),
+    ({"model": {"factory": "model.py"}, "inputs": [{"name": "x", "shape": [1]}]},
+     'model.factory: must look like "file.py:callable" or "package.module:callable"'),
+    (edited(inputs=[]), "inputs: Value should have at least 1 item after validation, not 0"),
+    (edited(inputs=[{"name": "x", "shape": [2, 3], "dynamic_axes": {2: "n"}}]), "inputs.0: dynamic_axes: axis 2 is outside shape [2, 3]"),
+    (edited(inputs=[{"name": "x", "shape": [2]}, {"name": "x", "shape": [2]}]), "inputs: duplicate names ['x']"),
+    (edited(calibration={"data": "d.npz", "keys": {"y": "a"}}), "keys name unknown inputs ['y']; inputs are ['x']"),
+    (edited(calibration={"data": ""}), "calibration.data: String should have at least 1 character"),
+    (edited(calibration={"data": "d.npz", "batch_size": 0}), "calibration.batch_size: Input should be greater than 0"),
+    (edited(training={"data": "d.npz", "targets": "y", "freeze_bn_after": 1.5}),
+     "training.freeze_bn_after: a float must be a fraction of the steps in (0, 1); an int is a step"),
+    (edited(training={"data": "d.npz", "targets": "y", "optimizer": {"name": "lion"}}),
+     "training.optimizer: unknown optimizer 'lion'; valid: sgd, adamw"),
+])
 def test_invalid_values_name_their_key(data, expected):
     assert any(expected in p for p in problems(data)), problems(data)
 
@@ -246,9 +228,7 @@ def test_a_recipe_that_changes_earlier_sections_is_refused_naming_the_stage(chan
 # --- names come from the registries that execute them --------------------------------------------
 
 def test_an_option_the_target_ignores_is_an_error_where_written_but_a_recorded_recipe_reloads():
-    problem = problems(
-        edited(quantization={"target": "x86_inductor", "exclude_names": ["head.*"], "observer": "minmax"})
-    )
+    problem = problems(edited(quantization={"target": "x86_inductor", "exclude_names": ["head.*"], "observer": "minmax"}))
     assert problem == ["quantization: target 'x86_inductor' ignores exclude_names, observer; remove them or use the "
                        "onnxruntime target"]
     written = recipes.parse(edited(quantization={"target": "x86_inductor"}))

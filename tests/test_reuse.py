@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from quantcli import artifacts
+
 from tests.conftest import assert_fails, cli, snapshot
 
 

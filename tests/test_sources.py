@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 
-from quantcli import recipe as recipes
-from quantcli import stages
+from quantcli import recipe as recipes, stages
 from quantcli.errors import ArtifactError, DataError
-from quantcli.report.metrics import METRICS, fits
 from quantcli.sources.build import BUILDERS
+from quantcli.report.metrics import METRICS, fits
 from quantcli.sources.names import SOURCES, TASKS
 from tests import byo
 from tests.conftest import session_dir

@@ -89,6 +89,4 @@ def test_zoo_preprocessing_weights_and_names(tmp_path):
     kind, code, line = out["mismatch"]
     assert (kind, code) == ("ModelError", 3) and "does not fit the architecture" in line \
         and "width_mult" not in line and "pass the constructor's keyword arguments (model.kwargs)" in line
-    assert (
-        out["timm_unknown"][:2] == ["RecipeError", 2] and "did you mean 'test_efficientnet'?" in out["timm_unknown"][2]
-    )
+    assert out["timm_unknown"][:2] == ["RecipeError", 2] and "did you mean 'test_efficientnet'?" in out["timm_unknown"][2]

@@ -23,10 +23,9 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -151,8 +150,7 @@ def tv_mobilenet_v2():
 
 def tv_mobilenet_v3():
     """mobilenet_v3_small's first blocks: ReLU and Hardswish, squeeze-excitation (Hardsigmoid)."""
-    from torchvision.models.mobilenetv3 import InvertedResidualConfig as Block
-    from torchvision.models.mobilenetv3 import MobileNetV3
+    from torchvision.models.mobilenetv3 import InvertedResidualConfig as Block, MobileNetV3
 
     setting = [Block(16, 3, 16, 16, True, "RE", 2, 1, 1.0), Block(16, 3, 72, 24, False, "RE", 2, 1, 1.0),
                Block(24, 5, 96, 40, True, "HS", 2, 1, 1.0), Block(40, 5, 240, 40, True, "HS", 1, 1, 1.0)]
@@ -301,16 +299,8 @@ def hf_gpt2():
     """GPT2LMHeadModel (Conv1D layers, tied LM head) -> logits."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        bos_token_id=1,
-        eos_token_id=2,
-        n_positions=64,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        use_cache=False,
-    )  # logits only: no empty key/value cache concatenated in
+    config = GPT2Config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                        use_cache=False)  # logits only: no empty key/value cache concatenated in
     return seeded(lambda: _hf()[2](GPT2LMHeadModel(config)))
 
 
@@ -337,23 +327,10 @@ def hf_whisper_encoder():
     import torch
     from transformers import WhisperConfig, WhisperModel
 
-    config = WhisperConfig(
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-        num_mel_bins=WHISPER_MELS,
-        d_model=64,
-        encoder_layers=2,
-        encoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_layers=1,
-        decoder_attention_heads=4,
-        decoder_ffn_dim=128,
-        max_source_positions=WHISPER_FRAMES // 2,
-        max_target_positions=16,
-    )
+    config = WhisperConfig(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, num_mel_bins=WHISPER_MELS, d_model=64, encoder_layers=2,
+                           encoder_attention_heads=4, encoder_ffn_dim=128, decoder_layers=1,
+                           decoder_attention_heads=4, decoder_ffn_dim=128, max_source_positions=WHISPER_FRAMES // 2,
+                           max_target_positions=16)
 
     def build():
         encoder = WhisperModel(config).get_encoder()

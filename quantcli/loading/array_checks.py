@@ -6,8 +6,7 @@ way with these; no numpy here, so `validate` stays instant.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Sequence
 
 from quantcli.loading.dtypes import DTYPES, UNSAFE, cast_kind
 from quantcli.recipe import InputSpec

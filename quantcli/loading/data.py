@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 

@@ -5,13 +5,12 @@ Model factories, data factories and custom losses are user code: importing them 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
+import hashlib
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantcli.errors import InputError
 from quantcli.references import split_callable

@@ -11,8 +11,7 @@ would otherwise be an island.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 # Op types (any domain) that carry out a Conv/MatMul/Gemm in integer arithmetic.
 INTEGER_KERNELS = frozenset({

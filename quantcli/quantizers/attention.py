@@ -16,8 +16,7 @@ graph, so prepare in another process builds the same nodes under the same names.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -36,7 +35,7 @@ def sdpa_arguments(node: Node) -> dict[str, Any]:
     return bound
 
 
-def _val(arg) -> torch.Tensor | None:
+def _val(arg) -> Optional[torch.Tensor]:
     val = arg.meta.get("val") if isinstance(arg, Node) else None
     return val if isinstance(val, torch.Tensor) else None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 from fnmatch import fnmatchcase
+from typing import Optional
 
 from quantcli.errors import RecipeError
 from quantcli.quantizers.specs import Setting
@@ -40,15 +41,15 @@ class Policy:
     def __init__(self, q: QuantizationSection, *, qat: bool):
         self.q = q
         self.qat = qat
-        self._cache: dict[tuple, Setting | None] = {}
+        self._cache: dict[tuple, Optional[Setting]] = {}
 
-    def setting(self, node) -> Setting | None:
+    def setting(self, node) -> Optional[Setting]:
         key = module_scope(node)
         if key not in self._cache:
             self._cache[key] = self._resolve(*key)
         return self._cache[key]
 
-    def _resolve(self, paths: tuple[str, ...], types: tuple[str, ...]) -> Setting | None:
+    def _resolve(self, paths: tuple[str, ...], types: tuple[str, ...]) -> Optional[Setting]:
         q = self.q
         if _matches(q.exclude_names, paths) or set(q.exclude_types) & set(types):
             return None

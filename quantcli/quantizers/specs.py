@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import lru_cache, partial
 
 import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantize
@@ -32,7 +32,7 @@ class Setting:
     qat: bool
 
 
-@cache
+@lru_cache(maxsize=None)
 def activation_spec(s: Setting) -> QuantizationSpec:
     dtype, qmin, qmax = (torch.uint8, 0, 255) if s.act_dtype == "uint8" else (torch.int8, -128, 127)
     qscheme = torch.per_tensor_symmetric if s.act_symmetric else torch.per_tensor_affine
@@ -44,7 +44,7 @@ def activation_spec(s: Setting) -> QuantizationSpec:
                             observer_or_fake_quant_ctr=ctr)
 
 
-@cache
+@lru_cache(maxsize=None)
 def weight_spec(s: Setting, axis: int) -> QuantizationSpec:
     """int8 weights; `axis` is the output-channel axis (used when per-channel)."""
     bits = 7 if s.reduce_range else 8

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+
 from quantcli.loading.data import TARGET_COLUMN, iter_batches, to_tensors
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import runtime

@@ -8,9 +8,8 @@ a metric against the targets ignores it, a metric against the fp32 model (cosine
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 

@@ -20,8 +20,7 @@ PyTorch int8 model is at least that floor).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 

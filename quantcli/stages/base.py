@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from quantcli import artifacts, staging
-from quantcli import recipe as recipes
+from quantcli import artifacts, recipe as recipes, staging
 from quantcli.artifacts import Artifact
 from quantcli.errors import InputError
 from quantcli.recipe import Recipe

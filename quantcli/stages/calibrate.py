@@ -10,17 +10,8 @@ from quantcli.errors import DataError, RecipeError
 from quantcli.loading.data import iter_batches, samples_in, to_tensors
 from quantcli.loading.headers import check_sources
 from quantcli.recipe import CalibrationSection, Recipe
-from quantcli.stages.base import (
-    Progress,
-    StageResult,
-    carry_program,
-    data_hashes,
-    no_progress,
-    produce,
-    recipe_for,
-    restore_prepared,
-    save_state,
-)
+from quantcli.stages.base import (Progress, StageResult, carry_program, data_hashes, no_progress, produce,
+                                  recipe_for, restore_prepared, save_state)
 
 
 def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> CalibrationSection:

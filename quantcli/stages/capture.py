@@ -6,8 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts, diagnose, references
-from quantcli import recipe as recipes
+from quantcli import artifacts, diagnose, recipe as recipes, references
 from quantcli.errors import QuantCliError, RecipeError
 from quantcli.loading.data import iter_batches, to_tensors
 from quantcli.loading.files import reader

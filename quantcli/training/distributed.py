@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from quantcli.errors import RecipeError
 

@@ -9,10 +9,9 @@ model's output SQNR against fp32, the worst output's).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,6 +21,7 @@ from quantcli.onnx import runtime
 from quantcli.recipe import Recipe
 from quantcli.report.metrics import METRICS
 from quantcli.report.parity import Powers
+
 
 GAIN_DB = 1.0  # less output SQNR gain than this does not justify changing a layer
 
