@@ -61,20 +61,22 @@ def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, resum
 def validate(recipe_path: str | Path) -> dict[str, Any]:
     """Schema, referenced files and what they hold, without importing torch; raises with every problem listed.
 
-    Exit 2 when the schema has problems (missing files are listed with them), else 3 for missing
-    files, then 3 for what a model folder or data file lacks (a config, a column, images, class
-    folders) and for data arrays that do not fit the inputs (names, dtypes, shapes, sample counts).
+    Exit 2 when the schema has problems or the recipe needs an optional package that is not installed
+    (missing files are listed with them), else 3 for missing files, then 3 for what a model folder or data
+    file lacks (a config, a column, images, class folders) and for data arrays that do not fit the inputs (names, dtypes, shapes, sample counts).
     """
     path = Path(recipe_path)
     data = recipes.read_yaml(path)
     recipe, problems = recipes.schema_problems(data)
     missing = references.file_problems(data, path.resolve().parent)
-    if recipe is None:
+    if recipe is not None:
+        recipe = recipes.resolve_paths(recipe, path.resolve().parent)
+        problems = file_checks.extra_problems(recipe)
+    if problems:
         problems += missing
         raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
     if missing:
         raise InputError(f"{path}: " + "; ".join(missing))
-    recipe = recipes.resolve_paths(recipe, path.resolve().parent)
     problems = file_checks.problems(recipe) + headers.data_problems(recipe)
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))

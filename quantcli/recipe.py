@@ -17,14 +17,15 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 
 from quantcli.errors import ArtifactError, InputError, RecipeError
+# Layer 0 only: errors, file references and the torch-free name registries beside their owners
+# (tests/test_layers.py checks it); nothing here imports numpy or torch.
 from quantcli.loading import kinds
-from quantcli.loading.dtypes import NUMPY_DTYPES
-from quantcli.quantizers import TARGETS
-from quantcli.quantizers.names import OBSERVERS
-from quantcli.numerics.metrics import METRICS, fits, fitting
-from quantcli.sources.names import POOLINGS, SOURCES, TASKS, ZOO_TASK
-from quantcli.training.objectives import LOSSES, OPTIMIZERS
+from quantcli.loading.dtypes import DTYPES
+from quantcli.quantizers.names import OBSERVERS, TARGETS
 from quantcli.references import file_values, resolve_path, split_callable
+from quantcli.numerics.names import METRICS, fits, fitting
+from quantcli.sources.names import POOLINGS, SOURCES, TASKS, ZOO_TASK
+from quantcli.training.names import LOSSES, OPTIMIZERS
 
 
 class _Section(BaseModel):
@@ -146,7 +147,7 @@ class DynamicAxis(_Section):
 class InputSpec(_Section):
     name: str = Field(description="input name, in forward() order; becomes the ONNX input name")
     shape: list[int] = Field(description="example shape used at capture")
-    dtype: Literal[tuple(NUMPY_DTYPES)] = "float32"  # type: ignore[valid-type]
+    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
     dynamic_axes: dict[int, Union[str, DynamicAxis]] | None = Field(
         default=None, description='axis -> symbol, or {name, min, max}; default {0: "batch"}; {} makes every '
         "axis static")
@@ -327,10 +328,10 @@ class QuantizationSection(_Section):
     def _options_the_target_reads(self, info: ValidationInfo) -> "QuantizationSection":
         """An option the target ignores is an error where the user wrote it (recorded recipes hold every
         default and the resolved values, so they are not judged)."""
-        reads = TARGETS.get(self.target)
-        if not (info.context or {}).get("written") or reads is None or reads.options is None:
+        options = TARGETS.get(self.target)  # None: unknown (reported above) or every option
+        if not (info.context or {}).get("written") or options is None:
             return self
-        ignored = sorted(self.model_fields_set - {"target"} - reads.options)
+        ignored = sorted(self.model_fields_set - {"target"} - options)
         if ignored:
             raise ValueError(f"target {self.target!r} ignores {', '.join(ignored)}; remove "
                              f"{'them' if len(ignored) > 1 else 'it'} or use the onnxruntime target")

@@ -24,7 +24,7 @@ from tests.conftest import (ANSI, DIGITS_RECIPE, ROOT, STAGES, assert_fails, cli
 
 # --- start-up: no torch where none is needed ---------------------------------------------------------
 
-def test_version_help_and_validate_do_not_import_torch():
+def test_version_help_and_validate_do_not_import_torch_or_numpy():
     probe = textwrap.dedent(f"""
         import contextlib, io, json, sys
         from quantcli.cli import main
@@ -36,7 +36,7 @@ def test_version_help_and_validate_do_not_import_torch():
                     main(argv)
                 except SystemExit as exc:
                     codes.append(exc.code)
-        heavy = sorted(m for m in ("torch", "torchao", "onnx", "onnxruntime") if m in sys.modules)
+        heavy = sorted(m for m in ("torch", "torchao", "onnx", "onnxruntime", "numpy") if m in sys.modules)
         print(json.dumps({{"codes": codes, "heavy": heavy}}))
     """)
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), cwd=ROOT)

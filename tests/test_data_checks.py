@@ -208,9 +208,52 @@ def test_headers_of_npz_and_npy_folders_are_read_without_the_data(tmp_path):
     np.savez_compressed(tmp_path / "c.npz", x=np.zeros((5, 2, 3), np.float64), y=np.arange(5))
     (tmp_path / "folder").mkdir()
     np.save(tmp_path / "folder" / "x.npy", np.zeros((7, 3), np.int32))
-    assert headers.headers(tmp_path / "c.npz") == {"x": headers.Header(np.dtype("float64"), (5, 2, 3)),
-                                                   "y": headers.Header(np.dtype("int64"), (5,))}
-    assert headers.headers(tmp_path / "folder") == {"x": headers.Header(np.dtype("int32"), (7, 3))}
+    found = {name: (str(h.dtype), h.shape) for name, h in headers.headers(tmp_path / "c.npz").items()}
+    assert found == {"x": ("float64", (5, 2, 3)), "y": ("int64", (5,))}
+    assert {n: (str(h.dtype), h.shape) for n, h in headers.headers(tmp_path / "folder").items()} == {"x": ("int32", (7, 3))}
+
+
+DTYPE_ZOO = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+             "bool", "complex64", ">f4", ">i8", "<U3", "S2", "object", "datetime64[ns]", [("a", "<f4"), ("b", "<i2")]]
+
+
+@pytest.mark.parametrize("dtype", DTYPE_ZOO, ids=str)
+@pytest.mark.parametrize("version", [1, 2])
+def test_npy_headers_parse_as_numpy_reads_them(tmp_path, dtype, version):
+    """The header parser gives numpy's dtype name, kind and size, and the policy numpy's dtypes get."""
+    from numpy.lib import format as npy
+
+    from quantcli.loading.dtypes import DTYPES, cast_kind
+
+    want = np.dtype(dtype)
+    path = tmp_path / "a.npy"
+    write = npy.write_array_header_1_0 if version == 1 else npy.write_array_header_2_0
+    with open(path, "wb") as fh:
+        write(fh, {"descr": npy.dtype_to_descr(want), "fortran_order": False, "shape": (3, 2)})
+    with open(path, "rb") as fh:
+        header = headers._read_header(fh)
+    assert header.shape == (3, 2)
+    if want.fields is None:
+        assert (str(header.dtype), header.dtype.kind) == (str(want), want.kind)
+    if want.kind in "biufcUS":  # the sizes the policy reads (an object's pointer size it does not)
+        assert header.dtype.itemsize == want.itemsize
+    for name in DTYPES:
+        assert cast_kind(header.dtype, DTYPES[name]) == cast_kind(want, np.dtype(name)), name
+
+
+@pytest.mark.filterwarnings("ignore:Stored array in format 3.0")
+def test_a_version_3_npy_header_is_read(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros(4, dtype=[("\u03b1", "<f4")]))  # a non-latin-1 field name: format 3.0
+    assert (tmp_path / "x.npy").read_bytes()[6] == 3
+    assert headers.headers(tmp_path)["x"].shape == (4,)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x93NUMPY", b"not numpy at all", b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'",
+                                     b"\x93NUMPY\x09\x00\x00\x00"])
+def test_a_bad_npy_header_is_a_value_error(tmp_path, content):
+    (tmp_path / "x.npy").write_bytes(content)
+    with pytest.raises((ValueError, EOFError)):
+        headers.headers(tmp_path)
 
 
 @pytest.mark.parametrize("case", ["targets", "key", "npy-folder", "dtype", "shape", "counts", "empty"])

@@ -242,9 +242,10 @@ def test_an_option_the_target_ignores_is_an_error_where_written_but_a_recorded_r
     ("optimizer", {"name": "adam"}, "unknown optimizer 'adam'; did you mean 'adamw'?; valid: sgd, adamw"),
 ])
 def test_training_names_come_from_the_objectives_registry(section, value, message):
-    from quantcli.training.objectives import LOSSES, OPTIMIZERS
+    from quantcli.training import names, objectives
 
-    assert set(LOSSES) == {"cross_entropy", "mse"} and set(OPTIMIZERS) == {"sgd", "adamw"}
+    assert set(objectives.LOSSES) == set(names.LOSSES) == {"cross_entropy", "mse"}
+    assert set(names.OPTIMIZERS) == {"sgd", "adamw"}
     training = {"data": "d.npz", "targets": "y", section: value}
     assert any(message in p for p in problems(edited(training=training))), problems(edited(training=training))
 
@@ -256,8 +257,8 @@ def test_a_training_data_callable_is_refused_at_validation_with_the_reason():
 
 
 def test_input_dtypes_are_the_loaders():
-    from quantcli.loading.dtypes import NUMPY_DTYPES
+    from quantcli.loading.dtypes import DTYPES
 
-    names = [repr(n) for n in NUMPY_DTYPES]
+    names = [repr(n) for n in DTYPES]
     assert problems(edited(inputs=[{"name": "x", "shape": [1], "dtype": "float64"}])) == [
         f"inputs.0.dtype: Input should be {', '.join(names[:-1])} or {names[-1]}"]

@@ -14,8 +14,8 @@ import pytest
 
 from quantcli import recipe as recipes, stages
 from quantcli.errors import ArtifactError, DataError
-from quantcli.loading.model import BUILDERS
 from quantcli.numerics.metrics import METRICS, fits
+from quantcli.sources.build import BUILDERS
 from quantcli.sources.names import SOURCES, TASKS
 from tests import byo
 from tests.conftest import session_dir
@@ -219,7 +219,7 @@ def test_missing_task_weights_are_named(hf, caplog):
 def test_a_model_that_specializes_the_sequence_is_captured_with_it_static(caplog):
     import torch
 
-    from quantcli.loading.model import Built
+    from quantcli.sources.base import Built
     from quantcli.stages.capture import _capture
 
     class Positions(torch.nn.Module):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import yaml
 
-from quantcli.report import metrics
+from quantcli.numerics import metrics
 
 from tests.conftest import DIGITS, assert_fails, cli
 

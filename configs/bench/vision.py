@@ -6,7 +6,7 @@ whose PYTHONPATH starts with `tests/zoo_site:.venv/zoo` (bench.py does that for 
 builds; see tests/zoo_site/sitecustomize.py for why).
 
 Weights are the libraries' own random initialisation; normalisation statistics are redrawn in the
-ranges of trained networks (FIELD-NOTES: with the default mean 0 / var 1 / gamma 1 / beta 0 deep
+ranges of trained networks (with the default mean 0 / var 1 / gamma 1 / beta 0 deep
 random CNNs have vanishing outputs): BatchNorm mean and beta uniform in +-0.2, var in 0.5-2, gamma
 in 0.6-1.4; LayerNorm gamma/beta likewise; ConvNeXt's layer scale (initialised to 1e-6, which
 would make every block a no-op) uniform in 0.1-0.5.

@@ -24,7 +24,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from quantcli.errors import DataError
-from quantcli.loading.dtypes import NUMPY_DTYPES, RANGE, SAME, UNSAFE, cast_kind
+from quantcli.loading.array_checks import array_note, dtype_problem, missing_array, role_of, shape_problem
+from quantcli.loading.dtypes import RANGE, SAME, cast_kind
 from quantcli.loading.factory import load_callable
 from quantcli.recipe import InputSpec
 from quantcli.references import split_callable
@@ -56,15 +57,6 @@ def open_arrays(spec: str, what: str) -> Mapping[str, Any]:
     return arrays
 
 
-def missing_array(what: str, name: str, found: Any, role: str) -> str:
-    """The one wording of an array the data lacks, shared with `validate`'s header checks."""
-    return f"{what}: no array {name!r} in the data; it has {sorted(found)} ({role})"
-
-
-def role_of(name: str, array: str, what: str) -> str:
-    return f"for input {name!r}, mapped by {what}.keys" if array != name else f"for input {name!r}"
-
-
 def _get(arrays: Mapping[str, Any], name: str, what: str, role: str) -> np.ndarray:
     if name not in arrays:
         raise DataError(missing_array(what, name, arrays, role))
@@ -72,41 +64,6 @@ def _get(arrays: Mapping[str, Any], name: str, what: str, role: str) -> np.ndarr
         return arrays[name]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"{what}: cannot read array {name!r}: {exc}") from None
-
-
-# ------------------------------------------------------------------ checks shared with `validate`
-def shape_problem(spec: InputSpec, shape: Sequence[int], sample_axis: bool = True) -> str | None:
-    """What is wrong with data of `shape` for `spec` (rank, static sizes, dynamic bounds), or None.
-
-    With `sample_axis` the shape is a whole source's (axis 0 counts samples, not a batch), so axis 0
-    is not compared; a batch (`sample_axis=False`) is checked on every axis."""
-    shape = list(shape)
-    if len(shape) != len(spec.shape):
-        return f"input {spec.name!r} has shape {shape}, expected rank {len(spec.shape)} like {spec.shape}"
-    bounds = spec.bounds()
-    for axis, (got, want) in enumerate(zip(shape, spec.shape)):
-        dim = bounds.get(axis)
-        if sample_axis and axis == 0:
-            continue
-        if dim is None and got != want:
-            return f"input {spec.name!r} has shape {shape}; axis {axis} must be {want} (static in the recipe)"
-        if dim is not None and ((dim.min is not None and got < dim.min) or (dim.max is not None and got > dim.max)):
-            return (f"input {spec.name!r} has shape {shape}; axis {axis} ({dim.name}) must be within "
-                    f"{dim.range()} (its bounds in the recipe)")
-    return None
-
-
-def dtype_problem(spec: InputSpec, have: Any, array: str) -> str | None:
-    """An unsafe dtype for `spec` (see dtypes.cast_kind), or None when it is the same or safely castable."""
-    want = np.dtype(NUMPY_DTYPES[spec.dtype])
-    if cast_kind(np.dtype(have), want) != UNSAFE:
-        return None
-    return (f"input {spec.name!r}{_array_note(spec.name, array)} is {np.dtype(have)} in the data but the recipe "
-            f"declares {want}; a cast would change its values (convert the data, or declare the input's dtype)")
-
-
-def _array_note(name: str, array: str) -> str:
-    return f" (array {array!r})" if array != name else ""
 
 
 def check_batch(batch: Mapping[str, Any], inputs: list[InputSpec], what: str, sample_axis: bool = True) -> None:
@@ -161,7 +118,7 @@ def conform(batch: dict[str, np.ndarray], inputs: list[InputSpec], where: Where)
     out = dict(batch)
     for spec in inputs:
         out[spec.name] = _cast(batch[spec.name], spec, where)
-        _finite(out[spec.name], f"input {spec.name!r}{_array_note(spec.name, where.arrays.get(spec.name, spec.name))} "
+        _finite(out[spec.name], f"input {spec.name!r}{array_note(spec.name, where.arrays.get(spec.name, spec.name))} "
                 "holds", where)
     if TARGET_COLUMN in batch:
         _finite(batch[TARGET_COLUMN], "the targets hold", where)
@@ -169,7 +126,7 @@ def conform(batch: dict[str, np.ndarray], inputs: list[InputSpec], where: Where)
 
 
 def _cast(arr: np.ndarray, spec: InputSpec, where: Where) -> np.ndarray:
-    want = np.dtype(NUMPY_DTYPES[spec.dtype])
+    want = np.dtype(spec.dtype)
     kind = cast_kind(arr.dtype, want)
     if kind == SAME:
         return arr
@@ -181,10 +138,10 @@ def _cast(arr: np.ndarray, spec: InputSpec, where: Where) -> np.ndarray:
         info = np.iinfo(want)
         low, high = arr.min(), arr.max()
         if low < info.min or high > info.max:
-            raise DataError(f"{where.label()}: input {spec.name!r}{_array_note(spec.name, array)} is "
+            raise DataError(f"{where.label()}: input {spec.name!r}{array_note(spec.name, array)} is "
                             f"{arr.dtype} with values in [{low}, {high}], outside the recipe's {want}",
                             "declare the input as int64, or fix the data")
-    where.note(f"{where.what}: input {spec.name!r}{_array_note(spec.name, array)} is {arr.dtype} in the data; "
+    where.note(f"{where.what}: input {spec.name!r}{array_note(spec.name, array)} is {arr.dtype} in the data; "
                f"cast to {want}, the recipe's dtype")
     with np.errstate(over="ignore"):  # a value too large for float16 becomes Inf, which _finite reports
         return arr.astype(want)
@@ -377,4 +334,4 @@ def to_tensors(batch: Mapping[str, np.ndarray], inputs: list[InputSpec]) -> tupl
     """The batch as torch tensors in forward() order (conformed batches already have the recipe's dtypes)."""
     import torch
 
-    return tuple(torch.from_numpy(np.require(batch[i.name], NUMPY_DTYPES[i.dtype], ["C", "W"])) for i in inputs)
+    return tuple(torch.from_numpy(np.require(batch[i.name], i.dtype, ["C", "W"])) for i in inputs)

@@ -12,26 +12,50 @@ import csv
 import json
 from pathlib import Path
 
+from quantcli import extras
 from quantcli.errors import QuantCliError
 from quantcli.loading import kinds
 from quantcli.recipe import DataSource, ModelSection, Recipe
-from quantcli.numerics.metrics import METRICS
+from quantcli.numerics.names import METRICS
 from quantcli.sources import hf_folder
 from quantcli.sources.names import TASKS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+SECTIONS = ("calibration", "training", "evaluation")  # the sections holding data
 
 
 def problems(recipe: Recipe) -> list[str]:
     """Every problem found, each naming its key path (paths already resolved against the recipe's folder)."""
     found = _model_problems(recipe.model) if recipe.model.huggingface else []
-    for name in ("calibration", "training", "evaluation"):
+    for name in SECTIONS:
         section = getattr(recipe, name)
         if section is not None:
             found += _data_problems(recipe, name, section)
     return found
+
+
+def extra_problems(recipe: Recipe) -> list[str]:
+    """The optional packages the recipe needs that are not installed, each with the install that provides
+    it (found with importlib.util.find_spec: nothing is imported)."""
+    model, needs = recipe.model, []
+    if model.huggingface:
+        needs.append(("transformers", "model.huggingface"))
+        if model.task and TASKS[model.task].modality == "image":
+            needs.append(("PIL", f"model.huggingface ({model.task})"))
+    for name in SECTIONS:
+        section = getattr(recipe, name)
+        if section is None:
+            continue
+        path, kind = Path(section.data), kinds.by_name(section.data)
+        if kind in ("text", "table"):
+            needs.append(("datasets", f"{name}.data ({path.name})"))
+            if path.suffix.lower() == ".parquet":
+                needs.append(("pyarrow", f"{name}.data ({path.name})"))
+        elif kind == "folder" and path.is_dir() and kinds.of_folder(path) == "images":
+            needs.append(("PIL", f"{name}.data (an image folder)"))
+    return [problem for module, what in needs if (problem := extras.problem(module, what))]
 
 
 def _model_problems(model: ModelSection) -> list[str]:
@@ -74,7 +98,7 @@ def columns(path: Path) -> list[str] | None:
 def _wants_targets(name: str, section: DataSource) -> bool:
     if name == "training":
         return True
-    return name == "evaluation" and METRICS[section.metric].needs_targets  # type: ignore[attr-defined]
+    return name == "evaluation" and METRICS[section.metric].needs_targets
 
 
 def _data_problems(recipe: Recipe, name: str, section: DataSource) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from quantcli import __version__
+from quantcli import __version__, extras
 from quantcli.errors import DataError
 from quantcli.loading import kinds
 from quantcli.loading.data import TARGET_COLUMN, Dataset, check_batch
@@ -38,13 +38,7 @@ def _datasets() -> tuple[Any, str]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import datasets
-    except ModuleNotFoundError as exc:
-        if exc.name != "datasets":
-            raise
-        raise DataError("reading text and table files needs Hugging Face datasets",
-                        "pip install 'quantcli[files]' (datasets, Pillow)") from None
+    datasets = extras.require("datasets", "reading text and table files", DataError)
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
@@ -141,8 +135,7 @@ class FileReader:
 
     def _image_batches(self, files: list[Path], batch_size: int, count: int,
                        targets: bool) -> Iterator[dict[str, np.ndarray]]:
-        from PIL import Image
-
+        Image = extras.require("PIL.Image", f"{self.what}.data: reading images", DataError)
         encode = ImageEncoder(self.recipe, self.what)
         classes = kinds.class_folders(self.path)
         index = self.labels.folders(classes, self.recipe.model.source) if targets else {}

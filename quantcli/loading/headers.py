@@ -1,6 +1,6 @@
 """What a recipe's data files hold, from their array headers alone: names, dtypes, shapes.
 
-`validate` (no torch, well under a second) and the first stage that reads a section use it, so that
+`validate` (no torch, no numpy: well under a second) and the first stage that reads a section use it, so that
 an array the file lacks, an unsafe dtype or a wrong shape fails before any work, not at export.
 Only the headers are read: an .npz member's first bytes through `zipfile`, an .npy file's first
 bytes. Data callables ("file.py:callable") are user code and are not run here; text, tables and
@@ -9,35 +9,56 @@ image folders are checked by loading.file_checks.
 
 from __future__ import annotations
 
+import ast
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-from numpy.lib import format as npy
-
 from quantcli.errors import DataError, InputError
 from quantcli.loading import kinds
 from quantcli.loading.targets import problem as target_problem
-from quantcli.loading.data import dtype_problem, missing_array, role_of, shape_problem
+from quantcli.loading.array_checks import dtype_problem, missing_array, role_of, shape_problem
+from quantcli.loading.dtypes import Dtype, from_descr
 from quantcli.recipe import InputSpec, Recipe
 from quantcli.references import exists
 
 SECTIONS = ("calibration", "training", "evaluation")
 
 
+MAGIC = b"\x93NUMPY"
+
+
 @dataclass(frozen=True)
 class Header:
-    dtype: np.dtype
+    dtype: Dtype
     shape: tuple[int, ...]
 
 
 def _read_header(fh: IO[bytes]) -> Header:
-    version = npy.read_magic(fh)
-    read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-    shape, _, dtype = read(fh)
-    return Header(np.dtype(dtype), tuple(shape))
+    """The dtype and shape of an .npy file from its header: the magic, a version, a length and a Python
+    dict literal ({'descr': '<f4', 'fortran_order': False, 'shape': (8, 3)}), as numpy.lib.format writes it."""
+    magic = fh.read(8)
+    if len(magic) < 8 or magic[:6] != MAGIC:
+        raise ValueError("not an .npy array (bad magic string)")
+    major = magic[6]
+    if major not in (1, 2, 3):
+        raise ValueError(f"unsupported .npy format version {major}.{magic[7]}")
+    size_format = "<H" if major == 1 else "<I"
+    raw = fh.read(struct.calcsize(size_format))
+    if len(raw) < struct.calcsize(size_format):
+        raise EOFError("the .npy header is truncated")
+    (length,) = struct.unpack(size_format, raw)
+    text = fh.read(length)
+    if len(text) < length:
+        raise EOFError("the .npy header is truncated")
+    try:
+        header = ast.literal_eval(text.decode("utf-8" if major == 3 else "latin1"))
+        shape = tuple(int(n) for n in header["shape"])
+        return Header(from_descr(header["descr"]), shape)
+    except (SyntaxError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot parse the .npy header: {exc}") from None
 
 
 def headers(path: Path) -> dict[str, Header]:
@@ -99,7 +120,7 @@ def source_problems(section: str, source: Any, inputs: list[InputSpec] | None) -
 
 def _target_problems(source: Any, header: Header) -> list[str]:
     """The evaluation targets' form for a class-index metric (accuracy), from the header."""
-    from quantcli.report.metrics import METRICS
+    from quantcli.numerics.names import METRICS
 
     metric = getattr(source, "metric", None)
     axes = METRICS[metric].target_axes if metric in METRICS else None

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from quantcli.loading.data import iter_batches
-from quantcli.loading.dtypes import NUMPY_DTYPES
 from quantcli.recipe import DynamicAxis, InputSpec, Recipe
 
 
@@ -17,7 +16,7 @@ def synthetic(inputs: list[InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     batch = {}
     for spec in inputs:
-        dtype = NUMPY_DTYPES[spec.dtype]
+        dtype = np.dtype(spec.dtype)
         if np.issubdtype(dtype, np.floating):
             batch[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
         else:

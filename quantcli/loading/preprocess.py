@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantcli.errors import DataError
-from quantcli.loading.dtypes import NUMPY_DTYPES
 from quantcli.recipe import DataSource, ImageOptions, Recipe
 from quantcli.numerics.metrics import IGNORE
 from quantcli.sources import hf_folder
@@ -90,7 +89,7 @@ def _as_inputs(arrays: dict[str, Any], inputs: Sequence[Any], what: str, maker: 
     missing = [i.name for i in inputs if i.name not in arrays]
     if missing:
         raise DataError(f"{what}: {maker} makes {sorted(arrays)}, not the model input {missing[0]!r}")
-    return {i.name: np.ascontiguousarray(np.asarray(arrays[i.name]), dtype=NUMPY_DTYPES[i.dtype]) for i in inputs}
+    return {i.name: np.ascontiguousarray(np.asarray(arrays[i.name]), dtype=i.dtype) for i in inputs}
 
 
 class Labels:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-import numpy as np
-
 from quantcli.errors import DataError
 
 log = logging.getLogger("quantcli")
@@ -30,13 +28,15 @@ def problem(shape: Sequence[int], dtype: Any, axes: int, metric: str) -> str | N
     if rank != axes + 1:
         return (f"{KEY} has shape {shape}; {metric} needs one class index per "
                 f"{'sample' if axes == 0 else 'token'}, shape {_form(axes)} (one-hot or scores? store their argmax)")
-    if not np.issubdtype(np.dtype(dtype), np.integer):
-        return f"{KEY} is {np.dtype(dtype)}; {metric} needs integer class indices"
+    if getattr(dtype, "kind", None) not in ("i", "u"):  # a numpy dtype or a header's Dtype: no numpy import
+        return f"{KEY} is {dtype}; {metric} needs integer class indices"
     return None
 
 
 def class_indices(targets: Any, axes: int, classes: int, metric: str, ignore: int | None = None) -> np.ndarray:
     """`targets` as integer class indices of rank axes + 1, each in [0, classes) (or `ignore`); a DataError else."""
+    import numpy as np
+
     arr = np.asarray(targets)
     found = problem(arr.shape, arr.dtype, axes, metric)
     if found is not None:

@@ -1,20 +1,22 @@
-"""Evaluation metrics by name, the tasks each fits, and their accumulators (numpy only, no torch).
+"""Evaluation metrics' accumulators (numpy only, no torch), by the names of quantcli.numerics.names.
 
-The recipe schema reads METRICS and `fits` to reject a metric the task cannot have (`validate` stays
-instant); the export report's evaluation streams batches through `Accumulator.update` so memory stays
+The recipe schema reads the names registry to reject a metric the task cannot have (`validate` stays
+instant, without numpy); the export report's evaluation streams batches through `Accumulator.update` so memory stays
 bounded by a batch. Every accumulator sees the fp32 PyTorch output of the same batch as `reference`:
 a metric against the targets ignores it, a metric against the fp32 model (cosine) needs no targets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from quantcli.errors import QuantCliError
 from quantcli.loading.targets import class_indices
+from quantcli.numerics import names
+from quantcli.numerics.names import MetricName, fits, fitting  # noqa: F401  (re-exported)
 
 IGNORE = -100  # a target no metric or loss counts: sub-tokens after a word's first, special tokens, padding
 
@@ -104,31 +106,16 @@ class Cosine(Accumulator):
 
 
 @dataclass(frozen=True)
-class Metric:
-    """A metric: the tasks it fits (None: any, a factory model's too), whether it needs targets."""
+class Metric(MetricName):
+    """A metric of the registry (quantcli.numerics.names) with its accumulator."""
 
-    tasks: tuple[str, ...] | None
-    needs_targets: bool
-    accumulator: Callable[[], Accumulator]
-    percent: bool  # reported and rendered as a share (accuracy) rather than a similarity
-    target_axes: int | None = None  # class-index targets' axes beyond the sample axis (loading.targets)
+    accumulator: Callable[[], Accumulator] = field(kw_only=True)
 
 
-METRICS: dict[str, Metric] = {
-    "accuracy": Metric(("text-classification", "image-classification"), True, Accuracy, True, target_axes=0),
-    "token_accuracy": Metric(("token-classification",), True, TokenAccuracy, True, target_axes=1),
-    "cosine": Metric(None, False, Cosine, False),
-}
-
-
-def fits(metric: str, task: str | None) -> bool:
-    """Whether `metric` can be computed for `task` (a factory model has no task: any metric)."""
-    tasks = METRICS[metric].tasks
-    return task is None or tasks is None or task in tasks
-
-
-def fitting(task: str | None) -> list[str]:
-    return [name for name in METRICS if fits(name, task)]
+_ACCUMULATORS: dict[str, Callable[[], Accumulator]] = {
+    "accuracy": Accuracy, "token_accuracy": TokenAccuracy, "cosine": Cosine}
+METRICS: dict[str, Metric] = {name: Metric(**vars(info), accumulator=_ACCUMULATORS[name])
+                              for name, info in names.METRICS.items()}
 
 
 def summarize(metric: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:

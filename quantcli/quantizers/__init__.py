@@ -1,7 +1,8 @@
-"""Quantization targets: a registry of PT2E quantizers, configured from the recipe.
+"""Quantization targets: a registry of PT2E quantizers, configured from the recipe or a plain config.
 
 `resolve` fills the recipe's "auto" values from the local CPU; `build` returns the
-torchao Quantizer for a resolved `QuantizationSection`. torch and torchao are imported
+torchao Quantizer for a resolved `QuantizationSection`, or for a `QuantizerConfig` (plain values,
+no recipe: the onnxruntime quantizer as a library). torch and torchao are imported
 only inside the target factories, so importing this package stays instant.
 """
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from quantcli.errors import RecipeError
+from quantcli.quantizers import names
+from quantcli.quantizers.config import QuantizerConfig
 from quantcli.quantizers.cpu import PAIR_SAFE, detect_cpu, saturates_u8s8
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,12 +42,10 @@ class Target:
     options: frozenset[str] | None  # None: every option of the section
 
 
-# The registry: the recipe schema validates `quantization.target` (and the options a target
-# ignores) against it; this package imports no torch and not the schema, so both import cheaply.
-TARGETS: dict[str, Target] = {
-    "onnxruntime": Target(_onnxruntime, None),
-    "x86_inductor": Target(_x86_inductor, frozenset()),  # torchao's default configuration
-}
+# The registry: the names and the options each target reads are quantizers.names' (the recipe schema
+# validates against those); this package imports no torch at import time.
+_FACTORIES = {"onnxruntime": _onnxruntime, "x86_inductor": _x86_inductor}
+TARGETS: dict[str, Target] = {name: Target(_FACTORIES[name], options) for name, options in names.TARGETS.items()}
 
 
 def resolve(q: "QuantizationSection") -> "QuantizationSection":
@@ -57,8 +58,11 @@ def resolve(q: "QuantizationSection") -> "QuantizationSection":
     return q.model_copy(update={"target_cpu": cpu, "reduce_range": reduce_range})
 
 
-def build(q: "QuantizationSection", *, qat: bool) -> "Quantizer":
-    """The torchao Quantizer of the target `q.target` (validated by the schema); `q` must be resolved."""
+def build(q: QuantizationSection | QuantizerConfig, *, qat: bool = False) -> Quantizer:
+    """The torchao Quantizer of the target `q.target` (validated by the schema); a section must be resolved,
+    a QuantizerConfig is resolved for this machine here."""
+    if isinstance(q, QuantizerConfig):
+        q = resolve(q.section())
     if q.target_cpu == "auto" or q.reduce_range == "auto":
         raise RecipeError(
             "quantization: target_cpu/reduce_range are still 'auto'",

@@ -26,7 +26,7 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
-from quantcli.quantizers import rewrites
+import quantcli.quantizers.rewrites as rewrites
 from quantcli.quantizers.attention import decompose_sdpa
 from quantcli.quantizers.equalize import equalize_ffn
 from quantcli.quantizers.patterns import BATCH_NORM, KIND, absorbed_pad, is_activation, only_user, positive_scalar, value

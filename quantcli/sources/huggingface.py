@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from quantcli import extras
 from quantcli.errors import ModelError, RecipeError
 from quantcli.recipe import InputSpec, ModelSection, Recipe
 from quantcli.sources import hf_folder
@@ -52,13 +53,7 @@ def _imported() -> Any:
     for key, value in _OFFLINE.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", module=r"transformers\..*")
-    try:
-        import transformers as tf
-    except ModuleNotFoundError as exc:
-        if exc.name != "transformers":
-            raise
-        raise ModelError("model.huggingface: transformers is not installed",
-                         "pip install 'quantcli[huggingface]'") from None
+    tf = extras.require("transformers", "model.huggingface", ModelError)
 
     tf.utils.logging.set_verbosity_error()
     tf.utils.logging.disable_progress_bar()
@@ -160,8 +155,7 @@ def text_inputs(section: ModelSection, model: Any, length: int) -> list[InputSpe
 
 def image_inputs(section: ModelSection) -> list[InputSpec]:
     """The image processor's inputs, shaped as it makes them (it runs on a blank image), dynamic batch."""
-    from PIL import Image
-
+    Image = extras.require("PIL.Image", "model.huggingface: an image model", ModelError)
     processor = image_processor(section)
     out = processor(images=[Image.new("RGB", (640, 480))], return_tensors="np")
     names = list(getattr(processor, "model_input_names", None) or ["pixel_values"])
@@ -252,7 +246,7 @@ def _positions_are_default(model: Any, names: list[str]) -> bool:
 
 def build(recipe: Recipe) -> Any:
     """The wrapped model, the recipe with its inputs resolved, and a static-sequence fallback."""
-    from quantcli.loading.model import Built
+    from quantcli.sources.base import Built
 
     section = recipe.model
     task = TASKS[section.task]

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from quantcli import extras
 from quantcli.errors import InputError, ModelError, RecipeError
 from quantcli.recipe import ImageOptions, InputSpec, Recipe, did_you_mean
 
@@ -44,12 +45,10 @@ def import_torchvision(key: str) -> Any:
     build = "the CPU wheel, from the same package index as torch" if "+cpu" in torch_version else \
         "the build for your torch's CUDA version, from the same package index as torch"
     try:
-        import torchvision.models as models
-    except ModuleNotFoundError as exc:
-        if exc.name != "torchvision":
-            raise
-        raise InputError(f"{key}: torchvision is not installed (torch {torch_version})",
-                         f"pip install torchvision=={pair}.* ({build})") from None
+        models = extras.require("torchvision.models", f"{key} (torch {torch_version})",
+                                hint=f"pip install torchvision=={pair}.* ({build})")
+    except InputError:
+        raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"{key}: torchvision {_version('torchvision')} does not work with torch {torch_version}: "
@@ -92,13 +91,9 @@ def _tv_defaults(name: str, model: Any) -> ImageOptions:
 
 def _timm() -> Any:
     import_torchvision("model.timm")  # timm imports torchvision: name that cause first
-    try:
-        import timm
-        import timm.data
-    except ModuleNotFoundError as exc:
-        if exc.name != "timm":
-            raise
-        raise InputError("model.timm: timm is not installed", "pip install timm") from None
+    timm = extras.require("timm", "model.timm")
+    import timm.data  # noqa: F401  (resolve_data_config)
+
     return timm
 
 
@@ -163,7 +158,7 @@ def image_options(defaults: ImageOptions, override: ImageOptions | None) -> Imag
 
 def build(recipe: Recipe, zoo: Zoo) -> Any:
     """Construct the architecture with the recipe's kwargs, load its weights, resolve its preprocessing."""
-    from quantcli.loading.model import Built
+    from quantcli.sources.base import Built
 
     section = recipe.model
     name = getattr(section, zoo.key)

@@ -89,7 +89,7 @@ def callable_digest(recipe: Recipe, name: str, count: int | None) -> str:
     import itertools
 
     from quantcli.loading.data import BatchDigest, iter_batches
-    from quantcli.report.metrics import METRICS
+    from quantcli.numerics.metrics import METRICS
 
     section = getattr(recipe, name)
     metric = METRICS.get(getattr(section, "metric", None) or "")

@@ -13,7 +13,8 @@ from quantcli.loading.factory import user_sources
 from quantcli.loading.files import reader
 from quantcli.loading.headers import check_sources
 from quantcli.loading.inputs import capture_example, dynamic_shapes
-from quantcli.loading.model import Built, build_model
+from quantcli.sources.base import Built
+from quantcli.sources.build import build_model
 from quantcli.sources.names import TASKS
 from quantcli.stages.base import StageResult, data_hashes, produce, require_files
 

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from quantcli.errors import DataError, InputError, RecipeError
 from quantcli.loading.factory import load_callable
 from quantcli.numerics.metrics import IGNORE  # torch's cross_entropy ignore_index (-100)
+from quantcli.training.names import OPTIMIZERS
 
 Loss = Callable[[Any, Any], Any]  # (output, targets) -> scalar tensor, a mean over the batch
 
@@ -44,7 +45,6 @@ LOSSES: dict[str, tuple[Loss, Callable[[Any, Any], str | None]]] = {
     "cross_entropy": (_cross_entropy, _cross_entropy_shape),
     "mse": (_mse, _mse_shape),
 }
-OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW"}
 
 
 def loss(spec: str) -> Loss:

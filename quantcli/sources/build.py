@@ -6,23 +6,12 @@ model's image preprocessing), which capture records so that later stages read it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from quantcli.errors import ModelError
 from quantcli.loading.factory import load_callable
 from quantcli.recipe import Recipe
-
-
-@dataclass
-class Built:
-    """A model ready to capture, the recipe it was resolved into, and a fallback to try if capture fails."""
-
-    module: Any  # torch.nn.Module in eval mode
-    recipe: Recipe  # inputs (and image preprocessing) resolved
-    fallback: Recipe | None = None  # the same with the sequence axis static, for models that specialize it
-    outputs: list[str] | None = None  # the output names the source gives when the recipe names none
-    details: dict[str, Any] = field(default_factory=dict)  # what the source resolved, for the manifest
+from quantcli.sources.base import Built
 
 
 def _factory(recipe: Recipe) -> Built:
