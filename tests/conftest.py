@@ -32,12 +32,35 @@ STAGES = ("captured", "prepared", "calibrated", "converted")
 ANSI = re.compile(r"\x1b\[")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Start the model zoo's vision runner (minutes of one core) as soon as its tests are collected."""
-    if any(item.nodeid.startswith("tests/test_zoo.py::test_vision_model") for item in items):
+def pytest_configure(config: pytest.Config) -> None:
+    """Name this test run for the zoo's vision runner, in the process that starts the xdist workers."""
+    if not hasattr(config, "workerinput"):  # the controller (or a run without workers): workers inherit it
         from tests import zoo
 
-        zoo.start_vision_runner()
+        zoo.name_test_run()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the model zoo's vision runner (minutes of one core) on the vision models this run selected.
+
+    After deselection (-m, -k, node ids): a run that selects none of them starts nothing.
+    """
+    if session.config.option.collectonly:
+        return
+    from tests import zoo
+
+    selected = [item.callspec.params["name"] for item in session.items
+                if item.nodeid.startswith("tests/test_zoo.py::test_vision_model[")]
+    if selected:
+        zoo.start_vision_runner(selected)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the vision runner if it is still going (a run stopped early, -x) and delete its folder."""
+    if not hasattr(session.config, "workerinput"):
+        from tests import zoo
+
+        zoo.stop_vision_runner()
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -1,4 +1,6 @@
-"""Fail early, say why: the mistakes new users make, through the real CLI.
+"""Fail early, say why: the mistakes new users make, through the real CLI (in this process, `cli`; a new
+process where that is what is tested: torch's logs held back at capture, a captured program loaded by
+another process).
 
 Each case asserts the documented exit code (never 1, the internal error), one line on stderr naming
 the problem, and the stage that catches it: data problems at validate or capture (before prepare),
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import DIGITS, assert_fails, digits_recipe, leftovers, quantcli
+from tests.conftest import DIGITS, assert_fails, cli, digits_recipe, leftovers, quantcli
 
 MODELS = textwrap.dedent('''
     import torch
@@ -101,7 +103,7 @@ def test_safe_casts_are_applied_everywhere_and_said_once(files, tmp_path):
     failed in ONNX Runtime on the uncast parity sample after four stages."""
     recipe = _recipe(tmp_path, calibration={"data": str(files / "f64.npz"), "keys": {"x": "calib_x"}},
                      evaluation={"data": str(files / "f64.npz"), "keys": {"x": "test_x"}, "targets": "test_y"})
-    run = quantcli("run", "--recipe", recipe, "-o", tmp_path / "w")
+    run = cli("run", "--recipe", recipe, "-o", tmp_path / "w")
     assert run.rc == 0, run.stderr
     assert _notes(run.stderr) == [  # capture, calibrate, the parity sample and evaluation read them: said once
         "note: calibration: input 'x' (array 'calib_x') is float64 in the data; cast to float32, the recipe's dtype",
@@ -119,7 +121,7 @@ def test_non_finite_calibration_data_fails_at_capture(files, tmp_path, data, obs
     recipe = _recipe(tmp_path, calibration={"data": str(files / f"{data}.npz"), "keys": {"x": "calib_x"}},
                      quantization={"target": "onnxruntime", "observer": observer})
     work = tmp_path / "new" / "nested" / "w"  # a failed command leaves no folder it created
-    line = assert_fails(quantcli("run", "--recipe", recipe, "-o", work), 3)
+    line = assert_fails(cli("run", "--recipe", recipe, "-o", work), 3)
     assert line == (f"error: calibration batch 1: input 'x' (array 'calib_x') holds {kind} at sample 40 of the data "
                     "(quantization ranges need finite values: fix or drop that sample)")
     assert not (tmp_path / "new").exists()
@@ -132,8 +134,8 @@ def test_a_missing_targets_array_fails_validate_and_run_before_any_stage(tmp_pat
                                            "targets": "y"})
     expected = ("evaluation: no array 'y' in the data; it has ['calib_x', 'calib_y', 'test_x', 'test_y', 'train_x', "
                 "'train_y'] (for the targets, evaluation.targets)")
-    assert_fails(quantcli("validate", recipe), 3, f"{recipe}: {expected}")
-    assert_fails(quantcli("run", "--recipe", recipe, "-o", tmp_path / "w"), 3, expected)
+    assert_fails(cli("validate", recipe), 3, f"{recipe}: {expected}")
+    assert_fails(cli("run", "--recipe", recipe, "-o", tmp_path / "w"), 3, expected)
     assert not (tmp_path / "w").exists()
 
 
@@ -154,7 +156,7 @@ def test_data_dependent_control_flow_is_one_line_naming_the_forward_line(files, 
 
 def test_a_keyword_only_forward_is_refused_before_it_is_called(files, tmp_path):
     recipe = _recipe(tmp_path, model={"factory": f"{files / 'models.py'}:keyword_only"})
-    assert_fails(quantcli("capture", "--recipe", recipe, "-o", tmp_path / "captured"), 3,
+    assert_fails(cli("capture", "--recipe", recipe, "-o", tmp_path / "captured"), 3,
                  "capture failed: forward() takes keyword-only argument(s) 'x', but quantcli passes the recipe's "
                  "inputs (x) positionally, in order (give forward() one positional parameter per recipe input")
 
@@ -199,7 +201,7 @@ def _hf_recipe(folder: Path, seq) -> Path:
 
 
 def test_an_unbounded_sequence_axis_says_how_to_bound_it(hf, tmp_path):
-    line = assert_fails(quantcli("capture", "--recipe", _hf_recipe(hf, "seq"), "-o", tmp_path / "captured"), 2)
+    line = assert_fails(cli("capture", "--recipe", _hf_recipe(hf, "seq"), "-o", tmp_path / "captured"), 2)
     assert line == ("error: capture failed: the model does not accept every size of dynamic axis 'seq' (input_ids "
                     "axis 1, attention_mask axis 1): torch suggests seq = Dim('seq', max=64) (bound it in the "
                     "recipe's dynamic_axes: input_ids {1: {name: seq, max: 64}}, attention_mask {1: {name: seq, "
@@ -214,12 +216,12 @@ def test_a_bert_with_a_bounded_sequence_exports_and_runs_at_three_lengths(hf, tm
 
     recipe = _hf_recipe(hf, {"name": "seq", "min": 1, "max": 64})
     work = tmp_path / "w"
-    run = quantcli("run", "--recipe", recipe, "-o", work)
+    run = cli("run", "--recipe", recipe, "-o", work)
     assert run.rc == 0, run.stderr
     # another process loads the captured program: the ModelOutput was flattened while capturing
     shown = quantcli("inspect", work / "calibrated")
     assert shown.rc == 0 and "  calibration: 4 batches, 32 samples" in shown.stdout.splitlines(), shown.stderr
-    onnx_shown = quantcli("inspect", work / "model.onnx")
+    onnx_shown = cli("inspect", work / "model.onnx")
     assert onnx_shown.rc == 0, onnx_shown.stderr
     lines = onnx_shown.stdout.splitlines()
     assert {"  input input_ids: int64 [batch, seq]", "  input attention_mask: int64 [batch, seq]",
@@ -251,7 +253,7 @@ def test_a_bert_with_a_bounded_sequence_exports_and_runs_at_three_lengths(hf, tm
 
 def test_more_batches_than_exist_is_said_and_the_work_is_recorded(work, tmp_path):
     out = tmp_path / "calibrated"
-    run = quantcli("calibrate", work / "prepared", "-o", out, "--batches", "100")
+    run = cli("calibrate", work / "prepared", "-o", out, "--batches", "100")
     assert run.rc == 0, run.stderr
     assert run.stderr.splitlines()[0] == ("note: calibration: 100 batches asked for, the data holds 7 (200 samples "
                                           "at batch_size 32): using 7")
@@ -268,7 +270,7 @@ def test_an_output_name_near_the_limit_and_none_outputs(files, tmp_path):
     output gets a dotted name."""
     recipe = _recipe(tmp_path, model={"factory": f"{files / 'models.py'}:dict_out"}, outputs=None)
     out = tmp_path / "a" / "b" / ("c" * 250)
-    run = quantcli("capture", "--recipe", recipe, "-o", out)
+    run = cli("capture", "--recipe", recipe, "-o", out)
     assert run.rc == 0, run.stderr
     assert os.listdir(out.parent) == [out.name]
     assert json.loads((out / "manifest.json").read_text())["io"]["outputs"] == ["logits", "extra.0"]
@@ -276,7 +278,7 @@ def test_an_output_name_near_the_limit_and_none_outputs(files, tmp_path):
 
 def test_an_export_whose_report_name_would_be_too_long_is_refused_before_any_work(work, tmp_path):
     out = tmp_path / ("m" * 246 + ".onnx")  # legal, but <name>.report.json is 258 bytes
-    assert_fails(quantcli("export", work / "converted", "-o", out), 4,
+    assert_fails(cli("export", work / "converted", "-o", out), 4,
                  f"cannot write {out}: its report's name is 258 bytes, over the file-name limit of 255")
     assert os.listdir(tmp_path) == []
 
@@ -285,7 +287,7 @@ def test_an_export_whose_report_name_would_be_too_long_is_refused_before_any_wor
 @pytest.mark.parametrize("command, src, name", [("export", "converted", "model.onnx"), ("prepare", "captured", "p")])
 def test_an_unwritable_output_is_exit_4_whichever_stage_finds_it(work, command, src, name):
     out = Path("/sys/kernel") / f"quantcli-{os.getpid()}-{name}"
-    assert_fails(quantcli(command, work / src, "-o", out), 4, f"cannot write {out}: ")
+    assert_fails(cli(command, work / src, "-o", out), 4, f"cannot write {out}: ")
     assert not out.exists()
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import pytest
 
 from tests import zoo
-from tests.conftest import quantcli
 
 # name -> (integer kernels ORT runs, SQNR floor ORT vs fp32 in dB (for CNNs: of the input-dependent
 # part, None where that part is below 0.1 % of the output), raw-output floor (CNNs) or None).
@@ -69,8 +68,8 @@ def assert_result(name: str, result: dict) -> None:
 # ------------------------------------------------------------------ torchvision and timm
 @pytest.fixture(scope="session")
 def vision_results() -> dict:
-    """tests/zoo.py's runner over every vision model: started in the background when the session
-    collected these tests (conftest), read here once it has finished."""
+    """tests/zoo.py's runner over the selected vision models: started in the background when the
+    session selected these tests (conftest), read here once it has finished."""
     results = zoo.vision_results()
     if "failed" in results:
         pytest.fail(results["failed"])
@@ -85,16 +84,7 @@ def test_vision_model(name, vision_results):
 # ------------------------------------------------------------------ transformers
 @pytest.mark.parametrize("name", zoo.TRANSFORMERS)
 def test_transformers_model(name, tmp_path):
+    """pipeline.run goes stage by stage through the files each stage writes, as separate processes do:
+    BertModel's pooler nobody reads, T5's tied embedding and GPT-2's tied LM head must survive it."""
     assert_result(name, zoo.run(name, tmp_path / name))
 
-
-@pytest.mark.parametrize("name", ["hf_bert", "hf_t5_encoder", "hf_gpt2"])
-def test_unused_and_tied_state_round_trips_between_processes(name, tmp_path):
-    """A pooler nobody reads (BertModel, mean-pooled), a tied embedding (T5) and a tied LM head (GPT-2):
-    each stage a separate `quantcli` process, loading what the previous one saved."""
-    src, w = zoo.recipe(name, tmp_path), tmp_path / "w"
-    for command, out in (("capture", "captured"), ("prepare", "prepared"), ("calibrate", "calibrated"),
-                         ("convert", "converted"), ("export", "model.onnx")):
-        run = quantcli(command, *(["--recipe"] if command == "capture" else []), src, "-o", w / out)
-        assert run.rc == 0, run.stderr
-        src = w / out

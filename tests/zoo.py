@@ -15,17 +15,21 @@ Transformers models are built in the test process itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -36,29 +40,50 @@ VOCAB = 128
 SEQ = 16
 
 
+RUN_VARIABLE = "QUANTCLI_ZOO_RUN"
+
+
+def name_test_run() -> None:
+    """Give this test run a name its pytest-xdist workers inherit (they start after this is called)."""
+    os.environ.setdefault(RUN_VARIABLE, uuid.uuid4().hex)
+
+
 def vision_run_dir() -> Path:
     """The folder of this test run's background vision runner, the same in every pytest-xdist worker."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo-{os.getpid()}"
+    run = os.environ.get(RUN_VARIABLE) or f"solo-{os.getpid()}"
     return Path(tempfile.gettempdir()) / f"quantcli-zoo-{run}"
 
 
-def start_vision_runner() -> None:
-    """Run every vision model in one background process, once per test run (the first caller starts it).
+def start_vision_runner(names: Sequence[str] = ()) -> None:
+    """Run the vision models `names` (all of VISION if none) in one background process, once per test run.
 
-    It writes results.json, then its exit code to `rc`, then deletes the models it built.
+    The first caller starts it; it writes results.json, then its exit code to `rc`, then deletes the
+    models it built. Its process group id is in `pid`, for `stop_vision_runner`.
     """
     from filelock import FileLock
 
     folder = vision_run_dir()
     folder.mkdir(exist_ok=True)
     with FileLock(str(folder / "start.lock")):
-        if (folder / "started").exists():
+        if (folder / "pid").exists():
             return
-        script = (f'"{sys.executable}" "{ZOO_FILE}" "{folder / "results.json"}" "{folder / "work"}" '
+        selected = " ".join(f'"{name}"' for name in names)
+        script = (f'"{sys.executable}" "{ZOO_FILE}" "{folder / "results.json"}" "{folder / "work"}" {selected} '
                   f'2> "{folder / "stderr.txt"}"; echo $? > "{folder / "rc"}"; rm -rf "{folder / "work"}"')
-        subprocess.Popen(["sh", "-c", script], env=vision_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, start_new_session=True)
-        (folder / "started").write_text("")
+        proc = subprocess.Popen(["sh", "-c", script], env=vision_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, start_new_session=True)
+        (folder / "pid").write_text(str(proc.pid))
+
+
+def stop_vision_runner() -> None:
+    """End this test run's vision runner if it is still running, and delete its folder."""
+    folder = vision_run_dir()
+    if not folder.exists():
+        return
+    if (folder / "pid").exists() and not (folder / "rc").exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int((folder / "pid").read_text()), signal.SIGTERM)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def vision_results(poll: float = 2.0) -> dict[str, Any]:
