@@ -41,6 +41,9 @@ def test_digits_int8_onnx_keeps_fp32_accuracy(work):
     ev = report["evaluation"]
     assert ev["samples"] == 400 and ev["fp32_torch"] >= 0.97
     assert ev["int8_onnx"] >= ev["fp32_torch"] - 0.003  # within 0.3 points, ORT optimizations on
+    # the evaluator's vocabulary (docs/keys.md): drop in the metric's units, each model's SQNR against fp32
+    assert ev["drop"] == round(ev["fp32_torch"] - ev["int8_onnx"], 6) and "accuracy_drop_points" not in ev
+    assert set(ev["sqnr_db"]) == {"fp32_onnx", "int8_onnx"} and ev["sqnr_db"]["fp32_onnx"] > ev["sqnr_db"]["int8_onnx"]
     assert report["parity"]["passed"]
     # int8 weights, and no exporter debug metadata (stack traces held 60 % of the bytes)
     assert ev["size_bytes"]["int8_onnx"] < 0.45 * ev["size_bytes"]["fp32_onnx"]

@@ -212,7 +212,7 @@ def test_a_bert_with_a_bounded_sequence_exports_and_runs_at_three_lengths(hf, tm
     import onnxruntime as ort
     import torch
 
-    from quantcli.report.parity import sqnr_db
+    from quantcli.numerics.parity import sqnr_db
 
     recipe = _hf_recipe(hf, {"name": "seq", "min": 1, "max": 64})
     work = tmp_path / "w"

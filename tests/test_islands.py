@@ -22,7 +22,7 @@ from quantcli.onnx import export as onnx_export
 from quantcli.onnx import rewrite, runtime
 from quantcli.onnx.fusion import analyze
 from quantcli.recipe import QuantizationSection
-from quantcli.report.parity import sqnr_db
+from quantcli.numerics.parity import sqnr_db
 
 torch = _torch.torch
 nn, F = torch.nn, torch.nn.functional

@@ -2,7 +2,7 @@
 
 Each planted defect is real: an edit of the exported ONNX file run in ORT (a corrupted scale, a
 mis-exported op), or the u8s8 kernel's int16 saturation emulated on a real quantized layer (a
-VNNI CPU cannot be made to saturate). The verdict is `quantcli.report.parity.verdict`, the
+VNNI CPU cannot be made to saturate). The verdict is `quantcli.numerics.parity.verdict`, the
 function export applies; the zoo tests show it passes every model of the ecosystem.
 """
 
@@ -20,7 +20,7 @@ from quantcli import _torch, artifacts, quantizers
 from quantcli.loading.inputs import example_batch
 from quantcli.onnx import runtime
 from quantcli.recipe import QuantizationSection, Recipe
-from quantcli.report import parity
+from quantcli.numerics import parity
 from quantcli.stages.export import outputs
 from tests.models import MODELS
 from tests.test_quantizer import _saturating_u8s8, leaves, model_data, prepare

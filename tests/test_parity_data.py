@@ -15,7 +15,7 @@ def _ort_vs_fp32_db(converted, onnx_path, batch: np.ndarray) -> float:
 
     from quantcli import _torch
     from quantcli.onnx import runtime
-    from quantcli.report.parity import sqnr_db
+    from quantcli.numerics.parity import sqnr_db
 
     with torch.no_grad():
         fp32 = _torch.load_program(converted / "float.pt2").module()(torch.from_numpy(batch)).numpy()

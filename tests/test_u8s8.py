@@ -18,7 +18,7 @@ from quantcli import _torch, quantizers
 from quantcli.onnx import runtime, u8s8
 from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
 from quantcli.recipe import QuantizationSection
-from quantcli.report.parity import sqnr_db
+from quantcli.numerics.parity import sqnr_db
 from tests.conftest import assert_fails, cli, digits_recipe
 from tests.test_quantizer import quantize
 

@@ -460,7 +460,7 @@ def recipe(name: str, folder: Path) -> Path:
 
 # ------------------------------------------------------------------ running and measuring
 def _sqnr(reference: np.ndarray, other: np.ndarray, centered: bool) -> float:
-    from quantcli.report.parity import sqnr_db
+    from quantcli.numerics.parity import sqnr_db
 
     if centered:  # the input-dependent part: a random CNN's output is mostly the same for every input
         reference, other = reference - reference.mean(0), other - other.mean(0)

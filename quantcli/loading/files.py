@@ -4,9 +4,9 @@ Tables and text are read by Hugging Face `datasets` in streaming mode (offline, 
 its cache in a temporary folder, never `~/.cache`, its progress bars off); images by Pillow, in
 sorted order, an ImageNet-style folder's class subfolders giving the labels. Calibration and
 evaluation stream batches; training takes `dataset()`: the preprocessed arrays, made once into a
-hashed, memory-mapped cache in the training output's hidden `.<out>.partial/` folder, so that samples can be indexed (shuffled, split
-across ranks, their order saved for --resume). Batches are the same `input name -> array` dicts
-(targets under TARGET_COLUMN) as every other source's.
+hashed, memory-mapped cache in the training output's hidden `.<out>.partial/` folder, so that
+samples can be indexed (shuffled, split across ranks, their order saved for --resume). Batches are
+the same `input name -> array` dicts (targets under TARGET_COLUMN) as every other source's.
 """
 
 from __future__ import annotations

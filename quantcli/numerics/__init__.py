@@ -1,1 +1,2 @@
-"""Numerics apart from any command: the one streaming evaluator (export, report and tune use it)."""
+"""Numerics apart from any command: SQNR and the export parity check, the metrics, and the one streaming
+evaluator (export, report and tune use it)."""

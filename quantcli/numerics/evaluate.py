@@ -26,9 +26,9 @@ import numpy as np
 
 from quantcli.errors import RecipeError
 from quantcli.loading.data import TARGET_COLUMN, iter_batches, to_tensors
-from quantcli.recipe import Recipe
 from quantcli.numerics.metrics import METRICS, Accumulator
-from quantcli.report.parity import Powers
+from quantcli.numerics.parity import Powers
+from quantcli.recipe import Recipe
 
 SHIPPED = ("int8_onnx", "int8_torch")  # the int8 model `drop` is measured on, the first one scored
 AGREEMENT_METRICS = ("accuracy", "token_accuracy")

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.recipe import Recipe
 from quantcli.numerics.evaluate import Scores
-from quantcli.report.parity import Powers
+from quantcli.numerics.parity import Powers
+from quantcli.recipe import Recipe
 from quantcli.report.taps import Point, names
 
 KINDS = ("local", "accumulated", "ort_vs_int8", "ort_vs_fp32")

@@ -14,7 +14,7 @@ from quantcli.loading.inputs import held_out_batch
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import fusion, runtime
 from quantcli.recipe import Recipe
-from quantcli.report import parity
+from quantcli.numerics import parity
 from quantcli.stages.base import StageResult, callable_digest, data_hashes, produce, recipe_for
 
 log = logging.getLogger("quantcli")
