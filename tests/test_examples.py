@@ -15,23 +15,36 @@ from pathlib import Path
 
 import onnx
 import pytest
+import yaml
 from filelock import FileLock
 
+from quantcli.recipe import load
 from tests.byo import ROOT, zoo_env
 from tests.conftest import cli_env, quantcli, session_dir
+from tests.tolerances import EXAMPLE_METRIC, QUANTIZATION, TARGET
 
 CONFIGS = ROOT / "configs"
 TEXT_INPUTS = [("input_ids", "int64", ["batch", "seq"]), ("token_type_ids", "int64", ["batch", "seq"]),
                ("attention_mask", "int64", ["batch", "seq"])]
 IMAGE_INPUTS = [("pixel_values", "float32", ["batch", 3, 64, 64])]
-# recipe -> (ONNX inputs, output, metric, the int8 floor, how far int8 may fall below fp32, zoo)
+# recipe -> (ONNX inputs, output, metric, zoo); the metric's floors depend on the target: tests/tolerances.py
 EXAMPLES = {
-    "sentiment/recipe.yaml": (TEXT_INPUTS, "logits", "accuracy", 0.8, 0.02, False),
-    "embedding/recipe.yaml": (TEXT_INPUTS, "sentence_embedding", "cosine", 0.99, 0.01, False),
-    "photos/hf.yaml": (IMAGE_INPUTS, "logits", "accuracy", 0.85, 0.03, False),
-    "photos/torchvision.yaml": (IMAGE_INPUTS, "logits", "accuracy", 0.85, 0.03, True),
-    "photos/timm.yaml": (IMAGE_INPUTS, "logits", "accuracy", 0.85, 0.03, True),
+    "sentiment/recipe.yaml": (TEXT_INPUTS, "logits", "accuracy", False),
+    "embedding/recipe.yaml": (TEXT_INPUTS, "sentence_embedding", "cosine", False),
+    "photos/hf.yaml": (IMAGE_INPUTS, "logits", "accuracy", False),
+    "photos/torchvision.yaml": (IMAGE_INPUTS, "logits", "accuracy", True),
+    "photos/timm.yaml": (IMAGE_INPUTS, "logits", "accuracy", True),
 }
+
+
+def for_target(name: str, folder: Path) -> Path:
+    """configs/<name> built for tests/tolerances.py's target (its paths made absolute by the loader), in `folder`."""
+    recipe = load(CONFIGS / name)
+    recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update=QUANTIZATION)})
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / Path(name).name
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return path
 
 
 def run_example(shared: Path, name: str) -> tuple[Path, Path]:
@@ -43,7 +56,8 @@ def run_example(shared: Path, name: str) -> tuple[Path, Path]:
             home.mkdir(exist_ok=True)
             extra = {"HOME": str(home), "HF_HUB_OFFLINE": "1"}
             env = zoo_env(**extra) if EXAMPLES[name][-1] else cli_env(**extra)
-            run = quantcli("run", "--recipe", CONFIGS / name, "-o", work, "--json", env=env)
+            recipe = for_target(name, shared / f"example-{slug}-recipe")
+            run = quantcli("run", "--recipe", recipe, "-o", work, "--json", env=env)
             assert run.rc == 0, run.stderr
             (work / "run.json").write_text(json.dumps({"stderr": run.stderr}))
     return work, home
@@ -56,10 +70,13 @@ def shared(tmp_path_factory, worker_id):
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_runs_offline_and_keeps_its_metric(shared, name):
-    inputs, output, metric, floor, drop, _ = EXAMPLES[name]
+    inputs, output, metric, _ = EXAMPLES[name]
+    floor, drop = EXAMPLE_METRIC[name]
     work, home = run_example(shared, name)
     assert list(home.iterdir()) == []  # nothing written under HOME (no ~/.cache)
-    evaluation = json.loads((work / "model.report.json").read_text())["evaluation"]
+    report = json.loads((work / "model.report.json").read_text())
+    assert report["u8s8"]["target_cpu"] == TARGET and report["u8s8"]["saturable_pairs"] == 0, report["u8s8"]
+    evaluation = report["evaluation"]
     assert evaluation["metric"] == metric
     assert evaluation["int8_onnx"] >= floor, evaluation
     assert evaluation["int8_onnx"] >= evaluation["fp32_torch"] - drop, evaluation

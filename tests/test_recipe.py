@@ -104,9 +104,16 @@ def test_an_unknown_quantization_target_gets_a_did_you_mean():
      "training.freeze_bn_after: a float must be a fraction of the steps in (0, 1); an int is a step"),
     (edited(training={"data": "d.npz", "targets": "y", "optimizer": {"name": "lion"}}),
      "training.optimizer: unknown optimizer 'lion'; valid: sgd, adamw"),
+    (edited(quantization={"reduce_range": "pairs"}), "quantization.reduce_range"),
+    (edited(quantization={"target_cpu": "sse4"}), "quantization.target_cpu"),
 ])
 def test_invalid_values_name_their_key(data, expected):
     assert any(expected in p for p in problems(data)), problems(data)
+
+
+@pytest.mark.parametrize("reduce_range", ["auto", "pair_safe", True, False])
+def test_reduce_range_takes_auto_pair_safe_or_a_bool(reduce_range):
+    assert not problems(edited(quantization={"target_cpu": "avx2", "reduce_range": reduce_range}))
 
 
 def test_paths_resolve_against_the_recipe_folder(tmp_path):

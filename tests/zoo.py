@@ -447,12 +447,15 @@ for _name in ZOO:  # "tests/zoo.py:NAME_data" for recipes
 
 
 def recipe(name: str, folder: Path) -> Path:
-    """A default-settings recipe for ZOO[name] in `folder`: the model, its inputs, calibration data."""
+    """A default-settings recipe for ZOO[name] in `folder`: the model, its inputs, calibration data, and
+    tests/tolerances.py's target."""
     import yaml
+
+    from tests.tolerances import QUANTIZATION
 
     folder.mkdir(parents=True, exist_ok=True)
     doc = {"model": {"factory": f"{ZOO_FILE}:{name}"}, "inputs": ZOO[name].inputs,
-           "calibration": {"data": f"{ZOO_FILE}:{name}_data"}}
+           "calibration": {"data": f"{ZOO_FILE}:{name}_data"}, "quantization": QUANTIZATION}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -496,7 +499,8 @@ def measure(name: str, work: Path) -> dict[str, Any]:
     report = json.loads((work / "model.report.json").read_text())
     kernels = report["kernels"]  # the export report's own analysis of ORT's optimized graph
     result.update(coverage=kernels["coverage"], islands=kernels["islands"], warning=kernels["warning"],
-                  parity_db=report["parity"]["min_sqnr_db"], excess_db=report["parity"]["excess_db"])
+                  parity_db=report["parity"]["min_sqnr_db"], excess_db=report["parity"]["excess_db"],
+                  saturable_pairs=report["u8s8"]["saturable_pairs"])
     return result
 
 
