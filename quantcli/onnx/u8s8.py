@@ -173,7 +173,8 @@ def _correction(layer: Layer, taps: list[tuple[int, int, int]], add: Any) -> str
         scales = scales.reshape(out, *[1] * rank)
     else:
         pairs = add("MatMul", [a, add.const(_matrix_pair_weights(layer, taps))])
-    clipped = add("Clip", [pairs, add.const(np.array(INT16_MIN, np.float32)), add.const(np.array(INT16_MAX, np.float32))])
+    bounds = [add.const(np.array(bound, np.float32)) for bound in (INT16_MIN, INT16_MAX)]
+    clipped = add("Clip", [pairs, *bounds])
     excess = add("Sub", [pairs, clipped])
     summed = add("Conv" if layer.conv else "MatMul", [excess, add.const(select)])
     return add("Mul", [summed, add.const(scales)])
