@@ -272,7 +272,8 @@ def main() -> int:
             reused = args.reuse and (out / "build.json").is_file()
             print(f"[{i + 1}/{len(models)}] {model}: {'reusing ' + str(out) if reused else 'building'}",
                   file=sys.stderr, flush=True)
-            info = json.loads((out / "build.json").read_text()) if reused else build_in_child(model, out, args.target_cpu)
+            info = (json.loads((out / "build.json").read_text()) if reused
+                    else build_in_child(model, out, args.target_cpu))
             rows.append(info if "error" in info else measure(info, args.rounds))
     report = {"machine": machine(), "rounds": args.rounds, "target_cpu": args.target_cpu, "models": rows}
     print(f"{report['machine']['cpu']}, {THREADS} threads, {args.rounds} rounds; ORT "

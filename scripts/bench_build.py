@@ -65,7 +65,8 @@ def recipe_file(model: str, out: Path, target_cpu: str = "auto") -> Path:
     if model in VISION:
         recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
             update={"factory": f"{BENCH / 'vision.py'}:build", "kwargs": {"name": model}})})
-    recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"target_cpu": target_cpu})})
+    quantization = recipe.quantization.model_copy(update={"target_cpu": target_cpu})
+    recipe = recipe.model_copy(update={"quantization": quantization})
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     return path

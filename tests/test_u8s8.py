@@ -88,7 +88,8 @@ def _accumulator(layer: u8s8.Layer, a: np.ndarray, clip: bool) -> np.ndarray:
         w = np.append(w, 0) if len(w) % 2 else w
         for i in range(oh):
             for j in range(ow):
-                patch = x[:, g * cin_g:(g + 1) * cin_g, i * stride[0]:i * stride[0] + kh, j * stride[1]:j * stride[1] + kw]
+                top, left = i * stride[0], j * stride[1]
+                patch = x[:, g * cin_g:(g + 1) * cin_g, top:top + kh, left:left + kw]
                 col = np.moveaxis(patch, 1, -1).reshape(a.shape[0], -1)
                 col = np.concatenate([col, np.zeros((a.shape[0], 1), np.int64)], 1) if col.shape[1] % 2 else col
                 prod = col * w

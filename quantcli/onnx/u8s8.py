@@ -44,9 +44,7 @@ def _attr(node: Any, name: str, default: Any) -> Any:
 
 class _Graph:
     def __init__(self, model: Any) -> None:
-        from onnx import numpy_helper
-
-        self.init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.init = {t.name: t for t in model.graph.initializer}  # converted to arrays when asked for
         self.producer = {o: n for n in model.graph.node for o in n.output}
         self.consumers: dict[str, list[Any]] = {}
         for n in model.graph.node:
@@ -65,7 +63,10 @@ class _Graph:
         return [u.op_type for u in users] == ["QuantizeLinear"]
 
     def const(self, name: str) -> np.ndarray | None:
-        return self.init.get(name)
+        from onnx import numpy_helper
+
+        tensor = self.init.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
 
 
 def _layer(node: Any, g: _Graph) -> Layer | None:
@@ -173,7 +174,8 @@ def _correction(layer: Layer, taps: list[tuple[int, int, int]], add: Any) -> str
         scales = scales.reshape(out, *[1] * rank)
     else:
         pairs = add("MatMul", [a, add.const(_matrix_pair_weights(layer, taps))])
-    clipped = add("Clip", [pairs, add.const(np.array(INT16_MIN, np.float32)), add.const(np.array(INT16_MAX, np.float32))])
+    bounds = [add.const(np.array(bound, np.float32)) for bound in (INT16_MIN, INT16_MAX)]
+    clipped = add("Clip", [pairs, *bounds])
     excess = add("Sub", [pairs, clipped])
     summed = add("Conv" if layer.conv else "MatMul", [excess, add.const(select)])
     return add("Mul", [summed, add.const(scales)])

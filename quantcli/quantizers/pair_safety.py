@@ -76,7 +76,8 @@ def enforce(module: Any, q: QuantizationSection) -> int:
 
 
 def _out_axis(node: Any, dq: Any, weight: Any, torch: Any) -> int:
-    """The weight's output-channel axis: the per-channel axis, else the layer's (as quantizers.onnxruntime annotates)."""
+    """The weight's output-channel axis: the per-channel axis, else the layer's (as quantizers.onnxruntime
+    annotates)."""
     aten = torch.ops.aten
     if dq.target is torch.ops.quantized_decomposed.dequantize_per_channel.default:
         return dq.args[3]
