@@ -149,12 +149,13 @@ def test_a_library_version_keys_the_stage_and_is_named_when_it_is_redone(copy_wo
     w = copy_work("prepared", "calibrated")
     args = ["calibrate", w / "prepared", "-o", w / "calibrated"]
     assert cli(*args, "--json").json()["reused"]
-    versions = {**artifacts.library_versions(), "torchao": "0.99.0"}
-    monkeypatch.setattr(artifacts, "library_versions", lambda: versions)
-    assert_fails(cli(*args), 4, f"torchao {artifacts._versions()[2][1]} -> 0.99.0 (pass --force to replace it)")
+    installed = artifacts.library_versions()["torchao"]
+    monkeypatch.setattr(artifacts, "library_versions", lambda: dict(artifacts._versions(), torchao="0.99.0"))
+    assert_fails(cli(*args), 4, f"torchao {installed} -> 0.99.0 (pass --force to replace it)")
     redo = cli(*args, "--force", "--json")
     assert redo.rc == 0 and not redo.json()["reused"], redo.stderr
-    assert redo.json()["redone"] == f"torchao {artifacts._versions()[2][1]} -> 0.99.0"
+    assert redo.json()["redone"] == f"torchao {installed} -> 0.99.0"
+    assert redo.json()["manifest"]["versions"]["torchao"] == "0.99.0"
 
 
 DATA_CALLABLE = """from pathlib import Path
