@@ -197,3 +197,24 @@ def test_a_data_callable_that_yields_other_batches_each_call_is_never_reused(wor
     assert first.rc == 0, first.stderr
     assert f"calibration.data: {tmp_path / 'data.py'}:noise yielded other batches when called again" in first.stderr
     assert_fails(cli(*args), 4, "calibration.data changed")
+
+
+def test_a_package_module_factory_is_keyed_by_its_projects_files(tmp_path, monkeypatch):
+    package = tmp_path / "netpkg_keyed"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "layers.py").write_text("from torch import nn\n\nACT = nn.ReLU\n")
+    (package / "net.py").write_text("from torch import nn\n\nfrom netpkg_keyed.layers import ACT\n\n\n"
+                                    "def build():\n    return nn.Sequential(nn.Linear(4, 3), ACT())\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"factory": "netpkg_keyed.net:build"},
+                                      "inputs": [{"name": "x", "shape": [2, 4]}]}))
+    monkeypatch.chdir(tmp_path)
+    run = cli("capture", "--recipe", recipe, "-o", tmp_path / "captured", "--json")
+    assert run.rc == 0, run.stderr
+    data = run.json()["manifest"]["data"]
+    assert set(data) == {"model source netpkg_keyed/__init__.py", "model source netpkg_keyed/layers.py",
+                         "model source netpkg_keyed/net.py"}
+    (package / "layers.py").write_text("from torch import nn\n\nACT = nn.ReLU6\n")
+    assert_fails(cli("capture", "--recipe", recipe, "-o", tmp_path / "captured"), 4,
+                 "model source netpkg_keyed/layers.py changed")
