@@ -50,9 +50,9 @@ def _report(report: dict[str, Any]) -> list[str]:
     parity = report["parity"]
     floor = f", floor {parity['threshold_db']} dB" if parity["threshold_db"] is not None else ""
     on = f" on {parity['data']}" if parity.get("data") else ""
-    lines = [f"  parity{on}: {'passed' if parity['passed'] else 'FAILED'}: ONNX Runtime adds {parity['excess_db']:.1f} dB "
-             f"of error to the int8 model's (at most {parity['max_excess_db']}); ORT vs PyTorch int8 "
-             f"{parity['min_sqnr_db']:.1f} dB{floor}",
+    verdict = "passed" if parity["passed"] else "FAILED"
+    lines = [f"  parity{on}: {verdict}: ONNX Runtime adds {parity['excess_db']:.1f} dB of error to the int8 "
+             f"model's (at most {parity['max_excess_db']}); ORT vs PyTorch int8 {parity['min_sqnr_db']:.1f} dB{floor}",
              "  SQNR vs fp32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["sqnr_vs_float_db"].items())]
     if "emulated" in parity:
         lines.append(f"  parity on {parity['emulated']}'s arithmetic, emulated (this CPU cannot saturate); "

@@ -149,12 +149,13 @@ def test_a_library_version_keys_the_stage_and_is_named_when_it_is_redone(copy_wo
     w = copy_work("prepared", "calibrated")
     args = ["calibrate", w / "prepared", "-o", w / "calibrated"]
     assert cli(*args, "--json").json()["reused"]
-    versions = {**artifacts.library_versions(), "torchao": "0.99.0"}
-    monkeypatch.setattr(artifacts, "library_versions", lambda: versions)
-    assert_fails(cli(*args), 4, f"torchao {artifacts._versions()[2][1]} -> 0.99.0 (pass --force to replace it)")
+    installed = artifacts.library_versions()["torchao"]
+    monkeypatch.setattr(artifacts, "library_versions", lambda: dict(artifacts._versions(), torchao="0.99.0"))
+    assert_fails(cli(*args), 4, f"torchao {installed} -> 0.99.0 (pass --force to replace it)")
     redo = cli(*args, "--force", "--json")
     assert redo.rc == 0 and not redo.json()["reused"], redo.stderr
-    assert redo.json()["redone"] == f"torchao {artifacts._versions()[2][1]} -> 0.99.0"
+    assert redo.json()["redone"] == f"torchao {installed} -> 0.99.0"
+    assert redo.json()["manifest"]["versions"]["torchao"] == "0.99.0"
 
 
 DATA_CALLABLE = """from pathlib import Path
@@ -196,3 +197,24 @@ def test_a_data_callable_that_yields_other_batches_each_call_is_never_reused(wor
     assert first.rc == 0, first.stderr
     assert f"calibration.data: {tmp_path / 'data.py'}:noise yielded other batches when called again" in first.stderr
     assert_fails(cli(*args), 4, "calibration.data changed")
+
+
+def test_a_package_module_factory_is_keyed_by_its_projects_files(tmp_path, monkeypatch):
+    package = tmp_path / "netpkg_keyed"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "layers.py").write_text("from torch import nn\n\nACT = nn.ReLU\n")
+    (package / "net.py").write_text("from torch import nn\n\nfrom netpkg_keyed.layers import ACT\n\n\n"
+                                    "def build():\n    return nn.Sequential(nn.Linear(4, 3), ACT())\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"factory": "netpkg_keyed.net:build"},
+                                      "inputs": [{"name": "x", "shape": [2, 4]}]}))
+    monkeypatch.chdir(tmp_path)
+    run = cli("capture", "--recipe", recipe, "-o", tmp_path / "captured", "--json")
+    assert run.rc == 0, run.stderr
+    data = run.json()["manifest"]["data"]
+    assert set(data) == {"model source netpkg_keyed/__init__.py", "model source netpkg_keyed/layers.py",
+                         "model source netpkg_keyed/net.py"}
+    (package / "layers.py").write_text("from torch import nn\n\nACT = nn.ReLU6\n")
+    assert_fails(cli("capture", "--recipe", recipe, "-o", tmp_path / "captured"), 4,
+                 "model source netpkg_keyed/layers.py changed")

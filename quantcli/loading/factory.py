@@ -55,8 +55,10 @@ def user_sources(spec: str, what: str, error: type[InputError] = InputError) -> 
     """The user source files (path -> sha256) that importing `spec`'s module brought in, itself included."""
     load_callable(spec, what, error)
     location, _ = split_callable(spec)
-    imported = _IMPORTED.get(_file_module_name(Path(location)) if location.endswith(".py") else location)
-    return {} if imported is None else {Path(path): digest for path, digest in imported.files.items()}
+    name = _file_module_name(Path(location)) if location.endswith(".py") else location
+    if name not in _IMPORTED:  # imported before quantcli looked (by the caller's own code): its own file at least
+        _record(name, set(sys.modules) - {name})
+    return {Path(path): digest for path, digest in _IMPORTED[name].files.items()}
 
 
 def _file_module_name(path: Path) -> str:

@@ -60,6 +60,8 @@ def _model_sources(recipe: recipes.Recipe) -> dict[str, str]:
     from outside installed packages), keyed "model source <path>" (relative to the factory's folder)."""
     if recipe.model.factory is None:
         return {}
+    from quantcli import _torch  # noqa: F401  (silences torch's and torchao's import noise, which user code pulls in)
+
     location, _ = references.split_callable(recipe.model.factory)
     base = Path(location).resolve().parent if location.endswith(".py") else Path.cwd()
     files = user_sources(recipe.model.factory, "model.factory", ModelError)
