@@ -116,14 +116,3 @@ _ACCUMULATORS: dict[str, Callable[[], Accumulator]] = {
     "accuracy": Accuracy, "token_accuracy": TokenAccuracy, "cosine": Cosine}
 METRICS: dict[str, Metric] = {name: Metric(**vars(info), accumulator=_ACCUMULATORS[name])
                               for name, info in names.METRICS.items()}
-
-
-def summarize(metric: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Report fields: each model's value under its name, the extra figures grouped by figure."""
-    doc: dict[str, Any] = {name: r["value"] for name, r in results.items()}
-    extras = sorted({k for r in results.values() for k in r} - {"value"})
-    for key in extras:
-        doc[key] = {name: r[key] for name, r in results.items() if key in r}
-    if METRICS[metric].percent:
-        doc["accuracy_drop_points"] = round(100 * (doc["fp32_torch"] - doc["int8_onnx"]), 3)
-    return doc
