@@ -4,7 +4,9 @@ Random seeded weights, small configs and inputs (no downloads). Every entry of `
 model factory (`"tests/zoo.py:NAME"`) and has a calibration data factory (`"tests/zoo.py:NAME_data"`,
 a callable returning batches). Random BatchNorm statistics get the ranges of trained nets (mean,
 beta +-0.2; var 0.5-2; gamma 0.6-1.4): with the defaults (0, 1, 1, 0) deep random CNNs have
-vanishing outputs, and re-estimated statistics make them chaotic (FIELD-NOTES).
+vanishing outputs, and re-estimated statistics make them chaotic (FIELD-NOTES). The deep, narrow
+ones (MobileNets, EfficientNet, ShuffleNet) still give every input the same output; `unit_signal`
+scales them so that their output depends on the input and their SQNR tests the quantizer.
 
 torchvision and timm live in `.venv/zoo`, off the default path (the registry's torchvision breaks
 transformers where both are importable), so their models are built only in a process started with
@@ -145,6 +147,48 @@ def seeded(build: Callable[[], Any], seed: int = 0) -> Any:
         return realistic_bn(build(), seed).eval()
 
 
+def unit_signal(model, seed: int = 0, size: int = 64):
+    """Scale a CNN so its signal survives depth (a data-dependent, LSUV-style init), in one forward pass.
+
+    Seeded random weights collapse the input in deep, narrow CNNs (MobileNet, EfficientNet, ShuffleNet):
+    their output is the same for every input, to 1e-5 of its energy, so no SQNR there tests the
+    quantizer. On a fixed batch of standard normal images (seed 50: neither calibration nor test
+    data), each conv and linear layer's weight is scaled so its output, less bias, has unit std; each
+    BatchNorm's running variance becomes the layer's mean channel variance times 0.5-2 (one scale a
+    layer: a near-constant channel is not blown up to unit variance) and its running mean its input's
+    channel means less 0.4-0.6 std, so that most activations are on, as in trained nets (centred,
+    the deeper ones turn chaotic: int8 rounding grows to 7 dB output SQNR). The input-dependent share
+    of the output becomes 2-14 % (tests/tolerances.py). Deterministic: a fixed batch and generator.
+    """
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    g = torch.Generator().manual_seed(seed + 2)
+
+    def unit_std(layer, args, out):
+        bias = 0 if layer.bias is None else layer.bias.view(-1, *[1] * (out.dim() - 2))
+        scale = (out - bias).std()
+        layer.weight.div_(scale)
+        return (out - bias) / scale + bias
+
+    def centre(layer, args):
+        x, n = args[0], layer.num_features
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean, var = x.mean(dims), x.var(dims)
+        layer.running_mean.copy_(mean - (torch.rand(n, generator=g) * 0.2 + 0.4) * var.mean().sqrt())
+        layer.running_var.copy_(var.mean() * (torch.rand(n, generator=g) * 1.5 + 0.5))
+
+    hooks = [m.register_forward_hook(unit_std) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks += [m.register_forward_pre_hook(centre) for m in model.modules() if isinstance(m, _BatchNorm)]
+    images = np.random.default_rng(50).standard_normal((16, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        model(torch.from_numpy(images))
+    for hook in hooks:
+        hook.remove()
+    return model
+
+
 def _torchvision(name: str, **kw):
     import torchvision.models as tvm
 
@@ -170,7 +214,7 @@ def tv_mobilenet_v2():
     from torchvision.models import MobileNetV2
 
     setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 1, 2]]
-    return seeded(lambda: MobileNetV2(num_classes=10, width_mult=0.5, inverted_residual_setting=setting))
+    return unit_signal(seeded(lambda: MobileNetV2(num_classes=10, width_mult=0.5, inverted_residual_setting=setting)))
 
 
 def tv_mobilenet_v3():
@@ -179,7 +223,7 @@ def tv_mobilenet_v3():
 
     setting = [Block(16, 3, 16, 16, True, "RE", 2, 1, 1.0), Block(16, 3, 72, 24, False, "RE", 2, 1, 1.0),
                Block(24, 5, 96, 40, True, "HS", 2, 1, 1.0), Block(40, 5, 240, 40, True, "HS", 1, 1, 1.0)]
-    return seeded(lambda: MobileNetV3(setting, last_channel=256, num_classes=10))
+    return unit_signal(seeded(lambda: MobileNetV3(setting, last_channel=256, num_classes=10)))
 
 
 def tv_efficientnet():
@@ -187,7 +231,7 @@ def tv_efficientnet():
     from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 
     setting = [MBConvConfig(1, 3, 1, 32, 16, 1), MBConvConfig(6, 3, 2, 16, 24, 2), MBConvConfig(6, 5, 2, 24, 40, 1)]
-    return seeded(lambda: EfficientNet(setting, dropout=0.2, num_classes=10))
+    return unit_signal(seeded(lambda: EfficientNet(setting, dropout=0.2, num_classes=10)))
 
 
 def tv_regnet():
@@ -202,7 +246,7 @@ def tv_shufflenet():
     """ShuffleNetV2, fewer units: channel split (in stride-1 units), concat, channel shuffle."""
     from torchvision.models import ShuffleNetV2
 
-    return seeded(lambda: ShuffleNetV2([2, 1, 1], [24, 48, 96, 192, 256], num_classes=10))
+    return unit_signal(seeded(lambda: ShuffleNetV2([2, 1, 1], [24, 48, 96, 192, 256], num_classes=10)))
 
 
 def tv_convnext():
@@ -251,7 +295,7 @@ def timm_tf_efficientnet_lite0():
 
 def timm_tf_mobilenetv3():
     """TF "same" padding, Hardswish, squeeze-excitation by x.mean((2, 3)) and Hardsigmoid."""
-    return _timm("tf_mobilenetv3_small_100")
+    return unit_signal(_timm("tf_mobilenetv3_small_100"))
 
 
 def timm_resnet10t():
