@@ -16,6 +16,8 @@ from quantcli import pipeline
 from tests import byo
 from tests.conftest import session_dir
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="session")
 def hf(tmp_path_factory, worker_id):

@@ -96,6 +96,7 @@ def test_expected_covers_every_model():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.slow
 def test_architecture_chain(name, chained):
     floor, integer, floating = EXPECTED[name]
     w = chained(name)

@@ -326,6 +326,7 @@ def _start_and_kill(args: list, marker: Path, sig: int) -> subprocess.CompletedP
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_killing_calibrate_leaves_no_output_and_a_rerun_succeeds(work, tmp_path):
     (tmp_path / "slow.py").write_text(SLOW_DATA)
     w = tmp_path / "w"

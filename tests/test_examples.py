@@ -20,6 +20,8 @@ from filelock import FileLock
 from tests.byo import ROOT, zoo_env
 from tests.conftest import cli_env, quantcli, session_dir
 
+pytestmark = pytest.mark.slow
+
 CONFIGS = ROOT / "configs"
 TEXT_INPUTS = [("input_ids", "int64", ["batch", "seq"]), ("token_type_ids", "int64", ["batch", "seq"]),
                ("attention_mask", "int64", ["batch", "seq"])]

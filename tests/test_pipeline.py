@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
 from quantcli import artifacts, stages
 from tests.models import example_batch
@@ -42,6 +43,7 @@ def test_two_outputs_are_named_after_dict_keys(chained):
     assert [o.name for o in model.graph.output] == ["logits", "embedding"]
 
 
+@pytest.mark.slow
 def test_recipe_output_names_are_used(tmp_path):
     w, _ = run_chain(tmp_path, "two_io", outputs=["scores", "vector"])
     assert [o.name for o in onnx.load(str(w / "model.onnx")).graph.output] == ["scores", "vector"]
@@ -75,6 +77,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_calibrated_artifact_restores_bit_identically_in_a_new_process(tmp_path):
     w = calibrated(tmp_path, "resnet")
     x = example_batch("resnet", batch=4, seed=3)["x"]

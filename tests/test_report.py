@@ -137,6 +137,7 @@ def test_plot_is_a_png_of_the_json_series(chained, tmp_path):
     assert drawn["labelled"] == doc["worst"][:3]
 
 
+@pytest.mark.slow
 def test_bundled_example_uses_its_evaluation_data(work):
     doc = report_json(work / "converted", "--onnx", work / "model.onnx")
     assert doc["data"]["section"] == "evaluation" and doc["data"]["samples"] == 400
@@ -156,6 +157,7 @@ def test_bad_inputs_are_one_line_errors(chained, tmp_path):
     assert_fails(cli("report", w / "converted", "--data", tmp_path / "none.npz"), 3, "not found")
 
 
+@pytest.mark.slow
 def test_after_qat_the_folded_convs_are_unmatched_and_the_rest_measured(qat_work):
     doc = report_json(qat_work / "converted", "--batches", "2")
     assert doc["unmatched"] and all(node.startswith("conv") for node in doc["unmatched"])

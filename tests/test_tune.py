@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import DIGITS, assert_fails, cli
 from tests.recipes import MODELS_FILE, write_recipe
 
+pytestmark = pytest.mark.slow
+
 TRIAL_KEYS = {"trial", "change", "overrides", "status", "sqnr_db", "latency_ms"}
 
 
