@@ -227,6 +227,7 @@ def _keys(doc) -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_rerun_gives_byte_identical_onnx_and_manifests(work, shared_recipe, tmp_path):
     """The same resolved recipe, model and data, in another folder: the same bytes, stage by stage."""
     w2 = tmp_path / "again"

@@ -38,6 +38,7 @@ def run_chain(folder: Path, name: str, **sections) -> tuple[Path, dict]:
     return w, result.details["report"]
 
 
+@pytest.mark.slow
 def test_two_outputs_are_named_after_dict_keys(chained):
     model = onnx.load(str(chained("two_io") / "model.onnx"))
     assert [o.name for o in model.graph.output] == ["logits", "embedding"]

@@ -201,6 +201,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_trained_artifact_reloads_bit_identically_in_a_new_process(qat_work, tmp_path):
     x, _ = digits_test_split()
     np.save(tmp_path / "x.npy", x.numpy())

@@ -80,6 +80,7 @@ def test_a_corrupted_layer_is_named_first(planted, chained):
     assert healthy["fc2"]["local_db"] - layers["fc2"]["local_db"] > 25
 
 
+@pytest.mark.slow
 def test_json_keys_and_ort_taps_on_a_transformer(chained):
     w = chained("bert")
     doc = report_json(w / "converted", "--onnx", w / "model.onnx", "--batches", "2")
