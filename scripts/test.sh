@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# Set-up (as scripts/setup.sh) then the whole test suite, two workers.
+# Set-up (as scripts/setup.sh), then the tests on two workers. Arguments go to pytest:
+#   scripts/test.sh                      the whole suite, as CI runs it
+#   scripts/test.sh -m "not slow"        the quick tier, for the edit-test loop
+#   scripts/test.sh --cov                with quantcli's line coverage, the quantcli processes the tests
+#                                        start included ([tool.coverage] in pyproject.toml)
+#   scripts/test.sh tests/test_recipe.py one file (any pytest selection)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

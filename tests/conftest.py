@@ -40,6 +40,13 @@ def pytest_configure(config: pytest.Config) -> None:
         zoo.name_test_run()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with slow tests first, each file's tests kept together (its module fixtures are set up once):
+    under pytest-xdist the long tests start early and the short ones even out the two workers' ends."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the model zoo's vision runner (minutes of one core) on the vision models this run selected.
 

@@ -16,6 +16,8 @@ from quantcli import pipeline
 from tests import byo
 from tests.conftest import session_dir
 
+pytestmark = pytest.mark.slow
+
 
 OUTPUTS = ["calibrated", "captured", "converted", "model.onnx", "model.report.json", "prepared", "trained"]
 

@@ -67,6 +67,7 @@ def test_digits_onnx_carries_manifest_and_shapes(work):
     assert not any("/" in value for origin in origins for value in origin.values())  # no paths
 
 
+@pytest.mark.slow
 def test_inspect_json_of_each_stage(work):
     for name, stage in [("captured", "captured"), ("converted", "converted"), ("model.onnx", "exported")]:
         result = quantcli("inspect", work / name, "--json")
@@ -98,6 +99,7 @@ def test_expected_covers_every_model():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.slow
 def test_architecture_chain(name, chained):
     integer, floating = EXPECTED[name]
     floor = CHAIN_SQNR_DB[name]

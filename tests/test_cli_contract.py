@@ -243,6 +243,7 @@ def _keys(doc) -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_rerun_gives_byte_identical_onnx_and_manifests(work, shared_recipe, tmp_path):
     """The same resolved recipe, model and data, in another folder: the same bytes, stage by stage."""
     w2 = tmp_path / "again"
@@ -348,6 +349,7 @@ def _start_and_kill(args: list, marker: Path, sig: int) -> subprocess.CompletedP
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_killing_calibrate_leaves_no_output_and_a_rerun_succeeds(work, tmp_path):
     (tmp_path / "slow.py").write_text(SLOW_DATA)
     w = tmp_path / "w"

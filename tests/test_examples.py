@@ -23,6 +23,8 @@ from tests.byo import ROOT, zoo_env
 from tests.conftest import cli_env, quantcli, session_dir
 from tests.tolerances import EXAMPLE_METRIC, QUANTIZATION, TARGET
 
+pytestmark = pytest.mark.slow
+
 CONFIGS = ROOT / "configs"
 TEXT_INPUTS = [("input_ids", "int64", ["batch", "seq"]), ("token_type_ids", "int64", ["batch", "seq"]),
                ("attention_mask", "int64", ["batch", "seq"])]

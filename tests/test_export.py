@@ -35,6 +35,7 @@ def test_an_opset_the_converter_cannot_reach_is_an_error_and_writes_nothing(mlp,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_reference_representation_converts_and_exports(mlp, tmp_path):
     stages.convert.run(mlp / "calibrated", tmp_path / "converted", reference_representation=True)
     report = stages.export.run(tmp_path / "converted", tmp_path / "model.onnx").details["report"]

@@ -98,6 +98,7 @@ def _notes(stderr: str) -> list[str]:
 
 # --- row 1: float64 calibration data, int32 data for a float input ---------------------------------------
 
+@pytest.mark.slow
 def test_safe_casts_are_applied_everywhere_and_said_once(files, tmp_path):
     """float64 calibration (numpy's default) and int32 evaluation data for the float input: before, export
     failed in ONNX Runtime on the uncast parity sample after four stages."""
@@ -208,6 +209,7 @@ def test_an_unbounded_sequence_axis_says_how_to_bound_it(hf, tmp_path):
                     "max: 64}})")
 
 
+@pytest.mark.slow
 def test_a_bert_with_a_bounded_sequence_exports_and_runs_at_three_lengths(hf, tmp_path):
     import onnxruntime as ort
     import torch

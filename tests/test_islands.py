@@ -429,6 +429,7 @@ def test_a_scaled_query_keeps_integers_between_its_matmuls(tmp_path):
     (lambda: seeded(ChannelSplit), (2, 3, 8, 8)), (AddmmMLP, (2, 16)), (WeightNormConv, (2, 4, 20)),
     (ScaledQuery, (2, 6, 16)),
 ], ids=["pad", "silu", "split", "addmm", "weight_norm", "scaled_query"])
+@pytest.mark.slow
 def test_qat_fake_quantizes_the_new_patterns_and_converts_to_the_trained_model(build, shape):
     g = torch.Generator().manual_seed(0)
     with torch.random.fork_rng():

@@ -92,6 +92,7 @@ def half_laplace(g: torch.Generator) -> torch.Tensor:
     (gaussian_with_outliers, 1.15, 0.05),
     (half_laplace, 1.05, 0.10),
 ])
+@pytest.mark.slow
 def test_mse_observer_range_is_near_the_brute_force_optimum(make, mse_bound, hi_tolerance):
     """HistogramObserver (`mse`) searches its histogram greedily, one end at a time, and stops at the
     first rise of its error estimate; seeds 0-4 measured its uint8 MSE at 1.107-1.117x the optimum
@@ -265,6 +266,7 @@ def output_sqnr(prepared, test: dict, name: str = "resnet") -> float:
         return sqnr_db(leaves(MODELS[name][0]()(*test.values()))[0], leaves(converted(*test.values()))[0])
 
 
+@pytest.mark.slow
 def test_an_entropy_recipe_calibrates_and_quantizes_a_model():
     prepared, test = calibrated(section(observer="entropy"))
     assert {kind for _, kind in activation_observers(prepared)} == {EntropyObserver}
@@ -274,6 +276,7 @@ def test_an_entropy_recipe_calibrates_and_quantizes_a_model():
     assert output_sqnr(prepared, test) == output_sqnr(second, test) > 34  # measured 37.8 dB; histogram: 45
 
 
+@pytest.mark.slow
 def test_an_entropy_override_calibrates_the_named_modules_only():
     from torchao.quantization.pt2e.observer import HistogramObserver
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
 from quantcli import artifacts, stages
 from tests.models import example_batch
@@ -37,11 +38,13 @@ def run_chain(folder: Path, name: str, **sections) -> tuple[Path, dict]:
     return w, result.details["report"]
 
 
+@pytest.mark.slow
 def test_two_outputs_are_named_after_dict_keys(chained):
     model = onnx.load(str(chained("two_io") / "model.onnx"))
     assert [o.name for o in model.graph.output] == ["logits", "embedding"]
 
 
+@pytest.mark.slow
 def test_recipe_output_names_are_used(tmp_path):
     w, _ = run_chain(tmp_path, "two_io", outputs=["scores", "vector"])
     assert [o.name for o in onnx.load(str(w / "model.onnx")).graph.output] == ["scores", "vector"]
@@ -75,6 +78,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_calibrated_artifact_restores_bit_identically_in_a_new_process(tmp_path):
     w = calibrated(tmp_path, "resnet")
     x = example_batch("resnet", batch=4, seed=3)["x"]

@@ -140,6 +140,7 @@ class ConvFamilies(torch.nn.Module):
         return torch.relu(self.bn2d(self.deconv(y.reshape(-1, 8, 4, 4))))
 
 
+@pytest.mark.slow
 def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert():
     from quantcli import quantizers
     from quantcli.recipe import QuantizationSection
@@ -200,6 +201,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_trained_artifact_reloads_bit_identically_in_a_new_process(qat_work, tmp_path):
     x, _ = digits_test_split()
     np.save(tmp_path / "x.npy", x.numpy())
@@ -211,6 +213,7 @@ def test_trained_artifact_reloads_bit_identically_in_a_new_process(qat_work, tmp
 
 
 # ------------------------------------------------------------------ the Python API
+@pytest.mark.slow
 def test_qat_module_switches_modes_and_freezes(qat_work):
     model = training.load(qat_work / "calibrated")
     assert not model.training and bn_training_flags(model.prepared) == [False] * 6
@@ -238,6 +241,7 @@ def test_qat_module_switches_modes_and_freezes(qat_work):
     assert all(torch.equal(fq.scale, s) for fq, s in zip(fqs, live)) and model.observers_frozen
 
 
+@pytest.mark.slow
 def test_own_loop_saves_a_trained_artifact_that_converts_to_the_same_model(qat_work, tmp_path):
     digits = np.load(DIGITS / "digits.npz")
     model = training.load(qat_work / "calibrated").train()
@@ -304,6 +308,7 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupt_ends_with_the_uninterrupted_model(qat_work, resume_case, small_data, tmp_path):
     recipe, full = resume_case
     src, out, partial = qat_work / "calibrated", tmp_path / "resumed", tmp_path / ".resumed.partial"
@@ -333,6 +338,7 @@ def assert_not_trivial(before: dict[str, torch.Tensor], after: dict[str, torch.T
         assert names and any(not torch.equal(before[k], after[k]) for k in names), suffix
 
 
+@pytest.mark.slow
 def test_cli_sigterm_keeps_the_checkpoint_and_resume_matches_an_uninterrupted_run(qat_work, resume_case, tmp_path):
     recipe, full = resume_case
     src, out = qat_work / "calibrated", tmp_path / "trained"

@@ -414,6 +414,7 @@ def test_sdpa_matmuls_are_quantized_except_where_excluded():
 
 
 # ------------------------------------------------------------------ QAT
+@pytest.mark.slow
 def test_qat_uses_plain_fake_quantize_and_matches_convert():
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
     from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, PerChannelMinMaxObserver
@@ -522,12 +523,14 @@ def _cosines(model, q: QuantizationSection, folder: Path, to_onnx: bool = True):
     return cos_torch, cos_ort, result
 
 
+@pytest.mark.slow
 def test_trained_transformer_default_config_stays_near_fp32(trained_bert, tmp_path):
     cos_torch, cos_ort, result = _cosines(trained_bert, section(), tmp_path)
     assert cos_torch.min() >= 0.99 and cos_ort.min() >= 0.99  # measured mean 0.9999, min 0.999
     assert result.report["float"] == 0
 
 
+@pytest.mark.slow
 def test_equalization_handles_ffn_outlier_channels(trained_bert, tmp_path):
     model = with_outlier_channels(trained_bert)
     cos_torch, cos_ort, result = _cosines(model, section(), tmp_path)

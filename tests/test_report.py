@@ -83,6 +83,7 @@ def test_a_corrupted_layer_is_named_first(planted, chained):
     assert healthy["fc2"]["local_db"] - layers["fc2"]["local_db"] > 25
 
 
+@pytest.mark.slow
 def test_json_keys_and_ort_taps_on_a_transformer(chained):
     w = chained("bert")
     doc = report_json(w / "converted", "--onnx", w / "model.onnx", "--batches", "2")
@@ -165,6 +166,7 @@ def test_plot_refuses_a_file_it_did_not_write_unless_force(chained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.png"]  # no temporary left
 
 
+@pytest.mark.slow
 def test_bundled_example_uses_its_evaluation_data(work):
     doc = report_json(work / "converted", "--onnx", work / "model.onnx")
     assert doc["data"]["section"] == "evaluation" and doc["data"]["samples"] == 400
@@ -184,6 +186,7 @@ def test_bad_inputs_are_one_line_errors(chained, tmp_path):
     assert_fails(cli("report", w / "converted", "--data", tmp_path / "none.npz"), 3, "not found")
 
 
+@pytest.mark.slow
 def test_after_qat_the_folded_convs_are_unmatched_and_the_rest_measured(qat_work):
     doc = report_json(qat_work / "converted", "--batches", "2")
     assert doc["unmatched"] and all(node.startswith("conv") for node in doc["unmatched"])

@@ -17,6 +17,7 @@ from quantcli import artifacts
 from tests.conftest import DIGITS, assert_fails, cli, digits_recipe, snapshot
 
 
+@pytest.mark.slow
 def test_run_reuses_capture_when_only_later_sections_change(shared_recipe, copy_work, tmp_path):
     w = copy_work("captured", "prepared", "calibrated")
     early = snapshot(w / "captured") | {f"prepared/{k}": v for k, v in snapshot(w / "prepared").items()}
@@ -64,6 +65,7 @@ def test_a_model_that_does_not_match_its_report_is_exported_again(copy_work):
     assert report["onnx_sha256"] == hashlib.sha256((w / "model.onnx").read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_an_export_interrupted_between_its_two_renames_is_redone(copy_work, monkeypatch):
     """The model is renamed into place first, then its report: a kill in between leaves the new model
     beside the old report, whose sha256 names the old model; that pair is never reused."""
@@ -99,6 +101,7 @@ def test_export_never_overwrites_a_users_report_file(work, tmp_path):
     assert not (tmp_path / "model.onnx").exists()
 
 
+@pytest.mark.slow
 def test_an_unreadable_model_beside_its_report_is_replaced_only_with_force(copy_work):
     w = copy_work("converted", "model.onnx", "model.report.json")
     (w / "model.onnx").write_bytes(b"\x00truncated")

@@ -81,6 +81,7 @@ def test_sentence_transformers_folder_pooling_and_recorded_inputs(tmp_path, hf, 
     assert not torch.allclose(got[1], torch.nn.functional.normalize(hidden[1].mean(0), dim=0), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_plain_folder_means_mean_pooling_and_says_so(tmp_path, hf, caplog):
     with caplog.at_level(logging.WARNING, "quantcli"):
         manifest, _ = capture(tmp_path, hf, {"huggingface": "plain", "task": "feature-extraction"})
@@ -170,6 +171,7 @@ def test_later_recipe_without_inputs_means_as_resolved(tmp_path, hf):
                            recipe_path=byo.write_recipe(tmp_path, changed, "changed.yaml"))
 
 
+@pytest.mark.slow
 def test_model_folder_files_enter_the_capture_key(tmp_path, hf):
     import shutil
 

@@ -15,12 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from quantcli import stages, training
 from tests.conftest import cli_env
 from tests.test_qat import (assert_not_trivial, digits_test_split, load_state, open_stage,  # noqa: F401
                             small_data, training_recipe)
+
+pytestmark = pytest.mark.slow
 
 
 def torchrun(*args: object, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -12,6 +12,8 @@ from tests.conftest import DIGITS, assert_fails, cli
 from tests.recipes import MODELS_FILE, write_recipe
 from tests.tolerances import QUANTIZATION, TUNE_MAX_TRIALS
 
+pytestmark = pytest.mark.slow
+
 TRIAL_KEYS = {"trial", "change", "overrides", "status", "sqnr_db", "latency_ms"}
 STAGE_OUTPUTS = ["captured", "prepared", "calibrated", "converted", "model.onnx", "model.report.json"]
 

@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -68,6 +69,7 @@ documents = st.recursive(scalars, lambda inner: st.one_of(
 
 @SETTINGS
 @given(doc=documents)
+@pytest.mark.slow
 def test_random_yaml_documents(tmp_path, doc):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -76,6 +78,7 @@ def test_random_yaml_documents(tmp_path, doc):
 
 @SETTINGS
 @given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
+@pytest.mark.slow
 def test_random_text(tmp_path, text):
     path = tmp_path / "r.yaml"
     path.write_text(text, encoding="utf-8")
@@ -84,6 +87,7 @@ def test_random_text(tmp_path, text):
 
 @SETTINGS
 @given(data=st.binary(max_size=100))
+@pytest.mark.slow
 def test_random_bytes(tmp_path, data):
     path = tmp_path / "r.yaml"
     path.write_bytes(data)
@@ -139,6 +143,7 @@ def mutated_recipes(draw: st.DrawFn) -> tuple[dict, str, tuple]:
 
 @SETTINGS
 @given(case=mutated_recipes())
+@pytest.mark.slow
 def test_one_change_to_a_valid_recipe(tmp_path, case):
     doc, kind, path = case
     recipe = tmp_path / "r.yaml"

@@ -77,12 +77,14 @@ def vision_results() -> dict:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.VISION)
 def test_vision_model(name, vision_results):
     assert_result(name, vision_results[name])
 
 
 # ------------------------------------------------------------------ transformers
+@pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.TRANSFORMERS)
 def test_transformers_model(name, tmp_path):
     """pipeline.run goes stage by stage through the files each stage writes, as separate processes do:

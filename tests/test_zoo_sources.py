@@ -13,6 +13,8 @@ import subprocess
 import sys
 from importlib import metadata
 
+import pytest
+
 from tests.byo import ROOT, zoo_env
 from tests.conftest import assert_fails, cli_env, quantcli
 
@@ -30,6 +32,7 @@ def test_a_broken_torchvision_is_named_with_its_fix(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_a_hugging_face_text_model_needs_no_torchvision(tmp_path):
     env = cli_env(PYTHONPATH=os.pathsep.join([str(ROOT / ".venv" / "zoo"), str(ROOT)]))  # the broken one is there
     run = quantcli("capture", "--recipe", CONFIGS / "sentiment" / "recipe.yaml", "-o", tmp_path / "c", env=env)
