@@ -20,8 +20,9 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 _NOISY_LOGGERS = (
     "torchao",
@@ -55,9 +56,9 @@ from torchao.quantization.pt2e import (  # noqa: E402
     move_exported_model_to_eval,
     move_exported_model_to_train,
 )
+from torchao.quantization.pt2e import qat_utils as _qat_utils  # noqa: E402  (private: see _present_convs_only)
 from torchao.quantization.pt2e.constant_fold import constant_fold  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
-from torchao.quantization.pt2e import qat_utils as _qat_utils  # noqa: E402  (private: see _present_convs_only)
 
 __all__ = [
     "torch",
@@ -370,7 +371,11 @@ def _present_convs_only() -> Iterator[None]:
 
 
 def _int32_quantize(node: Any) -> bool:
-    return node.op == "call_function" and str(node.target).startswith("quantized_decomposed.quantize_per") and torch.int32 in node.args
+    return (
+        node.op == "call_function"
+        and str(node.target).startswith("quantized_decomposed.quantize_per")
+        and torch.int32 in node.args
+    )
 
 
 def prune_unused(module: Any) -> bool:

@@ -25,7 +25,8 @@ MANIFEST = "manifest.json"
 TIMINGS = "timings.json"
 PROGRAM = "program.pt2"  # a torch.export ExportedProgram
 FLOAT_PROGRAM = "float.pt2"  # the captured fp32 program, kept beside a converted one for reports
-STATE = "state.pt"  # state_dict of the prepared module (observers, fake quant, weights); a converted artifact keeps its parent's
+# state_dict of the prepared module (observers, fake quant, weights); a converted artifact keeps its parent's
+STATE = "state.pt"
 CHECKPOINT = "checkpoint.pt"  # training checkpoint inside .<out>.partial/
 REPORT_SUFFIX = ".report.json"  # the export report beside `<name>.onnx`: `<name>.report.json`
 

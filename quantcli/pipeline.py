@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantcli import recipe as recipes, references
+from quantcli import recipe as recipes
+from quantcli import references
 from quantcli.errors import InputError, RecipeError
 from quantcli.loading import file_checks, headers
 
@@ -63,7 +64,8 @@ def validate(recipe_path: str | Path) -> dict[str, Any]:
 
     Exit 2 when the schema has problems or the recipe needs an optional package that is not installed
     (missing files are listed with them), else 3 for missing files, then 3 for what a model folder or data
-    file lacks (a config, a column, images, class folders) and for data arrays that do not fit the inputs (names, dtypes, shapes, sample counts).
+    file lacks (a config, a column, images, class folders) and for data arrays that do not fit the inputs
+    (names, dtypes, shapes, sample counts).
     """
     path = Path(recipe_path)
     data = recipes.read_yaml(path)

@@ -73,7 +73,10 @@ def _report(report: dict[str, Any]) -> list[str]:
         worst = f" (worst sample {ev['worst']['int8_onnx']:.4f})" if "worst" in ev else ""
         line = (f"  {ev['metric']} to fp32 PyTorch on {ev['samples']} samples: fp32 ONNX {ev['fp32_onnx']:.4f}  "
                 f"int8 ONNX {ev['int8_onnx']:.4f}{worst}")
-    lines += [line, f"  size: fp32 ONNX {sizes['fp32_onnx'] / 1024:.1f} KiB, int8 ONNX {sizes['int8_onnx'] / 1024:.1f} KiB"]
+    lines += [
+        line,
+        f"  size: fp32 ONNX {sizes['fp32_onnx'] / 1024:.1f} KiB, int8 ONNX {sizes['int8_onnx'] / 1024:.1f} KiB",
+    ]
     for batch, t in ev["ort_latency"].items():
         lines.append(f"  ORT latency {batch.replace('_', ' ')}: fp32 {t['fp32_ms']:.3f} ms, int8 {t['int8_ms']:.3f} ms "
                      f"({t['fp32_ms'] / t['int8_ms']:.2f}x)")

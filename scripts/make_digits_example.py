@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from sklearn.datasets import load_digits
+from torch import nn
 
 SEED = 0
 N_TRAIN = 1197

@@ -140,7 +140,9 @@ def assert_fails(run: Run, code: int, *fragments: str) -> str:
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary siblings quantcli writes while it works (`.<name>.tmp-*`, `.<name>.old-*`)."""
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name))
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+    )
 
 
 def snapshot(path: Path) -> dict[str, str]:

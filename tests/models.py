@@ -11,7 +11,8 @@ Usable from a recipe as "tests.models:resnet" or "tests/models.py:resnet".
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

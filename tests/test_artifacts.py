@@ -106,7 +106,9 @@ def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path
 
 
 def test_stage_key_changes_with_each_of_its_parts(monkeypatch):
-    base = dict(stage="calibrated", options={"calibration": {"batch_size": 32}}, parent="p", data={"calibration.data": "d"})
+    base = dict(
+        stage="calibrated", options={"calibration": {"batch_size": 32}}, parent="p", data={"calibration.data": "d"}
+    )
     key = artifacts.stage_key(**base)
     assert artifacts.stage_key(**base) == key
     variants = [dict(base, stage="prepared"), dict(base, options={"calibration": {"batch_size": 16}}),
@@ -132,7 +134,9 @@ def test_check_output_reuses_a_complete_output_with_the_same_key(tmp_path):
     ("k1", "prepared", "ok", "is a captured artifact, not a prepared one"),
     ("k1", "captured", "parity_failed", "is marked parity_failed"),
 ])
-def test_check_output_refuses_another_key_stage_or_a_failed_output_unless_forced(tmp_path, key, stage, status, fragment):
+def test_check_output_refuses_another_key_stage_or_a_failed_output_unless_forced(
+    tmp_path, key, stage, status, fragment
+):
     make_artifact(tmp_path / "c", status=status)
     with pytest.raises(ArtifactError) as info:
         staging.check_output(tmp_path / "c", key, force=False, stage=stage)
@@ -143,7 +147,9 @@ def test_check_output_refuses_another_key_stage_or_a_failed_output_unless_forced
 def test_check_output_does_not_reuse_a_truncated_output(tmp_path):
     make_artifact(tmp_path / "c")
     (tmp_path / "c" / STATE).write_bytes(b"state")
-    with fails(ArtifactError, "exists but is corrupt: state.pt is truncated or altered: 5 bytes, the manifest records 11"):
+    with fails(
+        ArtifactError, "exists but is corrupt: state.pt is truncated or altered: 5 bytes, the manifest records 11"
+    ):
         staging.check_output(tmp_path / "c", "k1", force=False, stage="captured")
 
 
@@ -155,7 +161,9 @@ def test_check_output_never_replaces_a_folder_that_is_not_an_artifact(tmp_path, 
         folder.mkdir()
         for name, text in layout.items():
             (folder / name).write_text(text)
-        with fails(ArtifactError, "exists and is not a quantcli artifact (choose another output path; it is never replaced)"):
+        with fails(
+            ArtifactError, "exists and is not a quantcli artifact (choose another output path; it is never replaced)"
+        ):
             staging.check_output(folder, "k1", force=force, stage="captured")
     user_file = tmp_path / "file.txt"
     user_file.write_text("mine")
@@ -192,7 +200,9 @@ def test_open_artifact_names_the_command_that_makes_the_needed_stage(tmp_path):
         artifacts.open_artifact(tmp_path / "c", ("calibrated", "trained"), "convert")
     assert info.value.line() == (f"{tmp_path / 'c'} is a captured artifact; `quantcli convert` needs calibrated "
                                  "(made by `quantcli calibrate`) or trained (made by `quantcli train`)")
-    with fails(InputError, "does not exist (`quantcli prepare` needs a captured artifact (made by `quantcli capture`))"):
+    with fails(
+        InputError, "does not exist (`quantcli prepare` needs a captured artifact (made by `quantcli capture`))"
+    ):
         artifacts.open_artifact(tmp_path / "none", ("captured",), "prepare")
 
 

@@ -112,29 +112,53 @@ def test_validate_names_every_missing_file_and_module(tmp_path):
 
 def _model_cases(files: Path) -> dict[str, tuple[dict, list[str]]]:
     return {
-        "factory-file-missing": ({"model": {"factory": str(files / "nowhere.py") + ":build"}},
-                                 [f"model.factory: file not found: {files / 'nowhere.py'}"]),
-        "factory-import-fails": ({"model": {"factory": f"{files / 'broken.py'}:build"}},
-                                 [f"model.factory: cannot import {files / 'broken.py'}: ModuleNotFoundError: "
-                                  "No module named 'a_package_that_is_not_installed'"]),
-        "factory-callable-missing": ({"model": {"factory": f"{files / 'factories.py'}:nothing"}},
-                                     ["has no callable named 'nothing'"]),
-        "factory-raises": ({"model": {"factory": f"{files / 'factories.py'}:raises"}},
-                           ["factories.py:raises failed: RuntimeError: checkpoint weights.pt is missing"]),
-        "factory-returns-no-module": ({"model": {"factory": f"{files / 'factories.py'}:not_a_module"}},
-                                      ["factories.py:not_a_module returned dict, not a torch.nn.Module"]),
-        "inputs-wrong-channels": ({"inputs": [{"name": "x", "shape": [4, 3, 8, 8]}], "calibration": None,
-                                   "evaluation": None},
-                                  ["capture failed: RuntimeError:", "expected input[4, 3, 8, 8] to have 1 channels",
-                                   "check the recipe's inputs"]),
-        "calibration-array-missing": ({"calibration": {"data": str(files / "missing_array.npz"), "keys": {"x": "calib_x"}}},
-                                      ["calibration: no array 'calib_x' in the data; it has ['other']"]),
-        "calibration-wrong-shape": ({"calibration": {"data": str(files / "wrong_shape.npz"), "keys": {"x": "calib_x"}}},
-                                    ["calibration: input 'x' has shape [8, 1, 7, 7]; axis 2 must be 8"]),
-        "calibration-not-npz": ({"calibration": {"data": str(files / "not_npz.npz")}},
-                                [f"calibration: cannot read {files / 'not_npz.npz'} as .npz"]),
-        "calibration-file-missing": ({"calibration": {"data": str(files / "none.npz")}},
-                                     [f"calibration.data: file not found: {files / 'none.npz'}"]),
+        "factory-file-missing": (
+            {"model": {"factory": str(files / "nowhere.py") + ":build"}},
+            [f"model.factory: file not found: {files / 'nowhere.py'}"],
+        ),
+        "factory-import-fails": (
+            {"model": {"factory": f"{files / 'broken.py'}:build"}},
+            [
+                f"model.factory: cannot import {files / 'broken.py'}: ModuleNotFoundError: "
+                "No module named 'a_package_that_is_not_installed'"
+            ],
+        ),
+        "factory-callable-missing": (
+            {"model": {"factory": f"{files / 'factories.py'}:nothing"}},
+            ["has no callable named 'nothing'"],
+        ),
+        "factory-raises": (
+            {"model": {"factory": f"{files / 'factories.py'}:raises"}},
+            ["factories.py:raises failed: RuntimeError: checkpoint weights.pt is missing"],
+        ),
+        "factory-returns-no-module": (
+            {"model": {"factory": f"{files / 'factories.py'}:not_a_module"}},
+            ["factories.py:not_a_module returned dict, not a torch.nn.Module"],
+        ),
+        "inputs-wrong-channels": (
+            {"inputs": [{"name": "x", "shape": [4, 3, 8, 8]}], "calibration": None, "evaluation": None},
+            [
+                "capture failed: RuntimeError:",
+                "expected input[4, 3, 8, 8] to have 1 channels",
+                "check the recipe's inputs",
+            ],
+        ),
+        "calibration-array-missing": (
+            {"calibration": {"data": str(files / "missing_array.npz"), "keys": {"x": "calib_x"}}},
+            ["calibration: no array 'calib_x' in the data; it has ['other']"],
+        ),
+        "calibration-wrong-shape": (
+            {"calibration": {"data": str(files / "wrong_shape.npz"), "keys": {"x": "calib_x"}}},
+            ["calibration: input 'x' has shape [8, 1, 7, 7]; axis 2 must be 8"],
+        ),
+        "calibration-not-npz": (
+            {"calibration": {"data": str(files / "not_npz.npz")}},
+            [f"calibration: cannot read {files / 'not_npz.npz'} as .npz"],
+        ),
+        "calibration-file-missing": (
+            {"calibration": {"data": str(files / "none.npz")}},
+            [f"calibration.data: file not found: {files / 'none.npz'}"],
+        ),
     }
 
 
@@ -165,14 +189,33 @@ def test_bad_calibration_data(work, files, tmp_path, data, fragments):
 
 # --- artifacts: the wrong stage, damaged, missing: exit 4 (3 when the path does not exist) ----------
 
-@pytest.mark.parametrize("command, src, fragment", [
-    ("convert", "captured", "is a captured artifact; `quantcli convert` needs calibrated (made by `quantcli calibrate`) "
-                            "or trained (made by `quantcli train`)"),
-    ("prepare", "calibrated", "is a calibrated artifact; `quantcli prepare` needs captured (made by `quantcli capture`)"),
-    ("calibrate", "converted", "is a converted artifact; `quantcli calibrate` needs prepared (made by `quantcli prepare`)"),
-    ("export", "calibrated", "is a calibrated artifact; `quantcli export` needs converted (made by `quantcli convert`)"),
-    ("inspect", "model.report.json", "is not a quantcli artifact (no manifest.json)"),
-])
+@pytest.mark.parametrize(
+    "command, src, fragment",
+    [
+        (
+            "convert",
+            "captured",
+            "is a captured artifact; `quantcli convert` needs calibrated (made by `quantcli calibrate`) "
+            "or trained (made by `quantcli train`)",
+        ),
+        (
+            "prepare",
+            "calibrated",
+            "is a calibrated artifact; `quantcli prepare` needs captured (made by `quantcli capture`)",
+        ),
+        (
+            "calibrate",
+            "converted",
+            "is a converted artifact; `quantcli calibrate` needs prepared (made by `quantcli prepare`)",
+        ),
+        (
+            "export",
+            "calibrated",
+            "is a calibrated artifact; `quantcli export` needs converted (made by `quantcli convert`)",
+        ),
+        ("inspect", "model.report.json", "is not a quantcli artifact (no manifest.json)"),
+    ],
+)
 def test_wrong_stage_names_the_command_that_makes_what_is_needed(work, tmp_path, command, src, fragment):
     out = tmp_path / ("model.onnx" if command == "export" else "out")
     args = [command, work / src] + ([] if command == "inspect" else ["-o", out])
@@ -210,7 +253,10 @@ DAMAGE = {
     "truncated": (_truncate, " is corrupt: state.pt is truncated or altered: 1000 bytes, the manifest records"),
     "corrupted": (_flip_byte, " is corrupt: program.pt2 does not match its recorded sha256"),
     "file-missing": (lambda f: (f / "state.pt").unlink(), " is corrupt: state.pt is missing"),
-    "manifest-garbled": (lambda f: (f / "manifest.json").write_text('{"stage": "calib'), "/manifest.json is corrupt: Unterminated string"),
+    "manifest-garbled": (
+        lambda f: (f / "manifest.json").write_text('{"stage": "calib'),
+        "/manifest.json is corrupt: Unterminated string",
+    ),
     "manifest-missing": (lambda f: (f / "manifest.json").unlink(), " is not a quantcli artifact (no manifest.json)"),
     "other-schema": (_edit_manifest(schema_version=99), " has artifact schema 99, this quantcli reads 2"),
 }

@@ -16,8 +16,8 @@ import onnx
 import pytest
 
 from quantcli import artifacts
-from quantcli.onnx.export import MODULE_KEY, MODULE_TYPE_KEY, OP_KEY
 from quantcli.onnx import runtime
+from quantcli.onnx.export import MODULE_KEY, MODULE_TYPE_KEY, OP_KEY
 from tests.conftest import quantcli
 from tests.models import MODELS, example_batch
 from tests.tolerances import CHAIN_SQNR_DB

@@ -19,8 +19,19 @@ import onnx
 import pytest
 
 from quantcli import __version__, artifacts, errors
-from tests.conftest import (ANSI, DIGITS_RECIPE, ROOT, STAGES, assert_fails, cli, cli_env, digits_recipe, leftovers,
-                            quantcli, snapshot)
+from tests.conftest import (
+    ANSI,
+    DIGITS_RECIPE,
+    ROOT,
+    STAGES,
+    assert_fails,
+    cli,
+    cli_env,
+    digits_recipe,
+    leftovers,
+    quantcli,
+    snapshot,
+)
 
 # --- start-up: no torch where none is needed ---------------------------------------------------------
 
@@ -115,9 +126,15 @@ def test_json_and_quiet_on_every_subcommand(copy_work, shared_recipe):
         assert (run.rc, run.stderr) == (0, ""), (name, run.stderr)
         docs[name] = run.json()
     assert snapshot(w) == before  # everything was reused, nothing rewritten
-    assert docs["validate"] == {"recipe": str(shared_recipe), "valid": True,
-                                "files": [str(ROOT / "configs/digits/model.py"), str(ROOT / "configs/digits/digits.npz"),
-                                          str(ROOT / "configs/digits/digits.npz")]}
+    assert docs["validate"] == {
+        "recipe": str(shared_recipe),
+        "valid": True,
+        "files": [
+            str(ROOT / "configs/digits/model.py"),
+            str(ROOT / "configs/digits/digits.npz"),
+            str(ROOT / "configs/digits/digits.npz"),
+        ],
+    }
     plan = docs["run --dry-run"]
     assert [(s["command"], s["out"]) for s in plan["steps"]] == [
         ("capture", str(w / "captured")), ("prepare", str(w / "prepared")), ("calibrate", str(w / "calibrated")),

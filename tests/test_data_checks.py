@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
-from quantcli import pipeline, recipe as recipes
+from quantcli import pipeline
+from quantcli import recipe as recipes
 from quantcli.diagnose import signature_problem
 from quantcli.errors import DataError, InputError
-from quantcli.loading import data as loading, headers
+from quantcli.loading import data as loading
+from quantcli.loading import headers
 from quantcli.loading.dtypes import RANGE, SAFE, SAME, UNSAFE, cast_kind
 from quantcli.loading.inputs import example_batch, export_example
 from quantcli.recipe import InputSpec
@@ -210,7 +212,9 @@ def test_headers_of_npz_and_npy_folders_are_read_without_the_data(tmp_path):
     np.save(tmp_path / "folder" / "x.npy", np.zeros((7, 3), np.int32))
     found = {name: (str(h.dtype), h.shape) for name, h in headers.headers(tmp_path / "c.npz").items()}
     assert found == {"x": ("float64", (5, 2, 3)), "y": ("int64", (5,))}
-    assert {n: (str(h.dtype), h.shape) for n, h in headers.headers(tmp_path / "folder").items()} == {"x": ("int32", (7, 3))}
+    assert {n: (str(h.dtype), h.shape) for n, h in headers.headers(tmp_path / "folder").items()} == {
+        "x": ("int32", (7, 3))
+    }
 
 
 DTYPE_ZOO = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
@@ -248,8 +252,10 @@ def test_a_version_3_npy_header_is_read(tmp_path):
     assert headers.headers(tmp_path)["x"].shape == (4,)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x93NUMPY", b"not numpy at all", b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'",
-                                     b"\x93NUMPY\x09\x00\x00\x00"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x93NUMPY", b"not numpy at all", b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'", b"\x93NUMPY\x09\x00\x00\x00"],
+)
 def test_a_bad_npy_header_is_a_value_error(tmp_path, content):
     (tmp_path / "x.npy").write_bytes(content)
     with pytest.raises((ValueError, EOFError)):

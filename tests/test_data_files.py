@@ -64,7 +64,9 @@ def test_integer_targets_pass_and_unknown_labels_are_named(hf, tmp_path):
 
 
 def test_a_missing_column_names_the_key(hf):
-    with pytest.raises(DataError, match=r"evaluation.text: no column 'text' in labelled.csv; it has \['sentence', 'label'\]"):
+    with pytest.raises(
+        DataError, match=r"evaluation.text: no column 'text' in labelled.csv; it has \['sentence', 'label'\]"
+    ):
         batches(recipe(hf, data=str(hf / "text" / "labelled.csv"), targets="label"))
 
 
@@ -105,7 +107,9 @@ def test_class_folders_become_the_model_s_label_indices(hf, tmp_path):
     first = [Image.open(p).convert("RGB") for p in sorted((images / "cat").iterdir())[:5]]
     assert np.array_equal(got[0]["pixel_values"], processor(images=first, return_tensors="np")["pixel_values"])
     (images / "dog").rename(images / "wolf")
-    with pytest.raises(DataError, match=r"class folders \['wolf'\] are not labels of the model \(its id2label: cat, dog\)"):
+    with pytest.raises(
+        DataError, match=r"class folders \['wolf'\] are not labels of the model \(its id2label: cat, dog\)"
+    ):
         batches(r)
 
 

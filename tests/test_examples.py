@@ -10,7 +10,6 @@ int8 metric in its export report is held against chance and against fp32.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import onnx

@@ -326,8 +326,8 @@ def test_other_constraint_violations_carry_torchs_fix_in_recipe_terms():
 
 
 def test_the_factorys_module_is_put_in_eval_mode(files):
-    from quantcli.sources.build import build_model
     from quantcli.recipe import Recipe
+    from quantcli.sources.build import build_model
 
     recipe = Recipe(model={"factory": f"{files / 'models.py'}:dict_out"}, inputs=[{"name": "x", "shape": [1, 4]}])
     assert build_model(recipe).module.training is False

@@ -123,7 +123,8 @@ def test_zero_pad_folds_into_its_conv(tmp_path):
 
 
 def test_a_pad_with_another_value_stays_and_is_reported(tmp_path):
-    """Only a zero pad equals the zero-point padding of QLinearConv; a pad of 1 stays float, and the analysis says so."""
+    """Only a zero pad equals the zero-point padding of QLinearConv; a pad of 1 stays float, and the analysis
+    says so."""
     with torch.random.fork_rng():
         result = quantize(seeded(lambda: SamePad(fill=1.0)), (2, 3, 16, 16), tmp_path)
     assert result.analysis["coverage"]["integer"] == 4
@@ -314,7 +315,10 @@ def _islands_of(model: onnx.ModelProto, folder: Path) -> list:
 def test_island_definition_on_hand_built_graphs(tmp_path):
     tanh = [helper.make_node("Tanh", ["xf"], ["yf"], name="tanh")]
     assert _islands_of(_qdq_graph(tanh, ["x"]), tmp_path) == [("Tanh", False)]
-    params = [numpy_helper.from_array(np.ones(6, np.float32), "g"), numpy_helper.from_array(np.zeros(6, np.float32), "b")]
+    params = [
+        numpy_helper.from_array(np.ones(6, np.float32), "g"),
+        numpy_helper.from_array(np.zeros(6, np.float32), "b"),
+    ]
     norm = [helper.make_node("LayerNormalization", ["xf", "g", "b"], ["yf"], name="norm")]
     assert _islands_of(_qdq_graph(norm, ["x"], params), tmp_path) == [("LayerNormalization", True)]
     # beyond a float-by-design op the values are float by design: LayerNormalization -> Tanh
@@ -349,7 +353,9 @@ def test_spatial_mean_becomes_global_average_pool(keepdims):
     assert "ReduceMean" not in ops and "GlobalAveragePool" in ops
     if not keepdims:  # the squeeze runs after the QuantizeLinear, on the integers
         assert ops.index("Squeeze") == ops.index("QuantizeLinear") + 1
-    onnx.checker.check_model(onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True), full_check=True)
+    onnx.checker.check_model(
+        onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True), full_check=True
+    )
     after = _ort(model, X)
     assert after.shape == before.shape == ((1, 4, 1, 1) if keepdims else (1, 4))
     assert np.abs(after - before).max() <= 0.1 + 1e-6 and (after == before).mean() > 0.9
@@ -372,7 +378,9 @@ def test_zero_pad_between_equal_qdq_runs_on_the_integers():
     assert rewrite.integer_data_movement(model) == 1
     ops = [n.op_type for n in model.graph.node]
     assert ops == ["Pad", "DequantizeLinear"]  # the zero point pads the uint8 tensor
-    onnx.checker.check_model(onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True), full_check=True)
+    onnx.checker.check_model(
+        onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True), full_check=True
+    )
     np.testing.assert_array_equal(_ort(model, X), before)
 
 
@@ -395,7 +403,9 @@ def test_a_positive_scalar_between_equal_integers_goes():
     before = _ort(model, X)
     assert rewrite.scaled_passthroughs(model) == 1
     assert [n.op_type for n in model.graph.node].count("Mul") == 0
-    onnx.checker.check_model(onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True), full_check=True)
+    onnx.checker.check_model(
+        onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True), full_check=True
+    )
     np.testing.assert_array_equal(_ort(model, X), before)
 
 

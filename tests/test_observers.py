@@ -271,7 +271,9 @@ def test_an_entropy_recipe_calibrates_and_quantizes_a_model():
     prepared, test = calibrated(section(observer="entropy"))
     assert {kind for _, kind in activation_observers(prepared)} == {EntropyObserver}
     state = prepared.state_dict()  # a fresh prepare (another process) takes the calibrated state strictly
-    second = prepare(MODELS["resnet"][0](), model_data("resnet", batches=1, batch=16)[0][0], section(observer="entropy"))
+    second = prepare(
+        MODELS["resnet"][0](), model_data("resnet", batches=1, batch=16)[0][0], section(observer="entropy")
+    )
     second.load_state_dict(state, strict=True)
     assert output_sqnr(prepared, test) == output_sqnr(second, test) > 34  # measured 37.8 dB; histogram: 45
 

@@ -89,8 +89,9 @@ def test_calibrated_artifact_restores_bit_identically_in_a_new_process(tmp_path)
         subprocess.run([sys.executable, "-c", RESTORE, str(w / stage), str(tmp_path / "x.npy"), str(out)],
                        check=True, cwd=ROOT)
         outputs[stage] = np.load(out)
-    from quantcli.stages.base import restore_prepared
     import torch
+
+    from quantcli.stages.base import restore_prepared
 
     with torch.no_grad():
         here = restore_prepared(artifacts.open_artifact(w / "calibrated", ("calibrated",), "test"))(x).numpy()

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantcli import _torch  # silences torch/torchao import noise; the one torch gateway
-from quantcli import quantizers
+from quantcli import (
+    _torch,  # silences torch/torchao import noise; the one torch gateway
+    quantizers,
+)
 from quantcli.errors import RecipeError
 from quantcli.onnx.fusion import integer_op_report
 from quantcli.quantizers.cpu import classify, cpu_flags, saturates_u8s8

@@ -20,8 +20,7 @@ import torch
 
 from quantcli import stages, training
 from tests.conftest import cli_env
-from tests.test_qat import (assert_not_trivial, digits_test_split, load_state, open_stage,  # noqa: F401
-                            small_data, training_recipe)
+from tests.test_qat import assert_not_trivial, digits_test_split, load_state, open_stage, small_data, training_recipe  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +74,9 @@ def test_two_processes_with_live_bn_and_observers_reach_the_accuracy_goal(qat_wo
     assert run.stdout.splitlines() == [str(tmp_path / "two")]  # only rank 0 prints the result
     trained = open_stage(tmp_path / "two")
     assert trained.manifest["bn_frozen"] and trained.manifest["observers_frozen"]
-    assert trained.manifest["options"]["recipe"]["training"]["freeze_bn_after"] == 0.5  # BN and observers live for a while
+    assert (
+        trained.manifest["options"]["recipe"]["training"]["freeze_bn_after"] == 0.5
+    )  # BN and observers live for a while
     assert_not_trivial(load_state(src), load_state(tmp_path / "two"))
     x, y = digits_test_split()
     with torch.no_grad():

@@ -25,15 +25,33 @@ def _validate_error(recipe) -> errors.QuantCliError:
     return info.value
 
 
-@pytest.mark.parametrize("recipe, hidden, expected", [
-    ("sentiment/recipe.yaml", "datasets", [f"calibration.data (train.txt) needs datasets, which is not installed ({FILES})",
-                                           f"evaluation.data (dev.csv) needs datasets, which is not installed ({FILES})"]),
-    ("sentiment/recipe.yaml", "transformers",
-     [f"model.huggingface needs transformers, which is not installed ({HUGGINGFACE})"]),
-    ("photos/hf.yaml", "PIL", [f"model.huggingface (image-classification) needs Pillow, which is not installed ({FILES})",
-                               f"calibration.data (an image folder) needs Pillow, which is not installed ({FILES})",
-                               f"evaluation.data (an image folder) needs Pillow, which is not installed ({FILES})"]),
-])
+@pytest.mark.parametrize(
+    "recipe, hidden, expected",
+    [
+        (
+            "sentiment/recipe.yaml",
+            "datasets",
+            [
+                f"calibration.data (train.txt) needs datasets, which is not installed ({FILES})",
+                f"evaluation.data (dev.csv) needs datasets, which is not installed ({FILES})",
+            ],
+        ),
+        (
+            "sentiment/recipe.yaml",
+            "transformers",
+            [f"model.huggingface needs transformers, which is not installed ({HUGGINGFACE})"],
+        ),
+        (
+            "photos/hf.yaml",
+            "PIL",
+            [
+                f"model.huggingface (image-classification) needs Pillow, which is not installed ({FILES})",
+                f"calibration.data (an image folder) needs Pillow, which is not installed ({FILES})",
+                f"evaluation.data (an image folder) needs Pillow, which is not installed ({FILES})",
+            ],
+        ),
+    ],
+)
 def test_a_missing_extra_is_a_recipe_problem_naming_the_install(monkeypatch, recipe, hidden, expected):
     assert pipeline.validate(CONFIGS / recipe)["valid"]  # installed: valid
     monkeypatch.setitem(sys.modules, hidden, None)

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from quantcli.cli import main
 
@@ -27,7 +28,11 @@ DIGITS = ROOT / "configs" / "digits"
 BASE = yaml.safe_load((DIGITS / "recipe.yaml").read_text())
 BASE["model"]["factory"] = f"{DIGITS / 'model.py'}:build"
 BASE["calibration"]["data"] = BASE["evaluation"]["data"] = str(DIGITS / "digits.npz")
-SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 def validate(path: Path, *flags: str) -> tuple[int, str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -109,7 +108,12 @@ def test_two_sources_and_a_misplaced_weights_key(files, tmp_path):
     root, data = files
     recipe = text_recipe(root, data)
     recipe["model"]["torchvision"] = "resnet18"
-    check(tmp_path, recipe, 2, "model: set exactly one of factory, huggingface, torchvision, timm (got huggingface, torchvision)")
+    check(
+        tmp_path,
+        recipe,
+        2,
+        "model: set exactly one of factory, huggingface, torchvision, timm (got huggingface, torchvision)",
+    )
     check(tmp_path, {"model": {"timm": "resnet10t", "weights": "w.pt"}, "calibration": {"data": str(root / "photos")}},
           2, "model: weights: does not apply to a timm model; timm takes checkpoint:")
 
@@ -152,7 +156,12 @@ def test_the_model_folder_has_no_tokenizer(files, tmp_path):
     root, data = files
     recipe = text_recipe(root, data)
     recipe["model"]["huggingface"] = str(root / "model-images")
-    check(tmp_path, recipe, 3, "holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...) for text-classification")
+    check(
+        tmp_path,
+        recipe,
+        3,
+        "holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...) for text-classification",
+    )
 
 
 def test_a_sentence_transformers_pooling_quantcli_cannot_apply(files, tmp_path):
@@ -162,7 +171,10 @@ def test_a_sentence_transformers_pooling_quantcli_cannot_apply(files, tmp_path):
     folder = tmp_path / "st"
     shutil.copytree(root / "model", folder)
     sentence_transformers_files(folder, pooling="weightedmean")
-    recipe = {"model": {"huggingface": str(folder), "task": "feature-extraction"}, "calibration": {"data": str(data["txt"])}}
+    recipe = {
+        "model": {"huggingface": str(folder), "task": "feature-extraction"},
+        "calibration": {"data": str(data["txt"])},
+    }
     check(tmp_path, recipe, 3, "1_Pooling/config.json asks for pooling [None]", "set model.pooling")
 
 
@@ -194,7 +206,12 @@ def test_class_folders_that_are_not_the_model_s_labels(files, tmp_path):
     recipe["model"]["huggingface"] = str(root / "model-images")
     (root / "model-images" / "config.json").write_text(json.dumps({"id2label": {"0": "cat", "1": "wolf"}}))
     try:
-        check(tmp_path, recipe, 3, "evaluation.data: class folders ['dog'] are not labels of the model (its id2label: cat, wolf)")
+        check(
+            tmp_path,
+            recipe,
+            3,
+            "evaluation.data: class folders ['dog'] are not labels of the model (its id2label: cat, wolf)",
+        )
     finally:
         (root / "model-images" / "config.json").write_text(json.dumps({"id2label": {"0": "cat", "1": "dog"}}))
 

@@ -6,7 +6,8 @@ way with these; no numpy here, so `validate` stays instant.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from quantcli.loading.dtypes import DTYPES, UNSAFE, cast_kind
 from quantcli.recipe import InputSpec

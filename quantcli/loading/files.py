@@ -17,8 +17,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,9 @@ class FileReader:
         if self.kind == "images":
             files = kinds.image_files(self.path)
             if not files:
-                raise DataError(f"{self.what}.data: {self.path} holds no image files ({', '.join(kinds.IMAGE_SUFFIXES)})")
+                raise DataError(
+                    f"{self.what}.data: {self.path} holds no image files ({', '.join(kinds.IMAGE_SUFFIXES)})"
+                )
             total = -(-len(files) // batch_size)
             count = min(total, num_batches) if num_batches else total
             return count, self._image_batches(files, batch_size, count, targets)

@@ -7,8 +7,9 @@ labels) into class indices the way the model counts them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,9 @@ def transform(image: Any, options: ImageOptions) -> np.ndarray:
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = options.resize, int(options.resize * long / short)
-    image = image.resize((new_short, new_long) if w <= h else (new_long, new_short), _PIL_FILTERS[options.interpolation])
+    image = image.resize(
+        (new_short, new_long) if w <= h else (new_long, new_short), _PIL_FILTERS[options.interpolation]
+    )
     w, h = image.size
     top, left = int(round((h - options.size) / 2.0)), int(round((w - options.size) / 2.0))
     image = image.crop((left, top, left + options.size, top + options.size))

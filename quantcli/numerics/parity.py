@@ -20,7 +20,8 @@ PyTorch int8 model is at least that floor).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -11,7 +11,8 @@ would otherwise be an island.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # Op types (any domain) that carry out a Conv/MatMul/Gemm in integer arithmetic.
 INTEGER_KERNELS = frozenset({

@@ -20,7 +20,7 @@ so strict shape inference stays complete.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -57,14 +57,14 @@ class _Graph:
                       list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)}
         self.outputs = {o.name for o in self.graph.output}
 
-    def constant(self, name: str) -> Optional[np.ndarray]:
+    def constant(self, name: str) -> np.ndarray | None:
         from onnx import numpy_helper
 
         if name in self.inits:
             return numpy_helper.to_array(self.inits[name])
         return self.consts.get(name)
 
-    def rank(self, name: str) -> Optional[int]:
+    def rank(self, name: str) -> int | None:
         t = self.types.get(name)
         return len(t.shape.dim) if t is not None and t.HasField("shape") else None
 
@@ -84,7 +84,7 @@ class _Graph:
 
 
 # ------------------------------------------------------------------ ReduceMean -> GlobalAveragePool
-def _spatial_mean(g: _Graph, node) -> Optional[tuple[int, bool]]:
+def _spatial_mean(g: _Graph, node) -> tuple[int, bool] | None:
     """(rank, keepdims) when `node` is a ReduceMean over every axis from 2 on, else None."""
     if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
         return None
@@ -152,7 +152,7 @@ def _per_tensor(g: _Graph, qdq) -> bool:
 
 
 # ------------------------------------------------------------------ x * c between equal integers
-def _scalar(g: _Graph, name: str) -> Optional[float]:
+def _scalar(g: _Graph, name: str) -> float | None:
     value = g.constant(name)
     return float(value.reshape(())) if value is not None and value.size == 1 else None
 
@@ -181,7 +181,7 @@ def scaled_passthroughs(model: Any) -> int:
     return count
 
 
-def _scaled_passthrough(g: _Graph, mul) -> Optional[tuple]:
+def _scaled_passthrough(g: _Graph, mul) -> tuple | None:
     """(DQ, Q) around `mul` when they and its scalar cancel out, else None."""
     if mul.op_type != "Mul" or len(mul.input) != 2:
         return None
@@ -214,7 +214,7 @@ def _movable(g: _Graph, node) -> bool:
     return True
 
 
-def _qparams(g: _Graph, qdq) -> Optional[tuple]:
+def _qparams(g: _Graph, qdq) -> tuple | None:
     scale = g.constant(qdq.input[1])
     zero = g.constant(qdq.input[2]) if len(qdq.input) > 2 and qdq.input[2] else None
     if scale is None or zero is None or scale.size != 1 or zero.size != 1:
@@ -222,7 +222,7 @@ def _qparams(g: _Graph, qdq) -> Optional[tuple]:
     return float(scale.reshape(())), zero.dtype.str, int(zero.reshape(()))
 
 
-def _region(g: _Graph, start, movable: dict) -> Optional[tuple[list, list, list]]:
+def _region(g: _Graph, start, movable: dict) -> tuple[list, list, list] | None:
     """The connected data-movement nodes around `start`, their entry DQs and exit Qs, or None if it leaks."""
     nodes, entries, exits, todo = [], [], [], [start]
     seen = {id(start)}

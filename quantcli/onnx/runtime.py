@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 
-def session(path: str | Path, *, optimize: bool = True, threads: int = 0, optimized_path: str | Path | None = None) -> Any:
+def session(
+    path: str | Path, *, optimize: bool = True, threads: int = 0, optimized_path: str | Path | None = None
+) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -16,7 +16,8 @@ graph, so prepare in another process builds the same nodes under the same names.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
@@ -35,7 +36,7 @@ def sdpa_arguments(node: Node) -> dict[str, Any]:
     return bound
 
 
-def _val(arg) -> Optional[torch.Tensor]:
+def _val(arg) -> torch.Tensor | None:
     val = arg.meta.get("val") if isinstance(arg, Node) else None
     return val if isinstance(val, torch.Tensor) else None
 

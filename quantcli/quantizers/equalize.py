@@ -15,12 +15,13 @@ gives the same graph, the same buffers and the same state_dict keys.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch.fx import GraphModule, Node
 
-from quantcli.quantizers.rewrites import get_attr_value as _attr, set_parameter as _set_attr
+from quantcli.quantizers.rewrites import get_attr_value as _attr
+from quantcli.quantizers.rewrites import set_parameter as _set_attr
 
 aten = torch.ops.aten
 OUTLIER_RATIO = 4.0
@@ -37,7 +38,7 @@ def _skip_passthrough(node: Node) -> Node:
     return node
 
 
-def channel_scales(gamma, beta, w1, b1, w2_cols: int) -> Optional[torch.Tensor]:
+def channel_scales(gamma, beta, w1, b1, w2_cols: int) -> torch.Tensor | None:
     """s_j >= 1 per fc2 input channel, or None where no channel stands out."""
     with torch.no_grad():
         mean = w1 @ beta + (b1 if b1 is not None else 0.0)
@@ -83,7 +84,7 @@ def equalize_ffn(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     return count
 
 
-def _scales_for(model: GraphModule, fc2: Node) -> Optional[torch.Tensor]:
+def _scales_for(model: GraphModule, fc2: Node) -> torch.Tensor | None:
     w2 = _attr(model, fc2.args[1])
     chain = _ffn_chain(model, fc2) if w2 is not None and w2.dim() == 2 else None
     return channel_scales(*chain, w2.shape[1]) if chain is not None else None

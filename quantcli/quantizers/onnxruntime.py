@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import (
@@ -29,7 +29,15 @@ from torchao.quantization.pt2e.quantizer import (
 import quantcli.quantizers.rewrites as rewrites
 from quantcli.quantizers.attention import decompose_sdpa
 from quantcli.quantizers.equalize import equalize_ffn
-from quantcli.quantizers.patterns import BATCH_NORM, KIND, absorbed_pad, is_activation, only_user, positive_scalar, value
+from quantcli.quantizers.patterns import (
+    BATCH_NORM,
+    KIND,
+    absorbed_pad,
+    is_activation,
+    only_user,
+    positive_scalar,
+    value,
+)
 from quantcli.quantizers.policy import Policy, check_matches
 from quantcli.quantizers.selection import quantized_nodes
 from quantcli.quantizers.specs import Setting, activation_spec, bias_spec, scaled_spec, weight_spec
@@ -114,7 +122,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         last.meta[KEY].output_qspec = act
 
     @staticmethod
-    def _absorb(node: Node) -> tuple[Node, Optional[Node]]:
+    def _absorb(node: Node) -> tuple[Node, Node | None]:
         """Make `node` part of the pattern before it; return it and its only user."""
         if not is_annotated(node):
             annotate(node, {})

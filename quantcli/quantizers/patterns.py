@@ -10,7 +10,6 @@ around it, which needs the output to share the input's parameters (shared; split
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
 from torch.fx import Node
@@ -57,7 +56,7 @@ _WEIGHT_OPS = {aten._weight_norm.default, aten._weight_norm_interface.default, o
                aten.clone.default, aten.contiguous.default, aten.detach.default, aten.to.dtype}
 
 
-def value(arg) -> Optional[torch.Tensor]:
+def value(arg) -> torch.Tensor | None:
     val = arg.meta.get("val") if isinstance(arg, Node) else None
     return val if isinstance(val, torch.Tensor) else None
 
@@ -88,7 +87,7 @@ def is_weight(arg) -> bool:
     return is_float(arg) and is_constant(arg)
 
 
-def only_user(node: Node) -> Optional[Node]:
+def only_user(node: Node) -> Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
@@ -110,7 +109,7 @@ def is_zero_pad(node: Node) -> bool:
     return mode == "constant" and fill == 0 and all(isinstance(p, int) and p >= 0 for p in pads)
 
 
-def absorbed_pad(conv: Node) -> Optional[Node]:
+def absorbed_pad(conv: Node) -> Node | None:
     """The zero pad of spatial dims feeding only `conv`, which ORT folds into QLinearConv, or None.
 
     TF-style "same" padding (EfficientNet-Lite, timm's tf_* models) pads asymmetrically before a
@@ -146,13 +145,13 @@ def global_pool(node: Node) -> bool:
     return True  # avg_pool1d/2d: QLinearAveragePool
 
 
-def split_source(getitem: Node) -> Optional[Node]:
+def split_source(getitem: Node) -> Node | None:
     """The split/chunk/unbind a getitem reads from, if it is one."""
     source = getitem.args[0]
     return source if isinstance(source, Node) and KIND.get(source.target) == "split" else None
 
 
-def positive_scalar(node: Node) -> Optional[float]:
+def positive_scalar(node: Node) -> float | None:
     """c for x * c with x an activation and c a positive Python number (aten.mul.Tensor), else None."""
     if node.target not in (aten.mul.Tensor, aten.mul_.Tensor) or len(node.args) < 2:
         return None

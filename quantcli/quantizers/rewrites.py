@@ -16,7 +16,7 @@ builds the same nodes, buffers and state_dict keys. They touch only nodes `wante
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch.fx import GraphModule, Node
@@ -30,7 +30,7 @@ _PERMUTES = (aten.permute.default, aten.transpose.int)
 _FOLD_INTO = (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 
 
-def get_attr_value(model: GraphModule, node) -> Optional[torch.Tensor]:
+def get_attr_value(model: GraphModule, node) -> torch.Tensor | None:
     """The tensor a get_attr node reads, or None."""
     if not (isinstance(node, Node) and node.op == "get_attr"):
         return None
@@ -130,7 +130,7 @@ def _scaled_layer(model: GraphModule, mul: Node):
     return None
 
 
-def _producer(y: Node) -> tuple[Optional[Node], int]:
+def _producer(y: Node) -> tuple[Node | None, int]:
     """The single-use Linear/Conv behind `y` (through single-use permutes) and the axis of y holding its channels."""
     chain = []
     node = y
@@ -151,7 +151,7 @@ def _producer(y: Node) -> tuple[Optional[Node], int]:
     return node, axis
 
 
-def _channel_vector(c, y: torch.Tensor, axis: int) -> Optional[torch.Tensor]:
+def _channel_vector(c, y: torch.Tensor, axis: int) -> torch.Tensor | None:
     """c as one scale per channel of y's `axis`, or None when it varies along another axis."""
     channels = y.shape[axis]
     if not isinstance(channels, int):

@@ -15,8 +15,6 @@ took its output from 29.6 to 8.6 dB SQNR against fp32.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch.fx import Graph, Node
 
 from quantcli.onnx.islands import ALLOWED_TORCH_OPS, GELU_MODULE
@@ -95,7 +93,7 @@ def _shared(node: Node) -> bool:
     return is_activation(node.args[0])
 
 
-def _splittable(split: Optional[Node]) -> bool:
+def _splittable(split: Node | None) -> bool:
     return split is not None and is_activation(split.args[0])
 
 

@@ -17,8 +17,9 @@ Each point is measured three ways on a batch:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from quantcli._torch import torch
 from quantcli.quantizers.patterns import KIND

@@ -6,7 +6,7 @@ model's image preprocessing), which capture records so that later stages read it
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from quantcli.errors import ModelError
 from quantcli.loading.factory import load_callable

@@ -19,7 +19,9 @@ MODULES = "modules.json"  # a sentence-transformers folder: its modules in order
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                  "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken",
                  "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": None}
-_TRANSFORMER, _POOLING, _NORMALIZE = (f"sentence_transformers.models.{n}" for n in ("Transformer", "Pooling", "Normalize"))
+_TRANSFORMER, _POOLING, _NORMALIZE = (
+    f"sentence_transformers.models.{n}" for n in ("Transformer", "Pooling", "Normalize")
+)
 
 
 def read_json(path: Path, what: str) -> Any:

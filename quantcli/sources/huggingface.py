@@ -71,7 +71,7 @@ def _without_broken_torchvision(images: bool) -> dict[str, Any] | None:
             import torchvision  # noqa: F401
             return None
         except Exception as exc:
-            from quantcli.sources.zoo import paired_torchvision, _version
+            from quantcli.sources.zoo import _version, paired_torchvision
 
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             log.warning(f"torchvision {_version('torchvision')} does not import beside torch {_version('torch')} "
@@ -88,7 +88,9 @@ def _loaded(what: str, folder: Path, load: Any) -> Any:
         return load()
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"model.huggingface: cannot load the {what} from {folder}: {type(exc).__name__}: {first}") from exc
+        raise ModelError(
+            f"model.huggingface: cannot load the {what} from {folder}: {type(exc).__name__}: {first}"
+        ) from exc
 
 
 def tokenizer(section: ModelSection) -> Any:
@@ -174,7 +176,9 @@ def _task_module() -> type:
 
         def forward(self, *args: Any) -> Any:
             kwargs = dict(zip(self.names, args))
-            if self.positions:  # the model's default, written out: no slice of a fixed-size buffer, so seq stays dynamic
+            if (
+                self.positions
+            ):  # the model's default, written out: no slice of a fixed-size buffer, so seq stays dynamic
                 ids = kwargs["input_ids"]
                 kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
             out = self.model(**kwargs, return_dict=True)

@@ -10,10 +10,11 @@ the recipe's `model.image`, and recorded, so later stages preprocess without imp
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from quantcli import extras
 from quantcli.errors import InputError, ModelError, RecipeError
@@ -92,8 +93,7 @@ def _tv_defaults(name: str, model: Any) -> ImageOptions:
 def _timm() -> Any:
     import_torchvision("model.timm")  # timm imports torchvision: name that cause first
     timm = extras.require("timm", "model.timm")
-    import timm.data  # noqa: F401  (resolve_data_config)
-
+    extras.require("timm.data", "model.timm")  # resolve_data_config, as timm.data
     return timm
 
 
@@ -106,9 +106,13 @@ def _timm_defaults(name: str, model: Any) -> ImageOptions:
     config = _timm().data.resolve_data_config({}, model=model)
     size = int(config["input_size"][-1])
     interpolation = config.get("interpolation", "bilinear")
-    return ImageOptions(size=size, resize=math.floor(size / (config.get("crop_pct") or 0.875)),
-                        mean=list(config["mean"]), std=list(config["std"]),
-                        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear")
+    return ImageOptions(
+        size=size,
+        resize=math.floor(size / (config.get("crop_pct") or 0.875)),
+        mean=list(config["mean"]),
+        std=list(config["std"]),
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+    )
 
 
 TORCHVISION = Zoo("torchvision", "weights", _tv_names, _tv_construct, _tv_defaults)
@@ -142,8 +146,10 @@ def load_weights(model: Any, path: str, key: str) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:300]
-        raise ModelError(f"model.{key}: {path} does not fit the architecture: {first}",
-                         "pass the constructor's keyword arguments (model.kwargs) the weights were trained with") from exc
+        raise ModelError(
+            f"model.{key}: {path} does not fit the architecture: {first}",
+            "pass the constructor's keyword arguments (model.kwargs) the weights were trained with",
+        ) from exc
 
 
 def image_options(defaults: ImageOptions, override: ImageOptions | None) -> ImageOptions:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from quantcli import artifacts, recipe as recipes, staging
+from quantcli import artifacts, staging
+from quantcli import recipe as recipes
 from quantcli.artifacts import Artifact
 from quantcli.errors import InputError
 from quantcli.recipe import Recipe

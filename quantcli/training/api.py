@@ -39,7 +39,7 @@ class QatModule(_torch.torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         return self.prepared(*args)
 
-    def train(self, mode: bool = True) -> "QatModule":
+    def train(self, mode: bool = True) -> QatModule:
         if mode:
             _torch.to_train(self.prepared, bn_frozen=self.bn_frozen)
         else:
@@ -48,14 +48,14 @@ class QatModule(_torch.torch.nn.Module):
             module.training = mode
         return self
 
-    def freeze_bn(self) -> "QatModule":
+    def freeze_bn(self) -> QatModule:
         """From now on batch norm uses and keeps its running statistics, as the converted model will."""
         self.bn_frozen = True
         if self.training:
             _torch.freeze_bn(self.prepared)
         return self
 
-    def freeze_observers(self) -> "QatModule":
+    def freeze_observers(self) -> QatModule:
         """Stop updating quantization ranges (they update in eval mode too until frozen)."""
         _torch.disable_observers(self.prepared)
         return self

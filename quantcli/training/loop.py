@@ -10,8 +10,9 @@ those of the global batch's mean loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class Schedule:
     checkpoint_every: int
 
     @classmethod
-    def of(cls, section: TrainingSection, samples: int, world: World) -> "Schedule":
+    def of(cls, section: TrainingSection, samples: int, world: World) -> Schedule:
         if section.batch_size < world.size:
             raise RecipeError(f"training.batch_size {section.batch_size} is smaller than the {world.size} processes",
                               "every process needs at least one sample of each global batch")

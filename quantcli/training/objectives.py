@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from quantcli.errors import DataError, InputError, RecipeError
 from quantcli.loading.factory import load_callable
@@ -52,7 +53,7 @@ def loss(spec: str) -> Loss:
     if spec in LOSSES:
         return LOSSES[spec][0]
     if ":" not in spec:
-        raise RecipeError(f"training.loss: unknown loss {spec!r}", f"valid: {', '.join(LOSSES)}, or \"file.py:callable\"")
+        raise RecipeError(f"training.loss: unknown loss {spec!r}", f'valid: {", ".join(LOSSES)}, or "file.py:callable"')
     return load_callable(spec, "training.loss", InputError)
 
 
@@ -63,7 +64,8 @@ def check_targets(spec: str, targets_key: str | None, output: Any, targets: Any)
     need = LOSSES[spec][1](output, targets)
     if need is not None:
         raise DataError(
-            f"training.targets {targets_key or '(the class folders)'!r}: a batch of targets has shape {list(targets.shape)} "
+            f"training.targets {targets_key or '(the class folders)'!r}: a batch of targets has shape "
+            f"{list(targets.shape)} "
             f"({str(targets.dtype).removeprefix('torch.')}), but the model's output is {list(output.shape)} "
             f"and {spec} needs {need}"
         )

@@ -10,15 +10,15 @@ model's output SQNR against fp32, the worst output's).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from quantcli.errors import InputError, RecipeError
 from quantcli.numerics.evaluate import Scores, stream
 from quantcli.onnx import runtime
 from quantcli.recipe import Recipe
-
 
 GAIN_DB = 1.0  # less output SQNR gain than this does not justify changing a layer
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from quantcli import pipeline, recipe as recipes
+from quantcli import pipeline
+from quantcli import recipe as recipes
 from quantcli.errors import GoalError, NumericsError, RecipeError
 from quantcli.stages.base import Progress, no_progress, recipe_of
 from quantcli.tune import outputs
