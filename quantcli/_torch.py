@@ -122,11 +122,18 @@ def held_output() -> Iterator[io.StringIO]:
     stream they were made with, so they are filtered rather than redirected."""
     held = io.StringIO()
     hold = _Hold(held)
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-               if name == "torch" or name.startswith("torch.")]
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name == "torch" or name.startswith("torch.")
+    ]
     terminal = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
-    handlers = {id(h): h for lg in loggers for h in lg.handlers  # not torch's trace-file handlers
-                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in terminal}.values()
+    handlers = {
+        id(h): h
+        for lg in loggers
+        for h in lg.handlers  # not torch's trace-file handlers
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in terminal
+    }.values()
     for handler in handlers:
         handler.addFilter(hold)
     try:
@@ -144,10 +151,12 @@ def export_failure(exc: BaseException) -> str | None:
     from torch.fx.experimental.symbolic_shapes import ConstraintViolationError, GuardOnDataDependentSymNode
 
     if isinstance(exc, GuardOnDataDependentSymNode) or (
-            isinstance(exc, UserError) and exc.error_type == UserErrorType.DYNAMIC_CONTROL_FLOW):
+        isinstance(exc, UserError) and exc.error_type == UserErrorType.DYNAMIC_CONTROL_FLOW
+    ):
         return "data_dependent"
     if isinstance(exc, ConstraintViolationError) or (
-            isinstance(exc, UserError) and exc.error_type == UserErrorType.CONSTRAINT_VIOLATION):
+        isinstance(exc, UserError) and exc.error_type == UserErrorType.CONSTRAINT_VIOLATION
+    ):
         return "constraints"
     return None
 
@@ -242,8 +251,10 @@ def load_program(path: Path) -> Any:
         return torch.export.load(str(path))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ArtifactError(f"{path} cannot be loaded safely by this torch: {type(exc).__name__}: {first}",
-                            "recreate it with this version of quantcli and torch") from exc
+        raise ArtifactError(
+            f"{path} cannot be loaded safely by this torch: {type(exc).__name__}: {first}",
+            "recreate it with this version of quantcli and torch",
+        ) from exc
     finally:
         quiet.setLevel(level)
         if previous is None:
@@ -269,7 +280,8 @@ def _unsafe_entry(path: Path) -> str | None:
                     config = json.loads(archive.read(name)).get("config", {})
                     for fqn, entry in config.items():
                         if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(
-                                (pt2.WEIGHT_FILENAME_PREFIX, pt2.TENSOR_CONSTANT_FILENAME_PREFIX)):
+                            (pt2.WEIGHT_FILENAME_PREFIX, pt2.TENSOR_CONSTANT_FILENAME_PREFIX)
+                        ):
                             return f"a pickled object ({fqn} in {name})"
     except (zipfile.BadZipFile, ValueError, AttributeError, OSError) as exc:
         return f"no readable archive ({type(exc).__name__})"
@@ -325,8 +337,9 @@ def prepare(module: Any, quantizer: Any, qat: bool) -> Any:
 
 def convert(module: Any, fold_quantize: bool, reference_representation: bool = False) -> Any:
     with _present_convs_only():
-        module = convert_pt2e(module, use_reference_representation=reference_representation,
-                              fold_quantize=fold_quantize)
+        module = convert_pt2e(
+            module, use_reference_representation=reference_representation, fold_quantize=fold_quantize
+        )
     if not fold_quantize:
         # ONNX QuantizeLinear has no int32 output: int32 biases are folded even when weights stay float.
         constant_fold(module, _int32_quantize)
@@ -359,6 +372,7 @@ def _present_convs_only() -> Iterator[None]:
             if wanted is not None and not any(n.target in wanted for n in m.graph.nodes):
                 return m
             return helper(m, conv_fn, *args, **kwargs)
+
         return run
 
     for name, helper in originals.items():

@@ -52,8 +52,7 @@ STAGES: dict[str, Stage] = {
     "exported": Stage("export", ("export", "evaluation")),
 }
 # The libraries whose versions are recorded in every manifest and key every stage's reuse.
-LIBRARIES = ("torch", "torchao", "onnx", "onnxruntime", "onnxscript", "transformers", "timm", "torchvision",
-             "datasets")
+LIBRARIES = ("torch", "torchao", "onnx", "onnxruntime", "onnxscript", "transformers", "timm", "torchvision", "datasets")
 
 
 def producer(stage: str) -> str:
@@ -106,16 +105,23 @@ def library_versions() -> dict[str, str]:
 def stage_key(stage: str, options: dict[str, Any], parent: str | None, data: dict[str, str]) -> str:
     """What makes a stage output reusable: stage, options, input artifact, data, quantcli's and the libraries'
     versions (docs/reuse.md says what each stage's data covers)."""
-    blob = {"stage": stage, "options": options, "parent": parent, "data": data, "quantcli": __version__,
-            "versions": library_versions()}
+    blob = {
+        "stage": stage,
+        "options": options,
+        "parent": parent,
+        "data": data,
+        "quantcli": __version__,
+        "versions": library_versions(),
+    }
     return hashlib.sha256(canonical(blob)).hexdigest()
 
 
 def why_redone(previous: dict[str, Any], options: dict[str, Any], parent: str | None, data: dict[str, str]) -> str:
     """What differs between the manifest of an existing output and the inputs of a new one, in a few words:
     "model source netdef.py changed", "torch 2.13.0 -> 2.14.0", "calibration.num_batches changed"."""
-    reasons = [f"{name} {old} -> {new}" for name, old, new in _changed(previous.get("versions") or {},
-                                                                          library_versions())]
+    reasons = [
+        f"{name} {old} -> {new}" for name, old, new in _changed(previous.get("versions") or {}, library_versions())
+    ]
     if previous.get("quantcli_version") != __version__:
         reasons.append(f"quantcli {previous.get('quantcli_version')} -> {__version__}")
     for key, old, new in _changed(previous.get("data") or {}, data):
@@ -165,8 +171,15 @@ class Artifact:
         return self.path / name
 
 
-def base_manifest(stage: str, recipe: dict[str, Any], recipe_hash: str, parent: Artifact | None,
-                  options: dict[str, Any], key: str, data: dict[str, str]) -> dict[str, Any]:
+def base_manifest(
+    stage: str,
+    recipe: dict[str, Any],
+    recipe_hash: str,
+    parent: Artifact | None,
+    options: dict[str, Any],
+    key: str,
+    data: dict[str, str],
+) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "stage": stage,
@@ -201,9 +214,14 @@ def is_manifest(manifest: Any) -> bool:
         return False
     files = manifest.get("files")
     return isinstance(files, dict) and all(
-        isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
-        and isinstance(info, dict) and isinstance(info.get("sha256"), str) and isinstance(info.get("size"), int)
-        for name, info in files.items())
+        isinstance(name, str)
+        and Path(name).name == name
+        and name not in ("", ".", "..")
+        and isinstance(info, dict)
+        and isinstance(info.get("sha256"), str)
+        and isinstance(info.get("size"), int)
+        for name, info in files.items()
+    )
 
 
 def verify_files(path: Path, manifest: dict[str, Any]) -> str | None:
@@ -239,8 +257,10 @@ def open_artifact(path: str | Path, expect: tuple[str, ...], command: str) -> Ar
         raise ArtifactError(f"{path} is marked {manifest['status']}; it is not a usable output")
     problem = verify_files(path, manifest)
     if problem is not None:
-        raise ArtifactError(f"{path} is corrupt: {problem}", f"recreate it with `{producer(manifest['stage'])}`"
-                            if manifest["stage"] in STAGES else None)
+        raise ArtifactError(
+            f"{path} is corrupt: {problem}",
+            f"recreate it with `{producer(manifest['stage'])}`" if manifest["stage"] in STAGES else None,
+        )
     return Artifact(path, manifest)
 
 

@@ -16,8 +16,9 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import typer
 
@@ -43,8 +44,15 @@ class Output:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), console=self.console(), transient=True)
+        return Progress(
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console(),
+            transient=True,
+        )
 
 
 def plain() -> bool:
@@ -113,8 +121,11 @@ def _execute(out: Output, action: Callable[[Any], Any], label: str) -> Any:
         else:
             with bar:
                 task = bar.add_task(label, total=None, info="")
-                result = action(lambda done, total, m: bar.update(
-                    task, completed=done, total=total, info=" ".join(f"{k}={v:.4g}" for k, v in m.items())))
+                result = action(
+                    lambda done, total, m: bar.update(
+                        task, completed=done, total=total, info=" ".join(f"{k}={v:.4g}" for k, v in m.items())
+                    )
+                )
     except QuantCliError as exc:
         if out.debug:
             traceback.print_exc()
@@ -130,7 +141,9 @@ def _execute(out: Output, action: Callable[[Any], Any], label: str) -> Any:
         if isinstance(exc, OSError) and exc.errno in _INPUT_ERRNOS:
             fail(out, 3, "input", f"cannot use {exc.filename or 'a file'}: {exc.strerror or exc}")
         first = (str(exc).strip().splitlines() or [""])[0]
-        fail(out, 1, "internal", f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
+        fail(
+            out, 1, "internal", f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)"
+        )
     return result
 
 

@@ -33,33 +33,43 @@ def signature_problem(forward: Any, inputs: list[InputSpec]) -> str | None:
     varargs = any(p.kind == kinds.VAR_POSITIONAL for p in params)
     names = [i.name for i in inputs]
     if required_kw:
-        return (f"forward() takes keyword-only argument(s) {', '.join(map(repr, required_kw))}, but quantcli "
-                f"passes the recipe's inputs ({', '.join(names)}) positionally, in order")
+        return (
+            f"forward() takes keyword-only argument(s) {', '.join(map(repr, required_kw))}, but quantcli "
+            f"passes the recipe's inputs ({', '.join(names)}) positionally, in order"
+        )
     if len(names) < len(required):
-        return (f"forward() requires {len(required)} positional arguments ({', '.join(required)}), "
-                f"but the recipe declares {len(names)} input(s) ({', '.join(names)})")
+        return (
+            f"forward() requires {len(required)} positional arguments ({', '.join(required)}), "
+            f"but the recipe declares {len(names)} input(s) ({', '.join(names)})"
+        )
     if len(names) > len(positional) and not varargs:
-        return (f"forward() takes {len(positional)} positional argument(s)"
-                f"{' (' + ', '.join(p.name for p in positional) + ')' if positional else ''}, "
-                f"but the recipe declares {len(names)} input(s) ({', '.join(names)})")
+        return (
+            f"forward() takes {len(positional)} positional argument(s)"
+            f"{' (' + ', '.join(p.name for p in positional) + ')' if positional else ''}, "
+            f"but the recipe declares {len(names)} input(s) ({', '.join(names)})"
+        )
     return None
 
 
 def check_signature(model: Any, inputs: list[InputSpec]) -> None:
     problem = signature_problem(model.forward, inputs)
     if problem is not None:
-        raise ModelError(f"capture failed: {problem}",
-                         "give forward() one positional parameter per recipe input, or wrap the model in a "
-                         "module whose forward(self, x) calls it with keywords")
+        raise ModelError(
+            f"capture failed: {problem}",
+            "give forward() one positional parameter per recipe input, or wrap the model in a "
+            "module whose forward(self, x) calls it with keywords",
+        )
 
 
 def capture_error(exc: BaseException, kind: str | None, inputs: list[InputSpec]) -> QuantCliError:
     """The one-line error for a failed capture; `kind` is `_torch.export_failure(exc)`."""
     message = str(exc)
     if kind == "data_dependent":
-        return ModelError(f"capture failed: {_control_flow(message)}",
-                          "torch.export records one graph for every input: use torch.cond for a branch on "
-                          f"tensor values, or a static alternative such as torch.where; {DEBUG}")
+        return ModelError(
+            f"capture failed: {_control_flow(message)}",
+            "torch.export records one graph for every input: use torch.cond for a branch on "
+            f"tensor values, or a static alternative such as torch.where; {DEBUG}",
+        )
     if kind == "constraints":
         return _constraints(message, inputs)
     first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
@@ -75,11 +85,14 @@ def _control_flow(message: str) -> str:
     tail = message.split("The following call raised this error:", 1)[-1]
     frames = _USER_FRAME.findall(tail)
     if not frames:
-        return "forward() has control flow that depends on tensor values (data-dependent), which torch.export " \
-               "cannot capture"
+        return (
+            "forward() has control flow that depends on tensor values (data-dependent), which torch.export "
+            "cannot capture"
+        )
     path, line, function, code = frames[-1]
-    return (f"{function}() at {path}:{line} depends on tensor values (`{code.strip()}`), "
-            "which torch.export cannot capture")
+    return (
+        f"{function}() at {path}:{line} depends on tensor values (`{code.strip()}`), which torch.export cannot capture"
+    )
 
 
 _DIM = re.compile(r"^(\w+) = Dim\('(\w+)'((?:, (?:min|max)=\d+)*)\)$")
@@ -92,12 +105,13 @@ def _constraints(message: str, inputs: list[InputSpec]) -> RecipeError:
     fixes = _suggested_fixes(message)
     symbol = re.search(r"Constraints violated \(([^)]*)\)", message)
     names = [s.strip() for s in symbol.group(1).split(",")] if symbol else []
-    head = (f"capture failed: the model does not accept every size of dynamic axis "
-            f"{', '.join(map(repr, names)) or '?'} ({_axes_of(names, inputs)})")
+    head = (
+        f"capture failed: the model does not accept every size of dynamic axis "
+        f"{', '.join(map(repr, names)) or '?'} ({_axes_of(names, inputs)})"
+    )
     if not fixes:
         return RecipeError(head, f"bound or remove that dynamic axis in the recipe; {DEBUG}")
-    return RecipeError(f"{head}: torch suggests {'; '.join(fixes)}",
-                       "; ".join(_recipe_fix(f, inputs) for f in fixes))
+    return RecipeError(f"{head}: torch suggests {'; '.join(fixes)}", "; ".join(_recipe_fix(f, inputs) for f in fixes))
 
 
 def _suggested_fixes(message: str) -> list[str]:
@@ -128,7 +142,9 @@ def _recipe_fix(fix: str, inputs: list[InputSpec]) -> str:
         return f"bound it in the recipe's dynamic_axes: {where or '{AXIS: {' + fields + '}}'}"
     match = _STATIC.match(fix)
     if match:
-        return (f"the model fixes {match.group(1)} to {match.group(2)}: make {_axes_of([match.group(1)], inputs)} "
-                "static (drop it from dynamic_axes)")
+        return (
+            f"the model fixes {match.group(1)} to {match.group(2)}: make {_axes_of([match.group(1)], inputs)} "
+            "static (drop it from dynamic_axes)"
+        )
     symbol, other = _SAME.match(fix).groups()
     return f"{symbol} must equal {other}: name {_axes_of([symbol], inputs)} {other!r} in dynamic_axes"

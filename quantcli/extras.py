@@ -16,10 +16,10 @@ from quantcli.errors import InputError
 
 # module -> the pip install that provides it (the extras are declared in pyproject.toml)
 INSTALL: dict[str, str] = {
-    "transformers": "pip install \"quantcli[huggingface]\"",
-    "datasets": "pip install \"quantcli[files]\"",
-    "PIL": "pip install \"quantcli[files]\"",
-    "pyarrow": "pip install \"quantcli[files]\"",
+    "transformers": 'pip install "quantcli[huggingface]"',
+    "datasets": 'pip install "quantcli[files]"',
+    "PIL": 'pip install "quantcli[files]"',
+    "pyarrow": 'pip install "quantcli[files]"',
     "timm": "pip install timm",
 }
 PACKAGE = {"PIL": "Pillow"}  # distribution names that differ from the module's
@@ -48,5 +48,6 @@ def require(module: str, needed_by: str, error: type[InputError] = InputError, h
         root = module.split(".")[0]
         if exc.name not in (root, module):
             raise  # the module is there but one of its own imports is not: its error says which
-        raise error(f"{needed_by} needs {PACKAGE.get(root, root)}, which is not installed",
-                    hint or INSTALL[root]) from None
+        raise error(
+            f"{needed_by} needs {PACKAGE.get(root, root)}, which is not installed", hint or INSTALL[root]
+        ) from None

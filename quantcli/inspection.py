@@ -39,8 +39,13 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
     except Exception as exc:
         raise ArtifactError(f"{path} is not a readable ONNX model: {exc}") from None
     manifest = onnx_export.read_metadata(path)
-    doc = {"path": str(path), "manifest": manifest, **_target(manifest), "graph": onnx_export.graph_summary(model),
-           "io": onnx_export.io_summary(model)}
+    doc = {
+        "path": str(path),
+        "manifest": manifest,
+        **_target(manifest),
+        "graph": onnx_export.graph_summary(model),
+        "io": onnx_export.io_summary(model),
+    }
     report = staging.read_report(path)
     if report is not None and report["onnx_sha256"] == artifacts.sha256_file(path):
         doc["report"] = report

@@ -22,17 +22,23 @@ def plan(recipe_path: str | Path, work: str | Path) -> dict[str, Any]:
     if recipe.calibration is not None:
         steps.append(("calibrate", work / "calibrated"))
     elif not qat:
-        raise RecipeError("calibration: missing; post-training quantization needs calibration data",
-                          "add a calibration: section (or a training: section for QAT)")
+        raise RecipeError(
+            "calibration: missing; post-training quantization needs calibration data",
+            "add a calibration: section (or a training: section for QAT)",
+        )
     if qat:
         steps.append(("train", work / "trained"))
     steps += [("convert", work / "converted"), ("export", work / ONNX_NAME)]
-    return {"recipe": recipe.model_dump(mode="json"), "qat": qat,
-            "steps": [{"command": name, "out": str(path)} for name, path in steps]}
+    return {
+        "recipe": recipe.model_dump(mode="json"),
+        "qat": qat,
+        "steps": [{"command": name, "out": str(path)} for name, path in steps],
+    }
 
 
-def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, resume: bool = False,
-        progress: Any = None) -> list[Any]:
+def run(
+    recipe_path: str | Path, work: str | Path, *, force: bool = False, resume: bool = False, progress: Any = None
+) -> list[Any]:
     """Every stage into `work`; `resume` continues an interrupted training from its checkpoint."""
     from quantcli import stages
     from quantcli.stages.base import no_progress
@@ -43,16 +49,21 @@ def run(recipe_path: str | Path, work: str | Path, *, force: bool = False, resum
     steps = {s["command"]: Path(s["out"]) for s in plan(recipe_path, work)["steps"]}
     qat = "train" in steps
     results = [stages.capture.run(recipe_path, steps["capture"], force=force)]
-    results.append(stages.prepare.run(steps["capture"], steps["prepare"], qat=qat, recipe_path=recipe_path,
-                                      force=force))
+    results.append(
+        stages.prepare.run(steps["capture"], steps["prepare"], qat=qat, recipe_path=recipe_path, force=force)
+    )
     last = steps["prepare"]
     if "calibrate" in steps:
-        results.append(stages.calibrate.run(last, steps["calibrate"], recipe_path=recipe_path, force=force,
-                                            progress=progress))
+        results.append(
+            stages.calibrate.run(last, steps["calibrate"], recipe_path=recipe_path, force=force, progress=progress)
+        )
         last = steps["calibrate"]
     if qat:
-        results.append(stages.train.run(last, steps["train"], recipe_path=recipe_path, resume=resume, force=force,
-                                        progress=progress))
+        results.append(
+            stages.train.run(
+                last, steps["train"], recipe_path=recipe_path, resume=resume, force=force, progress=progress
+            )
+        )
         last = steps["train"]
     results.append(stages.convert.run(last, steps["convert"], force=force))
     results.append(stages.export.run(steps["convert"], steps["export"], recipe_path=recipe_path, force=force))

@@ -6,24 +6,33 @@ This module must not import torch: `quantcli validate` and `--help` stay instant
 from __future__ import annotations
 
 import difflib
-import re
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from quantcli.errors import ArtifactError, InputError, RecipeError
+
 # Layer 0 only: errors, file references and the torch-free name registries beside their owners
 # (tests/test_layers.py checks it); nothing here imports numpy or torch.
 from quantcli.loading import kinds
 from quantcli.loading.dtypes import DTYPES
+from quantcli.numerics.names import METRICS, fits, fitting
 from quantcli.quantizers.names import OBSERVERS, TARGETS
 from quantcli.references import file_values, resolve_path, split_callable
-from quantcli.numerics.names import METRICS, fits, fitting
 from quantcli.sources.names import POOLINGS, SOURCES, TASKS, ZOO_TASK
 from quantcli.training.names import LOSSES, OPTIMIZERS
 
@@ -41,7 +50,9 @@ class ImageOptions(_Section):
 
     size: int | None = Field(default=None, gt=0, description="side of the square centre crop fed to the model")
     resize: int | None = Field(default=None, gt=0, description="the shorter side is resized to this before the crop")
-    mean: list[float] | None = Field(default=None, min_length=3, max_length=3, description="per-channel mean (0-1 scale)")
+    mean: list[float] | None = Field(
+        default=None, min_length=3, max_length=3, description="per-channel mean (0-1 scale)"
+    )
     std: list[float] | None = Field(default=None, min_length=3, max_length=3, description="per-channel std (0-1 scale)")
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
 
@@ -54,17 +65,38 @@ class ImageOptions(_Section):
 
 
 class ModelSection(_Section):
-    factory: str | None = Field(default=None, description='"file.py:callable" or "package.module:callable" returning an nn.Module')
-    huggingface: str | None = Field(default=None, description="a local Hugging Face model folder (config.json, weights, tokenizer or image processor)")
+    factory: str | None = Field(
+        default=None, description='"file.py:callable" or "package.module:callable" returning an nn.Module'
+    )
+    huggingface: str | None = Field(
+        default=None,
+        description="a local Hugging Face model folder (config.json, weights, tokenizer or image processor)",
+    )
     torchvision: str | None = Field(default=None, description="a torchvision.models architecture name, e.g. resnet18")
     timm: str | None = Field(default=None, description="a timm architecture name, e.g. resnet10t")
-    task: str | None = Field(default=None, description="what a Hugging Face model is loaded as; decides inputs, outputs and metrics")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory, the torchvision/timm constructor or from_pretrained")
-    weights: str | None = Field(default=None, description="torchvision: a state_dict file (.pt/.pth/.safetensors); null: random weights")
-    checkpoint: str | None = Field(default=None, description="timm: a checkpoint file for create_model(checkpoint_path=...); null: random weights")
+    task: str | None = Field(
+        default=None, description="what a Hugging Face model is loaded as; decides inputs, outputs and metrics"
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments for the factory, the torchvision/timm constructor or from_pretrained",
+    )
+    weights: str | None = Field(
+        default=None, description="torchvision: a state_dict file (.pt/.pth/.safetensors); null: random weights"
+    )
+    checkpoint: str | None = Field(
+        default=None, description="timm: a checkpoint file for create_model(checkpoint_path=...); null: random weights"
+    )
     trust_remote_code: bool = Field(default=False, description="huggingface: run the model folder's own Python code")
-    pooling: str = Field(default="auto", description="feature-extraction: auto (the folder's 1_Pooling, else mean) | mean | cls | max | lasttoken | mean_sqrt_len | none (last hidden state)")
-    normalize: bool | None = Field(default=None, description="feature-extraction: L2-normalize the embedding; default: as the folder's modules.json says")
+    pooling: str = Field(
+        default="auto",
+        description="feature-extraction: auto (the folder's 1_Pooling, else mean) | mean | cls | max | lasttoken | "
+        "mean_sqrt_len | none (last hidden state)",
+    )
+    normalize: bool | None = Field(
+        default=None,
+        description="feature-extraction: L2-normalize the embedding; default: as the folder's modules.json says",
+    )
     image: ImageOptions | None = Field(default=None, description="torchvision/timm: preprocessing overrides")
 
     @field_validator("factory")
@@ -96,11 +128,13 @@ class ModelSection(_Section):
         return one_of(v, POOLINGS, "pooling")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSection":
+    def _one_source(self) -> ModelSection:
         """Exactly one source; each source's own keys only with it; torchvision/timm are image classifiers."""
         given = [name for name in SOURCES if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of {', '.join(SOURCES)}" + (f" (got {', '.join(given)})" if given else ""))
+            raise ValueError(
+                f"set exactly one of {', '.join(SOURCES)}" + (f" (got {', '.join(given)})" if given else "")
+            )
         source = given[0]
         if source in ("torchvision", "timm"):
             if self.task not in (None, ZOO_TASK):
@@ -109,14 +143,21 @@ class ModelSection(_Section):
         if source == "huggingface" and self.task is None:
             raise ValueError(f"task: required with huggingface; valid: {', '.join(TASKS)}")
         if source == "factory" and self.task is not None:
-            raise ValueError("task: only with huggingface, torchvision or timm (a factory's model returns what it returns)")
-        misplaced = [key for key, owner in (("weights", "torchvision"), ("checkpoint", "timm"), ("image", "torchvision or timm"))
-                     if getattr(self, key) is not None and source not in owner.split(" or ")]
+            raise ValueError(
+                "task: only with huggingface, torchvision or timm (a factory's model returns what it returns)"
+            )
+        misplaced = [
+            key
+            for key, owner in (("weights", "torchvision"), ("checkpoint", "timm"), ("image", "torchvision or timm"))
+            if getattr(self, key) is not None and source not in owner.split(" or ")
+        ]
         misplaced += ["trust_remote_code"] if self.trust_remote_code and source != "huggingface" else []
         if misplaced:
-            raise ValueError(f"{misplaced[0]}: does not apply to a {source} model"
-                             + ("; timm takes checkpoint:" if misplaced[0] == "weights" else "")
-                             + ("; torchvision takes weights:" if misplaced[0] == "checkpoint" else ""))
+            raise ValueError(
+                f"{misplaced[0]}: does not apply to a {source} model"
+                + ("; timm takes checkpoint:" if misplaced[0] == "weights" else "")
+                + ("; torchvision takes weights:" if misplaced[0] == "checkpoint" else "")
+            )
         if (self.pooling != "auto" or self.normalize is not None) and self.task != "feature-extraction":
             raise ValueError("pooling/normalize: only with task feature-extraction")
         return self
@@ -135,7 +176,7 @@ class DynamicAxis(_Section):
     max: int | None = Field(default=None, ge=1, description="largest size, e.g. max_position_embeddings")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "DynamicAxis":
+    def _ordered(self) -> DynamicAxis:
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} is larger than max {self.max}")
         return self
@@ -148,9 +189,10 @@ class InputSpec(_Section):
     name: str = Field(description="input name, in forward() order; becomes the ONNX input name")
     shape: list[int] = Field(description="example shape used at capture")
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
-    dynamic_axes: dict[int, Union[str, DynamicAxis]] | None = Field(
-        default=None, description='axis -> symbol, or {name, min, max}; default {0: "batch"}; {} makes every '
-        "axis static")
+    dynamic_axes: dict[int, str | DynamicAxis] | None = Field(
+        default=None,
+        description='axis -> symbol, or {name, min, max}; default {0: "batch"}; {} makes every axis static',
+    )
 
     @field_validator("shape")
     @classmethod
@@ -171,8 +213,9 @@ class InputSpec(_Section):
                     problems = [m.removeprefix("(top level): ") for m in format_errors(exc, DynamicAxis)]
                     raise ValueError(f"axis {axis}: " + "; ".join(problems)) from None
             elif not isinstance(value, str):
-                raise ValueError(f"axis {axis}: must be a symbol name or {{name, min, max}}, "
-                                 f"got {type(value).__name__}")
+                raise ValueError(
+                    f"axis {axis}: must be a symbol name or {{name, min, max}}, got {type(value).__name__}"
+                )
         return v
 
     def axes(self) -> dict[int, str]:
@@ -188,14 +231,15 @@ class InputSpec(_Section):
         return {axis: a if isinstance(a, DynamicAxis) else DynamicAxis(name=a) for axis, a in self.dynamic_axes.items()}
 
     @model_validator(mode="after")
-    def _axes_in_range(self) -> "InputSpec":
+    def _axes_in_range(self) -> InputSpec:
         for axis, dim in self.bounds().items():
             if not 0 <= axis < len(self.shape):
                 raise ValueError(f"dynamic_axes: axis {axis} is outside shape {self.shape}")
             size = self.shape[axis]
             if (dim.min is not None and size < dim.min) or (dim.max is not None and size > dim.max):
-                raise ValueError(f"dynamic_axes: axis {axis} ({dim.name}) is bounded {dim.range()}, but shape "
-                                 f"gives it {size}")
+                raise ValueError(
+                    f"dynamic_axes: axis {axis} ({dim.name}) is bounded {dim.range()}, but shape gives it {size}"
+                )
         return self
 
 
@@ -208,20 +252,29 @@ def _shared_bounds(inputs: list[InputSpec]) -> list[InputSpec]:
             first = seen.setdefault(dim.name, (where, dim))
             bounded = [d for d in (first[1], dim) if d.min is not None or d.max is not None]
             if len(bounded) == 2 and (first[1].min, first[1].max) != (dim.min, dim.max):
-                raise ValueError(f"symbol {dim.name!r} is bounded {dim.range()} at {where} but "
-                                 f"{first[1].range()} at {first[0]}; one symbol is one size, give it one range")
+                raise ValueError(
+                    f"symbol {dim.name!r} is bounded {dim.range()} at {where} but "
+                    f"{first[1].range()} at {first[0]}; one symbol is one size, give it one range"
+                )
             if dim.min is not None or dim.max is not None:
                 seen[dim.name] = (where, dim)
     return inputs
 
 
 class DataSource(_Section):
-    data: str = Field(min_length=1, description=".npz, folder of .npy files, file.py:callable yielding dicts; or "
-                      ".txt/.jsonl/.csv/.parquet text, or a folder of images (class subfolders: the labels)")
+    data: str = Field(
+        min_length=1,
+        description=".npz, folder of .npy files, file.py:callable yielding dicts; or "
+        ".txt/.jsonl/.csv/.parquet text, or a folder of images (class subfolders: the labels)",
+    )
     keys: dict[str, str] = Field(default_factory=dict, description="input name -> array name in the data")
-    text: str | None = Field(default=None, description='the text column of a .jsonl/.csv/.parquet file (default "text")')
+    text: str | None = Field(
+        default=None, description='the text column of a .jsonl/.csv/.parquet file (default "text")'
+    )
     text_pair: str | None = Field(default=None, description="the second text column of sentence pairs")
-    max_length: int | None = Field(default=None, gt=0, description="tokenizer: pad/truncate to this many tokens (default 128)")
+    max_length: int | None = Field(
+        default=None, gt=0, description="tokenizer: pad/truncate to this many tokens (default 128)"
+    )
     padding: Literal["max_length", "longest"] = Field(default="max_length", description="tokenizer padding")
     truncation: bool = Field(default=True, description="tokenizer: cut longer texts at max_length")
 
@@ -231,7 +284,7 @@ class DataSource(_Section):
         return _no_nul(v)
 
     @model_validator(mode="after")
-    def _keys_fit_the_kind(self, info: ValidationInfo) -> "DataSource":
+    def _keys_fit_the_kind(self, info: ValidationInfo) -> DataSource:
         """Tokenizer keys need text; `keys:` maps arrays, which text and images do not have.
 
         Tokenizer settings are judged where the user wrote them, other than their defaults (recorded
@@ -239,10 +292,15 @@ class DataSource(_Section):
         """
         kind = kinds.by_name(self.data)
         if (self.text is not None or self.text_pair is not None) and kind != "table":
-            raise ValueError("text/text_pair: name columns of a .jsonl/.csv/.tsv/.parquet file; "
-                             + ("a .txt file holds one example a line" if kind == "text" else f"{self.data} has none"))
-        tokenizer = {k for k in {"max_length", "padding", "truncation"} & self.model_fields_set
-                     if getattr(self, k) != type(self).model_fields[k].default}  # a recorded default is no setting
+            raise ValueError(
+                "text/text_pair: name columns of a .jsonl/.csv/.tsv/.parquet file; "
+                + ("a .txt file holds one example a line" if kind == "text" else f"{self.data} has none")
+            )
+        tokenizer = {
+            k
+            for k in {"max_length", "padding", "truncation"} & self.model_fields_set
+            if getattr(self, k) != type(self).model_fields[k].default
+        }  # a recorded default is no setting
         if tokenizer and (info.context or {}).get("written") and kind in ("arrays", "callable"):
             raise ValueError(f"{sorted(tokenizer)[0]}: tokenizer settings apply to text files, not to {self.data}")
         if self.keys and kind in ("text", "table"):
@@ -262,8 +320,10 @@ class CalibrationSection(DataSource):
 
 
 class EvaluationSection(DataSource):
-    targets: str | None = Field(default=None, description="the targets: an array, or a column of a text file; "
-                                "an image folder's class subfolders give them")
+    targets: str | None = Field(
+        default=None,
+        description="the targets: an array, or a column of a text file; an image folder's class subfolders give them",
+    )
     metric: str | None = Field(default=None, description="default: the task's (accuracy for a factory model)")
     batch_size: int = Field(default=64, gt=0)
 
@@ -287,8 +347,11 @@ def _known_observer(v: str) -> str:
     return one_of(v, OBSERVERS, "observer")
 
 
-Observer = Annotated[str, AfterValidator(_known_observer),
-                     Field(description="activation calibration method; see docs/recipe.md, Quantization targets")]
+Observer = Annotated[
+    str,
+    AfterValidator(_known_observer),
+    Field(description="activation calibration method; see docs/recipe.md, Quantization targets"),
+]
 
 
 class OverrideConfig(_Section):
@@ -309,11 +372,14 @@ class QuantizationSection(_Section):
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
     observer: Observer = "histogram"
     target_cpu: Literal["auto", "avx2", "avx512", "vnni", "arm64"] = Field(
-        default="auto", description="the CPU class the model is built for; auto: this machine's, resolved at prepare")
-    reduce_range: Union[Literal["auto", "pair_safe"], bool] = Field(
-        default="auto", description="weight range: false 8-bit; true 7-bit everywhere (ORT's reduce_range); "
+        default="auto", description="the CPU class the model is built for; auto: this machine's, resolved at prepare"
+    )
+    reduce_range: Literal["auto", "pair_safe"] | bool = Field(
+        default="auto",
+        description="weight range: false 8-bit; true 7-bit everywhere (ORT's reduce_range); "
         "pair_safe 8-bit narrowed per channel only as far as int16 pair sums need; auto: pair_safe on "
-        "avx2/avx512 targets, false elsewhere (docs/cpu-targets.md)")
+        "avx2/avx512 targets, false elsewhere (docs/cpu-targets.md)",
+    )
     exclude_names: list[str] = Field(default_factory=list)
     exclude_types: list[str] = Field(default_factory=list)
     overrides: list[OverrideConfig] = Field(default_factory=list)
@@ -325,7 +391,7 @@ class QuantizationSection(_Section):
         return one_of(v, TARGETS, "target")
 
     @model_validator(mode="after")
-    def _options_the_target_reads(self, info: ValidationInfo) -> "QuantizationSection":
+    def _options_the_target_reads(self, info: ValidationInfo) -> QuantizationSection:
         """An option the target ignores is an error where the user wrote it (recorded recipes hold every
         default and the resolved values, so they are not judged)."""
         options = TARGETS.get(self.target)  # None: unknown (reported above) or every option
@@ -333,8 +399,10 @@ class QuantizationSection(_Section):
             return self
         ignored = sorted(self.model_fields_set - {"target"} - options)
         if ignored:
-            raise ValueError(f"target {self.target!r} ignores {', '.join(ignored)}; remove "
-                             f"{'them' if len(ignored) > 1 else 'it'} or use the onnxruntime target")
+            raise ValueError(
+                f"target {self.target!r} ignores {', '.join(ignored)}; remove "
+                f"{'them' if len(ignored) > 1 else 'it'} or use the onnxruntime target"
+            )
         return self
 
 
@@ -351,15 +419,19 @@ def did_you_mean(word: str, valid: Any) -> str:
 
 
 class TrainingSection(DataSource):
-    targets: str | None = Field(default=None, description="the targets: an array, or a column of a text file; "
-                                "an image folder's class subfolders give them")
+    targets: str | None = Field(
+        default=None,
+        description="the targets: an array, or a column of a text file; an image folder's class subfolders give them",
+    )
 
     @field_validator("data")
     @classmethod
     def _indexed(cls, v: str) -> str:
         if split_callable(v) is not None:
-            raise ValueError("must be an .npz file or a folder of .npy files, not a callable: training needs "
-                             "indexed samples (shuffled, split across processes, its order saved for --resume)")
+            raise ValueError(
+                "must be an .npz file or a folder of .npy files, not a callable: training needs "
+                "indexed samples (shuffled, split across processes, its order saved for --resume)"
+            )
         return v
 
     loss: str = Field(default="cross_entropy", description='a built-in loss (cross_entropy, mse) or "file.py:callable"')
@@ -385,8 +457,9 @@ class TrainingSection(DataSource):
     def _known_loss(cls, v: str) -> str:
         _no_nul(v)
         if v not in LOSSES and ":" not in v:
-            raise ValueError(f"unknown loss {v!r}{did_you_mean(v, LOSSES)}; valid: {', '.join(LOSSES)}, "
-                             "or \"file.py:callable\"")
+            raise ValueError(
+                f'unknown loss {v!r}{did_you_mean(v, LOSSES)}; valid: {", ".join(LOSSES)}, or "file.py:callable"'
+            )
         return v
 
     @field_validator("optimizer")
@@ -394,25 +467,32 @@ class TrainingSection(DataSource):
     def _known_optimizer(cls, v: dict[str, Any]) -> dict[str, Any]:
         name = v.get("name", "sgd")
         if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r}{did_you_mean(name, OPTIMIZERS)}; "
-                             f"valid: {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown optimizer {name!r}{did_you_mean(name, OPTIMIZERS)}; valid: {', '.join(OPTIMIZERS)}"
+            )
         return v
 
 
 class ExportSection(_Section):
     opset: int = Field(default=18, ge=7, le=23)
     parity_max_excess_db: float = Field(
-        default=6.0, ge=0, description="how much more error against fp32 (dB of noise power) ONNX Runtime may have "
-        "than the PyTorch int8 model; above it, export fails with exit 5")
+        default=6.0,
+        ge=0,
+        description="how much more error against fp32 (dB of noise power) ONNX Runtime may have "
+        "than the PyTorch int8 model; above it, export fails with exit 5",
+    )
     parity_min_sqnr_db: float | None = Field(
-        default=None, description="optional fixed floor: ONNX Runtime (full optimizations) vs the PyTorch int8 model")
+        default=None, description="optional fixed floor: ONNX Runtime (full optimizations) vs the PyTorch int8 model"
+    )
 
 
 class Recipe(_Section):
     model: ModelSection
     inputs: Annotated[list[InputSpec], AfterValidator(_shared_bounds)] | None = Field(
-        default=None, min_length=1, description="default: from the model source (resolved at capture and "
-        "recorded); required with a factory")
+        default=None,
+        min_length=1,
+        description="default: from the model source (resolved at capture and recorded); required with a factory",
+    )
     outputs: list[str] | None = None
     calibration: CalibrationSection | None = None
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -421,11 +501,12 @@ class Recipe(_Section):
     export: ExportSection = Field(default_factory=ExportSection)
 
     @model_validator(mode="after")
-    def _inputs_consistent(self) -> "Recipe":
+    def _inputs_consistent(self) -> Recipe:
         if self.inputs is None:
             if self.model.source == "factory":
-                raise ValueError("inputs: required with a model factory (a Hugging Face, torchvision or timm model "
-                                 "knows its own)")
+                raise ValueError(
+                    "inputs: required with a model factory (a Hugging Face, torchvision or timm model knows its own)"
+                )
             return self
         names = [i.name for i in self.inputs]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -439,7 +520,7 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
-    def _data_fits_the_model(self) -> "Recipe":
+    def _data_fits_the_model(self) -> Recipe:
         """Each data section's kind fits the model's source and task; the metric fits the task; defaults by task.
 
         Judged by names only (no file is opened): `validate` looks inside the files and folders.
@@ -454,12 +535,22 @@ class Recipe(_Section):
             ev = self.evaluation
             ev.metric = ev.metric or (TASKS[task].default_metric if task else "accuracy")
             if not fits(ev.metric, task):
-                problems.append(f"evaluation.metric: {ev.metric} does not fit task {task}; valid: {', '.join(fitting(task))}")
+                problems.append(
+                    f"evaluation.metric: {ev.metric} does not fit task {task}; valid: {', '.join(fitting(task))}"
+                )
             elif METRICS[ev.metric].needs_targets and ev.targets is None and kinds.by_name(ev.data) != "folder":
-                problems.append(f"evaluation.targets: missing; {ev.metric} needs targets (an array or a column; an "
-                                "image folder's class subfolders give them)")
-        if self.training is not None and self.training.targets is None and kinds.by_name(self.training.data) != "folder":
-            problems.append("training.targets: missing (an array or a column; an image folder's class subfolders give them)")
+                problems.append(
+                    f"evaluation.targets: missing; {ev.metric} needs targets (an array or a column; an "
+                    "image folder's class subfolders give them)"
+                )
+        if (
+            self.training is not None
+            and self.training.targets is None
+            and kinds.by_name(self.training.data) != "folder"
+        ):
+            problems.append(
+                "training.targets: missing (an array or a column; an image folder's class subfolders give them)"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -478,8 +569,10 @@ def _data_problems(section: DataSource, model: ModelSection) -> list[str]:
     if kind not in ("text", "table"):
         return []
     if model.source == "factory":
-        return [f"data: {section.data} is text; text files need a model that knows its tokenizer "
-                "(model.huggingface); a factory takes .npz, .npy folders or a callable"]
+        return [
+            f"data: {section.data} is text; text files need a model that knows its tokenizer "
+            "(model.huggingface); a factory takes .npz, .npy folders or a callable"
+        ]
     if TASKS[model.task].modality != "text":
         return [f"data: {section.data} is text, but a {model.task} model takes images (a folder of image files)"]
     return []
@@ -638,5 +731,6 @@ def _as_resolved_at_capture(old: dict[str, Any], new: dict[str, Any]) -> None:
         new["inputs"] = old["inputs"]
     old_image, new_image = old["model"].get("image"), new["model"].get("image")
     if old_image is not None:
-        new["model"]["image"] = {k: old_image[k] if (new_image or {}).get(k) is None else new_image[k]
-                                 for k in old_image}
+        new["model"]["image"] = {
+            k: old_image[k] if (new_image or {}).get(k) is None else new_image[k] for k in old_image
+        }

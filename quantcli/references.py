@@ -43,8 +43,16 @@ def exists(path: str | Path, kind: str = "any") -> bool:
 
 
 # Every recipe key whose value names a file, a folder or a callable ("file.py:callable").
-FILE_KEYS = ("model.factory", "model.huggingface", "model.weights", "model.checkpoint", "calibration.data",
-             "training.data", "training.loss", "evaluation.data")
+FILE_KEYS = (
+    "model.factory",
+    "model.huggingface",
+    "model.weights",
+    "model.checkpoint",
+    "calibration.data",
+    "training.data",
+    "training.loss",
+    "evaluation.data",
+)
 
 
 def file_values(doc: Any) -> list[tuple[str, str]]:

@@ -51,13 +51,17 @@ def _report(report: dict[str, Any]) -> list[str]:
     floor = f", floor {parity['threshold_db']} dB" if parity["threshold_db"] is not None else ""
     on = f" on {parity['data']}" if parity.get("data") else ""
     verdict = "passed" if parity["passed"] else "FAILED"
-    lines = [f"  parity{on}: {verdict}: ONNX Runtime adds {parity['excess_db']:.1f} dB of error to the int8 "
-             f"model's (at most {parity['max_excess_db']}); ORT vs PyTorch int8 {parity['min_sqnr_db']:.1f} dB{floor}",
-             "  SQNR vs fp32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["sqnr_vs_float_db"].items())]
+    lines = [
+        f"  parity{on}: {verdict}: ONNX Runtime adds {parity['excess_db']:.1f} dB of error to the int8 "
+        f"model's (at most {parity['max_excess_db']}); ORT vs PyTorch int8 {parity['min_sqnr_db']:.1f} dB{floor}",
+        "  SQNR vs fp32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["sqnr_vs_float_db"].items()),
+    ]
     if "emulated" in parity:
-        lines.append(f"  parity on {parity['emulated']}'s arithmetic, emulated (this CPU cannot saturate); "
-                     f"this CPU's ONNX Runtime: {'passed' if parity['local']['passed'] else 'FAILED'}, "
-                     f"{parity['local']['excess_db']:.1f} dB")
+        lines.append(
+            f"  parity on {parity['emulated']}'s arithmetic, emulated (this CPU cannot saturate); "
+            f"this CPU's ONNX Runtime: {'passed' if parity['local']['passed'] else 'FAILED'}, "
+            f"{parity['local']['excess_db']:.1f} dB"
+        )
     lines += _u8s8(report.get("u8s8"))
     lines += _kernels(report.get("kernels"))
     ev = report.get("evaluation")
@@ -67,19 +71,25 @@ def _report(report: dict[str, Any]) -> list[str]:
 
     sizes = ev["size_bytes"]
     if METRICS[ev["metric"]].percent:
-        line = (f"  {ev['metric']} on {ev['samples']} held-out samples: fp32 {100 * ev['fp32_torch']:.2f}%  "
-                f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {100 * ev['drop']:.2f} points)")
+        line = (
+            f"  {ev['metric']} on {ev['samples']} held-out samples: fp32 {100 * ev['fp32_torch']:.2f}%  "
+            f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {100 * ev['drop']:.2f} points)"
+        )
     else:  # a similarity to the fp32 PyTorch model
         worst = f" (worst sample {ev['worst']['int8_onnx']:.4f})" if "worst" in ev else ""
-        line = (f"  {ev['metric']} to fp32 PyTorch on {ev['samples']} samples: fp32 ONNX {ev['fp32_onnx']:.4f}  "
-                f"int8 ONNX {ev['int8_onnx']:.4f}{worst}")
+        line = (
+            f"  {ev['metric']} to fp32 PyTorch on {ev['samples']} samples: fp32 ONNX {ev['fp32_onnx']:.4f}  "
+            f"int8 ONNX {ev['int8_onnx']:.4f}{worst}"
+        )
     lines += [
         line,
         f"  size: fp32 ONNX {sizes['fp32_onnx'] / 1024:.1f} KiB, int8 ONNX {sizes['int8_onnx'] / 1024:.1f} KiB",
     ]
     for batch, t in ev["ort_latency"].items():
-        lines.append(f"  ORT latency {batch.replace('_', ' ')}: fp32 {t['fp32_ms']:.3f} ms, int8 {t['int8_ms']:.3f} ms "
-                     f"({t['fp32_ms'] / t['int8_ms']:.2f}x)")
+        lines.append(
+            f"  ORT latency {batch.replace('_', ' ')}: fp32 {t['fp32_ms']:.3f} ms, int8 {t['int8_ms']:.3f} ms "
+            f"({t['fp32_ms'] / t['int8_ms']:.2f}x)"
+        )
     return lines
 
 
@@ -89,8 +99,10 @@ def _u8s8(section: dict[str, Any] | None) -> list[str]:
         return []
     layers = section["layers"]
     exposed = {k: v for k, v in layers.items() if v}
-    head = (f"  int16 pair saturation (x86 without VNNI): {section['saturable_pairs']} saturable weight pairs in "
-            f"{len(exposed)} of {len(layers)} u8 x s8 layers")
+    head = (
+        f"  int16 pair saturation (x86 without VNNI): {section['saturable_pairs']} saturable weight pairs in "
+        f"{len(exposed)} of {len(layers)} u8 x s8 layers"
+    )
     if section["target_saturates"]:
         head += f" (target {section['target_cpu']}: 0 expected)"
     else:
@@ -104,15 +116,19 @@ def _kernels(kernels: dict[str, Any] | None) -> list[str]:
     if kernels is None:
         return []
     cov = kernels["coverage"]
-    lines = [f"  integer kernels in ONNX Runtime: {cov['integer']} of {cov['total']} convs/matmuls"
-             + (f" (float: {', '.join(f'{n} {t}' for t, n in cov['float_ops'].items())})" if cov["float_ops"] else "")]
+    lines = [
+        f"  integer kernels in ONNX Runtime: {cov['integer']} of {cov['total']} convs/matmuls"
+        + (f" (float: {', '.join(f'{n} {t}' for t, n in cov['float_ops'].items())})" if cov["float_ops"] else "")
+    ]
     if kernels.get("warning"):
         lines.append(f"  warning: {kernels['warning']}")
     islands = kernels["islands"]
     expected = Counter(i["op_type"] for i in islands if i["allowed"])
     looked = [i for i in islands if not i["allowed"]]
-    lines.append(f"  float islands: {len(looked)} avoidable"
-                 + (f"; expected: {', '.join(f'{n} {t}' for t, n in expected.most_common())}" if expected else ""))
+    lines.append(
+        f"  float islands: {len(looked)} avoidable"
+        + (f"; expected: {', '.join(f'{n} {t}' for t, n in expected.most_common())}" if expected else "")
+    )
     for island in looked:
         kind = f" [{island['module_type']}]" if island["module_type"] else ""
         lines.append(f"    {island['op_type']:<16} {island['module'] or '(no module)'}{kind}")
@@ -130,8 +146,10 @@ def layer_report(doc: dict[str, Any]) -> str:
     from rich.table import Table
 
     ort = bool(doc.get("onnx"))
-    table = Table(title=f"per-layer SQNR against fp32 on {doc['data']['samples']} {doc['data']['section']} samples "
-                  "(dB, higher is better)")
+    table = Table(
+        title=f"per-layer SQNR against fp32 on {doc['data']['samples']} {doc['data']['section']} samples "
+        "(dB, higher is better)"
+    )
     columns = ("#", "layer", "type", "op", "local", "accumulated") + (("ORT vs int8", "ORT vs fp32") if ort else ())
     for column in columns:
         table.add_column(column, justify="right" if column not in ("layer", "type", "op") else "left")
@@ -167,8 +185,10 @@ def _model_lines(doc: dict[str, Any]) -> list[str]:
     if ev:
         models = ", ".join(f"{k} {ev[k]:.4f}" for k in ("fp32_torch", "int8_torch", "int8_onnx") if k in ev)
         agree = ", ".join(f"{k} {v:.4f}" for k, v in ev.get("top1_agreement", {}).items())
-        lines.append(f"{ev['metric']}: {models} (drop {ev['drop']:.4f})" + (f"; top-1 agreement with fp32: {agree}"
-                                                                          if agree else ""))
+        lines.append(
+            f"{ev['metric']}: {models} (drop {ev['drop']:.4f})"
+            + (f"; top-1 agreement with fp32: {agree}" if agree else "")
+        )
     sizes = doc["sizes"]
     lines.append("size: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sizes.items()))
     if "kernels" in doc:
@@ -180,15 +200,18 @@ def _model_lines(doc: dict[str, Any]) -> list[str]:
 
 def tuned(doc: dict[str, Any]) -> str:
     """`tune`: the goal, baseline and best trial, then every trial."""
+
     def measured(m: dict[str, Any]) -> str:
         metric = f"{doc['metric']} {m['int8_onnx']:.4f} (drop {m['drop']:.4f}), " if "int8_onnx" in m else ""
         return f"{metric}output SQNR {m['sqnr_db']:.1f} dB, {m['latency_ms']:.3f} ms"
 
     goal = ", ".join(f"{k} {v}" for k, v in doc["goal"].items())
-    lines = [f"goal {goal}: {'met' if doc['achieved'] else 'NOT met'}",
-             f"baseline: {measured(doc['baseline'])}",
-             f"best: trial {doc['best']['trial']}: {measured(doc['best'])}; layers changed: "
-             f"{', '.join(doc['layers_changed']) or 'none'}"]
+    lines = [
+        f"goal {goal}: {'met' if doc['achieved'] else 'NOT met'}",
+        f"baseline: {measured(doc['baseline'])}",
+        f"best: trial {doc['best']['trial']}: {measured(doc['best'])}; layers changed: "
+        f"{', '.join(doc['layers_changed']) or 'none'}",
+    ]
     for t in doc["trials"]:
         status = "" if t["status"] == "ok" else f" {t['status']}"
         lines.append(f"  trial {t['trial']:2d} {t['change']:<40} {measured(t)}{status}")

@@ -20,11 +20,22 @@ import shutil
 import signal
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from quantcli.artifacts import (FLOAT_PROGRAM, MANIFEST, PROGRAM, STATE, TIMINGS, canonical, read_manifest,
-                                report_path, sha256_file, verify_files)
+from quantcli.artifacts import (
+    FLOAT_PROGRAM,
+    MANIFEST,
+    PROGRAM,
+    STATE,
+    TIMINGS,
+    canonical,
+    read_manifest,
+    report_path,
+    sha256_file,
+    verify_files,
+)
 from quantcli.errors import ArtifactError
 
 NEVER = "choose another output path; it is never replaced"
@@ -59,7 +70,7 @@ def remove_stale(out: Path, tag: str) -> None:
     """
     prefix = sibling_prefix(out, tag)
     for path in out.parent.glob(glob.escape(prefix) + "*"):
-        pid = path.name[len(prefix):].split("-")[0]
+        pid = path.name[len(prefix) :].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             remove(path)
 
@@ -189,8 +200,12 @@ class OnnxStaging(Staging):
         model = onnx.load(str(self.tmp))
         set_metadata(model, manifest)
         onnx.save(model, str(self.tmp))
-        report = {**self.report, "model": self.out.name, "onnx_sha256": sha256_file(self.tmp),
-                  "seconds": round(timings["seconds"], 3)}
+        report = {
+            **self.report,
+            "model": self.out.name,
+            "onnx_sha256": sha256_file(self.tmp),
+            "seconds": round(timings["seconds"], 3),
+        }
         self.tmp_report.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         self.manifest, self.report = manifest, report
         return manifest
@@ -267,8 +282,10 @@ def check_name(out: Path, onnx_file: bool) -> None:
     for name in names:
         if len(os.fsencode(name)) > limit:
             which = "its report's name" if name != out.name else "the name"
-            raise ArtifactError(f"cannot write {out}: {which} is {len(os.fsencode(name))} bytes, over the "
-                                f"file-name limit of {limit}", "choose a shorter output name")
+            raise ArtifactError(
+                f"cannot write {out}: {which} is {len(os.fsencode(name))} bytes, over the file-name limit of {limit}",
+                "choose a shorter output name",
+            )
 
 
 def _name_max(folder: Path) -> int:
@@ -287,8 +304,9 @@ def _name_max(folder: Path) -> int:
 KNOWN_FILES = frozenset({MANIFEST, TIMINGS, PROGRAM, FLOAT_PROGRAM, STATE})
 
 
-def check_output(out: Path, key: str, force: bool, stage: str | None = None,
-                 why: Why | None = None) -> dict[str, Any] | None:
+def check_output(
+    out: Path, key: str, force: bool, stage: str | None = None, why: Why | None = None
+) -> dict[str, Any] | None:
     """Decide what to do with an existing stage folder at `out`.
 
     Returns the existing manifest when it is a complete `stage` output with the same key (reuse);
@@ -311,8 +329,10 @@ def check_output(out: Path, key: str, force: bool, stage: str | None = None,
 
 def _refuse_unusable(out: Path, manifest: dict[str, Any], key: str, stage: str | None, why: Why | None) -> None:
     if stage is not None and manifest["stage"] != stage:
-        raise ArtifactError(f"{out} exists and is a {manifest['stage']} artifact, not a {stage} one",
-                            "choose another output path, or pass --force to replace it")
+        raise ArtifactError(
+            f"{out} exists and is a {manifest['stage']} artifact, not a {stage} one",
+            "choose another output path, or pass --force to replace it",
+        )
     if manifest.get("status", "ok") != "ok":
         raise ArtifactError(f"{out} exists and is marked {manifest['status']}", FORCE)
     if manifest.get("key") != key:
@@ -333,8 +353,10 @@ def _owned_manifest(out: Path) -> dict[str, Any] | None:
         raise ArtifactError(f"{out} exists and is not a quantcli artifact", NEVER) from None
     foreign = sorted(names - set(manifest["files"]) - {MANIFEST, TIMINGS})
     if foreign:
-        raise ArtifactError(f"{out} holds files quantcli did not write ({', '.join(foreign[:3])})",
-                            "move them away or choose another output path; it is never replaced")
+        raise ArtifactError(
+            f"{out} holds files quantcli did not write ({', '.join(foreign[:3])})",
+            "move them away or choose another output path; it is never replaced",
+        )
     return manifest
 
 
@@ -374,8 +396,9 @@ def check_onnx(out: Path, key: str, force: bool, why: Why | None = None) -> dict
     if (not fields or fields.get("stage") != "exported") and report is not None and report.get("model") == out.name:
         if force:
             return None
-        raise ArtifactError(f"{out} exists and is a corrupt quantcli model (its report names it; the file does "
-                            "not parse as one)", FORCE)
+        raise ArtifactError(
+            f"{out} exists and is a corrupt quantcli model (its report names it; the file does not parse as one)", FORCE
+        )
     if not fields or fields.get("stage") != "exported":
         raise ArtifactError(f"{out} exists and was not written by quantcli export", NEVER)
     if force:

@@ -17,7 +17,8 @@ standardized per dimension with fp32's mean and std over those inputs (every dim
 alike). The JSON also holds CPU times, the op counts ORT runs after optimizing each model, the
 machine (CPU model, AVX2/AVX-512/VNNI flags) and the versions.
 
-    python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--markdown] [--work DIR [--reuse]]
+    python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--markdown]
+                            [--work DIR [--reuse]]
                             [--target-cpu avx2]
 
 A benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
@@ -39,7 +40,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_build import MODELS, VISION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +65,15 @@ def uses_zoo(model: str) -> bool:
 def build_in_child(model: str, out: Path, target_cpu: str) -> dict:
     """Run bench_build.py in a fresh process (zoo PYTHONPATH for vision models); its build.json or the error."""
     paths = [*ZOO_PATH] if model in VISION or uses_zoo(model) else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*paths, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(map(str, [*paths, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])),
+    }
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "build.log", "w") as log:
-        done = subprocess.run([sys.executable, str(BUILD), model, str(out), target_cpu], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            [sys.executable, str(BUILD), model, str(out), target_cpu], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     if done.returncode != 0:
         tail = (out / "build.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         return {"model": model, "error": f"build failed (exit {done.returncode}): {tail[0]}"}
@@ -77,6 +81,7 @@ def build_in_child(model: str, out: Path, target_cpu: str) -> dict:
 
 
 # ---------------------------------------------------------------- measure (this process)
+
 
 def run_all(sess, batch: dict[str, np.ndarray]) -> np.ndarray:
     return sess.run(None, {i.name: batch[i.name] for i in sess.get_inputs()})[0]
@@ -102,12 +107,16 @@ def interleaved(sessions: dict, feed: dict, rounds: int) -> tuple[dict[str, floa
                 run_all(sess, feed)
             wall[name].append((time.perf_counter() - start) * 1000 / per_round)
             cpu[name].append((time.process_time() - start_cpu) * 1000 / per_round)
-    return ({name: statistics.median(t) for name, t in wall.items()},
-            {name: statistics.median(t) for name, t in cpu.items()})
+    return (
+        {name: statistics.median(t) for name, t in wall.items()},
+        {name: statistics.median(t) for name, t in cpu.items()},
+    )
 
 
 def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
-    return (reference * other).sum(1) / np.maximum(np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1), 1e-30)
+    return (reference * other).sum(1) / np.maximum(
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1), 1e-30
+    )
 
 
 def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> dict[str, dict]:
@@ -117,18 +126,23 @@ def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> di
     fp32's output energy that varies with the input: near 0 (random-weight CNNs) the standardized
     figures compare quantization noise with noise and mean nothing."""
     n = len(next(iter(rows.values())))
-    outs = {name: np.concatenate([run_all(s, {k: v[i:i + batch] for k, v in rows.items()}) for i in range(0, n, batch)])
-            for name, s in sessions.items()}
+    outs = {
+        name: np.concatenate([run_all(s, {k: v[i : i + batch] for k, v in rows.items()}) for i in range(0, n, batch)])
+        for name, s in sessions.items()
+    }
     fp32 = outs.pop("fp32").reshape(n, -1).astype(np.float64)
     mean, std = fp32.mean(0), np.maximum(fp32.std(0), 1e-12)
     result = {"fp32_input_dependent_share": round(float(fp32.var(0).sum() / np.square(fp32).mean(0).sum()), 5)}
     for name, out in outs.items():
         out = out.reshape(n, -1)
         raw, standardized = cosines(fp32, out), cosines((fp32 - mean) / std, (out - mean) / std)
-        result[name] = {"top1_agreement": round(float((out.argmax(1) == fp32.argmax(1)).mean()), 5),
-                        "cos_mean": round(float(raw.mean()), 5), "cos_worst": round(float(raw.min()), 5),
-                        "std_cos_mean": round(float(standardized.mean()), 5),
-                        "std_cos_worst": round(float(standardized.min()), 5)}
+        result[name] = {
+            "top1_agreement": round(float((out.argmax(1) == fp32.argmax(1)).mean()), 5),
+            "cos_mean": round(float(raw.mean()), 5),
+            "cos_worst": round(float(raw.min()), 5),
+            "std_cos_mean": round(float(standardized.mean()), 5),
+            "std_cos_worst": round(float(standardized.min()), 5),
+        }
     return result
 
 
@@ -149,11 +163,13 @@ def measure(info: dict, rounds: int) -> dict:
     for batch in (1, 32):
         feed = {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:]))) for k, v in rows.items()}
         med, cpu = interleaved(sessions, feed, rounds)
-        result[f"batch_{batch}"] = {"ms": {k: round(v, 3) for k, v in med.items()},
-                                    "ratio_vs": {f: round(med["quantcli"] / med[f], 3) for f in info["ort_flows"]},
-                                    "speedup_vs_fp32": {k: round(med["fp32"] / v, 3) for k, v in med.items() if k != "fp32"},
-                                    "cpu_ms": {k: round(v, 3) for k, v in cpu.items()},
-                                    "cpu_ratio_vs": {f: round(cpu["quantcli"] / cpu[f], 3) for f in info["ort_flows"]}}
+        result[f"batch_{batch}"] = {
+            "ms": {k: round(v, 3) for k, v in med.items()},
+            "ratio_vs": {f: round(med["quantcli"] / med[f], 3) for f in info["ort_flows"]},
+            "speedup_vs_fp32": {k: round(med["fp32"] / v, 3) for k, v in med.items() if k != "fp32"},
+            "cpu_ms": {k: round(v, 3) for k, v in cpu.items()},
+            "cpu_ratio_vs": {f: round(cpu["quantcli"] / cpu[f], 3) for f in info["ort_flows"]},
+        }
     result["fidelity"] = fidelity(sessions, rows)
     result["ops"] = {name: graph_ops(path) for name, path in info["sessions"].items() if name != "fp32"}
     return result
@@ -172,13 +188,19 @@ def machine() -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    return {"cpu": names[0] if names else platform.processor(), "logical_cpus": os.cpu_count(),
-            "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")},
-            "quantcli_target_cpu": detect_cpu(), "threads": THREADS, "python": platform.python_version(),
-            "versions": versions}
+    return {
+        "cpu": names[0] if names else platform.processor(),
+        "logical_cpus": os.cpu_count(),
+        "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")},
+        "quantcli_target_cpu": detect_cpu(),
+        "threads": THREADS,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 # ---------------------------------------------------------------- report
+
 
 def label(model: str) -> str:
     """A model's name in the table: its bench name, or a recipe path relative to the repository."""
@@ -187,7 +209,10 @@ def label(model: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'model':26} {'batch':>5} {'fp32 ms':>9} {'ORT flow':20} {'ORT ms':>9} {'quantcli ms':>11} {'q/ORT':>6} {'vs fp32':>7}"
+    head = (
+        f"{'model':26} {'batch':>5} {'fp32 ms':>9} {'ORT flow':20} {'ORT ms':>9} {'quantcli ms':>11} "
+        f"{'q/ORT':>6} {'vs fp32':>7}"
+    )
     lines = [head]
     for row in rows:
         if "error" in row:
@@ -196,67 +221,102 @@ def table(rows: list[dict]) -> str:
         for batch in (1, 32):
             b = row[f"batch_{batch}"]
             for flow in row["ort_flows"]:
-                lines.append(f"{label(row['model']):26} {batch:>5} {b['ms']['fp32']:>9.3f} {flow:20} {b['ms'][flow]:>9.3f} "
-                             f"{b['ms']['quantcli']:>11.3f} {b['ratio_vs'][flow]:>6.3f} {b['speedup_vs_fp32']['quantcli']:>6.2f}x")
-    lines += ["", f"{'model':26} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} "
-                  f"{'std-cos worst':>13} {'input-dep':>9}"]
+                lines.append(
+                    f"{label(row['model']):26} {batch:>5} {b['ms']['fp32']:>9.3f} {flow:20} {b['ms'][flow]:>9.3f} "
+                    f"{b['ms']['quantcli']:>11.3f} {b['ratio_vs'][flow]:>6.3f} "
+                    f"{b['speedup_vs_fp32']['quantcli']:>6.2f}x"
+                )
+    lines += [
+        "",
+        f"{'model':26} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} "
+        f"{'std-cos worst':>13} {'input-dep':>9}",
+    ]
     for row in rows:
         figures = dict(row.get("fidelity", {}))
         share = figures.pop("fp32_input_dependent_share", float("nan"))
         for name, f in figures.items():
-            lines.append(f"{label(row['model']):26} {name:20} {f['cos_mean']:>9.4f} {f['cos_worst']:>9.4f} "
-                         f"{f['std_cos_mean']:>12.4f} {f['std_cos_worst']:>13.4f} {share:>9.2%}")
+            lines.append(
+                f"{label(row['model']):26} {name:20} {f['cos_mean']:>9.4f} {f['cos_worst']:>9.4f} "
+                f"{f['std_cos_mean']:>12.4f} {f['std_cos_worst']:>13.4f} {share:>9.2%}"
+            )
     return "\n".join(lines)
 
 
 def cpu_words(m: dict) -> str:
     flags = m["flags"]
-    kind = ("AVX-512 VNNI" if flags["avx512_vnni"] else "AVX-VNNI" if flags["avx_vnni"]
-            else "AVX-512, no VNNI" if flags["avx512f"] else "AVX2, no VNNI" if flags["avx2"] else "no AVX2")
+    kind = (
+        "AVX-512 VNNI"
+        if flags["avx512_vnni"]
+        else "AVX-VNNI"
+        if flags["avx_vnni"]
+        else "AVX-512, no VNNI"
+        if flags["avx512f"]
+        else "AVX2, no VNNI"
+        if flags["avx2"]
+        else "no AVX2"
+    )
     return f"{m['cpu']} ({kind})"
 
 
 def markdown(report: dict) -> str:
-    """The tables of docs/performance.md: latency per model and batch, then fidelity where the output varies with the input."""
+    """The tables of docs/performance.md: latency per model and batch, then fidelity where the output varies
+    with the input."""
     m = report["machine"]
-    lines = [f"Medians of {report['rounds']} interleaved rounds in one run on {cpu_words(m)}, {m['threads']} threads, "
-             f"models built for target_cpu {report.get('target_cpu', 'auto')} (timings mean something only on "
-             "that CPU class), "
-             f"ONNX Runtime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}.", "",
-             "| model | batch | fp32 ms | ORT flow | ORT ms | quantcli ms | quantcli / ORT | speed-up vs fp32 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Medians of {report['rounds']} interleaved rounds in one run on {cpu_words(m)}, {m['threads']} threads, "
+        f"models built for target_cpu {report.get('target_cpu', 'auto')} (timings mean something only on "
+        "that CPU class), "
+        f"ONNX Runtime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}.",
+        "",
+        "| model | batch | fp32 ms | ORT flow | ORT ms | quantcli ms | quantcli / ORT | speed-up vs fp32 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     rows = [r for r in report["models"] if "error" not in r]
     for row in rows:
         for batch in (1, 32):
             b = row[f"batch_{batch}"]
             for flow in row["ort_flows"]:
-                lines.append(f"| {label(row['model'])} | {batch} | {b['ms']['fp32']:.4g} | `{flow}` | {b['ms'][flow]:.4g} | "
-                             f"{b['ms']['quantcli']:.4g} | {b['ratio_vs'][flow]:.3f} | {b['speedup_vs_fp32']['quantcli']:.2f}x |")
-    lines += ["", "| model | int8 model | cosine to fp32, mean | worst | standardized cosine, mean | worst |",
-              "| --- | --- | --- | --- | --- | --- |"]
+                lines.append(
+                    f"| {label(row['model'])} | {batch} | {b['ms']['fp32']:.4g} | `{flow}` | {b['ms'][flow]:.4g} | "
+                    f"{b['ms']['quantcli']:.4g} | {b['ratio_vs'][flow]:.3f} | {b['speedup_vs_fp32']['quantcli']:.2f}x |"
+                )
+    lines += [
+        "",
+        "| model | int8 model | cosine to fp32, mean | worst | standardized cosine, mean | worst |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         figures = {k: v for k, v in row["fidelity"].items() if k != "fp32_input_dependent_share"}
         if row["fidelity"]["fp32_input_dependent_share"] < 0.05:
             continue  # a random-weight CNN's output hardly depends on its input
         for name, f in figures.items():
-            lines.append(f"| {label(row['model'])} | {name} | {f['cos_mean']:.4f} | {f['cos_worst']:.4f} | "
-                         f"{f['std_cos_mean']:.4f} | {f['std_cos_worst']:.4f} |")
+            lines.append(
+                f"| {label(row['model'])} | {name} | {f['cos_mean']:.4f} | {f['cos_worst']:.4f} | "
+                f"{f['std_cos_mean']:.4f} | {f['std_cos_worst']:.4f} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", help="extra recipe files (benchmarked like the CNNs)")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated, from: {', '.join(MODELS)}; '' for none")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}; '' for none"
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--work", type=Path, help="keep every model file here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="time the models already built under --work")
-    parser.add_argument("--markdown", action="store_true", help="also print the tables of docs/performance.md in Markdown")
-    parser.add_argument("--target-cpu", default="auto", choices=("auto", "avx2", "avx512", "vnni"),
-                        help="the CPU class quantcli's model (and quantize_static's reduce_range) is built for; "
-                             "any target builds anywhere, its latency means something only on that CPU")
+    parser.add_argument(
+        "--markdown", action="store_true", help="also print the tables of docs/performance.md in Markdown"
+    )
+    parser.add_argument(
+        "--target-cpu",
+        default="auto",
+        choices=("auto", "avx2", "avx512", "vnni"),
+        help="the CPU class quantcli's model (and quantize_static's reduce_range) is built for; "
+        "any target builds anywhere, its latency means something only on that CPU",
+    )
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m] + [str(Path(r).resolve()) for r in args.recipes]
     unknown = [m for m in models if m not in MODELS and not Path(m).is_file()]
@@ -270,14 +330,20 @@ def main() -> int:
         for i, model in enumerate(models):
             out = work / slug(model)
             reused = args.reuse and (out / "build.json").is_file()
-            print(f"[{i + 1}/{len(models)}] {model}: {'reusing ' + str(out) if reused else 'building'}",
-                  file=sys.stderr, flush=True)
-            info = (json.loads((out / "build.json").read_text()) if reused
-                    else build_in_child(model, out, args.target_cpu))
+            print(
+                f"[{i + 1}/{len(models)}] {model}: {'reusing ' + str(out) if reused else 'building'}",
+                file=sys.stderr,
+                flush=True,
+            )
+            info = (
+                json.loads((out / "build.json").read_text()) if reused else build_in_child(model, out, args.target_cpu)
+            )
             rows.append(info if "error" in info else measure(info, args.rounds))
     report = {"machine": machine(), "rounds": args.rounds, "target_cpu": args.target_cpu, "models": rows}
-    print(f"{report['machine']['cpu']}, {THREADS} threads, {args.rounds} rounds; ORT "
-          f"{report['machine']['versions']['onnxruntime']}, torch {report['machine']['versions']['torch']}")
+    print(
+        f"{report['machine']['cpu']}, {THREADS} threads, {args.rounds} rounds; ORT "
+        f"{report['machine']['versions']['onnxruntime']}, torch {report['machine']['versions']['torch']}"
+    )
     print(table(rows))
     if args.markdown:
         print("\n" + markdown(report))

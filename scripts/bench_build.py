@@ -63,8 +63,13 @@ def recipe_file(model: str, out: Path, target_cpu: str = "auto") -> Path:
         source = BENCH / "vision.yaml"
     recipe = load(source)  # file references made absolute: the copy lives in `out`
     if model in VISION:
-        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
-            update={"factory": f"{BENCH / 'vision.py'}:build", "kwargs": {"name": model}})})
+        recipe = recipe.model_copy(
+            update={
+                "model": recipe.model.model_copy(
+                    update={"factory": f"{BENCH / 'vision.py'}:build", "kwargs": {"name": model}}
+                )
+            }
+        )
     quantization = recipe.quantization.model_copy(update={"target_cpu": target_cpu})
     recipe = recipe.model_copy(update={"quantization": quantization})
     path = out / "recipe.yaml"
@@ -88,11 +93,20 @@ def quantcli_model(recipe: Path, out: Path) -> dict:
     manifest = json.loads((work / "converted" / "manifest.json").read_text())
     seconds = time.perf_counter() - start
     io = manifest["io"]
-    fp32 = onnx_export.to_onnx(_torch.load_program(work / "converted" / "float.pt2"), opset=18,
-                               input_names=io["inputs"], output_names=io["outputs"])
+    fp32 = onnx_export.to_onnx(
+        _torch.load_program(work / "converted" / "float.pt2"),
+        opset=18,
+        input_names=io["inputs"],
+        output_names=io["outputs"],
+    )
     onnx.save(fp32, str(out / "fp32.onnx"))
-    return {"int8": work / "model.onnx", "fp32": out / "fp32.onnx", "recipe": manifest["recipe"],
-            "parity": parity, "pipeline_seconds": round(seconds, 1)}
+    return {
+        "int8": work / "model.onnx",
+        "fp32": out / "fp32.onnx",
+        "recipe": manifest["recipe"],
+        "parity": parity,
+        "pipeline_seconds": round(seconds, 1),
+    }
 
 
 def pre_process(fp32: Path, out: Path) -> tuple[Path, str]:
@@ -122,17 +136,31 @@ def static_flow(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             cal = r.calibration
-            self.batches = iter_batches(cal.data, cal.keys, r.inputs, cal.batch_size, cal.num_batches,
-                                        "calibration", files=reader(r, "calibration"))[1]
+            self.batches = iter_batches(
+                cal.data,
+                cal.keys,
+                r.inputs,
+                cal.batch_size,
+                cal.num_batches,
+                "calibration",
+                files=reader(r, "calibration"),
+            )[1]
 
         def get_next(self):
             batch = next(self.batches, None)
             return None if batch is None else {n: batch[n] for n in names}
 
     path = out / "quantize_static.onnx"
-    quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=saturates_u8s8(r.quantization.target_cpu), activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+    quantize_static(
+        str(pre),
+        str(path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=saturates_u8s8(r.quantization.target_cpu),
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     return {"quantize_static": path}
 
 
@@ -143,8 +171,13 @@ def dynamic_flows(pre: Path, recipe: dict, out: Path) -> dict[str, Path]:
 
     default, per_channel = out / "quantize_dynamic.onnx", out / "quantize_dynamic_pc.onnx"
     quantize_dynamic(str(pre), str(default), weight_type=QuantType.QInt8)
-    quantize_dynamic(str(pre), str(per_channel), weight_type=QuantType.QInt8, per_channel=True,
-                     reduce_range=saturates_u8s8(recipe["quantization"]["target_cpu"]))
+    quantize_dynamic(
+        str(pre),
+        str(per_channel),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=saturates_u8s8(recipe["quantization"]["target_cpu"]),
+    )
     return {"quantize_dynamic": default, "quantize_dynamic_pc": per_channel}
 
 
@@ -162,8 +195,9 @@ def held_out(model: str, recipe: dict) -> tuple[dict[str, np.ndarray], str]:
 
     r = Recipe.model_validate(recipe)
     section, what, count = (r.evaluation, "evaluation", None) if r.evaluation else (r.calibration, "calibration", 4)
-    batches = list(iter_batches(section.data, section.keys, r.inputs, section.batch_size, count, what,
-                                files=reader(r, what))[1])
+    batches = list(
+        iter_batches(section.data, section.keys, r.inputs, section.batch_size, count, what, files=reader(r, what))[1]
+    )
     note = "the recipe's evaluation data" if r.evaluation else "calibration data (not held out)"
     return {i.name: np.concatenate([b[i.name] for b in batches]) for i in r.inputs}, note
 
@@ -191,12 +225,19 @@ def build(model: str, out: Path, target_cpu: str = "auto") -> None:
     rows, rows_note = held_out(model, q["recipe"])
     np.savez(out / "held_out.npz", **rows)
     quant = q["recipe"]["quantization"]
-    info = {"model": model, "sessions": {"fp32": str(q["fp32"]), **{k: str(v) for k, v in flows.items()},
-                                         "quantcli": str(q["int8"])},
-            "ort_flows": list(flows), "pre_process": pre_note, "held_out": rows_note, "parity": q["parity"],
-            "reduce_range": quant["reduce_range"], "target_cpu": quant["target_cpu"],
-            "equalize": quant.get("equalize"), "pipeline_seconds": q["pipeline_seconds"],
-            "planted": planted(model, rows)}
+    info = {
+        "model": model,
+        "sessions": {"fp32": str(q["fp32"]), **{k: str(v) for k, v in flows.items()}, "quantcli": str(q["int8"])},
+        "ort_flows": list(flows),
+        "pre_process": pre_note,
+        "held_out": rows_note,
+        "parity": q["parity"],
+        "reduce_range": quant["reduce_range"],
+        "target_cpu": quant["target_cpu"],
+        "equalize": quant.get("equalize"),
+        "pipeline_seconds": q["pipeline_seconds"],
+        "planted": planted(model, rows),
+    }
     (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

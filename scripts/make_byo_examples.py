@@ -41,21 +41,73 @@ from quantcli.recipe import ImageOptions  # noqa: E402
 from tests import hf_folders  # noqa: E402
 
 CONFIGS = ROOT / "configs"
-SUBJECTS = ["the film", "this movie", "the book", "the novel", "the meal", "the service", "our hotel", "the concert",
-            "the game", "the show", "the acting", "the plot", "the soundtrack", "the staff", "the room", "the food",
-            "the trip", "the museum", "the lecture", "the album", "the sequel", "the interview"]
+SUBJECTS = [
+    "the film",
+    "this movie",
+    "the book",
+    "the novel",
+    "the meal",
+    "the service",
+    "our hotel",
+    "the concert",
+    "the game",
+    "the show",
+    "the acting",
+    "the plot",
+    "the soundtrack",
+    "the staff",
+    "the room",
+    "the food",
+    "the trip",
+    "the museum",
+    "the lecture",
+    "the album",
+    "the sequel",
+    "the interview",
+]
 HELD_OUT_SUBJECTS = ["the play", "the podcast", "the cafe", "the tour"]
-POSITIVE = ["good", "great", "wonderful", "excellent", "delightful", "superb", "charming", "brilliant", "lovely",
-            "enjoyable", "fantastic", "pleasant", "solid", "moving", "fun"]
-NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "disappointing", "poor", "weak", "mediocre", "tedious",
-            "horrible", "bland", "messy", "annoying", "forgettable"]
+POSITIVE = [
+    "good",
+    "great",
+    "wonderful",
+    "excellent",
+    "delightful",
+    "superb",
+    "charming",
+    "brilliant",
+    "lovely",
+    "enjoyable",
+    "fantastic",
+    "pleasant",
+    "solid",
+    "moving",
+    "fun",
+]
+NEGATIVE = [
+    "bad",
+    "awful",
+    "terrible",
+    "boring",
+    "dull",
+    "disappointing",
+    "poor",
+    "weak",
+    "mediocre",
+    "tedious",
+    "horrible",
+    "bland",
+    "messy",
+    "annoying",
+    "forgettable",
+]
 ADVERBS = ["", "really ", "very ", "quite ", "truly ", "rather ", "so "]
 VERBS = ["was", "is", "felt", "seemed", "turned out"]
 NEGATED = ["was not", "was never", "is not", "did not seem"]
 LABELS = ["negative", "positive"]
 PHOTO_CLASSES = ["brick", "cells", "flower", "galaxies", "grass", "gravel"]
-ZOO_IMAGE = ImageOptions(size=64, resize=72, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-                         interpolation="bilinear")
+ZOO_IMAGE = ImageOptions(
+    size=64, resize=72, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], interpolation="bilinear"
+)
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -99,7 +151,7 @@ def train_text_classifier(folder: Path, train: list[tuple[str, int]], dev: list[
         model.train()
         random.Random(epoch).shuffle(train)
         for start in range(0, len(train), 32):
-            rows = train[start:start + 32]
+            rows = train[start : start + 32]
             out = model(**encode(rows), labels=torch.tensor([y for _, y in rows]))
             optimizer.zero_grad()
             out.loss.backward()
@@ -142,9 +194,14 @@ def photos() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_sample_image
 
     gray = lambda a: np.repeat(a[..., None], 3, axis=2)  # noqa: E731
-    return {"brick": gray(skimage.data.brick()), "cells": skimage.data.immunohistochemistry(),
-            "flower": load_sample_image("flower.jpg"), "galaxies": skimage.data.hubble_deep_field(),
-            "grass": gray(skimage.data.grass()), "gravel": gray(skimage.data.gravel())}
+    return {
+        "brick": gray(skimage.data.brick()),
+        "cells": skimage.data.immunohistochemistry(),
+        "flower": load_sample_image("flower.jpg"),
+        "galaxies": skimage.data.hubble_deep_field(),
+        "grass": gray(skimage.data.grass()),
+        "gravel": gray(skimage.data.gravel()),
+    }
 
 
 def patch(rng: np.random.Generator, image: np.ndarray, columns: tuple[float, float]) -> object:
@@ -155,7 +212,7 @@ def patch(rng: np.random.Generator, image: np.ndarray, columns: tuple[float, flo
     lo, hi = int(columns[0] * w), int(columns[1] * w)
     side = int(rng.integers(48, min(128, hi - lo, h) + 1))
     top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(lo, hi - side + 1))
-    return Image.fromarray(image[top:top + side, left:left + side]).resize((80, 80), Image.BILINEAR)
+    return Image.fromarray(image[top : top + side, left : left + side]).resize((80, 80), Image.BILINEAR)
 
 
 def make_photo_data() -> tuple[list, list]:
@@ -198,7 +255,7 @@ def fit_images(name: str, model: torch.nn.Module, prep: object, train: list, tes
         model.train()
         rng.shuffle(train)
         for start in range(0, len(train), 64):
-            rows = train[start:start + 64]
+            rows = train[start : start + 64]
             x = torch.from_numpy(prep([augment(rng, img) for img, _ in rows]))
             loss = torch.nn.functional.cross_entropy(logits(model(x)), torch.tensor([y for _, y in rows]))
             optimizer.zero_grad()
@@ -222,7 +279,7 @@ def recalibrate_bn(model: torch.nn.Module, prep: object, train: list) -> None:
     model.train()
     with torch.no_grad():
         for start in range(0, len(train), 100):
-            model(torch.from_numpy(prep([img for img, _ in train[start:start + 100]])))
+            model(torch.from_numpy(prep([img for img, _ in train[start : start + 100]])))
 
 
 def make_photo_models(train: list, test: list) -> None:
@@ -239,8 +296,13 @@ def make_photo_models(train: list, test: list) -> None:
     torch.save(tv.state_dict(), folder / "mobilenet_v3_small.pt")
     torch.manual_seed(0)
     tm = timm.create_model("test_efficientnet", num_classes=len(PHOTO_CLASSES))
-    fit_images("timm", tm, lambda imgs: np.stack([transform(i, ZOO_IMAGE.model_copy(update={
-        "interpolation": "bicubic"})) for i in imgs]), train, test)
+    fit_images(
+        "timm",
+        tm,
+        lambda imgs: np.stack([transform(i, ZOO_IMAGE.model_copy(update={"interpolation": "bicubic"})) for i in imgs]),
+        train,
+        test,
+    )
     safetensors.torch.save_file(tm.state_dict(), folder / "test_efficientnet.safetensors")
     torch.manual_seed(0)
     hf = ResNetForImageClassification(hf_folders.resnet_config(PHOTO_CLASSES))
@@ -257,8 +319,11 @@ def main(parts: list[str]) -> None:
     if "photos" in parts:
         train, test = make_photo_data()
         make_photo_models(train, test)
-    sizes = {str(p.relative_to(CONFIGS)): p.stat().st_size for p in CONFIGS.rglob("*") if p.is_file()
-             and p.parts[-3:-1] != ("data", "test")}
+    sizes = {
+        str(p.relative_to(CONFIGS)): p.stat().st_size
+        for p in CONFIGS.rglob("*")
+        if p.is_file() and p.parts[-3:-1] != ("data", "test")
+    }
     print(json.dumps({k: v for k, v in sizes.items() if v > 100_000}, indent=1))
 
 

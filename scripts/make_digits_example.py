@@ -50,12 +50,15 @@ def make_splits() -> dict[str, np.ndarray]:
     assert len(x) == N_TRAIN + N_CALIB + N_TEST, len(x)
     perm = np.random.RandomState(SEED).permutation(len(x))
     tr = perm[:N_TRAIN]
-    ca = perm[N_TRAIN:N_TRAIN + N_CALIB]
-    te = perm[N_TRAIN + N_CALIB:]
+    ca = perm[N_TRAIN : N_TRAIN + N_CALIB]
+    te = perm[N_TRAIN + N_CALIB :]
     return {
-        "train_x": np.ascontiguousarray(x[tr]), "train_y": np.ascontiguousarray(y[tr]),
-        "calib_x": np.ascontiguousarray(x[ca]), "calib_y": np.ascontiguousarray(y[ca]),
-        "test_x": np.ascontiguousarray(x[te]), "test_y": np.ascontiguousarray(y[te]),
+        "train_x": np.ascontiguousarray(x[tr]),
+        "train_y": np.ascontiguousarray(y[tr]),
+        "calib_x": np.ascontiguousarray(x[ca]),
+        "calib_y": np.ascontiguousarray(y[ca]),
+        "test_x": np.ascontiguousarray(x[te]),
+        "test_y": np.ascontiguousarray(y[te]),
     }
 
 
@@ -79,8 +82,10 @@ def main() -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     npz_path = OUT_DIR / "digits.npz"
     np.savez_compressed(npz_path, **data)
-    print(f"splits: train={len(data['train_y'])} calib={len(data['calib_y'])} "
-          f"test={len(data['test_y'])} -> {npz_path} ({npz_path.stat().st_size} bytes)")
+    print(
+        f"splits: train={len(data['train_y'])} calib={len(data['calib_y'])} "
+        f"test={len(data['test_y'])} -> {npz_path} ({npz_path.stat().st_size} bytes)"
+    )
 
     mod = load_model_module()
     model = mod.DigitsNet()
@@ -89,8 +94,7 @@ def main() -> int:
     n = len(ytr)
     steps_per_epoch = (n + BATCH_SIZE - 1) // BATCH_SIZE
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=LR, total_steps=EPOCHS * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=EPOCHS * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(SEED)
 
@@ -99,7 +103,7 @@ def main() -> int:
         order = torch.randperm(n, generator=gen)
         total = 0.0
         for i in range(0, n, BATCH_SIZE):
-            idx = order[i:i + BATCH_SIZE]
+            idx = order[i : i + BATCH_SIZE]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xtr[idx]), ytr[idx])
             loss.backward()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set-up (as scripts/setup.sh), then the tests on two workers. Arguments go to pytest:
+# Set-up (as scripts/setup.sh), then ruff (lint, format) and the tests on two workers. Arguments go to pytest:
 #   scripts/test.sh                      the whole suite, as CI runs it
 #   scripts/test.sh -m "not slow"        the quick tier, for the edit-test loop
 #   scripts/test.sh --cov                with quantcli's line coverage, the quantcli processes the tests
@@ -9,4 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+ruff check .            # lint ([tool.ruff] in pyproject.toml)
+ruff format --check .   # the one code format
 python -m pytest -n 2 --durations=15 "$@"

@@ -19,11 +19,24 @@ from tests import hf_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_PATH = [ROOT / "tests" / "zoo_site", ROOT / ".venv" / "zoo"]
-WORDS = ["the film was good", "the book was not bad", "a truly great meal", "the service was awful",
-         "our hotel room was quite nice", "the plot is dull but the acting is fine", "what a boring show",
-         "the concert felt wonderful", "lovely staff and tasty food", "the trip turned out terrible",
-         "an excellent album", "the museum seemed rather tedious", "unbelievably charming sequel",
-         "the lecture was never engaging", "fantastic soundtrack", "mediocre interview"]
+WORDS = [
+    "the film was good",
+    "the book was not bad",
+    "a truly great meal",
+    "the service was awful",
+    "our hotel room was quite nice",
+    "the plot is dull but the acting is fine",
+    "what a boring show",
+    "the concert felt wonderful",
+    "lovely staff and tasty food",
+    "the trip turned out terrible",
+    "an excellent album",
+    "the museum seemed rather tedious",
+    "unbelievably charming sequel",
+    "the lecture was never engaging",
+    "fantastic soundtrack",
+    "mediocre interview",
+]
 LABELS = ["negative", "positive"]
 SENTIMENT = [1, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0]
 TAGS = ["O", "B-THING", "I-THING"]
@@ -50,8 +63,14 @@ def write_texts(folder: Path) -> dict[str, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"sentence": t, "label": LABELS[y]} for t, y in zip(WORDS, SENTIMENT)]
-    paths = {"txt": folder / "sentences.txt", "jsonl": folder / "labelled.jsonl", "csv": folder / "labelled.csv",
-             "tsv": folder / "labelled.tsv", "parquet": folder / "labelled.parquet", "tokens": folder / "tags.jsonl"}
+    paths = {
+        "txt": folder / "sentences.txt",
+        "jsonl": folder / "labelled.jsonl",
+        "csv": folder / "labelled.csv",
+        "tsv": folder / "labelled.tsv",
+        "parquet": folder / "labelled.parquet",
+        "tokens": folder / "tags.jsonl",
+    }
     paths["txt"].write_text("".join(f"{t}\n" for t in WORDS) + "\n")  # a blank line is not an example
     paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     for kind, delimiter in (("csv", ","), ("tsv", "\t")):

@@ -56,8 +56,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     from tests import zoo
 
-    selected = [item.callspec.params["name"] for item in session.items
-                if item.nodeid.startswith("tests/test_zoo.py::test_vision_model[")]
+    selected = [
+        item.callspec.params["name"]
+        for item in session.items
+        if item.nodeid.startswith("tests/test_zoo.py::test_vision_model[")
+    ]
     if selected:
         zoo.start_vision_runner(selected)
 
@@ -103,8 +106,14 @@ class Run:
 def quantcli(*args: Any, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> Run:
     """Run the real CLI (`python -m quantcli`, the console script's entry point) as a CI script would."""
     argv = [str(a) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "quantcli", *argv], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env or cli_env(), timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantcli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env or cli_env(),
+        timeout=timeout,
+    )
     return Run(argv, proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -149,8 +158,11 @@ def snapshot(path: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under `path` (or of `path` itself), to prove nothing changed."""
     if path.is_file():
         return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def digits_recipe(folder: Path, name: str = "recipe.yaml", **sections: Any) -> Path:
@@ -182,8 +194,14 @@ class ScriptRun:
 
 
 def run_ci_script(recipe: Path, work: Path) -> ScriptRun:
-    proc = subprocess.run(["bash", str(CI_SCRIPT), str(recipe), str(work)], capture_output=True, text=True,
-                          cwd=ROOT, env=cli_env(), timeout=900)
+    proc = subprocess.run(
+        ["bash", str(CI_SCRIPT), str(recipe), str(work)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(),
+        timeout=900,
+    )
     return ScriptRun(work, proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -199,8 +217,17 @@ def ci_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> ScriptRu
             # paths, so that tests can write variants of it (digits_recipe) that differ only where they mean to.
             recipe = digits_recipe(shared / "digits-recipe")
             result = run_ci_script(recipe, shared / "digits-work")
-            record.write_text(json.dumps({"work": str(result.work), "rc": result.rc, "stdout": result.stdout,
-                                          "stderr": result.stderr, "recipe": str(recipe)}))
+            record.write_text(
+                json.dumps(
+                    {
+                        "work": str(result.work),
+                        "rc": result.rc,
+                        "stdout": result.stdout,
+                        "stderr": result.stderr,
+                        "recipe": str(recipe),
+                    }
+                )
+            )
         data = json.loads(record.read_text())
     return ScriptRun(Path(data["work"]), data["rc"], data["stdout"], data["stderr"])
 
@@ -256,8 +283,13 @@ def qat_work(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
 
 
 CHAIN = ("capture", "prepare", "calibrate", "convert", "export")
-CHAIN_OUT = {"capture": "captured", "prepare": "prepared", "calibrate": "calibrated", "convert": "converted",
-             "export": "model.onnx"}
+CHAIN_OUT = {
+    "capture": "captured",
+    "prepare": "prepared",
+    "calibrate": "calibrated",
+    "convert": "converted",
+    "export": "model.onnx",
+}
 
 
 def run_chain(recipe: Path, w: Path) -> list[Run]:

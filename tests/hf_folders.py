@@ -25,14 +25,23 @@ def wordpiece(texts: Iterable[str], vocab_size: int = 400) -> Any:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                                   show_progress=False))
+    tok.train_from_iterator(
+        list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+    )
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     tok.decoder = decoders.WordPiece()
-    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
 
 
 def bytelevel(texts: Iterable[str], vocab_size: int = 400) -> Any:
@@ -43,25 +52,44 @@ def bytelevel(texts: Iterable[str], vocab_size: int = 400) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(list(texts), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                                             show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   model_input_names=["input_ids", "attention_mask"])
+    tok.train_from_iterator(
+        list(texts), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 def bert_config(vocab: int, **extra: Any) -> Any:
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=128, max_position_embeddings=128, **extra)
+    return BertConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        **extra,
+    )
 
 
 def labelled(labels: list[str]) -> dict[str, Any]:
     return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
 
 
-def bert_folder(folder: Path, texts: list[str], task: str = "feature-extraction", labels: list[str] | None = None,
-                seed: int = 0, model: Any = None, vocab_size: int = 400) -> Path:
+def bert_folder(
+    folder: Path,
+    texts: list[str],
+    task: str = "feature-extraction",
+    labels: list[str] | None = None,
+    seed: int = 0,
+    model: Any = None,
+    vocab_size: int = 400,
+) -> Path:
     """A BERT folder for `task` (random weights unless `model` is given) with its WordPiece tokenizer."""
     import torch
     from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
@@ -70,8 +98,11 @@ def bert_folder(folder: Path, texts: list[str], task: str = "feature-extraction"
     tokenizer = wordpiece(texts, vocab_size)
     if model is None:
         config = bert_config(len(tokenizer), **(labelled(labels) if labels else {}))
-        cls = {"feature-extraction": BertModel, "text-classification": BertForSequenceClassification,
-               "token-classification": BertForTokenClassification}[task]
+        cls = {
+            "feature-extraction": BertModel,
+            "text-classification": BertForSequenceClassification,
+            "token-classification": BertForTokenClassification,
+        }[task]
         model = cls(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -80,23 +111,41 @@ def bert_folder(folder: Path, texts: list[str], task: str = "feature-extraction"
 
 def sentence_transformers_files(folder: Path, pooling: str = "mean", normalize: bool = True, dim: int = 64) -> None:
     """modules.json, 1_Pooling/config.json (and 2_Normalize) as sentence-transformers writes them."""
-    modes = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
-             "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
-             "lasttoken": "pooling_mode_lasttoken"}
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modes = {
+        "cls": "pooling_mode_cls_token",
+        "mean": "pooling_mode_mean_tokens",
+        "max": "pooling_mode_max_tokens",
+        "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+        "weightedmean": "pooling_mode_weightedmean_tokens",
+        "lasttoken": "pooling_mode_lasttoken",
+    }
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (folder / "2_Normalize").mkdir(exist_ok=True)
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "1_Pooling").mkdir(exist_ok=True)
-    config = {"word_embedding_dimension": dim, **{key: name == pooling for name, key in modes.items()},
-              "include_prompt": True}
+    config = {
+        "word_embedding_dimension": dim,
+        **{key: name == pooling for name, key in modes.items()},
+        "include_prompt": True,
+    }
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
-    (folder / "config_sentence_transformers.json").write_text(json.dumps(
-        {"__version__": {"sentence_transformers": "3.0.0"}, "prompts": {}, "default_prompt_name": None,
-         "similarity_fn_name": "cosine"}, indent=2))
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps(
+            {
+                "__version__": {"sentence_transformers": "3.0.0"},
+                "prompts": {},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+            },
+            indent=2,
+        )
+    )
 
 
 def gpt2_folder(folder: Path, texts: list[str], seed: int = 0) -> Path:
@@ -107,8 +156,9 @@ def gpt2_folder(folder: Path, texts: list[str], seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = bytelevel(texts)
     eos = tokenizer.eos_token_id
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                        bos_token_id=eos, eos_token_id=eos)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=eos, eos_token_id=eos
+    )
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -117,8 +167,15 @@ def gpt2_folder(folder: Path, texts: list[str], seed: int = 0) -> Path:
 def resnet_config(labels: list[str], **extra: Any) -> Any:
     from transformers import ResNetConfig
 
-    return ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
-                        layer_type="basic", **labelled(labels), **extra)
+    return ResNetConfig(
+        num_channels=3,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64],
+        depths=[1, 1, 1],
+        layer_type="basic",
+        **labelled(labels),
+        **extra,
+    )
 
 
 def image_processor(size: int = 64) -> Any:

@@ -196,11 +196,17 @@ def unet(classes: int = 2, seed: int = 0) -> nn.Module:
 class AudioNet(nn.Module):
     def __init__(self, num_classes: int = 8):
         super().__init__()
+
         def block(cin, cout, k, stride):
             return nn.Sequential(nn.Conv1d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm1d(cout), nn.ReLU())
+
         self.features = nn.Sequential(
-            block(1, 16, 9, 4), nn.MaxPool1d(2), block(16, 32, 5, 1), nn.MaxPool1d(2),
-            block(32, 32, 3, 1), block(32, 64, 3, 2),
+            block(1, 16, 9, 4),
+            nn.MaxPool1d(2),
+            block(16, 32, 5, 1),
+            nn.MaxPool1d(2),
+            block(32, 32, 3, 1),
+            block(32, 64, 3, 2),
         )
         self.pool = nn.AdaptiveAvgPool1d(1)
         self.fc = nn.Linear(64, num_classes)
@@ -294,8 +300,16 @@ class EncoderLayer(nn.Module):
 class TinyBert(nn.Module):
     """BERT-style encoder: word/position embeddings, post-norm layers, GELU FFN, tanh pooler."""
 
-    def __init__(self, vocab: int = VOCAB, dim: int = 64, heads: int = 4, layers: int = 2, ffn: int = 256,
-                 max_len: int = 64, num_labels: int = 0):
+    def __init__(
+        self,
+        vocab: int = VOCAB,
+        dim: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        ffn: int = 256,
+        max_len: int = 64,
+        num_labels: int = 0,
+    ):
         super().__init__()
         self.word = nn.Embedding(vocab, dim)
         self.position = nn.Embedding(max_len, dim)
@@ -411,13 +425,20 @@ def hf_bert(layers: int = 2, seed: int = 0) -> nn.Module:
     """Hugging Face BertModel from a tiny BertConfig with random weights (no download)."""
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     return _seeded(lambda: HFBert(BertModel(config, add_pooling_layer=True)), seed)
 
 
-def hf_bert_outlier(layer: int = 1, channels: tuple[int, ...] = (5, 40, 77), factor: float = 300.0,
-                    seed: int = 0) -> nn.Module:
+def hf_bert_outlier(
+    layer: int = 1, channels: tuple[int, ...] = (5, 40, 77), factor: float = 300.0, seed: int = 0
+) -> nn.Module:
     """The Hugging Face BertModel with outlier channels at one FFN down-projection's input: rows
     `channels` of `encoder.layer.<layer>.intermediate.dense` scaled by `factor` (a different model
     in fp32 too, since GELU does not commute with a scale)."""
@@ -434,8 +455,10 @@ def _image(shape: list[int]) -> list[dict[str, Any]]:
     return [{"name": "x", "shape": shape, "dtype": "float32"}]
 
 
-_TEXT = [{"name": "input_ids", "shape": [2, SEQ], "dtype": "int64"},
-         {"name": "attention_mask", "shape": [2, SEQ], "dtype": "int64"}]
+_TEXT = [
+    {"name": "input_ids", "shape": [2, SEQ], "dtype": "int64"},
+    {"name": "attention_mask", "shape": [2, SEQ], "dtype": "int64"},
+]
 
 MODELS: dict[str, tuple[Callable[..., nn.Module], list[dict[str, Any]]]] = {
     "resnet": (resnet, _image([2, 3, 32, 32])),
@@ -447,8 +470,13 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], list[dict[str, Any]]]] = {
     "vit": (vit, _image([2, 3, 32, 32])),
     "bert": (bert, _TEXT),
     "gpt": (gpt, [{"name": "input_ids", "shape": [2, SEQ], "dtype": "int64"}]),
-    "two_io": (two_io, [{"name": "image", "shape": [2, 3, 32, 32], "dtype": "float32"},
-                        {"name": "features", "shape": [2, 20], "dtype": "float32"}]),
+    "two_io": (
+        two_io,
+        [
+            {"name": "image", "shape": [2, 3, 32, 32], "dtype": "float32"},
+            {"name": "features", "shape": [2, 20], "dtype": "float32"},
+        ],
+    ),
     "hf_bert": (hf_bert, _TEXT),
 }
 

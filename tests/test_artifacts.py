@@ -27,8 +27,9 @@ def fails(error: type[Exception], fragment: str):
     assert fragment in info.value.line(), info.value.line()
 
 
-def make_artifact(folder: Path, stage: str = "captured", key: str = "k1", status: str = "ok",
-                  files: dict[str, bytes] | None = None) -> dict:
+def make_artifact(
+    folder: Path, stage: str = "captured", key: str = "k1", status: str = "ok", files: dict[str, bytes] | None = None
+) -> dict:
     """A committed stage folder written through `staging`, as stages write them."""
     files = {PROGRAM: b"program bytes", STATE: b"state bytes"} if files is None else files
     with staging.staging(folder) as st:
@@ -54,8 +55,10 @@ def test_manifest_bytes_do_not_depend_on_timings_or_insertion_order(tmp_path):
     with staging.staging(tmp_path / "b") as st:
         (st.tmp / STATE).write_bytes(b"state bytes")
         (st.tmp / PROGRAM).write_bytes(b"program bytes")
-        st.seal({"key": "k1", "status": "ok", "stage": "captured",
-                           "schema_version": artifacts.SCHEMA_VERSION}, {"seconds": 99.0})
+        st.seal(
+            {"key": "k1", "status": "ok", "stage": "captured", "schema_version": artifacts.SCHEMA_VERSION},
+            {"seconds": 99.0},
+        )
     assert (tmp_path / "a" / MANIFEST).read_bytes() == (tmp_path / "b" / MANIFEST).read_bytes()
     assert artifacts.Artifact(tmp_path / "a", a).digest == artifacts.Artifact(tmp_path / "b", a).digest
 
@@ -72,8 +75,11 @@ def test_staging_leaves_nothing_when_the_body_fails_or_is_interrupted(tmp_path, 
 
 def test_staging_under_a_file_is_an_artifact_error(tmp_path):
     (tmp_path / "a-file").write_text("mine")
-    with fails(ArtifactError, f"cannot write {tmp_path / 'a-file' / 'out'}: {tmp_path / 'a-file'} is not a folder "
-                              "(choose another output path)"):
+    with fails(
+        ArtifactError,
+        f"cannot write {tmp_path / 'a-file' / 'out'}: {tmp_path / 'a-file'} is not a folder "
+        "(choose another output path)",
+    ):
         make_artifact(tmp_path / "a-file" / "out")
     assert (tmp_path / "a-file").read_text() == "mine"
 
@@ -111,14 +117,19 @@ def test_stage_key_changes_with_each_of_its_parts(monkeypatch):
     )
     key = artifacts.stage_key(**base)
     assert artifacts.stage_key(**base) == key
-    variants = [dict(base, stage="prepared"), dict(base, options={"calibration": {"batch_size": 16}}),
-                dict(base, parent="q"), dict(base, data={"calibration.data": "e"})]
+    variants = [
+        dict(base, stage="prepared"),
+        dict(base, options={"calibration": {"batch_size": 16}}),
+        dict(base, parent="q"),
+        dict(base, data={"calibration.data": "e"}),
+    ]
     assert len({key} | {artifacts.stage_key(**v) for v in variants}) == 5
     monkeypatch.setattr(artifacts, "__version__", "999.0")
     assert artifacts.stage_key(**base) != key
 
 
 # --- check_output: reuse, refuse, replace -------------------------------------------------------
+
 
 def test_check_output_free_path(tmp_path):
     assert staging.check_output(tmp_path / "nothing", "k1", force=False, stage="captured") is None
@@ -129,11 +140,14 @@ def test_check_output_reuses_a_complete_output_with_the_same_key(tmp_path):
     assert staging.check_output(tmp_path / "c", "k1", force=False, stage="captured") == manifest
 
 
-@pytest.mark.parametrize("key, stage, status, fragment", [
-    ("k2", "captured", "ok", "was made from other inputs or options"),
-    ("k1", "prepared", "ok", "is a captured artifact, not a prepared one"),
-    ("k1", "captured", "parity_failed", "is marked parity_failed"),
-])
+@pytest.mark.parametrize(
+    "key, stage, status, fragment",
+    [
+        ("k2", "captured", "ok", "was made from other inputs or options"),
+        ("k1", "prepared", "ok", "is a captured artifact, not a prepared one"),
+        ("k1", "captured", "parity_failed", "is marked parity_failed"),
+    ],
+)
 def test_check_output_refuses_another_key_stage_or_a_failed_output_unless_forced(
     tmp_path, key, stage, status, fragment
 ):
@@ -155,8 +169,11 @@ def test_check_output_does_not_reuse_a_truncated_output(tmp_path):
 
 @pytest.mark.parametrize("force", [False, True])
 def test_check_output_never_replaces_a_folder_that_is_not_an_artifact(tmp_path, force):
-    for layout in ({"notes.txt": "mine"}, {MANIFEST: '{"name": "my web app"}', "index.html": "<html>"},
-                   {MANIFEST: "{}"}):
+    for layout in (
+        {"notes.txt": "mine"},
+        {MANIFEST: '{"name": "my web app"}', "index.html": "<html>"},
+        {MANIFEST: "{}"},
+    ):
         folder = tmp_path / f"user{len(layout)}{len(str(layout))}"
         folder.mkdir()
         for name, text in layout.items():
@@ -188,6 +205,7 @@ def test_a_quantcli_artifact_with_an_unreadable_manifest_is_replaced_only_with_f
 
 # --- open_artifact: what a stage accepts as input ------------------------------------------------
 
+
 def test_open_artifact_accepts_a_whole_artifact_of_the_expected_stage(tmp_path):
     manifest = make_artifact(tmp_path / "c", stage="calibrated")
     art = artifacts.open_artifact(tmp_path / "c", ("calibrated", "trained"), "convert")
@@ -198,21 +216,29 @@ def test_open_artifact_names_the_command_that_makes_the_needed_stage(tmp_path):
     make_artifact(tmp_path / "c", stage="captured")
     with pytest.raises(ArtifactError) as info:
         artifacts.open_artifact(tmp_path / "c", ("calibrated", "trained"), "convert")
-    assert info.value.line() == (f"{tmp_path / 'c'} is a captured artifact; `quantcli convert` needs calibrated "
-                                 "(made by `quantcli calibrate`) or trained (made by `quantcli train`)")
+    assert info.value.line() == (
+        f"{tmp_path / 'c'} is a captured artifact; `quantcli convert` needs calibrated "
+        "(made by `quantcli calibrate`) or trained (made by `quantcli train`)"
+    )
     with fails(
         InputError, "does not exist (`quantcli prepare` needs a captured artifact (made by `quantcli capture`))"
     ):
         artifacts.open_artifact(tmp_path / "none", ("captured",), "prepare")
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda f: (f / STATE).write_bytes(b"state"), "state.pt is truncated or altered: 5 bytes, the manifest records 11"),
-    (lambda f: (f / STATE).write_bytes(b"STATE bytes"), "state.pt does not match its recorded sha256"),
-    (lambda f: (f / PROGRAM).unlink(), "program.pt2 is missing"),
-    (lambda f: (f / MANIFEST).write_text("{"), "manifest.json is corrupt"),
-    (lambda f: (f / MANIFEST).unlink(), "is not a quantcli artifact (no manifest.json)"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (
+            lambda f: (f / STATE).write_bytes(b"state"),
+            "state.pt is truncated or altered: 5 bytes, the manifest records 11",
+        ),
+        (lambda f: (f / STATE).write_bytes(b"STATE bytes"), "state.pt does not match its recorded sha256"),
+        (lambda f: (f / PROGRAM).unlink(), "program.pt2 is missing"),
+        (lambda f: (f / MANIFEST).write_text("{"), "manifest.json is corrupt"),
+        (lambda f: (f / MANIFEST).unlink(), "is not a quantcli artifact (no manifest.json)"),
+    ],
+)
 def test_open_artifact_refuses_a_damaged_artifact_naming_the_file(tmp_path, damage, fragment):
     make_artifact(tmp_path / "c")
     damage(tmp_path / "c")
@@ -221,13 +247,16 @@ def test_open_artifact_refuses_a_damaged_artifact_naming_the_file(tmp_path, dama
     assert fragment in info.value.line()
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    ({"schema_version": 99}, f"has artifact schema 99, this quantcli reads {artifacts.SCHEMA_VERSION}"),
-    ({"files": ["program.pt2"]}, "not a quantcli manifest"),
-    ({"files": {"../../etc/passwd": {"sha256": "0", "size": 1}}}, "not a quantcli manifest"),
-    ({"files": {"program.pt2": {"sha256": "0"}}}, "not a quantcli manifest"),
-    ({"stage": None}, "not a quantcli manifest"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        ({"schema_version": 99}, f"has artifact schema 99, this quantcli reads {artifacts.SCHEMA_VERSION}"),
+        ({"files": ["program.pt2"]}, "not a quantcli manifest"),
+        ({"files": {"../../etc/passwd": {"sha256": "0", "size": 1}}}, "not a quantcli manifest"),
+        ({"files": {"program.pt2": {"sha256": "0"}}}, "not a quantcli manifest"),
+        ({"stage": None}, "not a quantcli manifest"),
+    ],
+)
 def test_open_artifact_refuses_an_edited_manifest_as_an_artifact_error(tmp_path, edit, fragment):
     manifest = make_artifact(tmp_path / "c")
     (tmp_path / "c" / MANIFEST).write_text(json.dumps({**manifest, **edit}))

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import DIGITS, assert_fails, cli, digits_recipe, leftovers, snapshot
 
-FACTORIES = textwrap.dedent('''
+FACTORIES = textwrap.dedent("""
     import numpy as np
     import torch
 
@@ -30,7 +30,7 @@ FACTORIES = textwrap.dedent('''
     def wrong_shape_batches():
         for _ in range(2):
             yield {"calib_x": np.zeros((4, 3, 8, 8), np.float32)}
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +62,29 @@ RECIPE_TEXT = {
     "not-a-mapping": ("- model\n- inputs\n", 2, ["the recipe must be a YAML mapping, got list"]),
     "empty": ("", 2, ["the recipe is empty"]),
     "not-utf8": (b"model: \xff\xfe\n", 2, ["invalid YAML: not UTF-8 text"]),
-    "unknown-keys": (f"model: {{factory: '{DIGITS / 'model.py'}:build', kwarg: {{}}}}\n"
-                     "inputs: [{name: x, shape: [1], dtyp: float32}]\n"
-                     "calibraton: {data: d.npz}\n", 2,
-                     ["3 problem(s)", "model.kwarg: unknown key; did you mean 'kwargs'?",
-                      "inputs.0.dtyp: unknown key; did you mean 'dtype'?",
-                      "calibraton: unknown key; did you mean 'calibration'?"]),
-    "invalid-values": ("model: {factory: m.py}\ninputs: [{name: x, shape: [0]}]\nexport: {opset: 99}\n"
-                       "quantization: {target: onnxruntim}\n", 2,
-                       ['model.factory: must look like "file.py:callable"', "inputs.0.shape: every dimension",
-                        "export.opset: Input should be less than or equal to 23",
-                        "quantization.target: unknown target 'onnxruntim'; did you mean 'onnxruntime'?"]),
+    "unknown-keys": (
+        f"model: {{factory: '{DIGITS / 'model.py'}:build', kwarg: {{}}}}\n"
+        "inputs: [{name: x, shape: [1], dtyp: float32}]\n"
+        "calibraton: {data: d.npz}\n",
+        2,
+        [
+            "3 problem(s)",
+            "model.kwarg: unknown key; did you mean 'kwargs'?",
+            "inputs.0.dtyp: unknown key; did you mean 'dtype'?",
+            "calibraton: unknown key; did you mean 'calibration'?",
+        ],
+    ),
+    "invalid-values": (
+        "model: {factory: m.py}\ninputs: [{name: x, shape: [0]}]\nexport: {opset: 99}\n"
+        "quantization: {target: onnxruntim}\n",
+        2,
+        [
+            'model.factory: must look like "file.py:callable"',
+            "inputs.0.shape: every dimension",
+            "export.opset: Input should be less than or equal to 23",
+            "quantization.target: unknown target 'onnxruntim'; did you mean 'onnxruntime'?",
+        ],
+    ),
 }
 
 
@@ -83,8 +95,11 @@ def test_bad_recipe_fails_before_any_work(tmp_path, case, command):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes(content if isinstance(content, bytes) else content.encode())
     out = tmp_path / "out"
-    args = {"validate": ["validate", recipe], "capture": ["capture", "--recipe", recipe, "-o", out],
-            "run": ["run", "--recipe", recipe, "-o", out]}[command]
+    args = {
+        "validate": ["validate", recipe],
+        "capture": ["capture", "--recipe", recipe, "-o", out],
+        "run": ["run", "--recipe", recipe, "-o", out],
+    }[command]
     assert_fails(cli(*args), code, str(recipe), *fragments)
     assert_nothing_left(out)
 
@@ -92,23 +107,33 @@ def test_bad_recipe_fails_before_any_work(tmp_path, case, command):
 @pytest.mark.parametrize("command", ["validate", "capture", "run"])
 def test_missing_recipe_is_an_input_error(tmp_path, command):
     recipe, out = tmp_path / "none.yaml", tmp_path / "out"
-    args = {"validate": ["validate", recipe], "capture": ["capture", "--recipe", recipe, "-o", out],
-            "run": ["run", "--recipe", recipe, "-o", out, "--dry-run"]}[command]
+    args = {
+        "validate": ["validate", recipe],
+        "capture": ["capture", "--recipe", recipe, "-o", out],
+        "run": ["run", "--recipe", recipe, "-o", out, "--dry-run"],
+    }[command]
     assert_fails(cli(*args), 3, f"recipe not found: {recipe}")
     assert_nothing_left(out)
 
 
 def test_validate_names_every_missing_file_and_module(tmp_path):
-    recipe = digits_recipe(tmp_path, model={"factory": "nowhere.py:build"},
-                           calibration={"data": "missing.npz", "keys": {"x": "calib_x"}},
-                           evaluation={"data": "no_such_package_xyz.data:load", "targets": "y"})
-    assert_fails(cli("validate", recipe), 3,
-                 f"model.factory: file not found: {tmp_path / 'nowhere.py'}",
-                 f"calibration.data: file not found: {tmp_path / 'missing.npz'}",
-                 "evaluation.data: no module named 'no_such_package_xyz.data'")
+    recipe = digits_recipe(
+        tmp_path,
+        model={"factory": "nowhere.py:build"},
+        calibration={"data": "missing.npz", "keys": {"x": "calib_x"}},
+        evaluation={"data": "no_such_package_xyz.data:load", "targets": "y"},
+    )
+    assert_fails(
+        cli("validate", recipe),
+        3,
+        f"model.factory: file not found: {tmp_path / 'nowhere.py'}",
+        f"calibration.data: file not found: {tmp_path / 'missing.npz'}",
+        "evaluation.data: no module named 'no_such_package_xyz.data'",
+    )
 
 
 # --- the model factory and the inputs: exit 3 -------------------------------------------------------
+
 
 def _model_cases(files: Path) -> dict[str, tuple[dict, list[str]]]:
     return {
@@ -176,11 +201,18 @@ def test_bad_model_or_data_at_capture(tmp_path, files, case):
 
 # --- calibration data given to calibrate: exit 3 (capture checks the recipe's data the same way) ------
 
-@pytest.mark.parametrize("data, fragments", [
-    ("missing_array.npz", ["calibration: no array 'calib_x' in the data; it has ['other']"]),
-    ("factories.py:wrong_shape_batches", ["calibration batch 0: input 'x' has shape [4, 3, 8, 8]; axis 1 must be 1"]),
-    ("none.npz", ["calibration.data: file not found"]),
-])
+
+@pytest.mark.parametrize(
+    "data, fragments",
+    [
+        ("missing_array.npz", ["calibration: no array 'calib_x' in the data; it has ['other']"]),
+        (
+            "factories.py:wrong_shape_batches",
+            ["calibration batch 0: input 'x' has shape [4, 3, 8, 8]; axis 1 must be 1"],
+        ),
+        ("none.npz", ["calibration.data: file not found"]),
+    ],
+)
 def test_bad_calibration_data(work, files, tmp_path, data, fragments):
     out = tmp_path / "calibrated"
     assert_fails(cli("calibrate", work / "prepared", "-o", out, "--data", files / data), 3, *fragments)
@@ -188,6 +220,7 @@ def test_bad_calibration_data(work, files, tmp_path, data, fragments):
 
 
 # --- artifacts: the wrong stage, damaged, missing: exit 4 (3 when the path does not exist) ----------
+
 
 @pytest.mark.parametrize(
     "command, src, fragment",
@@ -225,9 +258,12 @@ def test_wrong_stage_names_the_command_that_makes_what_is_needed(work, tmp_path,
 
 def test_missing_input_artifact_is_an_input_error(tmp_path):
     out = tmp_path / "converted"
-    assert_fails(cli("convert", tmp_path / "calibrated", "-o", out), 3,
-                 f"{tmp_path / 'calibrated'} does not exist (`quantcli convert` needs a calibrated artifact "
-                 "(made by `quantcli calibrate`) or a trained artifact (made by `quantcli train`))")
+    assert_fails(
+        cli("convert", tmp_path / "calibrated", "-o", out),
+        3,
+        f"{tmp_path / 'calibrated'} does not exist (`quantcli convert` needs a calibrated artifact "
+        "(made by `quantcli calibrate`) or a trained artifact (made by `quantcli train`))",
+    )
     assert_nothing_left(out)
 
 
@@ -246,6 +282,7 @@ def _edit_manifest(**fields):
     def edit(folder: Path) -> None:
         manifest = json.loads((folder / "manifest.json").read_text())
         (folder / "manifest.json").write_text(json.dumps({**manifest, **fields}))
+
     return edit
 
 
@@ -285,6 +322,7 @@ def test_inspect_refuses_a_corrupt_artifact(copy_work):
 
 # --- output paths that may not be replaced: exit 4 ---------------------------------------------------
 
+
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
 def test_a_folder_that_is_not_an_artifact_is_never_replaced(work, tmp_path, force):
     out = tmp_path / "mine"
@@ -292,8 +330,9 @@ def test_a_folder_that_is_not_an_artifact_is_never_replaced(work, tmp_path, forc
     (out / "notes.txt").write_text("my own file")
     before = snapshot(out)
     args = ["prepare", work / "captured", "-o", out] + (["--force"] if force else [])
-    assert_fails(cli(*args), 4, f"{out} exists and is not a quantcli artifact "
-                                     "(choose another output path; it is never replaced)")
+    assert_fails(
+        cli(*args), 4, f"{out} exists and is not a quantcli artifact (choose another output path; it is never replaced)"
+    )
     assert_nothing_left(out, before)
 
 
@@ -301,17 +340,23 @@ def test_force_never_deletes_the_users_files_inside_an_artifact(copy_work):
     w = copy_work("captured", "prepared")
     (w / "prepared" / "my-notes.txt").write_text("mine")
     before = snapshot(w / "prepared")
-    assert_fails(cli("prepare", w / "captured", "-o", w / "prepared", "--force"), 4,
-                 f"{w / 'prepared'} holds files quantcli did not write (my-notes.txt)")
+    assert_fails(
+        cli("prepare", w / "captured", "-o", w / "prepared", "--force"),
+        4,
+        f"{w / 'prepared'} holds files quantcli did not write (my-notes.txt)",
+    )
     assert_nothing_left(w / "prepared", before)
 
 
 def test_an_artifact_of_another_stage_is_refused_and_force_replaces_it(copy_work):
     w = copy_work("captured", "calibrated")
     before = snapshot(w / "calibrated")
-    assert_fails(cli("prepare", w / "captured", "-o", w / "calibrated"), 4,
-                 f"{w / 'calibrated'} exists and is a calibrated artifact, not a prepared one "
-                 "(choose another output path, or pass --force to replace it)")
+    assert_fails(
+        cli("prepare", w / "captured", "-o", w / "calibrated"),
+        4,
+        f"{w / 'calibrated'} exists and is a calibrated artifact, not a prepared one "
+        "(choose another output path, or pass --force to replace it)",
+    )
     assert_nothing_left(w / "calibrated", before)
     forced = cli("prepare", w / "captured", "-o", w / "calibrated", "--force")
     assert forced.rc == 0, forced.stderr
@@ -324,8 +369,11 @@ def test_export_never_replaces_a_file_it_did_not_write(work, tmp_path, force):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"somebody else's model")
     args = ["export", work / "converted", "-o", out] + (["--force"] if force else [])
-    assert_fails(cli(*args), 4, f"{out} exists and was not written by quantcli export "
-                                     "(choose another output path; it is never replaced)")
+    assert_fails(
+        cli(*args),
+        4,
+        f"{out} exists and was not written by quantcli export (choose another output path; it is never replaced)",
+    )
     assert out.read_bytes() == b"somebody else's model"
     assert leftovers(tmp_path) == [] and not (tmp_path / "model.report.json").exists()
 
@@ -336,13 +384,17 @@ def test_export_to_a_folder_is_refused(work, tmp_path):
 
 # --- the command line itself: exit 2 ------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, fragment", [
-    (["capture", "-o", "x"], "Missing option '--recipe'. (see `quantcli capture --help`)"),
-    (["prepare", "x", "-o", "y", "--bogus"], "No such option: --bogus"),
-    (["calibrate", "x", "-o", "y", "--batches", "0"], "Invalid value for '--batches'"),
-    (["export", "x", "-o", "y", "--opset", "eighteen"], "Invalid value for '--opset'"),
-    (["frobnicate"], "No such command 'frobnicate'. (see `quantcli --help`)"),
-])
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["capture", "-o", "x"], "Missing option '--recipe'. (see `quantcli capture --help`)"),
+        (["prepare", "x", "-o", "y", "--bogus"], "No such option: --bogus"),
+        (["calibrate", "x", "-o", "y", "--batches", "0"], "Invalid value for '--batches'"),
+        (["export", "x", "-o", "y", "--opset", "eighteen"], "Invalid value for '--opset'"),
+        (["frobnicate"], "No such command 'frobnicate'. (see `quantcli --help`)"),
+    ],
+)
 def test_usage_errors_are_one_line_too(tmp_path, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
     run = cli(*args)
@@ -360,6 +412,7 @@ def test_debug_adds_the_traceback(tmp_path):
 
 
 # --- loading is safe: a crafted program.pt2 (say, from a poisoned CI cache) runs no code ------------------
+
 
 class _Payload:
     def __init__(self, marker: Path):
@@ -391,10 +444,13 @@ def _craft(program: Path, marker: Path, how: str) -> None:
             archive.writestr(info, data)
 
 
-@pytest.mark.parametrize("how, fragment", [
-    ("sample-inputs", "program.pt2 cannot be loaded safely by this torch: UnpicklingError"),
-    ("pickled-weight", "program.pt2 holds a pickled object"),
-])
+@pytest.mark.parametrize(
+    "how, fragment",
+    [
+        ("sample-inputs", "program.pt2 cannot be loaded safely by this torch: UnpicklingError"),
+        ("pickled-weight", "program.pt2 holds a pickled object"),
+    ],
+)
 def test_a_crafted_program_is_refused_without_running_its_code(copy_work, tmp_path, how, fragment):
     w = copy_work("captured")
     marker = tmp_path / "code-ran"

@@ -8,16 +8,22 @@ from tests.conftest import DIGITS, cli, digits_recipe
 
 
 def calibration(batch_size: int, batches: int) -> dict:
-    return {"data": str(DIGITS / "digits.npz"), "keys": {"x": "calib_x"}, "batch_size": batch_size,
-            "num_batches": batches}
+    return {
+        "data": str(DIGITS / "digits.npz"),
+        "keys": {"x": "calib_x"},
+        "batch_size": batch_size,
+        "num_batches": batches,
+    }
 
 
 def test_batch_size_one_keeps_the_batch_axis_dynamic_from_capture_to_export(tmp_path):
     recipe = digits_recipe(tmp_path, calibration=calibration(1, 3))
     w = tmp_path / "w"
-    for args in (["capture", "--recipe", recipe, "-o", w / "captured"],
-                 ["prepare", w / "captured", "-o", w / "prepared"],
-                 ["calibrate", w / "prepared", "-o", w / "calibrated"]):
+    for args in (
+        ["capture", "--recipe", recipe, "-o", w / "captured"],
+        ["prepare", w / "captured", "-o", w / "prepared"],
+        ["calibrate", w / "prepared", "-o", w / "calibrated"],
+    ):
         run = cli(*args)
         assert run.rc == 0, run.stderr
     assert "calibrated: wrote" in run.stderr and "(3 batches, 3 samples)" in run.stderr

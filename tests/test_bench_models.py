@@ -42,8 +42,13 @@ print(json.dumps(report))
 @pytest.mark.skipif(not ZOO.is_dir(), reason="torchvision/timm are not installed in .venv/zoo")
 def test_zoo_cnns_build_and_run():
     path = os.pathsep.join(map(str, [ROOT / "tests" / "zoo_site", ZOO, ROOT]))
-    proc = subprocess.run([sys.executable, "-c", VISION_CHILD, str(BENCH)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", VISION_CHILD, str(BENCH)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report.pop("calibration") == {"x": [[2, 3, 224, 224], "float32"]}

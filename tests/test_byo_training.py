@@ -29,11 +29,19 @@ def hf(tmp_path_factory, worker_id):
 
 def test_token_classifier_trains_from_jsonl(tmp_path, hf):
     tags = str(hf / "text" / "tags.jsonl")
-    recipe = {"model": {"huggingface": str(hf / "tok"), "task": "token-classification"},
-              "calibration": {"data": tags, "text": "tokens", "max_length": 24, "batch_size": 8},
-              "training": {"data": tags, "text": "tokens", "targets": "tags", "batch_size": 8, "epochs": 2,
-                           "optimizer": {"name": "adamw", "lr": 0.01}},
-              "evaluation": {"data": tags, "text": "tokens", "targets": "tags"}}
+    recipe = {
+        "model": {"huggingface": str(hf / "tok"), "task": "token-classification"},
+        "calibration": {"data": tags, "text": "tokens", "max_length": 24, "batch_size": 8},
+        "training": {
+            "data": tags,
+            "text": "tokens",
+            "targets": "tags",
+            "batch_size": 8,
+            "epochs": 2,
+            "optimizer": {"name": "adamw", "lr": 0.01},
+        },
+        "evaluation": {"data": tags, "text": "tokens", "targets": "tags"},
+    }
     results = pipeline.run(byo.write_recipe(tmp_path, recipe), tmp_path / "w")
     trained = next(r for r in results if r.stage == "trained")
     assert trained.manifest["recipe"]["training"]["loss"] == "cross_entropy"  # over tokens, -100 ignored
@@ -49,9 +57,11 @@ def test_token_classifier_trains_from_jsonl(tmp_path, hf):
 
 def test_image_classifier_trains_from_class_folders(tmp_path, hf):
     images = str(hf / "images")
-    recipe = {"model": {"huggingface": str(hf / "resnet"), "task": "image-classification"},
-              "training": {"data": images, "batch_size": 4, "epochs": 1, "freeze_bn_after": 0.5},
-              "evaluation": {"data": images, "batch_size": 6}}
+    recipe = {
+        "model": {"huggingface": str(hf / "resnet"), "task": "image-classification"},
+        "training": {"data": images, "batch_size": 4, "epochs": 1, "freeze_bn_after": 0.5},
+        "evaluation": {"data": images, "batch_size": 6},
+    }
     results = pipeline.run(byo.write_recipe(tmp_path, recipe), tmp_path / "w")
     assert [r.stage for r in results] == ["captured", "prepared", "trained", "converted", "exported"]
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [n for n in OUTPUTS if n != "calibrated"]

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from quantcli.quantizers.observers import ACTIVATION_OBSERVERS
-
 from tests.conftest import assert_fails, cli
 
 
@@ -36,17 +35,23 @@ def test_an_observer_fault_is_an_internal_error_not_the_datas(work, tmp_path, ob
 def test_out_of_memory_in_calibration_says_so(work, tmp_path, observers_raise):
     observers_raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     run = cli("calibrate", work / "prepared", "-o", tmp_path / "calibrated")
-    assert_fails(run, 1, "calibration batch 0 ran out of memory: CUDA out of memory. Tried to allocate 2.00 GiB "
-                 "(lower calibration.batch_size)")
+    assert_fails(
+        run,
+        1,
+        "calibration batch 0 ran out of memory: CUDA out of memory. Tried to allocate 2.00 GiB "
+        "(lower calibration.batch_size)",
+    )
 
 
 def test_a_batch_the_captured_program_cannot_take_is_the_datas(work, tmp_path):
     """A batch whose static axis differs is the data's: exit 3 naming the batch, before any forward."""
     data = tmp_path / "data.py"
-    data.write_text("import numpy as np\n"
-                    "def batches():\n"
-                    "    yield {'calib_x': np.zeros((4, 1, 8, 8), np.float32)}\n"
-                    "    yield {'calib_x': np.zeros((4, 1, 8, 9), np.float32)}\n")
+    data.write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        "    yield {'calib_x': np.zeros((4, 1, 8, 8), np.float32)}\n"
+        "    yield {'calib_x': np.zeros((4, 1, 8, 9), np.float32)}\n"
+    )
     run = cli("calibrate", work / "prepared", "-o", tmp_path / "calibrated", "--data", f"{data}:batches")
     assert_fails(run, 3, "calibration batch 1: input 'x' has shape [4, 1, 8, 9]; axis 3 must be 8")
     assert not (tmp_path / "calibrated").exists()

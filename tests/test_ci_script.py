@@ -30,7 +30,8 @@ def test_the_script_builds_the_model_stage_by_stage(ci_run):
     evaluation = report["evaluation"]
     assert ci_run.stdout.splitlines()[-1] == (
         f"{w / 'model.onnx'}: written, parity {report['parity']['min_sqnr_db']:.1f} dB, "
-        f"accuracy int8 {evaluation['int8_onnx']:.4f} (fp32 {evaluation['fp32_torch']:.4f})")
+        f"accuracy int8 {evaluation['int8_onnx']:.4f} (fp32 {evaluation['fp32_torch']:.4f})"
+    )
 
 
 def test_a_rerun_on_the_cached_work_folder_reuses_every_stage(ci_run, shared_recipe, tmp_path):
@@ -52,8 +53,9 @@ def test_a_bad_recipe_stops_the_script_before_any_work(tmp_path):
     recipe = digits_recipe(tmp_path, quantization={"target": "onnxruntime", "observr": "minmax"})
     result = run_ci_script(recipe, tmp_path / "w")
     assert result.rc == 2
-    assert result.stderr == (f"error: {recipe}: 1 problem(s): quantization.observr: unknown key; "
-                             "did you mean 'observer'?\n")
+    assert result.stderr == (
+        f"error: {recipe}: 1 problem(s): quantization.observr: unknown key; did you mean 'observer'?\n"
+    )
     assert not (tmp_path / "w").exists()
 
 
@@ -76,9 +78,17 @@ def test_readme_holds_the_ci_section_with_the_script_verbatim():
 
 
 def test_documented_exit_codes_match_the_code():
-    codes = {0, errors.EXIT_INTERRUPTED} | {cls.exit_code for cls in (
-        errors.QuantCliError, errors.RecipeError, errors.InputError, errors.ArtifactError, errors.NumericsError,
-        errors.GoalError)}
+    codes = {0, errors.EXIT_INTERRUPTED} | {
+        cls.exit_code
+        for cls in (
+            errors.QuantCliError,
+            errors.RecipeError,
+            errors.InputError,
+            errors.ArtifactError,
+            errors.NumericsError,
+            errors.GoalError,
+        )
+    }
     section = README.read_text().split("## Exit codes")[1].split("\n## ")[0]
     assert {int(m) for m in re.findall(r"^\| `?(\d+)`? \|", section, flags=re.M)} == codes
     block = CI_SCRIPT.read_text().split("# Exit codes")[1].split("\n#\n")[0].split("set -")[0]

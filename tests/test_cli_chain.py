@@ -22,13 +22,24 @@ from tests.conftest import quantcli
 from tests.models import MODELS, example_batch
 from tests.tolerances import CHAIN_SQNR_DB
 
-STAGE_FILES = {"captured": {"program.pt2"}, "prepared": {"program.pt2", "state.pt"},
-               "calibrated": {"program.pt2", "state.pt"}, "converted": {"program.pt2", "float.pt2", "state.pt"}}
+STAGE_FILES = {
+    "captured": {"program.pt2"},
+    "prepared": {"program.pt2", "state.pt"},
+    "calibrated": {"program.pt2", "state.pt"},
+    "converted": {"program.pt2", "float.pt2", "state.pt"},
+}
 
 
 def test_digits_chain_writes_exactly_each_stage(ci_run, work):
-    assert sorted(p.name for p in work.iterdir()) == ["calibrated", "captured", "converted", "export.json",
-                                                      "model.onnx", "model.report.json", "prepared"]
+    assert sorted(p.name for p in work.iterdir()) == [
+        "calibrated",
+        "captured",
+        "converted",
+        "export.json",
+        "model.onnx",
+        "model.report.json",
+        "prepared",
+    ]
     for name, files in STAGE_FILES.items():
         assert {p.name for p in (work / name).iterdir()} == files | {"manifest.json", "timings.json"}
         manifest = json.loads((work / name / "manifest.json").read_text())
@@ -128,6 +139,9 @@ def test_architecture_chain(name, chained):
     from quantcli.stages.base import restore_prepared
 
     prepared = restore_prepared(artifacts.open_artifact(w / "calibrated", ("calibrated",), "test"))
-    observed = [n.args[0].meta["val"].dtype for n in prepared.graph.nodes
-                if n.op == "call_module" and n.target.startswith("activation_post_process_")]
+    observed = [
+        n.args[0].meta["val"].dtype
+        for n in prepared.graph.nodes
+        if n.op == "call_module" and n.target.startswith("activation_post_process_")
+    ]
     assert observed and all(dtype.is_floating_point for dtype in observed)

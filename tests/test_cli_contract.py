@@ -35,6 +35,7 @@ from tests.conftest import (
 
 # --- start-up: no torch where none is needed ---------------------------------------------------------
 
+
 def test_version_help_and_validate_do_not_import_torch_or_numpy():
     probe = textwrap.dedent(f"""
         import contextlib, io, json, sys
@@ -89,9 +90,16 @@ def documented_exit_codes() -> dict[int, str]:
 
 def test_error_classes_carry_the_documented_exit_codes():
     """Each error class's code is the documented row that names what it is about (the docs, not the constants)."""
-    about = {errors.QuantCliError: "internal error", errors.RecipeError: "recipe", errors.InputError: "input error",
-             errors.ModelError: "model factory", errors.DataError: "data", errors.ArtifactError: "artifact error",
-             errors.NumericsError: "numerical check", errors.GoalError: "accuracy goal not met"}
+    about = {
+        errors.QuantCliError: "internal error",
+        errors.RecipeError: "recipe",
+        errors.InputError: "input error",
+        errors.ModelError: "model factory",
+        errors.DataError: "data",
+        errors.ArtifactError: "artifact error",
+        errors.NumericsError: "numerical check",
+        errors.GoalError: "accuracy goal not met",
+    }
     table = documented_exit_codes()
     for cls, words in about.items():
         assert words in table[cls.exit_code], (cls.__name__, cls.exit_code, table[cls.exit_code])
@@ -100,6 +108,7 @@ def test_error_classes_carry_the_documented_exit_codes():
 
 
 # --- --json and --quiet on every subcommand --------------------------------------------------------------
+
 
 def _commands(w: Path, recipe: Path) -> dict[str, list]:
     return {
@@ -137,12 +146,18 @@ def test_json_and_quiet_on_every_subcommand(copy_work, shared_recipe):
     }
     plan = docs["run --dry-run"]
     assert [(s["command"], s["out"]) for s in plan["steps"]] == [
-        ("capture", str(w / "captured")), ("prepare", str(w / "prepared")), ("calibrate", str(w / "calibrated")),
-        ("convert", str(w / "converted")), ("export", str(w / "model.onnx"))]
+        ("capture", str(w / "captured")),
+        ("prepare", str(w / "prepared")),
+        ("calibrate", str(w / "calibrated")),
+        ("convert", str(w / "converted")),
+        ("export", str(w / "model.onnx")),
+    ]
     assert plan["recipe"]["model"]["factory"] == f"{ROOT / 'configs/digits/model.py'}:build"  # resolved
     assert plan["recipe"]["quantization"]["observer"] == "histogram"  # defaults filled in
-    for name, stage in zip(["capture", "prepare", "calibrate", "convert", "export"],
-                           ["captured", "prepared", "calibrated", "converted", "exported"]):
+    for name, stage in zip(
+        ["capture", "prepare", "calibrate", "convert", "export"],
+        ["captured", "prepared", "calibrated", "converted", "exported"],
+    ):
         assert docs[name]["reused"] is True and docs[name]["manifest"]["stage"] == stage, name
     assert docs["inspect folder"]["manifest"] == json.loads((w / "calibrated" / "manifest.json").read_text())
     assert docs["inspect onnx"]["manifest"]["status"] == "ok"
@@ -157,14 +172,20 @@ def test_without_json_results_on_stdout_and_one_closing_line_per_stage_on_stderr
     assert not ANSI.search(run.stdout + run.stderr)  # not a terminal: plain
 
 
-@pytest.mark.parametrize("command", ["validate", "run", "capture", "prepare", "calibrate", "train", "convert",
-                                     "export", "inspect", "report", "tune"])
+@pytest.mark.parametrize(
+    "command",
+    ["validate", "run", "capture", "prepare", "calibrate", "train", "convert", "export", "inspect", "report", "tune"],
+)
 def test_every_subcommand_fails_with_one_json_error_document(tmp_path, command):
     missing = tmp_path / "missing"
-    args = {"validate": [missing], "run": ["--recipe", missing, "-o", tmp_path / "w"],
-            "capture": ["--recipe", missing, "-o", tmp_path / "w"], "inspect": [missing], "report": [missing],
-            "tune": ["--recipe", missing, "-o", tmp_path / "w", "--min-sqnr", "30"]}.get(
-        command, [missing, "-o", tmp_path / "w"])
+    args = {
+        "validate": [missing],
+        "run": ["--recipe", missing, "-o", tmp_path / "w"],
+        "capture": ["--recipe", missing, "-o", tmp_path / "w"],
+        "inspect": [missing],
+        "report": [missing],
+        "tune": ["--recipe", missing, "-o", tmp_path / "w", "--min-sqnr", "30"],
+    }.get(command, [missing, "-o", tmp_path / "w"])
     run = cli(command, *args, "--json", "--quiet")
     assert run.rc == 3
     error = run.json()["error"]
@@ -186,8 +207,14 @@ def test_errors_with_json_give_one_error_document_and_quiet_keeps_the_error_line
 def _on_a_terminal(args: list, **env: str) -> tuple[int, str]:
     """Run quantcli with stdout and stderr on a pseudo-terminal; (exit code, what it printed)."""
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "quantcli", *map(str, args)], stdout=follower, stderr=follower,
-                            stdin=subprocess.DEVNULL, env=cli_env(**env), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantcli", *map(str, args)],
+        stdout=follower,
+        stderr=follower,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(**env),
+        cwd=ROOT,
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -204,8 +231,10 @@ def _on_a_terminal(args: list, **env: str) -> tuple[int, str]:
 
 def test_no_color_makes_terminal_output_plain(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{factory: '{ROOT / 'configs/digits/model.py'}:build'}}\n"
-                      "inputs: [{name: x, shape: [1]}]\nexprt: {}\n")
+    recipe.write_text(
+        f"model: {{factory: '{ROOT / 'configs/digits/model.py'}:build'}}\n"
+        "inputs: [{name: x, shape: [1]}]\nexprt: {}\n"
+    )
     code, coloured = _on_a_terminal(["validate", recipe])
     assert code == 2 and ANSI.search(coloured)  # a terminal gets a red error line...
     code, plain = _on_a_terminal(["validate", recipe], NO_COLOR="1")
@@ -215,12 +244,17 @@ def test_no_color_makes_terminal_output_plain(tmp_path):
 
 # --- artifacts: reuse, refuse, --force -------------------------------------------------------------------
 
+
 def test_a_rerun_with_other_options_is_refused_and_force_replaces(copy_work):
     w = copy_work("prepared", "calibrated")
     before = snapshot(w / "calibrated")
     args = ["calibrate", w / "prepared", "-o", w / "calibrated", "--batches", "2"]
-    assert_fails(cli(*args), 4, f"{w / 'calibrated'} exists and was made from other inputs or options: "
-                                     "calibration.num_batches changed (pass --force to replace it)")
+    assert_fails(
+        cli(*args),
+        4,
+        f"{w / 'calibrated'} exists and was made from other inputs or options: "
+        "calibration.num_batches changed (pass --force to replace it)",
+    )
     assert snapshot(w / "calibrated") == before
     run = cli(*args, "--force", "--json")
     assert run.rc == 0, run.stderr
@@ -246,8 +280,10 @@ def test_the_manifest_records_what_the_output_was_made_from(work):
     assert manifest["quantcli_version"] == __version__ and manifest["schema_version"] == artifacts.SCHEMA_VERSION
     assert set(manifest["files"]) == {"program.pt2", "state.pt"}
     for name, info in manifest["files"].items():
-        assert info == {"sha256": hashlib.sha256((work / "calibrated" / name).read_bytes()).hexdigest(),
-                        "size": (work / "calibrated" / name).stat().st_size}
+        assert info == {
+            "sha256": hashlib.sha256((work / "calibrated" / name).read_bytes()).hexdigest(),
+            "size": (work / "calibrated" / name).stat().st_size,
+        }
     assert "seconds" in json.loads((work / "calibrated" / "timings.json").read_text())
     assert not {"seconds", "timestamp", "time", "date", "created", "duration"} & set(_keys(manifest))
 
@@ -270,47 +306,69 @@ def test_rerun_gives_byte_identical_onnx_and_manifests(work, shared_recipe, tmp_
     for stage in STAGES:
         for name in ("manifest.json", *json.loads((work / stage / "manifest.json").read_text())["files"]):
             assert (w2 / stage / name).read_bytes() == (work / stage / name).read_bytes(), f"{stage}/{name}"
-    assert hashlib.sha256((w2 / "model.onnx").read_bytes()).hexdigest() == \
-        hashlib.sha256((work / "model.onnx").read_bytes()).hexdigest()
+    assert (
+        hashlib.sha256((w2 / "model.onnx").read_bytes()).hexdigest()
+        == hashlib.sha256((work / "model.onnx").read_bytes()).hexdigest()
+    )
 
 
 # --- later stages take --recipe for their own sections ------------------------------------------------------
 
+
 def test_calibrate_recipe_changes_calibration_only(copy_work, tmp_path):
     w = copy_work("prepared")
-    recipe = digits_recipe(tmp_path / "r", calibration={"data": str(ROOT / "configs/digits/digits.npz"),
-                                                        "keys": {"x": "calib_x"}, "batch_size": 16, "num_batches": 3})
+    recipe = digits_recipe(
+        tmp_path / "r",
+        calibration={
+            "data": str(ROOT / "configs/digits/digits.npz"),
+            "keys": {"x": "calib_x"},
+            "batch_size": 16,
+            "num_batches": 3,
+        },
+    )
     run = cli("calibrate", w / "prepared", "-o", w / "calibrated", "--recipe", recipe, "--json")
     assert run.rc == 0, run.stderr
     manifest = run.json()["manifest"]
     assert manifest["batches"] == 3 and manifest["recipe"]["calibration"]["batch_size"] == 16
 
 
-@pytest.mark.parametrize("command, src, change, fixed_at", [
-    ("calibrate", "prepared", {"inputs": [{"name": "x", "shape": [16, 1, 8, 8]}]}, "capture"),
-    ("calibrate", "prepared", {"quantization": {"target": "onnxruntime", "observer": "minmax"}}, "prepare"),
-    ("export", "converted", {"model": {"factory": f"{ROOT / 'configs/digits/model.py'}:build"}}, "capture"),
-])
+@pytest.mark.parametrize(
+    "command, src, change, fixed_at",
+    [
+        ("calibrate", "prepared", {"inputs": [{"name": "x", "shape": [16, 1, 8, 8]}]}, "capture"),
+        ("calibrate", "prepared", {"quantization": {"target": "onnxruntime", "observer": "minmax"}}, "prepare"),
+        ("export", "converted", {"model": {"factory": f"{ROOT / 'configs/digits/model.py'}:build"}}, "capture"),
+    ],
+)
 def test_a_recipe_that_changes_earlier_sections_is_refused(work, tmp_path, command, src, change, fixed_at):
     recipe = digits_recipe(tmp_path / "r", **change)
     out = tmp_path / ("model.onnx" if command == "export" else "out")
     section = next(iter(change))
     allowed = "calibration" if command == "calibrate" else "export, evaluation"
-    assert_fails(cli(command, work / src, "-o", out, "--recipe", recipe), 4,
-                 f"--recipe changes {section}, fixed when the artifact was made (at {fixed_at}); "
-                 f"`quantcli {command} --recipe` may only change {allowed} "
-                 f"(rerun the chain from `quantcli {fixed_at}` with this recipe)")
+    assert_fails(
+        cli(command, work / src, "-o", out, "--recipe", recipe),
+        4,
+        f"--recipe changes {section}, fixed when the artifact was made (at {fixed_at}); "
+        f"`quantcli {command} --recipe` may only change {allowed} "
+        f"(rerun the chain from `quantcli {fixed_at}` with this recipe)",
+    )
     assert not out.exists() and leftovers(tmp_path) == []
 
 
 # --- parity failure: exit 5, outputs written and marked, a rerun refuses them ------------------------------
 
+
 def test_parity_failure_writes_the_model_marks_it_failed_and_a_rerun_refuses_it(work, tmp_path):
     recipe = digits_recipe(tmp_path / "r", export={"opset": 18, "parity_min_sqnr_db": 300})
     out = tmp_path / "model.onnx"
     args = ["export", work / "converted", "-o", out, "--recipe", recipe]
-    line = assert_fails(cli(*args), 5, "parity failed: ONNX Runtime vs the converted model",
-                        "< export.parity_min_sqnr_db 300.0", f"model and report written to {out}")
+    line = assert_fails(
+        cli(*args),
+        5,
+        "parity failed: ONNX Runtime vs the converted model",
+        "< export.parity_min_sqnr_db 300.0",
+        f"model and report written to {out}",
+    )
     assert line.startswith("error: parity failed")
     assert f"`quantcli report {work / 'converted'} --onnx {out}` shows the layer" in line
     shown = cli("report", work / "converted", "--onnx", out, "--batches", "1", "--json")  # a failed model too
@@ -348,8 +406,14 @@ SLOW_DATA = textwrap.dedent('''
 
 
 def _start_and_kill(args: list, marker: Path, sig: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, "-m", "quantcli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env(MARKER=str(marker)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantcli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(MARKER=str(marker)),
+    )
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
@@ -382,8 +446,13 @@ def test_killing_calibrate_leaves_no_output_and_a_rerun_succeeds(work, tmp_path)
     killed = _start_and_kill(args, marker, signal.SIGKILL)  # cannot clean up: its temporary stays...
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists() and len(leftovers(w)) == 1 and leftovers(w)[0].startswith(".calibrated.tmp-")
-    rerun = subprocess.run([sys.executable, "-m", "quantcli", *map(str, args), "--json"], capture_output=True,
-                           text=True, cwd=ROOT, env=cli_env(BATCHES="3", DELAY="0"))
+    rerun = subprocess.run(
+        [sys.executable, "-m", "quantcli", *map(str, args), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(BATCHES="3", DELAY="0"),
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["manifest"]["batches"] == 3
     assert os.listdir(w) == ["calibrated"]  # ...and the next run removes it

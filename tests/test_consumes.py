@@ -25,10 +25,20 @@ EDITS = {
     "export": lambda r: r["export"].update(parity_max_excess_db=5.0),
     "evaluation": lambda r: r["evaluation"].update(batch_size=16),
 }
-INPUT = {"captured": None, "prepared": "captured", "calibrated": "prepared", "trained": "calibrated",
-         "exported": "converted"}
-OUTPUT = {"captured": "captured", "prepared": "prepared", "calibrated": "calibrated", "trained": "trained",
-          "exported": "model.onnx"}
+INPUT = {
+    "captured": None,
+    "prepared": "captured",
+    "calibrated": "prepared",
+    "trained": "calibrated",
+    "exported": "converted",
+}
+OUTPUT = {
+    "captured": "captured",
+    "prepared": "prepared",
+    "calibrated": "calibrated",
+    "trained": "trained",
+    "exported": "model.onnx",
+}
 CASES = [(stage, section) for stage, spec in STAGES.items() for section in spec.consumes]
 
 
@@ -38,8 +48,9 @@ def run_stage(stage: str, work, recipe):
         return stages.capture.run(recipe, out)
     if stage == "prepared":
         return stages.prepare.run(src, out, qat=True, recipe_path=recipe)
-    return {"calibrated": stages.calibrate.run, "trained": stages.train.run,
-            "exported": stages.export.run}[stage](src, out, recipe_path=recipe)
+    return {"calibrated": stages.calibrate.run, "trained": stages.train.run, "exported": stages.export.run}[stage](
+        src, out, recipe_path=recipe
+    )
 
 
 def test_every_consumed_section_is_edited_here():

@@ -32,14 +32,28 @@ X = [InputSpec(name="x", shape=[4, 3], dtype="float32")]
 IDS = [InputSpec(name="ids", shape=[4, 5], dtype="int64"), InputSpec(name="mask", shape=[4, 5], dtype="bool")]
 
 
-@pytest.mark.parametrize("have, want, kind", [
-    ("float32", "float32", SAME), ("float64", "float32", SAFE), ("float64", "float16", SAFE),
-    ("int32", "float32", SAFE), ("uint8", "float32", SAFE), ("bool", "float32", SAFE),
-    ("int32", "int64", SAFE), ("uint8", "int64", SAFE), ("bool", "int64", SAFE),
-    ("int64", "int32", RANGE), ("uint64", "int64", RANGE),
-    ("float32", "int64", UNSAFE), ("float64", "int32", UNSAFE), ("int64", "bool", UNSAFE),
-    ("float32", "bool", UNSAFE), ("<U3", "float32", UNSAFE), ("complex64", "float32", UNSAFE),
-])
+@pytest.mark.parametrize(
+    "have, want, kind",
+    [
+        ("float32", "float32", SAME),
+        ("float64", "float32", SAFE),
+        ("float64", "float16", SAFE),
+        ("int32", "float32", SAFE),
+        ("uint8", "float32", SAFE),
+        ("bool", "float32", SAFE),
+        ("int32", "int64", SAFE),
+        ("uint8", "int64", SAFE),
+        ("bool", "int64", SAFE),
+        ("int64", "int32", RANGE),
+        ("uint64", "int64", RANGE),
+        ("float32", "int64", UNSAFE),
+        ("float64", "int32", UNSAFE),
+        ("int64", "bool", UNSAFE),
+        ("float32", "bool", UNSAFE),
+        ("<U3", "float32", UNSAFE),
+        ("complex64", "float32", UNSAFE),
+    ],
+)
 def test_the_dtype_policy(have, want, kind):
     assert cast_kind(np.dtype(have), np.dtype(want)) == kind
 
@@ -62,7 +76,8 @@ def test_a_safe_cast_is_applied_to_every_batch_and_said_once(tmp_path, caplog):
     assert count == 4 and all(b["x"].dtype == np.float32 for b in batches)
     assert np.array_equal(np.concatenate([b["x"] for b in batches]), np.arange(24, dtype=np.float32).reshape(8, 3))
     assert [r.getMessage() for r in caplog.records] == [
-        "calibration: input 'x' is float64 in the data; cast to float32, the recipe's dtype"]
+        "calibration: input 'x' is float64 in the data; cast to float32, the recipe's dtype"
+    ]
 
 
 def test_token_ids_and_masks_stay_as_they_are_or_widen(tmp_path, caplog):
@@ -71,15 +86,26 @@ def test_token_ids_and_masks_stay_as_they_are_or_widen(tmp_path, caplog):
         _, (batch, _) = _all(spec, IDS)
     assert batch["ids"].dtype == np.int64 and batch["mask"].dtype == np.bool_
     assert [r.getMessage() for r in caplog.records] == [
-        "calibration: input 'ids' is int32 in the data; cast to int64, the recipe's dtype"]
+        "calibration: input 'ids' is int32 in the data; cast to int64, the recipe's dtype"
+    ]
 
 
-@pytest.mark.parametrize("arrays, inputs, fragment", [
-    ({"ids": np.full((4, 5), 1.5), "mask": np.ones((4, 5), bool)}, IDS,
-     "calibration: input 'ids' is float64 in the data but the recipe declares int64; a cast would change its values"),
-    ({"ids": np.zeros((4, 5), np.int64), "mask": np.ones((4, 5), np.int64)}, IDS,
-     "calibration: input 'mask' is int64 in the data but the recipe declares bool"),
-])
+@pytest.mark.parametrize(
+    "arrays, inputs, fragment",
+    [
+        (
+            {"ids": np.full((4, 5), 1.5), "mask": np.ones((4, 5), bool)},
+            IDS,
+            "calibration: input 'ids' is float64 in the data but the recipe declares int64; "
+            "a cast would change its values",
+        ),
+        (
+            {"ids": np.zeros((4, 5), np.int64), "mask": np.ones((4, 5), np.int64)},
+            IDS,
+            "calibration: input 'mask' is int64 in the data but the recipe declares bool",
+        ),
+    ],
+)
 def test_an_unsafe_dtype_is_an_input_error(tmp_path, arrays, inputs, fragment):
     with pytest.raises(DataError, match=fragment):
         _all(_write(tmp_path, **arrays), inputs)
@@ -92,8 +118,11 @@ def test_integer_narrowing_is_checked_on_the_values(tmp_path):
     assert batches[0]["ids"].dtype == np.int32
     big = ok.copy()
     big[2, 1] = 2**40
-    with pytest.raises(DataError, match=r"calibration batch 1: input 'ids' is int64 with values in \[5, "
-                                         r"1099511627776\], outside the recipe's int32"):
+    with pytest.raises(
+        DataError,
+        match=r"calibration batch 1: input 'ids' is int64 with values in \[5, "
+        r"1099511627776\], outside the recipe's int32",
+    ):
         _all(_write(tmp_path, ids=big), narrow)
 
 
@@ -127,7 +156,7 @@ def test_sample_counts_and_empty_sources(tmp_path):
         _all(_write(tmp_path, x=np.zeros((0, 3), np.float32)), X)
 
 
-FACTORIES = '''
+FACTORIES = """
 import numpy as np
 
 def nothing():
@@ -148,15 +177,18 @@ def nan_later():
 def two():
     for _ in range(2):
         yield {"x": np.zeros((4, 3), np.float32)}
-'''
+"""
 
 
-@pytest.mark.parametrize("name, fragment", [
-    ("nothing", "yielded no batches"),
-    ("ragged", r"calibration batch 0: arrays disagree on the number of samples: \{'x': 4, 'targets': 3\}"),
-    ("empty_batch", "calibration batch 0: holds no samples"),
-    ("nan_later", "^calibration batch 1: input 'x' holds NaN at sample 2 of that batch$"),
-])
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("nothing", "yielded no batches"),
+        ("ragged", r"calibration batch 0: arrays disagree on the number of samples: \{'x': 4, 'targets': 3\}"),
+        ("empty_batch", "calibration batch 0: holds no samples"),
+        ("nan_later", "^calibration batch 1: input 'x' holds NaN at sample 2 of that batch$"),
+    ],
+)
 def test_a_data_callable_is_checked_batch_by_batch(tmp_path, name, fragment):
     (tmp_path / "batches.py").write_text(FACTORIES)
     targets = "y" if name == "ragged" else None
@@ -175,7 +207,8 @@ def test_asking_for_more_batches_than_exist_or_a_batch_larger_than_the_data_is_s
     assert [r.getMessage() for r in caplog.records] == [
         "calibration: 100 batches asked for, the data holds 4 (8 samples at batch_size 2): using 4",
         "calibration: batch_size 64 is larger than the data (8 samples): one batch of 8",
-        f"calibration: 5 batches asked for, {tmp_path / 'batches.py'}:two yielded 2: using 2"]
+        f"calibration: 5 batches asked for, {tmp_path / 'batches.py'}:two yielded 2: using 2",
+    ]
 
 
 def test_a_training_scan_finds_a_bad_sample_before_any_step(tmp_path):
@@ -188,6 +221,7 @@ def test_a_training_scan_finds_a_bad_sample_before_any_step(tmp_path):
 
 
 # --- the headers validate reads ---------------------------------------------------------------------
+
 
 def _recipe(tmp_path: Path, **sections) -> Path:
     doc = copy.deepcopy(BASE)
@@ -217,8 +251,28 @@ def test_headers_of_npz_and_npy_folders_are_read_without_the_data(tmp_path):
     }
 
 
-DTYPE_ZOO = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-             "bool", "complex64", ">f4", ">i8", "<U3", "S2", "object", "datetime64[ns]", [("a", "<f4"), ("b", "<i2")]]
+DTYPE_ZOO = [
+    "float16",
+    "float32",
+    "float64",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "bool",
+    "complex64",
+    ">f4",
+    ">i8",
+    "<U3",
+    "S2",
+    "object",
+    "datetime64[ns]",
+    [("a", "<f4"), ("b", "<i2")],
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPE_ZOO, ids=str)
@@ -265,9 +319,14 @@ def test_a_bad_npy_header_is_a_value_error(tmp_path, content):
 @pytest.mark.parametrize("case", ["targets", "key", "npy-folder", "dtype", "shape", "counts", "empty"])
 def test_validate_checks_every_sections_arrays_from_their_headers(tmp_path, case):
     x = np.zeros((6, 1, 8, 8), np.float32)
-    arrays = {"targets": {"x": x, "t": np.zeros(6)}, "key": {"calib_x": x}, "dtype": {"x": x.astype("U1")},
-              "shape": {"x": np.zeros((6, 1, 7, 8), np.float32)}, "counts": {"x": x, "t": np.zeros(5)},
-              "empty": {"x": x[:0], "t": np.zeros(0)}}.get(case, {})
+    arrays = {
+        "targets": {"x": x, "t": np.zeros(6)},
+        "key": {"calib_x": x},
+        "dtype": {"x": x.astype("U1")},
+        "shape": {"x": np.zeros((6, 1, 7, 8), np.float32)},
+        "counts": {"x": x, "t": np.zeros(5)},
+        "empty": {"x": x[:0], "t": np.zeros(0)},
+    }.get(case, {})
     np.savez(tmp_path / "d.npz", **arrays)
     sections = {"calibration": {"data": "d.npz"}}
     if case in ("targets", "counts", "empty"):
@@ -282,7 +341,7 @@ def test_validate_checks_every_sections_arrays_from_their_headers(tmp_path, case
     expected = {
         "targets": "evaluation: no array 'y' in the data; it has ['t', 'x'] (for the targets, evaluation.targets)",
         "key": "calibration: no array 'calib_y' in the data; it has ['calib_x'] (for input 'x', mapped by "
-               "calibration.keys)",
+        "calibration.keys)",
         "npy-folder": "calibration: no array 'x' in the data; it has ['other'] (for input 'x')",
         "dtype": "calibration: input 'x' is <U1 in the data but the recipe declares float32",
         "shape": "calibration: input 'x' has shape [6, 1, 7, 8]; axis 2 must be 8 (static in the recipe)",
@@ -295,22 +354,33 @@ def test_validate_checks_every_sections_arrays_from_their_headers(tmp_path, case
 
 def test_validate_checks_data_against_bounded_axes(tmp_path):
     np.savez(tmp_path / "d.npz", ids=np.zeros((4, 80), np.int64))
-    recipe = _recipe(tmp_path, inputs=[{"name": "ids", "shape": [2, 16], "dtype": "int64",
-                                        "dynamic_axes": {0: "batch", 1: {"name": "seq", "min": 1, "max": 64}}}],
-                     calibration={"data": "d.npz"})
-    assert ("calibration: input 'ids' has shape [4, 80]; axis 1 (seq) must be within 1..64 (its bounds in the recipe)"
-            in _validate_problem(recipe))
+    recipe = _recipe(
+        tmp_path,
+        inputs=[
+            {
+                "name": "ids",
+                "shape": [2, 16],
+                "dtype": "int64",
+                "dynamic_axes": {0: "batch", 1: {"name": "seq", "min": 1, "max": 64}},
+            }
+        ],
+        calibration={"data": "d.npz"},
+    )
+    assert (
+        "calibration: input 'ids' has shape [4, 80]; axis 1 (seq) must be within 1..64 (its bounds in the recipe)"
+        in _validate_problem(recipe)
+    )
 
 
 def test_validate_leaves_data_callables_alone_and_passes_safe_casts(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((6, 1, 8, 8), np.float64))
     (tmp_path / "b.py").write_text("raise SystemExit('user code ran')\n")
-    recipe = _recipe(tmp_path, calibration={"data": "d.npz"},
-                     evaluation={"data": "b.py:batches", "targets": "y"})
+    recipe = _recipe(tmp_path, calibration={"data": "d.npz"}, evaluation={"data": "b.py:batches", "targets": "y"})
     assert pipeline.validate(recipe)["valid"] is True  # b.py, imported, would have raised SystemExit
 
 
 # --- bounded dynamic axes in the schema --------------------------------------------------------------
+
 
 def _inputs_problems(inputs) -> list[str]:
     doc = copy.deepcopy(BASE)
@@ -320,8 +390,12 @@ def _inputs_problems(inputs) -> list[str]:
 
 
 def test_bounded_and_plain_axes_are_both_valid_and_share_a_symbol():
-    spec = {"name": "ids", "shape": [2, 16], "dtype": "int64",
-            "dynamic_axes": {0: "batch", 1: {"name": "seq", "min": 1, "max": 512}}}
+    spec = {
+        "name": "ids",
+        "shape": [2, 16],
+        "dtype": "int64",
+        "dynamic_axes": {0: "batch", 1: {"name": "seq", "min": 1, "max": 512}},
+    }
     mask = {"name": "mask", "shape": [2, 16], "dtype": "int64", "dynamic_axes": {0: "batch", 1: "seq"}}
     assert _inputs_problems([spec, mask]) == []
     doc = copy.deepcopy(BASE)
@@ -334,24 +408,32 @@ def test_bounded_and_plain_axes_are_both_valid_and_share_a_symbol():
     assert example["ids"].shape == (2, 16) and example["mask"].shape == (2, 16)
 
 
-@pytest.mark.parametrize("axes, expected", [
-    ({1: {"name": "seq", "max": 8}}, "inputs.0: dynamic_axes: axis 1 (seq) is bounded ..8, but shape gives it 16"),
-    ({1: {"name": "seq", "min": 9, "max": 8}}, "inputs.0.dynamic_axes: axis 1: min 9 is larger than max 8"),
-    ({1: {"name": "seq", "mx": 8}}, "inputs.0.dynamic_axes: axis 1: mx: unknown key; did you mean 'max'?"),
-    ({1: 5}, "inputs.0.dynamic_axes: axis 1: must be a symbol name or {name, min, max}, got int"),
-    ({1: {"max": 64}}, "inputs.0.dynamic_axes: axis 1: name: Field required"),
-])
+@pytest.mark.parametrize(
+    "axes, expected",
+    [
+        ({1: {"name": "seq", "max": 8}}, "inputs.0: dynamic_axes: axis 1 (seq) is bounded ..8, but shape gives it 16"),
+        ({1: {"name": "seq", "min": 9, "max": 8}}, "inputs.0.dynamic_axes: axis 1: min 9 is larger than max 8"),
+        ({1: {"name": "seq", "mx": 8}}, "inputs.0.dynamic_axes: axis 1: mx: unknown key; did you mean 'max'?"),
+        ({1: 5}, "inputs.0.dynamic_axes: axis 1: must be a symbol name or {name, min, max}, got int"),
+        ({1: {"max": 64}}, "inputs.0.dynamic_axes: axis 1: name: Field required"),
+    ],
+)
 def test_bad_bounds_name_their_key(axes, expected):
     found = _inputs_problems([{"name": "ids", "shape": [2, 16], "dtype": "int64", "dynamic_axes": axes}])
     assert any(expected in p for p in found), found
 
 
 def test_one_symbol_with_two_ranges_is_a_recipe_error():
-    found = _inputs_problems([
-        {"name": "a", "shape": [2, 16], "dynamic_axes": {1: {"name": "seq", "max": 64}}},
-        {"name": "b", "shape": [2, 16], "dynamic_axes": {1: {"name": "seq", "max": 512}}}])
-    assert found == ["inputs: symbol 'seq' is bounded ..512 at inputs.1.dynamic_axes.1 but ..64 at "
-                     "inputs.0.dynamic_axes.1; one symbol is one size, give it one range"]
+    found = _inputs_problems(
+        [
+            {"name": "a", "shape": [2, 16], "dynamic_axes": {1: {"name": "seq", "max": 64}}},
+            {"name": "b", "shape": [2, 16], "dynamic_axes": {1: {"name": "seq", "max": 512}}},
+        ]
+    )
+    assert found == [
+        "inputs: symbol 'seq' is bounded ..512 at inputs.1.dynamic_axes.1 but ..64 at "
+        "inputs.0.dynamic_axes.1; one symbol is one size, give it one range"
+    ]
 
 
 def test_example_inputs_are_the_first_calibration_batch(tmp_path):
@@ -363,6 +445,7 @@ def test_example_inputs_are_the_first_calibration_batch(tmp_path):
 
 # --- forward() signatures -------------------------------------------------------------------------------
 
+
 def _kw_only(self, *, x): ...
 def _two(self, x, mask): ...
 def _defaults(self, x, mask=None, *, flag=False): ...
@@ -370,15 +453,27 @@ def _varargs(self, *xs): ...
 def _kwargs_only(self, **inputs): ...
 
 
-@pytest.mark.parametrize("forward, names, expected", [
-    (_kw_only, ["x"], "forward() takes keyword-only argument(s) 'x', but quantcli passes the recipe's inputs (x) "
-                      "positionally, in order"),
-    (_two, ["x"], "forward() requires 2 positional arguments (x, mask), but the recipe declares 1 input(s) (x)"),
-    (_two, ["x", "mask", "extra"], "forward() takes 2 positional argument(s) (x, mask), but the recipe declares 3 "
-                                   "input(s) (x, mask, extra)"),
-    (_kwargs_only, ["x"], "forward() takes 0 positional argument(s), but the recipe declares 1 input(s) (x)"),
-    (_defaults, ["x"], None), (_defaults, ["x", "mask"], None), (_varargs, ["a", "b", "c"], None),
-])
+@pytest.mark.parametrize(
+    "forward, names, expected",
+    [
+        (
+            _kw_only,
+            ["x"],
+            "forward() takes keyword-only argument(s) 'x', but quantcli passes the recipe's inputs (x) "
+            "positionally, in order",
+        ),
+        (_two, ["x"], "forward() requires 2 positional arguments (x, mask), but the recipe declares 1 input(s) (x)"),
+        (
+            _two,
+            ["x", "mask", "extra"],
+            "forward() takes 2 positional argument(s) (x, mask), but the recipe declares 3 input(s) (x, mask, extra)",
+        ),
+        (_kwargs_only, ["x"], "forward() takes 0 positional argument(s), but the recipe declares 1 input(s) (x)"),
+        (_defaults, ["x"], None),
+        (_defaults, ["x", "mask"], None),
+        (_varargs, ["a", "b", "c"], None),
+    ],
+)
 def test_forward_signatures(forward, names, expected):
     bound = forward.__get__(object())
     assert signature_problem(bound, [InputSpec(name=n, shape=[1]) for n in names]) == expected
@@ -387,10 +482,12 @@ def test_forward_signatures(forward, names, expected):
 def test_capture_reads_only_the_first_batch_of_a_data_callable(tmp_path):
     from quantcli.stages.capture import scan_calibration
 
-    (tmp_path / "b.py").write_text("import numpy as np\n"
-                                   "def batches():\n"
-                                   "    yield {'x': np.ones((3, 1, 8, 8), np.float32)}\n"
-                                   "    raise RuntimeError('the second batch was read')\n")
+    (tmp_path / "b.py").write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        "    yield {'x': np.ones((3, 1, 8, 8), np.float32)}\n"
+        "    raise RuntimeError('the second batch was read')\n"
+    )
     recipe = recipes.load(_recipe(tmp_path, calibration={"data": "b.py:batches"}))
     scan_calibration(recipe)  # user code: not scanned
     assert example_batch(recipe)["x"].shape == (3, 1, 8, 8)
@@ -398,6 +495,9 @@ def test_capture_reads_only_the_first_batch_of_a_data_callable(tmp_path):
 
 def test_a_sources_sample_count_is_not_a_static_batch_axis(tmp_path):
     """dynamic_axes: {} makes axis 0 static at the recipe's 32; the file's 200 samples are not a batch."""
-    recipe = _recipe(tmp_path, inputs=[{"name": "x", "shape": [32, 1, 8, 8], "dynamic_axes": {}}],
-                     calibration={"data": str(DIGITS / "digits.npz"), "keys": {"x": "calib_x"}})
+    recipe = _recipe(
+        tmp_path,
+        inputs=[{"name": "x", "shape": [32, 1, 8, 8], "dynamic_axes": {}}],
+        calibration={"data": str(DIGITS / "digits.npz"), "keys": {"x": "calib_x"}},
+    )
     assert pipeline.validate(recipe)["valid"] is True

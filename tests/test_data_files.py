@@ -10,13 +10,15 @@ import pytest
 from quantcli.errors import DataError
 from quantcli.loading.data import TARGET_COLUMN
 from quantcli.loading.files import reader
-from quantcli.recipe import Recipe
 from quantcli.numerics.metrics import IGNORE
+from quantcli.recipe import Recipe
 from tests import byo
 from tests.conftest import session_dir
 
-TEXT_INPUTS = [{"name": n, "shape": [1, 16], "dtype": "int64", "dynamic_axes": {0: "batch", 1: "seq"}}
-               for n in ("input_ids", "token_type_ids", "attention_mask")]
+TEXT_INPUTS = [
+    {"name": n, "shape": [1, 16], "dtype": "int64", "dynamic_axes": {0: "batch", 1: "seq"}}
+    for n in ("input_ids", "token_type_ids", "attention_mask")
+]
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +27,13 @@ def hf(tmp_path_factory, worker_id):
 
 
 def recipe(hf, folder="cls", task="text-classification", inputs=TEXT_INPUTS, **evaluation) -> Recipe:
-    return Recipe.model_validate({"model": {"huggingface": str(hf / folder), "task": task}, "inputs": inputs,
-                                  "evaluation": {"batch_size": 5, "max_length": 16, **evaluation}})
+    return Recipe.model_validate(
+        {
+            "model": {"huggingface": str(hf / folder), "task": task},
+            "inputs": inputs,
+            "evaluation": {"batch_size": 5, "max_length": 16, **evaluation},
+        }
+    )
 
 
 def batches(r: Recipe, targets=True, **kw):
@@ -58,8 +65,11 @@ def test_integer_targets_pass_and_unknown_labels_are_named(hf, tmp_path):
     _, got = batches(recipe(hf, data=str(tmp_path / "ints.csv"), targets="label"))
     assert got[0][TARGET_COLUMN].tolist() == [1, 0]
     (tmp_path / "odd.csv").write_text("text,label\ngood,positive\nbad,neutral\n")
-    with pytest.raises(DataError, match=r"evaluation.targets: label 'neutral' is not one of the model's labels "
-                                        r"\(negative, positive\)"):
+    with pytest.raises(
+        DataError,
+        match=r"evaluation.targets: label 'neutral' is not one of the model's labels "
+        r"\(negative, positive\)",
+    ):
         batches(recipe(hf, data=str(tmp_path / "odd.csv"), targets="label"))
 
 
@@ -73,8 +83,16 @@ def test_a_missing_column_names_the_key(hf):
 def test_token_labels_go_to_each_word_s_first_sub_token(hf):
     from transformers import AutoTokenizer
 
-    r = recipe(hf, "tok", "token-classification", data=str(hf / "text" / "tags.jsonl"), text="tokens", targets="tags",
-               metric="token_accuracy", max_length=40)
+    r = recipe(
+        hf,
+        "tok",
+        "token-classification",
+        data=str(hf / "text" / "tags.jsonl"),
+        text="tokens",
+        targets="tags",
+        metric="token_accuracy",
+        max_length=40,
+    )
     _, got = batches(r)
     tok = AutoTokenizer.from_pretrained(hf / "tok")
     rows = [row for b in got for row in zip(b["input_ids"], b[TARGET_COLUMN])]
@@ -83,8 +101,9 @@ def test_token_labels_go_to_each_word_s_first_sub_token(hf):
     for (ids, labels), text in zip(rows, byo.WORDS):
         words = text.split()
         labelled = labels[labels != IGNORE]
-        assert labelled.tolist() == [byo.TAGS.index("B-THING") if w in ("film", "book", "meal", "hotel") else 0
-                                     for w in words]
+        assert labelled.tolist() == [
+            byo.TAGS.index("B-THING") if w in ("film", "book", "meal", "hotel") else 0 for w in words
+        ]
         assert labels[0] == IGNORE  # [CLS]
         pieces = tok.convert_ids_to_tokens(ids)
         for position in np.flatnonzero(labels != IGNORE):
@@ -114,10 +133,19 @@ def test_class_folders_become_the_model_s_label_indices(hf, tmp_path):
 
 
 def test_training_cache_is_hashed_memory_mapped_and_reused(hf, tmp_path):
-    r = Recipe.model_validate({"model": {"huggingface": str(hf / "cls"), "task": "text-classification"},
-                               "inputs": TEXT_INPUTS, "training": {"data": str(hf / "text" / "labelled.csv"),
-                                                                   "text": "sentence", "targets": "label",
-                                                                   "max_length": 16, "padding": "longest"}})
+    r = Recipe.model_validate(
+        {
+            "model": {"huggingface": str(hf / "cls"), "task": "text-classification"},
+            "inputs": TEXT_INPUTS,
+            "training": {
+                "data": str(hf / "text" / "labelled.csv"),
+                "text": "sentence",
+                "targets": "label",
+                "max_length": 16,
+                "padding": "longest",
+            },
+        }
+    )
     data = reader(r, "training", targets=True, cache=tmp_path / "cache").dataset()
     assert data.length == 16 and isinstance(data.columns["input_ids"], np.memmap)
     assert data.columns["input_ids"].shape == (16, 16)  # fixed width in the cache, whatever the padding

@@ -36,9 +36,11 @@ def images(folder, per_class):
 
 
 def recipe(tmp_path, name, evaluation):
-    doc = {"model": {"huggingface": str(tmp_path / "model"), "task": "image-classification"},
-           "calibration": {"data": str(tmp_path / "calib"), "batch_size": 16, "num_batches": 2},
-           "evaluation": {"data": str(evaluation), "batch_size": BATCH}}
+    doc = {
+        "model": {"huggingface": str(tmp_path / "model"), "task": "image-classification"},
+        "calibration": {"data": str(tmp_path / "calib"), "batch_size": 16, "num_batches": 2},
+        "evaluation": {"data": str(evaluation), "batch_size": BATCH},
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -56,8 +58,15 @@ def peak_alive(tmp_path, name, evaluation, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(Image, "open", open_image)
         try:
-            run = cli("export", tmp_path / "w" / "converted", "-o", tmp_path / f"{name}.onnx",
-                      "--recipe", recipe(tmp_path, name, evaluation), "--quiet")
+            run = cli(
+                "export",
+                tmp_path / "w" / "converted",
+                "-o",
+                tmp_path / f"{name}.onnx",
+                "--recipe",
+                recipe(tmp_path, name, evaluation),
+                "--quiet",
+            )
             assert tracemalloc.is_tracing(), "no evaluation image was read"
             peak = tracemalloc.get_traced_memory()[1]
         finally:
@@ -78,6 +87,8 @@ def test_evaluation_memory_is_bounded_by_a_batch(tmp_path, monkeypatch):
     small, large = peak_alive(tmp_path, "two", two, monkeypatch), peak_alive(tmp_path, "ten", ten, monkeypatch)
     report = json.loads((tmp_path / "ten.report.json").read_text())["evaluation"]
     assert report["samples"] == 10 * BATCH
-    print(f"peak alive: two batches {small / 2**20:.0f} MiB, ten batches {large / 2**20:.0f} MiB, "
-          f"a batch {BATCH_BYTES / 2**20:.1f} MiB")
+    print(
+        f"peak alive: two batches {small / 2**20:.0f} MiB, ten batches {large / 2**20:.0f} MiB, "
+        f"a batch {BATCH_BYTES / 2**20:.1f} MiB"
+    )
     assert large - small < 4 * BATCH_BYTES, (small, large)

@@ -25,8 +25,11 @@ from tests.tolerances import EXAMPLE_METRIC, QUANTIZATION, TARGET
 pytestmark = pytest.mark.slow
 
 CONFIGS = ROOT / "configs"
-TEXT_INPUTS = [("input_ids", "int64", ["batch", "seq"]), ("token_type_ids", "int64", ["batch", "seq"]),
-               ("attention_mask", "int64", ["batch", "seq"])]
+TEXT_INPUTS = [
+    ("input_ids", "int64", ["batch", "seq"]),
+    ("token_type_ids", "int64", ["batch", "seq"]),
+    ("attention_mask", "int64", ["batch", "seq"]),
+]
 IMAGE_INPUTS = [("pixel_values", "float32", ["batch", 3, 64, 64])]
 # recipe -> (ONNX inputs, output, metric, zoo); the metric's floors depend on the target: tests/tolerances.py
 EXAMPLES = {
@@ -82,8 +85,14 @@ def test_example_runs_offline_and_keeps_its_metric(shared, name):
     assert evaluation["int8_onnx"] >= floor, evaluation
     assert evaluation["int8_onnx"] >= evaluation["fp32_torch"] - drop, evaluation
     model = onnx.load(str(work / "model.onnx"))
-    listed = [(i.name, onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name,
-               [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]
+    listed = [
+        (
+            i.name,
+            onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name,
+            [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim],
+        )
+        for i in model.graph.input
+    ]
     assert listed == inputs
     assert [o.name for o in model.graph.output] == [output]
     stderr = json.loads((work / "run.json").read_text())["stderr"].splitlines()
@@ -95,8 +104,10 @@ def test_example_runs_offline_and_keeps_its_metric(shared, name):
 def test_sentence_embedding_example_says_its_pooling(shared):
     work, _ = run_example(shared, "embedding/recipe.yaml")
     stderr = json.loads((work / "run.json").read_text())["stderr"]
-    assert "note: model.huggingface: the embedding is mean pooling over the attention mask, L2-normalized " \
-           "(modules.json and 1_Pooling/config.json)" in stderr
+    assert (
+        "note: model.huggingface: the embedding is mean pooling over the attention mask, L2-normalized "
+        "(modules.json and 1_Pooling/config.json)" in stderr
+    )
     manifest = json.loads((work / "captured" / "manifest.json").read_text())
     assert manifest["recipe"]["inputs"][0]["shape"] == [1, 64]  # the recipe's max_length
 
@@ -105,5 +116,10 @@ def test_zoo_examples_record_their_preprocessing(shared):
     for name, interpolation in (("photos/torchvision.yaml", "bilinear"), ("photos/timm.yaml", "bicubic")):
         work, _ = run_example(shared, name)
         image = json.loads((work / "captured" / "manifest.json").read_text())["recipe"]["model"]["image"]
-        assert image == {"size": 64, "resize": 72, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                         "interpolation": interpolation}, name
+        assert image == {
+            "size": 64,
+            "resize": 72,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "interpolation": interpolation,
+        }, name

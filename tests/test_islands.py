@@ -18,11 +18,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli import _torch, quantizers
+from quantcli.numerics.parity import sqnr_db
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import rewrite, runtime
 from quantcli.onnx.fusion import analyze
 from quantcli.recipe import QuantizationSection
-from quantcli.numerics.parity import sqnr_db
 
 torch = _torch.torch
 nn, F = torch.nn, torch.nn.functional
@@ -53,8 +53,9 @@ def quantize(model: nn.Module, shape: tuple, folder: Path, qat: bool = False, **
     test = torch.randn(16, *shape[1:], generator=g)
     dynamic = ({0: torch.export.Dim("batch")},)
     section = quantizers.resolve(QuantizationSection(**q))
-    prepared = _torch.prepare(_torch.export_program(model, (calib[0],), dynamic).module(),
-                              quantizers.build(section, qat=qat), qat)
+    prepared = _torch.prepare(
+        _torch.export_program(model, (calib[0],), dynamic).module(), quantizers.build(section, qat=qat), qat
+    )
     if qat:
         _torch.to_eval(prepared)
     with torch.no_grad():
@@ -232,14 +233,20 @@ def test_addmm_runs_as_qgemm_with_weights_per_channel_on_axis_1(tmp_path):
     assert result.optimized_ops()["QGemm"] == 2
     model = onnx.load(str(result.path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-               and inits[n.input[0]].dtype == np.int8]
+    weights = [
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8
+    ]
     assert len(weights) == 2
     for node in weights:
         values, scale = inits[node.input[0]], inits[node.input[1]]
         assert {a.name: a.i for a in node.attribute}["axis"] == 1 and scale.shape == (values.shape[1],)
-    biases = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"
-              and n.input[0] in inits and inits[n.input[0]].dtype == np.int32]
+    biases = [
+        inits[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int32
+    ]
     assert sorted(b.shape for b in biases) == [(16,), (64,)]
     assert sqnr_db(result.fp, result.ort) > 30  # measured 33.9
 
@@ -263,8 +270,11 @@ def test_weight_norm_conv_gets_int8_weights(tmp_path):
     assert_all_integer(result, 2)
     model = onnx.load(str(result.path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    weights = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"
-               and n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
+    weights = [
+        inits[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8
+    ]
     assert [w.shape for w in weights] == [(16, 4, 3), (16, 4, 5)]  # the weight norm folded into int8 weights
     assert not [n for n in model.graph.node if n.op_type in ("ReduceL2", "Div", "Sqrt")]
     assert sqnr_db(result.fp, result.ort) > 26  # measured 30.1
@@ -285,8 +295,13 @@ def test_islands_name_their_module_and_allowed_ones_are_marked(tmp_path):
         torch.manual_seed(0)
         result = quantize(HardswishBlock().eval(), (2, 3, 8, 8), tmp_path)
     islands = result.analysis["islands"]
-    assert islands and all(i["allowed"] and i["module"] == "body.1" and i["module_type"] == "Hardswish"
-                           and i["torch_op"] == "aten.hardswish.default" for i in islands), islands
+    assert islands and all(
+        i["allowed"]
+        and i["module"] == "body.1"
+        and i["module_type"] == "Hardswish"
+        and i["torch_op"] == "aten.hardswish.default"
+        for i in islands
+    ), islands
     model = onnx.load(str(result.path))
     keys = {p.key for n in model.graph.node for p in n.metadata_props}
     assert keys == {onnx_export.MODULE_KEY, onnx_export.MODULE_TYPE_KEY, onnx_export.OP_KEY}
@@ -295,13 +310,24 @@ def test_islands_name_their_module_and_allowed_ones_are_marked(tmp_path):
 
 def _qdq_graph(body: list, inputs: list, extra_inits: list = ()) -> onnx.ModelProto:
     """x (uint8, 1x4x6x6) -> DQ -> body -> Q -> DQ -> y, all at scale 0.1 and zero point 10."""
-    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
-             numpy_helper.from_array(np.array(10, np.uint8), "z"), *extra_inits]
-    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"], name="dq_in"), *body,
-             helper.make_node("QuantizeLinear", ["yf", "s", "z"], ["yq"], name="q_out"),
-             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"], name="dq_out")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    inits = [
+        numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+        numpy_helper.from_array(np.array(10, np.uint8), "z"),
+        *extra_inits,
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"], name="dq_in"),
+        *body,
+        helper.make_node("QuantizeLinear", ["yf", "s", "z"], ["yq"], name="q_out"),
+        helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"], name="dq_out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     return onnx.shape_inference.infer_shapes(model)
 
@@ -322,8 +348,10 @@ def test_island_definition_on_hand_built_graphs(tmp_path):
     norm = [helper.make_node("LayerNormalization", ["xf", "g", "b"], ["yf"], name="norm")]
     assert _islands_of(_qdq_graph(norm, ["x"], params), tmp_path) == [("LayerNormalization", True)]
     # beyond a float-by-design op the values are float by design: LayerNormalization -> Tanh
-    norm = [helper.make_node("LayerNormalization", ["xf", "g", "b"], ["n"], name="norm"),
-            helper.make_node("Tanh", ["n"], ["yf"], name="tanh")]
+    norm = [
+        helper.make_node("LayerNormalization", ["xf", "g", "b"], ["n"], name="norm"),
+        helper.make_node("Tanh", ["n"], ["yf"], name="tanh"),
+    ]
     assert _islands_of(_qdq_graph(norm, ["x"], params), tmp_path) == [("LayerNormalization", True)]
     # ORT runs a quantized Softmax as QLinearSoftmax: no island at all
     softmax = [helper.make_node("Softmax", ["xf"], ["yf"], name="softmax")]
@@ -336,7 +364,8 @@ def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-        None, {"x": x})[0]
+        None, {"x": x}
+    )[0]
 
 
 X = np.random.default_rng(0).integers(0, 256, (1, 4, 6, 6), dtype=np.uint8)
@@ -366,8 +395,11 @@ def test_other_means_stay():
     model = _qdq_graph([helper.make_node("ReduceMean", ["xf", "axes"], ["yf"], name="mean")], ["x"], [channels])
     assert rewrite.global_average_pools(model) == 0
     # keepdims=0 with a float consumer: the squeeze has nowhere integer to go
-    body = [helper.make_node("ReduceMean", ["xf", "axes"], ["m"], name="mean", keepdims=0),
-            helper.make_node("Tanh", ["m"], ["t"]), helper.make_node("Unsqueeze", ["t", "axes"], ["yf"])]
+    body = [
+        helper.make_node("ReduceMean", ["xf", "axes"], ["m"], name="mean", keepdims=0),
+        helper.make_node("Tanh", ["m"], ["t"]),
+        helper.make_node("Unsqueeze", ["t", "axes"], ["yf"]),
+    ]
     assert rewrite.global_average_pools(_qdq_graph(body, ["x"], [AXES])) == 0
 
 
@@ -385,20 +417,26 @@ def test_zero_pad_between_equal_qdq_runs_on_the_integers():
 
 
 def test_data_movement_with_other_parameters_at_its_exit_stays():
-    body = [helper.make_node("Transpose", ["xf"], ["t"], perm=[0, 1, 3, 2]),
-            helper.make_node("QuantizeLinear", ["t", "s2", "z"], ["tq"]),
-            helper.make_node("DequantizeLinear", ["tq", "s2", "z"], ["yf"])]
+    body = [
+        helper.make_node("Transpose", ["xf"], ["t"], perm=[0, 1, 3, 2]),
+        helper.make_node("QuantizeLinear", ["t", "s2", "z"], ["tq"]),
+        helper.make_node("DequantizeLinear", ["tq", "s2", "z"], ["yf"]),
+    ]
     model = _qdq_graph(body, ["x"], [numpy_helper.from_array(np.array(0.2, np.float32), "s2")])
     assert rewrite.integer_data_movement(model) == 0
 
 
 def test_a_positive_scalar_between_equal_integers_goes():
     """x * c quantized with x's scale times c (a query scaling) is the identity on the integers."""
-    inits = [numpy_helper.from_array(np.array(0.25, np.float32), "c"),
-             numpy_helper.from_array(np.array(0.025, np.float32), "s2")]
-    body = [helper.make_node("Mul", ["xf", "c"], ["m"], name="mul"),
-            helper.make_node("QuantizeLinear", ["m", "s2", "z"], ["mq"]),
-            helper.make_node("DequantizeLinear", ["mq", "s2", "z"], ["yf"])]
+    inits = [
+        numpy_helper.from_array(np.array(0.25, np.float32), "c"),
+        numpy_helper.from_array(np.array(0.025, np.float32), "s2"),
+    ]
+    body = [
+        helper.make_node("Mul", ["xf", "c"], ["m"], name="mul"),
+        helper.make_node("QuantizeLinear", ["m", "s2", "z"], ["mq"]),
+        helper.make_node("DequantizeLinear", ["mq", "s2", "z"], ["yf"]),
+    ]
     model = _qdq_graph(body, ["x"], inits)
     before = _ort(model, X)
     assert rewrite.scaled_passthroughs(model) == 1
@@ -419,7 +457,7 @@ class ScaledQuery(nn.Module):
 
     def forward(self, x):
         q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 16).permute(2, 0, 1, 3)
-        attn = (q * 16 ** -0.5).matmul(k.transpose(-2, -1)).softmax(-1)
+        attn = (q * 16**-0.5).matmul(k.transpose(-2, -1)).softmax(-1)
         return self.proj(attn.matmul(v))
 
 
@@ -434,11 +472,18 @@ def test_a_scaled_query_keeps_integers_between_its_matmuls(tmp_path):
 
 
 # ------------------------------------------------------------------ QAT
-@pytest.mark.parametrize("build,shape", [
-    (lambda: seeded(SamePad), (2, 3, 16, 16)), (lambda: seeded(SwishSE), (2, 3, 12, 12)),
-    (lambda: seeded(ChannelSplit), (2, 3, 8, 8)), (AddmmMLP, (2, 16)), (WeightNormConv, (2, 4, 20)),
-    (ScaledQuery, (2, 6, 16)),
-], ids=["pad", "silu", "split", "addmm", "weight_norm", "scaled_query"])
+@pytest.mark.parametrize(
+    "build,shape",
+    [
+        (lambda: seeded(SamePad), (2, 3, 16, 16)),
+        (lambda: seeded(SwishSE), (2, 3, 12, 12)),
+        (lambda: seeded(ChannelSplit), (2, 3, 8, 8)),
+        (AddmmMLP, (2, 16)),
+        (WeightNormConv, (2, 4, 20)),
+        (ScaledQuery, (2, 6, 16)),
+    ],
+    ids=["pad", "silu", "split", "addmm", "weight_norm", "scaled_query"],
+)
 @pytest.mark.slow
 def test_qat_fake_quantizes_the_new_patterns_and_converts_to_the_trained_model(build, shape):
     g = torch.Generator().manual_seed(0)

@@ -18,15 +18,22 @@ PACKAGE = ROOT / "quantcli"
 
 # What the schema may import: errors, file references and the torch-free name registries beside their owners.
 SCHEMA_IMPORTS = {
-    "quantcli.errors", "quantcli.references",
-    "quantcli.loading.kinds", "quantcli.loading.dtypes",  # data kinds by file name; input dtypes by name
-    "quantcli.quantizers.names", "quantcli.sources.names", "quantcli.numerics.names", "quantcli.training.names",
+    "quantcli.errors",
+    "quantcli.references",
+    "quantcli.loading.kinds",
+    "quantcli.loading.dtypes",  # data kinds by file name; input dtypes by name
+    "quantcli.quantizers.names",
+    "quantcli.sources.names",
+    "quantcli.numerics.names",
+    "quantcli.training.names",
 }
 
 
 def _modules() -> dict[str, Path]:
-    return {".".join(("quantcli", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
-            for p in PACKAGE.rglob("*.py")}
+    return {
+        ".".join(("quantcli", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
 
 
 def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
@@ -101,7 +108,9 @@ def test_the_schema_imports_only_errors_references_and_name_registries():
 
 
 def test_importing_the_schema_imports_no_numpy_or_torch():
-    probe = ("import json, sys; import quantcli.recipe; "
-             "print(json.dumps(sorted(m for m in ('numpy', 'torch', 'torchao', 'onnx') if m in sys.modules)))")
+    probe = (
+        "import json, sys; import quantcli.recipe; "
+        "print(json.dumps(sorted(m for m in ('numpy', 'torch', 'torchao', 'onnx') if m in sys.modules)))"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert json.loads(proc.stdout) == [], proc.stderr

@@ -33,11 +33,13 @@ def test_the_registry_serves_exactly_the_names_recipes_accept():
 
 
 def test_validation_knows_the_observers_without_importing_torch():
-    code = ("import sys; from quantcli.recipe import QuantizationSection, format_errors\n"
-            "QuantizationSection(observer='entropy', overrides=[{'names': ['a'], 'observer': 'mse'}])\n"
-            "try: QuantizationSection(overrides=[{'names': ['a'], 'observer': 'entorpy'}])\n"
-            "except Exception as e: print(format_errors(e)[0])\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from quantcli.recipe import QuantizationSection, format_errors\n"
+        "QuantizationSection(observer='entropy', overrides=[{'names': ['a'], 'observer': 'mse'}])\n"
+        "try: QuantizationSection(overrides=[{'names': ['a'], 'observer': 'entorpy'}])\n"
+        "except Exception as e: print(format_errors(e)[0])\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.splitlines() == [
         "overrides.0.observer: unknown observer 'entorpy'; did you mean 'entropy'?; "
@@ -88,10 +90,13 @@ def half_laplace(g: torch.Generator) -> torch.Tensor:
     return torch.empty(100_000).exponential_(1.0, generator=g)  # |Laplace(0, 1)|: a ReLU output's non-zero part
 
 
-@pytest.mark.parametrize("make,mse_bound,hi_tolerance", [
-    (gaussian_with_outliers, 1.15, 0.05),
-    (half_laplace, 1.05, 0.10),
-])
+@pytest.mark.parametrize(
+    "make,mse_bound,hi_tolerance",
+    [
+        (gaussian_with_outliers, 1.15, 0.05),
+        (half_laplace, 1.05, 0.10),
+    ],
+)
 @pytest.mark.slow
 def test_mse_observer_range_is_near_the_brute_force_optimum(make, mse_bound, hi_tolerance):
     """HistogramObserver (`mse`) searches its histogram greedily, one end at a time, and stops at the
@@ -118,7 +123,7 @@ def laplace_batches(outliers: dict[int, list[float]]) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     batches = [rng.laplace(0, 1, 16_384).astype(np.float32) for _ in range(8)]
     for k, values in outliers.items():
-        batches[k][:len(values)] = values
+        batches[k][: len(values)] = values
     return batches
 
 
@@ -128,9 +133,12 @@ def ort_entropy_ranges(batches: list[np.ndarray], folder) -> dict[str, tuple[flo
     from onnx import TensorProto, helper
     from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
 
-    graph = helper.make_graph([helper.make_node("Relu", ["z"], ["r"])], "relu",
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n"])],
-                              [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["n"])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["z"], ["r"])],
+        "relu",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["n"])],
+    )
     path = folder / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
@@ -141,9 +149,13 @@ def ort_entropy_ranges(batches: list[np.ndarray], folder) -> dict[str, tuple[flo
         def get_next(self):
             return {"z": b} if (b := next(self.rest, None)) is not None else None
 
-    calibrator = create_calibrator(str(path), ["Relu"], augmented_model_path=str(folder / "augmented.onnx"),
-                                   calibrate_method=CalibrationMethod.Entropy,
-                                   extra_options={"num_bins": BINS, "num_quantized_bins": LEVELS})
+    calibrator = create_calibrator(
+        str(path),
+        ["Relu"],
+        augmented_model_path=str(folder / "augmented.onnx"),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"num_bins": BINS, "num_quantized_bins": LEVELS},
+    )
     calibrator.collect_data(Reader())
     data = calibrator.compute_data()
     return {name: tuple(float(v) for v in data[name].range_value) for name in ("z", "r")}

@@ -18,9 +18,9 @@ from onnx import numpy_helper
 
 from quantcli import _torch, artifacts, quantizers
 from quantcli.loading.inputs import example_batch
+from quantcli.numerics import parity
 from quantcli.onnx import runtime
 from quantcli.recipe import QuantizationSection, Recipe
-from quantcli.numerics import parity
 from quantcli.stages.export import outputs
 from tests.models import MODELS
 from tests.test_quantizer import _saturating_u8s8, leaves, model_data, prepare
@@ -78,13 +78,20 @@ def _digits_check(work, tmp_path, edit=None) -> dict:
 
 def _scale_by(factor: float, index: int = 3):
     """Multiply the scale of the index-th activation DequantizeLinear (and only that node's) by `factor`."""
+
     def edit(model):
         inits = {i.name: i for i in model.graph.initializer}
-        node = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in inits
-                and numpy_helper.to_array(inits[n.input[1]]).ndim == 0][index]
+        node = [
+            n
+            for n in model.graph.node
+            if n.op_type == "DequantizeLinear"
+            and n.input[1] in inits
+            and numpy_helper.to_array(inits[n.input[1]]).ndim == 0
+        ][index]
         scale = numpy_helper.to_array(inits[node.input[1]]) * np.float32(factor)
         model.graph.initializer.append(numpy_helper.from_array(scale, f"{node.name}_corrupted_scale"))
         node.input[1] = f"{node.name}_corrupted_scale"  # a scale Q and DQ share would stay consistent
+
     return edit
 
 
@@ -100,8 +107,11 @@ def test_the_exported_model_passes_and_a_harmless_edit_does_too(work, tmp_path):
     assert _digits_check(work, tmp_path, _scale_by(1 + 1e-6))["passed"]
 
 
-@pytest.mark.parametrize("edit", [_scale_by(2.0), _scale_by(0.5, index=5), _add_becomes_sub],
-                         ids=["scale_x2", "scale_half", "add_exported_as_sub"])
+@pytest.mark.parametrize(
+    "edit",
+    [_scale_by(2.0), _scale_by(0.5, index=5), _add_becomes_sub],
+    ids=["scale_x2", "scale_half", "add_exported_as_sub"],
+)
 def test_a_planted_defect_in_the_onnx_file_fails(work, tmp_path, edit):
     check = _digits_check(work, tmp_path, edit)
     assert not check["passed"] and check["excess_db"] > DEFAULT_EXCESS, check

@@ -14,8 +14,8 @@ def _ort_vs_fp32_db(converted, onnx_path, batch: np.ndarray) -> float:
     import torch
 
     from quantcli import _torch
-    from quantcli.onnx import runtime
     from quantcli.numerics.parity import sqnr_db
+    from quantcli.onnx import runtime
 
     with torch.no_grad():
         fp32 = _torch.load_program(converted / "float.pt2").module()(torch.from_numpy(batch)).numpy()
@@ -32,8 +32,11 @@ def test_parity_is_measured_on_the_evaluation_data_not_the_calibration_data(work
 
 
 def test_without_evaluation_parity_takes_the_first_batch_calibration_did_not_read(tmp_path):
-    recipe = digits_recipe(tmp_path, evaluation=None, calibration={
-        "data": str(DIGITS / "digits.npz"), "keys": {"x": "calib_x"}, "batch_size": 32, "num_batches": 2})
+    recipe = digits_recipe(
+        tmp_path,
+        evaluation=None,
+        calibration={"data": str(DIGITS / "digits.npz"), "keys": {"x": "calib_x"}, "batch_size": 32, "num_batches": 2},
+    )
     run = cli("run", "--recipe", recipe, "-o", tmp_path / "w")
     assert run.rc == 0, run.stderr
     report = json.loads((tmp_path / "w" / "model.report.json").read_text())

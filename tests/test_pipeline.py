@@ -86,8 +86,9 @@ def test_calibrated_artifact_restores_bit_identically_in_a_new_process(tmp_path)
     outputs = {}
     for stage in ("prepared", "calibrated"):
         out = tmp_path / f"{stage}.npy"
-        subprocess.run([sys.executable, "-c", RESTORE, str(w / stage), str(tmp_path / "x.npy"), str(out)],
-                       check=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-c", RESTORE, str(w / stage), str(tmp_path / "x.npy"), str(out)], check=True, cwd=ROOT
+        )
         outputs[stage] = np.load(out)
     import torch
 
@@ -114,7 +115,8 @@ def test_npy_folder_and_factory_data_sources(tmp_path):
     (tmp_path / "factory.py").write_text(
         "import numpy as np\n"
         f"def batches():\n    x = np.load({str(tmp_path / 'npy' / 'x.npy')!r})\n"
-        "    for i in range(0, 12, 4):\n        yield {'x': x[i:i + 4]}\n")
+        "    for i in range(0, 12, 4):\n        yield {'x': x[i:i + 4]}\n"
+    )
     folder = stages.calibrate.run(w / "prepared", w / "from_npy", data=str(tmp_path / "npy"))
     factory = stages.calibrate.run(w / "prepared", w / "from_factory", data=f"{tmp_path / 'factory.py'}:batches")
     assert folder.manifest["batches"] == 2 and factory.manifest["batches"] == 3  # batch_size 8 vs factory's 4

@@ -26,8 +26,11 @@ from tests.conftest import assert_fails, cli, cli_env, leftovers, quantcli, sess
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits"
-BN_OPS = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
-          torch.ops.aten._native_batch_norm_legit_no_training.default}
+BN_OPS = {
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+}
 
 
 # ------------------------------------------------------------------ shared work
@@ -62,9 +65,19 @@ def training_recipe(folder: Path, data: Path, **training: object) -> Path:
     recipe["model"]["factory"] = f"{DIGITS / 'model.py'}:build"
     for section in ("calibration", "evaluation"):
         recipe[section]["data"] = str(DIGITS / "digits.npz")
-    recipe["training"] = {"data": str(data), "keys": {"x": "x"}, "targets": "y", "batch_size": 32, "epochs": 2,
-                          "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}, "freeze_bn_after": 0.5,
-                          "freeze_observers_after": 0.75, "checkpoint_every": 4, "seed": 3, **training}
+    recipe["training"] = {
+        "data": str(data),
+        "keys": {"x": "x"},
+        "targets": "y",
+        "batch_size": 32,
+        "epochs": 2,
+        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+        "freeze_bn_after": 0.5,
+        "freeze_observers_after": 0.75,
+        "checkpoint_every": 4,
+        "seed": 3,
+        **training,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "qat.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -91,8 +104,13 @@ def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def bn_training_flags(module) -> list[bool]:
-    return [n.args[5] for n in module.graph.nodes if n.op == "call_function" and n.target in BN_OPS
-            and n.target is not torch.ops.aten._native_batch_norm_legit_no_training.default]
+    return [
+        n.args[5]
+        for n in module.graph.nodes
+        if n.op == "call_function"
+        and n.target in BN_OPS
+        and n.target is not torch.ops.aten._native_batch_norm_legit_no_training.default
+    ]
 
 
 def open_stage(path: Path):
@@ -109,8 +127,15 @@ def test_digits_qat_keeps_fp32_accuracy_and_is_no_worse_than_ptq(qat_work, work)
     assert ev["int8_onnx"] >= ptq["int8_onnx"]
     assert ev["int8_onnx"] >= ev["fp32_torch"] - 0.005
     assert qat["parity"]["passed"]  # ORT matches the converted module
-    assert sorted(p.name for p in qat_work.iterdir()) == ["calibrated", "captured", "converted", "model.onnx",
-                                                          "model.report.json", "prepared", "trained"]
+    assert sorted(p.name for p in qat_work.iterdir()) == [
+        "calibrated",
+        "captured",
+        "converted",
+        "model.onnx",
+        "model.report.json",
+        "prepared",
+        "trained",
+    ]
     ops = {n.op_type for n in onnx.load(str(qat_work / "model.onnx")).graph.node}
     assert "QuantizeLinear" in ops and "Conv" in ops
     assert not {op for op in ops if "BatchNorm" in op or "FakeQuant" in op}
@@ -205,8 +230,12 @@ with torch.no_grad():
 def test_trained_artifact_reloads_bit_identically_in_a_new_process(qat_work, tmp_path):
     x, _ = digits_test_split()
     np.save(tmp_path / "x.npy", x.numpy())
-    subprocess.run([sys.executable, "-c", RELOAD, str(qat_work / "trained"), str(tmp_path / "x.npy"),
-                    str(tmp_path / "y.npy")], check=True, cwd=ROOT, env=cli_env())
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(qat_work / "trained"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        check=True,
+        cwd=ROOT,
+        env=cli_env(),
+    )
     with torch.no_grad():
         here = training.load(qat_work / "trained")(x).numpy()
     assert np.array_equal(here, np.load(tmp_path / "y.npy"))
@@ -247,8 +276,8 @@ def test_own_loop_saves_a_trained_artifact_that_converts_to_the_same_model(qat_w
     model = training.load(qat_work / "calibrated").train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     for start in range(0, 96, 32):
-        x = torch.from_numpy(digits["train_x"][start:start + 32])
-        loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(digits["train_y"][start:start + 32]))
+        x = torch.from_numpy(digits["train_x"][start : start + 32])
+        loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(digits["train_y"][start : start + 32]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -385,8 +414,13 @@ BAD = {  # training: update -> error class, CLI exit code, message fragment, als
     "missing targets array": ({"targets": "labels"}, DataError, 3, "no array 'labels'", False),
     "unknown loss": ({"loss": "hinge"}, RecipeError, 2, "unknown loss 'hinge'", True),
     "targets of the wrong shape": ({"loss": "mse"}, DataError, 3, "mse needs the output's shape [32, 10]", True),
-    "float targets of another shape": ({"targets": "x"}, DataError, 3, "cross_entropy needs probabilities of shape",
-                                       False),
+    "float targets of another shape": (
+        {"targets": "x"},
+        DataError,
+        3,
+        "cross_entropy needs probabilities of shape",
+        False,
+    ),
     "class index out of range": ({"targets": "y_plus_10"}, DataError, 3, "class indices in [0, 10)", False),
 }
 

@@ -70,8 +70,9 @@ class Quantized:
     report: dict
 
 
-def quantize(model, calib: list[dict], test: dict, folder: Path, q: QuantizationSection | None = None,
-             to_onnx: bool = True) -> Quantized:
+def quantize(
+    model, calib: list[dict], test: dict, folder: Path, q: QuantizationSection | None = None, to_onnx: bool = True
+) -> Quantized:
     import onnx
     import onnxruntime as ort
 
@@ -88,8 +89,9 @@ def quantize(model, calib: list[dict], test: dict, folder: Path, q: Quantization
         return Quantized(prepared, observed, converted, fp, int8, [], {})
     program, _ = capture(converted, calib[0])
     path = folder / "model.onnx"
-    torch.onnx.export(program, (), dynamo=True, external_data=False, verbose=False,
-                      input_names=list(test)).save(str(path))
+    torch.onnx.export(program, (), dynamo=True, external_data=False, verbose=False, input_names=list(test)).save(
+        str(path)
+    )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -101,8 +103,11 @@ def quantize(model, calib: list[dict], test: dict, folder: Path, q: Quantization
 
 def observed_nodes(prepared) -> list:
     """The graph nodes whose value an observer or fake quantizer sees."""
-    return [n.args[0] for n in prepared.graph.nodes
-            if n.op == "call_module" and n.target.startswith("activation_post_process_")]
+    return [
+        n.args[0]
+        for n in prepared.graph.nodes
+        if n.op == "call_module" and n.target.startswith("activation_post_process_")
+    ]
 
 
 def model_data(name: str, batches: int = 4, batch: int = 16):
@@ -118,8 +123,11 @@ def model_data(name: str, batches: int = 4, batch: int = 16):
 def test_hf_bert_mask_path_has_no_observers():
     calib, _ = model_data("hf_bert", batches=1)
     prepared = prepare(MODELS["hf_bert"][0](), calib[0], section())
-    integer = {n for n in prepared.graph.nodes if n.op == "call_function"
-               and hasattr(n.meta.get("val"), "dtype") and not n.meta["val"].dtype.is_floating_point}
+    integer = {
+        n
+        for n in prepared.graph.nodes
+        if n.op == "call_function" and hasattr(n.meta.get("val"), "dtype") and not n.meta["val"].dtype.is_floating_point
+    }
     assert any(n.meta["val"].dtype == torch.bool for n in integer)  # the mask really is in the graph
     assert not any(u.op == "call_module" for n in integer for u in n.users)
     with torch.no_grad():
@@ -136,8 +144,11 @@ def test_weights_are_int8_symmetric_per_channel_and_7bit_with_reduce_range(tmp_p
         quantize(MODELS["two_io"][0](), calib, test, tmp_path, section(reduce_range=reduce_range))
         model = onnx.load(str(tmp_path / "model.onnx"))
         inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
-                   and n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
+        weights = [
+            n
+            for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8
+        ]
         assert len(weights) == 5  # two convs, three linears
         for node in weights:
             values, zero = inits[node.input[0]], inits[node.input[2]]
@@ -148,8 +159,10 @@ def test_weights_are_int8_symmetric_per_channel_and_7bit_with_reduce_range(tmp_p
 
 # ------------------------------------------------------------------ registry, CPU, config
 def test_import_does_not_load_torch():
-    code = ("import sys, quantcli.quantizers as q; from quantcli.recipe import QuantizationSection; "
-            "q.resolve(QuantizationSection()); print('torch' in sys.modules)")
+    code = (
+        "import sys, quantcli.quantizers as q; from quantcli.recipe import QuantizationSection; "
+        "q.resolve(QuantizationSection()); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
 
@@ -159,13 +172,16 @@ def test_build_refuses_an_unresolved_section():
         quantizers.build(QuantizationSection(), qat=False)
 
 
-@pytest.mark.parametrize("machine,flags,name,saturates", [
-    ("x86_64", "fpu sse avx avx2 fma", "avx2", True),
-    ("x86_64", "avx avx2 avx512f avx512bw", "avx512", True),
-    ("x86_64", "avx avx2 avx512f avx512_vnni", "vnni", False),
-    ("x86_64", "avx avx2 avx_vnni", "vnni", False),
-    ("aarch64", "fp asimd asimddp", "arm64", False),
-])
+@pytest.mark.parametrize(
+    "machine,flags,name,saturates",
+    [
+        ("x86_64", "fpu sse avx avx2 fma", "avx2", True),
+        ("x86_64", "avx avx2 avx512f avx512bw", "avx512", True),
+        ("x86_64", "avx avx2 avx512f avx512_vnni", "vnni", False),
+        ("x86_64", "avx avx2 avx_vnni", "vnni", False),
+        ("aarch64", "fp asimd asimddp", "arm64", False),
+    ],
+)
 def test_cpu_classes(machine, flags, name, saturates):
     text = f"processor\t: 0\nflags\t\t: {flags}\n" if machine == "x86_64" else f"Features\t: {flags}\n"
     assert classify(machine, cpu_flags(text)) == name
@@ -278,24 +294,35 @@ def test_exclude_types_uses_module_classes():
         types = [t for _, t in node.meta["nn_module_stack"].values()]
         in_attention = any(str(t).endswith("SelfAttention") for t in types)
         assert (node.args[1].op == "call_module") is not in_attention
-    assert not [n for n in prepared.graph.nodes if n.target == torch.ops.aten.matmul.default
-                and n.args[0].op == "call_module"]
+    assert not [
+        n for n in prepared.graph.nodes if n.target == torch.ops.aten.matmul.default and n.args[0].op == "call_module"
+    ]
 
 
 def test_overrides_merge_field_by_field_the_last_setting_a_field_wins():
     from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
 
     calib, _ = model_data("mlp", batches=1)
-    q = section(reduce_range=False, overrides=[
-        {"names": ["fc*"], "reduce_range": True},
-        {"names": ["fc2"], "reduce_range": False, "weights": {"granularity": "per_tensor"},
-         "activations": {"dtype": "int8", "symmetric": True}},
-        {"names": ["fc3"], "exclude": True},
-        {"names": ["fc1", "fc2", "fc3"], "observer": "minmax"},  # appended: changes the observer only
-    ])
+    q = section(
+        reduce_range=False,
+        overrides=[
+            {"names": ["fc*"], "reduce_range": True},
+            {
+                "names": ["fc2"],
+                "reduce_range": False,
+                "weights": {"granularity": "per_tensor"},
+                "activations": {"dtype": "int8", "symmetric": True},
+            },
+            {"names": ["fc3"], "exclude": True},
+            {"names": ["fc1", "fc2", "fc3"], "observer": "minmax"},  # appended: changes the observer only
+        ],
+    )
     prepared = prepare(MODELS["mlp"][0](), calib[0], q)
-    fc = {n.meta["nn_module_stack"][next(reversed(n.meta["nn_module_stack"]))][0]: n
-          for n in prepared.graph.nodes if n.target == torch.ops.aten.linear.default}
+    fc = {
+        n.meta["nn_module_stack"][next(reversed(n.meta["nn_module_stack"]))][0]: n
+        for n in prepared.graph.nodes
+        if n.target == torch.ops.aten.linear.default
+    }
     w1 = prepared.get_submodule(fc["fc1"].args[1].target)
     w2 = prepared.get_submodule(fc["fc2"].args[1].target)
     x2 = prepared.get_submodule(fc["fc2"].args[0].target)
@@ -305,11 +332,18 @@ def test_overrides_merge_field_by_field_the_last_setting_a_field_wins():
     assert fc["fc3"].args[0].op != "call_module" and fc["fc3"].args[1].op == "get_attr"
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("exclude_names", ["layer3.*"], "quantization.exclude_names[0] 'layer3.*'"),
-    ("exclude_types", ["Linear", "Conv2D"], "quantization.exclude_types[1] 'Conv2D' (did you mean 'Conv2d'?)"),
-    ("overrides", [{"names": ["fc", "stemm"]}], "quantization.overrides[0].names[1] 'stemm' (did you mean 'stem'?)"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("exclude_names", ["layer3.*"], "quantization.exclude_names[0] 'layer3.*'"),
+        ("exclude_types", ["Linear", "Conv2D"], "quantization.exclude_types[1] 'Conv2D' (did you mean 'Conv2d'?)"),
+        (
+            "overrides",
+            [{"names": ["fc", "stemm"]}],
+            "quantization.overrides[0].names[1] 'stemm' (did you mean 'stem'?)",
+        ),
+    ],
+)
 def test_a_glob_matching_nothing_is_an_error(key, value, message):
     calib, _ = model_data("resnet", batches=1, batch=2)
     with pytest.raises(RecipeError) as err:
@@ -382,10 +416,15 @@ class _Attention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
 
 
-@pytest.mark.parametrize("kw,written", [
-    ({"is_causal": True}, True), ({"masked": True, "scale": 0.3}, True),
-    ({"masked": True, "bool_mask": True}, True), ({"dropout_p": 0.1}, False),
-])
+@pytest.mark.parametrize(
+    "kw,written",
+    [
+        ({"is_causal": True}, True),
+        ({"masked": True, "scale": 0.3}, True),
+        ({"masked": True, "bool_mask": True}, True),
+        ({"dropout_p": 0.1}, False),
+    ],
+)
 def test_sdpa_forms(kw, written):
     from quantcli.quantizers.attention import decompose_sdpa
 

@@ -31,17 +31,24 @@ def _corrupt_range(calibrated: Path, module: str, factor: float) -> None:
 
     art = artifacts.open_artifact(calibrated, ("calibrated",), "test")
     prepared = restore_prepared(art)
-    observers = [n.target for n in prepared.graph.nodes if n.op == "call_module" and n.target.startswith("activation_")
-                 and n.args[0].op == "call_function"
-                 and [v[0] for v in n.args[0].meta["nn_module_stack"].values()][-1] == module]
+    observers = [
+        n.target
+        for n in prepared.graph.nodes
+        if n.op == "call_module"
+        and n.target.startswith("activation_")
+        and n.args[0].op == "call_function"
+        and [v[0] for v in n.args[0].meta["nn_module_stack"].values()][-1] == module
+    ]
     assert len(observers) == 1, observers
     state = torch.load(calibrated / artifacts.STATE, weights_only=True)
     for key in ("min_val", "max_val"):
         state[f"{observers[0]}.{key}"] *= factor
     torch.save(state, calibrated / artifacts.STATE)
     manifest = json.loads((calibrated / artifacts.MANIFEST).read_text())
-    manifest["files"][artifacts.STATE] = {"sha256": artifacts.sha256_file(calibrated / artifacts.STATE),
-                                          "size": (calibrated / artifacts.STATE).stat().st_size}
+    manifest["files"][artifacts.STATE] = {
+        "sha256": artifacts.sha256_file(calibrated / artifacts.STATE),
+        "size": (calibrated / artifacts.STATE).stat().st_size,
+    }
     (calibrated / artifacts.MANIFEST).write_bytes(artifacts.canonical(manifest))
 
 
@@ -102,7 +109,12 @@ def test_json_keys_and_ort_taps_on_a_transformer(chained):
     assert doc["model"]["saved_vs_copy_db"] == 200.0
     out = doc["model"]["outputs"]
     assert set(out) == {"output_0"} and set(out["output_0"]) == {
-        "int8_vs_fp32_db", "max_abs_error", "ort_vs_fp32_db", "ort_vs_int8_db", "ort_max_abs_error"}
+        "int8_vs_fp32_db",
+        "max_abs_error",
+        "ort_vs_fp32_db",
+        "ort_vs_int8_db",
+        "ort_max_abs_error",
+    }
     assert 20 < out["output_0"]["int8_vs_fp32_db"] < 80
     assert doc["sizes"]["int8_onnx"] == (w / "model.onnx").stat().st_size
 
@@ -142,10 +154,12 @@ def test_plot_is_a_png_of_the_json_series(chained, tmp_path):
     depth = [float(d["depth"]) for d in doc["layers"]]
     torch_panel = drawn["panels"]["PyTorch int8 vs fp32"]
     ort_panel = drawn["panels"]["ONNX Runtime (full optimizations)"]
-    for panel, label, key in [(torch_panel, "local (fp32 input)", "local_db"),
-                              (torch_panel, "accumulated (int8 input)", "accumulated_db"),
-                              (ort_panel, "ORT vs fp32", "ort_vs_fp32_db"),
-                              (ort_panel, "ORT vs PyTorch int8", "ort_vs_int8_db")]:
+    for panel, label, key in [
+        (torch_panel, "local (fp32 input)", "local_db"),
+        (torch_panel, "accumulated (int8 input)", "accumulated_db"),
+        (ort_panel, "ORT vs fp32", "ort_vs_fp32_db"),
+        (ort_panel, "ORT vs PyTorch int8", "ort_vs_int8_db"),
+    ]:
         x, y = panel["lines"][label]
         expected = [np.nan if d[key] is None else min(d[key], 120.0) for d in doc["layers"]]
         assert x == depth and len(doc["layers"]) >= 3

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from quantcli import artifacts
-
 from tests.conftest import DIGITS, assert_fails, cli, digits_recipe, snapshot
 
 
@@ -95,8 +94,11 @@ def test_an_export_interrupted_between_its_two_renames_is_redone(copy_work, monk
 
 def test_export_never_overwrites_a_users_report_file(work, tmp_path):
     (tmp_path / "model.report.json").write_text("my notes\n")
-    assert_fails(cli("export", work / "converted", "-o", tmp_path / "model.onnx", "--force"), 4,
-                 f"{tmp_path / 'model.report.json'} exists and was not written by quantcli export")
+    assert_fails(
+        cli("export", work / "converted", "-o", tmp_path / "model.onnx", "--force"),
+        4,
+        f"{tmp_path / 'model.report.json'} exists and was not written by quantcli export",
+    )
     assert (tmp_path / "model.report.json").read_text() == "my notes\n"
     assert not (tmp_path / "model.onnx").exists()
 
@@ -106,8 +108,9 @@ def test_an_unreadable_model_beside_its_report_is_replaced_only_with_force(copy_
     w = copy_work("converted", "model.onnx", "model.report.json")
     (w / "model.onnx").write_bytes(b"\x00truncated")
     args = ["export", w / "converted", "-o", w / "model.onnx"]
-    assert_fails(cli(*args), 4, f"{w / 'model.onnx'} exists and is a corrupt quantcli model",
-                 "pass --force to replace it")
+    assert_fails(
+        cli(*args), 4, f"{w / 'model.onnx'} exists and is a corrupt quantcli model", "pass --force to replace it"
+    )
     assert cli(*args, "--force").rc == 0
 
 
@@ -135,8 +138,12 @@ def test_a_change_in_a_module_the_factory_imports_is_never_reused(tmp_path):
     netdef = tmp_path / "proj" / "netdef.py"
     netdef.write_text(netdef.read_text().replace("nn.ReLU(inplace=False)", "nn.ReLU6(inplace=False)", 1))
     before = snapshot(work)
-    assert_fails(cli("run", "--recipe", recipe, "-o", work), 4, f"{work / 'captured'} exists and was made from "
-                 "other inputs or options: model source netdef.py changed (pass --force to replace it)")
+    assert_fails(
+        cli("run", "--recipe", recipe, "-o", work),
+        4,
+        f"{work / 'captured'} exists and was made from "
+        "other inputs or options: model source netdef.py changed (pass --force to replace it)",
+    )
     assert snapshot(work) == before
     again = cli("run", "--recipe", recipe, "-o", work, "--force")
     assert again.rc == 0, again.stderr
@@ -144,8 +151,10 @@ def test_a_change_in_a_module_the_factory_imports_is_never_reused(tmp_path):
     assert "(model source netdef.py changed)" in again.stderr
     ops = {node.op_type for node in onnx.load(str(work / "model.onnx")).graph.node}
     assert "Clip" in ops  # ReLU6: the new architecture was exported, not the old one
-    assert json.loads((work / "captured" / "manifest.json").read_text())["data"]["model source netdef.py"] == \
-        hashlib.sha256(netdef.read_bytes()).hexdigest()
+    assert (
+        json.loads((work / "captured" / "manifest.json").read_text())["data"]["model source netdef.py"]
+        == hashlib.sha256(netdef.read_bytes()).hexdigest()
+    )
 
 
 def test_a_library_version_keys_the_stage_and_is_named_when_it_is_redone(copy_work, monkeypatch):
@@ -207,17 +216,26 @@ def test_a_package_module_factory_is_keyed_by_its_projects_files(tmp_path, monke
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "layers.py").write_text("from torch import nn\n\nACT = nn.ReLU\n")
-    (package / "net.py").write_text("from torch import nn\n\nfrom netpkg_keyed.layers import ACT\n\n\n"
-                                    "def build():\n    return nn.Sequential(nn.Linear(4, 3), ACT())\n")
+    (package / "net.py").write_text(
+        "from torch import nn\n\nfrom netpkg_keyed.layers import ACT\n\n\n"
+        "def build():\n    return nn.Sequential(nn.Linear(4, 3), ACT())\n"
+    )
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"factory": "netpkg_keyed.net:build"},
-                                      "inputs": [{"name": "x", "shape": [2, 4]}]}))
+    recipe.write_text(
+        yaml.safe_dump({"model": {"factory": "netpkg_keyed.net:build"}, "inputs": [{"name": "x", "shape": [2, 4]}]})
+    )
     monkeypatch.chdir(tmp_path)
     run = cli("capture", "--recipe", recipe, "-o", tmp_path / "captured", "--json")
     assert run.rc == 0, run.stderr
     data = run.json()["manifest"]["data"]
-    assert set(data) == {"model source netpkg_keyed/__init__.py", "model source netpkg_keyed/layers.py",
-                         "model source netpkg_keyed/net.py"}
+    assert set(data) == {
+        "model source netpkg_keyed/__init__.py",
+        "model source netpkg_keyed/layers.py",
+        "model source netpkg_keyed/net.py",
+    }
     (package / "layers.py").write_text("from torch import nn\n\nACT = nn.ReLU6\n")
-    assert_fails(cli("capture", "--recipe", recipe, "-o", tmp_path / "captured"), 4,
-                 "model source netpkg_keyed/layers.py changed")
+    assert_fails(
+        cli("capture", "--recipe", recipe, "-o", tmp_path / "captured"),
+        4,
+        "model source netpkg_keyed/layers.py changed",
+    )

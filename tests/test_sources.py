@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import pytest
 
-from quantcli import recipe as recipes, stages
+from quantcli import recipe as recipes
+from quantcli import stages
 from quantcli.errors import ArtifactError, DataError
 from quantcli.numerics.metrics import METRICS, fits
 from quantcli.sources.build import BUILDERS
@@ -38,8 +38,10 @@ def capture(tmp_path, hf, model, data="text/sentences.txt", **calibration):
     """Capture in this process; (the captured manifest, the loaded program)."""
     from quantcli import _torch
 
-    recipe = {"model": {k: str(hf / v) if k == "huggingface" else v for k, v in model.items()},
-              "calibration": {"data": str(hf / data), "batch_size": 4, **calibration}}
+    recipe = {
+        "model": {k: str(hf / v) if k == "huggingface" else v for k, v in model.items()},
+        "calibration": {"data": str(hf / data), "batch_size": 4, **calibration},
+    }
     result = stages.capture.run(byo.write_recipe(tmp_path, recipe), tmp_path / "captured")
     return result.manifest, _torch.load_program(tmp_path / "captured" / "program.pt2")
 
@@ -48,8 +50,10 @@ def tokenized(folder, texts, length=16):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return {k: v for k, v in tok(texts, padding="max_length", max_length=length, truncation=True,
-                                 return_tensors="pt").items()}
+    return {
+        k: v
+        for k, v in tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").items()
+    }
 
 
 def run_program(program, manifest, enc):
@@ -68,7 +72,8 @@ def test_sentence_transformers_folder_pooling_and_recorded_inputs(tmp_path, hf, 
     assert "mean pooling over the attention mask, L2-normalized (modules.json and 1_Pooling/config.json)" in caplog.text
     inputs = manifest["recipe"]["inputs"]
     assert [(i["name"], i["dtype"], i["shape"], i["dynamic_axes"]) for i in inputs] == [
-        (n, "int64", [1, 16], {"0": "batch", "1": "seq"}) for n in ("input_ids", "token_type_ids", "attention_mask")]
+        (n, "int64", [1, 16], {"0": "batch", "1": "seq"}) for n in ("input_ids", "token_type_ids", "attention_mask")
+    ]
     assert manifest["io"]["outputs"] == ["sentence_embedding"]
     # the pooling, written out from the transformers model: mean over the mask, then L2 normalization
     enc = tokenized(hf / "st", ["a truly great meal", "the film"], 12)  # another length: seq is dynamic
@@ -94,8 +99,12 @@ def test_cls_pooling_from_the_recipe(tmp_path, hf):
     import torch
     from transformers import BertModel
 
-    manifest, program = capture(tmp_path, hf, {"huggingface": "st", "task": "feature-extraction", "pooling": "cls",
-                                               "normalize": False}, max_length=16)
+    manifest, program = capture(
+        tmp_path,
+        hf,
+        {"huggingface": "st", "task": "feature-extraction", "pooling": "cls", "normalize": False},
+        max_length=16,
+    )
     enc = tokenized(hf / "st", ["an excellent album", "the book was not bad"])
     with torch.no_grad():
         expected = BertModel.from_pretrained(hf / "st").eval()(**enc).last_hidden_state[:, 0]
@@ -133,8 +142,9 @@ def test_decoder_logits_without_cache_and_pad_token_note(tmp_path, hf, caplog):
 
 
 def test_decoder_last_hidden_state(tmp_path, hf):
-    manifest, program = capture(tmp_path, hf, {"huggingface": "gpt2", "task": "feature-extraction", "pooling": "none"},
-                                max_length=16)
+    manifest, program = capture(
+        tmp_path, hf, {"huggingface": "gpt2", "task": "feature-extraction", "pooling": "none"}, max_length=16
+    )
     assert manifest["io"]["outputs"] == ["last_hidden_state"]
     out = [n for n in program.graph.nodes if n.op == "output"][0].args[0][0].meta["val"]
     assert out.shape[-1] == 64 and len(out.shape) == 3
@@ -142,24 +152,32 @@ def test_decoder_last_hidden_state(tmp_path, hf):
 
 def test_image_classifier_inputs_from_the_processor(tmp_path, hf):
     manifest, _ = capture(tmp_path, hf, {"huggingface": "resnet", "task": "image-classification"}, data="images")
-    assert manifest["recipe"]["inputs"] == [{"name": "pixel_values", "shape": [1, 3, 64, 64], "dtype": "float32",
-                                             "dynamic_axes": {"0": "batch"}}]
+    assert manifest["recipe"]["inputs"] == [
+        {"name": "pixel_values", "shape": [1, 3, 64, 64], "dtype": "float32", "dynamic_axes": {"0": "batch"}}
+    ]
     assert manifest["io"]["outputs"] == ["logits"]
 
 
 def test_explicit_inputs_win(tmp_path, hf):
-    inputs = [{"name": "input_ids", "shape": [2, 8], "dtype": "int64", "dynamic_axes": {0: "batch"}},
-              {"name": "attention_mask", "shape": [2, 8], "dtype": "int64", "dynamic_axes": {0: "batch"}}]
-    recipe = {"model": {"huggingface": str(hf / "cls"), "task": "text-classification"}, "inputs": inputs,
-              "calibration": {"data": str(hf / "text" / "sentences.txt"), "batch_size": 4, "max_length": 8}}
+    inputs = [
+        {"name": "input_ids", "shape": [2, 8], "dtype": "int64", "dynamic_axes": {0: "batch"}},
+        {"name": "attention_mask", "shape": [2, 8], "dtype": "int64", "dynamic_axes": {0: "batch"}},
+    ]
+    recipe = {
+        "model": {"huggingface": str(hf / "cls"), "task": "text-classification"},
+        "inputs": inputs,
+        "calibration": {"data": str(hf / "text" / "sentences.txt"), "batch_size": 4, "max_length": 8},
+    }
     result = stages.capture.run(byo.write_recipe(tmp_path, recipe), tmp_path / "captured")
     assert [i["name"] for i in result.manifest["recipe"]["inputs"]] == ["input_ids", "attention_mask"]
     assert result.manifest["io"]["inputs"] == ["input_ids", "attention_mask"]
 
 
 def test_later_recipe_without_inputs_means_as_resolved(tmp_path, hf):
-    recipe = {"model": {"huggingface": str(hf / "cls"), "task": "text-classification"},
-              "calibration": {"data": str(hf / "text" / "sentences.txt"), "batch_size": 4, "max_length": 16}}
+    recipe = {
+        "model": {"huggingface": str(hf / "cls"), "task": "text-classification"},
+        "calibration": {"data": str(hf / "text" / "sentences.txt"), "batch_size": 4, "max_length": 16},
+    }
     path = byo.write_recipe(tmp_path, recipe)
     stages.capture.run(path, tmp_path / "captured")
     prepared = stages.prepare.run(tmp_path / "captured", tmp_path / "prepared", recipe_path=path)
@@ -167,8 +185,11 @@ def test_later_recipe_without_inputs_means_as_resolved(tmp_path, hf):
     # the same recipe with explicit, different inputs changes a section fixed at capture
     changed = dict(recipe, inputs=[{"name": "input_ids", "shape": [1, 16], "dtype": "int64"}])
     with pytest.raises(ArtifactError, match="changes inputs"):
-        stages.prepare.run(tmp_path / "captured", tmp_path / "prepared2",
-                           recipe_path=byo.write_recipe(tmp_path, changed, "changed.yaml"))
+        stages.prepare.run(
+            tmp_path / "captured",
+            tmp_path / "prepared2",
+            recipe_path=byo.write_recipe(tmp_path, changed, "changed.yaml"),
+        )
 
 
 @pytest.mark.slow
@@ -177,8 +198,10 @@ def test_model_folder_files_enter_the_capture_key(tmp_path, hf):
 
     folder = tmp_path / "model"
     shutil.copytree(hf / "cls", folder)
-    recipe = {"model": {"huggingface": str(folder), "task": "text-classification"},
-              "calibration": {"data": str(hf / "text" / "sentences.txt"), "batch_size": 4, "max_length": 16}}
+    recipe = {
+        "model": {"huggingface": str(folder), "task": "text-classification"},
+        "calibration": {"data": str(hf / "text" / "sentences.txt"), "batch_size": 4, "max_length": 16},
+    }
     path = byo.write_recipe(tmp_path, recipe)
     first = stages.capture.run(path, tmp_path / "captured")
     assert stages.capture.run(path, tmp_path / "captured").reused
@@ -188,20 +211,28 @@ def test_model_folder_files_enter_the_capture_key(tmp_path, hf):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="other inputs|another key|different"):
         stages.capture.run(path, tmp_path / "captured")
-    assert first.manifest["data"]["model.huggingface"] != stages.capture.run(
-        path, tmp_path / "captured2").manifest["data"]["model.huggingface"]
+    assert (
+        first.manifest["data"]["model.huggingface"]
+        != stages.capture.run(path, tmp_path / "captured2").manifest["data"]["model.huggingface"]
+    )
 
 
 def test_text_data_for_an_image_model_is_a_data_error(tmp_path, hf):
     from quantcli.loading.files import reader
 
-    recipe = recipes.Recipe.model_validate({
-        "model": {"huggingface": str(hf / "resnet"), "task": "image-classification"},
-        "inputs": [{"name": "pixel_values", "shape": [1, 3, 64, 64]}],
-        "calibration": {"data": str(hf / "images" / "cat")}})
+    recipe = recipes.Recipe.model_validate(
+        {
+            "model": {"huggingface": str(hf / "resnet"), "task": "image-classification"},
+            "inputs": [{"name": "pixel_values", "shape": [1, 3, 64, 64]}],
+            "calibration": {"data": str(hf / "images" / "cat")},
+        }
+    )
     assert reader(recipe, "calibration") is not None
-    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"huggingface": str(hf / "cls"),
-                                                                                 "task": "text-classification"})})
+    recipe = recipe.model_copy(
+        update={
+            "model": recipe.model.model_copy(update={"huggingface": str(hf / "cls"), "task": "text-classification"})
+        }
+    )
     with pytest.raises(DataError, match="holds images, but the huggingface model"):
         reader(recipe, "calibration")
 
@@ -214,8 +245,10 @@ def test_missing_task_weights_are_named(hf, caplog):
     with caplog.at_level(logging.WARNING, "quantcli"):
         model = huggingface.load(section)
     assert model.config.num_labels == 3 and not model.training  # kwargs reach from_pretrained
-    assert f"are not in {hf / 'plain'} and were initialized at random for text-classification (classifier.bias" \
+    assert (
+        f"are not in {hf / 'plain'} and were initialized at random for text-classification (classifier.bias"
         in caplog.text
+    )
 
 
 def test_a_model_that_specializes_the_sequence_is_captured_with_it_static(caplog):
@@ -233,12 +266,13 @@ def test_a_model_that_specializes_the_sequence_is_captured_with_it_static(caplog
             self.register_buffer("pos", torch.arange(32).unsqueeze(0))
 
         def forward(self, input_ids):
-            return self.emb(input_ids) + self.pos[:, :input_ids.shape[1]].unsqueeze(-1)
+            return self.emb(input_ids) + self.pos[:, : input_ids.shape[1]].unsqueeze(-1)
 
     spec = {"name": "input_ids", "shape": [1, 16], "dtype": "int64", "dynamic_axes": {0: "batch", 1: "seq"}}
     dynamic = recipes.Recipe.model_validate({"model": {"factory": "m.py:build"}, "inputs": [spec]})
-    static = recipes.Recipe.model_validate({"model": {"factory": "m.py:build"},
-                                            "inputs": [dict(spec, dynamic_axes={0: "batch"})]})
+    static = recipes.Recipe.model_validate(
+        {"model": {"factory": "m.py:build"}, "inputs": [dict(spec, dynamic_axes={0: "batch"})]}
+    )
     with caplog.at_level(logging.WARNING, "quantcli"):
         program, _, used = _capture(Built(Positions().eval(), dynamic, static))
     assert used is static
@@ -262,9 +296,13 @@ def test_first_and_last_token_poolings_follow_the_mask_with_a_left_padding_token
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
     (tmp_path / "sentences.txt").write_text("\n".join(byo.WORDS) + "\n")
-    recipe = byo.write_recipe(tmp_path, {
-        "model": {"huggingface": str(folder), "task": "feature-extraction", "pooling": mode, "normalize": False},
-        "calibration": {"data": str(tmp_path / "sentences.txt"), "batch_size": 4, "max_length": 16}})
+    recipe = byo.write_recipe(
+        tmp_path,
+        {
+            "model": {"huggingface": str(folder), "task": "feature-extraction", "pooling": mode, "normalize": False},
+            "calibration": {"data": str(tmp_path / "sentences.txt"), "batch_size": 4, "max_length": 16},
+        },
+    )
     run = cli("capture", "--recipe", recipe, "-o", tmp_path / "captured")
     assert run.rc == 0, run.stderr
     texts = ["the film", "the book was not bad at all"]

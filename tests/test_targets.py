@@ -9,7 +9,6 @@ import numpy as np
 import yaml
 
 from quantcli.numerics import metrics
-
 from tests.conftest import DIGITS, assert_fails, cli
 
 
@@ -36,14 +35,17 @@ def test_a_column_of_targets_gives_the_true_accuracy_with_one_note(work, shared_
     got = json.loads((tmp_path / "model.report.json").read_text())["evaluation"]
     want = json.loads((work / "model.report.json").read_text())["evaluation"]
     assert 0.5 < want["fp32_torch"] <= 1  # the digits CNN is trained: a real accuracy to compare with
-    assert {k: got[k] for k in ("fp32_torch", "fp32_onnx", "int8_onnx")} == \
-        {k: want[k] for k in ("fp32_torch", "fp32_onnx", "int8_onnx")}
+    assert {k: got[k] for k in ("fp32_torch", "fp32_onnx", "int8_onnx")} == {
+        k: want[k] for k in ("fp32_torch", "fp32_onnx", "int8_onnx")
+    }
 
 
 def test_one_hot_targets_are_an_input_error_in_validate_and_in_every_stage(work, shared_recipe, tmp_path):
     recipe, _ = digits_with_targets(tmp_path, shared_recipe, lambda y: np.eye(10, dtype=np.int64)[y])
-    line = ("evaluation.targets has shape [400, 10]; accuracy needs one class index per sample, shape [N] "
-            "(one-hot or scores? store their argmax)")
+    line = (
+        "evaluation.targets has shape [400, 10]; accuracy needs one class index per sample, shape [N] "
+        "(one-hot or scores? store their argmax)"
+    )
     assert_fails(cli("validate", recipe), 3, line)
     assert_fails(cli("export", work / "converted", "-o", tmp_path / "model.onnx", "--recipe", recipe), 3, line)
     assert not (tmp_path / "model.onnx").exists()
@@ -57,8 +59,11 @@ def test_float_targets_are_an_input_error(work, shared_recipe, tmp_path):
 def test_a_target_beyond_the_models_classes_is_an_input_error(work, shared_recipe, tmp_path):
     recipe, _ = digits_with_targets(tmp_path, shared_recipe, lambda y: np.where(np.arange(len(y)) == 7, 12, y))
     assert cli("validate", recipe).rc == 0  # the number of classes is the model's: known once it runs
-    assert_fails(cli("export", work / "converted", "-o", tmp_path / "model.onnx", "--recipe", recipe), 3,
-                 "evaluation.targets holds class 12, but the model's output has 10 classes (0 to 9)")
+    assert_fails(
+        cli("export", work / "converted", "-o", tmp_path / "model.onnx", "--recipe", recipe),
+        3,
+        "evaluation.targets holds class 12, but the model's output has 10 classes (0 to 9)",
+    )
 
 
 def test_a_metric_outside_its_range_is_an_internal_error_not_a_report(work, shared_recipe, tmp_path, monkeypatch):

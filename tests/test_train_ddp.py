@@ -31,10 +31,21 @@ def torchrun(*args: object, cwd: Path, timeout: float = 300) -> subprocess.Compl
     --standalone picks a free port (tests run in parallel); on a timeout the whole process group
     goes, workers included.
     """
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "quantcli", "train", *map(str, args)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env=cli_env(), start_new_session=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "quantcli",
+        "train",
+        *map(str, args),
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=cli_env(), start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -45,8 +56,9 @@ def torchrun(*args: object, cwd: Path, timeout: float = 300) -> subprocess.Compl
 
 
 def test_two_processes_with_frozen_bn_and_observers_match_one_process(qat_work, small_data, tmp_path):
-    recipe = training_recipe(tmp_path, small_data, freeze_bn_after=0, freeze_observers_after=0, epochs=1,
-                             checkpoint_every=3)  # 8 steps of a global batch of 32 (16 per rank)
+    recipe = training_recipe(
+        tmp_path, small_data, freeze_bn_after=0, freeze_observers_after=0, epochs=1, checkpoint_every=3
+    )  # 8 steps of a global batch of 32 (16 per rank)
     src = qat_work / "calibrated"
     run = torchrun(src, "-o", tmp_path / "two", "--recipe", recipe, cwd=tmp_path)
     assert run.returncode == 0, run.stderr

@@ -21,8 +21,12 @@ STAGE_OUTPUTS = ["captured", "prepared", "calibrated", "converted", "model.onnx"
 @pytest.fixture(scope="module")
 def outlier_recipe(tmp_path_factory) -> Path:
     """The MLP with outlier channels in fc1's output, equalization off: plain PTQ keeps 1.3 dB."""
-    return write_recipe(tmp_path_factory.mktemp("outlier"), "mlp", model={"factory": f"{MODELS_FILE}:mlp_outlier"},
-                        quantization={"equalize": False, **QUANTIZATION})
+    return write_recipe(
+        tmp_path_factory.mktemp("outlier"),
+        "mlp",
+        model={"factory": f"{MODELS_FILE}:mlp_outlier"},
+        quantization={"equalize": False, **QUANTIZATION},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +123,18 @@ def test_an_unmet_goal_still_writes_the_best_and_exits_6(tuned, outlier_recipe, 
 def test_bundled_example_meets_a_drop_goal_with_a_metric_callable(tmp_path):
     metric = tmp_path / "metric.py"
     metric.write_text("def top1(outputs, targets):\n    return float((outputs.argmax(1) == targets).mean())\n")
-    run = cli("tune", "--recipe", DIGITS / "recipe.yaml", "-o", tmp_path / "w", "--max-drop", "0.01",
-              "--metric", f"{metric}:top1", "--json")
+    run = cli(
+        "tune",
+        "--recipe",
+        DIGITS / "recipe.yaml",
+        "-o",
+        tmp_path / "w",
+        "--max-drop",
+        "0.01",
+        "--metric",
+        f"{metric}:top1",
+        "--json",
+    )
     assert run.rc == 0, run.stderr
     doc = run.json()
     assert doc["metric"] == "callable" and doc["fp32_torch"] == pytest.approx(0.995)
@@ -130,8 +144,11 @@ def test_bundled_example_meets_a_drop_goal_with_a_metric_callable(tmp_path):
 
 def test_goal_errors(outlier_recipe, tmp_path):
     assert_fails(cli("tune", "--recipe", outlier_recipe, "-o", tmp_path / "w"), 2, "exactly one goal")
-    assert_fails(cli("tune", "--recipe", outlier_recipe, "-o", tmp_path / "w", "--max-drop", "0.01"), 2,
-                 "--max-drop needs an evaluation")
+    assert_fails(
+        cli("tune", "--recipe", outlier_recipe, "-o", tmp_path / "w", "--max-drop", "0.01"),
+        2,
+        "--max-drop needs an evaluation",
+    )
     assert not (tmp_path / "w").exists()
 
 
@@ -148,9 +165,12 @@ def test_tune_on_a_transformer(tmp_path):
 def test_a_layers_fix_starts_from_the_observer_a_glob_gave_it(tmp_path):
     """`fc*` sets minmax: fc1's first trial is minmax's alternative (histogram), and the fix keeps the glob's
     other fields (the policy merges the overrides matching a module field by field)."""
-    recipe = write_recipe(tmp_path, "mlp", model={"factory": f"{MODELS_FILE}:mlp_outlier"},
-                          quantization={"equalize": False, "overrides": [
-                              {"names": ["fc*"], "observer": "minmax", "reduce_range": True}]})
+    recipe = write_recipe(
+        tmp_path,
+        "mlp",
+        model={"factory": f"{MODELS_FILE}:mlp_outlier"},
+        quantization={"equalize": False, "overrides": [{"names": ["fc*"], "observer": "minmax", "reduce_range": True}]},
+    )
     run = cli("tune", "--recipe", recipe, "-o", tmp_path / "w", "--min-sqnr", "60", "--max-trials", "1", "--json")
     assert run.rc == 6, run.stderr
     doc = json.loads((tmp_path / "w" / "tune.json").read_text())
@@ -169,15 +189,21 @@ def test_a_drop_goal_the_baseline_misses_is_met_by_a_trial(tmp_path):
     with torch.no_grad():
         labels = mlp_outlier()(x).argmax(-1)
     np.savez(tmp_path / "eval.npz", x=x.numpy(), y=labels.numpy())
-    recipe = write_recipe(tmp_path, "mlp", model={"factory": f"{MODELS_FILE}:mlp_outlier"},
-                          quantization={"equalize": False},
-                          evaluation={"data": str(tmp_path / "eval.npz"), "targets": "y", "metric": "accuracy",
-                                      "batch_size": 32})
+    recipe = write_recipe(
+        tmp_path,
+        "mlp",
+        model={"factory": f"{MODELS_FILE}:mlp_outlier"},
+        quantization={"equalize": False},
+        evaluation={"data": str(tmp_path / "eval.npz"), "targets": "y", "metric": "accuracy", "batch_size": 32},
+    )
     run = cli("tune", "--recipe", recipe, "-o", tmp_path / "w", "--max-drop", "0.02", "--json")
     assert run.rc == 0, run.stderr
     doc = run.json()
-    assert doc["metric"] == "accuracy" and doc["fp32_torch"] == 1.0 and doc["data"] == {"section": "evaluation",
-                                                                                          "batches": 3}
+    assert (
+        doc["metric"] == "accuracy"
+        and doc["fp32_torch"] == 1.0
+        and doc["data"] == {"section": "evaluation", "batches": 3}
+    )
     assert doc["baseline"]["drop"] > 0.02 >= doc["best"]["drop"] and doc["best"]["trial"] >= 1
     for measured in [doc["baseline"], *doc["trials"]]:
         assert set(measured) >= {"int8_onnx", "drop"} and measured["drop"] == pytest.approx(1.0 - measured["int8_onnx"])

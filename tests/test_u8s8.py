@@ -15,10 +15,10 @@ import onnx
 import pytest
 
 from quantcli import _torch, quantizers
+from quantcli.numerics.parity import sqnr_db
 from quantcli.onnx import runtime, u8s8
 from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
 from quantcli.recipe import QuantizationSection
-from quantcli.numerics.parity import sqnr_db
 from tests.conftest import assert_fails, cli, digits_recipe
 from tests.test_quantizer import quantize
 
@@ -77,8 +77,9 @@ def _accumulator(layer: u8s8.Layer, a: np.ndarray, clip: bool) -> np.ndarray:
     attr = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
     groups, stride, pads = attr.get("group", 1), attr.get("strides", [1, 1]), attr.get("pads", [0, 0, 0, 0])
     out, cin_g, kh, kw = q.shape
-    x = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])),
-               constant_values=layer.x_zero_point)
+    x = np.pad(
+        a.astype(np.int64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=layer.x_zero_point
+    )
     oh, ow = (x.shape[2] - kh) // stride[0] + 1, (x.shape[3] - kw) // stride[1] + 1
     result = np.zeros((a.shape[0], out, oh, ow), np.int64)
     per_group = out // groups
@@ -89,7 +90,7 @@ def _accumulator(layer: u8s8.Layer, a: np.ndarray, clip: bool) -> np.ndarray:
         for i in range(oh):
             for j in range(ow):
                 top, left = i * stride[0], j * stride[1]
-                patch = x[:, g * cin_g:(g + 1) * cin_g, top:top + kh, left:left + kw]
+                patch = x[:, g * cin_g : (g + 1) * cin_g, top : top + kh, left : left + kw]
                 col = np.moveaxis(patch, 1, -1).reshape(a.shape[0], -1)
                 col = np.concatenate([col, np.zeros((a.shape[0], 1), np.int64)], 1) if col.shape[1] % 2 else col
                 prod = col * w
@@ -159,8 +160,10 @@ def test_a_model_for_avx2_is_checked_on_avx2s_arithmetic_wherever_export_runs(tm
     assert "saturable weight pairs" in inspected and "target: target_cpu avx2: " in inspected
     if reduce_range == "auto":
         assert run.rc == 0, run.stderr
-        assert "prepared: wrote " in run.stderr and "(target_cpu avx2: 8-bit weights, narrowed per output channel" \
-            in run.stderr
+        assert (
+            "prepared: wrote " in run.stderr
+            and "(target_cpu avx2: 8-bit weights, narrowed per output channel" in run.stderr
+        )
         assert u8s8_section["saturable_pairs"] == 0 and report["parity"]["passed"]
     else:
         assert_fails(run, 5, "parity failed: ")

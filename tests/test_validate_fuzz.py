@@ -67,9 +67,13 @@ def check_answer(path: Path) -> tuple[int, dict[str, Any]]:
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12))
-documents = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=10), st.integers()), inner, max_size=4)),
-    max_leaves=20)
+documents = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=10), st.integers()), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
 
 
 @SETTINGS
@@ -99,9 +103,27 @@ def test_random_bytes(tmp_path, data):
     check_answer(path)
 
 
-path_strings = st.one_of(st.text(max_size=20), st.text(alphabet="\x00/:.~ab", max_size=12),
-                        st.sampled_from(["", ".", "/", "..", "~", "a" * 300, "/dev/null", "/proc/self",
-                                         str(DIGITS), "digits.npz:", ":build", "a.py:", "pkg.mod:fn"]))
+path_strings = st.one_of(
+    st.text(max_size=20),
+    st.text(alphabet="\x00/:.~ab", max_size=12),
+    st.sampled_from(
+        [
+            "",
+            ".",
+            "/",
+            "..",
+            "~",
+            "a" * 300,
+            "/dev/null",
+            "/proc/self",
+            str(DIGITS),
+            "digits.npz:",
+            ":build",
+            "a.py:",
+            "pkg.mod:fn",
+        ]
+    ),
+)
 
 
 def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:

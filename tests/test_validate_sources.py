@@ -54,8 +54,10 @@ def check(tmp_path, recipe, code, *fragments):
 
 
 def text_recipe(root, files_, **evaluation):
-    recipe = {"model": {"huggingface": str(root / "model"), "task": "text-classification"},
-              "calibration": {"data": str(files_["txt"])}}
+    recipe = {
+        "model": {"huggingface": str(root / "model"), "task": "text-classification"},
+        "calibration": {"data": str(files_["txt"])},
+    }
     if evaluation:
         recipe["evaluation"] = evaluation
     return recipe
@@ -81,8 +83,13 @@ def test_misspelled_new_keys_have_a_did_you_mean(files, tmp_path):
     recipe = text_recipe(root, data)
     recipe["model"]["hugingface"] = recipe["model"].pop("huggingface")
     recipe["calibration"]["max_lenght"] = 64
-    check(tmp_path, recipe, 2, "model.hugingface: unknown key; did you mean 'huggingface'?",
-          "calibration.max_lenght: unknown key; did you mean 'max_length'?")
+    check(
+        tmp_path,
+        recipe,
+        2,
+        "model.hugingface: unknown key; did you mean 'huggingface'?",
+        "calibration.max_lenght: unknown key; did you mean 'max_length'?",
+    )
 
 
 def test_a_metric_the_task_cannot_have(files, tmp_path):
@@ -94,14 +101,22 @@ def test_a_metric_the_task_cannot_have(files, tmp_path):
 
 def test_an_unknown_metric(files, tmp_path):
     root, data = files
-    check(tmp_path, text_recipe(root, data, data=str(data["csv"]), text="sentence", targets="label", metric="acc"),
-          2, "evaluation.metric: unknown metric 'acc'")
+    check(
+        tmp_path,
+        text_recipe(root, data, data=str(data["csv"]), text="sentence", targets="label", metric="acc"),
+        2,
+        "evaluation.metric: unknown metric 'acc'",
+    )
 
 
 def test_accuracy_without_targets(files, tmp_path):
     root, data = files
-    check(tmp_path, text_recipe(root, data, data=str(data["csv"]), text="sentence"), 2,
-          "evaluation.targets: missing; accuracy needs targets")
+    check(
+        tmp_path,
+        text_recipe(root, data, data=str(data["csv"]), text="sentence"),
+        2,
+        "evaluation.targets: missing; accuracy needs targets",
+    )
 
 
 def test_two_sources_and_a_misplaced_weights_key(files, tmp_path):
@@ -114,27 +129,42 @@ def test_two_sources_and_a_misplaced_weights_key(files, tmp_path):
         2,
         "model: set exactly one of factory, huggingface, torchvision, timm (got huggingface, torchvision)",
     )
-    check(tmp_path, {"model": {"timm": "resnet10t", "weights": "w.pt"}, "calibration": {"data": str(root / "photos")}},
-          2, "model: weights: does not apply to a timm model; timm takes checkpoint:")
+    check(
+        tmp_path,
+        {"model": {"timm": "resnet10t", "weights": "w.pt"}, "calibration": {"data": str(root / "photos")}},
+        2,
+        "model: weights: does not apply to a timm model; timm takes checkpoint:",
+    )
 
 
 def test_inputs_are_required_with_a_factory(tmp_path):
-    check(tmp_path, {"model": {"factory": "m.py:build"}, "calibration": {"data": "d.npz"}}, 2,
-          "inputs: required with a model factory")
+    check(
+        tmp_path,
+        {"model": {"factory": "m.py:build"}, "calibration": {"data": "d.npz"}},
+        2,
+        "inputs: required with a model factory",
+    )
 
 
 def test_text_column_keys_need_a_table(files, tmp_path):
     root, data = files
     recipe = text_recipe(root, data)
     recipe["calibration"]["text"] = "sentence"
-    check(tmp_path, recipe, 2, "calibration: text/text_pair: name columns of a .jsonl/.csv/.tsv/.parquet file; "
-                               "a .txt file holds one example a line")
+    check(
+        tmp_path,
+        recipe,
+        2,
+        "calibration: text/text_pair: name columns of a .jsonl/.csv/.tsv/.parquet file; "
+        "a .txt file holds one example a line",
+    )
 
 
 def test_text_data_for_an_image_task(files, tmp_path):
     root, data = files
-    recipe = {"model": {"huggingface": str(root / "model-images"), "task": "image-classification"},
-              "calibration": {"data": str(data["txt"])}}
+    recipe = {
+        "model": {"huggingface": str(root / "model-images"), "task": "image-classification"},
+        "calibration": {"data": str(data["txt"])},
+    }
     check(tmp_path, recipe, 2, "calibration.data: ", "is text, but a image-classification model takes images")
 
 
@@ -181,28 +211,41 @@ def test_a_sentence_transformers_pooling_quantcli_cannot_apply(files, tmp_path):
 @pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl", "parquet"])
 def test_a_column_not_in_the_header(files, tmp_path, kind):
     root, data = files
-    check(tmp_path, text_recipe(root, data, data=str(data[kind]), text="text", targets="labels"), 3,
-          f"evaluation.text: no column 'text' in labelled.{kind}; it has ['sentence', 'label']",
-          f"evaluation.targets: no column 'labels' in labelled.{kind}")
+    check(
+        tmp_path,
+        text_recipe(root, data, data=str(data[kind]), text="text", targets="labels"),
+        3,
+        f"evaluation.text: no column 'text' in labelled.{kind}; it has ['sentence', 'label']",
+        f"evaluation.targets: no column 'labels' in labelled.{kind}",
+    )
 
 
 def test_targets_for_a_txt_file(files, tmp_path):
     root, data = files
-    check(tmp_path, text_recipe(root, data, data=str(data["txt"]), targets="label"), 3,
-          "evaluation.targets: sentences.txt is one example a line and has no columns")
+    check(
+        tmp_path,
+        text_recipe(root, data, data=str(data["txt"]), targets="label"),
+        3,
+        "evaluation.targets: sentences.txt is one example a line and has no columns",
+    )
 
 
 def test_an_empty_image_folder(files, tmp_path):
     root, data = files
-    recipe = {"model": {"huggingface": str(root / "model-images"), "task": "image-classification"},
-              "calibration": {"data": str(root / "empty")}}
+    recipe = {
+        "model": {"huggingface": str(root / "model-images"), "task": "image-classification"},
+        "calibration": {"data": str(root / "empty")},
+    }
     check(tmp_path, recipe, 3, f"calibration.data: {root / 'empty'} holds no image files")
 
 
 def test_class_folders_that_are_not_the_model_s_labels(files, tmp_path):
     root, data = files
-    recipe = {"model": {"huggingface": str(root / "model"), "task": "image-classification"},
-              "calibration": {"data": str(root / "photos")}, "evaluation": {"data": str(root / "photos")}}
+    recipe = {
+        "model": {"huggingface": str(root / "model"), "task": "image-classification"},
+        "calibration": {"data": str(root / "photos")},
+        "evaluation": {"data": str(root / "photos")},
+    }
     recipe["model"]["huggingface"] = str(root / "model-images")
     (root / "model-images" / "config.json").write_text(json.dumps({"id2label": {"0": "cat", "1": "wolf"}}))
     try:

@@ -90,4 +90,3 @@ def test_transformers_model(name, tmp_path):
     """pipeline.run goes stage by stage through the files each stage writes, as separate processes do:
     BertModel's pooler nobody reads, T5's tied embedding and GPT-2's tied LM head must survive it."""
     assert_result(name, zoo.run(name, tmp_path / name))
-

@@ -25,10 +25,14 @@ def test_a_broken_torchvision_is_named_with_its_fix(tmp_path):
     env = cli_env(PYTHONPATH=os.pathsep.join([str(ROOT / ".venv" / "zoo"), str(ROOT)]))  # no stub: broken
     run = quantcli("capture", "--recipe", CONFIGS / "photos" / "torchvision.yaml", "-o", tmp_path / "c", env=env)
     torch_version = metadata.version("torch")
-    assert_fails(run, 3, f"model.torchvision: torchvision 0.28.0 does not work with torch {torch_version}: "
-                         "RuntimeError: operator torchvision::nms does not exist",
-                 "install torchvision 0.28 built for this torch (the CPU wheel, from the same package index as torch)",
-                 "or pip uninstall torchvision")
+    assert_fails(
+        run,
+        3,
+        f"model.torchvision: torchvision 0.28.0 does not work with torch {torch_version}: "
+        "RuntimeError: operator torchvision::nms does not exist",
+        "install torchvision 0.28 built for this torch (the CPU wheel, from the same package index as torch)",
+        "or pip uninstall torchvision",
+    )
     assert not (tmp_path / "c").exists()
 
 
@@ -78,21 +82,43 @@ print(json.dumps(out))
 
 def test_zoo_preprocessing_weights_and_names(tmp_path):
     photo = next((CONFIGS / "photos" / "data" / "test" / "flower").iterdir())
-    proc = subprocess.run([sys.executable, "-c", CHECKS, str(photo), str(CONFIGS / "photos" / "data" / "calibration"),
-                           str(CONFIGS / "photos" / "mobilenet_v3_small.pt")],
-                          capture_output=True, text=True, cwd=ROOT, env=zoo_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHECKS,
+            str(photo),
+            str(CONFIGS / "photos" / "data" / "calibration"),
+            str(CONFIGS / "photos" / "mobilenet_v3_small.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=zoo_env(),
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     # the recorded transforms on PIL equal torchvision's weights transforms and timm's create_transform
     assert out["torchvision"] < 1e-6 and out["timm"] < 1e-6, out
-    assert out["timm_options"] == {"size": 160, "resize": 168, "mean": [0.485, 0.456, 0.406],
-                                   "std": [0.229, 0.224, 0.225], "interpolation": "bicubic"}
+    assert out["timm_options"] == {
+        "size": 160,
+        "resize": 168,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bicubic",
+    }
     assert out["scaled"] == [112, 128]  # a new crop keeps the model's resize-to-crop ratio (256/224)
     assert out["unknown"] == ["RecipeError", 2, "model.torchvision: unknown model 'resnet81'; did you mean 'resnet18'?"]
     kind, code, line = out["mismatch"]
-    assert (kind, code) == ("ModelError", 3) and "does not fit the architecture" in line \
-        and "width_mult" not in line and "pass the constructor's keyword arguments (model.kwargs)" in line
-    assert out["timm_unknown"][:2] == ["RecipeError", 2] and "did you mean 'test_efficientnet'?" in out["timm_unknown"][2]
+    assert (
+        (kind, code) == ("ModelError", 3)
+        and "does not fit the architecture" in line
+        and "width_mult" not in line
+        and "pass the constructor's keyword arguments (model.kwargs)" in line
+    )
+    assert (
+        out["timm_unknown"][:2] == ["RecipeError", 2] and "did you mean 'test_efficientnet'?" in out["timm_unknown"][2]
+    )
 
 
 SAME_PROCESS = r"""
@@ -111,10 +137,15 @@ print("torchvision" in sys.modules and sys.modules["torchvision"] is not None)
 
 def test_a_text_model_leaves_torchvision_to_a_later_model_of_the_same_process(tmp_path):
     """A library user (a notebook) captures a text model, then a torchvision one, in one process."""
-    args = [CONFIGS / "sentiment" / "recipe.yaml", tmp_path / "text", CONFIGS / "photos" / "torchvision.yaml",
-            tmp_path / "vision"]
-    proc = subprocess.run([sys.executable, "-c", SAME_PROCESS, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=zoo_env())
+    args = [
+        CONFIGS / "sentiment" / "recipe.yaml",
+        tmp_path / "text",
+        CONFIGS / "photos" / "torchvision.yaml",
+        tmp_path / "vision",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", SAME_PROCESS, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=zoo_env()
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "True"  # torchvision imported, not hidden
     manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("text", "vision")]

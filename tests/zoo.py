@@ -29,9 +29,10 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,10 +71,18 @@ def start_vision_runner(names: Sequence[str] = ()) -> None:
         if (folder / "pid").exists():
             return
         selected = " ".join(f'"{name}"' for name in names)
-        script = (f'"{sys.executable}" "{ZOO_FILE}" "{folder / "results.json"}" "{folder / "work"}" {selected} '
-                  f'2> "{folder / "stderr.txt"}"; echo $? > "{folder / "rc"}"; rm -rf "{folder / "work"}"')
-        proc = subprocess.Popen(["sh", "-c", script], env=vision_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, start_new_session=True)
+        script = (
+            f'"{sys.executable}" "{ZOO_FILE}" "{folder / "results.json"}" "{folder / "work"}" {selected} '
+            f'2> "{folder / "stderr.txt"}"; echo $? > "{folder / "rc"}"; rm -rf "{folder / "work"}"'
+        )
+        proc = subprocess.Popen(
+            ["sh", "-c", script],
+            env=vision_env(),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         (folder / "pid").write_text(str(proc.pid))
 
 
@@ -97,8 +106,10 @@ def vision_results(poll: float = 2.0) -> dict[str, Any]:
         time.sleep(poll)
     results = folder / "results.json"
     if (folder / "rc").read_text().strip() != "0" or not results.exists():
-        return {"failed": f"the zoo runner failed with exit {(folder / 'rc').read_text().strip()}:\n"
-                          f"{(folder / 'stderr.txt').read_text()[-4000:]}"}
+        return {
+            "failed": f"the zoo runner failed with exit {(folder / 'rc').read_text().strip()}:\n"
+            f"{(folder / 'stderr.txt').read_text()[-4000:]}"
+        }
     return json.loads(results.read_text())
 
 
@@ -178,8 +189,9 @@ def unit_signal(model, seed: int = 0, size: int = 64):
         layer.running_mean.copy_(mean - (torch.rand(n, generator=g) * 0.2 + 0.4) * var.mean().sqrt())
         layer.running_var.copy_(var.mean() * (torch.rand(n, generator=g) * 1.5 + 0.5))
 
-    hooks = [m.register_forward_hook(unit_std) for m in model.modules()
-             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks = [
+        m.register_forward_hook(unit_std) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     hooks += [m.register_forward_pre_hook(centre) for m in model.modules() if isinstance(m, _BatchNorm)]
     images = np.random.default_rng(50).standard_normal((16, 3, size, size)).astype(np.float32)
     with torch.no_grad():
@@ -219,10 +231,15 @@ def tv_mobilenet_v2():
 
 def tv_mobilenet_v3():
     """mobilenet_v3_small's first blocks: ReLU and Hardswish, squeeze-excitation (Hardsigmoid)."""
-    from torchvision.models.mobilenetv3 import InvertedResidualConfig as Block, MobileNetV3
+    from torchvision.models.mobilenetv3 import InvertedResidualConfig as Block
+    from torchvision.models.mobilenetv3 import MobileNetV3
 
-    setting = [Block(16, 3, 16, 16, True, "RE", 2, 1, 1.0), Block(16, 3, 72, 24, False, "RE", 2, 1, 1.0),
-               Block(24, 5, 96, 40, True, "HS", 2, 1, 1.0), Block(40, 5, 240, 40, True, "HS", 1, 1, 1.0)]
+    setting = [
+        Block(16, 3, 16, 16, True, "RE", 2, 1, 1.0),
+        Block(16, 3, 72, 24, False, "RE", 2, 1, 1.0),
+        Block(24, 5, 96, 40, True, "HS", 2, 1, 1.0),
+        Block(40, 5, 240, 40, True, "HS", 1, 1, 1.0),
+    ]
     return unit_signal(seeded(lambda: MobileNetV3(setting, last_channel=256, num_classes=10)))
 
 
@@ -255,8 +272,9 @@ def tv_convnext():
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
     def build():
-        model = ConvNeXt([CNBlockConfig(32, 64, 2), CNBlockConfig(64, 128, 2), CNBlockConfig(128, None, 2)],
-                         num_classes=10)
+        model = ConvNeXt(
+            [CNBlockConfig(32, 64, 2), CNBlockConfig(64, 128, 2), CNBlockConfig(128, None, 2)], num_classes=10
+        )
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("layer_scale"):
@@ -272,8 +290,9 @@ def tv_vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
     def build():
-        model = VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64,
-                                  mlp_dim=128, num_classes=10)
+        model = VisionTransformer(
+            image_size=64, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+        )
         torch.nn.init.normal_(model.heads.head.weight, std=0.1)
         return model
 
@@ -284,8 +303,11 @@ def tv_swin():
     """A 2-stage Swin: shifted windows (roll, masks), patch merging, relative position bias."""
     from torchvision.models.swin_transformer import SwinTransformer
 
-    return seeded(lambda: SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4],
-                                          window_size=[4, 4], num_classes=10))
+    return seeded(
+        lambda: SwinTransformer(
+            patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10
+        )
+    )
 
 
 def timm_tf_efficientnet_lite0():
@@ -352,8 +374,9 @@ def hf_bert():
 def hf_distilbert():
     from transformers import DistilBertConfig, DistilBertModel
 
-    config = DistilBertConfig(vocab_size=VOCAB, max_position_embeddings=64, dim=64, n_layers=2, n_heads=4,
-                              hidden_dim=128)
+    config = DistilBertConfig(
+        vocab_size=VOCAB, max_position_embeddings=64, dim=64, n_layers=2, n_heads=4, hidden_dim=128
+    )
     return seeded(lambda: _hf()[0](DistilBertModel(config)))
 
 
@@ -368,8 +391,16 @@ def hf_gpt2():
     """GPT2LMHeadModel (Conv1D layers, tied LM head) -> logits."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        use_cache=False)  # logits only: no empty key/value cache concatenated in
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=2,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        use_cache=False,
+    )  # logits only: no empty key/value cache concatenated in
     return seeded(lambda: _hf()[2](GPT2LMHeadModel(config)))
 
 
@@ -396,10 +427,23 @@ def hf_whisper_encoder():
     import torch
     from transformers import WhisperConfig, WhisperModel
 
-    config = WhisperConfig(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, num_mel_bins=WHISPER_MELS, d_model=64, encoder_layers=2,
-                           encoder_attention_heads=4, encoder_ffn_dim=128, decoder_layers=1,
-                           decoder_attention_heads=4, decoder_ffn_dim=128, max_source_positions=WHISPER_FRAMES // 2,
-                           max_target_positions=16)
+    config = WhisperConfig(
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        num_mel_bins=WHISPER_MELS,
+        d_model=64,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_layers=1,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=128,
+        max_source_positions=WHISPER_FRAMES // 2,
+        max_target_positions=16,
+    )
 
     def build():
         encoder = WhisperModel(config).get_encoder()
@@ -415,8 +459,15 @@ def hf_wav2vec2():
     """Wav2Vec2Model: conv feature extractor (GroupNorm), weight-normed positional conv, post-norm layers."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    config = Wav2Vec2Config(vocab_size=VOCAB, conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),
-                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, **_SMALL)
+    config = Wav2Vec2Config(
+        vocab_size=VOCAB,
+        conv_dim=(32, 32, 32),
+        conv_kernel=(10, 3, 3),
+        conv_stride=(5, 2, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        **_SMALL,
+    )
     return seeded(lambda: _hf()[1](Wav2Vec2Model(config), "input_values"))
 
 
@@ -425,8 +476,10 @@ def _image(size: int) -> list[dict[str, Any]]:
     return [{"name": "x", "shape": [2, 3, size, size], "dtype": "float32"}]
 
 
-_TEXT = [{"name": "input_ids", "shape": [2, SEQ], "dtype": "int64"},
-         {"name": "attention_mask", "shape": [2, SEQ], "dtype": "int64"}]
+_TEXT = [
+    {"name": "input_ids", "shape": [2, SEQ], "dtype": "int64"},
+    {"name": "attention_mask", "shape": [2, SEQ], "dtype": "int64"},
+]
 _IDS = [{"name": "input_ids", "shape": [2, SEQ], "dtype": "int64"}]
 
 ZOO: dict[str, Entry] = {
@@ -448,8 +501,12 @@ ZOO: dict[str, Entry] = {
     "hf_gpt2": Entry(hf_gpt2, _IDS, "transformers", False),
     "hf_t5_encoder": Entry(hf_t5_encoder, _TEXT, "transformers", False),
     "hf_vit": Entry(hf_vit, [{"name": "x", "shape": [2, 3, 32, 32], "dtype": "float32"}], "transformers", False),
-    "hf_whisper_encoder": Entry(hf_whisper_encoder, [{"name": "x", "shape": [2, WHISPER_MELS, WHISPER_FRAMES],
-                                                      "dtype": "float32"}], "transformers", False),
+    "hf_whisper_encoder": Entry(
+        hf_whisper_encoder,
+        [{"name": "x", "shape": [2, WHISPER_MELS, WHISPER_FRAMES], "dtype": "float32"}],
+        "transformers",
+        False,
+    ),
     "hf_wav2vec2": Entry(hf_wav2vec2, [{"name": "x", "shape": [2, 1600], "dtype": "float32"}], "transformers", False),
 }
 VISION = [name for name, e in ZOO.items() if e.source != "transformers"]
@@ -498,8 +555,12 @@ def recipe(name: str, folder: Path) -> Path:
     from tests.tolerances import QUANTIZATION
 
     folder.mkdir(parents=True, exist_ok=True)
-    doc = {"model": {"factory": f"{ZOO_FILE}:{name}"}, "inputs": ZOO[name].inputs,
-           "calibration": {"data": f"{ZOO_FILE}:{name}_data"}, "quantization": QUANTIZATION}
+    doc = {
+        "model": {"factory": f"{ZOO_FILE}:{name}"},
+        "inputs": ZOO[name].inputs,
+        "calibration": {"data": f"{ZOO_FILE}:{name}_data"},
+        "quantization": QUANTIZATION,
+    }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -535,16 +596,24 @@ def measure(name: str, work: Path) -> dict[str, Any]:
             outputs[key] = torch.utils._pytree.tree_leaves(result)[0].numpy()
     outputs["ort"] = runtime.run(runtime.session(work / "model.onnx"), data)[0]
     fp32 = outputs["fp32"]
-    result = {"share": round(float(((fp32 - fp32.mean(0)) ** 2).sum() / max((fp32 ** 2).sum(), 1e-30)), 6)}
-    for label, (a, b) in {"ort_vs_int8": ("int8", "ort"), "int8_vs_fp32": ("fp32", "int8"),
-                          "ort_vs_fp32": ("fp32", "ort")}.items():
+    result = {"share": round(float(((fp32 - fp32.mean(0)) ** 2).sum() / max((fp32**2).sum(), 1e-30)), 6)}
+    for label, (a, b) in {
+        "ort_vs_int8": ("int8", "ort"),
+        "int8_vs_fp32": ("fp32", "int8"),
+        "ort_vs_fp32": ("fp32", "ort"),
+    }.items():
         result[f"{label}_db"] = _sqnr(outputs[a], outputs[b], entry.centered)
         result[f"{label}_raw_db"] = _sqnr(outputs[a], outputs[b], False)
     report = json.loads((work / "model.report.json").read_text())
     kernels = report["kernels"]  # the export report's own analysis of ORT's optimized graph
-    result.update(coverage=kernels["coverage"], islands=kernels["islands"], warning=kernels["warning"],
-                  parity_db=report["parity"]["min_sqnr_db"], excess_db=report["parity"]["excess_db"],
-                  saturable_pairs=report["u8s8"]["saturable_pairs"])
+    result.update(
+        coverage=kernels["coverage"],
+        islands=kernels["islands"],
+        warning=kernels["warning"],
+        parity_db=report["parity"]["min_sqnr_db"],
+        excess_db=report["parity"]["excess_db"],
+        saturable_pairs=report["u8s8"]["saturable_pairs"],
+    )
     return result
 
 

@@ -52,8 +52,15 @@ GELU_BIAS = 4.0
 def config():
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=VOCAB, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                      intermediate_size=1536, max_position_embeddings=512, hidden_act="gelu")
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        hidden_act="gelu",
+    )
 
 
 def encoder(seed: int = 0):
@@ -113,7 +120,7 @@ def tokens(count: int, seed: int) -> dict[str, np.ndarray]:
     lengths = np.clip(np.round(np.exp(rng.normal(np.log(32), 0.6, count))), 8, SEQ).astype(int)
     for row, length in enumerate(lengths):
         ids[row, 0], ids[row, length - 1] = CLS, SEP
-        ids[row, 1:length - 1] = rng.choice(ranking, length - 2, p=p / p.sum())
+        ids[row, 1 : length - 1] = rng.choice(ranking, length - 2, p=p / p.sum())
         mask[row, :length] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
@@ -122,7 +129,7 @@ def calibration(batches: int = 8, batch_size: int = 16, seed: int = 0):
     """Calibration batches of token sequences (128 in all by default)."""
     data = tokens(batches * batch_size, seed)
     for i in range(batches):
-        yield {k: v[i * batch_size:(i + 1) * batch_size] for k, v in data.items()}
+        yield {k: v[i * batch_size : (i + 1) * batch_size] for k, v in data.items()}
 
 
 def held_out(count: int = 256, seed: int = 1) -> dict[str, np.ndarray]:
@@ -138,16 +145,23 @@ def activation_ranges(model, batch: dict[str, np.ndarray]) -> dict[str, dict[str
     seen: dict[str, list[torch.Tensor]] = {"qkv_input": [], "fc1_input": [], "fc2_input": []}
     hooks = []
     for layer in model.bert.encoder.layer:
-        for role, linear in (("qkv_input", layer.attention.self.query), ("fc1_input", layer.intermediate.dense),
-                             ("fc2_input", layer.output.dense)):
-            hooks.append(linear.register_forward_pre_hook(
-                lambda _m, args, role=role: seen[role].append(args[0].detach().abs().amax(dim=(0, 1)))))
+        for role, linear in (
+            ("qkv_input", layer.attention.self.query),
+            ("fc1_input", layer.intermediate.dense),
+            ("fc2_input", layer.output.dense),
+        ):
+            hooks.append(
+                linear.register_forward_pre_hook(
+                    lambda _m, args, role=role: seen[role].append(args[0].detach().abs().amax(dim=(0, 1)))
+                )
+            )
     with torch.no_grad():
         embedding = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
     for h in hooks:
         h.remove()
-    ranges = {role: _worst(_split_ranges(channel_max, role) for channel_max in per_layer)
-              for role, per_layer in seen.items()}
+    ranges = {
+        role: _worst(_split_ranges(channel_max, role) for channel_max in per_layer) for role, per_layer in seen.items()
+    }
     share = embedding[:, list(OUTLIER_DIMS)].square().sum(1) / embedding.square().sum(1)
     return {**ranges, "embedding": {"outlier_dims_share_of_norm2_median": round(float(share.median()), 3)}}
 
@@ -158,8 +172,11 @@ def _split_ranges(channel_max: torch.Tensor, role: str) -> dict[str, float]:
     rest = torch.ones(channel_max.numel(), dtype=torch.bool)
     rest[top] = False
     other = channel_max[rest]
-    return {"outlier_max": float(channel_max[top].max()), "other_max": float(other.max()),
-            "other_p99": float(other.quantile(0.99))}
+    return {
+        "outlier_max": float(channel_max[top].max()),
+        "other_max": float(other.max()),
+        "other_p99": float(other.quantile(0.99)),
+    }
 
 
 def _worst(layers) -> dict[str, float]:

@@ -24,8 +24,15 @@ SIZE = 224
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
 
-TORCHVISION = ("resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0",
-               "regnet_x_400mf", "convnext_tiny")
+TORCHVISION = (
+    "resnet18",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "shufflenet_v2_x1_0",
+    "regnet_x_400mf",
+    "convnext_tiny",
+)
 TIMM = ("tf_efficientnet_lite0",)
 MODELS = TORCHVISION + TIMM
 
@@ -85,7 +92,7 @@ def photos(count: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
         h, w = image.shape[:2]
         side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
         top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(image[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+        crop = Image.fromarray(image[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
         pixels = np.asarray(crop, np.float32).transpose(2, 0, 1) / 255.0
         out[i] = pixels[:, :, ::-1] if rng.random() < 0.5 else pixels
     return (out - MEAN) / STD
@@ -95,4 +102,4 @@ def calibration(batches: int = 4, batch_size: int = 8, seed: int = 0):
     """Calibration batches {"x": (batch_size, 3, 224, 224)} of photo crops."""
     data = photos(batches * batch_size, seed)
     for i in range(batches):
-        yield {"x": data[i * batch_size:(i + 1) * batch_size]}
+        yield {"x": data[i * batch_size : (i + 1) * batch_size]}

@@ -53,9 +53,9 @@ class DigitsNet(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_bn_relu(1, 16),   # [B,16,8,8]
+            _conv_bn_relu(1, 16),  # [B,16,8,8]
             _conv_bn_relu(16, 32),  # [B,32,8,8]
-            nn.MaxPool2d(2),        # [B,32,4,4]
+            nn.MaxPool2d(2),  # [B,32,4,4]
             _conv_bn_relu(32, 64),  # [B,64,4,4]
             ResidualBlock(64, 16),  # [B,64,4,4]
         )

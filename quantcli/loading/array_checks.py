@@ -38,8 +38,10 @@ def shape_problem(spec: InputSpec, shape: Sequence[int], sample_axis: bool = Tru
         if dim is None and got != want:
             return f"input {spec.name!r} has shape {shape}; axis {axis} must be {want} (static in the recipe)"
         if dim is not None and ((dim.min is not None and got < dim.min) or (dim.max is not None and got > dim.max)):
-            return (f"input {spec.name!r} has shape {shape}; axis {axis} ({dim.name}) must be within "
-                    f"{dim.range()} (its bounds in the recipe)")
+            return (
+                f"input {spec.name!r} has shape {shape}; axis {axis} ({dim.name}) must be within "
+                f"{dim.range()} (its bounds in the recipe)"
+            )
     return None
 
 
@@ -48,8 +50,10 @@ def dtype_problem(spec: InputSpec, have: Any, array: str) -> str | None:
     want = DTYPES[spec.dtype]
     if cast_kind(have, want) != UNSAFE:
         return None
-    return (f"input {spec.name!r}{array_note(spec.name, array)} is {have} in the data but the recipe "
-            f"declares {want}; a cast would change its values (convert the data, or declare the input's dtype)")
+    return (
+        f"input {spec.name!r}{array_note(spec.name, array)} is {have} in the data but the recipe "
+        f"declares {want}; a cast would change its values (convert the data, or declare the input's dtype)"
+    )
 
 
 def array_note(name: str, array: str) -> str:

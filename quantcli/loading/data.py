@@ -119,8 +119,11 @@ def conform(batch: dict[str, np.ndarray], inputs: list[InputSpec], where: Where)
     out = dict(batch)
     for spec in inputs:
         out[spec.name] = _cast(batch[spec.name], spec, where)
-        _finite(out[spec.name], f"input {spec.name!r}{array_note(spec.name, where.arrays.get(spec.name, spec.name))} "
-                "holds", where)
+        _finite(
+            out[spec.name],
+            f"input {spec.name!r}{array_note(spec.name, where.arrays.get(spec.name, spec.name))} holds",
+            where,
+        )
     if TARGET_COLUMN in batch:
         _finite(batch[TARGET_COLUMN], "the targets hold", where)
     return out
@@ -139,11 +142,15 @@ def _cast(arr: np.ndarray, spec: InputSpec, where: Where) -> np.ndarray:
         info = np.iinfo(want)
         low, high = arr.min(), arr.max()
         if low < info.min or high > info.max:
-            raise DataError(f"{where.label()}: input {spec.name!r}{array_note(spec.name, array)} is "
-                            f"{arr.dtype} with values in [{low}, {high}], outside the recipe's {want}",
-                            "declare the input as int64, or fix the data")
-    where.note(f"{where.what}: input {spec.name!r}{array_note(spec.name, array)} is {arr.dtype} in the data; "
-               f"cast to {want}, the recipe's dtype")
+            raise DataError(
+                f"{where.label()}: input {spec.name!r}{array_note(spec.name, array)} is "
+                f"{arr.dtype} with values in [{low}, {high}], outside the recipe's {want}",
+                "declare the input as int64, or fix the data",
+            )
+    where.note(
+        f"{where.what}: input {spec.name!r}{array_note(spec.name, array)} is {arr.dtype} in the data; "
+        f"cast to {want}, the recipe's dtype"
+    )
     with np.errstate(over="ignore"):  # a value too large for float16 becomes Inf, which _finite reports
         return arr.astype(want)
 
@@ -160,8 +167,10 @@ def _finite(arr: np.ndarray, label: str, where: Where) -> None:
     index = np.argwhere(bad)[0]
     value = arr[tuple(index)]
     kind = "NaN" if np.isnan(value) else "Inf"
-    raise DataError(f"{where.label()}: {label} {kind} at {where.sample(int(index[0]))}",
-                    "quantization ranges need finite values: fix or drop that sample")
+    raise DataError(
+        f"{where.label()}: {label} {kind} at {where.sample(int(index[0]))}",
+        "quantization ranges need finite values: fix or drop that sample",
+    )
 
 
 # ------------------------------------------------------------------ indexed sources
@@ -185,9 +194,12 @@ class Dataset:
     def scan(self, chunk: int = 4096) -> None:
         """Check every sample (dtypes, finite values) before work starts, a chunk at a time."""
         for start in range(0, self.length, chunk):
-            raw = {name: np.asarray(arr[start:start + chunk]) for name, arr in self.columns.items()}
-            conform(raw, self.inputs, Where(self.what, None, range(start, min(start + chunk, self.length)),
-                                            self.arrays, self.said))
+            raw = {name: np.asarray(arr[start : start + chunk]) for name, arr in self.columns.items()}
+            conform(
+                raw,
+                self.inputs,
+                Where(self.what, None, range(start, min(start + chunk, self.length)), self.arrays, self.said),
+            )
 
     def take(self, index: np.ndarray, batch: int = 0) -> dict[str, np.ndarray]:
         """The samples at `index` (in ascending order), conformed; `batch` names the batch (a step) in messages."""
@@ -196,8 +208,9 @@ class Dataset:
         return conform(raw, self.inputs, Where(self.what, batch, rows, self.arrays, self.said))
 
 
-def load_dataset(spec: str, keys: dict[str, str], inputs: list[InputSpec], what: str,
-                 targets: str | None = None, files: Any = None) -> Dataset:
+def load_dataset(
+    spec: str, keys: dict[str, str], inputs: list[InputSpec], what: str, targets: str | None = None, files: Any = None
+) -> Dataset:
     """Open an .npz or .npy folder for `inputs`: names, sample counts, shapes and dtypes checked, no data read.
 
     `files` (loading.files.reader) reads text and image files instead.
@@ -209,8 +222,10 @@ def load_dataset(spec: str, keys: dict[str, str], inputs: list[InputSpec], what:
     columns = {i.name: _get(arrays, names[i.name], what, role_of(i.name, names[i.name], what)) for i in inputs}
     if targets is not None:
         columns[TARGET_COLUMN] = _get(arrays, targets, what, f"for the targets, {what}.targets")
-    lengths = {(targets if name == TARGET_COLUMN else names[name]): arr.shape[0] if arr.ndim else 0
-               for name, arr in columns.items()}
+    lengths = {
+        (targets if name == TARGET_COLUMN else names[name]): arr.shape[0] if arr.ndim else 0
+        for name, arr in columns.items()
+    }
     if len(set(lengths.values())) != 1:
         raise DataError(f"{what}: arrays disagree on the number of samples: {lengths}")
     length = next(iter(lengths.values()))
@@ -224,9 +239,16 @@ def load_dataset(spec: str, keys: dict[str, str], inputs: list[InputSpec], what:
     return Dataset(columns, length, inputs, what, names)
 
 
-def iter_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], batch_size: int,
-                 num_batches: int | None, what: str, targets: str | None = None,
-                 files: Any = None) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+def iter_batches(
+    spec: str,
+    keys: dict[str, str],
+    inputs: list[InputSpec],
+    batch_size: int,
+    num_batches: int | None,
+    what: str,
+    targets: str | None = None,
+    files: Any = None,
+) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
     """(number of batches, iterator of conformed input-name -> array batches); a final partial batch included.
 
     With `targets` (an array name), each batch also holds the targets under TARGET_COLUMN. The
@@ -242,11 +264,15 @@ def iter_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], batch
     total = -(-data.length // batch_size)
     count = min(total, num_batches) if num_batches else total
     if batch_size > data.length:
-        log.warning(f"{what}: batch_size {batch_size} is larger than the data ({data.length} samples): "
-                    f"one batch of {data.length}")
+        log.warning(
+            f"{what}: batch_size {batch_size} is larger than the data ({data.length} samples): "
+            f"one batch of {data.length}"
+        )
     elif num_batches and num_batches > total:
-        log.warning(f"{what}: {num_batches} batches asked for, the data holds {total} ({data.length} samples at "
-                    f"batch_size {batch_size}): using {total}")
+        log.warning(
+            f"{what}: {num_batches} batches asked for, the data holds {total} ({data.length} samples at "
+            f"batch_size {batch_size}): using {total}"
+        )
 
     def gen() -> Iterator[dict[str, np.ndarray]]:
         for i in range(count):
@@ -255,8 +281,9 @@ def iter_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], batch
     return count, gen()
 
 
-def _factory_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], num_batches: int | None,
-                     what: str, targets: str | None) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+def _factory_batches(
+    spec: str, keys: dict[str, str], inputs: list[InputSpec], num_batches: int | None, what: str, targets: str | None
+) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
     factory = load_callable(spec, f"{what}.data", DataError)
     try:
         source = iter(factory())
@@ -279,8 +306,9 @@ def _factory_batches(spec: str, keys: dict[str, str], inputs: list[InputSpec], n
     return (num_batches or 0), gen()
 
 
-def _factory_batch(item: Any, where: Where, spec: str, inputs: list[InputSpec], targets: str | None
-                   ) -> dict[str, np.ndarray]:
+def _factory_batch(
+    item: Any, where: Where, spec: str, inputs: list[InputSpec], targets: str | None
+) -> dict[str, np.ndarray]:
     """One batch a data callable yielded, checked and conformed like a file's."""
     what, index, arrays = where.what, where.batch, where.arrays
     if not isinstance(item, Mapping):
@@ -289,11 +317,14 @@ def _factory_batch(item: Any, where: Where, spec: str, inputs: list[InputSpec], 
     if absent:
         name, array = absent[0]
         mapped = f" ({what}.keys maps {name!r} to it)" if array != name else ""
-        raise DataError(f"{what} batch {index}: no array {array!r} for input {name!r}{mapped}; "
-                        f"it has {sorted(map(str, item))}")
+        raise DataError(
+            f"{what} batch {index}: no array {array!r} for input {name!r}{mapped}; it has {sorted(map(str, item))}"
+        )
     if targets is not None and targets not in item:
-        raise DataError(f"{what} batch {index}: no array {targets!r} for the targets ({what}.targets); "
-                        f"it has {sorted(map(str, item))}")
+        raise DataError(
+            f"{what} batch {index}: no array {targets!r} for the targets ({what}.targets); "
+            f"it has {sorted(map(str, item))}"
+        )
     batch = {i.name: np.asarray(item[arrays[i.name]]) for i in inputs}
     check_batch(batch, inputs, f"{what} batch {index}", sample_axis=False)
     if targets is not None:

@@ -41,12 +41,20 @@ def from_descr(descr: Any) -> Dtype:
         bits = "" if kind == "b" else str(8 * itemsize)
         return Dtype(kind, itemsize, _KIND_NAMES[kind] + bits)
     if kind in ("M", "m") and native:
-        return Dtype(kind, itemsize, ("datetime64" if kind == "M" else "timedelta64") + rest[len(digits):])
+        return Dtype(kind, itemsize, ("datetime64" if kind == "M" else "timedelta64") + rest[len(digits) :])
     return Dtype(kind, itemsize, "object" if kind == "O" else descr)
 
 
-DTYPES: dict[str, Dtype] = {name: Dtype(kind, size, name) for name, kind, size in (
-    ("float32", "f", 4), ("float16", "f", 2), ("int64", "i", 8), ("int32", "i", 4), ("bool", "b", 1))}
+DTYPES: dict[str, Dtype] = {
+    name: Dtype(kind, size, name)
+    for name, kind, size in (
+        ("float32", "f", 4),
+        ("float16", "f", 2),
+        ("int64", "i", 8),
+        ("int32", "i", 4),
+        ("bool", "b", 1),
+    )
+}
 
 SAME, SAFE, RANGE, UNSAFE = "same", "safe", "range", "unsafe"
 

@@ -16,10 +16,11 @@ import importlib.util
 import site
 import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from quantcli.errors import InputError
 from quantcli.references import split_callable

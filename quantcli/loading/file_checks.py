@@ -15,13 +15,20 @@ from pathlib import Path
 from quantcli import extras
 from quantcli.errors import QuantCliError
 from quantcli.loading import kinds
-from quantcli.recipe import DataSource, ModelSection, Recipe
 from quantcli.numerics.names import METRICS
+from quantcli.recipe import DataSource, ModelSection, Recipe
 from quantcli.sources import hf_folder
 from quantcli.sources.names import TASKS
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "sentencepiece.bpe.model", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 SECTIONS = ("calibration", "training", "evaluation")  # the sections holding data
 
@@ -106,8 +113,10 @@ def _data_problems(recipe: Recipe, name: str, section: DataSource) -> list[str]:
     kind = kinds.by_name(section.data)
     targets = getattr(section, "targets", None) if _wants_targets(name, section) else None
     if kind == "text" and targets is not None:
-        return [f"{name}.targets: {path.name} is one example a line and has no columns; "
-                "put texts and targets in a .jsonl/.csv/.parquet file"]
+        return [
+            f"{name}.targets: {path.name} is one example a line and has no columns; "
+            "put texts and targets in a .jsonl/.csv/.parquet file"
+        ]
     if kind == "table" and path.is_file():
         return _column_problems(name, section, path, targets)
     modality = TASKS[recipe.model.task].modality if recipe.model.task else None
@@ -124,8 +133,11 @@ def _column_problems(name: str, section: DataSource, path: Path, targets: str | 
     if header is None:
         return []
     wanted = [("text", section.text or "text"), ("text_pair", section.text_pair), ("targets", targets)]
-    return [f"{name}.{key}: no column {column!r} in {path.name}; it has {header}"
-            for key, column in wanted if column is not None and column not in header]
+    return [
+        f"{name}.{key}: no column {column!r} in {path.name}; it has {header}"
+        for key, column in wanted
+        if column is not None and column not in header
+    ]
 
 
 def _image_problems(recipe: Recipe, name: str, path: Path, from_folders: bool) -> list[str]:
@@ -143,6 +155,8 @@ def _image_problems(recipe: Recipe, name: str, path: Path, from_folders: bool) -
             return []  # reported with the model
         unknown = [c for c in classes if c not in labels]
         if unknown:
-            return [f"{name}.data: class folders {unknown} are not labels of the model "
-                    f"(its id2label: {', '.join(sorted(labels)) or 'none'})"]
+            return [
+                f"{name}.data: class folders {unknown} are not labels of the model "
+                f"(its id2label: {', '.join(sorted(labels)) or 'none'})"
+            ]
     return []

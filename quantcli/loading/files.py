@@ -55,8 +55,9 @@ def table_rows(path: Path, what: str) -> Iterator[dict[str, Any]]:
     suffix = path.suffix.lower()
     options = {"sep": "\t"} if suffix == ".tsv" else {}
     try:
-        stream = datasets.load_dataset(kinds.TEXT_SUFFIXES[suffix], data_files=str(path), split="train",
-                                       streaming=True, cache_dir=cache, **options)
+        stream = datasets.load_dataset(
+            kinds.TEXT_SUFFIXES[suffix], data_files=str(path), split="train", streaming=True, cache_dir=cache, **options
+        )
         for row in stream:
             if suffix != ".txt" or row["text"].strip():
                 yield row
@@ -84,13 +85,16 @@ class FileReader:
         modality = TASKS[self.task].modality if self.task else None
         if (kind == "images") != (modality == "image"):
             has = "images" if kind == "images" else "text"
-            raise DataError(f"{what}.data: {self.path} holds {has}, but the {recipe.model.source} model "
-                            f"({self.task or 'a factory'}) takes {modality or 'arrays'}")
+            raise DataError(
+                f"{what}.data: {self.path} holds {has}, but the {recipe.model.source} model "
+                f"({self.task or 'a factory'}) takes {modality or 'arrays'}"
+            )
         self.labels = Labels(recipe, what, "targets")
 
     # -- streaming ------------------------------------------------------------------
-    def iter_batches(self, batch_size: int, num_batches: int | None,
-                     fixed_width: bool = False) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+    def iter_batches(
+        self, batch_size: int, num_batches: int | None, fixed_width: bool = False
+    ) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
         """(number of batches, or 0 where unknown before reading; the batches), a final partial one included."""
         targets = self.targets
         if self.kind == "images":
@@ -104,8 +108,9 @@ class FileReader:
             return count, self._image_batches(files, batch_size, count, targets)
         return (num_batches or 0), self._text_batches(batch_size, num_batches, targets, fixed_width)
 
-    def _text_batches(self, batch_size: int, num_batches: int | None, targets: bool,
-                      fixed_width: bool) -> Iterator[dict[str, np.ndarray]]:
+    def _text_batches(
+        self, batch_size: int, num_batches: int | None, targets: bool, fixed_width: bool
+    ) -> Iterator[dict[str, np.ndarray]]:
         encode = TextEncoder(self.recipe, self.section, self.what, fixed_width)
         text_key = self.section.text or "text"
         rows: list[dict[str, Any]] = []
@@ -122,8 +127,9 @@ class FileReader:
         elif done == 0:
             raise DataError(f"{self.what}.data: {self.path} holds no examples")
 
-    def _text_batch(self, encode: TextEncoder, rows: list[dict[str, Any]], text_key: str,
-                    targets: bool) -> dict[str, np.ndarray]:
+    def _text_batch(
+        self, encode: TextEncoder, rows: list[dict[str, Any]], text_key: str, targets: bool
+    ) -> dict[str, np.ndarray]:
         texts = [_column(r, text_key, "text", self.what, self.path) for r in rows]
         pairs = None
         if self.section.text_pair is not None:
@@ -132,22 +138,28 @@ class FileReader:
         if targets:
             values = [_column(r, self.section.targets, "targets", self.what, self.path) for r in rows]
             width = next(iter(batch.values())).shape[1]
-            batch[TARGET_COLUMN] = (self.labels.tokens(values, encoding, width) if self.task == "token-classification"
-                                    else self.labels.sequence(values))
+            batch[TARGET_COLUMN] = (
+                self.labels.tokens(values, encoding, width)
+                if self.task == "token-classification"
+                else self.labels.sequence(values)
+            )
         return batch
 
-    def _image_batches(self, files: list[Path], batch_size: int, count: int,
-                       targets: bool) -> Iterator[dict[str, np.ndarray]]:
+    def _image_batches(
+        self, files: list[Path], batch_size: int, count: int, targets: bool
+    ) -> Iterator[dict[str, np.ndarray]]:
         Image = extras.require("PIL.Image", f"{self.what}.data: reading images", DataError)
         encode = ImageEncoder(self.recipe, self.what)
         classes = kinds.class_folders(self.path)
         index = self.labels.folders(classes, self.recipe.model.source) if targets else {}
         if targets and not classes:
-            raise DataError(f"{self.what}.data: {self.path} has no class subfolders to take targets from",
-                            "put each class's images in a subfolder named after it")
+            raise DataError(
+                f"{self.what}.data: {self.path} has no class subfolders to take targets from",
+                "put each class's images in a subfolder named after it",
+            )
         for start in range(0, count * batch_size, batch_size):
             images, labels = [], []
-            for path in files[start:start + batch_size]:
+            for path in files[start : start + batch_size]:
                 try:
                     with Image.open(path) as img:
                         images.append(img.convert("RGB"))
@@ -179,9 +191,14 @@ class FileReader:
     def _cache_key(self, targets: bool) -> str:
         from quantcli.artifacts import sha256_path
 
-        settings = {"data": sha256_path(self.path), "section": self.section.model_dump(mode="json", exclude={"data"}),
-                    "inputs": [i.model_dump(mode="json") for i in self.recipe.inputs], "targets": targets,
-                    "model": _preprocessing_identity(self.recipe), "quantcli": __version__}
+        settings = {
+            "data": sha256_path(self.path),
+            "section": self.section.model_dump(mode="json", exclude={"data"}),
+            "inputs": [i.model_dump(mode="json") for i in self.recipe.inputs],
+            "targets": targets,
+            "model": _preprocessing_identity(self.recipe),
+            "quantcli": __version__,
+        }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     def _write_cache(self, folder: Path) -> None:
@@ -213,7 +230,7 @@ def _join(parts: list[Path], out: Path) -> None:
     joined = np.lib.format.open_memmap(out, mode="w+", dtype=arrays[0].dtype, shape=(total, *arrays[0].shape[1:]))
     start = 0
     for part, array in zip(parts, arrays):
-        joined[start:start + len(array)] = array
+        joined[start : start + len(array)] = array
         start += len(array)
         part.unlink()
     joined.flush()
@@ -229,12 +246,16 @@ def _preprocessing_identity(recipe: Recipe) -> Any:
 
     folder = Path(recipe.model.huggingface)
     weights = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx")
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.endswith(weights)}
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(weights)
+    }
 
 
-def reader(recipe: Recipe, what: str, section: DataSource | None = None, *, targets: bool = False,
-           cache: Path | None = None) -> FileReader | None:
+def reader(
+    recipe: Recipe, what: str, section: DataSource | None = None, *, targets: bool = False, cache: Path | None = None
+) -> FileReader | None:
     """A FileReader when the section's data is text, a table or an image folder; None for arrays/callables.
 
     `targets`: batches carry the targets under TARGET_COLUMN; `cache`: where training's arrays are kept.
@@ -250,7 +271,9 @@ def reader(recipe: Recipe, what: str, section: DataSource | None = None, *, targ
     if kind not in ("text", "table", "images"):
         return None
     if recipe.model.source == "factory":
-        raise DataError(f"{what}.data: {section.data} holds {'images' if kind == 'images' else 'text'}; files are "
-                        "preprocessed the model's way, which a factory model does not tell",
-                        "use a huggingface, torchvision or timm model, or give .npz/.npy arrays")
+        raise DataError(
+            f"{what}.data: {section.data} holds {'images' if kind == 'images' else 'text'}; files are "
+            "preprocessed the model's way, which a factory model does not tell",
+            "use a huggingface, torchvision or timm model, or give .npz/.npy arrays",
+        )
     return FileReader(recipe, section, what, kind, targets, cache)

@@ -18,9 +18,9 @@ from typing import IO, Any
 
 from quantcli.errors import DataError, InputError
 from quantcli.loading import kinds
-from quantcli.loading.targets import problem as target_problem
 from quantcli.loading.array_checks import dtype_problem, missing_array, role_of, shape_problem
 from quantcli.loading.dtypes import Dtype, from_descr
+from quantcli.loading.targets import problem as target_problem
 from quantcli.recipe import InputSpec, Recipe
 from quantcli.references import exists
 

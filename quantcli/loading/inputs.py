@@ -46,8 +46,9 @@ def example_batch(recipe: Recipe) -> dict[str, np.ndarray]:
 
     cal = recipe.calibration
     if cal is not None:
-        _, batches = iter_batches(cal.data, cal.keys, recipe.inputs, cal.batch_size, 1, "calibration",
-                                  files=reader(recipe, "calibration"))
+        _, batches = iter_batches(
+            cal.data, cal.keys, recipe.inputs, cal.batch_size, 1, "calibration", files=reader(recipe, "calibration")
+        )
         for batch in batches:
             return batch
     return export_example(recipe.inputs)
@@ -77,8 +78,9 @@ def _batch_at(recipe: Recipe, name: str, index: int) -> dict[str, np.ndarray] | 
     from quantcli.loading.files import reader
 
     section = getattr(recipe, name)
-    _, batches = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, None, name,
-                              files=reader(recipe, name))
+    _, batches = iter_batches(
+        section.data, section.keys, recipe.inputs, section.batch_size, None, name, files=reader(recipe, name)
+    )
     return next(itertools.islice(batches, index, None), None)
 
 
@@ -108,6 +110,8 @@ def dynamic_shapes(inputs: list[InputSpec]) -> tuple[dict[int, Any] | None, ...]
     """One dict per input mapping axis -> torch.export.Dim(name, min=, max=); symbols are shared by name."""
     import torch
 
-    dims = {name: torch.export.Dim(name, **{k: v for k, v in (("min", d.min), ("max", d.max)) if v is not None})
-            for name, d in symbols(inputs).items()}
+    dims = {
+        name: torch.export.Dim(name, **{k: v for k, v in (("min", d.min), ("max", d.max)) if v is not None})
+        for name, d in symbols(inputs).items()
+    }
     return tuple({axis: dims[sym] for axis, sym in spec.axes().items()} or None for spec in inputs)

@@ -9,15 +9,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
-                 ".parquet": "parquet"}  # suffix -> Hugging Face datasets' packaged builder
+TEXT_SUFFIXES = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+}  # suffix -> Hugging Face datasets' packaged builder
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")  # files with named columns
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npz",)
 
 
 def by_name(spec: str) -> str:
-    """"text", "table", "arrays", "callable" or "folder" (images or .npy files: `of_folder` tells)."""
+    """ "text", "table", "arrays", "callable" or "folder" (images or .npy files: `of_folder` tells)."""
     from quantcli.references import split_callable
 
     suffix = Path(spec).suffix.lower()
@@ -48,10 +54,15 @@ def image_files(folder: Path) -> list[Path]:
 
 def class_folders(folder: Path) -> list[str]:
     """The subfolders holding images, sorted: ImageNet-style class names (empty for a flat folder)."""
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
-                  and any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir() if p.is_file()))
+    return sorted(
+        d.name
+        for d in folder.iterdir()
+        if d.is_dir()
+        and not d.name.startswith(".")
+        and any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir() if p.is_file())
+    )
 
 
 def of_folder(folder: Path) -> str:
-    """"arrays" when the folder holds .npy files, else "images" (directly or in class subfolders)."""
+    """ "arrays" when the folder holds .npy files, else "images" (directly or in class subfolders)."""
     return "arrays" if any(p.suffix.lower() == ".npy" for p in folder.iterdir()) else "images"

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from quantcli.errors import DataError
-from quantcli.recipe import DataSource, ImageOptions, Recipe
 from quantcli.numerics.metrics import IGNORE
+from quantcli.recipe import DataSource, ImageOptions, Recipe
 from quantcli.sources import hf_folder
 
 _PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
@@ -38,8 +38,15 @@ class TextEncoder:
         """(inputs, the tokenizer's encoding: word_ids for token labels). Word lists are pre-split words."""
         words = bool(texts) and isinstance(texts[0], list)
         try:
-            encoding = self.tokenizer(texts, text_pair=pairs, max_length=self.max_length, padding=self.padding,
-                                      truncation=self.truncation, is_split_into_words=words, return_tensors="np")
+            encoding = self.tokenizer(
+                texts,
+                text_pair=pairs,
+                max_length=self.max_length,
+                padding=self.padding,
+                truncation=self.truncation,
+                is_split_into_words=words,
+                return_tensors="np",
+            )
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise DataError(f"{self.what}: the tokenizer failed: {type(exc).__name__}: {first}") from exc
@@ -122,8 +129,10 @@ class Labels:
         out = np.full((len(values), width), IGNORE, dtype=np.int64)
         for row, words in enumerate(values):
             if not isinstance(words, list):
-                raise DataError(f"{self.what}.{self.key}: token-classification targets are a list of labels a "
-                                f"word, got {type(words).__name__}")
+                raise DataError(
+                    f"{self.what}.{self.key}: token-classification targets are a list of labels a "
+                    f"word, got {type(words).__name__}"
+                )
             previous = None
             for position, word in enumerate(encoding.word_ids(row)):
                 if word is not None and word != previous and word < len(words):
@@ -137,7 +146,9 @@ class Labels:
             return {name: index for index, name in enumerate(names)}
         unknown = [n for n in names if n not in self.label2id]
         if unknown:
-            raise DataError(f"{self.what}.data: class folders {unknown} are not labels of the model "
-                            f"(its id2label: {', '.join(sorted(self.label2id)) or 'none'})",
-                            "name each class folder after the label the model predicts for it")
+            raise DataError(
+                f"{self.what}.data: class folders {unknown} are not labels of the model "
+                f"(its id2label: {', '.join(sorted(self.label2id)) or 'none'})",
+                "name each class folder after the label the model predicts for it",
+            )
         return {name: self.label2id[name] for name in names}

@@ -20,7 +20,8 @@ the first output and the targets of every batch (never the inputs).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,16 +57,24 @@ def needs_targets(metric: str | None) -> bool:
     return metric == "callable" or (metric is not None and METRICS[metric].needs_targets)
 
 
-def stream(recipe: Recipe, what: str, float_module: Any, batches: int | None = None,
-           metric: str | None = None) -> tuple[int | None, Iterator[tuple[dict[str, np.ndarray], list, Any]]]:
+def stream(
+    recipe: Recipe, what: str, float_module: Any, batches: int | None = None, metric: str | None = None
+) -> tuple[int | None, Iterator[tuple[dict[str, np.ndarray], list, Any]]]:
     """(batch count if known, iterator of (inputs, the fp32 program's outputs, targets)) over section `what`."""
     from quantcli.loading.files import reader
 
     section = getattr(recipe, what)
     targets = needs_targets(metric)
-    total, raw = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, batches, what,
-                              targets=section.targets if targets else None,
-                              files=reader(recipe, what, targets=targets))
+    total, raw = iter_batches(
+        section.data,
+        section.keys,
+        recipe.inputs,
+        section.batch_size,
+        batches,
+        what,
+        targets=section.targets if targets else None,
+        files=reader(recipe, what, targets=targets),
+    )
 
     def run() -> Iterator[tuple[dict[str, np.ndarray], list, Any]]:
         from quantcli import _torch
@@ -84,8 +93,11 @@ class Scores:
 
     def __init__(self, metric: str | None, models: Sequence[str], score: Callable | None = None):
         self.metric = metric
-        make = (lambda: _Concatenated(score)) if metric == "callable" else \
-            (METRICS[metric].accumulator if metric else None)
+        make = (
+            (lambda: _Concatenated(score))
+            if metric == "callable"
+            else (METRICS[metric].accumulator if metric else None)
+        )
         self.accumulators = {m: make() for m in models} if make else {}
         self.powers: dict[str, list[Powers]] = {m: [] for m in models}
         self.agreement: dict[str, list[int]] = {}
@@ -115,9 +127,11 @@ class Scores:
         return min(p.db() for p in self.powers[model])
 
     def result(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"batches": self.batches, "samples": self.samples,
-                               "sqnr_db": {m: self.sqnr_db(m) for m, p in self.powers.items()
-                                           if p and m != "fp32_torch"}}
+        doc: dict[str, Any] = {
+            "batches": self.batches,
+            "samples": self.samples,
+            "sqnr_db": {m: self.sqnr_db(m) for m, p in self.powers.items() if p and m != "fp32_torch"},
+        }
         if not self.accumulators:
             return doc
         results = {m: acc.result() for m, acc in self.accumulators.items() if self.powers[m]}

@@ -8,8 +8,8 @@ a metric against the targets ignores it, a metric against the fp32 model (cosine
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import numpy as np
 
@@ -113,6 +113,10 @@ class Metric(MetricName):
 
 
 _ACCUMULATORS: dict[str, Callable[[], Accumulator]] = {
-    "accuracy": Accuracy, "token_accuracy": TokenAccuracy, "cosine": Cosine}
-METRICS: dict[str, Metric] = {name: Metric(**vars(info), accumulator=_ACCUMULATORS[name])
-                              for name, info in names.METRICS.items()}
+    "accuracy": Accuracy,
+    "token_accuracy": TokenAccuracy,
+    "cosine": Cosine,
+}
+METRICS: dict[str, Metric] = {
+    name: Metric(**vars(info), accumulator=_ACCUMULATORS[name]) for name, info in names.METRICS.items()
+}

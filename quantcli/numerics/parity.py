@@ -76,20 +76,37 @@ def excess_db(fp32: np.ndarray, int8: np.ndarray, ort: np.ndarray) -> float:
 
 
 def output_figures(fp32: np.ndarray, int8: np.ndarray, ort: np.ndarray) -> dict[str, float]:
-    return {"ort_vs_int8_db": sqnr_db(int8, ort), "int8_vs_fp32_db": sqnr_db(fp32, int8),
-            "ort_vs_fp32_db": sqnr_db(fp32, ort), "excess_db": excess_db(fp32, int8, ort)}
+    return {
+        "ort_vs_int8_db": sqnr_db(int8, ort),
+        "int8_vs_fp32_db": sqnr_db(fp32, int8),
+        "ort_vs_fp32_db": sqnr_db(fp32, ort),
+        "excess_db": excess_db(fp32, int8, ort),
+    }
 
 
-def verdict(names: Sequence[str], fp32: Sequence[np.ndarray], int8: Sequence[np.ndarray], ort: Sequence[np.ndarray],
-            *, max_excess_db: float, min_sqnr_db: float | None = None) -> dict[str, Any]:
+def verdict(
+    names: Sequence[str],
+    fp32: Sequence[np.ndarray],
+    int8: Sequence[np.ndarray],
+    ort: Sequence[np.ndarray],
+    *,
+    max_excess_db: float,
+    min_sqnr_db: float | None = None,
+) -> dict[str, Any]:
     """The parity section of the export report: per-output figures, the worst ones, pass or fail."""
     per_output = {name: output_figures(f, q, o) for name, f, q, o in zip(names, fp32, int8, ort)}
     worst_sqnr = min(v["ort_vs_int8_db"] for v in per_output.values())
     worst_excess = max(v["excess_db"] for v in per_output.values())
     passed = worst_excess <= max_excess_db and (min_sqnr_db is None or worst_sqnr >= min_sqnr_db)
-    return {"passed": bool(passed), "excess_db": worst_excess, "max_excess_db": max_excess_db,
-            "min_sqnr_db": worst_sqnr, "threshold_db": min_sqnr_db, "per_output": per_output,
-            "samples": int(np.asarray(fp32[0]).shape[0]) if len(fp32) and np.asarray(fp32[0]).ndim else 1}
+    return {
+        "passed": bool(passed),
+        "excess_db": worst_excess,
+        "max_excess_db": max_excess_db,
+        "min_sqnr_db": worst_sqnr,
+        "threshold_db": min_sqnr_db,
+        "per_output": per_output,
+        "samples": int(np.asarray(fp32[0]).shape[0]) if len(fp32) and np.asarray(fp32[0]).ndim else 1,
+    }
 
 
 def with_local(target: dict[str, Any], local: dict[str, Any], target_cpu: str) -> dict[str, Any]:
@@ -106,10 +123,14 @@ def failure(check: dict[str, Any]) -> str:
             return "on this CPU: " + failure({**plain, **check["local"]})
         return f"with {check['emulated']}'s int16 pair saturation emulated: " + failure(plain)
     if check["excess_db"] > check["max_excess_db"]:
-        return (f"ONNX Runtime's error against fp32 is {check['excess_db']:.1f} dB above the PyTorch int8 model's "
-                f"(export.parity_max_excess_db {check['max_excess_db']})")
-    return (f"ONNX Runtime vs the converted model {check['min_sqnr_db']:.1f} dB < export.parity_min_sqnr_db "
-            f"{check['threshold_db']}")
+        return (
+            f"ONNX Runtime's error against fp32 is {check['excess_db']:.1f} dB above the PyTorch int8 model's "
+            f"(export.parity_max_excess_db {check['max_excess_db']})"
+        )
+    return (
+        f"ONNX Runtime vs the converted model {check['min_sqnr_db']:.1f} dB < export.parity_min_sqnr_db "
+        f"{check['threshold_db']}"
+    )
 
 
 def _within(check: dict[str, Any]) -> bool:

@@ -18,14 +18,23 @@ def to_onnx(program: Any, *, opset: int, input_names: list[str], output_names: l
 
     try:
         onnx_program = torch.onnx.export(
-            program, (), dynamo=True, opset_version=max(opset, EXPORTER_OPSET), input_names=input_names,
-            output_names=output_names, external_data=False, verbose=False, optimize=True,
+            program,
+            (),
+            dynamo=True,
+            opset_version=max(opset, EXPORTER_OPSET),
+            input_names=input_names,
+            output_names=output_names,
+            external_data=False,
+            verbose=False,
+            optimize=True,
         )
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "out_dtype" in str(exc):
-            raise ModelError("the converted graph cannot be exported to ONNX (out_dtype has no ONNX conversion)",
-                             "convert without --reference-representation") from exc
+            raise ModelError(
+                "the converted graph cannot be exported to ONNX (out_dtype has no ONNX conversion)",
+                "convert without --reference-representation",
+            ) from exc
         raise ModelError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
     model = rewrite.rewrite(onnx_program.model_proto)  # integer forms ORT can run (GlobalAveragePool...)
     return convert_opset(model, opset) if opset < EXPORTER_OPSET else model
@@ -41,8 +50,10 @@ def convert_opset(model: Any, opset: int) -> Any:
         onnx.checker.check_model(converted, full_check=True)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RecipeError(f"export.opset {opset}: the model cannot be converted from opset {EXPORTER_OPSET}: {first}",
-                          f"use --opset {EXPORTER_OPSET} or higher") from exc
+        raise RecipeError(
+            f"export.opset {opset}: the model cannot be converted from opset {EXPORTER_OPSET}: {first}",
+            f"use --opset {EXPORTER_OPSET} or higher",
+        ) from exc
     if opset_of(converted) != opset:
         raise RecipeError(f"export.opset {opset}: the converter produced opset {opset_of(converted)}")
     return converted
@@ -134,9 +145,13 @@ def infer_shapes(model: Any) -> Any:
 
 def shape_coverage(model: Any) -> dict[str, int]:
     """How many intermediate tensors carry a value_info with dtype and full shape."""
-    typed = {v.name for v in model.graph.value_info
-             if v.type.tensor_type.elem_type and v.type.tensor_type.HasField("shape")
-             and all(d.dim_param or d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)}
+    typed = {
+        v.name
+        for v in model.graph.value_info
+        if v.type.tensor_type.elem_type
+        and v.type.tensor_type.HasField("shape")
+        and all(d.dim_param or d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)
+    }
     outputs = {o.name for o in model.graph.output}
     produced = {out for node in model.graph.node for out in node.output if out and out not in outputs}
     return {"intermediate": len(produced), "with_shape": len(produced & typed)}
@@ -164,8 +179,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return {p.key.removeprefix("quantcli."): json.loads(p.value) for p in model.metadata_props
-            if p.key.startswith("quantcli.")}
+    return {
+        p.key.removeprefix("quantcli."): json.loads(p.value)
+        for p in model.metadata_props
+        if p.key.startswith("quantcli.")
+    }
 
 
 def graph_summary(model: Any) -> dict[str, Any]:
@@ -176,8 +194,13 @@ def graph_summary(model: Any) -> dict[str, Any]:
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     int8 = [t for t in model.graph.initializer if t.data_type in (TensorProto.INT8, TensorProto.UINT8)]
-    return {"opset": opset_of(model), "nodes": len(model.graph.node), "ops": dict(sorted(ops.items())),
-            "int8_initializers": len(int8), "initializers": len(model.graph.initializer)}
+    return {
+        "opset": opset_of(model),
+        "nodes": len(model.graph.node),
+        "ops": dict(sorted(ops.items())),
+        "int8_initializers": len(int8),
+        "initializers": len(model.graph.initializer),
+    }
 
 
 def io_summary(model: Any) -> dict[str, list[dict[str, Any]]]:
@@ -190,8 +213,10 @@ def io_summary(model: Any) -> dict[str, list[dict[str, Any]]]:
         dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
         return {"name": value.name, "dtype": _dtype_name(tensor.elem_type), "shape": dims}
 
-    return {"inputs": [describe(v) for v in model.graph.input if v.name not in initializers],
-            "outputs": [describe(v) for v in model.graph.output]}
+    return {
+        "inputs": [describe(v) for v in model.graph.input if v.name not in initializers],
+        "outputs": [describe(v) for v in model.graph.output],
+    }
 
 
 def _dtype_name(elem_type: int) -> str:

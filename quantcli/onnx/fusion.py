@@ -76,12 +76,26 @@ def analyze(onnx_path: str | Path) -> dict:
     for node in island_nodes(graph, lambda n: bool(reasons[id(n)])):
         origin = origins.origin(node)
         reason = reasons[id(node)]
-        islands.append({"op_type": node.op_type, "name": node.name, "module": origin["module"],
-                        "module_type": origin["module_type"], "torch_op": origin["torch_op"],
-                        "allowed": bool(reason), "reason": reason})
-    return {"coverage": {"integer": sum(integer.values()), "total": sum(integer.values()) + sum(floating.values()),
-                         "integer_ops": integer, "float_ops": floating},
-            "islands": islands}
+        islands.append(
+            {
+                "op_type": node.op_type,
+                "name": node.name,
+                "module": origin["module"],
+                "module_type": origin["module_type"],
+                "torch_op": origin["torch_op"],
+                "allowed": bool(reason),
+                "reason": reason,
+            }
+        )
+    return {
+        "coverage": {
+            "integer": sum(integer.values()),
+            "total": sum(integer.values()) + sum(floating.values()),
+            "integer_ops": integer,
+            "float_ops": floating,
+        },
+        "islands": islands,
+    }
 
 
 def coverage_warning(analysis: dict) -> str | None:
@@ -93,5 +107,7 @@ def coverage_warning(analysis: dict) -> str | None:
     if total == 0 or 2 * integer >= total:
         return None
     what = "none" if integer == 0 else f"only {integer}"
-    return (f"{what} of {total} convs/matmuls run as integer kernels in ONNX Runtime: the int8 model may be "
-            "no faster than fp32 (`quantcli inspect` lists the float ops and their modules)")
+    return (
+        f"{what} of {total} convs/matmuls run as integer kernels in ONNX Runtime: the int8 model may be "
+        "no faster than fp32 (`quantcli inspect` lists the float ops and their modules)"
+    )

@@ -15,13 +15,24 @@ from collections.abc import Callable
 from typing import Any
 
 # Op types (any domain) that carry out a Conv/MatMul/Gemm in integer arithmetic.
-INTEGER_KERNELS = frozenset({
-    "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul", "QGemm", "QAttention", "DynamicQuantizeLSTM", "QLinearConvTranspose",
-    "MatMulNBits",
-})
-FLOAT_KERNELS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul",
-                           "FusedGemm", "NhwcFusedConv"})
+INTEGER_KERNELS = frozenset(
+    {
+        "QLinearConv",
+        "ConvInteger",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QGemm",
+        "QAttention",
+        "DynamicQuantizeLSTM",
+        "QLinearConvTranspose",
+        "MatMulNBits",
+    }
+)
+FLOAT_KERNELS = frozenset(
+    {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "NhwcFusedConv"}
+)
 
 # Float ops between a DequantizeLinear and a QuantizeLinear that are allowed to stay: ORT's CPU
 # provider has no integer kernel for them, or (Softmax) they stay float on purpose, for attention
@@ -34,11 +45,15 @@ ALLOWED = {
     "SkipSimplifiedLayerNormalization": "RMS norm (fused with its residual add): no integer kernel",
     "RMSNormalization": "RMS norm: no integer kernel",
     "EmbedLayerNormalization": "embedding + layer norm: no integer kernel",
-    "Gelu": "GELU: no integer kernel", "FastGelu": "GELU: no integer kernel",
-    "BiasGelu": "GELU (fused with its bias): no integer kernel", "QuickGelu": "GELU: no integer kernel",
-    "HardSwish": "HardSwish: no integer kernel", "HardSigmoid": "HardSigmoid: no integer kernel",
+    "Gelu": "GELU: no integer kernel",
+    "FastGelu": "GELU: no integer kernel",
+    "BiasGelu": "GELU (fused with its bias): no integer kernel",
+    "QuickGelu": "GELU: no integer kernel",
+    "HardSwish": "HardSwish: no integer kernel",
+    "HardSigmoid": "HardSigmoid: no integer kernel",
     "InstanceNormalization": "normalization: no integer kernel",
-    "GroupNormalization": "normalization: no integer kernel", "GroupNorm": "normalization: no integer kernel",
+    "GroupNormalization": "normalization: no integer kernel",
+    "GroupNorm": "normalization: no integer kernel",
     "BatchNormalization": "normalization: no integer kernel",
     "LpNormalization": "normalization: no integer kernel",
     "MeanVarianceNormalization": "normalization: no integer kernel",
@@ -65,9 +80,28 @@ ALLOWED_TORCH_OPS = {
 # class of the module it runs in when ORT does not fuse it into FastGelu.
 GELU_MODULE = re.compile(r"gelu", re.IGNORECASE)
 # Ops whose outputs are not floating point even when fed floats (so no float path continues).
-_NOT_FLOAT_OUT = frozenset({"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "GreaterOrEqual",
-                            "Less", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf",
-                            "QuantizeLinear", "DynamicQuantizeLinear"})
+_NOT_FLOAT_OUT = frozenset(
+    {
+        "Shape",
+        "Size",
+        "ArgMax",
+        "ArgMin",
+        "NonZero",
+        "Equal",
+        "Greater",
+        "GreaterOrEqual",
+        "Less",
+        "LessOrEqual",
+        "Not",
+        "And",
+        "Or",
+        "Xor",
+        "IsNaN",
+        "IsInf",
+        "QuantizeLinear",
+        "DynamicQuantizeLinear",
+    }
+)
 _FLOAT_TYPES = frozenset({1, 10, 11, 16})  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
@@ -197,15 +231,16 @@ class Origins:
         source = self.exported_node(node)
         props = {p.key: p.value for p in source.metadata_props} if source is not None else {}
         module, module_type, op = (props.get(k, "") for k in self.keys)
-        return {"module": module, "module_type": module_type, "torch_op": op,
-                "exported_op": source.op_type if source is not None else ""}
+        return {
+            "module": module,
+            "module_type": module_type,
+            "torch_op": op,
+            "exported_op": source.op_type if source is not None else "",
+        }
 
 
 def allowance(op_type: str, origin: dict[str, str]) -> str:
     """Why an island node may stay float, or "" when it is a defect."""
     if GELU_MODULE.search(origin["module_type"]):
         return f"GELU written out ({origin['module_type']}): no integer kernel"
-    return (ALLOWED.get(op_type) or ALLOWED.get(origin["exported_op"]) or ALLOWED_TORCH_OPS.get(origin["torch_op"])
-            or "")
-
-
+    return ALLOWED.get(op_type) or ALLOWED.get(origin["exported_op"]) or ALLOWED_TORCH_OPS.get(origin["torch_op"]) or ""

@@ -24,8 +24,23 @@ from typing import Any
 
 import numpy as np
 
-_DATA_MOVEMENT = {"Reshape", "Transpose", "Slice", "Split", "Concat", "Gather", "Squeeze", "Unsqueeze",
-                  "Flatten", "Expand", "Tile", "Identity", "Pad", "DepthToSpace", "SpaceToDepth"}
+_DATA_MOVEMENT = {
+    "Reshape",
+    "Transpose",
+    "Slice",
+    "Split",
+    "Concat",
+    "Gather",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Expand",
+    "Tile",
+    "Identity",
+    "Pad",
+    "DepthToSpace",
+    "SpaceToDepth",
+}
 # Inputs that carry the data (the rest are shapes, indices, axes, pads: integers).
 _DATA_INPUTS = {"Concat": None, "Pad": (0,)}
 
@@ -46,15 +61,22 @@ class _Graph:
 
         self.model, self.graph = model, model.graph
         self.inits = {i.name: i for i in self.graph.initializer}
-        self.consts = {n.output[0]: numpy_helper.to_array(a.t) for n in self.graph.node
-                       if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
+        self.consts = {
+            n.output[0]: numpy_helper.to_array(a.t)
+            for n in self.graph.node
+            if n.op_type == "Constant"
+            for a in n.attribute
+            if a.name == "value"
+        }
         self.producer = {o: n for n in self.graph.node for o in n.output if o}
         self.consumers: dict[str, list] = {}
         for n in self.graph.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
-        self.types = {v.name: v.type.tensor_type for v in
-                      list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)}
+        self.types = {
+            v.name: v.type.tensor_type
+            for v in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
+        }
         self.outputs = {o.name for o in self.graph.output}
 
     def constant(self, name: str) -> np.ndarray | None:
@@ -110,8 +132,12 @@ def global_average_pools(model: Any) -> int:
         users = g.consumers.get(node.output[0], [])
         if keepdims:
             _replace_with_pool(node)
-        elif len(users) == 1 and users[0].op_type == "QuantizeLinear" and _per_tensor(g, users[0]) \
-                and node.output[0] not in g.outputs:
+        elif (
+            len(users) == 1
+            and users[0].op_type == "QuantizeLinear"
+            and _per_tensor(g, users[0])
+            and node.output[0] not in g.outputs
+        ):
             _pool_then_squeeze(g, node, users[0], rank)
         else:
             continue

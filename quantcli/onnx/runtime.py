@@ -18,8 +18,9 @@ def session(
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT's own warnings would reach the user's terminal
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

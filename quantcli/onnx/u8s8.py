@@ -94,8 +94,17 @@ def _layer(node: Any, g: _Graph) -> Layer | None:
         out_axis = q.ndim - 1
     w_scale = np.broadcast_to(np.asarray(g.const(dq_w.input[1]), np.float64).reshape(-1), (q.shape[out_axis],))
     origin = {p.key: p.value for p in node.metadata_props}
-    return Layer(node, origin.get(MODULE_KEY) or node.name, dq_x.input[0], float(g.const(dq_x.input[1])),
-                 int(zp), q, w_scale, out_axis, conv)
+    return Layer(
+        node,
+        origin.get(MODULE_KEY) or node.name,
+        dq_x.input[0],
+        float(g.const(dq_x.input[1])),
+        int(zp),
+        q,
+        w_scale,
+        out_axis,
+        conv,
+    )
 
 
 def exposed_layers(model: Any) -> list[Layer]:
@@ -163,13 +172,23 @@ def _correction(layer: Layer, taps: list[tuple[int, int, int]], add: Any) -> str
     if layer.conv:
         rank = layer.q.ndim - 2
         pads = _attr(layer.node, "pads", [0] * (2 * rank))
-        padded = add("Pad", [a, add.const(np.array([0, 0, *pads[:rank], 0, 0, *pads[rank:]], np.int64)),
-                              add.const(np.array(float(layer.x_zero_point), np.float32))])
+        padded = add(
+            "Pad",
+            [
+                a,
+                add.const(np.array([0, 0, *pads[:rank], 0, 0, *pads[rank:]], np.int64)),
+                add.const(np.array(float(layer.x_zero_point), np.float32)),
+            ],
+        )
         channels, weights = _conv_pairs(layer, taps)  # each pair sees only its two input channels
         picked = add("Gather", [padded, add.const(channels)], axis=1)
-        pairs = add("Conv", [picked, add.const(weights)], group=len(taps),
-                    strides=_attr(layer.node, "strides", [1] * rank),
-                    dilations=_attr(layer.node, "dilations", [1] * rank))
+        pairs = add(
+            "Conv",
+            [picked, add.const(weights)],
+            group=len(taps),
+            strides=_attr(layer.node, "strides", [1] * rank),
+            dilations=_attr(layer.node, "dilations", [1] * rank),
+        )
         select = select.T.reshape(out, len(taps), *[1] * rank)
         scales = scales.reshape(out, *[1] * rank)
     else:

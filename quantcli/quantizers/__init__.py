@@ -8,8 +8,9 @@ only inside the target factories, so importing this package stays instant.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from quantcli.errors import RecipeError
 from quantcli.quantizers import names
@@ -22,13 +23,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from quantcli.recipe import QuantizationSection
 
 
-def _onnxruntime(q: "QuantizationSection", qat: bool) -> Any:
+def _onnxruntime(q: QuantizationSection, qat: bool) -> Any:
     from quantcli.quantizers.onnxruntime import OnnxRuntimeQuantizer
 
     return OnnxRuntimeQuantizer(q, qat=qat)
 
 
-def _x86_inductor(q: "QuantizationSection", qat: bool) -> Any:
+def _x86_inductor(q: QuantizationSection, qat: bool) -> Any:
     from quantcli.quantizers.x86_inductor import x86_inductor_quantizer
 
     return x86_inductor_quantizer(q, qat=qat)
@@ -38,7 +39,7 @@ def _x86_inductor(q: "QuantizationSection", qat: bool) -> Any:
 class Target:
     """A quantization target: its quantizer factory and the `quantization:` options it reads."""
 
-    factory: Callable[["QuantizationSection", bool], Any]
+    factory: Callable[[QuantizationSection, bool], Any]
     options: frozenset[str] | None  # None: every option of the section
 
 
@@ -48,7 +49,7 @@ _FACTORIES = {"onnxruntime": _onnxruntime, "x86_inductor": _x86_inductor}
 TARGETS: dict[str, Target] = {name: Target(_FACTORIES[name], options) for name, options in names.TARGETS.items()}
 
 
-def resolve(q: "QuantizationSection") -> "QuantizationSection":
+def resolve(q: QuantizationSection) -> QuantizationSection:
     """Return a copy with target_cpu "auto" replaced by this CPU's class and reduce_range "auto" by what
     the target needs: pair-safe weights where ORT's u8 x s8 kernels add pairs in int16, else 8-bit."""
     cpu = detect_cpu() if q.target_cpu == "auto" else q.target_cpu

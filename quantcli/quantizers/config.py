@@ -43,9 +43,13 @@ class QuantizerConfig:
             "target": "onnxruntime",
             "weights": {"granularity": self.weights_granularity, "symmetric": self.weights_symmetric},
             "activations": {"dtype": self.activations_dtype, "symmetric": self.activations_symmetric},
-            "observer": self.observer, "target_cpu": self.target_cpu, "reduce_range": self.reduce_range,
-            "equalize": self.equalize, "exclude_names": list(self.exclude_names),
-            "exclude_types": list(self.exclude_types), "overrides": [dict(o) for o in self.overrides],
+            "observer": self.observer,
+            "target_cpu": self.target_cpu,
+            "reduce_range": self.reduce_range,
+            "equalize": self.equalize,
+            "exclude_names": list(self.exclude_names),
+            "exclude_types": list(self.exclude_types),
+            "overrides": [dict(o) for o in self.overrides],
         }
         try:
             return QuantizationSection.model_validate(document)

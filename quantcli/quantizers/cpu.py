@@ -56,7 +56,7 @@ _WEIGHTS = {
     False: "8-bit weights (-127..127)",
     True: "7-bit weights (-63..63) everywhere",
     PAIR_SAFE: "8-bit weights, narrowed per output channel where a pair of adjacent products could "
-               "overflow int16 (|q[k] + q[k+1]| <= 128); depthwise convs keep the full range",
+    "overflow int16 (|q[k] + q[k+1]| <= 128); depthwise convs keep the full range",
 }
 
 
@@ -64,8 +64,10 @@ def describe(target_cpu: str, reduce_range: bool | str) -> str:
     """One sentence: the resolved target, its weight range and the CPUs the model computes right on."""
     weights = _WEIGHTS[reduce_range]
     if reduce_range is False and saturates_u8s8(target_cpu):
-        where = (f"WRONG on {target_cpu} itself and every x86 CPU without VNNI (int16 pair sums can saturate); "
-                 "right on VNNI and arm64 CPUs")
+        where = (
+            f"WRONG on {target_cpu} itself and every x86 CPU without VNNI (int16 pair sums can saturate); "
+            "right on VNNI and arm64 CPUs"
+        )
     elif reduce_range is False and target_cpu == "vnni":
         where = "right on VNNI and arm64 CPUs; x86 CPUs without VNNI (AVX2, AVX-512 before Ice Lake) can saturate"
     else:

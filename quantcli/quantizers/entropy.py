@@ -136,8 +136,12 @@ def best_candidate(hist: torch.Tensor, quantized_bins: int) -> tuple[int, int]:
     zero, half = bins // 2, quantized_bins // 2
     i = torch.arange(half, zero + 1)
     starts, ends = zero - i, torch.clamp(zero + i + 1, max=bins)
-    kl = torch.cat([kl_divergences(hist, starts[c:c + _CHUNK], ends[c:c + _CHUNK], quantized_bins)
-                    for c in range(0, len(i), _CHUNK)])
+    kl = torch.cat(
+        [
+            kl_divergences(hist, starts[c : c + _CHUNK], ends[c : c + _CHUNK], quantized_bins)
+            for c in range(0, len(i), _CHUNK)
+        ]
+    )
     best = int(torch.argmin(kl))
     return int(starts[best]), int(ends[best])
 

@@ -142,8 +142,11 @@ class OnnxRuntimeQuantizer(Quantizer):
         """bias + x @ W, W stored (in, out) as in GPT-2's Conv1D: per-channel on axis 1, int32 bias (QGemm)."""
         act = activation_spec(s)
         bias, x, w = node.args[:3]
-        annotate(node, {x: act, w: weight_spec(s, 1, "matrix"), bias: bias_spec(s, (x, node), (w, node))},
-                 act if out else None)
+        annotate(
+            node,
+            {x: act, w: weight_spec(s, 1, "matrix"), bias: bias_spec(s, (x, node), (w, node))},
+            act if out else None,
+        )
 
     def _annotate_matmul(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         act = activation_spec(s)

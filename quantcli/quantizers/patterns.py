@@ -17,43 +17,98 @@ from torch.fx import Node
 aten = torch.ops.aten
 
 _OPS = {
-    "conv": (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-             aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding),
-    "conv_transpose": (aten.conv_transpose1d.default, aten.conv_transpose2d.input,
-                       aten.conv_transpose3d.input),
+    "conv": (
+        aten.conv1d.default,
+        aten.conv2d.default,
+        aten.conv3d.default,
+        aten.conv1d.padding,
+        aten.conv2d.padding,
+        aten.conv3d.padding,
+    ),
+    "conv_transpose": (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input),
     "linear": (aten.linear.default,),
     "addmm": (aten.addmm.default,),  # bias + x @ W with W (in, out): GPT-2's Conv1D
     "matmul": (aten.matmul.default, aten.bmm.default, aten.mm.default),
     "binary": (aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor),
     "relu": (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default),
     "cat": (aten.cat.default, aten.concat.default),
-    "pool": (aten.avg_pool1d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool1d.default,
-             aten.adaptive_avg_pool2d.default, aten.mean.dim),
+    "pool": (
+        aten.avg_pool1d.default,
+        aten.avg_pool2d.default,
+        aten.adaptive_avg_pool1d.default,
+        aten.adaptive_avg_pool2d.default,
+        aten.mean.dim,
+    ),
     "unary": (aten.sigmoid.default, aten.sigmoid_.default, aten.leaky_relu.default, aten.leaky_relu_.default),
-    "split": (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
-              aten.tensor_split.sections),
+    "split": (
+        aten.split.Tensor,
+        aten.split_with_sizes.default,
+        aten.chunk.default,
+        aten.unbind.int,
+        aten.tensor_split.sections,
+    ),
     "getitem": (operator.getitem,),
     # the output keeps the input's quantization parameters; ORT runs these on uint8 (Pad through
     # quantcli.onnx.rewrite, which gives it the zero point as its constant)
-    "shared": (aten.max_pool1d.default, aten.max_pool2d.default,
-               aten.reshape.default, aten.view.default, aten.flatten.using_ints, aten.unflatten.int,
-               aten.permute.default, aten.transpose.int, aten.squeeze.dim, aten.squeeze.dims,
-               aten.unsqueeze.default, aten.expand.default, aten.contiguous.default, aten.clone.default,
-               aten.alias.default, aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec,
-               aten.dropout.default, aten.dropout_.default, aten.slice.Tensor, aten.select.int,
-               aten.narrow.default, aten.roll.default, aten.pad.default, aten.constant_pad_nd.default),
+    "shared": (
+        aten.max_pool1d.default,
+        aten.max_pool2d.default,
+        aten.reshape.default,
+        aten.view.default,
+        aten.flatten.using_ints,
+        aten.unflatten.int,
+        aten.permute.default,
+        aten.transpose.int,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.unsqueeze.default,
+        aten.expand.default,
+        aten.contiguous.default,
+        aten.clone.default,
+        aten.alias.default,
+        aten.upsample_nearest1d.vec,
+        aten.upsample_nearest2d.vec,
+        aten.dropout.default,
+        aten.dropout_.default,
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.narrow.default,
+        aten.roll.default,
+        aten.pad.default,
+        aten.constant_pad_nd.default,
+    ),
 }
 KIND = {op: kind for kind, ops in _OPS.items() for op in ops}
-BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
-              aten._native_batch_norm_legit.default}
+BATCH_NORM = {
+    aten.batch_norm.default,
+    aten._native_batch_norm_legit_no_training.default,
+    aten._native_batch_norm_legit.default,
+}
 WEIGHTED = ("conv", "conv_transpose", "linear", "addmm", "matmul")
 PADS = (aten.pad.default, aten.constant_pad_nd.default)
 # Ops that compute a weight from parameters without data (weight norm, a transposed or reshaped weight).
-_WEIGHT_OPS = {aten._weight_norm.default, aten._weight_norm_interface.default, operator.getitem,
-               aten.mul.Tensor, aten.div.Tensor, aten.t.default, aten.transpose.int, aten.permute.default,
-               aten.reshape.default, aten.view.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default,
-               aten.pow.Tensor_Scalar, aten.sum.dim_IntList, aten.sqrt.default, aten.rsqrt.default,
-               aten.clone.default, aten.contiguous.default, aten.detach.default, aten.to.dtype}
+_WEIGHT_OPS = {
+    aten._weight_norm.default,
+    aten._weight_norm_interface.default,
+    operator.getitem,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten.t.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.reshape.default,
+    aten.view.default,
+    aten.norm.ScalarOpt_dim,
+    aten.linalg_vector_norm.default,
+    aten.pow.Tensor_Scalar,
+    aten.sum.dim_IntList,
+    aten.sqrt.default,
+    aten.rsqrt.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.detach.default,
+    aten.to.dtype,
+}
 
 
 def value(arg) -> torch.Tensor | None:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import difflib
 from fnmatch import fnmatchcase
-from typing import Any, Optional
+from typing import Any
 
 from quantcli.errors import RecipeError
 from quantcli.quantizers.specs import Setting
 from quantcli.recipe import OverrideConfig, QuantizationSection
-
 
 OVERRIDE_FIELDS = ("weights", "activations", "observer", "reduce_range")
 
@@ -48,15 +47,15 @@ class Policy:
     def __init__(self, q: QuantizationSection, *, qat: bool):
         self.q = q
         self.qat = qat
-        self._cache: dict[tuple, Optional[Setting]] = {}
+        self._cache: dict[tuple, Setting | None] = {}
 
-    def setting(self, node) -> Optional[Setting]:
+    def setting(self, node) -> Setting | None:
         key = module_scope(node)
         if key not in self._cache:
             self._cache[key] = self._resolve(*key)
         return self._cache[key]
 
-    def _resolve(self, paths: tuple[str, ...], types: tuple[str, ...]) -> Optional[Setting]:
+    def _resolve(self, paths: tuple[str, ...], types: tuple[str, ...]) -> Setting | None:
         q = self.q
         if _matches(q.exclude_names, paths) or set(q.exclude_types) & set(types):
             return None
@@ -86,7 +85,7 @@ def merge_overrides(matching: list[OverrideConfig]) -> dict[str, Any]:
     return merged
 
 
-def setting_of_module(q: QuantizationSection, graph, module: str, *, qat: bool = False) -> Optional[Setting]:
+def setting_of_module(q: QuantizationSection, graph, module: str, *, qat: bool = False) -> Setting | None:
     """The Setting of the nodes directly inside `module` (a named_modules() path), as the quantizer
     resolves them; None when it stays in float or no node of `graph` is inside it."""
     policy = Policy(q, qat=qat)
@@ -104,15 +103,27 @@ def check_matches(q: QuantizationSection, graph) -> None:
         p, t = module_scope(node)
         paths.update(p)
         types.update(t)
-    problems = [f"quantization.exclude_names[{i}] {g!r}{_hint(g, paths)}"
-                for i, g in enumerate(q.exclude_names) if not _matches([g], tuple(paths))]
-    problems += [f"quantization.exclude_types[{i}] {t!r}{_hint(t, types)}"
-                 for i, t in enumerate(q.exclude_types) if t not in types]
-    problems += [f"quantization.overrides[{i}].names[{j}] {g!r}{_hint(g, paths)}"
-                 for i, o in enumerate(q.overrides) for j, g in enumerate(o.names) if not _matches([g], tuple(paths))]
+    problems = [
+        f"quantization.exclude_names[{i}] {g!r}{_hint(g, paths)}"
+        for i, g in enumerate(q.exclude_names)
+        if not _matches([g], tuple(paths))
+    ]
+    problems += [
+        f"quantization.exclude_types[{i}] {t!r}{_hint(t, types)}"
+        for i, t in enumerate(q.exclude_types)
+        if t not in types
+    ]
+    problems += [
+        f"quantization.overrides[{i}].names[{j}] {g!r}{_hint(g, paths)}"
+        for i, o in enumerate(q.overrides)
+        for j, g in enumerate(o.names)
+        if not _matches([g], tuple(paths))
+    ]
     if problems:
-        raise RecipeError("matches no module of the model: " + "; ".join(problems),
-                          "module names are the model's named_modules() paths, e.g. 'layer1.0.conv1'")
+        raise RecipeError(
+            "matches no module of the model: " + "; ".join(problems),
+            "module names are the model's named_modules() paths, e.g. 'layer1.0.conv1'",
+        )
 
 
 def _hint(word: str, valid: set[str]) -> str:

@@ -137,8 +137,13 @@ def _producer(y: Node) -> tuple[Node | None, int]:
     while node.op == "call_function" and node.target in _PERMUTES and len(node.users) == 1:
         chain.append(node)
         node = node.args[0]
-    if not (isinstance(node, Node) and node.op == "call_function" and node.target in _FOLD_INTO
-            and len(node.users) == 1 and value(node) is not None):
+    if not (
+        isinstance(node, Node)
+        and node.op == "call_function"
+        and node.target in _FOLD_INTO
+        and len(node.users) == 1
+        and value(node) is not None
+    ):
         return None, 0
     axis = value(node).dim() - 1 if node.target is aten.linear.default else 1
     for step in reversed(chain):  # follow the channel axis forwards to y

@@ -97,8 +97,17 @@ def _splittable(split: Node | None) -> bool:
     return split is not None and is_activation(split.args[0])
 
 
-_CHECKS = {"conv": _weighted, "conv_transpose": _weighted, "linear": _weighted, "addmm": _addmm,
-           "matmul": _matmul, "binary": _binary, "cat": _cat, "pool": _pool, "shared": _shared}
+_CHECKS = {
+    "conv": _weighted,
+    "conv_transpose": _weighted,
+    "linear": _weighted,
+    "addmm": _addmm,
+    "matmul": _matmul,
+    "binary": _binary,
+    "cat": _cat,
+    "pool": _pool,
+    "shared": _shared,
+}
 
 
 def quantized_nodes(graph: Graph, policy: Policy) -> set[Node]:
@@ -161,4 +170,3 @@ def _quantizes_input(user: Node, node: Node) -> bool:
     if KIND.get(user.target) == "conv" and absorbed_pad(user) is node:
         return False
     return True
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cache, partial
 
 import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantize
@@ -33,8 +33,7 @@ class Setting:
     qat: bool
 
 
-
-@lru_cache(maxsize=None)
+@cache
 def activation_spec(s: Setting) -> QuantizationSpec:
     dtype, qmin, qmax = (torch.uint8, 0, 255) if s.act_dtype == "uint8" else (torch.int8, -128, 127)
     qscheme = torch.per_tensor_symmetric if s.act_symmetric else torch.per_tensor_affine
@@ -42,8 +41,9 @@ def activation_spec(s: Setting) -> QuantizationSpec:
         ctr = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=_EPS)
     else:
         ctr = ACTIVATION_OBSERVERS[s.observer].with_args(eps=_EPS)
-    return QuantizationSpec(dtype=dtype, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
-                            observer_or_fake_quant_ctr=ctr)
+    return QuantizationSpec(
+        dtype=dtype, quant_min=qmin, quant_max=qmax, qscheme=qscheme, observer_or_fake_quant_ctr=ctr
+    )
 
 
 def _weight_range(s: Setting, pairs: str | None) -> tuple[int, bool]:
@@ -58,7 +58,7 @@ def _weight_range(s: Setting, pairs: str | None) -> tuple[int, bool]:
     return 8, False
 
 
-@lru_cache(maxsize=None)
+@cache
 def weight_spec(s: Setting, axis: int, pairs: str | None = None) -> QuantizationSpec:
     """int8 weights; `axis` is the output-channel axis (used when per-channel).
 
@@ -84,8 +84,14 @@ def weight_spec(s: Setting, axis: int, pairs: str | None = None) -> Quantization
         ctr = FakeQuantize.with_args(observer=observer, eps=_EPS, **extra, **conv)
     else:
         ctr = observer.with_args(eps=_EPS, **conv)
-    return QuantizationSpec(dtype=torch.int8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
-                            ch_axis=ch_axis, observer_or_fake_quant_ctr=ctr)
+    return QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=qmin,
+        quant_max=qmax,
+        qscheme=qscheme,
+        ch_axis=ch_axis,
+        observer_or_fake_quant_ctr=ctr,
+    )
 
 
 def _bias_qparams(obs_or_fqs):
@@ -100,8 +106,13 @@ def bias_spec(s: Setting, x, weight) -> DerivedQuantizationSpec:
     """int32 bias derived from the input edge `x` and weight edge `weight` (node pairs)."""
     qscheme = torch.per_channel_symmetric if s.w_per_channel else torch.per_tensor_symmetric
     return DerivedQuantizationSpec(
-        derived_from=[x, weight], derive_qparams_fn=_bias_qparams, dtype=torch.int32,
-        quant_min=-(2**31), quant_max=2**31 - 1, qscheme=qscheme, ch_axis=0 if s.w_per_channel else None,
+        derived_from=[x, weight],
+        derive_qparams_fn=_bias_qparams,
+        dtype=torch.int32,
+        quant_min=-(2**31),
+        quant_max=2**31 - 1,
+        qscheme=qscheme,
+        ch_axis=0 if s.w_per_channel else None,
     )
 
 
@@ -118,5 +129,11 @@ def scaled_spec(s: Setting, edge, factor: float) -> DerivedQuantizationSpec:
     """
     dtype, qmin, qmax = (torch.uint8, 0, 255) if s.act_dtype == "uint8" else (torch.int8, -128, 127)
     qscheme = torch.per_tensor_symmetric if s.act_symmetric else torch.per_tensor_affine
-    return DerivedQuantizationSpec(derived_from=[edge], derive_qparams_fn=partial(_scaled_qparams, factor),
-                                   dtype=dtype, quant_min=qmin, quant_max=qmax, qscheme=qscheme)
+    return DerivedQuantizationSpec(
+        derived_from=[edge],
+        derive_qparams_fn=partial(_scaled_qparams, factor),
+        dtype=dtype,
+        quant_min=qmin,
+        quant_max=qmax,
+        qscheme=qscheme,
+    )

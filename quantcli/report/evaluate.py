@@ -25,8 +25,9 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
     section = recipe.evaluation
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
-        model = onnx_export.to_onnx(float_program, opset=recipe.export.opset, input_names=io["inputs"],
-                                    output_names=io["outputs"])
+        model = onnx_export.to_onnx(
+            float_program, opset=recipe.export.opset, input_names=io["inputs"], output_names=io["outputs"]
+        )
         onnx_export.strip_node_metadata(model)  # as in the int8 file, so the sizes compare like for like
         onnx.save(model, str(float_path))
         sessions = {"fp32_onnx": runtime.session(float_path), "int8_onnx": runtime.session(int8_path)}
@@ -38,9 +39,11 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
             scores.reference(fp32, target)
             for name, sess in sessions.items():
                 scores.add(name, runtime.run(sess, batch), fp32, target)
-        result = {**scores.result(),
-                  "size_bytes": {"fp32_onnx": float_path.stat().st_size, "int8_onnx": int8_path.stat().st_size},
-                  "ort_latency": _latency(sessions, first, section.batch_size)}
+        result = {
+            **scores.result(),
+            "size_bytes": {"fp32_onnx": float_path.stat().st_size, "int8_onnx": int8_path.stat().st_size},
+            "ort_latency": _latency(sessions, first, section.batch_size),
+        }
     return result
 
 
@@ -49,6 +52,8 @@ def _latency(sessions: dict[str, Any], batch: dict[str, Any], size: int) -> dict
     latency = {}
     for n in sorted({1, min(size, len(next(iter(batch.values()))))}):
         part = {k: v[:n] for k, v in batch.items()}
-        latency[f"batch_{n}"] = {"fp32_ms": runtime.latency_ms(sessions["fp32_onnx"], part),
-                                 "int8_ms": runtime.latency_ms(sessions["int8_onnx"], part)}
+        latency[f"batch_{n}"] = {
+            "fp32_ms": runtime.latency_ms(sessions["fp32_onnx"], part),
+            "int8_ms": runtime.latency_ms(sessions["int8_onnx"], part),
+        }
     return latency

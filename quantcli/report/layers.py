@@ -28,8 +28,10 @@ REPRODUCE_MIN_DB = 100.0
 def open_converted(src: str | Path) -> artifacts.Artifact:
     art = artifacts.open_artifact(src, ("converted",), "report")
     if artifacts.STATE not in art.manifest["files"]:
-        raise ArtifactError(f"{src} does not hold the calibrated state report compares against",
-                            "it was converted by an older quantcli: rerun `quantcli convert ... --force`")
+        raise ArtifactError(
+            f"{src} does not hold the calibrated state report compares against",
+            "it was converted by an older quantcli: rerun `quantcli convert ... --force`",
+        )
     return art
 
 
@@ -58,8 +60,11 @@ def modules(art: artifacts.Artifact) -> tuple[Any, Any, Any]:
 
     reference = taps.float_reference(restore_prepared(art, artifacts.FLOAT_PROGRAM))
     options = art.manifest["options"]
-    converted = _torch.convert(_torch.to_eval(restore_prepared(art, artifacts.FLOAT_PROGRAM)),
-                               options["fold_quantize"], options["reference_representation"])
+    converted = _torch.convert(
+        _torch.to_eval(restore_prepared(art, artifacts.FLOAT_PROGRAM)),
+        options["fold_quantize"],
+        options["reference_representation"],
+    )
     saved = _torch.load_program(art.file(artifacts.PROGRAM)).module()
     return reference, converted, saved
 
@@ -77,13 +82,20 @@ def _onnx(path: str | Path | None, art: artifacts.Artifact) -> Path | None:
     except Exception as exc:
         raise InputError(f"--onnx {path}: not an ONNX model quantcli can read: {type(exc).__name__}") from exc
     if parent.get("sha256") != art.digest:
-        raise ArtifactError(f"--onnx {path} was not exported from {art.path}",
-                            f"export it with `quantcli export {art.path} -o {path}`")
+        raise ArtifactError(
+            f"--onnx {path} was not exported from {art.path}", f"export it with `quantcli export {art.path} -o {path}`"
+        )
     return path
 
 
-def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None = None, batches: int | None = None,
-           progress: Progress = no_progress) -> dict[str, Any]:
+def report(
+    src: str | Path,
+    *,
+    onnx: str | Path | None = None,
+    data: str | None = None,
+    batches: int | None = None,
+    progress: Progress = no_progress,
+) -> dict[str, Any]:
     """The per-layer and whole-model figures of the converted artifact `src` on the recipe's data."""
     from quantcli.loading.files import reader
     from quantcli.report.ort_taps import OrtTaps
@@ -93,15 +105,23 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
     what, section, recipe = data_source(recipe_of(art), data, batches)
     evaluating = what == "evaluation" and data is None  # the recipe's metric on its held-out data
     targets = section.targets if evaluating else None
-    total, stream = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size,
-                                 batches or getattr(section, "num_batches", None), what, targets=targets,
-                                 files=reader(recipe, what, targets=targets is not None))
+    total, stream = iter_batches(
+        section.data,
+        section.keys,
+        recipe.inputs,
+        section.batch_size,
+        batches or getattr(section, "num_batches", None),
+        what,
+        targets=targets,
+        files=reader(recipe, what, targets=targets is not None),
+    )
     models = modules(art)
     # QAT's convert folds BN into the convs: those nodes exist in the converted graph only
     known = {n.name for n in models[0].graph.nodes}
     found = [p for p in taps.points(models[1]) if p.node in known]
-    figures = Figures(found, taps.quantized_inputs(models[1]) & known, art.manifest["io"]["outputs"],
-                      recipe if evaluating else None)
+    figures = Figures(
+        found, taps.quantized_inputs(models[1]) & known, art.manifest["io"]["outputs"], recipe if evaluating else None
+    )
     ort = OrtTaps(onnx_path, [p.node for p in found], {p.node: p.module for p in found}) if onnx_path else None
     try:
         _measure(models, recipe, stream, figures, ort, lambda i: progress(i, total or None, {}))
@@ -112,23 +132,35 @@ def report(src: str | Path, *, onnx: str | Path | None = None, data: str | None 
         raise InputError(f"{what}: the data yielded no batches")
     doc = figures.result()
     if doc["model"]["saved_vs_copy_db"] < REPRODUCE_MIN_DB:
-        raise ArtifactError(f"{src}: converting its calibrated state again gives other outputs than its program "
-                            f"({doc['model']['saved_vs_copy_db']} dB)", "rerun `quantcli convert ... --force`")
-    doc.update({"artifact": str(src), "onnx": str(onnx_path) if onnx_path else None,
-                "unmatched": [p.node for p in taps.points(models[1]) if p.node not in known],
-                "data": {"section": what, "source": section.data, "batches": figures.batches,
-                         "samples": figures.samples},
-                "sizes": _sizes(art, onnx_path)})
+        raise ArtifactError(
+            f"{src}: converting its calibrated state again gives other outputs than its program "
+            f"({doc['model']['saved_vs_copy_db']} dB)",
+            "rerun `quantcli convert ... --force`",
+        )
+    doc.update(
+        {
+            "artifact": str(src),
+            "onnx": str(onnx_path) if onnx_path else None,
+            "unmatched": [p.node for p in taps.points(models[1]) if p.node not in known],
+            "data": {"section": what, "source": section.data, "batches": figures.batches, "samples": figures.samples},
+            "sizes": _sizes(art, onnx_path),
+        }
+    )
     if ort is not None:
         from quantcli.onnx import fusion
 
-        doc["kernels"] = {**fusion.analyze(onnx_path), "fusions_kept_with_taps": ort.fusions_kept,
-                          "tapped": len(ort.taps), "module_mismatch": ort.module_mismatch}
+        doc["kernels"] = {
+            **fusion.analyze(onnx_path),
+            "fusions_kept_with_taps": ort.fusions_kept,
+            "tapped": len(ort.taps),
+            "module_mismatch": ort.module_mismatch,
+        }
     return doc
 
 
-def _measure(models: tuple[Any, Any, Any], recipe: Recipe, stream: Any, figures: Figures, ort: Any,
-             progress: Any) -> None:
+def _measure(
+    models: tuple[Any, Any, Any], recipe: Recipe, stream: Any, figures: Figures, ort: Any, progress: Any
+) -> None:
     """Each batch through the fp32 reference, the int8 copy (accumulated, then local), the saved
     int8 program and ORT; the figures add them up."""
     from quantcli import _torch
@@ -165,8 +197,16 @@ def _sizes(art: artifacts.Artifact, onnx_path: Path | None) -> dict[str, int]:
     return sizes
 
 
-def run(src: str | Path, *, onnx: str | Path | None = None, data: str | None = None, batches: int | None = None,
-        plot: str | Path | None = None, force: bool = False, progress: Progress = no_progress) -> dict[str, Any]:
+def run(
+    src: str | Path,
+    *,
+    onnx: str | Path | None = None,
+    data: str | None = None,
+    batches: int | None = None,
+    plot: str | Path | None = None,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> dict[str, Any]:
     """`quantcli report`: the report, and with `plot` its PNG written there (a file quantcli did not write
     there is replaced only with `force`)."""
     if plot is not None and Path(plot).suffix.lower() != ".png":

@@ -32,9 +32,13 @@ class _Output:
     def result(self, ort: bool) -> dict[str, float]:
         doc = {"int8_vs_fp32_db": self.powers["int8_vs_fp32"].db(), "max_abs_error": round(self.max_abs["int8"], 6)}
         if ort:
-            doc.update({"ort_vs_fp32_db": self.powers["ort_vs_fp32"].db(),
-                        "ort_vs_int8_db": self.powers["ort_vs_int8"].db(),
-                        "ort_max_abs_error": round(self.max_abs["ort"], 6)})
+            doc.update(
+                {
+                    "ort_vs_fp32_db": self.powers["ort_vs_fp32"].db(),
+                    "ort_vs_int8_db": self.powers["ort_vs_int8"].db(),
+                    "ort_max_abs_error": round(self.max_abs["ort"], 6),
+                }
+            )
         return doc
 
 
@@ -54,8 +58,16 @@ class Figures:
         self.ort = False
         self._last: dict[str, Any] = {}
 
-    def add_torch(self, fp32: list[np.ndarray], int8: list[np.ndarray], shipped: list[np.ndarray],
-                  ref: dict[str, Any], acc: dict[str, Any], local: dict[str, Any], target: Any) -> None:
+    def add_torch(
+        self,
+        fp32: list[np.ndarray],
+        int8: list[np.ndarray],
+        shipped: list[np.ndarray],
+        ref: dict[str, Any],
+        acc: dict[str, Any],
+        local: dict[str, Any],
+        target: Any,
+    ) -> None:
         ref = {k: v.numpy() for k, v in ref.items()}
         acc = {k: v.numpy() for k, v in acc.items()}
         for node, powers in self.layer.items():
@@ -86,9 +98,17 @@ class Figures:
 
     def _layer(self, p: Point) -> dict[str, Any]:
         powers = self.layer[p.node]
-        doc = {"name": self.names[p.node], "node": p.node, "module": p.module, "module_type": p.module_type,
-               "op": p.op, "depth": p.depth, "quantized_output": p.quantized_output,
-               "local_db": powers["local"].db(), "accumulated_db": powers["accumulated"].db()}
+        doc = {
+            "name": self.names[p.node],
+            "node": p.node,
+            "module": p.module,
+            "module_type": p.module_type,
+            "op": p.op,
+            "depth": p.depth,
+            "quantized_output": p.quantized_output,
+            "local_db": powers["local"].db(),
+            "accumulated_db": powers["accumulated"].db(),
+        }
         if self.ort:
             tapped = powers["ort_vs_int8"].signal > 0 or powers["ort_vs_int8"].noise > 0
             doc["ort_vs_int8_db"] = powers["ort_vs_int8"].db() if tapped else None
@@ -101,8 +121,10 @@ class Figures:
         doc: dict[str, Any] = {
             "layers": layers,
             "worst": [d["name"] for d in worst],
-            "model": {"outputs": {name: out.result(self.ort) for name, out in self.outputs.items()},
-                      "saved_vs_copy_db": self.reproduce.db()},
+            "model": {
+                "outputs": {name: out.result(self.ort) for name, out in self.outputs.items()},
+                "saved_vs_copy_db": self.reproduce.db(),
+            },
         }
         if self.scores:  # the metric of fp32 and int8 (PyTorch, and ORT with --onnx), in the evaluator's keys
             doc["evaluation"] = self.scores.result()

@@ -46,8 +46,9 @@ class OrtTaps:
         model = onnx.load(str(path))
         graph = model.graph
         consts = _constants(graph)
-        producer_module = {out: {p.key: p.value for p in n.metadata_props}.get(MODULE_KEY, "")
-                           for n in graph.node for out in n.output}
+        producer_module = {
+            out: {p.key: p.value for p in n.metadata_props}.get(MODULE_KEY, "") for n in graph.node for out in n.output
+        }
         wanted = set(nodes)
         self.taps: dict[str, tuple[str, float, int]] = {}  # FX node -> (Q output, scale, zero point)
         self.module_mismatch: list[str] = []
@@ -77,9 +78,11 @@ class OrtTaps:
     def run(self, batch: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """(the model's outputs, FX node -> its dequantized output) on one batch."""
         values = dict(zip(self.names, runtime.run(self.session, batch)))
-        outs = [values[name] for name in self.names[:self.outputs]]
-        taps = {node: (values[q].astype(np.float32) - zero) * np.float32(scale)
-                for node, (q, scale, zero) in self.taps.items()}
+        outs = [values[name] for name in self.names[: self.outputs]]
+        taps = {
+            node: (values[q].astype(np.float32) - zero) * np.float32(scale)
+            for node, (q, scale, zero) in self.taps.items()
+        }
         return outs, taps
 
     def close(self) -> None:

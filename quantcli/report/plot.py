@@ -40,8 +40,12 @@ def series(doc: dict[str, Any]) -> dict[str, Any]:
     if doc.get("onnx"):
         drawn["ort_vs_fp32"] = [d.get("ort_vs_fp32_db") for d in layers]
         drawn["ort_vs_int8"] = [d.get("ort_vs_int8_db") for d in layers]
-    return {"depth": [d["depth"] for d in layers], "names": [d["name"] for d in layers], "series": drawn,
-            "labelled": doc["worst"][:LABELLED]}
+    return {
+        "depth": [d["depth"] for d in layers],
+        "names": [d["name"] for d in layers],
+        "series": drawn,
+        "labelled": doc["worst"][:LABELLED],
+    }
 
 
 def plot(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
@@ -61,8 +65,14 @@ def plot(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
     left.set_title("PyTorch int8 vs fp32")
     for name in drawn["labelled"]:
         i = names.index(name)
-        left.annotate(name, (x[i], drawn["series"]["local"][i]), textcoords="offset points", xytext=(4, -12),
-                      fontsize=8, color="tab:red")
+        left.annotate(
+            name,
+            (x[i], drawn["series"]["local"][i]),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+            color="tab:red",
+        )
     if panels == 2:
         right = axes[0][1]
         _line(right, x, drawn["series"]["ort_vs_fp32"], "ORT vs fp32", "^-")
@@ -84,8 +94,10 @@ def drawn_on(fig: Any) -> dict[str, Any]:
     """What the figure's axes hold: per panel title, each line's label -> (x, y) and the annotations' texts."""
     panels = {}
     for ax in fig.axes:
-        lines = {line.get_label(): ([float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()])
-                 for line in ax.get_lines()}
+        lines = {
+            line.get_label(): ([float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()])
+            for line in ax.get_lines()
+        }
         panels[ax.get_title()] = {"lines": lines, "texts": [t.get_text() for t in ax.texts]}
     return {"panels": panels, "size_px": [int(v) for v in fig.get_size_inches() * fig.dpi]}
 

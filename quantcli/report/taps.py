@@ -64,8 +64,7 @@ def _origin(node: Any) -> tuple[str, str]:
 
 def _weighted(node: Any) -> bool:
     """Whether a node reads a dequantized weight (a conv/linear/matmul of the int8 model)."""
-    return any(is_dequantize(a) and a.args and getattr(a.args[0], "op", "") == "get_attr"
-               for a in node.all_input_nodes)
+    return any(is_dequantize(a) and a.args and getattr(a.args[0], "op", "") == "get_attr" for a in node.all_input_nodes)
 
 
 def points(converted: Any) -> list[Point]:
@@ -95,8 +94,10 @@ def names(found: list[Point]) -> dict[str, str]:
     per_module: dict[str, int] = {}
     for p in found:
         per_module[p.module] = per_module.get(p.module, 0) + 1
-    return {p.node: p.module if p.module and per_module[p.module] == 1 else
-            (f"{p.module}:{p.node}" if p.module else p.node) for p in found}
+    return {
+        p.node: p.module if p.module and per_module[p.module] == 1 else (f"{p.module}:{p.node}" if p.module else p.node)
+        for p in found
+    }
 
 
 def output_points(converted: Any, found: list[Point]) -> dict[str, int]:
@@ -144,8 +145,9 @@ class Tap(torch.fx.Interpreter):
         return result
 
 
-def observe(module: Any, args: tuple, watch: Iterable[str], substitute: dict[str, Any] | None = None
-            ) -> tuple[Any, dict[str, Any]]:
+def observe(
+    module: Any, args: tuple, watch: Iterable[str], substitute: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """(the module's output, the watched values) on one batch."""
     tap = Tap(module, watch, substitute)
     with torch.no_grad():

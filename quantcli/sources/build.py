@@ -24,9 +24,7 @@ def _factory(recipe: Recipe) -> Built:
     except Exception as exc:
         raise ModelError(f"model.factory {section.factory} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, torch.nn.Module):
-        raise ModelError(
-            f"model.factory {section.factory} returned {type(model).__name__}, not a torch.nn.Module"
-        )
+        raise ModelError(f"model.factory {section.factory} returned {type(model).__name__}, not a torch.nn.Module")
     return Built(model.eval(), recipe)
 
 
@@ -49,7 +47,11 @@ def _timm(recipe: Recipe) -> Built:
 
 
 BUILDERS: dict[str, Callable[[Recipe], Built]] = {
-    "factory": _factory, "huggingface": _huggingface, "torchvision": _torchvision, "timm": _timm}
+    "factory": _factory,
+    "huggingface": _huggingface,
+    "torchvision": _torchvision,
+    "timm": _timm,
+}
 
 
 def build_model(recipe: Recipe) -> Built:

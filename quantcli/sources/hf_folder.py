@@ -16,9 +16,14 @@ from quantcli.errors import ModelError
 CONFIG = "config.json"
 MODULES = "modules.json"  # a sentence-transformers folder: its modules in order
 # sentence-transformers' Pooling config keys -> quantcli's pooling names (one mode at a time)
-POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
-                 "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken",
-                 "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": None}
+POOLING_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_weightedmean_tokens": None,
+}
 _TRANSFORMER, _POOLING, _NORMALIZE = (
     f"sentence_transformers.models.{n}" for n in ("Transformer", "Pooling", "Normalize")
 )
@@ -35,8 +40,10 @@ def config(folder: Path) -> dict[str, Any]:
     """The folder's config.json (of the transformer inside a sentence-transformers folder)."""
     path = transformer_dir(folder) / CONFIG
     if not path.is_file():
-        raise ModelError(f"model.huggingface: {folder} holds no {CONFIG}",
-                         "point it at a folder written by save_pretrained (config.json, weights, tokenizer)")
+        raise ModelError(
+            f"model.huggingface: {folder} holds no {CONFIG}",
+            "point it at a folder written by save_pretrained (config.json, weights, tokenizer)",
+        )
     data = read_json(path, "model.huggingface")
     if not isinstance(data, dict):
         raise ModelError(f"model.huggingface: {path} is not a JSON object")
@@ -84,24 +91,32 @@ def pooling(folder: Path, mode: str, normalize: bool | None) -> Pooling:
     """The recipe's pooling, or the sentence-transformers folder's (modules.json, 1_Pooling), else mean."""
     modules = _modules(folder)
     if modules is None:
-        return Pooling("mean" if mode == "auto" else mode, bool(normalize),
-                       "the recipe" if mode != "auto" else "no modules.json: mean pooling by default")
+        return Pooling(
+            "mean" if mode == "auto" else mode,
+            bool(normalize),
+            "the recipe" if mode != "auto" else "no modules.json: mean pooling by default",
+        )
     types = [m.get("type") for m in modules]
     folder_normalize = _NORMALIZE in types
     if mode != "auto":
         return Pooling(mode, folder_normalize if normalize is None else normalize, "the recipe")
     unknown = [t for t in types if t not in (_TRANSFORMER, _POOLING, _NORMALIZE)]
     if unknown:
-        raise ModelError(f"model.huggingface: {folder / MODULES} holds {unknown[0]}, which quantcli does not apply",
-                         "set model.pooling (and normalize) to export the transformer with that pooling only")
+        raise ModelError(
+            f"model.huggingface: {folder / MODULES} holds {unknown[0]}, which quantcli does not apply",
+            "set model.pooling (and normalize) to export the transformer with that pooling only",
+        )
     pool = next((m for m in modules if m.get("type") == _POOLING), None)
     if pool is None:
         raise ModelError(f"model.huggingface: {folder / MODULES} has no Pooling module", "set model.pooling")
     settings = read_json(folder / pool.get("path", "") / "config.json", "model.huggingface")
     modes = [POOLING_MODES.get(key, key) for key, on in settings.items() if key.startswith("pooling_mode_") and on]
     if len(modes) != 1 or modes[0] is None:
-        raise ModelError(f"model.huggingface: {pool.get('path')}/config.json asks for pooling {modes or 'none'}; "
-                         f"quantcli supports one of {', '.join(m for m in POOLING_MODES.values() if m)}",
-                         "set model.pooling")
-    return Pooling(modes[0], folder_normalize if normalize is None else normalize,
-                   f"{MODULES} and {pool.get('path')}/config.json")
+        raise ModelError(
+            f"model.huggingface: {pool.get('path')}/config.json asks for pooling {modes or 'none'}; "
+            f"quantcli supports one of {', '.join(m for m in POOLING_MODES.values() if m)}",
+            "set model.pooling",
+        )
+    return Pooling(
+        modes[0], folder_normalize if normalize is None else normalize, f"{MODULES} and {pool.get('path')}/config.json"
+    )

@@ -14,8 +14,9 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from quantcli import extras
 from quantcli.errors import ModelError, RecipeError
@@ -25,8 +26,14 @@ from quantcli.sources.names import TASKS
 
 log = logging.getLogger("quantcli")
 DEFAULT_MAX_LENGTH = 128
-_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+_OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @contextlib.contextmanager
@@ -69,14 +76,17 @@ def _without_broken_torchvision(images: bool) -> dict[str, Any] | None:
     if images:
         try:
             import torchvision  # noqa: F401
+
             return None
         except Exception as exc:
             from quantcli.sources.zoo import _version, paired_torchvision
 
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            log.warning(f"torchvision {_version('torchvision')} does not import beside torch {_version('torch')} "
-                        f"({first}); image processors run without it (install torchvision "
-                        f"{paired_torchvision(_version('torch'))} built for this torch, or uninstall it)")
+            log.warning(
+                f"torchvision {_version('torchvision')} does not import beside torch {_version('torch')} "
+                f"({first}); image processors run without it (install torchvision "
+                f"{paired_torchvision(_version('torch'))} built for this torch, or uninstall it)"
+            )
     taken = {name: sys.modules.pop(name) for name in [m for m in sys.modules if m.startswith("torchvision.")]}
     sys.modules["torchvision"] = None  # type: ignore[assignment]
     return taken
@@ -97,8 +107,13 @@ def tokenizer(section: ModelSection) -> Any:
     """The folder's own tokenizer; a decoder's without a pad token pads with its end-of-sequence token."""
     folder = hf_folder.transformer_dir(Path(section.huggingface))
     with transformers() as tf:
-        tok = _loaded("tokenizer", folder, lambda: tf.AutoTokenizer.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=section.trust_remote_code))
+        tok = _loaded(
+            "tokenizer",
+            folder,
+            lambda: tf.AutoTokenizer.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=section.trust_remote_code
+            ),
+        )
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
         log.warning("model.huggingface: the tokenizer has no pad token; padding with its end-of-sequence token")
@@ -108,8 +123,13 @@ def tokenizer(section: ModelSection) -> Any:
 def image_processor(section: ModelSection) -> Any:
     folder = Path(section.huggingface)
     with transformers(images=True) as tf:
-        return _loaded("image processor", folder, lambda: tf.AutoImageProcessor.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=section.trust_remote_code))
+        return _loaded(
+            "image processor",
+            folder,
+            lambda: tf.AutoImageProcessor.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=section.trust_remote_code
+            ),
+        )
 
 
 def load(section: ModelSection) -> Any:
@@ -120,13 +140,24 @@ def load(section: ModelSection) -> Any:
     hf_folder.config(Path(section.huggingface))  # a clear error for a folder without config.json
     with transformers(images=TASKS[section.task].modality == "image") as tf:
         auto = getattr(tf, TASKS[section.task].auto_class)
-        model, info = _loaded("model", folder, lambda: auto.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=section.trust_remote_code, dtype=torch.float32,
-            output_loading_info=True, **section.kwargs))
+        model, info = _loaded(
+            "model",
+            folder,
+            lambda: auto.from_pretrained(
+                folder,
+                local_files_only=True,
+                trust_remote_code=section.trust_remote_code,
+                dtype=torch.float32,
+                output_loading_info=True,
+                **section.kwargs,
+            ),
+        )
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        log.warning(f"model.huggingface: {len(missing)} weight(s) are not in {folder} and were initialized at random "
-                    f"for {section.task} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        log.warning(
+            f"model.huggingface: {len(missing)} weight(s) are not in {folder} and were initialized at random "
+            f"for {section.task} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+        )
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model.eval()
@@ -136,8 +167,14 @@ def max_length(recipe: Recipe, model: Any) -> int:
     """The recipe's max_length (calibration's, else training's, else evaluation's; default 128), within the model's."""
     sections = [getattr(recipe, n) for n in ("calibration", "training", "evaluation")]
     length = next((s.max_length for s in sections if s is not None and s.max_length), DEFAULT_MAX_LENGTH)
-    limit = next((getattr(model.config, k) for k in ("max_position_embeddings", "n_positions")
-                  if isinstance(getattr(model.config, k, None), int)), None)
+    limit = next(
+        (
+            getattr(model.config, k)
+            for k in ("max_position_embeddings", "n_positions")
+            if isinstance(getattr(model.config, k, None), int)
+        ),
+        None,
+    )
     if limit is not None and length > limit:
         raise RecipeError(f"max_length {length} exceeds the model's {limit} positions", f"use max_length <= {limit}")
     return length
@@ -263,14 +300,16 @@ def build(recipe: Recipe) -> Any:
         log.warning(f"model.huggingface: the embedding is {pooling.describe()}")
     inputs = recipe.inputs
     if inputs is None:
-        inputs = text_inputs(section, model, max_length(recipe, model)) if task.modality == "text" \
-            else image_inputs(section)
+        inputs = (
+            text_inputs(section, model, max_length(recipe, model)) if task.modality == "text" else image_inputs(section)
+        )
     names = [i.name for i in inputs]
     module = named(_task_module()(model, section.task, names, pooling, _positions_are_default(model, names)), names)
     resolved = recipe.model_copy(update={"inputs": inputs})
     fallback = None
     if recipe.inputs is None and task.modality == "text":  # a model that specializes the sequence: static seq
-        fallback = recipe.model_copy(update={"inputs": [i.model_copy(update={"dynamic_axes": {0: "batch"}})
-                                                        for i in inputs]})
+        fallback = recipe.model_copy(
+            update={"inputs": [i.model_copy(update={"dynamic_axes": {0: "batch"}}) for i in inputs]}
+        )
     output = "last_hidden_state" if pooling is not None and pooling.mode == "none" else task.output
     return Built(module.eval(), resolved, fallback, [output], details)

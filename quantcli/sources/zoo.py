@@ -22,8 +22,9 @@ from quantcli.recipe import ImageOptions, InputSpec, Recipe, did_you_mean
 
 IMAGE_INPUT = "pixel_values"  # the ONNX input of a zoo model, named as Hugging Face image models name theirs
 # torchvision's and timm's fallbacks when an architecture has no default weights to take transforms from
-IMAGENET = ImageOptions(size=224, resize=256, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-                        interpolation="bilinear")
+IMAGENET = ImageOptions(
+    size=224, resize=256, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], interpolation="bilinear"
+)
 
 
 def _version(dist: str) -> str:
@@ -43,20 +44,26 @@ def import_torchvision(key: str) -> Any:
     """torchvision.models, or an input error naming the installed versions and the fix."""
     torch_version = _version("torch")
     pair = paired_torchvision(torch_version)
-    build = "the CPU wheel, from the same package index as torch" if "+cpu" in torch_version else \
-        "the build for your torch's CUDA version, from the same package index as torch"
+    build = (
+        "the CPU wheel, from the same package index as torch"
+        if "+cpu" in torch_version
+        else "the build for your torch's CUDA version, from the same package index as torch"
+    )
     try:
-        models = extras.require("torchvision.models", f"{key} (torch {torch_version})",
-                                hint=f"pip install torchvision=={pair}.* ({build})")
+        models = extras.require(
+            "torchvision.models", f"{key} (torch {torch_version})", hint=f"pip install torchvision=={pair}.* ({build})"
+        )
     except InputError:
         raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"{key}: torchvision {_version('torchvision')} does not work with torch {torch_version}: "
-                         f"{type(exc).__name__}: {first}",
-                         f"install torchvision {pair} built for this torch ({build}), e.g. "
-                         f"pip install --force-reinstall --no-deps torchvision=={pair}.*; "
-                         "or pip uninstall torchvision if you need no torchvision/timm model") from exc
+        raise InputError(
+            f"{key}: torchvision {_version('torchvision')} does not work with torch {torch_version}: "
+            f"{type(exc).__name__}: {first}",
+            f"install torchvision {pair} built for this torch ({build}), e.g. "
+            f"pip install --force-reinstall --no-deps torchvision=={pair}.*; "
+            "or pip uninstall torchvision if you need no torchvision/timm model",
+        ) from exc
     return models
 
 
@@ -86,8 +93,13 @@ def _tv_defaults(name: str, model: Any) -> ImageOptions:
         preset = models.get_model_weights(name).DEFAULT.transforms()
     except (ValueError, AttributeError, KeyError):
         return IMAGENET
-    return ImageOptions(size=int(preset.crop_size[0]), resize=int(preset.resize_size[0]), mean=list(preset.mean),
-                        std=list(preset.std), interpolation=preset.interpolation.value)
+    return ImageOptions(
+        size=int(preset.crop_size[0]),
+        resize=int(preset.resize_size[0]),
+        mean=list(preset.mean),
+        std=list(preset.std),
+        interpolation=preset.interpolation.value,
+    )
 
 
 def _timm() -> Any:
@@ -180,9 +192,9 @@ def build(recipe: Recipe, zoo: Zoo) -> Any:
     if weights is not None:
         load_weights(model, weights, zoo.weights_key)
     image = image_options(zoo.defaults(name, model), section.image)
-    inputs = recipe.inputs or [InputSpec(name=IMAGE_INPUT, shape=[1, 3, image.size, image.size], dtype="float32",
-                                         dynamic_axes={0: "batch"})]
-    resolved = recipe.model_copy(update={"inputs": inputs,
-                                         "model": section.model_copy(update={"image": image})})
+    inputs = recipe.inputs or [
+        InputSpec(name=IMAGE_INPUT, shape=[1, 3, image.size, image.size], dtype="float32", dynamic_axes={0: "batch"})
+    ]
+    resolved = recipe.model_copy(update={"inputs": inputs, "model": section.model_copy(update={"image": image})})
     details = {"task": section.task, "weights": Path(weights).name if weights else "random"}
     return Built(model.eval(), resolved, None, ["logits"], details)

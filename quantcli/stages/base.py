@@ -40,8 +40,15 @@ class StageResult:
 
     def to_json(self) -> dict[str, Any]:
         redone = {"redone": self.redone} if self.redone else {}
-        return {"stage": self.stage, "out": str(self.out), "reused": self.reused,
-                "seconds": round(self.seconds, 3), "manifest": self.manifest, **redone, **self.details}
+        return {
+            "stage": self.stage,
+            "out": str(self.out),
+            "reused": self.reused,
+            "seconds": round(self.seconds, 3),
+            "manifest": self.manifest,
+            **redone,
+            **self.details,
+        }
 
 
 Progress = Callable[[int, int | None, dict[str, Any]], None]  # (done, total, metrics)
@@ -96,8 +103,9 @@ def callable_digest(recipe: Recipe, name: str, count: int | None) -> str:
     section = getattr(recipe, name)
     metric = METRICS.get(getattr(section, "metric", None) or "")
     targets = section.targets if metric is not None and metric.needs_targets else None
-    _, batches = iter_batches(section.data, section.keys, recipe.inputs, section.batch_size, None, name,
-                              targets=targets)
+    _, batches = iter_batches(
+        section.data, section.keys, recipe.inputs, section.batch_size, None, name, targets=targets
+    )
     digest = BatchDigest()
     for batch in itertools.islice(batches, count):
         digest.add(batch)
@@ -114,19 +122,34 @@ def recipe_for(stage: str, parent: Artifact, recipe_path: str | Path | None) -> 
     if recipe_path is None:
         return recorded
     fixed = {section: artifacts.STAGES[s].command for s in parent.chain for section in artifacts.STAGES[s].consumes}
-    return recipes.merge(recorded, recipes.load(recipe_path), takes=artifacts.STAGES[stage].consumes, fixed=fixed,
-                         command=artifacts.STAGES[stage].command)
+    return recipes.merge(
+        recorded,
+        recipes.load(recipe_path),
+        takes=artifacts.STAGES[stage].consumes,
+        fixed=fixed,
+        command=artifacts.STAGES[stage].command,
+    )
 
 
-def keyed(stage: str, recipe: Recipe, parent: Artifact | None, options: dict[str, Any],
-          data: dict[str, str]) -> tuple[dict[str, Any], str]:
+def keyed(
+    stage: str, recipe: Recipe, parent: Artifact | None, options: dict[str, Any], data: dict[str, str]
+) -> tuple[dict[str, Any], str]:
     """The options with the recipe sections `stage` consumes, and the output's reuse key."""
     options = {**options, "recipe": recipe.sections(*artifacts.STAGES[stage].consumes)}
     return options, artifacts.stage_key(stage, options, parent.digest if parent else None, data)
 
 
-def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, options: dict[str, Any],
-            data: dict[str, str], force: bool, body: Callable[[staging.Staging], dict[str, Any] | None]) -> StageResult:
+def produce(
+    stage: str,
+    out: Path,
+    *,
+    recipe: Recipe,
+    parent: Artifact | None,
+    options: dict[str, Any],
+    data: dict[str, str],
+    force: bool,
+    body: Callable[[staging.Staging], dict[str, Any] | None],
+) -> StageResult:
     """Run `body(staging)` unless a complete output with the same key exists; commit atomically.
 
     `body` writes the payload into `staging.tmp` and returns extra manifest fields. The key is made
@@ -156,8 +179,9 @@ def produce(stage: str, out: Path, *, recipe: Recipe, parent: Artifact | None, o
         if "data" in extra:
             data = extra.pop("data")
             keyed_options, key = keyed(stage, recipe, parent, options, data)
-        manifest = artifacts.base_manifest(stage, recipe.model_dump(mode="json"), recipe.digest(), parent,
-                                           keyed_options, key, data)
+        manifest = artifacts.base_manifest(
+            stage, recipe.model_dump(mode="json"), recipe.digest(), parent, keyed_options, key, data
+        )
         manifest.update(extra)
         seconds = time.perf_counter() - start
         manifest = st.seal(manifest, {"seconds": seconds})

@@ -11,8 +11,18 @@ from quantcli.errors import DataError, QuantCliError, RecipeError
 from quantcli.loading.data import BatchDigest, is_callable_source, iter_batches, samples_in, to_tensors
 from quantcli.loading.headers import check_sources
 from quantcli.recipe import CalibrationSection, Recipe
-from quantcli.stages.base import (Progress, StageResult, callable_digest, carry_program, data_hashes, no_progress,
-                                  produce, recipe_for, restore_prepared, save_state)
+from quantcli.stages.base import (
+    Progress,
+    StageResult,
+    callable_digest,
+    carry_program,
+    data_hashes,
+    no_progress,
+    produce,
+    recipe_for,
+    restore_prepared,
+    save_state,
+)
 
 log = logging.getLogger("quantcli")
 
@@ -31,15 +41,21 @@ def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> Cal
     return section.model_copy(update=update)
 
 
-def run_batches(module: Any, recipe: Recipe, progress: Progress,
-                digest: BatchDigest | None = None) -> tuple[int, int]:
+def run_batches(module: Any, recipe: Recipe, progress: Progress, digest: BatchDigest | None = None) -> tuple[int, int]:
     """Feed the calibration batches through `module` (adding each to `digest`); (batches, samples) seen."""
     from quantcli import _torch
     from quantcli.loading.files import reader
 
     section, inputs = recipe.calibration, recipe.inputs
-    total, batches = iter_batches(section.data, section.keys, inputs, section.batch_size, section.num_batches,
-                                  "calibration", files=reader(recipe, "calibration"))
+    total, batches = iter_batches(
+        section.data,
+        section.keys,
+        inputs,
+        section.batch_size,
+        section.num_batches,
+        "calibration",
+        files=reader(recipe, "calibration"),
+    )
     seen = samples = 0
     axes = _torch.input_axes(module)
     with _torch.torch.no_grad():
@@ -81,8 +97,9 @@ def _fits(size: int, want: int | tuple[int, int | None]) -> bool:
 
 
 def _shown(axes: list[Any]) -> str:
-    return "[" + ", ".join(str(a) if isinstance(a, int) else f"{a[0]}..{'' if a[1] is None else a[1]}"
-                           for a in axes) + "]"
+    return (
+        "[" + ", ".join(str(a) if isinstance(a, int) else f"{a[0]}..{'' if a[1] is None else a[1]}" for a in axes) + "]"
+    )
 
 
 def forward(module: Any, args: tuple, index: int) -> None:
@@ -97,13 +114,22 @@ def forward(module: Any, args: tuple, index: int) -> None:
         if _torch.is_guard_failure(exc):
             raise DataError(f"calibration batch {index} does not fit the model: {first}") from exc
         if _torch.is_out_of_memory(exc):
-            raise QuantCliError(f"calibration batch {index} ran out of memory: {first}",
-                                "lower calibration.batch_size") from exc
+            raise QuantCliError(
+                f"calibration batch {index} ran out of memory: {first}", "lower calibration.batch_size"
+            ) from exc
         raise
 
 
-def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: int | None = None,
-        recipe_path: str | Path | None = None, force: bool = False, progress: Progress = no_progress) -> StageResult:
+def run(
+    src: str | Path,
+    out: str | Path,
+    *,
+    data: str | None = None,
+    batches: int | None = None,
+    recipe_path: str | Path | None = None,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> StageResult:
     parent = artifacts.open_artifact(src, ("prepared",), "calibrate")
     recipe = recipe_for("calibrated", parent, recipe_path)
     section = with_overrides(recipe, data, batches)
@@ -124,18 +150,21 @@ def run(src: str | Path, out: str | Path, *, data: str | None = None, batches: i
         if digest is None:
             return extra
         if digest.value() != hashes["calibration.data"]:
-            log.warning(f"calibration.data: {section.data} yielded other batches when called again; an output "
-                        "calibrated on it is never reused")
+            log.warning(
+                f"calibration.data: {section.data} yielded other batches when called again; an output "
+                "calibrated on it is never reused"
+            )
         return {**extra, "data": {**hashes, "calibration.data": digest.value()}}
 
-    result = produce("calibrated", Path(out), recipe=recipe, parent=parent, options={}, data=hashes,
-                     force=force, body=body)
+    result = produce(
+        "calibrated", Path(out), recipe=recipe, parent=parent, options={}, data=hashes, force=force, body=body
+    )
     result.work = work_done(result.manifest)
     return result
 
 
 def work_done(manifest: dict[str, Any]) -> str:
-    """"N batches, M samples" as a calibrated manifest records them ("" for artifacts made before it did)."""
+    """ "N batches, M samples" as a calibrated manifest records them ("" for artifacts made before it did)."""
     if "samples" not in manifest:
         return f"{manifest['batches']} batches" if "batches" in manifest else ""
     return f"{manifest['batches']} batches, {manifest['samples']} samples"

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts, diagnose, recipe as recipes, references
+from quantcli import artifacts, diagnose, references
+from quantcli import recipe as recipes
 from quantcli.errors import ModelError, QuantCliError, RecipeError
 from quantcli.loading.data import iter_batches, to_tensors
 from quantcli.loading.factory import user_sources
@@ -31,8 +32,10 @@ def output_names(result: Any, declared: list[str] | None) -> list[str]:
     leaves = _torch.output_leaves(result)
     if declared is not None:
         if len(declared) != len(leaves):
-            raise RecipeError(f"outputs: names {len(declared)} outputs, but the model returns {len(leaves)}"
-                              " (None outputs are dropped)")
+            raise RecipeError(
+                f"outputs: names {len(declared)} outputs, but the model returns {len(leaves)}"
+                " (None outputs are dropped)"
+            )
         return list(declared)
     if isinstance(result, Mapping):
         return [path for path, _ in leaves]
@@ -42,9 +45,11 @@ def output_names(result: Any, declared: list[str] | None) -> list[str]:
 def _model_files(recipe: recipes.Recipe) -> dict[str, str]:
     """Files that define the model: the factory file and any kwarg naming an existing file; a Hugging
     Face folder; a torchvision/timm weights file."""
-    files = {key: getattr(recipe.model, key.split(".")[1]) for key in ("model.huggingface", "model.weights",
-                                                                       "model.checkpoint")
-             if getattr(recipe.model, key.split(".")[1]) is not None}
+    files = {
+        key: getattr(recipe.model, key.split(".")[1])
+        for key in ("model.huggingface", "model.weights", "model.checkpoint")
+        if getattr(recipe.model, key.split(".")[1]) is not None
+    }
     target = references.split_callable(recipe.model.factory) if recipe.model.factory else None
     if target and target[0].endswith(".py"):
         files["model.factory"] = recipe.model.factory
@@ -65,8 +70,11 @@ def _model_sources(recipe: recipes.Recipe) -> dict[str, str]:
     location, _ = references.split_callable(recipe.model.factory)
     base = Path(location).resolve().parent if location.endswith(".py") else Path.cwd()
     files = user_sources(recipe.model.factory, "model.factory", ModelError)
-    return {f"model source {path.relative_to(base) if path.is_relative_to(base) else path}": digest
-            for path, digest in files.items() if path != Path(location).resolve()}
+    return {
+        f"model source {path.relative_to(base) if path.is_relative_to(base) else path}": digest
+        for path, digest in files.items()
+        if path != Path(location).resolve()
+    }
 
 
 def run(recipe_path: str | Path, out: str | Path, *, force: bool = False) -> StageResult:
@@ -86,15 +94,20 @@ def run(recipe_path: str | Path, out: str | Path, *, force: bool = False) -> Sta
         extra = {"source": built.details} if built.details else {}
         # the recipe recorded is the resolved one: later stages read its inputs (and a zoo model's image
         # preprocessing) from here, and a later --recipe that leaves them out means "as resolved"
-        return {"qat": False, "io": {"inputs": [i.name for i in resolved.inputs],
-                                     "outputs": output_names(result, declared)},
-                "recipe": resolved.model_dump(mode="json"), "recipe_hash": resolved.digest(), **extra}
+        return {
+            "qat": False,
+            "io": {"inputs": [i.name for i in resolved.inputs], "outputs": output_names(result, declared)},
+            "recipe": resolved.model_dump(mode="json"),
+            "recipe_hash": resolved.digest(),
+            **extra,
+        }
 
     # The key covers the sections capture consumes (model, inputs, outputs) as written, the model's files and
     # what its data settings decide at capture (max_length), so an edit of a later section (quantization,
     # calibration data, ...) reuses the captured program.
-    return produce("captured", Path(out), recipe=recipe, parent=None, options=_options(recipe), data=data,
-                   force=force, body=body)
+    return produce(
+        "captured", Path(out), recipe=recipe, parent=None, options=_options(recipe), data=data, force=force, body=body
+    )
 
 
 def _options(recipe: recipes.Recipe) -> dict[str, Any]:
@@ -113,8 +126,10 @@ def _capture(built: Built) -> tuple[Any, Any, recipes.Recipe]:
     except QuantCliError as exc:
         if built.fallback is None:
             raise
-        log.warning(f"the sequence axis is static ({built.fallback.inputs[0].shape[1]} tokens): torch.export cannot "
-                    f"keep it dynamic for this model ({exc.message.removeprefix('capture failed: ')[:200]})")
+        log.warning(
+            f"the sequence axis is static ({built.fallback.inputs[0].shape[1]} tokens): torch.export cannot "
+            f"keep it dynamic for this model ({exc.message.removeprefix('capture failed: ')[:200]})"
+        )
     program, result = _export(built.module, built.fallback)
     return program, result, built.fallback
 

@@ -21,8 +21,14 @@ def count_ops(module: Any) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, reference_representation: bool = False,
-        force: bool = False) -> StageResult:
+def run(
+    src: str | Path,
+    out: str | Path,
+    *,
+    fold_quantize: bool = True,
+    reference_representation: bool = False,
+    force: bool = False,
+) -> StageResult:
     parent = artifacts.open_artifact(src, ("calibrated", "trained"), "convert")
     recipe = recipe_of(parent)
     options = {"fold_quantize": fold_quantize, "reference_representation": reference_representation}
@@ -43,9 +49,14 @@ def run(src: str | Path, out: str | Path, *, fold_quantize: bool = True, referen
         _torch.save_program(program, st.tmp / artifacts.PROGRAM)
         staging.link_or_copy(parent.file(artifacts.PROGRAM), st.tmp / artifacts.FLOAT_PROGRAM)
         staging.link_or_copy(parent.file(artifacts.STATE), st.tmp / artifacts.STATE)  # the calibrated state, for report
-        return {"qat": parent.manifest["qat"], "io": parent.manifest["io"],
-                "observers_frozen": bool(parent.manifest.get("observers_frozen")),
-                "ops": count_ops(program.graph_module), "pair_safe_weights_lowered": pairs_lowered}
+        return {
+            "qat": parent.manifest["qat"],
+            "io": parent.manifest["io"],
+            "observers_frozen": bool(parent.manifest.get("observers_frozen")),
+            "ops": count_ops(program.graph_module),
+            "pair_safe_weights_lowered": pairs_lowered,
+        }
 
-    return produce("converted", Path(out), recipe=recipe, parent=parent, options=options, data={},
-                   force=force, body=body)
+    return produce(
+        "converted", Path(out), recipe=recipe, parent=parent, options=options, data={}, force=force, body=body
+    )

@@ -11,10 +11,10 @@ from quantcli.errors import NumericsError
 from quantcli.loading.data import is_callable_source, to_tensors
 from quantcli.loading.headers import check_sources
 from quantcli.loading.inputs import held_out_batch
+from quantcli.numerics import parity
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import fusion, runtime
 from quantcli.recipe import Recipe
-from quantcli.numerics import parity
 from quantcli.stages.base import StageResult, callable_digest, data_hashes, produce, recipe_for
 
 log = logging.getLogger("quantcli")
@@ -72,11 +72,17 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     warning = fusion.coverage_warning(kernels)
     if warning is not None:
         log.warning(warning, extra={"warning": True})
-    report = {"parity": {**check, "data": sample_of}, "u8s8": saturation,
-              "sqnr_vs_float_db": {name: figures["ort_vs_fp32_db"] for name, figures in check["per_output"].items()},
-              "onnx": {**onnx_export.graph_summary(model), "shapes": onnx_export.shape_coverage(model),
-                       "size_bytes": path.stat().st_size},
-              "kernels": {**kernels, "warning": warning}}
+    report = {
+        "parity": {**check, "data": sample_of},
+        "u8s8": saturation,
+        "sqnr_vs_float_db": {name: figures["ort_vs_fp32_db"] for name, figures in check["per_output"].items()},
+        "onnx": {
+            **onnx_export.graph_summary(model),
+            "shapes": onnx_export.shape_coverage(model),
+            "size_bytes": path.stat().st_size,
+        },
+        "kernels": {**kernels, "warning": warning},
+    }
     if recipe.evaluation is not None:
         report["evaluation"] = evaluate.evaluate(recipe, float_program, path, parent.manifest["io"])
     return report
@@ -96,9 +102,14 @@ def target_arithmetic(model: Any, target_cpu: str) -> tuple[dict[str, Any], Any]
     here = detect_cpu()
     emulate = saturates_u8s8(target_cpu) and not saturates_u8s8(here)
     counts = u8s8.saturable_pairs(model)
-    section = {"target_cpu": target_cpu, "target_saturates": saturates_u8s8(target_cpu), "this_cpu": here,
-               "parity_arithmetic": "emulated" if emulate else "this cpu", "saturable_pairs": sum(counts.values()),
-               "layers": counts}
+    section = {
+        "target_cpu": target_cpu,
+        "target_saturates": saturates_u8s8(target_cpu),
+        "this_cpu": here,
+        "parity_arithmetic": "emulated" if emulate else "this cpu",
+        "saturable_pairs": sum(counts.values()),
+        "layers": counts,
+    }
     return section, (u8s8.emulate(model)[0] if emulate else None)
 
 
@@ -114,16 +125,27 @@ def _callable_keys(recipe: Recipe) -> dict[str, str]:
     return keys
 
 
-def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_path: str | Path | None = None,
-        force: bool = False) -> StageResult:
+def run(
+    src: str | Path,
+    out: str | Path,
+    *,
+    opset: int | None = None,
+    recipe_path: str | Path | None = None,
+    force: bool = False,
+) -> StageResult:
     import onnx
 
     parent, recipe = source(src, opset, recipe_path)
     out = Path(out)
     check_sources(recipe, ("calibration", "evaluation"))  # the parity sample and evaluation data, before work
     # the parity sample is data the ranges were not fitted to (loading.inputs.held_out_batch)
-    data = data_hashes({f"{name}.data": getattr(recipe, name).data for name in ("calibration", "evaluation")
-                        if getattr(recipe, name) is not None})
+    data = data_hashes(
+        {
+            f"{name}.data": getattr(recipe, name).data
+            for name in ("calibration", "evaluation")
+            if getattr(recipe, name) is not None
+        }
+    )
     data.update(_callable_keys(recipe))
 
     def body(st: Any) -> dict[str, Any]:
@@ -134,7 +156,8 @@ def run(src: str | Path, out: str | Path, *, opset: int | None = None, recipe_pa
 
     result = produce("exported", out, recipe=recipe, parent=parent, options={}, data=data, force=force, body=body)
     if result.manifest["status"] != "ok":
-        raise NumericsError(f"parity failed: {parity.failure(result.details['report']['parity'])} "
-                            f"(model and report written to {out})",
-                            f"`quantcli report {src} --onnx {out}` shows the layer where ONNX Runtime diverges")
+        raise NumericsError(
+            f"parity failed: {parity.failure(result.details['report']['parity'])} (model and report written to {out})",
+            f"`quantcli report {src} --onnx {out}` shows the layer where ONNX Runtime diverges",
+        )
     return result

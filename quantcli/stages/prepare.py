@@ -10,8 +10,9 @@ from quantcli.quantizers.cpu import describe
 from quantcli.stages.base import StageResult, carry_program, produce, recipe_for, restore_prepared, save_state
 
 
-def run(src: str | Path, out: str | Path, *, qat: bool = False, recipe_path: str | Path | None = None,
-        force: bool = False) -> StageResult:
+def run(
+    src: str | Path, out: str | Path, *, qat: bool = False, recipe_path: str | Path | None = None, force: bool = False
+) -> StageResult:
     from quantcli import quantizers
 
     parent = artifacts.open_artifact(src, ("captured",), "prepare")
@@ -27,7 +28,8 @@ def run(src: str | Path, out: str | Path, *, qat: bool = False, recipe_path: str
         save_state(module, st.tmp)
         return {"qat": qat, "io": parent.manifest["io"], "target": target}
 
-    result = produce("prepared", Path(out), recipe=recipe, parent=parent, options={"qat": qat}, data={},
-                     force=force, body=body)
+    result = produce(
+        "prepared", Path(out), recipe=recipe, parent=parent, options={"qat": qat}, data={}, force=force, body=body
+    )
     result.work = target  # the closing line says what the model is built for and where it is right
     return result

@@ -39,8 +39,10 @@ def with_training(parent: artifacts.Artifact, recipe_path: str | Path | None) ->
     """The recorded recipe with --recipe's training: section applied; it must have one."""
     recipe = recipe_for("trained", parent, recipe_path)
     if recipe.training is None:
-        raise RecipeError("training: missing; `quantcli train` needs a training: section",
-                          "add one to the recipe and pass it with --recipe")
+        raise RecipeError(
+            "training: missing; `quantcli train` needs a training: section",
+            "add one to the recipe and pass it with --recipe",
+        )
     return recipe
 
 
@@ -54,8 +56,16 @@ def _reads(recipe: Recipe) -> dict[str, str]:
     return reads
 
 
-def run(src: str | Path, out: str | Path, *, recipe_path: str | Path | None = None, resume: bool = False,
-        device: str = "cpu", force: bool = False, progress: Progress = no_progress) -> StageResult:
+def run(
+    src: str | Path,
+    out: str | Path,
+    *,
+    recipe_path: str | Path | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> StageResult:
     from quantcli.training import api, distributed
 
     parent = api.require_qat(artifacts.open_artifact(src, ("prepared", "calibrated"), "train"))
@@ -82,19 +92,27 @@ def run(src: str | Path, out: str | Path, *, recipe_path: str | Path | None = No
                 return StageResult("trained", out, existing, reused=True)
             body(None)
             return RankResult("trained", out, {}, details={"rank": world.rank, "world_size": world.size})
-        result = produce("trained", out, recipe=recipe, parent=parent, options=options, data=hashes, force=force,
-                         body=body)
+        result = produce(
+            "trained", out, recipe=recipe, parent=parent, options=options, data=hashes, force=force, body=body
+        )
         if not result.reused:
             from quantcli.training import checkpoints
 
             checkpoints.discard(checkpoints.partial_dir(out))
-        result.details.update({k: details[k] for k in ("steps", "resumed_from_step", "final_loss")
-                               if k in details})
+        result.details.update({k: details[k] for k in ("steps", "resumed_from_step", "final_loss") if k in details})
         return result
 
 
-def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, key: str, resume: bool,
-           folder: Path | None, progress: Progress) -> dict[str, Any]:
+def _train(
+    parent: artifacts.Artifact,
+    recipe: Recipe,
+    world: Any,
+    out: Path,
+    key: str,
+    resume: bool,
+    folder: Path | None,
+    progress: Progress,
+) -> dict[str, Any]:
     from quantcli.loading.data import load_dataset
     from quantcli.loading.files import reader
     from quantcli.training import api, checkpoints, loop
@@ -109,16 +127,20 @@ def _train(parent: artifacts.Artifact, recipe: Recipe, world: Any, out: Path, ke
     data.scan()  # NaN/Inf or values that do not fit fail before the first step, not in the middle of training
     schedule = loop.Schedule.of(section, data.length, world)
     if schedule.freeze_observers_at == 0 and parent.stage == "prepared":
-        raise RecipeError("training.freeze_observers_after: 0 freezes the observers before they see any data",
-                          "calibrate first (`quantcli calibrate`), or freeze them later")
+        raise RecipeError(
+            "training.freeze_observers_after: 0 freezes the observers before they see any data",
+            "calibrate first (`quantcli calibrate`), or freeze them later",
+        )
     model = api.from_artifact(parent)
-    trainer = loop.Trainer(model, data, section, recipe.inputs, world, schedule,
-                           classes_last=recipe.model.task == "token-classification")
+    trainer = loop.Trainer(
+        model, data, section, recipe.inputs, world, schedule, classes_last=recipe.model.task == "token-classification"
+    )
     if state is not None:
         trainer.restore(state)
     try:
-        summary = loop.fit(trainer, checkpoint=lambda st: checkpoints.save(partial, {"key": key, **st}),
-                           progress=progress)
+        summary = loop.fit(
+            trainer, checkpoint=lambda st: checkpoints.save(partial, {"key": key, **st}), progress=progress
+        )
     except KeyboardInterrupt as exc:
         kept = checkpoints.kept_line(partial)
         if kept is None or isinstance(exc, Interrupted):

@@ -83,8 +83,10 @@ def load(path: str | Path) -> QatModule:
 
 def require_qat(source: Artifact) -> Artifact:
     if not source.manifest["qat"]:
-        raise ArtifactError(f"{source.path} was prepared for post-training quantization",
-                            "QAT needs `quantcli prepare CAPTURED -o PREPARED --qat`")
+        raise ArtifactError(
+            f"{source.path} was prepared for post-training quantization",
+            "QAT needs `quantcli prepare CAPTURED -o PREPARED --qat`",
+        )
     return source
 
 
@@ -95,8 +97,12 @@ def from_artifact(source: Artifact) -> QatModule:
 
 def trained_fields(source: Artifact, model: QatModule) -> dict[str, Any]:
     """Manifest fields of a trained artifact: what restore needs beyond the state_dict."""
-    return {"qat": True, "io": source.manifest["io"], "bn_frozen": model.bn_frozen,
-            "observers_frozen": model.observers_frozen}
+    return {
+        "qat": True,
+        "io": source.manifest["io"],
+        "bn_frozen": model.bn_frozen,
+        "observers_frozen": model.observers_frozen,
+    }
 
 
 def write(model: QatModule, folder: Path) -> None:
@@ -117,8 +123,9 @@ def save(model: QatModule, out: str | Path, *, force: bool = False) -> StageResu
         write(model, st.tmp)
         return trained_fields(source, model)
 
-    return produce("trained", Path(out), recipe=recipe_of(source), parent=source, options=options, data={},
-                   force=force, body=body)
+    return produce(
+        "trained", Path(out), recipe=recipe_of(source), parent=source, options=options, data={}, force=force, body=body
+    )
 
 
 def _state_digest(model: QatModule) -> str:

@@ -62,8 +62,10 @@ def load(partial: Path, key: str, world_size: int) -> dict[str, Any] | None:
 def refuse_unless_resumed(partial: Path) -> None:
     """A checkpoint left by an interrupted run is never thrown away silently: continue it or say so."""
     if (partial / artifacts.CHECKPOINT).is_file():
-        raise ArtifactError(f"{partial} holds the checkpoint of an interrupted training",
-                            "pass --resume to continue it, or --force to discard it and start over")
+        raise ArtifactError(
+            f"{partial} holds the checkpoint of an interrupted training",
+            "pass --resume to continue it, or --force to discard it and start over",
+        )
 
 
 def kept_line(partial: Path) -> str | None:

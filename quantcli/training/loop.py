@@ -46,14 +46,21 @@ class Schedule:
     @classmethod
     def of(cls, section: TrainingSection, samples: int, world: World) -> Schedule:
         if section.batch_size < world.size:
-            raise RecipeError(f"training.batch_size {section.batch_size} is smaller than the {world.size} processes",
-                              "every process needs at least one sample of each global batch")
+            raise RecipeError(
+                f"training.batch_size {section.batch_size} is smaller than the {world.size} processes",
+                "every process needs at least one sample of each global batch",
+            )
         per_epoch = samples // section.batch_size
         if per_epoch == 0:
             raise DataError(f"training.data: {samples} samples, fewer than training.batch_size {section.batch_size}")
         total = per_epoch * section.epochs
-        return cls(per_epoch, total, _step_of(section.freeze_bn_after, total),
-                   _step_of(section.freeze_observers_after, total), section.checkpoint_every or per_epoch)
+        return cls(
+            per_epoch,
+            total,
+            _step_of(section.freeze_bn_after, total),
+            _step_of(section.freeze_observers_after, total),
+            section.checkpoint_every or per_epoch,
+        )
 
 
 def epoch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
@@ -63,8 +70,16 @@ def epoch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
 class Trainer:
     """One rank's training state: the module (DDP-wrapped if several ranks), optimizer, loss, data."""
 
-    def __init__(self, model: QatModule, data: Dataset, section: TrainingSection, inputs: list[InputSpec],
-                 world: World, schedule: Schedule, classes_last: bool = False):
+    def __init__(
+        self,
+        model: QatModule,
+        data: Dataset,
+        section: TrainingSection,
+        inputs: list[InputSpec],
+        world: World,
+        schedule: Schedule,
+        classes_last: bool = False,
+    ):
         import torch
 
         self.model, self.data, self.section, self.inputs = model, data, section, inputs
@@ -88,10 +103,17 @@ class Trainer:
         rng = {"torch": distributed.gather(torch.get_rng_state(), self.world)}
         if self.world.device.type == "cuda":
             rng["cuda"] = distributed.gather(torch.cuda.get_rng_state(self.world.device), self.world)
-        return {"step": self.step, "world_size": self.world.size, "module": self.model.prepared_state(),
-                "optimizer": self.optimizer.state_dict(), "rng": rng, "epoch": self.epoch,
-                "order": torch.from_numpy(self.order), "bn_frozen": self.model.bn_frozen,
-                "observers_frozen": self.model.observers_frozen}
+        return {
+            "step": self.step,
+            "world_size": self.world.size,
+            "module": self.model.prepared_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+            "epoch": self.epoch,
+            "order": torch.from_numpy(self.order),
+            "bn_frozen": self.model.bn_frozen,
+            "observers_frozen": self.model.observers_frozen,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         import torch
@@ -110,8 +132,9 @@ class Trainer:
     def _freeze_due(self) -> None:
         s = self.schedule
         bn = s.freeze_bn_at is not None and self.step >= s.freeze_bn_at and not self.model.bn_frozen
-        obs = s.freeze_observers_at is not None and self.step >= s.freeze_observers_at \
-            and not self.model.observers_frozen
+        obs = (
+            s.freeze_observers_at is not None and self.step >= s.freeze_observers_at and not self.model.observers_frozen
+        )
         if bn or obs:
             distributed.sync_state(self.model.prepared, self.world)  # freeze the same values on every rank
         if bn:
@@ -124,8 +147,8 @@ class Trainer:
         if epoch != self.epoch:
             self.epoch, self.order = epoch, epoch_order(self.section.seed, epoch, self.data.length)
         size = self.section.batch_size
-        picked = self.order[index * size:(index + 1) * size]
-        return self.data.take(picked[self.world.rank::self.world.size], batch=self.step)
+        picked = self.order[index * size : (index + 1) * size]
+        return self.data.take(picked[self.world.rank :: self.world.size], batch=self.step)
 
     def run_step(self) -> float:
         import torch

@@ -51,13 +51,16 @@ class Goal:
 class Judge:
     """Measures ONNX models on fixed data against the fp32 program's outputs, streaming it each time."""
 
-    def __init__(self, recipe: Recipe, float_program: Any, goal: Goal, metric: Callable | None = None,
-                 batches: int | None = None):
+    def __init__(
+        self, recipe: Recipe, float_program: Any, goal: Goal, metric: Callable | None = None, batches: int | None = None
+    ):
         what = "evaluation" if recipe.evaluation is not None else "calibration"
         section = getattr(recipe, what)
         if goal.max_drop is not None and (what != "evaluation" or (metric is None and not section.metric)):
-            raise RecipeError("--max-drop needs an evaluation: section with data, targets and a metric",
-                              "add one, or use --min-sqnr DB")
+            raise RecipeError(
+                "--max-drop needs an evaluation: section with data, targets and a metric",
+                "add one, or use --min-sqnr DB",
+            )
         self.metric_name = None if goal.max_drop is None else ("callable" if metric else section.metric)
         self.recipe, self.module, self.limit = recipe, float_program.module(), batches
         self.section, self.goal, self.callable = what, goal, metric

@@ -53,8 +53,10 @@ def check_own_files(out: Path, recipe_path: Path, force: bool) -> None:
     """Refuse, before any work, to replace a recipe.yaml or tune.json at `out` that tune did not write."""
     recipe, outcome = out / RECIPE, out / OUTCOME
     if recipe.exists() and recipe_path.exists() and recipe.resolve() == recipe_path.resolve():
-        raise ArtifactError(f"{recipe} is the recipe tune reads; tune writes its recipe there",
-                            "choose another output folder with -o; the input recipe is never replaced")
+        raise ArtifactError(
+            f"{recipe} is the recipe tune reads; tune writes its recipe there",
+            "choose another output folder with -o; the input recipe is never replaced",
+        )
     for path in (recipe, outcome):
         if path.is_dir():
             raise ArtifactError(f"{path} exists and is a folder", staging.NEVER)

@@ -28,9 +28,16 @@ from quantcli.stages.base import Progress, no_progress, recipe_of
 from quantcli.tune import outputs
 from quantcli.tune.goal import Goal, Judge
 from quantcli.tune.outputs import OUTCOME, RECIPE
+
 # Another calibration method to try for a layer, by the method it has.
-OTHER_OBSERVER = {"histogram": "percentile", "mse": "percentile", "percentile": "entropy", "entropy": "percentile",
-                  "minmax": "histogram", "moving_average_minmax": "histogram"}
+OTHER_OBSERVER = {
+    "histogram": "percentile",
+    "mse": "percentile",
+    "percentile": "entropy",
+    "entropy": "percentile",
+    "minmax": "histogram",
+    "moving_average_minmax": "histogram",
+}
 
 
 def recipe_text(recipe: recipes.Recipe, overrides: list[dict[str, Any]]) -> str:
@@ -77,12 +84,16 @@ def trial(captured: Path, folder: Path, recipe_path: Path, force: bool) -> str:
 class Search:
     """The trials so far, the fixes kept and the best trial; `layer(module)` tries one module's fixes."""
 
-    def __init__(self, recipe: recipes.Recipe, judge: Judge, base: Path, graph: Any, force: bool,
-                 progress: Progress):
+    def __init__(self, recipe: recipes.Recipe, judge: Judge, base: Path, graph: Any, force: bool, progress: Progress):
         self.recipe, self.judge, self.base, self.force, self.progress = recipe, judge, base, force, progress
         self.graph = graph  # the captured graph, whose module scopes the quantizer's policy matches
-        baseline = {"trial": 0, "change": None, "overrides": [], "status": "ok",
-                    **judge.measure(base / pipeline.ONNX_NAME)}
+        baseline = {
+            "trial": 0,
+            "change": None,
+            "overrides": [],
+            "status": "ok",
+            **judge.measure(base / pipeline.ONNX_NAME),
+        }
         self.history: list[dict[str, Any]] = [baseline]
         self.kept: list[dict[str, Any]] = []
         self.best = baseline
@@ -101,8 +112,10 @@ class Search:
         current = setting_of_module(self.recipe.quantization, self.graph, module)
         if current is None:  # already kept in float by the recipe
             return
-        for fix in ({"names": [module], "observer": OTHER_OBSERVER[current.observer]},
-                    {"names": [module], "exclude": True}):
+        for fix in (
+            {"names": [module], "observer": OTHER_OBSERVER[current.observer]},
+            {"names": [module], "exclude": True},
+        ):
             if self.trials >= max_trials:
                 return
             record = self.attempt(fix, max_trials)
@@ -119,8 +132,13 @@ class Search:
         if status == "ok" and _same_graph(folder / pipeline.ONNX_NAME, best_model):
             status = "no_effect"  # the override changed nothing (e.g. a module whose output another op quantizes)
         measured = self.judge.measure(folder / pipeline.ONNX_NAME)
-        record = {"trial": number, "change": _describe(fix), "overrides": self.kept + [fix], "status": status,
-                  **measured}
+        record = {
+            "trial": number,
+            "change": _describe(fix),
+            "overrides": self.kept + [fix],
+            "status": status,
+            **measured,
+        }
         self.history.append(record)
         self.progress(number, max_trials, {"sqnr_db": measured["sqnr_db"]})
         return record
@@ -129,17 +147,29 @@ class Search:
 def _checked(recipe_path: str | Path, max_drop: float | None, metric: str | None) -> recipes.Recipe:
     recipe = recipes.load(recipe_path)
     if recipe.training is not None:
-        raise RecipeError("tune searches post-training quantization; the recipe has a training: section",
-                          "remove it, or tune a recipe without it and train afterwards")
+        raise RecipeError(
+            "tune searches post-training quantization; the recipe has a training: section",
+            "remove it, or tune a recipe without it and train afterwards",
+        )
     if max_drop is not None and (recipe.evaluation is None or recipe.evaluation.targets is None and metric is None):
-        raise RecipeError("--max-drop needs an evaluation: section with data and targets",
-                          "add one, or use --min-sqnr DB")
+        raise RecipeError(
+            "--max-drop needs an evaluation: section with data and targets", "add one, or use --min-sqnr DB"
+        )
     return recipe
 
 
-def run(recipe_path: str | Path, out: str | Path, *, max_drop: float | None = None, min_sqnr: float | None = None,
-        metric: str | None = None, max_trials: int = 10, batches: int | None = None, force: bool = False,
-        progress: Progress = no_progress) -> dict[str, Any]:
+def run(
+    recipe_path: str | Path,
+    out: str | Path,
+    *,
+    max_drop: float | None = None,
+    min_sqnr: float | None = None,
+    metric: str | None = None,
+    max_trials: int = 10,
+    batches: int | None = None,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> dict[str, Any]:
     from quantcli import _torch, artifacts
     from quantcli.loading.factory import load_callable
 
@@ -161,12 +191,18 @@ def run(recipe_path: str | Path, out: str | Path, *, max_drop: float | None = No
             break
         search.layer(module, max_trials)
     outcome = _finish(search, out, Path(recipe_path), ranking, force)
-    outcome = outputs.write_own_files(out, recipe_text(search.recipe, search.best["overrides"]),
-                                      {**outcome, "seconds": round(time.perf_counter() - start, 1)})
+    outcome = outputs.write_own_files(
+        out,
+        recipe_text(search.recipe, search.best["overrides"]),
+        {**outcome, "seconds": round(time.perf_counter() - start, 1)},
+    )
     if not outcome["achieved"]:
-        raise GoalError(f"goal {_goal_text(goal)} not met in {search.trials} trial(s): best "
-                        f"{_measure_text(search.best)} (trial {search.best['trial']}); model, recipe and {OUTCOME} "
-                        f"written to {out}", "raise --max-trials, or loosen the goal")
+        raise GoalError(
+            f"goal {_goal_text(goal)} not met in {search.trials} trial(s): best "
+            f"{_measure_text(search.best)} (trial {search.best['trial']}); model, recipe and {OUTCOME} "
+            f"written to {out}",
+            "raise --max-trials, or loosen the goal",
+        )
     return outcome
 
 
@@ -178,12 +214,21 @@ def _finish(search: Search, out: Path, recipe_path: Path, ranking: list[str], fo
     outputs.adopt(search.base, trial_folder, out, force)
     model, final = out / pipeline.ONNX_NAME, out / RECIPE
     trial_model = trial_folder / pipeline.ONNX_NAME
-    return {"goal": judge.goal.to_json(), "achieved": judge.goal.met(best), "metric": judge.metric_name,
-            "fp32_torch": judge.fp32_torch, "data": {"section": judge.section, "batches": judge.batches},
-            "baseline": search.history[0], "best": best, "trials": search.history[1:], "ranking": ranking,
-            "layers_changed": sorted({n for o in best["overrides"] for n in o["names"]}),
-            "model": str(model), "recipe": str(final),
-            "reproduces_best_trial": _same_graph(model, trial_model)}
+    return {
+        "goal": judge.goal.to_json(),
+        "achieved": judge.goal.met(best),
+        "metric": judge.metric_name,
+        "fp32_torch": judge.fp32_torch,
+        "data": {"section": judge.section, "batches": judge.batches},
+        "baseline": search.history[0],
+        "best": best,
+        "trials": search.history[1:],
+        "ranking": ranking,
+        "layers_changed": sorted({n for o in best["overrides"] for n in o["names"]}),
+        "model": str(model),
+        "recipe": str(final),
+        "reproduces_best_trial": _same_graph(model, trial_model),
+    }
 
 
 def _describe(fix: dict[str, Any]) -> str:
