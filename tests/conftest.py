@@ -31,6 +31,13 @@ CI_SCRIPT = ROOT / "scripts" / "ci-example.sh"
 STAGES = ("captured", "prepared", "calibrated", "converted")
 ANSI = re.compile(r"\x1b\[")
 
+# One torch thread per test process, set before any test module imports torch: the suite runs two xdist
+# workers on two cores, and a worker's default of one thread per core oversubscribes them (the other
+# worker, the quantcli processes the tests start, the zoo's runner), where torch's threads wait on each
+# other far longer than they compute: a test of small tensor operations measured 16x slower. The
+# quantcli processes the tests start get the same setting from `cli_env`.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Name this test run for the zoo's vision runner, in the process that starts the xdist workers."""
