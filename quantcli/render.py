@@ -122,6 +122,12 @@ def _kernels(kernels: dict[str, Any] | None) -> list[str]:
     ]
     if kernels.get("warning"):
         lines.append(f"  warning: {kernels['warning']}")
+    if "weight_only" in kernels:
+        left = kernels["weight_only"]["float_linears"]
+        lines.append(
+            f"  weight-only: {kernels['weight_only']['matmul_nbits']} MatMulNBits; {len(left)} linears left float"
+            + (f": {', '.join(str(n['module'] or n['name']) for n in left[:SHOWN_LAYERS])}" if left else "")
+        )
     islands = kernels["islands"]
     expected = Counter(i["op_type"] for i in islands if i["allowed"])
     looked = [i for i in islands if not i["allowed"]]
