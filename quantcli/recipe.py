@@ -286,6 +286,11 @@ class DataSource(_Section):
     )
     padding: Literal["max_length", "longest"] = Field(default="max_length", description="tokenizer padding")
     truncation: bool = Field(default=True, description="tokenizer: cut longer texts at max_length")
+    windows: bool = Field(
+        default=False,
+        description="text-generation: the texts' tokens joined and cut into windows of max_length tokens, no "
+        "padding (how a decoder is calibrated and its perplexity measured)",
+    )
 
     @field_validator("data")
     @classmethod
@@ -307,13 +312,15 @@ class DataSource(_Section):
             )
         tokenizer = {
             k
-            for k in {"max_length", "padding", "truncation"} & self.model_fields_set
+            for k in {"max_length", "padding", "truncation", "windows"} & self.model_fields_set
             if getattr(self, k) != type(self).model_fields[k].default
         }  # a recorded default is no setting
         if tokenizer and (info.context or {}).get("written") and kind in ("arrays", "callable"):
             raise ValueError(f"{sorted(tokenizer)[0]}: tokenizer settings apply to text files, not to {self.data}")
         if self.keys and kind in ("text", "table"):
             raise ValueError("keys: maps array names; text files are tokenized into the model's inputs")
+        if self.windows and self.text_pair is not None:
+            raise ValueError("windows: joins single texts; it takes no text_pair")
         return self
 
 
@@ -727,7 +734,7 @@ def _data_problems(section: DataSource, model: ModelSection) -> list[str]:
     """What is wrong with a data section for this model, judged from names (no file is read)."""
     kind = kinds.by_name(section.data)
     if kind not in ("text", "table"):
-        return []
+        return [f"windows: cuts text files into token windows; {section.data} holds no text"] if section.windows else []
     if model.source == "factory":
         return [
             f"data: {section.data} is text; text files need a model that knows its tokenizer "
@@ -735,6 +742,8 @@ def _data_problems(section: DataSource, model: ModelSection) -> list[str]:
         ]
     if TASKS[model.task].modality != "text":
         return [f"data: {section.data} is text, but a {model.task} model takes images (a folder of image files)"]
+    if section.windows and model.task != "text-generation":
+        return [f"windows: cuts text into token windows for a decoder (task text-generation), not {model.task}"]
     return []
 
 

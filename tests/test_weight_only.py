@@ -197,3 +197,36 @@ def test_awq_has_less_output_error_than_rtn_on_data_it_did_not_see():
     grid = Grid(4, True, 32)
     result, _ = awq(w, seen.T @ seen, seen.abs().mean(0).float(), grid)
     assert output_error(w, result, unseen) < 0.85 * output_error(w, rtn(w, grid), unseen)  # measured 0.71
+
+
+# ---------------------------------------------------------------- token windows
+
+
+def test_text_cut_into_token_windows_without_padding(tmp_path):
+    from quantcli.loading.files import reader
+    from tests import hf_folders
+
+    texts = [f"line {i} of some calibration text for a decoder" for i in range(30)]
+    tokenizer = hf_folders.bytelevel(texts)
+    tokenizer.save_pretrained(tmp_path / "decoder")
+    (tmp_path / "decoder" / "config.json").write_text('{"model_type": "llama"}')  # the tokenizer is what is read
+    (tmp_path / "text.txt").write_text("\n".join(texts) + "\n")
+    inputs = [{"name": n, "shape": [1, 8], "dtype": "int64"} for n in ("input_ids", "attention_mask")]
+    recipe = recipes.resolve_paths(
+        recipes.parse(
+            {
+                "model": {"huggingface": "decoder", "task": "text-generation"},
+                "inputs": inputs,
+                "calibration": {"data": "text.txt", "windows": True, "max_length": 8, "batch_size": 4},
+            }
+        ),
+        tmp_path,
+    )
+    _, batches = reader(recipe, "calibration").iter_batches(4, None)
+    batches = list(batches)
+    joined = [t for text in texts for t in tokenizer(text)["input_ids"]]
+    ids = [row for b in batches for row in b["input_ids"].tolist()]
+    assert len(ids) == len(joined) // 8 and [t for row in ids for t in row] == joined[: len(ids) * 8]
+    assert all(b["attention_mask"].all() and b["input_ids"].shape[1] == 8 for b in batches)
+    assert [len(b["input_ids"]) for b in batches[:-1]] == [4] * (len(batches) - 1)
+    assert problems({"activations": "none"}, calibration={"data": "d.npz", "windows": True})  # arrays: no windows
