@@ -705,6 +705,8 @@ class Recipe(_Section):
                 problems.append(
                     f"evaluation.metric: {ev.metric} does not fit task {task}; valid: {', '.join(fitting(task))}"
                 )
+            elif METRICS[ev.metric].next_token and ev.targets is not None:
+                problems.append(f"evaluation.targets: {ev.metric} scores each next token of the inputs; remove it")
             elif METRICS[ev.metric].needs_targets and ev.targets is None and kinds.by_name(ev.data) != "folder":
                 problems.append(
                     f"evaluation.targets: missing; {ev.metric} needs targets (an array or a column; an "

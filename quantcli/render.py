@@ -70,7 +70,13 @@ def _report(report: dict[str, Any]) -> list[str]:
     from quantcli.numerics.metrics import METRICS
 
     sizes = ev["size_bytes"]
-    if METRICS[ev["metric"]].percent:
+    if not METRICS[ev["metric"]].higher_is_better:  # perplexity: the values themselves
+        line = (
+            f"  {ev['metric']} on {ev['samples']} samples ({ev['tokens']['fp32_torch']} tokens): fp32 "
+            f"{ev['fp32_torch']:.3f}  fp32 ONNX {ev['fp32_onnx']:.3f}  quantized ONNX {ev['int8_onnx']:.3f} "
+            f"(+{ev['drop']:.3f})"
+        )
+    elif METRICS[ev["metric"]].percent:
         line = (
             f"  {ev['metric']} on {ev['samples']} held-out samples: fp32 {100 * ev['fp32_torch']:.2f}%  "
             f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {100 * ev['drop']:.2f} points)"

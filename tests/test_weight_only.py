@@ -230,3 +230,40 @@ def test_text_cut_into_token_windows_without_padding(tmp_path):
     assert all(b["attention_mask"].all() and b["input_ids"].shape[1] == 8 for b in batches)
     assert [len(b["input_ids"]) for b in batches[:-1]] == [4] * (len(batches) - 1)
     assert problems({"activations": "none"}, calibration={"data": "d.npz", "windows": True})  # arrays: no windows
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_perplexity_is_exp_of_the_mean_next_token_cross_entropy_over_attended_positions():
+    import numpy as np
+
+    from quantcli.numerics.metrics import IGNORE, METRICS, next_tokens
+
+    g = torch.Generator().manual_seed(13)
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding
+    mask[2, :2] = 0  # left padding
+    logits = torch.randn(3, 7, 50, generator=g) * 3
+    targets = next_tokens({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    assert (targets[:, -1] == IGNORE).all() and (targets[1, 4:] == IGNORE).all() and (targets[2, :2] == IGNORE).all()
+    assert targets[0, 0] == ids[0, 1] and targets[2, 2] == ids[2, 3]
+    labelled = torch.from_numpy(targets) != IGNORE
+    expected = torch.nn.functional.cross_entropy(logits[labelled].double(), torch.from_numpy(targets)[labelled]).exp()
+    accumulator = METRICS["perplexity"].accumulator()
+    for row in range(3):  # batch by batch
+        accumulator.update(logits[row : row + 1].numpy(), logits[row : row + 1].numpy(), targets[row : row + 1])
+    result = accumulator.result()
+    assert result["value"] == pytest.approx(float(expected), rel=1e-4) and result["tokens"] == int(labelled.sum())
+    assert np.isclose(float(expected), result["value"], rtol=1e-4)
+
+
+def test_perplexity_fits_decoders_only_and_takes_no_targets():
+    section = {"data": "eval.txt", "metric": "perplexity", "windows": True}
+    assert problems({"activations": "none"}, evaluation=section) == []
+    assert any("scores each next token" in p for p in problems({}, evaluation={**section, "targets": "label"}))
+    found = recipes.schema_problems(
+        {"model": {"huggingface": "f", "task": "text-classification"}, "evaluation": section}
+    )[1]
+    assert any("perplexity does not fit task text-classification" in p for p in found), found

@@ -27,6 +27,7 @@ INT4 = {"dtype": "int4", "block_size": 32, "symmetric": True}
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("decoders")
     (root / "text.txt").write_text("\n".join(TEXTS) + "\n")
+    (root / "eval.txt").write_text("".join(f"{b} but {a}\n" for a in byo.WORDS[::2] for b in byo.WORDS[1::2]))
     for family in ("llama", "qwen2"):
         hf_folders.decoder_folder(root / family, TEXTS, family, outliers=20.0)  # large channels, as trained LLMs
     return root
@@ -61,7 +62,8 @@ def llama(folders, tmp_path_factory):
     for method in ("rtn", "gptq", "awq"):
         if method != "rtn":
             shutil.copytree(root / "rtn" / "captured", root / method / "captured")
-        report = run(folders, "llama", root / method, {"weights": {**INT4, "method": method}})
+        evaluation = {"data": str(folders / "eval.txt"), "windows": True, "max_length": 32, "metric": "perplexity"}
+        report = run(folders, "llama", root / method, {"weights": {**INT4, "method": method}}, evaluation=evaluation)
         found[method] = (report, root / method / "model.onnx")
     return found
 
@@ -89,9 +91,22 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
 
 def test_gptq_and_awq_have_less_error_than_rtn_on_a_batch_they_did_not_see(llama):
     sqnr = {method: report["sqnr_vs_float_db"]["logits"] for method, (report, _) in llama.items()}
-    assert "held out" in llama["gptq"][0]["parity"]["data"]
+    assert llama["gptq"][0]["parity"]["data"] == "evaluation batch 0"
     assert sqnr["gptq"] > sqnr["rtn"] + 2, sqnr  # measured: rtn 12.1, gptq 15.7, awq 13.0 dB
     assert sqnr["awq"] > sqnr["rtn"] + 0.4, sqnr
+
+
+def test_perplexity_on_token_windows_of_held_out_text(llama):
+    evaluations = {method: report["evaluation"] for method, (report, _) in llama.items()}
+    for method, ev in evaluations.items():
+        assert ev["metric"] == "perplexity" and ev["tokens"]["fp32_torch"] > 500, method
+        assert ev["fp32_onnx"] == pytest.approx(ev["fp32_torch"], rel=1e-3)
+        assert ev["drop"] == pytest.approx(ev["int8_onnx"] - ev["fp32_torch"], abs=1e-4)  # a rise, in perplexity
+    # measured (fp32 244.93): rtn 246.84, gptq 244.91, awq 246.31
+    assert (
+        evaluations["gptq"]["drop"] < evaluations["rtn"]["drop"]
+        and evaluations["awq"]["drop"] < evaluations["rtn"]["drop"]
+    )
 
 
 def test_qwen2_with_biased_projections_and_an_int8_head(folders, tmp_path):
@@ -106,6 +121,7 @@ def test_qwen2_with_biased_projections_and_an_int8_head(folders, tmp_path):
     assert bits == [4] * 14 + [8]
     recipe = yaml.safe_load((tmp_path / "work.yaml").read_text())
     recipe["quantization"]["exclude_names"] = ["*mlp.down_proj"]
-    report = run(folders, "qwen2", tmp_path / "work", recipe["quantization"])
+    shutil.copytree(tmp_path / "work" / "captured", tmp_path / "excluded" / "captured")
+    report = run(folders, "qwen2", tmp_path / "excluded", recipe["quantization"])
     left = report["kernels"]["weight_only"]["float_linears"]
     assert sorted(n["module"] for n in left) == [f"model.model.layers.{i}.mlp.down_proj" for i in (0, 1)]
