@@ -267,3 +267,13 @@ def test_perplexity_fits_decoders_only_and_takes_no_targets():
         {"model": {"huggingface": "f", "task": "text-classification"}, "evaluation": section}
     )[1]
     assert any("perplexity does not fit task text-classification" in p for p in found), found
+
+
+def test_synthetic_inputs_attend_every_token():
+    """RTN needs no data; without any, export's parity sample is synthetic, and a mask hiding every token
+    (where PyTorch and ONNX Runtime differ even in fp32) would fail it."""
+    from quantcli.loading.inputs import synthetic
+
+    specs = [recipes.InputSpec(name=n, shape=[2, 4], dtype="int64") for n in ("input_ids", "attention_mask")]
+    batch = synthetic(specs)
+    assert (batch["attention_mask"] == 1).all() and (batch["input_ids"] == 0).all()

@@ -79,6 +79,8 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
     model = onnx.load(str(llama["rtn"][1]))
     kinds = {t.data_type for t in model.graph.initializer if t.name.endswith("weight_q")}
     assert kinds == {onnx.TensorProto.INT4}
+    stored = sum(len(t.raw_data) for t in model.graph.initializer if t.name.endswith(("weight_q", "weight_scale")))
+    assert stored == llama["rtn"][0]["weight_only"]["linear_weight_bytes"]["stored"]  # what the file holds
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 15 and all({a.name: a.i for a in n.attribute} == {"axis": 0, "block_size": 32} for n in dq)
     assert any(
@@ -92,7 +94,7 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
 def test_gptq_and_awq_have_less_error_than_rtn_on_a_batch_they_did_not_see(llama):
     sqnr = {method: report["sqnr_vs_float_db"]["logits"] for method, (report, _) in llama.items()}
     assert llama["gptq"][0]["parity"]["data"] == "evaluation batch 0"
-    assert sqnr["gptq"] > sqnr["rtn"] + 2, sqnr  # measured: rtn 12.1, gptq 15.7, awq 13.0 dB
+    assert sqnr["gptq"] > sqnr["rtn"] + 2, sqnr  # measured: rtn 12.5, gptq 21.0, awq 13.5 dB
     assert sqnr["awq"] > sqnr["rtn"] + 0.4, sqnr
 
 
