@@ -277,3 +277,11 @@ def test_synthetic_inputs_attend_every_token():
     specs = [recipes.InputSpec(name=n, shape=[2, 4], dtype="int64") for n in ("input_ids", "attention_mask")]
     batch = synthetic(specs)
     assert (batch["attention_mask"] == 1).all() and (batch["input_ids"] == 0).all()
+
+
+def test_tune_refuses_a_weight_only_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL, "quantization": {"activations": "none"}}))
+    assert_fails(
+        cli("tune", "--recipe", path, "-o", tmp_path / "t", "--min-sqnr", "20"), 2, "this recipe is weight-only"
+    )

@@ -15,7 +15,7 @@ import yaml
 
 from quantcli.onnx import fusion
 from tests import byo, hf_folders
-from tests.conftest import quantcli
+from tests.conftest import assert_fails, quantcli
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +86,8 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
     assert any(
         n.op_type == "Gather" and n.input[0] in {t.name for t in model.graph.initializer} for n in model.graph.node
     )
+    line = assert_fails(quantcli("report", llama["rtn"][1].parent / "converted"), 2, "is weight-only")
+    assert "model.report.json" in line  # where the weight-only model's figures are
     optimized = fusion.optimized_graph(llama["rtn"][1])
     fused = [n for n in optimized.node if n.op_type == "MatMulNBits"]
     assert {dict((a.name, a.i) for a in n.attribute)["K"] for n in fused} == {64, 176}  # 176 = 5.5 blocks of 32
