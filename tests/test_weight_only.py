@@ -10,7 +10,7 @@ import yaml
 
 from quantcli import recipe as recipes
 from quantcli.quantizers.names import BLOCK_SIZES, WEIGHT_METHODS
-from quantcli.weightonly.awq import GRID_POINTS, awq, candidate
+from quantcli.weightonly.awq import CLIP_POINTS, GRID_POINTS, awq, candidate, clip, search
 from quantcli.weightonly.gptq import gptq
 from quantcli.weightonly.grid import Grid, dequantize, fit, per_column, quantize
 from quantcli.weightonly.methods import METHODS
@@ -182,13 +182,34 @@ def test_awq_picks_the_scale_a_brute_force_search_on_the_samples_picks():
     x = correlated(384, 64, seed=9)
     grid = Grid(4, True, 32)
     magnitude = x.abs().mean(0).float()
-    result, alpha = awq(w, x.T @ x, magnitude, grid)
+    _, alpha = search(w, x.T @ x, magnitude, grid)
     errors = [output_error(w, rtn(w, grid), x)] + [
         output_error(w, candidate(w, magnitude, point / GRID_POINTS, grid), x) for point in range(1, GRID_POINTS)
     ]
-    best = min(range(GRID_POINTS), key=errors.__getitem__)
-    assert alpha == best / GRID_POINTS and alpha > 0
-    assert output_error(w, result, x) == pytest.approx(errors[best], rel=1e-9)
+    assert alpha == min(range(GRID_POINTS), key=errors.__getitem__) / GRID_POINTS and alpha > 0
+
+
+@pytest.mark.parametrize("grid", [Grid(4, True, 32), Grid(4, False, 16)])
+def test_awq_clips_each_block_where_a_brute_force_search_on_the_samples_does(grid):
+    w = torch.randn(16, 80, generator=torch.Generator().manual_seed(14))  # a short last block
+    x = correlated(256, 80, seed=15)
+    result = clip(w, x.T @ x, grid)
+    shrinks = [1 - point / (2 * CLIP_POINTS) for point in range(CLIP_POINTS)]
+    size = grid.block_size
+    block = lambda t: torch.nn.functional.pad(t, (0, grid.blocks(80) * size - 80)).reshape(len(t), -1, size)  # noqa: E731
+    xs = block(x)  # [samples, blocks, size]: each block's own inputs
+    errors, scales = [], []
+    for shrink in shrinks:  # each block's own output error on the samples, for every shrink
+        scale, zero = fit(w, grid, torch.full(scale_shape(w, grid), shrink))
+        e = block(w.double() - dequantize(quantize(w, scale, zero, grid), scale, zero, grid).double())
+        errors.append(torch.einsum("tkb,nkb->tnk", xs, e).pow(2).sum(0))
+        scales.append(scale)
+    best = torch.stack(errors).argmin(0)  # [N, blocks]
+    assert torch.equal(result.scale, torch.stack(scales).gather(0, best[None])[0])
+
+
+def scale_shape(w: torch.Tensor, grid: Grid) -> tuple[int, int]:
+    return w.shape[0], grid.blocks(w.shape[1])
 
 
 def test_awq_has_less_output_error_than_rtn_on_data_it_did_not_see():
@@ -196,7 +217,9 @@ def test_awq_has_less_output_error_than_rtn_on_data_it_did_not_see():
     seen, unseen = correlated(512, 96, seed=11), correlated(512, 96, seed=12)
     grid = Grid(4, True, 32)
     result, _ = awq(w, seen.T @ seen, seen.abs().mean(0).float(), grid)
-    assert output_error(w, result, unseen) < 0.85 * output_error(w, rtn(w, grid), unseen)  # measured 0.71
+    assert output_error(w, result, unseen) < 0.6 * output_error(w, rtn(w, grid), unseen)  # measured 0.48
+    scaled_only, _ = search(w, seen.T @ seen, seen.abs().mean(0).float(), grid)
+    assert output_error(w, scaled_only, unseen) < 0.8 * output_error(w, rtn(w, grid), unseen)  # measured 0.71
 
 
 # ---------------------------------------------------------------- token windows

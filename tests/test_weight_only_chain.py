@@ -96,8 +96,8 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
 def test_gptq_and_awq_have_less_error_than_rtn_on_a_batch_they_did_not_see(llama):
     sqnr = {method: report["sqnr_vs_float_db"]["logits"] for method, (report, _) in llama.items()}
     assert llama["gptq"][0]["parity"]["data"] == "evaluation batch 0"
-    assert sqnr["gptq"] > sqnr["rtn"] + 2, sqnr  # measured: rtn 12.5, gptq 21.0, awq 13.5 dB
-    assert sqnr["awq"] > sqnr["rtn"] + 0.4, sqnr
+    assert sqnr["gptq"] > sqnr["rtn"] + 2, sqnr  # measured: rtn 12.5, gptq 21.0, awq 16.5 dB
+    assert sqnr["awq"] > sqnr["rtn"] + 2, sqnr
 
 
 def test_perplexity_on_token_windows_of_held_out_text(llama):
@@ -106,7 +106,7 @@ def test_perplexity_on_token_windows_of_held_out_text(llama):
         assert ev["metric"] == "perplexity" and ev["tokens"]["fp32_torch"] > 500, method
         assert ev["fp32_onnx"] == pytest.approx(ev["fp32_torch"], rel=1e-3)
         assert ev["drop"] == pytest.approx(ev["int8_onnx"] - ev["fp32_torch"], abs=1e-4)  # a rise, in perplexity
-    # measured (fp32 244.93): rtn 246.84, gptq 244.91, awq 246.31
+    # measured (fp32 244.93): rtn 246.84, gptq 244.91, awq 245.39
     assert (
         evaluations["gptq"]["drop"] < evaluations["rtn"]["drop"]
         and evaluations["awq"]["drop"] < evaluations["rtn"]["drop"]

@@ -51,20 +51,22 @@ class Grid:
         return -(-k // self.block(k))
 
 
-def _blocked(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+def blocked(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     """w [N, K] as [N, blocks, block], the last block padded with zeros (which move no block's range)."""
     n, k = w.shape
     b, nb = grid.block(k), grid.blocks(k)
     return torch.nn.functional.pad(w, (0, nb * b - k)).reshape(n, nb, b)
 
 
-def fit(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale [N, blocks] float32, zero point [N, blocks] or None) of round-to-nearest on w's blocks."""
-    blocks = _blocked(w.float(), grid)
+def fit(w: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale [N, blocks] float32, zero point [N, blocks] or None) of round-to-nearest on w's blocks, each
+    block's range times `shrink` [N, blocks] where given (weights beyond it are clipped)."""
+    blocks = blocked(w.float(), grid)
+    factor = 1.0 if shrink is None else shrink.float()
     if grid.symmetric:
-        scale = blocks.abs().amax(-1) / ((grid.qmax - grid.qmin) / 2)
+        scale = blocks.abs().amax(-1) * factor / ((grid.qmax - grid.qmin) / 2)
         return torch.where(scale > 0, scale, torch.ones_like(scale)), None
-    lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+    lo, hi = blocks.amin(-1).clamp(max=0) * factor, blocks.amax(-1).clamp(min=0) * factor
     scale = (hi - lo) / (grid.qmax - grid.qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = (grid.qmin - torch.round(lo / scale)).clamp(grid.qmin, grid.qmax)
