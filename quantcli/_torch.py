@@ -15,6 +15,7 @@ logger name and warning category, so that users see only quantcli's own output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -84,7 +85,38 @@ __all__ = [
     "observers_frozen",
     "refresh_qparams",
     "ddp",
+    "onnx_program",
 ]
+
+
+@functools.cache
+def _onnx_registry(opset: int) -> Any:
+    """The dynamo exporter's table of ATen -> ONNX functions for `opset`, built once per process.
+
+    torch.onnx.export builds it on every call (0.5 s, more than the export of a small model takes);
+    the exporter only reads it.
+    """
+    from torch.onnx._internal.exporter import _registration
+
+    return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+
+
+def onnx_program(program: Any, *, opset: int, input_names: list[str], output_names: list[str]) -> Any:
+    """torch.onnx.export(program, dynamo=True, optimize=True) of an ExportedProgram, as an ONNXProgram."""
+    from torch.onnx._internal.exporter import _core
+
+    return _core.export(
+        program,
+        (),
+        {},
+        registry=_onnx_registry(opset),
+        dynamic_shapes={},
+        input_names=input_names,
+        output_names=output_names,
+        verbose=False,
+        optimize=True,
+        opset_version=opset,
+    )
 
 
 def export_program(module: Any, args: tuple, dynamic_shapes: Any) -> Any:

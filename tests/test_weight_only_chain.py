@@ -1,7 +1,7 @@
-"""Weight-only decoders through `quantcli run`, as separate processes: Llama (tied embeddings, a K the block
-does not divide, weights the exporter leaves behind a Transpose) with int4 RTN, GPTQ and AWQ, and Qwen2 (biased
-q/k/v). Every quantized linear runs as MatMulNBits in ONNX Runtime, the linear weights shrink 6x, GPTQ and AWQ
-have less error than RTN on a batch calibration did not read."""
+"""Weight-only decoders through `quantcli run`, in this process (tests/test_cli_contract.py covers the process):
+Llama (tied embeddings, a K the block does not divide, weights the exporter leaves behind a Transpose) with
+int4 RTN, GPTQ and AWQ, and Qwen2 (biased q/k/v). Every quantized linear runs as MatMulNBits in ONNX Runtime,
+the linear weights shrink 6x, GPTQ and AWQ have less error than RTN on a batch calibration did not read."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import yaml
 
 from quantcli.onnx import fusion
 from tests import byo, hf_folders
-from tests.conftest import assert_fails, quantcli
+from tests.conftest import assert_fails, cli
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def run(folders: Path, family: str, work: Path, quantization: dict, **sections) 
         **sections,
     }
     path = byo.write_recipe(work.parent, recipe, f"{work.name}.yaml")
-    result = quantcli("run", "--recipe", path, "-o", work)
+    result = cli("run", "--recipe", path, "-o", work)
     assert result.rc == 0, result.stderr
     return json.loads((work / "model.report.json").read_text())
 
@@ -86,7 +86,7 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
     assert any(
         n.op_type == "Gather" and n.input[0] in {t.name for t in model.graph.initializer} for n in model.graph.node
     )
-    line = assert_fails(quantcli("report", llama["rtn"][1].parent / "converted"), 2, "is weight-only")
+    line = assert_fails(cli("report", llama["rtn"][1].parent / "converted"), 2, "is weight-only")
     assert "model.report.json" in line  # where the weight-only model's figures are
     optimized = fusion.optimized_graph(llama["rtn"][1])
     fused = [n for n in optimized.node if n.op_type == "MatMulNBits"]
