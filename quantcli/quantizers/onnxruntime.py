@@ -40,7 +40,14 @@ from quantcli.quantizers.patterns import (
 )
 from quantcli.quantizers.policy import Policy, check_matches
 from quantcli.quantizers.selection import quantized_nodes
-from quantcli.quantizers.specs import Setting, activation_spec, bias_spec, scaled_spec, weight_spec
+from quantcli.quantizers.specs import (
+    Setting,
+    activation_spec,
+    bias_spec,
+    embedding_spec,
+    scaled_spec,
+    weight_spec,
+)
 from quantcli.recipe import QuantizationSection
 
 KEY = "quantization_annotation"
@@ -154,6 +161,10 @@ class OnnxRuntimeQuantizer(Quantizer):
         b_spec = act if is_activation(b) else weight_spec(s, value(b).dim() - 1, "matrix")
         annotate(node, {a: act, b: b_spec}, act if out else None)
 
+    def _annotate_embedding(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
+        """The table's rows int8 (see specs.embedding_spec); the gathered rows stay float, as the table was."""
+        annotate(node, {node.args[0]: embedding_spec(s)})
+
     def _annotate_binary(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         """Add/Mul of two activations, a following ReLU folded in (QLinearAdd/QLinearMul).
 
@@ -210,6 +221,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         "linear": _annotate_linear,
         "addmm": _annotate_addmm,
         "matmul": _annotate_matmul,
+        "embedding": _annotate_embedding,
         "binary": _annotate_binary,
         "relu": _annotate_relu,
         "cat": _annotate_cat,

@@ -15,7 +15,12 @@ from torchao.quantization.pt2e.observer import (
 from torchao.quantization.pt2e.quantizer import DerivedQuantizationSpec, QuantizationSpec
 
 from quantcli.quantizers.cpu import PAIR_SAFE
-from quantcli.quantizers.observers import ACTIVATION_OBSERVERS, PairSafeObserver, PairSafePerChannelObserver
+from quantcli.quantizers.observers import (
+    ACTIVATION_OBSERVERS,
+    CodedScalePerChannelObserver,
+    PairSafeObserver,
+    PairSafePerChannelObserver,
+)
 
 _EPS = 2**-12
 
@@ -90,6 +95,28 @@ def weight_spec(s: Setting, axis: int, pairs: str | None = None) -> Quantization
         quant_max=qmax,
         qscheme=qscheme,
         ch_axis=ch_axis,
+        observer_or_fake_quant_ctr=ctr,
+    )
+
+
+@cache
+def embedding_spec(s: Setting) -> QuantizationSpec:
+    """An embedding table: int8 symmetric per row (axis 0), always 8-bit and per row.
+
+    A Gather multiplies nothing, so no u8 x s8 kernel can saturate (no reduce_range). With a scale
+    per row, a row of small values (a rare token's) keeps its resolution beside a row of large ones
+    ([CLS]'s), where ORT's per-tensor table gives them the same step; the scales sit on a grid of
+    256 values, so the file stores one byte per row (observers.CodedScalePerChannelObserver).
+    """
+    ctr = CodedScalePerChannelObserver.with_args(eps=_EPS)
+    if s.qat:
+        ctr = FakeQuantize.with_args(observer=CodedScalePerChannelObserver, eps=_EPS, ch_axis=0)
+    return QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-127,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
         observer_or_fake_quant_ctr=ctr,
     )
 
