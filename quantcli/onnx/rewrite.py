@@ -10,6 +10,10 @@
   itself for single ops it knows, but not for Pad, nor inside the several nodes one torch op
   exports as (torch.roll: Slice + Concat). A zero pad becomes a pad with the zero point.
 
+- `transposed_weights`: DequantizeLinear of an int8 weight -> Transpose (what a Linear on a 3-D input
+  exports as) becomes a DequantizeLinear of the transposed int8 weight, its axis moved along. ORT
+  does this itself only where the Transpose has one consumer: a weight shared by several layers
+  (parameter sharing across blocks) kept its Transpose, and every MatMul reading it ran in float.
 - `gathered_tables`: DequantizeLinear of an int8 table (an embedding, per row or per tensor) ->
   Gather becomes Gather of the int8 rows, then their scales: ORT keeps a DequantizeLinear of an
   initializer as it is (it folds none, for its QDQ fusions), so it would dequantize the whole
@@ -53,6 +57,7 @@ _DATA_INPUTS = {"Concat": None, "Pad": (0,)}
 def rewrite(model: Any) -> Any:
     """Apply every rewrite of this module to `model` in place; return it."""
     global_average_pools(model)
+    transposed_weights(model)
     gathered_tables(model)
     scaled_passthroughs(model)
     integer_data_movement(model)
@@ -191,6 +196,67 @@ def _drop_value_info(g: _Graph, names: set[str]) -> None:
 def _per_tensor(g: _Graph, qdq) -> bool:
     scale = g.constant(qdq.input[1])
     return scale is not None and scale.size == 1
+
+
+# ------------------------------------------------------------------ weights stored transposed
+def transposed_weights(model: Any) -> int:
+    """DQ(int8 weight) -> Transpose -> DQ(transposed int8 weight) (see the module docstring); return how many."""
+    from onnx import helper
+
+    g = _Graph(model)
+    made: dict[tuple, str] = {}  # (weight, perm) -> the output of its transposed DequantizeLinear
+    released: set[str] = set()
+    count = 0
+    for node in list(g.graph.node):
+        dq = g.producer.get(node.input[0]) if node.op_type == "Transpose" else None
+        params = _weight_params(g, dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if params is None or node.output[0] in g.outputs:
+            continue
+        weight, axis = params
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(weight.ndim))[::-1])
+        key = (dq.output[0], tuple(perm))
+        if key in made:  # the same weight transposed the same way already: read that one
+            _rename_input(g, node.output[0], made[key])
+            g.graph.node.remove(node)
+        else:
+            transposed = np.ascontiguousarray(weight.transpose(perm))
+            stored = g.add_initializer(g.fresh(f"{dq.input[0]}_transposed"), transposed)
+            replacement = helper.make_node(
+                "DequantizeLinear", [stored, *dq.input[1:]], [node.output[0]], name=g.fresh(f"{dq.name}_transposed")
+            )
+            if axis is not None:
+                replacement.attribute.append(helper.make_attribute("axis", perm.index(axis)))
+            replacement.metadata_props.extend(dq.metadata_props)
+            g.graph.node.insert(list(g.graph.node).index(node), replacement)
+            g.graph.node.remove(node)
+            made[key] = node.output[0]
+        released |= set(dq.input)
+        count += 1
+    if count:
+        _drop_unused(g, released)
+    return count
+
+
+def _weight_params(g: _Graph, dq) -> tuple[np.ndarray, int | None] | None:
+    """(int8 weight, axis or None when per tensor) of a DequantizeLinear of a constant, not blocked, else None."""
+    weight, scale = g.constant(dq.input[0]), g.constant(dq.input[1])
+    if weight is None or scale is None or weight.dtype not in (np.int8, np.uint8) or weight.ndim < 2:
+        return None
+    if any(a.name == "block_size" and a.i for a in dq.attribute):
+        return None
+    if scale.size == 1 and scale.ndim <= 1:
+        return weight, None
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % weight.ndim
+    return (weight, axis) if scale.shape == (weight.shape[axis],) else None
+
+
+def _rename_input(g: _Graph, old: str, new: str) -> None:
+    for user in g.consumers.get(old, []):
+        for k, name in enumerate(user.input):
+            if name == old:
+                user.input[k] = name = new
+        g.consumers.setdefault(new, []).append(user)
+    _drop_value_info(g, {old})
 
 
 # ------------------------------------------------------------------ int8 tables gathered, then scaled
