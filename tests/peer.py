@@ -42,8 +42,12 @@ class Side:
 
     @property
     def float_ops(self) -> int:
-        """Float ops between a DequantizeLinear and a QuantizeLinear, allowed kinds (LayerNorm...) included."""
-        return len(self.analysis["islands"])
+        """Float ops on any float path from a DequantizeLinear to a QuantizeLinear in ORT's optimized graph,
+        allowed kinds (LayerNorm...) and the ops beyond them included: each costs a float pass."""
+        from quantcli.onnx.fusion import optimized_graph
+        from quantcli.onnx.islands import island_nodes
+
+        return len(island_nodes(optimized_graph(self.path)))
 
     @property
     def defects(self) -> list:

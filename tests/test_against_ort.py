@@ -23,7 +23,7 @@ from tests.models import TinyBert
 from tests.peer import against_ort
 
 torch = _torch.torch
-nn = torch.nn
+nn, F = torch.nn, torch.nn.functional
 TARGETS = ("avx2", "vnni")
 
 
@@ -200,3 +200,43 @@ def test_a_transposed_weight_is_stored_transposed_once():
     assert [list(i.dims) for i in model.graph.initializer if len(i.dims) == 2] == [[4, 6]]  # W gone, W^T once
     dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
     assert {a.name: a.i for a in dq.attribute}["axis"] == 1
+
+
+# ------------------------------------------------------------------ Hardswish (MobileNetV3)
+class HardswishNet(nn.Module):
+    """Hardswish after a conv (BatchNorm folded) and after a Linear, as MobileNetV3 has them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish())
+        self.conv = nn.Conv2d(8, 16, 1)
+        self.head = nn.Sequential(nn.Linear(16, 32), nn.Hardswish(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        x = F.hardswish(self.conv(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_hardswish_leaves_only_its_hardsigmoid_float(tmp_path, target):
+    """Hardswish is x * hardsigmoid(x): ORT has no integer HardSigmoid, but the Mul becomes a QLinearMul, as in
+    ORT's own model (quantcli's ran every Mul in float, no QLinearMul), and the gate keeps its [0, 1] range."""
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = HardswishNet().eval()
+    calib = [{"x": torch.randn(8, 3, 8, 8, generator=g)} for _ in range(4)]
+    pair = against_ort(model, calib, {"x": torch.randn(16, 3, 8, 8, generator=g)}, tmp_path, target)
+    mine, ort = pair.quantcli, pair.ort
+    assert mine.integer == mine.total == ort.integer == 4, mine.analysis["coverage"]
+    assert mine.float_ops <= ort.float_ops and not mine.defects, mine.analysis["islands"]
+    assert {i["op_type"] for i in mine.analysis["islands"]} == {"HardSigmoid"}
+    ops = [n.op_type for n in optimized_graph(mine.path).node]
+    assert ops.count("QLinearMul") == [n.op_type for n in optimized_graph(ort.path).node].count("QLinearMul") == 3
+    exported = onnx.load(str(mine.path)).graph
+    inits = _initializers(mine.path)
+    gates = [n for n in exported.node if n.op_type == "HardSigmoid"]
+    quantized = [u for n in gates for u in exported.node if n.output[0] in u.input]
+    assert [u.op_type for u in quantized] == ["QuantizeLinear"] * 3
+    assert all(inits[q.input[1]] == np.float32(1 / 255) and inits[q.input[2]] == 0 for q in quantized)
+    assert sqnr_db(pair.fp, mine.out) > 43  # measured 47.7 (ORT static 45.8)

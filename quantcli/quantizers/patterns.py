@@ -87,6 +87,7 @@ BATCH_NORM = {
     aten._native_batch_norm_legit_no_training.default,
     aten._native_batch_norm_legit.default,
 }
+UNIT_RANGE = {aten.hardsigmoid.default, aten.hardsigmoid_.default}  # outputs in [0, 1] whatever the input
 WEIGHTED = ("conv", "conv_transpose", "linear", "addmm", "matmul")
 PADS = (aten.pad.default, aten.constant_pad_nd.default)
 # Ops that compute a weight from parameters without data (weight norm, a transposed or reshaped weight).

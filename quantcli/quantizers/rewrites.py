@@ -2,6 +2,8 @@
 
 - SiLU/Swish exports as Sigmoid then Mul; written out as x * sigmoid(x) here, both get quantized
   (QLinearSigmoid, QLinearMul) instead of sitting between a DequantizeLinear and a QuantizeLinear.
+  Hardswish likewise becomes x * hardsigmoid(x): ORT has no integer HardSigmoid (it stays float, its
+  output quantized), but the Mul becomes a QLinearMul, where ORT ran the whole HardSwish in float.
 - adaptive_avg_pool to size 1 becomes a mean over the spatial dims: the same values, exported
   as ReduceMean (quantcli.onnx.rewrite turns it into GlobalAveragePool) and never as the
   as_strided copy the pool's decomposition adds for channels-last inputs.
@@ -24,7 +26,13 @@ from torch.fx import GraphModule, Node
 from quantcli.quantizers.patterns import value
 
 aten = torch.ops.aten
-_SILU = (aten.silu.default, aten.silu_.default)
+# x * gate(x) activations, by the gate they are written out with
+_GATED = {
+    aten.silu.default: aten.sigmoid.default,
+    aten.silu_.default: aten.sigmoid.default,
+    aten.hardswish.default: aten.hardsigmoid.default,
+    aten.hardswish_.default: aten.hardsigmoid.default,
+}
 _ADAPTIVE = {aten.adaptive_avg_pool1d.default: [-1], aten.adaptive_avg_pool2d.default: [-2, -1]}
 _PERMUTES = (aten.permute.default, aten.transpose.int)
 _FOLD_INTO = (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
@@ -63,15 +71,15 @@ def _finish(model: GraphModule, count: int) -> int:
     return count
 
 
-def decompose_silu(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
-    """silu(x) -> x * sigmoid(x) (equal up to float rounding); return how many."""
+def decompose_gates(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """silu(x) -> x * sigmoid(x), hardswish(x) -> x * hardsigmoid(x) (equal up to float rounding); how many."""
     count = 0
     for node in list(model.graph.nodes):
-        if node.op != "call_function" or node.target not in _SILU or not wanted(node):
+        if node.op != "call_function" or node.target not in _GATED or not wanted(node):
             continue
-        x = node.args[0]
+        x, gate = node.args[0], _GATED[node.target]
         with model.graph.inserting_before(node):
-            sig = _node(model.graph, node, aten.sigmoid.default, (x,), torch.sigmoid(value(x)))
+            sig = _node(model.graph, node, gate, (x,), gate(value(x)))
             mul = _node(model.graph, node, aten.mul.Tensor, (x, sig), node.meta["val"])
         node.replace_all_uses_with(mul)
         model.graph.erase_node(node)

@@ -12,7 +12,11 @@ from torchao.quantization.pt2e.observer import (
     MovingAverageMinMaxObserver,
     PerChannelMinMaxObserver,
 )
-from torchao.quantization.pt2e.quantizer import DerivedQuantizationSpec, QuantizationSpec
+from torchao.quantization.pt2e.quantizer import (
+    DerivedQuantizationSpec,
+    FixedQParamsQuantizationSpec,
+    QuantizationSpec,
+)
 
 from quantcli.quantizers.cpu import PAIR_SAFE
 from quantcli.quantizers.observers import (
@@ -49,6 +53,19 @@ def activation_spec(s: Setting) -> QuantizationSpec:
     return QuantizationSpec(
         dtype=dtype, quant_min=qmin, quant_max=qmax, qscheme=qscheme, observer_or_fake_quant_ctr=ctr
     )
+
+
+@cache
+def unit_range_spec(s: Setting) -> FixedQParamsQuantizationSpec:
+    """A value that lies in [0, 1] whatever the input (a hardsigmoid gate): that range, uncalibrated.
+
+    A calibrated range can only be narrower, and clips the gates that are fully open or shut.
+    """
+    if s.act_dtype == "uint8":
+        return FixedQParamsQuantizationSpec(torch.uint8, 1 / 255, 0, 0, 255, torch.per_tensor_affine)
+    if s.act_symmetric:
+        return FixedQParamsQuantizationSpec(torch.int8, 1 / 127, 0, -128, 127, torch.per_tensor_symmetric)
+    return FixedQParamsQuantizationSpec(torch.int8, 1 / 255, -128, -128, 127, torch.per_tensor_affine)
 
 
 def _weight_range(s: Setting, pairs: str | None) -> tuple[int, bool]:
