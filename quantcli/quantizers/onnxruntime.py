@@ -84,6 +84,8 @@ class OnnxRuntimeQuantizer(Quantizer):
         decompose_sdpa(model, wanted)
         if self.q.equalize:
             equalize_ffn(model, wanted)
+        if not self.qat:
+            rewrites.norms_to_convs(model, wanted)
         rewrites.decompose_gates(model, wanted)
         rewrites.pools_to_means(model, wanted)
         rewrites.fold_channel_scales(model, wanted)
