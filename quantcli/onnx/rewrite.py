@@ -251,10 +251,9 @@ def _weight_params(g: _Graph, dq) -> tuple[np.ndarray, int | None] | None:
 
 
 def _rename_input(g: _Graph, old: str, new: str) -> None:
+    """Make every reader of `old` read `new` instead."""
     for user in g.consumers.get(old, []):
-        for k, name in enumerate(user.input):
-            if name == old:
-                user.input[k] = name = new
+        user.input[:] = [new if name == old else name for name in user.input]
         g.consumers.setdefault(new, []).append(user)
     _drop_value_info(g, {old})
 
@@ -341,7 +340,7 @@ def _gather_then_scale(g: _Graph, dq, gather, scale: np.ndarray, zero: np.ndarra
         values = node("Sub", [values, rows(zero.astype(scale.dtype).reshape(zero.shape + column), "zero_points")])
     scales = scale.reshape(scale.shape + column)
     grid, codes = np.unique(scales, return_inverse=True)
-    if not fold and len(grid) <= 256:  # one byte a row: its index among the distinct scales (see docstring)
+    if not fold and len(grid) <= min(256, len(scales) // 2):  # a byte a row: its index among distinct scales
         grid = g.add_initializer(g.fresh(f"{name}_scale_grid"), grid.reshape((-1,) + column))
         index = node("Cast", [rows(codes.reshape(-1).astype(np.uint8), "scale_codes")], to=TensorProto.INT32)
         scales_of_rows = node("Gather", [grid, index], axis=0)
