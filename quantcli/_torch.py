@@ -361,10 +361,39 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def prepare(module: Any, quantizer: Any, qat: bool) -> Any:
+    _unfold_shared_convs(module)
     if not qat:
         return prepare_pt2e(module, quantizer)
     with _present_convs_only():
         return prepare_qat_pt2e(module, quantizer)
+
+
+_BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+_CONV_OPS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.conv_transpose1d", "aten.conv_transpose2d")
+
+
+def _unfold_shared_convs(module: Any) -> int:
+    """Keep torchao from folding a BatchNorm into a conv whose output other nodes read too; return how many.
+
+    prepare_pt2e folds every conv -> BatchNorm pair into the conv's weights without looking at the conv's
+    other users (torchao 0.18, quantization.pt2e.utils._fuse_conv_bn_), which then read normalized values:
+    a conv feeding both a Concat and a pre-activation BatchNorm gave a wrong model. Such a BatchNorm reads
+    a clone of the conv's output instead (an Identity in ONNX), which torchao does not fold through.
+    """
+    count = 0
+    for bn in list(module.graph.nodes):
+        conv = bn.args[0] if bn.op == "call_function" and str(bn.target) in _BATCH_NORMS else None
+        if conv is None or not str(conv.target).startswith(_CONV_OPS) or len(conv.users) < 2:
+            continue
+        with module.graph.inserting_after(conv):
+            clone = module.graph.call_function(torch.ops.aten.clone.default, (conv,))
+        clone.meta.update(conv.meta)
+        bn.replace_input_with(conv, clone)
+        count += 1
+    if count:
+        module.graph.lint()
+        module.recompile()
+    return count
 
 
 def convert(module: Any, fold_quantize: bool, reference_representation: bool = False) -> Any:
