@@ -171,8 +171,14 @@ class OnnxRuntimeQuantizer(Quantizer):
         annotate(node, {a: act, b: b_spec}, act if out else None)
 
     def _annotate_embedding(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
-        """The table's rows int8 (see specs.embedding_spec); the gathered rows stay float, as the table was."""
-        annotate(node, {node.args[0]: embedding_spec(s)})
+        """The table's rows int8 (see specs.embedding_spec); the gathered rows stay float, as the table was.
+
+        A table a Linear reads too (GPT-2's tied LM head) takes that Linear's weight spec: one tensor gets
+        one observer, and its rows are the Linear's output channels, so it stays per row (and pair-safe).
+        """
+        table = node.args[0]
+        tied = any(u is not node and KIND.get(u.target) == "linear" and u.args[1] is table for u in table.users)
+        annotate(node, {table: weight_spec(s, 0, "matrix") if tied else embedding_spec(s)})
 
     def _annotate_binary(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         """Add/Mul of two activations, a following ReLU folded in (QLinearAdd/QLinearMul).
