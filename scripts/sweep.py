@@ -115,7 +115,8 @@ def quantcli_run(recipe: Path, work: Path) -> dict:
 
 
 def ort_flows(name: str, work: Path, out: Path) -> tuple[dict[str, Path], dict]:
-    """fp32.onnx from quantcli's captured program, ORT's pre-processing and flows; paths and seconds."""
+    """fp32.onnx from quantcli's captured program, ORT's pre-processing and flows; paths, seconds, and
+    the flows that failed (ORT's quantizer raises on some graphs: a finding, not the sweep's end)."""
     from bench_build import dynamic_flows, fp32_onnx, pre_process, static_flow
 
     seconds, start = {}, time.perf_counter()
@@ -124,14 +125,19 @@ def ort_flows(name: str, work: Path, out: Path) -> tuple[dict[str, Path], dict]:
     start = time.perf_counter()
     pre, note = pre_process(fp32, out / "fp32.pre.onnx")
     seconds["pre_process"] = time.perf_counter() - start
-    start = time.perf_counter()
-    files = {"fp32": fp32, **static_flow(pre, recipe, out)}
-    seconds["quantize_static"] = time.perf_counter() - start
+    files, failed = {"fp32": fp32}, {}
+    flows = {"quantize_static": static_flow}
     if architectures().source(name) == "transformers":
+        flows["quantize_dynamic"] = dynamic_flows
+    for flow, make in flows.items():
         start = time.perf_counter()
-        files.update(dynamic_flows(pre, recipe, out))
-        seconds["quantize_dynamic"] = time.perf_counter() - start
-    return files, {"seconds": {k: round(v, 1) for k, v in seconds.items()}, "pre_process": note}
+        try:
+            files.update(make(pre, recipe, out))
+        except Exception as exc:
+            failed[flow] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        seconds[flow] = time.perf_counter() - start
+    info = {"seconds": {k: round(v, 1) for k, v in seconds.items()}, "pre_process": note}
+    return files, {**info, "failed": failed} if failed else info
 
 
 def file_mb(path: Path) -> float:
@@ -275,14 +281,14 @@ def sqnr(row: dict, model: str) -> tuple[float, bool]:
 
 
 def compared(row: dict) -> dict:
-    """quantcli against quantize_static on one finished row: what the summary counts."""
-    q, s = row["ops"].get("quantcli"), row["ops"]["quantize_static"]
+    """quantcli against quantize_static on one row where both made a model: what the summary counts."""
+    q, s = row["ops"]["quantcli"], row["ops"]["quantize_static"]
     return {
-        "fewer_integer": q is not None and q["integer"] < s["integer"],
-        "more_float_ops": q is not None and q["float_ops"] > s["float_ops"],
+        "fewer_integer": q["integer"] < s["integer"],
+        "more_float_ops": q["float_ops"] > s["float_ops"],
         "lower_sqnr": not sqnr(row, "quantcli")[0] >= sqnr(row, "quantize_static")[0] - SQNR_MARGIN_DB,
         "slower": any((ratio(row, b, "quantize_static") or math.inf) > TOLERANCE for b in (1, 32)),
-        "larger": "quantcli" in row["mb"] and row["mb"]["quantcli"] > row["mb"]["quantize_static"],
+        "larger": row["mb"]["quantcli"] > row["mb"]["quantize_static"],
     }
 
 
@@ -299,14 +305,16 @@ def geomean(values: list[float]) -> float:
 
 def summary(rows: list[dict]) -> str:
     """One line: how many architectures exit 0 and how many fall short of quantize_static, and how."""
-    done = [r for r in rows if "ops" in r and "quantcli" in r["ops"]]
+    done = [r for r in rows if {"quantcli", "quantize_static"} <= set(r.get("ops", {}))]
     exit0 = sum(r.get("quantcli", {}).get("rc") == 0 for r in rows)
+    static_failed = sum("quantize_static" in r.get("ort", {}).get("failed", {}) for r in rows)
     c = [compared(r) for r in done]
     b1 = [x for r in done if (x := ratio(r, 1, "quantize_static"))]
     b32 = [x for r in done if (x := ratio(r, 32, "quantize_static"))]
     seconds = [q / o for q, o in map(quantize_seconds, done)]
     return (
-        f"{len(rows)} models: {exit0} exit 0, {len(done)} measured; against quantize_static: "
+        f"{len(rows)} models: {exit0} exit 0 (quantize_static fails on {static_failed}), {len(done)} compared; "
+        "against quantize_static: "
         f"{sum(not x['slower'] for x in c)} within {TOLERANCE}x its latency at batch 1 and 32 "
         f"(geometric mean {geomean(b1):.3f}x / {geomean(b32):.3f}x), "
         f"{sum(x['fewer_integer'] for x in c)} with fewer integer convs/matmuls, "
@@ -322,22 +330,26 @@ def cells(row: dict) -> list[str]:
     rc = row.get("quantcli", {}).get("rc", "-")
     if "ops" not in row:
         return [row["name"], str(rc), row.get("error", "")[:90], *[""] * (len(HEADER) - 3)]
-    q, s = row["ops"].get("quantcli", {}), row["ops"]["quantize_static"]
+    q, s = row["ops"].get("quantcli", {}), row["ops"].get("quantize_static", {})
     (sq, raw), (ss, _) = sqnr(row, "quantcli"), sqnr(row, "quantize_static")
 
     def r(batch: int, peer: str) -> str:
         x = ratio(row, batch, peer)
         return "-" if x is None else f"{x:.2f}"
 
-    mb = row["mb"]
-    sizes = "/".join(f"{mb[k]:.3g}" for k in ("quantcli", "quantize_static", "quantize_dynamic", "fp32") if k in mb)
-    dynamic = "quantize_dynamic" in row["ms"]["1"]
+    dynamic = "quantize_dynamic" in row["ort"]["seconds"]
+    flows = (
+        ("quantcli", "quantize_static", "quantize_dynamic", "fp32")
+        if dynamic
+        else ("quantcli", "quantize_static", "fp32")
+    )
+    sizes = "/".join(f"{row['mb'][k]:.3g}" if k in row["mb"] else "-" for k in flows)
     return [
         row["name"],
         str(rc),
-        f"{q.get('integer', '-')}/{s['integer']} of {s['total']}",
-        f"{q.get('float_ops', '-')}/{s['float_ops']}",
-        f"{sq:.1f}/{ss:.1f}{' raw' if raw else ''}",
+        f"{q.get('integer', '-')}/{s.get('integer', '-')} of {s.get('total', q.get('total', '-'))}",
+        f"{q.get('float_ops', '-')}/{s.get('float_ops', '-')}",
+        "/".join("-" if math.isnan(x) else f"{x:.1f}" for x in (sq, ss)) + (" raw" if raw else ""),
         f"{r(1, 'quantize_static')}/{r(32, 'quantize_static')}",
         f"{r(1, 'quantize_dynamic')}/{r(32, 'quantize_dynamic')}" if dynamic else "",
         sizes,

@@ -126,7 +126,9 @@ def test_sweep_summary_counts_each_shortfall_against_quantize_static():
         {"name": "c", "quantcli": {"rc": 1}, "error": "quantcli exit 1: boom"},
     ]
     line = sweep.summary(rows)
-    assert line.startswith("3 models: 2 exit 0, 2 measured; against quantize_static: 1 within 1.03x"), line
+    assert line.startswith(
+        "3 models: 2 exit 0 (quantize_static fails on 0), 2 compared; against quantize_static: 1 within 1.03x"
+    ), line
     assert "1 with more float ops" in line and "1 with a larger file" in line
     assert "0 with an SQNR over 0.5 dB lower" in line
     assert sweep.cells(rows[1])[3] == "3/2" and sweep.cells(rows[2])[2].startswith("quantcli exit 1")
