@@ -87,17 +87,20 @@ def run_all(sess, batch: dict[str, np.ndarray]) -> np.ndarray:
     return sess.run(None, {i.name: batch[i.name] for i in sess.get_inputs()})[0]
 
 
-def interleaved(sessions: dict, feed: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall ms per run of each session, timed round-robin so load drifts hit all alike; and
-    the median CPU ms of this process per run (all threads), which waiting for a busy core does not
-    inflate: a check on the wall-time ratios when the machine is shared."""
+def interleaved(
+    sessions: dict, feed: dict, rounds: int, round_seconds: float = ROUND_SECONDS
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall ms per run of each session, timed round-robin so load drifts hit all alike, each
+    session running about `round_seconds` a round; and the median CPU ms of this process per run
+    (all threads), which waiting for a busy core does not inflate: a check on the wall-time ratios
+    when the machine is shared."""
     warm = {}
     for name, sess in sessions.items():
         run_all(sess, feed)
         start = time.perf_counter()
         run_all(sess, feed)
         warm[name] = time.perf_counter() - start
-    per_round = max(1, math.ceil(ROUND_SECONDS / min(warm.values())))
+    per_round = max(1, math.ceil(round_seconds / min(warm.values())))
     wall: dict[str, list[float]] = {name: [] for name in sessions}
     cpu: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(rounds):

@@ -79,19 +79,34 @@ def recipe_file(model: str, out: Path, target_cpu: str = "auto") -> Path:
 
 def quantcli_model(recipe: Path, out: Path) -> dict:
     """Run quantcli's pipeline and export its fp32 program; the paths, resolved recipe and parity."""
-    import onnx
-
-    from quantcli import _torch, pipeline
+    from quantcli import pipeline
     from quantcli.errors import NumericsError
-    from quantcli.onnx import export as onnx_export
 
     work, start, parity = out / "quantcli", time.perf_counter(), "passed"
     try:
         pipeline.run(recipe, work, force=True)
     except NumericsError as exc:  # the model is written; a benchmark reports it and measures on
         parity = f"failed: {exc}"
-    manifest = json.loads((work / "converted" / "manifest.json").read_text())
     seconds = time.perf_counter() - start
+    fp32, recipe = fp32_onnx(work, out / "fp32.onnx")
+    return {
+        "int8": work / "model.onnx",
+        "fp32": fp32,
+        "recipe": recipe,
+        "parity": parity,
+        "pipeline_seconds": round(seconds, 1),
+    }
+
+
+def fp32_onnx(work: Path, path: Path) -> tuple[Path, dict]:
+    """quantcli's captured fp32 program (in a `quantcli run` folder) through the same exporter, and the
+    resolved recipe the conversion recorded."""
+    import onnx
+
+    from quantcli import _torch
+    from quantcli.onnx import export as onnx_export
+
+    manifest = json.loads((work / "converted" / "manifest.json").read_text())
     io = manifest["io"]
     fp32 = onnx_export.to_onnx(
         _torch.load_program(work / "converted" / "float.pt2"),
@@ -99,14 +114,8 @@ def quantcli_model(recipe: Path, out: Path) -> dict:
         input_names=io["inputs"],
         output_names=io["outputs"],
     )
-    onnx.save(fp32, str(out / "fp32.onnx"))
-    return {
-        "int8": work / "model.onnx",
-        "fp32": out / "fp32.onnx",
-        "recipe": manifest["recipe"],
-        "parity": parity,
-        "pipeline_seconds": round(seconds, 1),
-    }
+    onnx.save(fp32, str(path))
+    return path, manifest["recipe"]
 
 
 def pre_process(fp32: Path, out: Path) -> tuple[Path, str]:

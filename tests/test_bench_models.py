@@ -74,3 +74,61 @@ def test_encoder_builds_and_runs():
     assert out.shape == (3, 384) and torch.isfinite(out).all()
     ranges = text.activation_ranges(model, rows)
     assert ranges["fc1_input"]["outlier_max"] > 3 * ranges["fc1_input"]["other_p99"]  # the planted outliers
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_inputs_fit_each_kind_of_architecture():
+    """One architecture of each input kind: the arrays `inputs` makes have the recipe's names, shapes and dtypes."""
+    archs = _script("sweep").architectures()
+    sources = {archs.source(n) for n in archs.ARCHITECTURES}
+    assert len(archs.ARCHITECTURES) >= 60 and sources == {"timm", "torchvision", "transformers"}
+    first = {}
+    for name, arch in archs.ARCHITECTURES.items():
+        first.setdefault(arch.kind, name)
+    assert set(first) == {"image", "encoder", "decoder", "pixels", "audio", "mels"}
+    for name in first.values():
+        rows = archs.inputs(name, 3, 0)
+        specs = archs.input_specs(name)
+        assert list(rows) == [s["name"] for s in specs], name
+        for spec in specs:
+            assert rows[spec["name"]].shape == (3, *spec["shape"][1:]), name
+            assert rows[spec["name"]].dtype == np.dtype(spec["dtype"]), name
+    mask = archs.inputs("transformers:bert", 8, 0)["attention_mask"]
+    assert mask[0].all() and not mask.all() and (np.diff(mask, axis=1) <= 0).all()  # tail padding, one full row
+
+
+def _row(name: str, ms: dict, q_float: int, q_mb: float) -> dict:
+    ops = {"integer": 4, "total": 4, "float_ops": 2}
+    return {
+        "name": name,
+        "quantcli": {"rc": 0, "seconds": 30.0},
+        "ort": {"seconds": {"fp32_export": 10.0, "pre_process": 1.0, "quantize_static": 4.0}},
+        "ops": {"quantize_static": ops, "quantcli": {**ops, "float_ops": q_float}},
+        "fidelity": {"share": 0.5, "quantize_static": {"sqnr_db": 30.0}, "quantcli": {"sqnr_db": 31.0}},
+        "ms": {b: {"fp32": 2.0, "quantize_static": 1.0, "quantcli": t} for b, t in ms.items()},
+        "mb": {"fp32": 4.0, "quantize_static": 1.0, "quantcli": q_mb},
+        "seconds": 60.0,
+    }
+
+
+def test_sweep_summary_counts_each_shortfall_against_quantize_static():
+    sweep = _script("sweep")
+    rows = [
+        _row("a", {"1": 0.9, "32": 1.0}, 2, 1.0),  # at least as good everywhere
+        _row("b", {"1": 1.0, "32": 1.2}, 3, 1.5),  # slower at batch 32, one more float op, larger
+        {"name": "c", "quantcli": {"rc": 1}, "error": "quantcli exit 1: boom"},
+    ]
+    line = sweep.summary(rows)
+    assert line.startswith(
+        "3 models: 2 exit 0 (quantize_static fails on 0), 2 compared; against quantize_static: 1 within 1.03x"
+    ), line
+    assert "1 with more float ops" in line and "1 with a larger file" in line
+    assert "0 with an SQNR over 0.5 dB lower" in line
+    assert sweep.cells(rows[1])[3] == "3/2" and sweep.cells(rows[2])[2].startswith("quantcli exit 1")

@@ -1,0 +1,430 @@
+"""Sweep: quantcli at default settings against ONNX Runtime's own quantizer on many public architectures.
+
+Architectures (positional `source:name`, default all): configs/bench/architectures.py's list of timm,
+torchvision and transformers models (small inputs, seeded random weights with realistic
+normalisation statistics). Each one runs in a process of its own (a crash is one row), with the zoo
+PYTHONPATH for timm/torchvision (tests/zoo_site), and writes OUT/<source>-<name>/result.json; a
+rerun skips the architectures that have one (`--redo` runs them again), so a sweep can be stopped
+and resumed, or run in chunks.
+
+In that process: the calibration (32 samples) and held-out (32) inputs as .npz, a default recipe,
+`quantcli run` as a subprocess (its exit code and time); quantcli's fp32 program through the same
+exporter, ORT's `quant_pre_process` and `quantize_static` (QDQ, per channel, uint8 activations,
+int8 weights, reduce_range where the target's u8 x s8 kernels saturate, the same calibration
+samples; scripts/bench_build.py) and for transformers `quantize_dynamic` (per tensor, and per
+channel). Then, per model file: integer vs float convs/matmuls and the float ops between
+DequantizeLinear and QuantizeLinear in ORT's optimized graph (every op on such a path, by type:
+quantcli.onnx.islands; `avoidable`: those not of the kinds quantcli.onnx.islands.ALLOWED keeps
+float), SQNR against fp32 on the held-out inputs (of the output less its mean over the inputs: what
+depends on the input, as random-weight CNNs' outputs hardly do; `share` is that part's energy
+share), latency at batch 1 and 32 (one thread, sessions interleaved round after round, medians:
+scripts/bench.py) and file size.
+
+    python scripts/sweep.py [NAME ...] [--out sweep-out] [--redo] [--rounds 7] [--markdown]
+                            [--target-cpu auto] [--timeout 1200] [--keep] [--list]
+
+The table and summary line cover the named architectures that have results. A benchmark, not a
+test: it asserts nothing, and its timings depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHITECTURES_FILE = ROOT / "configs" / "bench" / "architectures.py"
+ZOO_PATH = [ROOT / "tests" / "zoo_site", ROOT / ".venv" / "zoo"]
+CALIBRATION, HELD_OUT = (32, 100), (32, 7)  # (samples, seed)
+THREADS = 1  # a shared machine: one thread per session times more steadily
+ROUND_SECONDS = 0.1
+TOLERANCE = 1.03  # "within ORT's latency": at most this ratio
+SQNR_MARGIN_DB = 0.5  # "a lower SQNR": lower than ORT's by more than this
+INPUT_DEPENDENT = 1e-3  # below this share of the output's energy the input-dependent SQNR is noise: raw instead
+RESULT = "result.json"
+
+
+def architectures():
+    """configs/bench/architectures.py as a module (numpy only at import)."""
+    name = "quantcli_bench_architectures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ARCHITECTURES_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def slug(name: str) -> str:
+    return name.replace(":", "-")
+
+
+# ---------------------------------------------------------------- one architecture (its own process)
+def write_inputs(name: str, out: Path, target_cpu: str) -> Path:
+    """The calibration and held-out .npz and a default recipe for `name` in `out`; the recipe's path."""
+    import yaml
+
+    archs = architectures()
+    np.savez(out / "calibration.npz", **archs.inputs(name, *CALIBRATION))
+    np.savez(out / "held_out.npz", **archs.inputs(name, *HELD_OUT))
+    recipe = {
+        "model": {"factory": f"{ARCHITECTURES_FILE}:build", "kwargs": {"name": name}},
+        "inputs": archs.input_specs(name),
+        "calibration": {"data": str(out / "calibration.npz"), "batch_size": 8},
+    }
+    if target_cpu != "auto":
+        recipe["quantization"] = {"target_cpu": target_cpu}
+    path = out / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def quantcli_run(recipe: Path, work: Path) -> dict:
+    """`quantcli run` as a user runs it: exit code, wall seconds, each stage's seconds, the error line."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "quantcli", "run", "--recipe", str(recipe), "-o", str(work), "--force", "-q"],
+        capture_output=True,
+        text=True,
+    )
+    stages = {}
+    for stage in ("captured", "prepared", "calibrated", "converted"):
+        timings = work / stage / "timings.json"
+        if timings.is_file():
+            stages[stage] = json.loads(timings.read_text())["seconds"]
+    if (work / "model.report.json").is_file():
+        stages["exported"] = json.loads((work / "model.report.json").read_text())["seconds"]
+    lines = done.stderr.strip().splitlines()
+    return {
+        "rc": done.returncode,
+        "seconds": round(time.perf_counter() - start, 1),
+        "stages": stages,
+        "error": lines[-1][:300] if done.returncode and lines else "",
+    }
+
+
+def ort_flows(name: str, work: Path, out: Path) -> tuple[dict[str, Path], dict]:
+    """fp32.onnx from quantcli's captured program, ORT's pre-processing and flows; paths, seconds, and
+    the flows that failed (ORT's quantizer raises on some graphs: a finding, not the sweep's end)."""
+    from bench_build import dynamic_flows, fp32_onnx, pre_process, static_flow
+
+    seconds, start = {}, time.perf_counter()
+    fp32, recipe = fp32_onnx(work, out / "fp32.onnx")
+    seconds["fp32_export"] = time.perf_counter() - start
+    start = time.perf_counter()
+    pre, note = pre_process(fp32, out / "fp32.pre.onnx")
+    seconds["pre_process"] = time.perf_counter() - start
+    files, failed = {"fp32": fp32}, {}
+    flows = {"quantize_static": static_flow}
+    if architectures().source(name) == "transformers":
+        flows["quantize_dynamic"] = dynamic_flows
+    for flow, make in flows.items():
+        start = time.perf_counter()
+        try:
+            files.update(make(pre, recipe, out))
+        except Exception as exc:
+            failed[flow] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        seconds[flow] = time.perf_counter() - start
+    info = {"seconds": {k: round(v, 1) for k, v in seconds.items()}, "pre_process": note}
+    return files, {**info, "failed": failed} if failed else info
+
+
+def file_mb(path: Path) -> float:
+    """The model's size with its external data, if any, in MB."""
+    data = path.with_name(path.name + ".data")
+    return round((path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 1e6, 3)
+
+
+def graph_counts(path: Path) -> dict:
+    """Integer/float convs and matmuls, and the float ops between DQ and Q (all, by type, avoidable)."""
+    from quantcli.onnx.fusion import analyze, optimized_graph
+    from quantcli.onnx.islands import island_nodes
+
+    analysis = analyze(path)
+    floats = Counter(n.op_type for n in island_nodes(optimized_graph(path)))
+    avoidable = [i for i in analysis["islands"] if not i["allowed"]]
+    return {
+        "integer": analysis["coverage"]["integer"],
+        "total": analysis["coverage"]["total"],
+        "float_ops": sum(floats.values()),
+        "float_ops_by_type": dict(floats.most_common()),
+        "avoidable": len(avoidable),
+        "avoidable_by_type": dict(Counter(i["op_type"] for i in avoidable).most_common()),
+        "avoidable_modules": dict(Counter(i["module_type"] or "?" for i in avoidable).most_common(8)),
+        "avoidable_torch_ops": dict(Counter(i["torch_op"] or "?" for i in avoidable).most_common(8)),
+    }
+
+
+def fidelity(sessions: dict, rows: dict[str, np.ndarray]) -> dict:
+    """SQNR of each int8 model against fp32 on `rows`: of the input-dependent part and raw; that part's share."""
+    from bench import run_all
+
+    from quantcli.numerics.parity import sqnr_db
+
+    n = len(next(iter(rows.values())))
+    outs = {
+        name: np.concatenate([run_all(s, {k: v[i : i + 8] for k, v in rows.items()}) for i in range(0, n, 8)])
+        for name, s in sessions.items()
+    }
+    fp32 = outs.pop("fp32").astype(np.float64)
+    centered = fp32 - fp32.mean(0)
+    result = {"share": round(float(np.square(centered).sum() / max(np.square(fp32).sum(), 1e-30)), 6)}
+    for name, out in outs.items():
+        result[name] = {
+            "sqnr_db": round(sqnr_db(centered, out - out.mean(0)), 2),
+            "raw_sqnr_db": round(sqnr_db(fp32, out), 2),
+        }
+    return result
+
+
+def latency(sessions: dict, rows: dict[str, np.ndarray], rounds: int) -> dict:
+    """Median ms per run at batch 1 and 32, the sessions interleaved (scripts/bench.py)."""
+    from bench import interleaved
+
+    result = {}
+    for batch in (1, 32):
+        feed = {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:]))) for k, v in rows.items()}
+        wall, _ = interleaved(sessions, feed, rounds, ROUND_SECONDS)
+        result[str(batch)] = {k: round(v, 3) for k, v in wall.items()}
+    return result
+
+
+def sweep_one(name: str, out: Path, target_cpu: str, rounds: int, keep: bool) -> dict:
+    """Everything the sweep records of one architecture (scripts/sweep.py's docstring)."""
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "consider pre-processing" advice
+    arch, start = architectures().ARCHITECTURES[name], time.perf_counter()
+    work = out / "quantcli"
+    result = {"name": name, "kind": arch.kind, "size": arch.size, "note": arch.note}
+    result["quantcli"] = quantcli_run(write_inputs(name, out, target_cpu), work)
+    if not (work / "converted" / "float.pt2").is_file():
+        return {**result, "error": f"quantcli exit {result['quantcli']['rc']}: {result['quantcli']['error']}"}
+    files, result["ort"] = ort_flows(name, work, out)
+    if (work / "model.onnx").is_file():
+        files["quantcli"] = work / "model.onnx"
+    if not keep:  # the stages' programs: hundreds of MB on the larger models
+        for stage in ("captured", "prepared", "calibrated", "converted"):
+            shutil.rmtree(work / stage, ignore_errors=True)
+        (out / "fp32.pre.onnx").unlink(missing_ok=True)
+    from quantcli.onnx import runtime
+
+    sessions = {k: runtime.session(p, threads=THREADS) for k, p in files.items()}
+    rows = dict(np.load(out / "held_out.npz"))
+    result["mb"] = {k: file_mb(p) for k, p in files.items()}
+    result["ops"] = {k: graph_counts(p) for k, p in files.items() if k != "fp32"}
+    result["fidelity"] = fidelity(sessions, rows)
+    result["ms"] = latency(sessions, rows, rounds)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def retime(out: Path, rounds: int) -> None:
+    """Time a finished architecture's models again (batch 1 and 32), into its result.json: a second look
+    at a latency ratio measured while the machine was busy."""
+    from quantcli.onnx import runtime
+
+    result = json.loads((out / RESULT).read_text())
+    files = {k: out / "quantcli" / "model.onnx" if k == "quantcli" else out / f"{k}.onnx" for k in result["mb"]}
+    sessions = {k: runtime.session(p, threads=THREADS) for k, p in files.items()}
+    result["ms"] = latency(sessions, dict(np.load(out / "held_out.npz")), rounds)
+    result["retimed_rounds"] = rounds
+    (out / RESULT).write_text(json.dumps(result, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------- the driver
+def run_child(name: str, out: Path, args: argparse.Namespace) -> None:
+    """sweep_one in a fresh process; a crash or a timeout becomes the architecture's result."""
+    zoo = [] if architectures().source(name) == "transformers" else ZOO_PATH
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(map(str, [*zoo, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])),
+    }
+    command = [sys.executable, __file__, "--one", name, "--out", str(out), "--rounds", str(args.rounds)]
+    command += ["--target-cpu", args.target_cpu] + (["--keep"] if args.keep else [])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULT).unlink(missing_ok=True)
+    start = time.perf_counter()
+    with open(out / "sweep.log", "w") as log:
+        try:
+            rc = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if not (out / RESULT).is_file():
+        tail = (out / "sweep.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        error = {"name": name, "error": f"sweep process {'timed out' if rc == 'timeout' else f'exit {rc}'}: {tail[0]}"}
+        (out / RESULT).write_text(json.dumps({**error, "seconds": round(time.perf_counter() - start, 1)}) + "\n")
+
+
+def ratio(row: dict, batch: int, peer: str) -> float | None:
+    ms = row.get("ms", {}).get(str(batch), {})
+    return ms["quantcli"] / ms[peer] if "quantcli" in ms and peer in ms else None
+
+
+def sqnr(row: dict, model: str) -> tuple[float, bool]:
+    """A model's SQNR against fp32: of the input-dependent part where the output has one, else raw (True)."""
+    raw = row["fidelity"]["share"] < INPUT_DEPENDENT
+    figures = row["fidelity"].get(model, {})
+    return figures.get("raw_sqnr_db" if raw else "sqnr_db", math.nan), raw
+
+
+def compared(row: dict) -> dict:
+    """quantcli against quantize_static on one row where both made a model: what the summary counts."""
+    q, s = row["ops"]["quantcli"], row["ops"]["quantize_static"]
+    return {
+        "fewer_integer": q["integer"] < s["integer"],
+        "more_float_ops": q["float_ops"] > s["float_ops"],
+        "lower_sqnr": not sqnr(row, "quantcli")[0] >= sqnr(row, "quantize_static")[0] - SQNR_MARGIN_DB,
+        "slower": any((ratio(row, b, "quantize_static") or math.inf) > TOLERANCE for b in (1, 32)),
+        "larger": row["mb"]["quantcli"] > row["mb"]["quantize_static"],
+    }
+
+
+def quantize_seconds(row: dict) -> tuple[float, float]:
+    """`quantcli run`'s wall time, and ORT's static flow's from quantcli's fp32 program (ONNX export,
+    pre-processing, quantize_static): its capture is not counted."""
+    ort = row["ort"]["seconds"]
+    return row["quantcli"]["seconds"], ort["fp32_export"] + ort["pre_process"] + ort["quantize_static"]
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
+
+
+def summary(rows: list[dict]) -> str:
+    """One line: how many architectures exit 0 and how many fall short of quantize_static, and how."""
+    done = [r for r in rows if {"quantcli", "quantize_static"} <= set(r.get("ops", {}))]
+    exit0 = sum(r.get("quantcli", {}).get("rc") == 0 for r in rows)
+    static_failed = sum("quantize_static" in r.get("ort", {}).get("failed", {}) for r in rows)
+    c = [compared(r) for r in done]
+    b1 = [x for r in done if (x := ratio(r, 1, "quantize_static"))]
+    b32 = [x for r in done if (x := ratio(r, 32, "quantize_static"))]
+    seconds = [q / o for q, o in map(quantize_seconds, done)]
+    return (
+        f"{len(rows)} models: {exit0} exit 0 (quantize_static fails on {static_failed}), {len(done)} compared; "
+        "against quantize_static: "
+        f"{sum(not x['slower'] for x in c)} within {TOLERANCE}x its latency at batch 1 and 32 "
+        f"(geometric mean {geomean(b1):.3f}x / {geomean(b32):.3f}x), "
+        f"{sum(x['fewer_integer'] for x in c)} with fewer integer convs/matmuls, "
+        f"{sum(x['more_float_ops'] for x in c)} with more float ops between DQ and Q, "
+        f"{sum(x['lower_sqnr'] for x in c)} with an SQNR over {SQNR_MARGIN_DB} dB lower, "
+        f"{sum(x['larger'] for x in c)} with a larger file; "
+        f"time to quantize {geomean(seconds):.2f}x ORT's flow (geometric mean)"
+    )
+
+
+def cells(row: dict) -> list[str]:
+    """A row of the table: exit, int kernels, float ops, SQNR, latency ratios, sizes, seconds."""
+    rc = row.get("quantcli", {}).get("rc", "-")
+    if "ops" not in row:
+        return [row["name"], str(rc), row.get("error", "")[:90], *[""] * (len(HEADER) - 3)]
+    q, s = row["ops"].get("quantcli", {}), row["ops"].get("quantize_static", {})
+    (sq, raw), (ss, _) = sqnr(row, "quantcli"), sqnr(row, "quantize_static")
+
+    def r(batch: int, peer: str) -> str:
+        x = ratio(row, batch, peer)
+        return "-" if x is None else f"{x:.2f}"
+
+    dynamic = "quantize_dynamic" in row["ort"]["seconds"]
+    flows = (
+        ("quantcli", "quantize_static", "quantize_dynamic", "fp32")
+        if dynamic
+        else ("quantcli", "quantize_static", "fp32")
+    )
+    sizes = "/".join(f"{row['mb'][k]:.3g}" if k in row["mb"] else "-" for k in flows)
+    return [
+        row["name"],
+        str(rc),
+        f"{q.get('integer', '-')}/{s.get('integer', '-')} of {s.get('total', q.get('total', '-'))}",
+        f"{q.get('float_ops', '-')}/{s.get('float_ops', '-')}",
+        "/".join("-" if math.isnan(x) else f"{x:.1f}" for x in (sq, ss)) + (" raw" if raw else ""),
+        f"{r(1, 'quantize_static')}/{r(32, 'quantize_static')}",
+        f"{r(1, 'quantize_dynamic')}/{r(32, 'quantize_dynamic')}" if dynamic else "",
+        sizes,
+        "/".join(f"{t:.0f}" for t in quantize_seconds(row)),
+    ]
+
+
+HEADER = [
+    "model",
+    "exit",
+    "int kernels q/ORT",
+    "float ops q/ORT",
+    "SQNR dB q/ORT",
+    "latency q/static b1/b32",
+    "q/dynamic b1/b32",
+    "MB q/static/dynamic/fp32",
+    "quantize s q/ORT",
+]
+
+
+def text_table(rows: list[dict]) -> str:
+    table = [HEADER, *map(cells, rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in rows])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="source:name architectures (default: all of the list)")
+    parser.add_argument("--out", type=Path, default=Path("sweep-out"), help="one folder per architecture")
+    parser.add_argument("--redo", action="store_true", help="run the named architectures again")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per batch size")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds one architecture may take")
+    parser.add_argument("--target-cpu", default="auto", choices=("auto", "avx2", "avx512", "vnni"))
+    parser.add_argument("--keep", action="store_true", help="keep the stages' programs and ORT's pre-processed fp32")
+    parser.add_argument("--markdown", action="store_true", help="print the table in Markdown")
+    parser.add_argument("--list", action="store_true", help="print the architectures and exit")
+    parser.add_argument("--report", action="store_true", help="run nothing: the table of the results there are")
+    parser.add_argument(
+        "--retime", action="store_true", help="time the named finished architectures again (their files are kept)"
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: one architecture into --out
+    args = parser.parse_args()
+    known = architectures().ARCHITECTURES
+    if args.list:
+        print("\n".join(f"{name:45} {arch.note}" for name, arch in known.items()))
+        return 0
+    if args.one:
+        result = sweep_one(args.one, args.out, args.target_cpu, args.rounds, args.keep)
+        (args.out / RESULT).write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+    names = args.names or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown architectures {unknown}; `--list` prints the known ones")
+    for i, name in enumerate(names):
+        out = (args.out / slug(name)).resolve()
+        done = (out / RESULT).is_file()
+        if args.retime and done and "ms" in json.loads((out / RESULT).read_text()):
+            print(f"[{i + 1}/{len(names)}] {name}: timing again", file=sys.stderr, flush=True)
+            retime(out, args.rounds)
+        if args.report or args.retime or (done and not args.redo):
+            continue
+        print(f"[{i + 1}/{len(names)}] {name}", file=sys.stderr, flush=True)
+        run_child(name, out, args)
+    rows = [json.loads(p.read_text()) for n in names if (p := args.out / slug(n) / RESULT).is_file()]
+    print(markdown(rows) if args.markdown else text_table(rows))
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
