@@ -100,20 +100,25 @@ def quantcli_model(recipe: Path, out: Path) -> dict:
 
 def fp32_onnx(work: Path, path: Path) -> tuple[Path, dict]:
     """quantcli's captured fp32 program (in a `quantcli run` folder) through the same exporter, and the
-    resolved recipe the conversion recorded."""
+    resolved recipe the conversion recorded.
+
+    The exporter's own decompositions fail on the fp32 programs of some transformers (T5, BEiT, Swin:
+    a reshape of the transposed attention output becomes a view it cannot take with a dynamic batch);
+    those are decomposed to core ATen first, which exports and runs as the program does."""
     import onnx
 
     from quantcli import _torch
+    from quantcli.errors import ModelError
     from quantcli.onnx import export as onnx_export
 
     manifest = json.loads((work / "converted" / "manifest.json").read_text())
     io = manifest["io"]
-    fp32 = onnx_export.to_onnx(
-        _torch.load_program(work / "converted" / "float.pt2"),
-        opset=18,
-        input_names=io["inputs"],
-        output_names=io["outputs"],
-    )
+    program = _torch.load_program(work / "converted" / "float.pt2")
+    names = {"opset": 18, "input_names": io["inputs"], "output_names": io["outputs"]}
+    try:
+        fp32 = onnx_export.to_onnx(program, **names)
+    except ModelError:
+        fp32 = onnx_export.to_onnx(program.run_decompositions(), **names)
     onnx.save(fp32, str(path))
     return path, manifest["recipe"]
 

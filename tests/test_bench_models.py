@@ -127,7 +127,7 @@ def test_sweep_summary_counts_each_shortfall_against_quantize_static():
     ]
     line = sweep.summary(rows)
     assert line.startswith(
-        "3 models: 2 exit 0 (quantize_static fails on 0), 2 compared; against quantize_static: 1 within 1.03x"
+        "3 models: 2 exit 0 (ORT's static flow fails on 0), 2 compared; against quantize_static: 1 within 1.03x"
     ), line
     assert "1 with more float ops" in line and "1 with a larger file" in line
     assert "0 with an SQNR over 0.5 dB lower" in line
