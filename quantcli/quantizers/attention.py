@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from quantcli.quantizers.graphpass import call_like, replace, rewrite_each
+
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 _NAMES = [a.name for a in SDPA._schema.arguments]
@@ -63,15 +65,14 @@ def supported(node: Node) -> bool:
 
 def decompose_sdpa(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     """Rewrite every supported SDPA node for which `wanted(node)`; return how many."""
-    count = 0
-    for node in list(model.graph.nodes):
-        if supported(node) and wanted(node):
-            _rewrite(model.graph, node)
-            count += 1
-    if count:
-        model.graph.lint()
-        model.recompile()
-    return count
+
+    def rewrite(node: Node, done: int) -> bool:
+        if not (supported(node) and wanted(node)):
+            return False
+        _rewrite(model.graph, node)
+        return True
+
+    return rewrite_each(model, rewrite)
 
 
 def _rewrite(graph, node: Node) -> None:
@@ -82,10 +83,7 @@ def _rewrite(graph, node: Node) -> None:
 
     def op(target, *args) -> Node:
         """A node after the last one built, with the SDPA node's meta (module stack) and its own val."""
-        new = graph.call_function(target, args)
-        new.meta.update({key: value for key, value in node.meta.items() if key != "val"})
-        new.meta["val"] = target(*[_val(x) if isinstance(x, Node) else x for x in args])
-        return new
+        return call_like(graph, node, target, args, target(*[_val(x) if isinstance(x, Node) else x for x in args]))
 
     with graph.inserting_before(node):
         scores = op(aten.mul.Tensor, op(aten.matmul.default, q, op(aten.transpose.int, k, -2, -1)), scale)
@@ -98,5 +96,4 @@ def _rewrite(graph, node: Node) -> None:
         elif mask is not None:
             scores = op(aten.add.Tensor, scores, mask)
         out = op(aten.matmul.default, op(aten.softmax.int, scores, -1), v)
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
+    replace(graph, node, out)
