@@ -2,7 +2,7 @@
 
 torch.export keeps F.scaled_dot_product_attention as one aten op, which exports to ONNX as
 float MatMuls (QK^T and attention x V) that no annotation can reach. Rewritten as
-softmax(q @ k^T * scale + mask) @ v, the two matmuls are ordinary aten.matmul nodes that the
+softmax((q * scale) @ k^T + mask) @ v, the two matmuls are ordinary aten.matmul nodes that the
 quantizer annotates like any other; the softmax stays float. A bool mask (True = attend) becomes
 masked_fill with the dtype's lowest value rather than -inf, which gives the same probabilities
 wherever a row attends to anything and no NaN where it attends to nothing.
@@ -86,7 +86,9 @@ def _rewrite(graph, node: Node) -> None:
         return call_like(graph, node, target, args, target(*[_val(x) if isinstance(x, Node) else x for x in args]))
 
     with graph.inserting_before(node):
-        scores = op(aten.mul.Tensor, op(aten.matmul.default, q, op(aten.transpose.int, k, -2, -1)), scale)
+        # the scale on the query, not the scores: 1/L the multiplications, and on the query the quantizer makes
+        # it a change of the quantization scale that the export removes (quantcli.onnx.rewrite.scaled_passthroughs)
+        scores = op(aten.matmul.default, op(aten.mul.Tensor, q, scale), op(aten.transpose.int, k, -2, -1))
         if a["is_causal"]:
             ones = op(aten.new_ones.default, q, [q_val.shape[-2], k.meta["val"].shape[-2]])
             mask = op(aten.tril.default, op(aten.to.dtype, ones, torch.bool))
