@@ -572,14 +572,48 @@ def without_dead_state(program: Any, args: tuple, dynamic_shapes: Any) -> Any:
     Later stages re-run prepare in a new process and load the state saved by the one before
     strictly; torchao's eval/train switch deletes submodules no node reads, so anything unused
     would exist in one process's module and not in the saved state. Resolving it here, once,
-    before anything is saved, makes every stage see the same module. Re-exports only when
-    something was removed.
+    before anything is saved, makes every stage see the same module. Dead nodes and the parameters
+    and buffers nothing reads (every BatchNorm's num_batches_tracked in eval mode) are dropped from
+    the program itself; it is re-exported (a second trace, as long as the first) only when its
+    module still holds something unused, such as a weight alias.
     """
+    program = _without_unused_inputs(program)
     module = program.module()
     dead = module.graph.eliminate_dead_code()
     if not prune_unused(module) and not dead:
         return program
     return export_program(module, args, dynamic_shapes)
+
+
+def _without_unused_inputs(program: Any) -> Any:
+    """`program` without dead nodes and without the parameters, buffers and constants no node reads."""
+    from torch.export.graph_signature import ExportGraphSignature, InputKind
+
+    graph = program.graph_module.graph
+    graph.eliminate_dead_code()
+    lifted = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    unused = [
+        (node, spec)
+        for node, spec in zip(placeholders, program.graph_signature.input_specs)
+        if spec.kind in lifted and not node.users
+    ]
+    if not unused:
+        return program
+    targets = {spec.target for _, spec in unused}
+    for node, _ in unused:
+        graph.erase_node(node)
+    program.graph_module.recompile()
+    signature = ExportGraphSignature(
+        input_specs=[s for s in program.graph_signature.input_specs if s.kind not in lifted or s.target not in targets],
+        output_specs=program.graph_signature.output_specs,
+    )
+    return program._update(  # private: torch's own passes build their modified programs with it
+        program.graph_module,
+        signature,
+        state_dict={k: v for k, v in program.state_dict.items() if k not in targets},
+        constants={k: v for k, v in program.constants.items() if k not in targets},
+    )
 
 
 def to_train(module: Any, bn_frozen: bool = False) -> Any:

@@ -1,4 +1,5 @@
-"""In-place ops in a captured program: rewritten to functional ones where no one can see the mutation."""
+"""The captured program: in-place ops made functional where no one can see the mutation, unused state dropped
+without a second trace."""
 
 from __future__ import annotations
 
@@ -48,3 +49,21 @@ def test_inplace_ops_on_fresh_values_become_functional_and_outputs_stay_equal():
         assert torch.equal(program.module()(x), model(x))
         other = torch.randn(5, 3, 8, 8)
         assert torch.equal(program.module()(other), model(other))
+
+
+def test_unused_buffers_are_dropped_from_the_program_itself():
+    """BatchNorm's num_batches_tracked is read by no node in eval mode: dropped from the program (its nodes are
+    the captured ones: no second torch.export), with outputs unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    shapes = ({0: torch.export.Dim("batch")},)
+    program = _torch.export_program(model, (x,), shapes)
+    assert "1.num_batches_tracked" in program.state_dict
+    nodes = set(program.graph.nodes)
+    cleaned = _torch.without_dead_state(program, (x,), shapes)
+    assert "1.num_batches_tracked" not in cleaned.state_dict and "1.running_var" in cleaned.state_dict
+    assert set(cleaned.graph.nodes) <= nodes
+    assert {s.target for s in cleaned.graph_signature.input_specs if s.target} == set(cleaned.state_dict)
+    with torch.no_grad():
+        assert torch.equal(cleaned.module()(x), model(x))
