@@ -292,7 +292,7 @@ def test_an_entropy_recipe_calibrates_and_quantizes_a_model():
 
 @pytest.mark.slow
 def test_an_entropy_override_calibrates_the_named_modules_only():
-    from torchao.quantization.pt2e.observer import HistogramObserver
+    from quantcli.quantizers.observers import HistogramObserver
 
     prepared, test = calibrated(section(overrides=[{"names": ["layer2.*"], "observer": "entropy"}]))
     kinds = {}
@@ -301,3 +301,23 @@ def test_an_entropy_override_calibrates_the_named_modules_only():
             kinds.setdefault(top == "layer2", set()).add(kind)
     assert kinds == {True: {EntropyObserver}, False: {HistogramObserver}}
     assert output_sqnr(prepared, test) > 35  # measured 38.9 dB
+
+
+# ------------------------------------------------------------------ counts past float32's 2**24
+@pytest.mark.parametrize("name", ["histogram", "entropy"])
+def test_a_bin_holding_more_than_2_to_the_24_values_counts_them_all(name):
+    """torch.histc counts in float32, where adding 1 to 2**24 gives 2**24: a ReLU output's zero bin in a
+    large batch came out short, by an amount that depended on the thread count."""
+    from quantcli.quantizers.observers import ACTIVATION_OBSERVERS
+
+    n = 2**24 + 3 * 2**20
+    x = torch.zeros(n)
+    x[:1000] = torch.linspace(0.01, 6.0, 1000)  # a ReLU output: mostly exact zeros
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        observer = ACTIVATION_OBSERVERS[name]()
+        observer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert float(observer.histogram.double().sum()) == n

@@ -107,7 +107,9 @@ def histogram(x: torch.Tensor, bins: int, half_range: float) -> torch.Tensor:
         counts = torch.zeros(bins, dtype=torch.float64)
         counts[bins // 2] = x.numel()
         return counts
-    return torch.histc(x, bins, -half_range, half_range).double()
+    # in float32 a histc bin stops counting at 2**24 (quantcli.quantizers.observers.EXACT_FLOAT32_COUNTS)
+    chunks = x.reshape(-1).split(2**23)
+    return sum(torch.histc(c, bins, -half_range, half_range).double() for c in chunks)
 
 
 def rebin(hist: torch.Tensor, old: float, new: float) -> torch.Tensor:

@@ -12,8 +12,8 @@ minmax stays within 1.07x (Laplace through ReLU, 100k values, 5 seeds).
 from __future__ import annotations
 
 import torch
+from torchao.quantization.pt2e.observer import HistogramObserver as _TorchaoHistogramObserver
 from torchao.quantization.pt2e.observer import (
-    HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     PerChannelMinMaxObserver,
@@ -21,6 +21,21 @@ from torchao.quantization.pt2e.observer import (
 
 from quantcli.quantizers.entropy import EntropyObserver
 from quantcli.quantizers.pairs import PAIR_LIMIT, k_rows, pair_bound
+
+# torch.histc counts in the input's dtype: in float32 a bin stops counting at 2**24 (in each thread's
+# share), so a ReLU output's zero bin in a large batch came out short, and by how much depended on the
+# thread count. Counting a larger tensor in float64 keeps every count exact.
+EXACT_FLOAT32_COUNTS = 2**24
+
+
+class HistogramObserver(_TorchaoHistogramObserver):
+    """torchao's HistogramObserver, with exact counts for tensors of more than 2**24 values."""
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() > EXACT_FLOAT32_COUNTS and x_orig.dtype == torch.float32:
+            super().forward(x_orig.detach().double())
+            return x_orig
+        return super().forward(x_orig)
 
 
 class PercentileObserver(HistogramObserver):
