@@ -185,7 +185,7 @@ def machine() -> dict[str, str]:
 
 def markdown(results: dict[str, dict]) -> str:
     lines = [
-        "| model | size MB | perplexity | prefill 256 (1 / 2 threads) s | decode tok/s (1 / 2 threads) | peak MiB (2 thr) |",
+        "| model | size MB | perplexity | prefill 256 s (1 / 2 threads) | decode tok/s (1 / 2 threads) | peak MiB |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
