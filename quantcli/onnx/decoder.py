@@ -67,6 +67,9 @@ def wrapper(model: Any, positions: bool) -> Any:
     from transformers import DynamicCache
 
     cache = Cache.of(model.config)
+    import inspect
+
+    cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x
 
     class Decoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -82,17 +85,64 @@ def wrapper(model: Any, positions: bool) -> Any:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=kv,
+                **{cache_key: kv},
                 use_cache=True,
                 return_dict=True,
             )
-            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            grown = out[cache_key]
+            present = [t for layer in grown.layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
 
     from quantcli.sources.huggingface import named
 
     identifiers = [n.replace(".", "_") for n in input_names(cache, positions)]  # ONNX gets the dotted names
     return named(Decoder(), identifiers).eval()  # one parameter a tensor: torch.export sees them one by one
+
+
+GROUPED = "quantcli_grouped_query"  # the attention implementation the decoder is traced with
+
+
+def grouped_attention(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float, dropout: float = 0.0, **_: Any
+) -> tuple[Any, None]:
+    """Attention with each key/value head read by its group of query heads through broadcasting: the queries
+    [batch, heads, seq, dim] viewed as [batch, kv_heads, group, seq, dim]. transformers' eager and sdpa paths
+    repeat the keys and values to every head first (repeat_kv), which in ONNX copies the whole cache on every
+    decoded token; this computes the same without the copy."""
+    import torch
+
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, seq, dim)
+    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)) * scaling
+    if attention_mask is not None:  # [batch, 1, seq, total] additive
+        scores = scores + attention_mask[:, :, None, :, : key.shape[-2]]
+    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value.unsqueeze(2)).reshape(batch, heads, seq, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_grouped_attention(model: Any) -> bool:
+    """Switch `model` to grouped_attention where it computes what the model's own attention does (checked on a
+    random batch with a cache); False, and the model unchanged, where it does not (softcapping, attention sinks...)."""
+    import torch
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(GROUPED, grouped_attention)
+    AttentionMaskInterface.register(GROUPED, eager_mask)
+    cache = Cache.of(model.config)
+    positions = accepts_positions(model)
+    args = example(cache, int(model.config.vocab_size), positions)
+    own = model.config._attn_implementation
+    with torch.no_grad():
+        expected = wrapper(model, positions)(*args)
+        model.config._attn_implementation = GROUPED
+        got = wrapper(model, positions)(*args)
+    same = all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(expected, got))
+    if not same:
+        model.config._attn_implementation = own
+    return same
 
 
 def example(cache: Cache, vocab: int, positions: bool, batch: int = 2, seq: int = 3, past: int = 5) -> tuple:
@@ -115,6 +165,7 @@ def export(model: Any, opset: int) -> Any:
 
     cache = Cache.of(model.config)
     positions = accepts_positions(model)
+    use_grouped_attention(model)
     module = wrapper(model, positions)
     args = example(cache, int(model.config.vocab_size), positions)
     auto = _torch.torch.export.Dim.AUTO
@@ -122,9 +173,39 @@ def export(model: Any, opset: int) -> Any:
     with _torch.torch.no_grad():
         program = _torch.export_program(module, args, shapes)
     names = input_names(cache, positions)
-    onnx_model = to_onnx(program, opset=opset, input_names=names, output_names=output_names(cache))
+    onnx_model = to_onnx(  # float activations: nothing for the integer rewrites to do, and ORT fuses the norms
+        program, opset=opset, input_names=names, output_names=output_names(cache), integer_rewrites=False
+    )
+    norms_as_division(onnx_model)
     name_dims(onnx_model)
     return onnx_model
+
+
+def norms_as_division(model: Any) -> int:
+    """x * Reciprocal(Sqrt(v)) -> x / Sqrt(v) (an RMS norm's rsqrt, as torch.rsqrt exports), the form ORT fuses
+    into SimplifiedLayerNormalization; the count rewritten."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    users: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    done = 0
+    for reciprocal in [n for n in model.graph.node if n.op_type == "Reciprocal"]:
+        sqrt = producers.get(reciprocal.input[0])
+        readers = users.get(reciprocal.output[0], [])
+        if reciprocal.output[0] in outputs or sqrt is None or sqrt.op_type != "Sqrt":
+            continue
+        if len(readers) != 1 or readers[0].op_type != "Mul":
+            continue
+        mul = readers[0]
+        x = mul.input[0] if mul.input[1] == reciprocal.output[0] else mul.input[1]
+        mul.op_type = "Div"
+        del mul.input[:]
+        mul.input.extend([x, sqrt.output[0]])
+        model.graph.node.remove(reciprocal)
+        done += 1
+    return done
 
 
 def accepts_positions(model: Any) -> bool:
