@@ -113,12 +113,16 @@ def config(recipe: Recipe, model_config: Any, onnx_model: Any, filename: str) ->
             },
             "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
-            "type": model_config.model_type,
+            "type": "decoder" if model_config.model_type in OWN_LAYOUT else model_config.model_type,
             "vocab_size": model_config.vocab_size,
         },
         "search": {**SEARCH, **{k: v for k, v in generation.items() if k in SEARCH}, "max_length": context},
     }
 
+
+# model types onnxruntime-genai runs with a cache layout of their own (GPT-2: one past_%d of keys and values
+# stacked); written as its generic "decoder", which reads past_key_values.%d.key/value as this decoder has them
+OWN_LAYOUT = ("gpt2",)
 
 # onnxruntime-genai's search options and the values they take where the model's generation_config says nothing
 # (transformers' defaults); past and present are separate tensors here (the present is the past grown by the

@@ -103,6 +103,30 @@ def test_fp32_decoder_generates_pytorch_greedy_tokens_through_onnxruntime_genai(
 
 
 @pytest.mark.slow
+def test_a_gpt2_decoder_runs_as_onnxruntime_genais_generic_decoder(folders, tmp_path):
+    """GPT-2 (absolute positions, LayerNorm, Conv1D, one key/value head a head): onnxruntime-genai's own gpt2
+    type reads another cache layout, so the folder names the generic decoder; greedy tokens as PyTorch's."""
+    import onnx
+    from transformers import AutoTokenizer
+
+    from quantcli import genai
+    from quantcli.sources import huggingface
+
+    hf_folders.gpt2_folder(tmp_path / "gpt2", TEXTS, initializer_range=0.2)
+    model_recipe = recipes.Recipe.model_validate(
+        {**recipe(folders, "llama", FP32), "model": {"huggingface": str(tmp_path / "gpt2"), "task": "text-generation"}}
+    )
+    model = huggingface.load(model_recipe.model)
+    with huggingface.transformers():
+        onnx.save(decoder.export(model, 21), str(tmp_path / "model.onnx"))
+    folder = genai.write_folder(tmp_path / "model.onnx", model_recipe)
+    assert json.loads((folder / "genai_config.json").read_text())["model"]["type"] == "decoder"
+    ids = AutoTokenizer.from_pretrained(tmp_path / "gpt2")(PROMPTS[1])["input_ids"]
+    expected = torch_greedy(tmp_path / "gpt2", ids)
+    assert len(set(expected)) > 5 and greedy(folder, ids) == expected
+
+
+@pytest.mark.slow
 def test_the_decoder_has_onnxruntime_genai_inputs_outputs_and_grouped_query_heads(exports):
     path = exports["llama", "fp32"]
     sess = runtime.session(path)

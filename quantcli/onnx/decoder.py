@@ -138,8 +138,11 @@ def use_grouped_attention(model: Any) -> bool:
     with torch.no_grad():
         expected = wrapper(model, positions)(*args)
         model.config._attn_implementation = GROUPED
-        got = wrapper(model, positions)(*args)
-    same = all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(expected, got))
+        try:
+            got = wrapper(model, positions)(*args)
+            same = all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(expected, got))
+        except Exception:  # an attention that calls it with other arguments
+            same = False
     if not same:
         model.config._attn_implementation = own
     return same
