@@ -12,6 +12,7 @@ model (`feeds`: an empty cache, positions 0..seq-1), which is how parity and eva
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,6 @@ def wrapper(model: Any, positions: bool) -> Any:
     from transformers import DynamicCache
 
     cache = Cache.of(model.config)
-    import inspect
-
     cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x
 
     class Decoder(torch.nn.Module):
@@ -212,8 +211,6 @@ def norms_as_division(model: Any) -> int:
 
 
 def accepts_positions(model: Any) -> bool:
-    import inspect
-
     return POSITIONS in inspect.signature(model.forward).parameters
 
 
