@@ -56,6 +56,10 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
         doc["report"] = report
     elif report is not None:  # an interrupted or altered export: its report describes another model
         doc["report_mismatch"] = f"{artifacts.report_path(path).name} records another sha256 than {path.name}'s"
+    from quantcli import genai
+
+    if genai.current(path):
+        doc["genai_folder"] = str(artifacts.genai_path(path))
     return doc
 
 

@@ -45,6 +45,8 @@ def inspected(doc: dict[str, Any]) -> str:
         lines += _report(doc["report"])
     if "report_mismatch" in doc:
         lines.append(f"  report: not shown: {doc['report_mismatch']} (rerun `quantcli export`)")
+    if "genai_folder" in doc:
+        lines.append(f"  onnxruntime-genai folder: {doc['genai_folder']} (`quantcli inspect` it)")
     return "\n".join(lines)
 
 

@@ -177,7 +177,8 @@ def test_inspect_shows_the_folder_and_a_rerun_reuses_the_model_and_rewrites_a_mi
     assert "qwen2 decoder model.onnx" in shown.stdout and "2 layers, hidden 64, 4 heads (2 key/value)" in shown.stdout
     doc = cli("inspect", folder, "--json").json()
     assert doc["genai"]["files"] == ["genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
-    assert "key/value cache:" in cli("inspect", path).stdout
+    model_shown = cli("inspect", path).stdout
+    assert "key/value cache:" in model_shown and f"onnxruntime-genai folder: {folder}" in model_shown
     shutil.rmtree(folder)
     again = cli("run", "--recipe", path.parent.with_name(f"{path.parent.name}.yaml"), "-o", path.parent)
     assert again.rc == 0, again.stderr
