@@ -169,6 +169,19 @@ def test_int4_decoder_keeps_matmul_nbits_and_its_cache_perplexity_equals_the_who
 
 
 @pytest.mark.slow
+def test_kv_cache_false_exports_the_full_sequence_model_and_no_folder(folders, exports, tmp_path):
+    work = exports["llama", "int4"].parent
+    edited = {**recipe(folders, "llama", INT4), "export": {"kv_cache": False}}
+    path = byo.write_recipe(tmp_path, edited)
+    result = cli("export", work / "converted", "-o", tmp_path / "full.onnx", "--recipe", path)
+    assert result.rc == 0, result.stderr
+    sess = runtime.session(tmp_path / "full.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.onnx", "full.report.json", "recipe.yaml"]
+
+
+@pytest.mark.slow
 def test_inspect_shows_the_folder_and_a_rerun_reuses_the_model_and_rewrites_a_missing_folder(folders, exports):
     path = exports["qwen2", "fp32"]
     folder = path.with_name("model.genai")
