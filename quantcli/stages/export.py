@@ -112,15 +112,19 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     return report
 
 
+CACHE_STEPS = 64  # the most tokens export's cache check decodes one by one (a run of the whole model each)
+
+
 def cache_check(path: Path, sample: dict[str, Any]) -> dict[str, Any]:
-    """The decoder run through its cache (half the sample's tokens at once, then one a run) against the whole
-    sequence at once: the largest logit difference and the sample's perplexity each way."""
+    """The decoder run through its cache (half the sample's tokens at once, at most CACHE_STEPS then one a run)
+    against the whole sequence at once: the largest logit difference and the sample's perplexity each way."""
     from quantcli.numerics.metrics import Perplexity, next_tokens
     from quantcli.onnx import decoder
 
     sess = runtime.session(path)
     full = runtime.run(sess, sample)[0]
-    prefill = max(1, sample["input_ids"].shape[1] // 2)
+    length = sample["input_ids"].shape[1]
+    prefill = max(1, length // 2, length - CACHE_STEPS)
     stepwise = decoder.stepwise_logits(sess, sample, prefill)
     targets = next_tokens(sample)
     figures = {}
@@ -130,7 +134,7 @@ def cache_check(path: Path, sample: dict[str, Any]) -> dict[str, Any]:
         figures[name] = metric.figures()["value"]
     return {
         "prefill_tokens": prefill,
-        "steps": sample["input_ids"].shape[1] - prefill,
+        "steps": length - prefill,
         "max_logit_diff": float(abs(full - stepwise).max()),
         "perplexity": figures,
     }
