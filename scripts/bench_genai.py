@@ -140,12 +140,22 @@ def measure(folder: Path, threads: int, rounds: int, new: int) -> dict[str, floa
         end = time.perf_counter()
         prefill.append(middle - start)
         decode.append(steps / (end - middle))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_kib() / 1024
     return {
         "prefill_s": round(statistics.median(prefill[1:]), 4),
         "decode_tokens_per_s": round(statistics.median(decode[1:]), 1),
         "peak_rss_mib": round(peak, 1),
     }
+
+
+def peak_rss_kib() -> float:
+    """This process's peak resident memory: VmHWM, which exec resets (getrusage's ru_maxrss keeps the parent's)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
+        if line is not None:
+            return float(line.split()[1])
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def perplexity(folder: Path, held: str, model_dir: Path, window: int = 128) -> float:
