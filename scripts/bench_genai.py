@@ -165,7 +165,6 @@ def perplexity(folder: Path, held: str, model_dir: Path, window: int = 128) -> f
 
     sys.path.insert(0, str(ROOT))
     from quantcli.numerics.metrics import Perplexity, next_tokens
-    from quantcli.onnx import decoder
 
     config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
     sess = ort.InferenceSession(str(folder / config["filename"]), providers=["CPUExecutionProvider"])
@@ -173,7 +172,13 @@ def perplexity(folder: Path, held: str, model_dir: Path, window: int = 128) -> f
     metric = Perplexity()
     for start in range(0, len(ids) - window + 1, window):
         batch = {"input_ids": np.array([ids[start : start + window]]), "attention_mask": np.ones((1, window), np.int64)}
-        logits = sess.run(["logits"], decoder.feeds(sess, batch))[0]  # an empty cache: the whole window at once
+        feeds = {**batch, "position_ids": np.arange(window)[None]}
+        for value in sess.get_inputs():  # an empty cache: the whole window at once
+            if value.name.startswith("past_key_values."):
+                shape = (1, config["num_key_value_heads"], 0, config["head_size"])
+                feeds[value.name] = np.zeros(shape, np.float32 if "float)" in value.type else np.float16)
+        names = {v.name for v in sess.get_inputs()}
+        logits = sess.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
         metric.update(logits, logits, next_tokens(batch))
     return metric.figures()["value"]
 
