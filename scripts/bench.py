@@ -20,6 +20,11 @@ machine (CPU model, AVX2/AVX-512/VNNI flags) and the versions.
     python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--markdown]
                             [--work DIR [--reuse]]
                             [--target-cpu avx2]
+    python scripts/bench.py --quantize-time [--models tf_efficientnet_lite0] [--repeats 3] [--markdown]
+
+`--quantize-time` times instead how long each CNN takes to quantize: `quantcli run` at default
+settings against ORT's flow from the same PyTorch model and 64 calibration images, per stage, each
+in fresh processes, alternating (scripts/bench_time.py).
 
 A benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
 """
@@ -300,6 +305,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def quantize_time(parser: argparse.ArgumentParser, args: argparse.Namespace, models: list[str]) -> int:
+    """--quantize-time: both flows per CNN in fresh processes (scripts/bench_time.py), a table, the JSON."""
+    import bench_time
+
+    others = [m for m in models if m not in VISION]
+    if others:
+        parser.error(f"--quantize-time times the CNNs ({', '.join(VISION)}), not {', '.join(others)}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*ZOO_PATH, ROOT]))}
+    with tempfile.TemporaryDirectory(prefix="quantcli-bench-time-") as tmp:
+        work = (args.work or Path(tmp)).resolve()
+        rows = [bench_time.compare(m, work / slug(m), args.target_cpu, args.repeats, env) for m in models]
+    report = {"machine": machine(), "quantize_time": rows}
+    print(f"{cpu_words(report['machine'])}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(bench_time.table(rows))
+    if args.markdown:
+        print("\n" + bench_time.markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", help="extra recipe files (benchmarked like the CNNs)")
@@ -320,11 +346,20 @@ def main() -> int:
         help="the CPU class quantcli's model (and quantize_static's reduce_range) is built for; "
         "any target builds anywhere, its latency means something only on that CPU",
     )
+    parser.add_argument(
+        "--quantize-time",
+        action="store_true",
+        help="instead of latency: time `quantcli run` against ORT's flow from the same PyTorch model, per stage "
+        "(the CNNs; scripts/bench_time.py)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="--quantize-time: runs of each flow, alternating")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m] + [str(Path(r).resolve()) for r in args.recipes]
     unknown = [m for m in models if m not in MODELS and not Path(m).is_file()]
     if unknown:
         parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    if args.quantize_time:
+        return quantize_time(parser, args, models)
     if args.reuse and not args.work:
         parser.error("--reuse needs --work")
     with tempfile.TemporaryDirectory(prefix="quantcli-bench-") as tmp:

@@ -22,7 +22,7 @@ from quantcli.errors import DataError, InputError
 from quantcli.loading import data as loading
 from quantcli.loading import headers
 from quantcli.loading.dtypes import RANGE, SAFE, SAME, UNSAFE, cast_kind
-from quantcli.loading.inputs import example_batch, export_example
+from quantcli.loading.inputs import capture_example, example_batch, export_example
 from quantcli.recipe import InputSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -441,6 +441,21 @@ def test_example_inputs_are_the_first_calibration_batch(tmp_path):
     recipe = recipes.load(_recipe(tmp_path, calibration={"data": "d.npz", "batch_size": 5}))
     batch = example_batch(recipe)  # the recipe's shape says 32 samples; the first batch has 5
     assert batch["x"].shape == (5, 1, 8, 8) and batch["x"][0, 0, 0, 1] == 1
+
+
+def test_capture_example_keeps_two_rows_of_a_batch_axis_and_every_other_axis(tmp_path):
+    """capture runs the model once on its example: of the batch axis only 2 rows (or the axis's lower bound);
+    a symbol that stands on another axis too (a sequence) keeps its length."""
+    np.savez(tmp_path / "d.npz", x=np.arange(6 * 64, dtype=np.float32).reshape(6, 1, 8, 8))
+    recipe = recipes.load(_recipe(tmp_path, calibration={"data": "d.npz", "batch_size": 5}))
+    assert capture_example(recipe)["x"].shape == (2, 1, 8, 8)
+    assert capture_example(recipe)["x"][1, 0, 0, 0] == 64  # the data's first rows
+    bounded = [{**recipe.inputs[0].model_dump(), "dynamic_axes": {0: {"name": "batch", "min": 3}}}]
+    recipe3 = recipe.model_copy(update={"inputs": [InputSpec.model_validate(i) for i in bounded]})
+    assert capture_example(recipe3)["x"].shape == (3, 1, 8, 8)
+    shared = [{**recipe.inputs[0].model_dump(), "dynamic_axes": {0: "n", 2: "n"}, "shape": [1, 1, 8, 8]}]
+    recipe_n = recipe.model_copy(update={"inputs": [InputSpec.model_validate(i) for i in shared]})
+    assert capture_example(recipe_n)["x"].shape == (5, 1, 8, 8)  # "n" is not only a batch axis: kept
 
 
 # --- forward() signatures -------------------------------------------------------------------------------

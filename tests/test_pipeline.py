@@ -59,6 +59,24 @@ def test_converted_program_keeps_only_int8_weights(chained):
     assert matrices and all(str(v.dtype) == "torch.int8" for v in matrices)
 
 
+def test_runnable_program_computes_quantize_and_dequantize_bit_identically(chained):
+    """_torch.runnable (parity's int8 reference in PyTorch) swaps torchao's per-tensor quantize/dequantize
+    for in-place arithmetic: the outputs must not move by a bit."""
+    import torch
+
+    from quantcli import _torch
+
+    program = _torch.load_program(chained("two_io") / "converted" / artifacts.PROGRAM)
+    module = _torch.runnable(program)
+    left = [str(n.target) for n in module.graph.nodes if "per_tensor" in str(n.target)]
+    assert not left and any(n.target is _torch._quantize for n in module.graph.nodes)
+    batch = example_batch("two_io", batch=16, seed=3)
+    with torch.no_grad():
+        expected, got = program.module()(*batch.values()), module(*batch.values())
+    for a, b in zip(_torch.output_leaves(expected), _torch.output_leaves(got)):
+        assert torch.equal(a[1], b[1])
+
+
 def test_no_fold_quantize_keeps_float_weights(chained, tmp_path):
     stages.convert.run(chained("mlp") / "calibrated", tmp_path / "converted", fold_quantize=False)
     report = stages.export.run(tmp_path / "converted", tmp_path / "model.onnx").details["report"]

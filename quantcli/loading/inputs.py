@@ -91,13 +91,30 @@ def _batch_at(recipe: Recipe, name: str, index: int) -> dict[str, np.ndarray] | 
 def capture_example(recipe: Recipe) -> dict[str, np.ndarray]:
     """The example batch for torch.export: a dynamic axis of size 1 (`batch_size: 1`, a callable yielding
     single samples) would be specialized to 1, so such an axis is repeated to size 2 (the data's values
-    are kept; only the sizes torch.export sees change)."""
+    are kept; only the sizes torch.export sees change). A batch axis (a symbol only ever on axis 0) keeps
+    its first 2 rows, or its lower bound: torch.export sees the symbol, not the rows, and capture runs
+    the model once on the example (32 images at 224 px: a second of a CNN's capture)."""
     batch = example_batch(recipe)
+    rows = _batch_rows(recipe.inputs)
     for spec in recipe.inputs:
-        for axis in spec.axes():
-            if axis < np.ndim(batch[spec.name]) and np.shape(batch[spec.name])[axis] == 1:
+        for axis, name in spec.axes().items():
+            if axis >= np.ndim(batch[spec.name]):
+                continue
+            if np.shape(batch[spec.name])[axis] == 1:
                 batch[spec.name] = np.repeat(batch[spec.name], 2, axis=axis)
+            elif name in rows:
+                batch[spec.name] = batch[spec.name][: rows[name]]
     return batch
+
+
+def _batch_rows(inputs: list[InputSpec]) -> dict[str, int]:
+    """The rows capture keeps of each symbol that stands only on axis 0: 2, or more where its bounds say."""
+    elsewhere = {name for spec in inputs for axis, name in spec.axes().items() if axis != 0}
+    return {
+        name: max(2, dim.min or 0) if dim.max is None else min(max(2, dim.min or 0), dim.max)
+        for name, dim in symbols(inputs).items()
+        if name not in elsewhere
+    }
 
 
 def symbols(inputs: list[InputSpec]) -> dict[str, DynamicAxis]:

@@ -25,7 +25,7 @@ def outputs(program: Any, recipe: Recipe, sample: dict[str, Any]) -> list[Any]:
     from quantcli import _torch
 
     with _torch.torch.no_grad():
-        result = program.module()(*to_tensors(sample, recipe.inputs))
+        result = _torch.runnable(program)(*to_tensors(sample, recipe.inputs))
     return [t.numpy() for _, t in _torch.output_leaves(result)]
 
 
