@@ -186,17 +186,14 @@ def export(model: Any, opset: int) -> Any:
 def norms_as_division(model: Any) -> int:
     """x * Reciprocal(Sqrt(v)) -> x / Sqrt(v) (an RMS norm's rsqrt, as torch.rsqrt exports), the form ORT fuses
     into SimplifiedLayerNormalization; the count rewritten."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    users: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    outputs = {o.name for o in model.graph.output}
+    from quantcli.onnx.graph import Graph
+
+    g = Graph(model.graph)
     done = 0
-    for reciprocal in [n for n in model.graph.node if n.op_type == "Reciprocal"]:
-        sqrt = producers.get(reciprocal.input[0])
-        readers = users.get(reciprocal.output[0], [])
-        if reciprocal.output[0] in outputs or sqrt is None or sqrt.op_type != "Sqrt":
+    for reciprocal in [n for n in g.graph.node if n.op_type == "Reciprocal"]:
+        sqrt = g.producer.get(reciprocal.input[0])
+        readers = g.consumers.get(reciprocal.output[0], [])
+        if reciprocal.output[0] in g.outputs or sqrt is None or sqrt.op_type != "Sqrt":
             continue
         if len(readers) != 1 or readers[0].op_type != "Mul":
             continue
@@ -205,7 +202,7 @@ def norms_as_division(model: Any) -> int:
         mul.op_type = "Div"
         del mul.input[:]
         mul.input.extend([x, sqrt.output[0]])
-        model.graph.node.remove(reciprocal)
+        g.graph.node.remove(reciprocal)
         done += 1
     return done
 
