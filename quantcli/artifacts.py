@@ -30,6 +30,8 @@ STATE = "state.pt"
 WEIGHT_CODES = "weight_codes.pt"  # weight-only: each quantized linear's codes, scales and zero points
 CHECKPOINT = "checkpoint.pt"  # training checkpoint inside .<out>.partial/
 REPORT_SUFFIX = ".report.json"  # the export report beside `<name>.onnx`: `<name>.report.json`
+GENAI_SUFFIX = ".genai"  # a decoder's onnxruntime-genai folder beside `<name>.onnx`: `<name>.genai/`
+GENAI_CONFIG = "genai_config.json"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ LIBRARIES = ("torch", "torchao", "onnx", "onnxruntime", "onnxscript", "transform
 def producer(stage: str) -> str:
     """`quantcli <command>`, the command that produces `stage`."""
     return f"quantcli {STAGES[stage].command}"
+
+
+def genai_path(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.stem + GENAI_SUFFIX)
 
 
 def report_path(onnx_path: Path) -> Path:

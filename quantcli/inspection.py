@@ -1,4 +1,5 @@
-"""`quantcli inspect`: the manifest and a graph summary of a stage folder or an exported .onnx."""
+"""`quantcli inspect`: the manifest and a graph summary of a stage folder or an exported .onnx; what an
+onnxruntime-genai folder holds."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ def inspect(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path} does not exist")
     if path.is_file() and path.suffix == ".onnx":
         return _inspect_onnx(path)
+    if path.is_dir() and (path / artifacts.GENAI_CONFIG).is_file():  # an onnxruntime-genai folder export wrote
+        from quantcli import genai
+
+        return genai.describe(path)
     manifest = artifacts.read_manifest(path)
     problem = artifacts.verify_files(path, manifest)  # nothing unverified is loaded
     if problem is not None:
@@ -51,6 +56,10 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
         doc["report"] = report
     elif report is not None:  # an interrupted or altered export: its report describes another model
         doc["report_mismatch"] = f"{artifacts.report_path(path).name} records another sha256 than {path.name}'s"
+    from quantcli import genai
+
+    if genai.current(path):
+        doc["genai_folder"] = str(artifacts.genai_path(path))
     return doc
 
 

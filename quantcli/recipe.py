@@ -626,6 +626,12 @@ class ExportSection(_Section):
     parity_min_sqnr_db: float | None = Field(
         default=None, description="optional fixed floor: ONNX Runtime (full optimizations) vs the PyTorch int8 model"
     )
+    kv_cache: bool | None = Field(
+        default=None,
+        description="text-generation: a decoder with a key/value cache (past_key_values.* in, present.* out) and "
+        "an onnxruntime-genai folder <name>.genai/ beside the model; default: on for a Hugging Face "
+        "text-generation model with float activations (fp32 or weight-only), off otherwise (docs/genai.md)",
+    )
 
 
 class Recipe(_Section):
@@ -684,6 +690,20 @@ class Recipe(_Section):
             )
         if problems:
             raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _kv_cache_applies(self) -> Recipe:
+        """`export.kv_cache: true` only for a Hugging Face text-generation model with float activations."""
+        if not self.export.kv_cache:
+            return self
+        if self.model.task != "text-generation" or self.model.huggingface is None:
+            raise ValueError("export.kv_cache: a key/value cache is for a Hugging Face model with task text-generation")
+        if not self.quantization.weight_only:
+            raise ValueError(
+                "export.kv_cache: static int8 activations export the full-sequence model only; "
+                "use activations: none (weight-only) or export.kv_cache: false"
+            )
         return self
 
     @model_validator(mode="after")

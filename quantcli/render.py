@@ -22,6 +22,8 @@ def validated(doc: dict[str, Any]) -> str:
 
 def inspected(doc: dict[str, Any]) -> str:
     """`inspect`: the manifest's essentials, the graph's ops and the export report."""
+    if "genai" in doc:
+        return _genai(doc["path"], doc["genai"])
     manifest = doc["manifest"]
     lines = [f"{doc['path']}: {manifest.get('stage', '?')} artifact ({manifest.get('status', 'ok')})"]
     for key in ("quantcli_version", "recipe_hash", "parent", "options"):
@@ -43,7 +45,37 @@ def inspected(doc: dict[str, Any]) -> str:
         lines += _report(doc["report"])
     if "report_mismatch" in doc:
         lines.append(f"  report: not shown: {doc['report_mismatch']} (rerun `quantcli export`)")
+    if "genai_folder" in doc:
+        lines.append(f"  onnxruntime-genai folder: {doc['genai_folder']} (`quantcli inspect` it)")
     return "\n".join(lines)
+
+
+def _genai(path: str, info: dict[str, Any]) -> str:
+    """An onnxruntime-genai folder: the decoder's shape, its inputs and outputs, the search defaults, the files."""
+    heads = f"{info['num_attention_heads']} heads ({info['num_key_value_heads']} key/value) of {info['head_size']}"
+    search = info.get("search") or {}
+    return "\n".join(
+        [
+            f"{path}: onnxruntime-genai folder, {info['type']} decoder {info['model']}",
+            f"  {info['num_hidden_layers']} layers, hidden {info['hidden_size']}, {heads}; "
+            f"context {info['context_length']}",
+            "  inputs: " + ", ".join(str(v) for v in (info.get("inputs") or {}).values()),
+            "  outputs: " + ", ".join(str(v) for v in (info.get("outputs") or {}).values()),
+            "  search: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(search.items())),
+            "  files: " + ", ".join(info["files"]),
+        ]
+    )
+
+
+def _kv_cache(check: dict[str, Any] | None) -> list[str]:
+    if not check:
+        return []
+    ppl = check["perplexity"]
+    return [
+        f"  key/value cache: {check['prefill_tokens']} tokens at once then {check['steps']} one by one: "
+        f"perplexity {ppl['cache']:.3f} (whole sequence {ppl['full_sequence']:.3f}), "
+        f"logits within {check['max_logit_diff']:.2g}"
+    ]
 
 
 def _report(report: dict[str, Any]) -> list[str]:
@@ -64,6 +96,7 @@ def _report(report: dict[str, Any]) -> list[str]:
         )
     lines += _u8s8(report.get("u8s8"))
     lines += _kernels(report.get("kernels"))
+    lines += _kv_cache(report.get("kv_cache"))
     ev = report.get("evaluation")
     if not ev:
         return lines

@@ -148,8 +148,8 @@ def sentence_transformers_files(folder: Path, pooling: str = "mean", normalize: 
     )
 
 
-def gpt2_folder(folder: Path, texts: list[str], seed: int = 0) -> Path:
-    """A GPT-2 causal LM folder (2 layers, 64 wide) with a byte-level BPE tokenizer."""
+def gpt2_folder(folder: Path, texts: list[str], seed: int = 0, **extra: Any) -> Path:
+    """A GPT-2 causal LM folder (2 layers, 64 wide) with a byte-level BPE tokenizer; `extra`: config values."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -157,7 +157,14 @@ def gpt2_folder(folder: Path, texts: list[str], seed: int = 0) -> Path:
     tokenizer = bytelevel(texts)
     eos = tokenizer.eos_token_id
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=eos, eos_token_id=eos
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        **extra,
     )
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

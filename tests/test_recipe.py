@@ -82,7 +82,7 @@ def test_every_problem_is_reported_at_once_with_its_dotted_key_path():
 
 def test_an_unknown_key_with_no_close_match_lists_the_valid_ones():
     assert problems(edited(export={"zzz": 1})) == [
-        "export.zzz: unknown key; valid keys: opset, parity_max_excess_db, parity_min_sqnr_db"
+        "export.zzz: unknown key; valid keys: kv_cache, opset, parity_max_excess_db, parity_min_sqnr_db"
     ]
 
 

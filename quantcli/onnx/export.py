@@ -12,8 +12,13 @@ from quantcli.onnx import rewrite
 EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through the version converter
 
 
-def to_onnx(program: Any, *, opset: int, input_names: list[str], output_names: list[str]) -> Any:
-    """Export with torch.onnx (dynamo) and return the onnx.ModelProto at the requested opset."""
+def to_onnx(
+    program: Any, *, opset: int, input_names: list[str], output_names: list[str], integer_rewrites: bool = True
+) -> Any:
+    """Export with torch.onnx (dynamo) and return the onnx.ModelProto at the requested opset.
+
+    `integer_rewrites=False` leaves out quantcli.onnx.rewrite, which serves quantized activations: on a float
+    graph its GlobalAveragePool in place of an RMS norm's ReduceMean keeps ORT from fusing the norm."""
     from quantcli import _torch
 
     try:
@@ -28,7 +33,9 @@ def to_onnx(program: Any, *, opset: int, input_names: list[str], output_names: l
                 "convert without --reference-representation",
             ) from exc
         raise ModelError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
-    model = rewrite.rewrite(onnx_program.model_proto)  # integer forms ORT can run (GlobalAveragePool...)
+    model = onnx_program.model_proto
+    if integer_rewrites:
+        model = rewrite.rewrite(model)  # integer forms ORT can run (GlobalAveragePool...)
     return convert_opset(model, opset) if opset < EXPORTER_OPSET else model
 
 

@@ -31,8 +31,14 @@ def session(
 
 
 def run(sess: Any, batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    feeds = {i.name: batch[i.name] for i in sess.get_inputs()}
-    return sess.run(None, feeds)
+    """The model's outputs on `batch`; a decoder with a cache runs as the full-sequence model (its present
+    cache not returned), quantcli.onnx.decoder."""
+    from quantcli.onnx import decoder
+
+    if not decoder.is_decoder(sess):
+        return sess.run(None, {i.name: batch[i.name] for i in sess.get_inputs()})
+    names = [o.name for o in sess.get_outputs() if not o.name.startswith(decoder.PRESENT_PREFIX)]
+    return sess.run(names, decoder.feeds(sess, batch))
 
 
 def run_model(model: Any, batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:

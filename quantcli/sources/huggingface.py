@@ -103,8 +103,9 @@ def _loaded(what: str, folder: Path, load: Any) -> Any:
         ) from exc
 
 
-def tokenizer(section: ModelSection) -> Any:
-    """The folder's own tokenizer; a decoder's without a pad token pads with its end-of-sequence token."""
+def tokenizer(section: ModelSection, pad: bool = True) -> Any:
+    """The folder's own tokenizer; a decoder's without a pad token pads with its end-of-sequence token
+    (unless `pad` is false: the tokenizer as the folder has it)."""
     folder = hf_folder.transformer_dir(Path(section.huggingface))
     with transformers() as tf:
         tok = _loaded(
@@ -114,10 +115,23 @@ def tokenizer(section: ModelSection) -> Any:
                 folder, local_files_only=True, trust_remote_code=section.trust_remote_code
             ),
         )
-    if tok.pad_token is None and tok.eos_token is not None:
+    if pad and tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
         log.warning("model.huggingface: the tokenizer has no pad token; padding with its end-of-sequence token")
     return tok
+
+
+def load_config(section: ModelSection) -> Any:
+    """The folder's model configuration (config.json)."""
+    folder = hf_folder.transformer_dir(Path(section.huggingface))
+    with transformers() as tf:
+        return _loaded(
+            "configuration",
+            folder,
+            lambda: tf.AutoConfig.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=section.trust_remote_code
+            ),
+        )
 
 
 def image_processor(section: ModelSection) -> Any:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts
+from quantcli import artifacts, genai
 from quantcli.errors import NumericsError, RecipeError
 from quantcli.loading.data import is_callable_source, to_tensors
 from quantcli.loading.headers import check_sources
@@ -35,7 +35,10 @@ def onnx_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> tuple[
 
     program = _torch.load_program(parent.file(artifacts.PROGRAM))
     io = parent.manifest["io"]
-    model = onnx_export.to_onnx(program, opset=opset, input_names=io["inputs"], output_names=io["outputs"])
+    if genai.enabled(recipe):  # a decoder with a key/value cache, traced anew with what convert produced
+        model = genai.decoder_model(parent, recipe, opset)
+    else:
+        model = onnx_export.to_onnx(program, opset=opset, input_names=io["inputs"], output_names=io["outputs"])
     if "weight_only" in parent.manifest:  # int4/int8 codes where the float weights were (MatMulNBits' layout)
         from quantcli.onnx import blocked
         from quantcli.weightonly import apply
@@ -43,7 +46,8 @@ def onnx_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> tuple[
         codes = _torch.load_state(parent.file(artifacts.WEIGHT_CODES))
         blocked.store(model, apply.load(parent.manifest["weight_only"], codes))
     onnx_export.strip_node_metadata(model)
-    onnx_export.rename_dims(model, recipe.inputs)
+    if not genai.enabled(recipe):  # the decoder names its own (quantcli.onnx.decoder.name_dims)
+        onnx_export.rename_dims(model, recipe.inputs)
     onnx_export.check(model)
     return program, onnx_export.infer_shapes(model)
 
@@ -101,9 +105,39 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
 
         layers = parent.manifest["weight_only"]
         report["weight_only"] = {"layers": len(layers), "linear_weight_bytes": sizes(layers)}
+    if genai.enabled(recipe):
+        report["kv_cache"] = cache_check(path, sample)
     if recipe.evaluation is not None:
         report["evaluation"] = evaluate.evaluate(recipe, float_program, path, parent.manifest["io"])
     return report
+
+
+CACHE_STEPS = 64  # the most tokens export's cache check decodes one by one (a run of the whole model each)
+
+
+def cache_check(path: Path, sample: dict[str, Any]) -> dict[str, Any]:
+    """The decoder run through its cache (half the sample's tokens at once, at most CACHE_STEPS then one a run)
+    against the whole sequence at once: the largest logit difference and the sample's perplexity each way."""
+    from quantcli.numerics.metrics import Perplexity, next_tokens
+    from quantcli.onnx import decoder
+
+    sess = runtime.session(path)
+    full = runtime.run(sess, sample)[0]
+    length = sample["input_ids"].shape[1]
+    prefill = max(1, length // 2, length - CACHE_STEPS)
+    stepwise = decoder.stepwise_logits(sess, sample, prefill)
+    targets = next_tokens(sample)
+    figures = {}
+    for name, logits in (("full_sequence", full), ("cache", stepwise)):
+        metric = Perplexity()
+        metric.update(logits, logits, targets)
+        figures[name] = metric.figures()["value"]
+    return {
+        "prefill_tokens": prefill,
+        "steps": length - prefill,
+        "max_logit_diff": float(abs(full - stepwise).max()),
+        "perplexity": figures,
+    }
 
 
 def target_arithmetic(model: Any, target_cpu: str) -> tuple[dict[str, Any], Any]:
@@ -178,4 +212,6 @@ def run(
             f"parity failed: {parity.failure(result.details['report']['parity'])} (model and report written to {out})",
             f"`quantcli report {src} --onnx {out}` shows the layer where ONNX Runtime diverges",
         )
+    if genai.enabled(recipe) and not genai.current(out):  # the runtime folder of this very model
+        result.details["genai"] = str(genai.write_folder(out, recipe))
     return result

@@ -1,0 +1,254 @@
+"""Benchmark: generation speed of quantcli's decoders with a key/value cache beside onnxruntime-genai's builder.
+
+One Hugging Face decoder (`--model FOLDER`; default: a random-weight Llama of SmolLM-135M's shape,
+30 layers, hidden 576, 9 heads with 3 key/value heads, vocabulary 49152, with a byte-level tokenizer
+trained on word pairs) goes through `quantcli run` as fp32 (every linear excluded), weight-only int8
+(per channel) and int4 (RTN, block 32), and through `python -m onnxruntime_genai.models.builder` as
+fp32 and int4 (its defaults: block 32, accuracy level 4, int4 embeddings shared with the LM head).
+Each folder is then run by onnxruntime-genai (og.Generator), in a process of its own so that its
+peak memory is its own: a 256-token prompt's prefill (the median of `--rounds`), then greedy decode
+of `--new` tokens at batch 1 (tokens per second), with 1 and 2 intra-op threads. Also: the folder's
+size, and the perplexity of each model on held-out text through onnxruntime (whole windows).
+
+    python scripts/bench_genai.py [--model HF_FOLDER] [--work DIR [--reuse]] [--rounds 3] [--new 64]
+                                  [--json out.json] [--markdown]
+
+A random-weight model's perplexity says nothing of quality; with `--model` a real decoder's does. A
+benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_TOKENS = 256
+SMOLLM_SHAPE = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+    "rope_theta": 10000.0,
+}
+QUANTCLI = {
+    "fp32": {"weights": {"dtype": "int8"}, "exclude_names": ["*"]},
+    "int8": {"weights": {"dtype": "int8"}},
+    "int4": {"weights": {"dtype": "int4", "block_size": 32, "symmetric": True, "method": "rtn"}},
+}
+BUILDER = ("fp32", "int4")
+
+
+def texts() -> tuple[str, str]:
+    """(calibration text, held-out text): word pairs, as the tests' decoders are trained on."""
+    sys.path.insert(0, str(ROOT))
+    from tests import byo
+
+    words = byo.WORDS
+    train = "\n".join(f"{a} and {b}" for a in words for b in words) + "\n"
+    held = "".join(f"{b} but {a}\n" for a in words[::2] for b in words[1::2])
+    return train, held
+
+
+def random_model(folder: Path, train: str) -> Path:
+    """A random-weight Llama of SmolLM-135M's shape with a byte-level tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from tests import hf_folders
+
+    torch.manual_seed(0)
+    tokenizer = hf_folders.bytelevel(train.splitlines(), vocab_size=2000)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(**SMOLLM_SHAPE, bos_token_id=eos, eos_token_id=eos)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build(model: Path, work: Path, reuse: bool) -> dict[str, Path]:
+    """Every variant's onnxruntime-genai folder, built unless `reuse` finds it."""
+    import yaml
+
+    folders = {}
+    for scheme, quantization in QUANTCLI.items():
+        out = work / f"quantcli-{scheme}"
+        recipe = {
+            "model": {"huggingface": str(model), "task": "text-generation"},
+            "calibration": {"data": str(work / "train.txt"), "windows": True, "max_length": 256, "batch_size": 1},
+            "quantization": {"activations": "none", **quantization},
+        }
+        (work / f"{scheme}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        if not (reuse and (out / "model.genai").is_dir()):
+            _call([sys.executable, "-m", "quantcli", "run", "--recipe", str(work / f"{scheme}.yaml"), "-o", str(out)])
+        folders[f"quantcli {scheme}"] = out / "model.genai"
+    for precision in BUILDER:
+        out = work / f"builder-{precision}"
+        if not (reuse and (out / "genai_config.json").is_file()):
+            shutil.rmtree(out, ignore_errors=True)
+            command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out)]
+            _call(command + ["-p", precision, "-e", "cpu", "-c", str(work / "hf-cache")])
+        folders[f"builder {precision}"] = out
+    return folders
+
+
+def _call(command: list[str]) -> None:
+    print("+", " ".join(command), file=sys.stderr, flush=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def measure(folder: Path, threads: int, rounds: int, new: int) -> dict[str, float]:
+    """In this process: prefill seconds of a 256-token prompt (median), decode tokens/s, peak RSS."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    model = og.Model(config)
+    vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+    prompt = np.random.default_rng(0).integers(10, min(vocab, 2000), (1, PROMPT_TOKENS)).astype(np.int32)
+    prefill, decode = [], []
+    for _ in range(rounds + 1):  # the first round warms up
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=PROMPT_TOKENS + new, min_length=PROMPT_TOKENS + new, do_sample=False)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(prompt)
+        middle = time.perf_counter()
+        steps = 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            steps += 1
+        end = time.perf_counter()
+        prefill.append(middle - start)
+        decode.append(steps / (end - middle))
+    peak = peak_rss_kib() / 1024
+    return {
+        "prefill_s": round(statistics.median(prefill[1:]), 4),
+        "decode_tokens_per_s": round(statistics.median(decode[1:]), 1),
+        "peak_rss_mib": round(peak, 1),
+    }
+
+
+def peak_rss_kib() -> float:
+    """This process's peak resident memory: VmHWM, which exec resets (getrusage's ru_maxrss keeps the parent's)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
+        if line is not None:
+            return float(line.split()[1])
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def perplexity(folder: Path, held: str, model_dir: Path, window: int = 128) -> float:
+    """The folder's decoder's perplexity on `held` (windows of `window` tokens, whole windows) in onnxruntime."""
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(ROOT))
+    from quantcli.numerics.metrics import Perplexity, next_tokens
+
+    config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    sess = ort.InferenceSession(str(folder / config["filename"]), providers=["CPUExecutionProvider"])
+    ids = AutoTokenizer.from_pretrained(model_dir)(held)["input_ids"]
+    metric = Perplexity()
+    for start in range(0, len(ids) - window + 1, window):
+        batch = {"input_ids": np.array([ids[start : start + window]]), "attention_mask": np.ones((1, window), np.int64)}
+        feeds = {**batch, "position_ids": np.arange(window)[None]}
+        for value in sess.get_inputs():  # an empty cache: the whole window at once
+            if value.name.startswith("past_key_values."):
+                shape = (1, config["num_key_value_heads"], 0, config["head_size"])
+                feeds[value.name] = np.zeros(shape, np.float32 if "float)" in value.type else np.float16)
+        names = {v.name for v in sess.get_inputs()}
+        logits = sess.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+        metric.update(logits, logits, next_tokens(batch))
+    return metric.figures()["value"]
+
+
+def size_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data")) / 1e6, 1)
+
+
+def machine() -> dict[str, str]:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if "model name" in line), "")
+    return {
+        "cpu": model or platform.processor(),
+        "avx512_vnni": str("avx512_vnni" in flags),
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+    }
+
+
+def markdown(results: dict[str, dict]) -> str:
+    lines = [
+        "| model | size MB | perplexity | prefill 256 s (1 / 2 threads) | decode tok/s (1 / 2 threads) | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        one, two = r["threads"]["1"], r["threads"]["2"]
+        lines.append(
+            f"| {name} | {r['size_mb']} | {r['perplexity']} | {one['prefill_s']} / {two['prefill_s']} | "
+            f"{one['decode_tokens_per_s']} / {two['decode_tokens_per_s']} | {two['peak_rss_mib']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="a Hugging Face decoder folder (default: random SmolLM shape)")
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--reuse", action="store_true", help="keep the folders already built in --work")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new", type=int, default=64, help="tokens decoded after the prompt")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # one folder, in a process of its own
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure is not None:
+        print(json.dumps(measure(args.measure, args.threads, args.rounds, args.new)))
+        return
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-genai-"))
+    work.mkdir(parents=True, exist_ok=True)
+    train, held = texts()
+    (work / "train.txt").write_text(train)
+    model = args.model or work / "model"
+    if args.model is None and not (args.reuse and (model / "config.json").is_file()):
+        random_model(model, train)
+    results = {}
+    for name, folder in build(model, work, args.reuse).items():
+        row = {"size_mb": size_mb(folder), "perplexity": perplexity(folder, held, model), "threads": {}}
+        for threads in (1, 2):
+            command = [sys.executable, __file__, "--measure", str(folder), "--threads", str(threads)]
+            command += ["--rounds", str(args.rounds), "--new", str(args.new)]
+            out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
+            row["threads"][str(threads)] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[name] = row
+        print(name, json.dumps(row), file=sys.stderr, flush=True)
+    document = {"machine": machine(), "model": str(model), "prompt_tokens": PROMPT_TOKENS, "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+    print(markdown(results) if args.markdown else json.dumps(document, indent=2))
+
+
+if __name__ == "__main__":
+    main()
