@@ -16,15 +16,20 @@ channel). Then, per model file: integer vs float convs/matmuls and the float ops
 DequantizeLinear and QuantizeLinear in ORT's optimized graph (every op on such a path, by type:
 quantcli.onnx.islands; `avoidable`: those not of the kinds quantcli.onnx.islands.ALLOWED keeps
 float), SQNR against fp32 on the held-out inputs (of the output less its mean over the inputs: what
-depends on the input, as random-weight CNNs' outputs hardly do; `share` is that part's energy
-share), latency at batch 1 and 32 (one thread, sessions interleaved round after round, medians:
-scripts/bench.py) and file size.
+depends on the input, as random-weight CNNs' outputs hardly do; where that part holds under 0.1 % of
+the output's energy, of the raw output), latency at batch 1 and 32 (one thread, sessions interleaved
+round after round, medians: scripts/bench.py) and file size. A flow of ORT's that raises is recorded
+as failed and the rest still measured.
 
     python scripts/sweep.py [NAME ...] [--out sweep-out] [--redo] [--rounds 7] [--markdown]
                             [--target-cpu auto] [--timeout 1200] [--keep] [--list]
+    python scripts/sweep.py --retime --rounds 15 [NAME ...]   # time finished ones again (a quiet machine)
+    python scripts/sweep.py --report --markdown [NAME ...]    # run nothing: the tables of what is there
 
-The table and summary line cover the named architectures that have results. A benchmark, not a
-test: it asserts nothing, and its timings depend on the machine and its load.
+The output: one row per architecture, a table per group (timm, torchvision, transformers encoders,
+decoders, vision and audio towers) and a summary line, over the named architectures that have
+results, headed by the machine of the last run (OUT/machine.json). A benchmark, not a test: it
+asserts nothing, and its timings depend on the machine and its load.
 """
 
 from __future__ import annotations
