@@ -418,9 +418,16 @@ HEADER = [
 
 
 def text_table(rows: list[dict]) -> str:
+    """The rows in aligned columns; an error row's message runs on past its column."""
     table = [HEADER, *map(cells, rows)]
-    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
+    measured = [r for r in table if r[3] or r is HEADER]
+    widths = [max(len(r[i]) for r in measured) for i in range(len(HEADER))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        if r[3] or r is HEADER
+        else "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2]])
+        for r in table
+    )
 
 
 def markdown(rows: list[dict]) -> str:
