@@ -265,14 +265,25 @@ def run_child(name: str, out: Path, args: argparse.Namespace) -> None:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(map(str, [*zoo, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])),
     }
-    command = [sys.executable, __file__, "--one", name, "--out", str(out), "--rounds", str(args.rounds)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--one",
+        name,
+        "--out",
+        str(out),
+        "--rounds",
+        str(args.rounds),
+    ]
     command += ["--target-cpu", args.target_cpu] + (["--keep"] if args.keep else [])
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT).unlink(missing_ok=True)
     start = time.perf_counter()
     with open(out / "sweep.log", "w") as log:
         try:
-            rc = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+            rc = subprocess.run(  # in `out`: ORT's pre-processing leaves temporary files in the working folder
+                command, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     if not (out / RESULT).is_file():
