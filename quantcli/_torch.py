@@ -15,6 +15,7 @@ logger name and warning category, so that users see only quantcli's own output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -53,9 +54,9 @@ import torchao  # noqa: E402,F401  (registers quantized_decomposed ops used by s
 from torchao.quantization.pt2e import (  # noqa: E402
     FakeQuantizeBase,
     disable_observer,
-    move_exported_model_to_eval,
     move_exported_model_to_train,
 )
+from torchao.quantization.pt2e import export_utils as _export_utils  # noqa: E402  (private: see to_eval)
 from torchao.quantization.pt2e import qat_utils as _qat_utils  # noqa: E402  (private: see _present_convs_only)
 from torchao.quantization.pt2e.constant_fold import constant_fold  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
@@ -84,7 +85,38 @@ __all__ = [
     "observers_frozen",
     "refresh_qparams",
     "ddp",
+    "onnx_program",
 ]
+
+
+@functools.cache
+def _onnx_registry(opset: int) -> Any:
+    """The dynamo exporter's table of ATen -> ONNX functions for `opset`, built once per process.
+
+    torch.onnx.export builds it on every call (0.5 s, more than the export of a small model takes);
+    the exporter only reads it.
+    """
+    from torch.onnx._internal.exporter import _registration
+
+    return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+
+
+def onnx_program(program: Any, *, opset: int, input_names: list[str], output_names: list[str]) -> Any:
+    """torch.onnx.export(program, dynamo=True, optimize=True) of an ExportedProgram, as an ONNXProgram."""
+    from torch.onnx._internal.exporter import _core
+
+    return _core.export(
+        program,
+        (),
+        {},
+        registry=_onnx_registry(opset),
+        dynamic_shapes={},
+        input_names=input_names,
+        output_names=output_names,
+        verbose=False,
+        optimize=True,
+        opset_version=opset,
+    )
 
 
 def export_program(module: Any, args: tuple, dynamic_shapes: Any) -> Any:
@@ -329,10 +361,39 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def prepare(module: Any, quantizer: Any, qat: bool) -> Any:
+    _unfold_shared_convs(module)
     if not qat:
         return prepare_pt2e(module, quantizer)
     with _present_convs_only():
         return prepare_qat_pt2e(module, quantizer)
+
+
+_BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+_CONV_OPS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.conv_transpose1d", "aten.conv_transpose2d")
+
+
+def _unfold_shared_convs(module: Any) -> int:
+    """Keep torchao from folding a BatchNorm into a conv whose output other nodes read too; return how many.
+
+    prepare_pt2e folds every conv -> BatchNorm pair into the conv's weights without looking at the conv's
+    other users (torchao 0.18, quantization.pt2e.utils._fuse_conv_bn_), which then read normalized values:
+    a conv feeding both a Concat and a pre-activation BatchNorm gave a wrong model. Such a BatchNorm reads
+    a clone of the conv's output instead (an Identity in ONNX), which torchao does not fold through.
+    """
+    count = 0
+    for bn in list(module.graph.nodes):
+        conv = bn.args[0] if bn.op == "call_function" and str(bn.target) in _BATCH_NORMS else None
+        if conv is None or not str(conv.target).startswith(_CONV_OPS) or len(conv.users) < 2:
+            continue
+        with module.graph.inserting_after(conv):
+            clone = module.graph.call_function(torch.ops.aten.clone.default, (conv,))
+        clone.meta.update(conv.meta)
+        bn.replace_input_with(conv, clone)
+        count += 1
+    if count:
+        module.graph.lint()
+        module.recompile()
+    return count
 
 
 def convert(module: Any, fold_quantize: bool, reference_representation: bool = False) -> Any:
@@ -443,7 +504,22 @@ def to_train(module: Any, bn_frozen: bool = False) -> Any:
 
 
 def to_eval(module: Any) -> Any:
-    return move_exported_model_to_eval(module)
+    """torchao's `move_exported_model_to_eval`, rewriting only the nodes still in training mode.
+
+    torchao switches dropout and batch norm to eval mode by subgraph matching, and builds each pattern
+    by exporting a small function: 18 exports, 5 s of a typical pipeline, spent even when every node is
+    already in eval mode (a model captured in eval mode). Its rewrite also resets batch norm's eps to
+    the default; a node left alone keeps the model's own.
+    """
+    if not getattr(module, _export_utils._EXPORTED_TRAINING_ATTR, True):
+        return module
+    setattr(module, _export_utils._EXPORTED_TRAINING_ATTR, False)
+    dropout = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
+    if any(n.op == "call_function" and n.target in dropout and n.args[2] is not False for n in module.graph.nodes):
+        _export_utils._replace_dropout(module, train_to_eval=True)
+    if any(n.args[5] is not False for n in _bn_nodes(module)):
+        _export_utils._replace_batchnorm(module, train_to_eval=True)
+    return module
 
 
 # Batch-norm ops whose args[5] is the `training` flag (torch.ops.aten schemas); the flag is graph

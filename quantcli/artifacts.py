@@ -27,6 +27,7 @@ PROGRAM = "program.pt2"  # a torch.export ExportedProgram
 FLOAT_PROGRAM = "float.pt2"  # the captured fp32 program, kept beside a converted one for reports
 # state_dict of the prepared module (observers, fake quant, weights); a converted artifact keeps its parent's
 STATE = "state.pt"
+WEIGHT_CODES = "weight_codes.pt"  # weight-only: each quantized linear's codes, scales and zero points
 CHECKPOINT = "checkpoint.pt"  # training checkpoint inside .<out>.partial/
 REPORT_SUFFIX = ".report.json"  # the export report beside `<name>.onnx`: `<name>.report.json`
 

@@ -19,7 +19,7 @@ def plan(recipe_path: str | Path, work: str | Path) -> dict[str, Any]:
     work = Path(work)
     qat = recipe.training is not None
     steps = [("capture", work / "captured"), ("prepare", work / "prepared")]
-    if recipe.calibration is not None:
+    if recipe.calibration is not None or recipe.quantization.weight_only:  # RTN reads no data, the stage still runs
         steps.append(("calibrate", work / "calibrated"))
     elif not qat:
         raise RecipeError(

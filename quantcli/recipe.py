@@ -16,10 +16,12 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
+    WrapSerializer,
     field_validator,
     model_validator,
 )
@@ -31,7 +33,14 @@ from quantcli.errors import ArtifactError, InputError, RecipeError
 from quantcli.loading import kinds
 from quantcli.loading.dtypes import DTYPES
 from quantcli.numerics.names import METRICS, fits, fitting
-from quantcli.quantizers.names import OBSERVERS, TARGETS
+from quantcli.quantizers.names import (
+    BLOCK_SIZES,
+    OBSERVERS,
+    TARGETS,
+    WEIGHT_DTYPES,
+    WEIGHT_METHODS,
+    WEIGHT_METHODS_WITH_DATA,
+)
 from quantcli.references import file_values, resolve_path, split_callable
 from quantcli.sources.names import POOLINGS, SOURCES, TASKS, ZOO_TASK
 from quantcli.training.names import LOSSES, OPTIMIZERS
@@ -277,6 +286,11 @@ class DataSource(_Section):
     )
     padding: Literal["max_length", "longest"] = Field(default="max_length", description="tokenizer padding")
     truncation: bool = Field(default=True, description="tokenizer: cut longer texts at max_length")
+    windows: bool = Field(
+        default=False,
+        description="text-generation: the texts' tokens joined and cut into windows of max_length tokens, no "
+        "padding (how a decoder is calibrated and its perplexity measured)",
+    )
 
     @field_validator("data")
     @classmethod
@@ -298,13 +312,15 @@ class DataSource(_Section):
             )
         tokenizer = {
             k
-            for k in {"max_length", "padding", "truncation"} & self.model_fields_set
+            for k in {"max_length", "padding", "truncation", "windows"} & self.model_fields_set
             if getattr(self, k) != type(self).model_fields[k].default
         }  # a recorded default is no setting
         if tokenizer and (info.context or {}).get("written") and kind in ("arrays", "callable"):
             raise ValueError(f"{sorted(tokenizer)[0]}: tokenizer settings apply to text files, not to {self.data}")
         if self.keys and kind in ("text", "table"):
             raise ValueError("keys: maps array names; text files are tokenized into the model's inputs")
+        if self.windows and self.text_pair is not None:
+            raise ValueError("windows: joins single texts; it takes no text_pair")
         return self
 
 
@@ -336,11 +352,89 @@ class EvaluationSection(DataSource):
 class WeightsConfig(_Section):
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
     symmetric: bool = True
+    dtype: str = Field(default="int8", description="int8 | int4 (int4: weight-only, with activations: none)")
+    block_size: int | None = Field(
+        default=None,
+        description="weight-only: input elements (K) sharing one scale, "
+        f"{', '.join(map(str, BLOCK_SIZES))}; omitted or 0: one scale per output channel (int8)",
+    )
+    method: str = Field(default="rtn", description="weight-only: rtn | gptq | awq (docs/weight-only.md)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        return one_of(v, WEIGHT_DTYPES, "weight dtype")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return one_of(v, WEIGHT_METHODS, "method")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_ort_runs(cls, v: int | None) -> int | None:
+        if not v:
+            return None  # 0 is the spelled-out "per channel"
+        if v not in BLOCK_SIZES:
+            raise ValueError(
+                f"{v} is not a block size ONNX Runtime's MatMulNBits runs; valid: "
+                f"{', '.join(map(str, BLOCK_SIZES))} (0 or omitted: per output channel)"
+            )
+        return v
+
+    def weight_only_problems(self, where: str) -> list[str]:
+        """What is wrong with these weights for weight-only quantization (`where`: their key path)."""
+        problems = []
+        if self.granularity != "per_channel":
+            problems.append(f"{where}.granularity: weight-only weights are per channel or per block (block_size)")
+        if self.dtype == "int4" and self.block_size is None:
+            problems.append(
+                f"{where}.block_size: int4 needs a block size, e.g. 32; valid: {', '.join(map(str, BLOCK_SIZES))}"
+            )
+        return problems
+
+    def static_problems(self, where: str) -> list[str]:
+        """What is wrong with these weights beside quantized activations (int8 per channel or tensor only)."""
+        wrong = [
+            f"{key} {getattr(self, key)}"
+            for key, default in (("dtype", "int8"), ("block_size", None), ("method", "rtn"))
+            if getattr(self, key) != default
+        ]
+        if not wrong:
+            return []
+        return [f"{where}: {', '.join(wrong)} is weight-only quantization; set quantization.activations: none"]
 
 
 class ActivationsConfig(_Section):
     dtype: Literal["uint8", "int8"] = "uint8"
     symmetric: bool = False
+
+
+NO_ACTIVATIONS = "none"  # `activations: none`: weight-only quantization, activations stay float
+
+
+def _activations_form(v: Any) -> Any:
+    """`none` (held as None: a nullable field reports a bad mapping's keys by their own path), or a mapping."""
+    if v == NO_ACTIVATIONS:
+        return None
+    if v is None or not isinstance(v, (dict, ActivationsConfig)):
+        raise ValueError(f"must be none (weight-only) or a mapping {{dtype, symmetric}}, got {v!r}")
+    return v
+
+
+def _overridden_activations(v: Any) -> Any:
+    if v == NO_ACTIVATIONS:
+        raise ValueError(
+            "none (weight-only) applies to the whole model (quantization.activations), not to some modules"
+        )
+    return v
+
+
+Activations = Annotated[
+    ActivationsConfig | None,
+    BeforeValidator(_activations_form),
+    WrapSerializer(lambda v, dump: NO_ACTIVATIONS if v is None else dump(v)),
+]
 
 
 def _known_observer(v: str) -> str:
@@ -360,7 +454,7 @@ class OverrideConfig(_Section):
 
     names: list[str] = Field(min_length=1, description="module-name globs this override applies to")
     weights: WeightsConfig | None = None
-    activations: ActivationsConfig | None = None
+    activations: Annotated[ActivationsConfig | None, BeforeValidator(_overridden_activations)] = None
     observer: Observer | None = None
     reduce_range: bool | None = None
     exclude: bool = Field(default=False, description="keep these modules in float")
@@ -369,7 +463,10 @@ class OverrideConfig(_Section):
 class QuantizationSection(_Section):
     target: str = Field(default="onnxruntime", description="quantizer registry name")
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
-    activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
+    activations: Activations = Field(
+        default_factory=ActivationsConfig,
+        description="static activations {dtype, symmetric}, or none: weight-only (activations stay float)",
+    )
     observer: Observer = "histogram"
     target_cpu: Literal["auto", "avx2", "avx512", "vnni", "arm64"] = Field(
         default="auto", description="the CPU class the model is built for; auto: this machine's, resolved at prepare"
@@ -404,6 +501,48 @@ class QuantizationSection(_Section):
                 f"{'them' if len(ignored) > 1 else 'it'} or use the onnxruntime target"
             )
         return self
+
+    @model_validator(mode="after")
+    def _weight_only_consistent(self, info: ValidationInfo) -> QuantizationSection:
+        """Weight-only keys only with `activations: none`, and what weight-only quantization reads only there.
+
+        Activation options (observer, reduce_range, equalize) are errors where the user wrote them
+        beside `activations: none`; recorded recipes hold their defaults.
+        """
+        if not self.weight_only:
+            problems = self.weights.static_problems("weights")
+            problems += [
+                p
+                for i, o in enumerate(self.overrides)
+                if o.weights is not None
+                for p in o.weights.static_problems(f"overrides.{i}.weights")
+            ]
+        else:
+            problems = self.weights.weight_only_problems("weights")
+            for i, o in enumerate(self.overrides):
+                problems += o.weights.weight_only_problems(f"overrides.{i}.weights") if o.weights else []
+                written = [k for k in ("activations", "observer", "reduce_range") if getattr(o, k) is not None]
+                problems += [f"overrides.{i}.{k}: activations stay float (activations: none)" for k in written]
+            if (info.context or {}).get("written"):
+                ignored = sorted(self.model_fields_set & {"observer", "reduce_range", "equalize"})
+                problems += [f"{k}: weight-only quantization (activations: none) ignores it" for k in ignored]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def weight_only(self) -> bool:
+        """Whether activations stay float and only weights are quantized (`activations: none`)."""
+        return self.activations is None
+
+    def methods(self) -> set[str]:
+        """The weight-only methods the section names, its overrides' included."""
+        return {self.weights.method} | {o.weights.method for o in self.overrides if o.weights is not None}
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether calibration must stream data: static ranges, or a weight-only method that collects statistics."""
+        return not self.weight_only or bool(self.methods() & WEIGHT_METHODS_WITH_DATA)
 
 
 def one_of(value: str, names: Any, what: str) -> str:
@@ -473,6 +612,9 @@ class TrainingSection(DataSource):
         return v
 
 
+WEIGHT_ONLY_OPSET = 21  # the first opset with int4 and blocked DequantizeLinear
+
+
 class ExportSection(_Section):
     opset: int = Field(default=18, ge=7, le=23)
     parity_max_excess_db: float = Field(
@@ -520,6 +662,31 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _weight_only_chain(self) -> Recipe:
+        """Weight-only: no training, calibration data where a method collects statistics, opset 21 (int4, blocks)."""
+        q = self.quantization
+        if not q.weight_only:
+            return self
+        problems = []
+        if self.training is not None:
+            problems.append("training: weight-only quantization (activations: none) has no quantization-aware training")
+        if self.calibration is None and q.needs_data:
+            method = sorted(q.methods() & WEIGHT_METHODS_WITH_DATA)[0]
+            problems.append(
+                f"calibration: missing; method {method} collects each linear's input statistics from calibration data"
+            )
+        if "opset" not in self.export.model_fields_set:
+            self.export.opset = WEIGHT_ONLY_OPSET
+        elif self.export.opset < WEIGHT_ONLY_OPSET:
+            problems.append(
+                f"export.opset: {self.export.opset}; weight-only quantization needs {WEIGHT_ONLY_OPSET} or higher "
+                "(int4 and blocked DequantizeLinear)"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _data_fits_the_model(self) -> Recipe:
         """Each data section's kind fits the model's source and task; the metric fits the task; defaults by task.
 
@@ -538,6 +705,8 @@ class Recipe(_Section):
                 problems.append(
                     f"evaluation.metric: {ev.metric} does not fit task {task}; valid: {', '.join(fitting(task))}"
                 )
+            elif METRICS[ev.metric].next_token and ev.targets is not None:
+                problems.append(f"evaluation.targets: {ev.metric} scores each next token of the inputs; remove it")
             elif METRICS[ev.metric].needs_targets and ev.targets is None and kinds.by_name(ev.data) != "folder":
                 problems.append(
                     f"evaluation.targets: missing; {ev.metric} needs targets (an array or a column; an "
@@ -567,7 +736,7 @@ def _data_problems(section: DataSource, model: ModelSection) -> list[str]:
     """What is wrong with a data section for this model, judged from names (no file is read)."""
     kind = kinds.by_name(section.data)
     if kind not in ("text", "table"):
-        return []
+        return [f"windows: cuts text files into token windows; {section.data} holds no text"] if section.windows else []
     if model.source == "factory":
         return [
             f"data: {section.data} is text; text files need a model that knows its tokenizer "
@@ -575,6 +744,8 @@ def _data_problems(section: DataSource, model: ModelSection) -> list[str]:
         ]
     if TASKS[model.task].modality != "text":
         return [f"data: {section.data} is text, but a {model.task} model takes images (a folder of image files)"]
+    if section.windows and model.task != "text-generation":
+        return [f"windows: cuts text into token windows for a decoder (task text-generation), not {model.task}"]
     return []
 
 

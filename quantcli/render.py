@@ -70,7 +70,13 @@ def _report(report: dict[str, Any]) -> list[str]:
     from quantcli.numerics.metrics import METRICS
 
     sizes = ev["size_bytes"]
-    if METRICS[ev["metric"]].percent:
+    if not METRICS[ev["metric"]].higher_is_better:  # perplexity: the values themselves
+        line = (
+            f"  {ev['metric']} on {ev['samples']} samples ({ev['tokens']['fp32_torch']} tokens): fp32 "
+            f"{ev['fp32_torch']:.3f}  fp32 ONNX {ev['fp32_onnx']:.3f}  quantized ONNX {ev['int8_onnx']:.3f} "
+            f"(+{ev['drop']:.3f})"
+        )
+    elif METRICS[ev["metric"]].percent:
         line = (
             f"  {ev['metric']} on {ev['samples']} held-out samples: fp32 {100 * ev['fp32_torch']:.2f}%  "
             f"int8 ONNX {100 * ev['int8_onnx']:.2f}%  (drop {100 * ev['drop']:.2f} points)"
@@ -122,6 +128,12 @@ def _kernels(kernels: dict[str, Any] | None) -> list[str]:
     ]
     if kernels.get("warning"):
         lines.append(f"  warning: {kernels['warning']}")
+    if "weight_only" in kernels:
+        left = kernels["weight_only"]["float_linears"]
+        lines.append(
+            f"  weight-only: {kernels['weight_only']['matmul_nbits']} MatMulNBits; {len(left)} linears left float"
+            + (f": {', '.join(str(n['module'] or n['name']) for n in left[:SHOWN_LAYERS])}" if left else "")
+        )
     islands = kernels["islands"]
     expected = Counter(i["op_type"] for i in islands if i["allowed"])
     looked = [i for i in islands if not i["allowed"]]

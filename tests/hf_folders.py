@@ -164,6 +164,48 @@ def gpt2_folder(folder: Path, texts: list[str], seed: int = 0) -> Path:
     return folder
 
 
+def decoder_folder(
+    folder: Path, texts: list[str], family: str = "llama", seed: int = 0, outliers: float = 1.0, **extra: Any
+) -> Path:
+    """A Llama or Qwen2 causal LM folder (2 layers, 64 wide, tied embeddings) with a byte-level BPE tokenizer.
+
+    Its MLP is 176 wide: down_proj's K is no multiple of 32 (a short last block), and gate/up hold more
+    weights than the exporter folds a transpose of (a MatMul reading a Transpose of the weight). `outliers`
+    scales a few channels of every RMS norm's weight: the large activation channels of a trained LLM,
+    which the projections after the norms read.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = bytelevel(texts)
+    eos = tokenizer.eos_token_id
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        family
+    ]
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=True,
+        **extra,
+    )
+    model = model_class(config)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                weight[[3, 17, 40]] *= outliers
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def resnet_config(labels: list[str], **extra: Any) -> Any:
     from transformers import ResNetConfig
 

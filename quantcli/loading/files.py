@@ -112,6 +112,9 @@ class FileReader:
         self, batch_size: int, num_batches: int | None, targets: bool, fixed_width: bool
     ) -> Iterator[dict[str, np.ndarray]]:
         encode = TextEncoder(self.recipe, self.section, self.what, fixed_width)
+        if self.section.windows:
+            yield from self._window_batches(encode, batch_size, num_batches)
+            return
         text_key = self.section.text or "text"
         rows: list[dict[str, Any]] = []
         done = 0
@@ -126,6 +129,29 @@ class FileReader:
             yield self._text_batch(encode, rows, text_key, targets)
         elif done == 0:
             raise DataError(f"{self.what}.data: {self.path} holds no examples")
+
+    def _window_batches(
+        self, encode: TextEncoder, batch_size: int, num_batches: int | None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The texts' tokens, one after another, cut into windows of max_length; the last, shorter one dropped."""
+        width, tokens, windows, done = encode.max_length, [], [], 0
+        for row in table_rows(self.path, self.what):
+            tokens += encode.ids(_column(row, self.section.text or "text", "text", self.what, self.path))
+            while len(tokens) >= width:
+                windows.append(tokens[:width])
+                tokens = tokens[width:]
+            while len(windows) >= batch_size:
+                yield encode.windows(windows[:batch_size])
+                windows, done = windows[batch_size:], done + 1
+                if num_batches and done >= num_batches:
+                    return
+        if windows:
+            yield encode.windows(windows)
+        elif done == 0:
+            raise DataError(
+                f"{self.what}.data: {self.path} holds fewer than max_length ({width}) tokens: not one window",
+                "lower max_length or add text",
+            )
 
     def _text_batch(
         self, encode: TextEncoder, rows: list[dict[str, Any]], text_key: str, targets: bool

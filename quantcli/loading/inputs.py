@@ -10,9 +10,13 @@ import numpy as np
 from quantcli.loading.data import iter_batches
 from quantcli.recipe import DynamicAxis, InputSpec, Recipe
 
+ATTENTION_MASK = "attention_mask"  # the name Hugging Face text models give their mask input
+
 
 def synthetic(inputs: list[InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of the recipe's shapes: floats standard normal, integers and booleans zero."""
+    """Inputs of the recipe's shapes: floats standard normal, integers and booleans zero, but an attention
+    mask, which attends everywhere (a mask hiding every token is no input a model sees: fully masked
+    attention rows are where PyTorch and ONNX Runtime legitimately differ)."""
     rng = np.random.default_rng(seed)
     batch = {}
     for spec in inputs:
@@ -20,7 +24,7 @@ def synthetic(inputs: list[InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
         if np.issubdtype(dtype, np.floating):
             batch[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
         else:
-            batch[spec.name] = np.zeros(spec.shape, dtype=dtype)
+            batch[spec.name] = np.full(spec.shape, spec.name == ATTENTION_MASK, dtype=dtype)
     return batch
 
 

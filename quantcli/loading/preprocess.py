@@ -52,6 +52,19 @@ class TextEncoder:
             raise DataError(f"{self.what}: the tokenizer failed: {type(exc).__name__}: {first}") from exc
         return _as_inputs(dict(encoding), self.inputs, self.what, "the tokenizer"), encoding
 
+    def ids(self, text: str) -> list[int]:
+        """A text's token ids, whole (no padding, no truncation), special tokens as the tokenizer adds them."""
+        try:
+            return list(self.tokenizer(text, verbose=False)["input_ids"])
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"{self.what}: the tokenizer failed: {type(exc).__name__}: {first}") from exc
+
+    def windows(self, windows: list[list[int]]) -> dict[str, np.ndarray]:
+        """A batch of full token windows (max_length ids each, every position attended)."""
+        ids = np.asarray(windows, dtype=np.int64)
+        return _as_inputs({"input_ids": ids, "attention_mask": np.ones_like(ids)}, self.inputs, self.what, "windows")
+
 
 class ImageEncoder:
     """The Hugging Face folder's image processor, or a zoo model's recorded transforms (PIL + numpy)."""

@@ -10,7 +10,8 @@ against fp32. export, `report` and `tune` read their figures from it, under one 
 - `fp32_torch`, `fp32_onnx`, `int8_torch`, `int8_onnx`: each model's metric value;
 - the metric's extra figures grouped by figure, per model (`top5`, `tokens`, `worst`);
 - `drop`: fp32_torch minus the int8 model shipped (int8_onnx, else int8_torch), in the metric's units
-  (0.01 is one accuracy point);
+  (0.01 is one accuracy point); for a metric where lower is better (perplexity), the shipped model's
+  rise over fp32;
 - `sqnr_db`: per model, its worst output's SQNR against fp32 PyTorch, over all batches;
 - `top1_agreement`: per int8 model, its top-1 predictions equal to fp32's (accuracy metrics).
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from quantcli.errors import RecipeError
 from quantcli.loading.data import TARGET_COLUMN, iter_batches, to_tensors
-from quantcli.numerics.metrics import METRICS, Accumulator
+from quantcli.numerics.metrics import METRICS, Accumulator, next_tokens
 from quantcli.numerics.parity import Powers
 from quantcli.recipe import Recipe
 
@@ -76,11 +77,13 @@ def stream(
         files=reader(recipe, what, targets=targets),
     )
 
+    from_inputs = metric in METRICS and METRICS[metric].next_token
+
     def run() -> Iterator[tuple[dict[str, np.ndarray], list, Any]]:
         from quantcli import _torch
 
         for batch in raw:
-            target = batch.pop(TARGET_COLUMN, None)
+            target = next_tokens(batch) if from_inputs else batch.pop(TARGET_COLUMN, None)
             with _torch.torch.no_grad():
                 out = float_module(*to_tensors(batch, recipe.inputs))
             yield batch, [t.numpy() for _, t in _torch.output_leaves(out)], target
@@ -140,7 +143,9 @@ class Scores:
             doc[figure] = {m: r[figure] for m, r in results.items() if figure in r}
         shipped = next((m for m in SHIPPED if m in results), None)
         if shipped is not None and "fp32_torch" in results:
-            doc["drop"] = round(results["fp32_torch"]["value"] - results[shipped]["value"], 6)
+            drop = results["fp32_torch"]["value"] - results[shipped]["value"]
+            higher_is_better = self.metric not in METRICS or METRICS[self.metric].higher_is_better
+            doc["drop"] = round(drop if higher_is_better else -drop, 6)  # a perplexity's drop is its rise
         if self.agreement:
             doc["top1_agreement"] = {m: round(same / count, 6) for m, (same, count) in self.agreement.items()}
         return doc

@@ -105,6 +105,39 @@ class Cosine(Accumulator):
         return {"value": round(self.total / self.count, 6), "worst": round(self.worst, 6)}
 
 
+class Perplexity(Accumulator):
+    """exp(mean -log p(next token)) of a decoder's logits [batch, seq, vocab] over the targets (IGNORE skipped)."""
+
+    name = "perplexity"
+    bounds = (1.0, float("inf"))
+
+    def __init__(self) -> None:
+        self.nll, self.count = 0.0, 0
+
+    def update(self, output: np.ndarray, reference: np.ndarray, targets: np.ndarray | None) -> None:
+        labelled = targets != IGNORE
+        logits = output[labelled].astype(np.float64)  # [tokens, vocab]
+        top = logits.max(-1, keepdims=True)
+        log_z = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
+        self.nll += float((log_z - logits[np.arange(len(logits)), targets[labelled]]).sum())
+        self.count += len(logits)
+
+    def figures(self) -> dict[str, float]:
+        return {"value": round(float(np.exp(self.nll / max(self.count, 1))), 4), "tokens": self.count}
+
+
+def next_tokens(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """A decoder's targets: each position's next input id, IGNORE where it or the next position is padding
+    and at the last position."""
+    if "input_ids" not in batch:
+        raise QuantCliError("perplexity: the model has no input_ids input to take the next tokens from")
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", np.ones_like(ids)) > 0
+    targets = np.full(ids.shape, IGNORE, dtype=np.int64)
+    targets[:, :-1] = np.where(mask[:, :-1] & mask[:, 1:], ids[:, 1:], IGNORE)
+    return targets
+
+
 @dataclass(frozen=True)
 class Metric(MetricName):
     """A metric of the registry (quantcli.numerics.names) with its accumulator."""
@@ -116,6 +149,7 @@ _ACCUMULATORS: dict[str, Callable[[], Accumulator]] = {
     "accuracy": Accuracy,
     "token_accuracy": TokenAccuracy,
     "cosine": Cosine,
+    "perplexity": Perplexity,
 }
 METRICS: dict[str, Metric] = {
     name: Metric(**vars(info), accumulator=_ACCUMULATORS[name]) for name, info in names.METRICS.items()

@@ -14,19 +14,11 @@ EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through
 
 def to_onnx(program: Any, *, opset: int, input_names: list[str], output_names: list[str]) -> Any:
     """Export with torch.onnx (dynamo) and return the onnx.ModelProto at the requested opset."""
-    import torch
+    from quantcli import _torch
 
     try:
-        onnx_program = torch.onnx.export(
-            program,
-            (),
-            dynamo=True,
-            opset_version=max(opset, EXPORTER_OPSET),
-            input_names=input_names,
-            output_names=output_names,
-            external_data=False,
-            verbose=False,
-            optimize=True,
+        onnx_program = _torch.onnx_program(
+            program, opset=max(opset, EXPORTER_OPSET), input_names=input_names, output_names=output_names
         )
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -53,7 +53,7 @@ def integer_op_report(onnx_path: str | Path) -> dict:
     }
 
 
-def analyze(onnx_path: str | Path) -> dict:
+def analyze(onnx_path: str | Path, *, weight_only: bool = False) -> dict:
     """Integer-kernel coverage and float islands of a QDQ model in ORT's optimized graph (CPU, ORT_ENABLE_ALL).
 
     Returns {"coverage": {"integer": n, "total": n, "integer_ops": {...}, "float_ops": {...}},
@@ -87,7 +87,7 @@ def analyze(onnx_path: str | Path) -> dict:
                 "reason": reason,
             }
         )
-    return {
+    found = {
         "coverage": {
             "integer": sum(integer.values()),
             "total": sum(integer.values()) + sum(floating.values()),
@@ -96,6 +96,24 @@ def analyze(onnx_path: str | Path) -> dict:
         },
         "islands": islands,
     }
+    if weight_only:
+        found["weight_only"] = {
+            "matmul_nbits": ops.get("MatMulNBits", 0),
+            "float_linears": float_linears(graph, origins),
+        }
+    return found
+
+
+def float_linears(graph, origins: Origins) -> list[dict]:
+    """The MatMul/Gemm nodes of ORT's optimized graph that read a constant float weight: linears left in float
+    (excluded ones, or ones ORT did not fuse into MatMulNBits), with the module each came from."""
+    constants = {t.name for t in graph.initializer}
+    found = []
+    for node in graph.node:
+        if node.op_type in FLOAT_KERNELS and len(node.input) > 1 and node.input[1] in constants:
+            origin = origins.origin(node)
+            found.append({"op_type": node.op_type, "name": node.name, "module": origin["module"]})
+    return found
 
 
 def coverage_warning(analysis: dict) -> str | None:

@@ -10,6 +10,15 @@
   itself for single ops it knows, but not for Pad, nor inside the several nodes one torch op
   exports as (torch.roll: Slice + Concat). A zero pad becomes a pad with the zero point.
 
+- `transposed_weights`: DequantizeLinear of an int8 weight -> Transpose (what a Linear on a 3-D input
+  exports as) becomes a DequantizeLinear of the transposed int8 weight, its axis moved along. ORT
+  does this itself only where the Transpose has one consumer: a weight shared by several layers
+  (parameter sharing across blocks) kept its Transpose, and every MatMul reading it ran in float.
+- `gathered_tables`: DequantizeLinear of an int8 table (an embedding, per row or per tensor) ->
+  Gather becomes Gather of the int8 rows, then their scales: ORT keeps a DequantizeLinear of an
+  initializer as it is (it folds none, for its QDQ fusions), so it would dequantize the whole
+  table on every run, and a table it never sees quantized stays float. The same values: a row's
+  (q - zero point) x scale.
 - `scaled_passthroughs`: DequantizeLinear(scale s) -> Mul by a positive scalar c -> QuantizeLinear
   with scale s * c and the same zero point (what the quantizer makes of a query scaling) is the
   identity on the integers, and goes.
@@ -48,6 +57,8 @@ _DATA_INPUTS = {"Concat": None, "Pad": (0,)}
 def rewrite(model: Any) -> Any:
     """Apply every rewrite of this module to `model` in place; return it."""
     global_average_pools(model)
+    transposed_weights(model)
+    gathered_tables(model)
     scaled_passthroughs(model)
     integer_data_movement(model)
     return model
@@ -78,12 +89,19 @@ class _Graph:
             for v in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
         }
         self.outputs = {o.name for o in self.graph.output}
+        self.taken: set[str] = set()
 
     def constant(self, name: str) -> np.ndarray | None:
-        from onnx import numpy_helper
+        """The value of an initializer, a Constant, or a Cast of one of these."""
+        from onnx import helper, numpy_helper
 
         if name in self.inits:
             return numpy_helper.to_array(self.inits[name])
+        cast = self.producer.get(name)
+        if cast is not None and cast.op_type == "Cast" and name not in self.consts:  # the exporter folds no large Cast
+            source = self.constant(cast.input[0])
+            to = next(a.i for a in cast.attribute if a.name == "to")
+            return None if source is None else source.astype(helper.tensor_dtype_to_np_dtype(to))
         return self.consts.get(name)
 
     def rank(self, name: str) -> int | None:
@@ -97,11 +115,14 @@ class _Graph:
         return name
 
     def fresh(self, base: str) -> str:
+        """A value or node name nothing in the graph uses yet (nor an earlier fresh name)."""
         names = set(self.producer) | set(self.inits) | {i.name for i in self.graph.input}
+        names |= {n.name for n in self.graph.node} | self.taken
         name, n = base, 0
         while name in names:
             n += 1
             name = f"{base}_{n}"
+        self.taken.add(name)
         return name
 
 
@@ -175,6 +196,158 @@ def _drop_value_info(g: _Graph, names: set[str]) -> None:
 def _per_tensor(g: _Graph, qdq) -> bool:
     scale = g.constant(qdq.input[1])
     return scale is not None and scale.size == 1
+
+
+# ------------------------------------------------------------------ weights stored transposed
+def transposed_weights(model: Any) -> int:
+    """DQ(int8 weight) -> Transpose -> DQ(transposed int8 weight) (see the module docstring); return how many."""
+    from onnx import helper
+
+    g = _Graph(model)
+    made: dict[tuple, str] = {}  # (weight, perm) -> the output of its transposed DequantizeLinear
+    released: set[str] = set()
+    count = 0
+    for node in list(g.graph.node):
+        dq = g.producer.get(node.input[0]) if node.op_type == "Transpose" else None
+        params = _weight_params(g, dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if params is None or node.output[0] in g.outputs:
+            continue
+        weight, axis = params
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(weight.ndim))[::-1])
+        key = (dq.output[0], tuple(perm))
+        if key in made:  # the same weight transposed the same way already: read that one
+            _rename_input(g, node.output[0], made[key])
+            g.graph.node.remove(node)
+        else:
+            transposed = np.ascontiguousarray(weight.transpose(perm))
+            stored = g.add_initializer(g.fresh(f"{dq.input[0]}_transposed"), transposed)
+            replacement = helper.make_node(
+                "DequantizeLinear", [stored, *dq.input[1:]], [node.output[0]], name=g.fresh(f"{dq.name}_transposed")
+            )
+            if axis is not None:
+                replacement.attribute.append(helper.make_attribute("axis", perm.index(axis)))
+            replacement.metadata_props.extend(dq.metadata_props)
+            g.graph.node.insert(list(g.graph.node).index(node), replacement)
+            g.graph.node.remove(node)
+            made[key] = node.output[0]
+        released |= set(dq.input)
+        count += 1
+    if count:
+        _drop_unused(g, released)
+    return count
+
+
+def _weight_params(g: _Graph, dq) -> tuple[np.ndarray, int | None] | None:
+    """(int8 weight, axis or None when per tensor) of a DequantizeLinear of a constant, not blocked, else None."""
+    weight, scale = g.constant(dq.input[0]), g.constant(dq.input[1])
+    if weight is None or scale is None or weight.dtype not in (np.int8, np.uint8) or weight.ndim < 2:
+        return None
+    if any(a.name == "block_size" and a.i for a in dq.attribute):
+        return None
+    if scale.size == 1 and scale.ndim <= 1:
+        return weight, None
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % weight.ndim
+    return (weight, axis) if scale.shape == (weight.shape[axis],) else None
+
+
+def _rename_input(g: _Graph, old: str, new: str) -> None:
+    """Make every reader of `old` read `new` instead."""
+    for user in g.consumers.get(old, []):
+        user.input[:] = [new if name == old else name for name in user.input]
+        g.consumers.setdefault(new, []).append(user)
+    _drop_value_info(g, {old})
+
+
+# ------------------------------------------------------------------ int8 tables gathered, then scaled
+def gathered_tables(model: Any) -> int:
+    """DQ(int8 table) -> Gather(axis 0) -> Gather of int8 rows, then scaled (see the module docstring); how many."""
+    g = _Graph(model)
+    released: set[str] = set()
+    count = 0
+    for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear"]:
+        params = _table_params(g, dq)
+        if params is None:
+            continue
+        for gather in [u for u in g.consumers.get(dq.output[0], []) if _gathers_rows(u, dq.output[0])]:
+            index = list(g.graph.node).index(gather)
+            g.graph.node.remove(gather)
+            for k, node in enumerate(_gather_then_scale(g, dq, gather, *params)):
+                g.graph.node.insert(index + k, node)
+            released |= set(dq.input)
+            count += 1
+    if count:
+        _drop_unused(g, released)
+    return count
+
+
+def _table_params(g: _Graph, dq) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(scale, zero point, axis) of a DequantizeLinear of a constant 8-bit table of rank >= 2, per tensor or
+    per row (axis 0), else None."""
+    table = g.constant(dq.input[0])
+    scale = g.constant(dq.input[1])
+    zero = g.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros((), np.int8)
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    if table is None or scale is None or zero is None or table.dtype not in (np.int8, np.uint8) or table.ndim < 2:
+        return None
+    if any(a.name == "block_size" and a.i for a in dq.attribute):
+        return None
+    if scale.size == 1:
+        return scale, zero, -1
+    if axis % table.ndim == 0 and scale.shape == (table.shape[0],):
+        return scale, zero, 0
+    return None
+
+
+def _gathers_rows(node, table: str) -> bool:
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    return node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input[0] == table and axis == 0
+
+
+def _gather_then_scale(g: _Graph, dq, gather, scale: np.ndarray, zero: np.ndarray, axis: int) -> list:
+    """The nodes replacing `gather`: the int8 rows gathered, then dequantized (per tensor) or scaled per row.
+
+    Constant indices (positions of a fixed sequence length) select their rows here: the file keeps only those.
+    Where the rows have at most 256 distinct scales (quantcli's embedding observer puts them on such a grid),
+    the file keeps each row's index among them in one byte, and the scales are gathered through it.
+    """
+    from onnx import TensorProto, helper
+
+    out, indices = gather.output[0], gather.input[1]
+    name = gather.name or out
+    table, fixed = g.constant(dq.input[0]), g.constant(indices)
+    fold = fixed is not None and fixed.size < table.shape[0]
+    nodes: list = []
+
+    def node(op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        made = helper.make_node(op, inputs, [output or g.fresh(f"{out}_{op.lower()}")], name=g.fresh(f"{name}_{op}"))
+        made.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+        made.metadata_props.extend(gather.metadata_props)
+        g.producer[made.output[0]] = made
+        nodes.append(made)
+        return made.output[0]
+
+    def rows(array: np.ndarray, base: str, stored: str | None = None) -> str:
+        if fold:
+            return g.add_initializer(g.fresh(f"{name}_{base}"), np.take(array, fixed, axis=0))
+        return node("Gather", [stored or g.add_initializer(g.fresh(f"{name}_{base}"), array), indices], axis=0)
+
+    if axis == -1:  # one scale: dequantize the gathered rows with it
+        node("DequantizeLinear", [rows(table, "rows", dq.input[0]), *dq.input[1:]], out)
+        return nodes
+    column = (1,) * (table.ndim - 1)  # a row's scale broadcasts over the row
+    values = node("Cast", [rows(table, "rows", dq.input[0])], to=helper.np_dtype_to_tensor_dtype(scale.dtype))
+    if np.any(zero):
+        values = node("Sub", [values, rows(zero.astype(scale.dtype).reshape(zero.shape + column), "zero_points")])
+    scales = scale.reshape(scale.shape + column)
+    grid, codes = np.unique(scales, return_inverse=True)
+    if not fold and len(grid) <= min(256, len(scales) // 2):  # a byte a row: its index among distinct scales
+        grid = g.add_initializer(g.fresh(f"{name}_scale_grid"), grid.reshape((-1,) + column))
+        index = node("Cast", [rows(codes.reshape(-1).astype(np.uint8), "scale_codes")], to=TensorProto.INT32)
+        scales_of_rows = node("Gather", [grid, index], axis=0)
+    else:
+        scales_of_rows = rows(scales, "row_scales")
+    node("Mul", [values, scales_of_rows], out)
+    return nodes
 
 
 # ------------------------------------------------------------------ x * c between equal integers
@@ -337,10 +510,11 @@ def _to_integers(g: _Graph, nodes: list, entries: list, exits: list, params: tup
 
 
 def _drop_unused(g: _Graph, released: set[str]) -> None:
-    """Remove DequantizeLinear nodes left without users, and the released initializers nothing reads any more."""
+    """Remove DequantizeLinear nodes (and Casts of their parameters) left without users, and the released
+    initializers nothing reads any more."""
     while True:
         used = {i for n in g.graph.node for i in n.input} | g.outputs
-        dead = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]
+        dead = [n for n in g.graph.node if n.op_type in ("DequantizeLinear", "Cast") and n.output[0] not in used]
         if not dead:
             break
         for n in dead:

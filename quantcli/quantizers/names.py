@@ -22,3 +22,14 @@ TARGETS: dict[str, frozenset[str] | None] = {
     "onnxruntime": None,  # quantcli's own quantizer for ONNX Runtime's integer kernels
     "x86_inductor": frozenset(),  # torchao's X86InductorQuantizer with its default configuration
 }
+
+# Weight-only quantization (`activations: none`): weight dtypes, methods and the block sizes ORT runs.
+WEIGHT_DTYPES: tuple[str, ...] = ("int8", "int4")
+WEIGHT_METHODS: tuple[str, ...] = (
+    "rtn",  # round to nearest on each block's min/max grid; needs no data
+    "gptq",  # Frantar et al. 2022: error feedback through each linear's input Hessian (act-order, damping)
+    "awq",  # Lin et al. 2023: per-input-channel scales from activation magnitudes, searched on the output error
+)
+WEIGHT_METHODS_WITH_DATA = frozenset({"gptq", "awq"})  # those calibrate collects statistics for
+# K elements sharing one scale: powers of two ORT fuses into MatMulNBits and its CPU kernels run.
+BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)

@@ -101,6 +101,25 @@ class PairSafeObserver(_PairSafe, MinMaxObserver):
         return out
 
 
+class CodedScalePerChannelObserver(PerChannelMinMaxObserver):
+    """Per-channel scales rounded up onto a grid STEPS to the octave below the largest: 256 values at most.
+
+    An embedding table's scale per row then takes one byte in the exported file (quantcli.onnx.rewrite
+    stores each row's grid index and the grid), not four: 0.26 % of a 384-wide int8 table instead of 1 %.
+    A row's step grows by at most 2^(1/16) (4.4 %, 0.4 dB); rows over 2^16 times smaller than the largest
+    share the grid's last value. The state is PerChannelMinMaxObserver's.
+    """
+
+    STEPS = 16
+
+    @torch.jit.export
+    def calculate_qparams(self):
+        scale, zero_point = super().calculate_qparams()
+        top = scale.max()
+        k = torch.floor(torch.log2(top / scale) * self.STEPS).clamp(0, 255)
+        return top * torch.exp2(-k / self.STEPS), zero_point
+
+
 ACTIVATION_OBSERVERS = {
     "minmax": MinMaxObserver,
     "moving_average_minmax": MovingAverageMinMaxObserver,

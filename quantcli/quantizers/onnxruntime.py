@@ -5,10 +5,10 @@ combination ORT's QDQ fusions need. Conv(+BN)(+ReLU/ReLU6), Linear, addmm and Ma
 their inputs and weights (scaled_dot_product_attention is written out first, so its two matmuls
 are among them); a conv chain also quantizes its output, so DQ-Conv-Q becomes QLinearConv, and a
 zero pad right before a conv is left between its DequantizeLinear and the conv, where ORT folds
-it into the QLinearConv. Add/Mul, ReLU, sigmoid (SiLU is written out as x * sigmoid(x)), pooling,
-global means, concat, split and shape ops are quantized where a quantized consumer follows or
-where they would otherwise be a float island (quantizers.selection), never in front of an op
-that stays float only because of them (LayerNorm, Softmax, GELU, Hardswish...). Only
+it into the QLinearConv. Add/Mul, ReLU, sigmoid (SiLU and Hardswish are written out as x * sigmoid(x)
+and x * hardsigmoid(x)), pooling, global means, concat, split and shape ops are quantized where a
+quantized consumer follows or where they would otherwise be a float island (quantizers.selection),
+never in front of an op that stays float only because of them (LayerNorm, Softmax, GELU...). Only
 floating-point tensors are touched: ids, masks, positions and shapes stay as captured.
 Annotation is a pure function of the graph and the QuantizationSection.
 """
@@ -32,6 +32,7 @@ from quantcli.quantizers.equalize import equalize_ffn
 from quantcli.quantizers.patterns import (
     BATCH_NORM,
     KIND,
+    UNIT_RANGE,
     absorbed_pad,
     is_activation,
     only_user,
@@ -40,10 +41,23 @@ from quantcli.quantizers.patterns import (
 )
 from quantcli.quantizers.policy import Policy, check_matches
 from quantcli.quantizers.selection import quantized_nodes
-from quantcli.quantizers.specs import Setting, activation_spec, bias_spec, scaled_spec, weight_spec
+from quantcli.quantizers.specs import (
+    Setting,
+    activation_spec,
+    bias_spec,
+    embedding_spec,
+    scaled_spec,
+    unit_range_spec,
+    weight_spec,
+)
 from quantcli.recipe import QuantizationSection
 
 KEY = "quantization_annotation"
+
+
+def _input_spec(s: Setting, x: Node):
+    """An activation's spec: [0, 1] fixed where the op producing it bounds it so (a hardsigmoid gate)."""
+    return unit_range_spec(s) if x.op == "call_function" and x.target in UNIT_RANGE else activation_spec(s)
 
 
 def is_annotated(node: Node) -> bool:
@@ -70,7 +84,9 @@ class OnnxRuntimeQuantizer(Quantizer):
         decompose_sdpa(model, wanted)
         if self.q.equalize:
             equalize_ffn(model, wanted)
-        rewrites.decompose_silu(model, wanted)
+        if not self.qat:
+            rewrites.norms_to_convs(model, wanted)
+        rewrites.decompose_gates(model, wanted)
         rewrites.pools_to_means(model, wanted)
         rewrites.fold_channel_scales(model, wanted)
         return model
@@ -154,6 +170,16 @@ class OnnxRuntimeQuantizer(Quantizer):
         b_spec = act if is_activation(b) else weight_spec(s, value(b).dim() - 1, "matrix")
         annotate(node, {a: act, b: b_spec}, act if out else None)
 
+    def _annotate_embedding(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
+        """The table's rows int8 (see specs.embedding_spec); the gathered rows stay float, as the table was.
+
+        A table a Linear reads too (GPT-2's tied LM head) takes that Linear's weight spec: one tensor gets
+        one observer, and its rows are the Linear's output channels, so it stays per row (and pair-safe).
+        """
+        table = node.args[0]
+        tied = any(u is not node and KIND.get(u.target) == "linear" and u.args[1] is table for u in table.users)
+        annotate(node, {table: weight_spec(s, 0, "matrix") if tied else embedding_spec(s)})
+
     def _annotate_binary(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         """Add/Mul of two activations, a following ReLU folded in (QLinearAdd/QLinearMul).
 
@@ -165,7 +191,7 @@ class OnnxRuntimeQuantizer(Quantizer):
             x = node.args[0]
             annotate(node, {x: activation_spec(s)}, scaled_spec(s, (x, node), factor))
             return
-        annotate(node, {a: activation_spec(s) for a in node.args[:2]})
+        annotate(node, {a: _input_spec(s, a) for a in node.args[:2]})
         last = node
         nxt = only_user(node)
         if nxt is not None and KIND.get(nxt.target) == "relu" and policy.setting(nxt) is not None:
@@ -210,6 +236,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         "linear": _annotate_linear,
         "addmm": _annotate_addmm,
         "matmul": _annotate_matmul,
+        "embedding": _annotate_embedding,
         "binary": _annotate_binary,
         "relu": _annotate_relu,
         "cat": _annotate_cat,

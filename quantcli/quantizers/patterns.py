@@ -5,6 +5,8 @@ integer kernel (conv, linear, addmm, matmul: QLinearConv, QGemm, QLinearMatMul..
 QLinearAdd/QLinearMul; cat: QLinearConcat; pool: QLinearAveragePool/QLinearGlobalAveragePool;
 unary: QLinearSigmoid/QLinearLeakyRelu), or an op it runs directly on uint8 once it drops the Q/DQ
 around it, which needs the output to share the input's parameters (shared; split and its getitems).
+An embedding (a Gather from a weight) gets int8 rows: quantcli.onnx.rewrite gathers them before
+scaling them, so the table stays int8 in memory and on disk.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ _OPS = {
     "conv_transpose": (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input),
     "linear": (aten.linear.default,),
     "addmm": (aten.addmm.default,),  # bias + x @ W with W (in, out): GPT-2's Conv1D
+    "embedding": (aten.embedding.default,),
     "matmul": (aten.matmul.default, aten.bmm.default, aten.mm.default),
     "binary": (aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor),
     "relu": (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default),
@@ -84,6 +87,7 @@ BATCH_NORM = {
     aten._native_batch_norm_legit_no_training.default,
     aten._native_batch_norm_legit.default,
 }
+UNIT_RANGE = {aten.hardsigmoid.default, aten.hardsigmoid_.default}  # outputs in [0, 1] whatever the input
 WEIGHTED = ("conv", "conv_transpose", "linear", "addmm", "matmul")
 PADS = (aten.pad.default, aten.constant_pad_nd.default)
 # Ops that compute a weight from parameters without data (weight norm, a transposed or reshaped weight).

@@ -19,7 +19,7 @@ from typing import Any
 
 from quantcli.errors import RecipeError
 from quantcli.quantizers.specs import Setting
-from quantcli.recipe import OverrideConfig, QuantizationSection
+from quantcli.recipe import OverrideConfig, QuantizationSection, WeightsConfig
 
 OVERRIDE_FIELDS = ("weights", "activations", "observer", "reduce_range")
 
@@ -57,10 +57,8 @@ class Policy:
 
     def _resolve(self, paths: tuple[str, ...], types: tuple[str, ...]) -> Setting | None:
         q = self.q
-        if _matches(q.exclude_names, paths) or set(q.exclude_types) & set(types):
-            return None
-        merged = merge_overrides([o for o in q.overrides if _matches(o.names, paths)])
-        if merged.get("exclude"):
+        merged = applying(q, paths, types)
+        if merged is None:
             return None
         weights, acts = merged.get("weights", q.weights), merged.get("activations", q.activations)
         observer, reduce_range = merged.get("observer", q.observer), merged.get("reduce_range", q.reduce_range)
@@ -73,6 +71,20 @@ class Policy:
             reduce_range=reduce_range if isinstance(reduce_range, str) else bool(reduce_range),
             qat=self.qat,
         )
+
+
+def applying(q: QuantizationSection, paths: tuple[str, ...], types: tuple[str, ...]) -> dict[str, Any] | None:
+    """The override fields that apply inside these modules (module_scope), merged; None where they stay float."""
+    if _matches(q.exclude_names, paths) or set(q.exclude_types) & set(types):
+        return None
+    merged = merge_overrides([o for o in q.overrides if _matches(o.names, paths)])
+    return None if merged.get("exclude") else merged
+
+
+def weights_of(q: QuantizationSection, node) -> WeightsConfig | None:
+    """The weights setting of a node (weight-only quantization reads no other), None where it stays float."""
+    merged = applying(q, *module_scope(node))
+    return None if merged is None else merged.get("weights", q.weights)
 
 
 def merge_overrides(matching: list[OverrideConfig]) -> dict[str, Any]:

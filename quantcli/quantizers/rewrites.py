@@ -2,6 +2,13 @@
 
 - SiLU/Swish exports as Sigmoid then Mul; written out as x * sigmoid(x) here, both get quantized
   (QLinearSigmoid, QLinearMul) instead of sitting between a DequantizeLinear and a QuantizeLinear.
+  Hardswish likewise becomes x * hardsigmoid(x): ORT has no integer HardSigmoid (it stays float, its
+  output quantized), but the Mul becomes a QLinearMul, where ORT ran the whole HardSwish in float.
+- A BatchNorm that follows no conv (DenseNet's pre-activation after a Concat, a RepVGG block's identity
+  branch; prepare folds every conv's own BN before this runs) becomes the depthwise 1x1 conv that
+  computes it, x * gamma / sqrt(var + eps) + (beta - mean * gamma / sqrt(var + eps)): ORT runs it as a
+  QLinearConv, where ORT's own quantizer leaves the BatchNormalization float between Q/DQ. PTQ only
+  (QAT trains BatchNorm statistics).
 - adaptive_avg_pool to size 1 becomes a mean over the spatial dims: the same values, exported
   as ReduceMean (quantcli.onnx.rewrite turns it into GlobalAveragePool) and never as the
   as_strided copy the pool's decomposition adds for channels-last inputs.
@@ -24,9 +31,16 @@ from torch.fx import GraphModule, Node
 from quantcli.quantizers.patterns import value
 
 aten = torch.ops.aten
-_SILU = (aten.silu.default, aten.silu_.default)
+# x * gate(x) activations, by the gate they are written out with
+_GATED = {
+    aten.silu.default: aten.sigmoid.default,
+    aten.silu_.default: aten.sigmoid.default,
+    aten.hardswish.default: aten.hardsigmoid.default,
+    aten.hardswish_.default: aten.hardsigmoid.default,
+}
 _ADAPTIVE = {aten.adaptive_avg_pool1d.default: [-1], aten.adaptive_avg_pool2d.default: [-2, -1]}
 _PERMUTES = (aten.permute.default, aten.transpose.int)
+_CONVS = {3: aten.conv1d.default, 4: aten.conv2d.default, 5: aten.conv3d.default}  # by input rank
 _FOLD_INTO = (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 
 
@@ -63,20 +77,69 @@ def _finish(model: GraphModule, count: int) -> int:
     return count
 
 
-def decompose_silu(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
-    """silu(x) -> x * sigmoid(x) (equal up to float rounding); return how many."""
+def decompose_gates(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """silu(x) -> x * sigmoid(x), hardswish(x) -> x * hardsigmoid(x) (equal up to float rounding); how many."""
     count = 0
     for node in list(model.graph.nodes):
-        if node.op != "call_function" or node.target not in _SILU or not wanted(node):
+        if node.op != "call_function" or node.target not in _GATED or not wanted(node):
             continue
-        x = node.args[0]
+        x, gate = node.args[0], _GATED[node.target]
         with model.graph.inserting_before(node):
-            sig = _node(model.graph, node, aten.sigmoid.default, (x,), torch.sigmoid(value(x)))
+            sig = _node(model.graph, node, gate, (x,), gate(value(x)))
             mul = _node(model.graph, node, aten.mul.Tensor, (x, sig), node.meta["val"])
         node.replace_all_uses_with(mul)
         model.graph.erase_node(node)
         count += 1
     return _finish(model, count)
+
+
+def norms_to_convs(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """batch_norm(x) in eval mode on an (N, C, ...) activation -> the depthwise 1x1 conv computing it; how many.
+
+    The conv's weight and bias are new parameters, `_quantcli_norm_<k>_weight`/`_bias` in graph order,
+    so prepare in another process makes the same state_dict keys.
+    """
+    count = 0
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.batch_norm.default or not wanted(node):
+            continue
+        affine = _norm_as_affine(model, node)
+        if affine is None:
+            continue
+        scale, shift = affine
+        rank = value(node.args[0]).dim()
+        weight, bias = f"_quantcli_norm_{count}_weight", f"_quantcli_norm_{count}_bias"
+        model.register_parameter(weight, torch.nn.Parameter(scale.reshape(-1, *(1,) * (rank - 1)), False))
+        model.register_parameter(bias, torch.nn.Parameter(shift, False))
+        with model.graph.inserting_before(node):
+            w, b = model.graph.get_attr(weight), model.graph.get_attr(bias)
+            w.meta["val"], b.meta["val"] = model.get_parameter(weight), model.get_parameter(bias)
+            spatial = rank - 2
+            args = (node.args[0], w, b, [1] * spatial, [0] * spatial, [1] * spatial, scale.numel())
+            conv = _node(model.graph, node, _CONVS[rank], args, node.meta["val"])
+        node.replace_all_uses_with(conv)
+        model.graph.erase_node(node)
+        count += 1
+    return _finish(model, count)
+
+
+def _norm_as_affine(model: GraphModule, node: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) per channel of an eval-mode batch_norm with running statistics, else None."""
+    x, gamma, beta, mean, var, training, _, eps = node.args[:8]
+    val = value(x)
+    if training or val is None or val.dim() not in _CONVS or not isinstance(val.shape[1], int):
+        return None
+    mean, var = get_attr_value(model, mean), get_attr_value(model, var)
+    if mean is None or var is None or mean.numel() != val.shape[1]:
+        return None
+    with torch.no_grad():
+        scale = torch.rsqrt(var.double() + eps)
+        if gamma is not None:
+            scale = scale * get_attr_value(model, gamma).double()
+        shift = -mean.double() * scale
+        if beta is not None:
+            shift = shift + get_attr_value(model, beta).double()
+    return scale.to(val.dtype), shift.to(val.dtype)
 
 
 def pools_to_means(model: GraphModule, wanted: Callable[[Node], bool]) -> int:

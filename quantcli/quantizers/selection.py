@@ -1,6 +1,7 @@
 """Which nodes the onnxruntime target quantizes: every conv and matmul, and what would otherwise be a float island.
 
-Conv/Linear/addmm/MatMul are always quantized. Another op of a known kind (patterns.KIND) is
+Conv/Linear/addmm/MatMul are always quantized, and so are embedding tables (int8 rows; their
+output stays float, as ORT's Gather-then-scale gives it). Another op of a known kind (patterns.KIND) is
 quantized where a quantized consumer follows (so its output reaches that consumer as integers),
 and where it would otherwise run in float between a DequantizeLinear and a QuantizeLinear (a
 float island, see quantcli.onnx.islands.island_nodes): reached by a dequantized value through
@@ -79,6 +80,11 @@ def _binary(node: Node) -> bool:
     return is_activation(a) and is_activation(b) and node.kwargs.get("alpha", 1) == 1
 
 
+def _embedding(node: Node) -> bool:
+    weight, indices = node.args[:2]
+    return is_weight(weight) and value(weight).dim() == 2 and not is_float(indices)
+
+
 def _cat(node: Node) -> bool:
     return all(is_activation(a) for a in node.args[0])
 
@@ -104,6 +110,7 @@ _CHECKS = {
     "addmm": _addmm,
     "matmul": _matmul,
     "binary": _binary,
+    "embedding": _embedding,
     "cat": _cat,
     "pool": _pool,
     "shared": _shared,
@@ -113,7 +120,7 @@ _CHECKS = {
 def quantized_nodes(graph: Graph, policy: Policy) -> set[Node]:
     """The nodes to annotate (see the module docstring)."""
     candidates = {n for n in graph.nodes if quantizable(n) and not stays_float(n) and policy.setting(n) is not None}
-    chosen = {n for n in candidates if KIND[n.target] in WEIGHTED}
+    chosen = {n for n in candidates if KIND[n.target] in (*WEIGHTED, "embedding")}
     while True:
         _close_backwards(graph, candidates, chosen)
         islands = _islands(graph, candidates, chosen)
@@ -136,7 +143,7 @@ def quantized_output(node: Node, chosen: set[Node]) -> bool:
     kind = KIND[node.target]
     if kind in ("linear", "addmm", "matmul"):
         return any(u in chosen for u in node.users)
-    return kind not in ("split",)
+    return kind not in ("split", "embedding")
 
 
 def _islands(graph: Graph, candidates: set[Node], chosen: set[Node]) -> set[Node]:

@@ -12,10 +12,19 @@ from torchao.quantization.pt2e.observer import (
     MovingAverageMinMaxObserver,
     PerChannelMinMaxObserver,
 )
-from torchao.quantization.pt2e.quantizer import DerivedQuantizationSpec, QuantizationSpec
+from torchao.quantization.pt2e.quantizer import (
+    DerivedQuantizationSpec,
+    FixedQParamsQuantizationSpec,
+    QuantizationSpec,
+)
 
 from quantcli.quantizers.cpu import PAIR_SAFE
-from quantcli.quantizers.observers import ACTIVATION_OBSERVERS, PairSafeObserver, PairSafePerChannelObserver
+from quantcli.quantizers.observers import (
+    ACTIVATION_OBSERVERS,
+    CodedScalePerChannelObserver,
+    PairSafeObserver,
+    PairSafePerChannelObserver,
+)
 
 _EPS = 2**-12
 
@@ -44,6 +53,19 @@ def activation_spec(s: Setting) -> QuantizationSpec:
     return QuantizationSpec(
         dtype=dtype, quant_min=qmin, quant_max=qmax, qscheme=qscheme, observer_or_fake_quant_ctr=ctr
     )
+
+
+@cache
+def unit_range_spec(s: Setting) -> FixedQParamsQuantizationSpec:
+    """A value that lies in [0, 1] whatever the input (a hardsigmoid gate): that range, uncalibrated.
+
+    A calibrated range can only be narrower, and clips the gates that are fully open or shut.
+    """
+    if s.act_dtype == "uint8":
+        return FixedQParamsQuantizationSpec(torch.uint8, 1 / 255, 0, 0, 255, torch.per_tensor_affine)
+    if s.act_symmetric:
+        return FixedQParamsQuantizationSpec(torch.int8, 1 / 127, 0, -128, 127, torch.per_tensor_symmetric)
+    return FixedQParamsQuantizationSpec(torch.int8, 1 / 255, -128, -128, 127, torch.per_tensor_affine)
 
 
 def _weight_range(s: Setting, pairs: str | None) -> tuple[int, bool]:
@@ -90,6 +112,28 @@ def weight_spec(s: Setting, axis: int, pairs: str | None = None) -> Quantization
         quant_max=qmax,
         qscheme=qscheme,
         ch_axis=ch_axis,
+        observer_or_fake_quant_ctr=ctr,
+    )
+
+
+@cache
+def embedding_spec(s: Setting) -> QuantizationSpec:
+    """An embedding table: int8 symmetric per row (axis 0), always 8-bit and per row.
+
+    A Gather multiplies nothing, so no u8 x s8 kernel can saturate (no reduce_range). With a scale
+    per row, a row of small values (a rare token's) keeps its resolution beside a row of large ones
+    ([CLS]'s), where ORT's per-tensor table gives them the same step; the scales sit on a grid of
+    256 values, so the file stores one byte per row (observers.CodedScalePerChannelObserver).
+    """
+    ctr = CodedScalePerChannelObserver.with_args(eps=_EPS)
+    if s.qat:
+        ctr = FakeQuantize.with_args(observer=CodedScalePerChannelObserver, eps=_EPS, ch_axis=0)
+    return QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-127,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
         observer_or_fake_quant_ctr=ctr,
     )
 

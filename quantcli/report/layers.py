@@ -101,6 +101,11 @@ def report(
     from quantcli.report.ort_taps import OrtTaps
 
     art = open_converted(src)
+    if recipe_of(art).quantization.weight_only:
+        raise RecipeError(
+            f"{src} is weight-only: report's per-layer figures follow static quantization's quantize ops",
+            "export's report (model.report.json) has the weight-only model's parity, SQNR, kernels and evaluation",
+        )
     onnx_path = _onnx(onnx, art)
     what, section, recipe = data_source(recipe_of(art), data, batches)
     evaluating = what == "evaluation" and data is None  # the recipe's metric on its held-out data

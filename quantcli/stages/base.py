@@ -206,12 +206,15 @@ def restore_prepared(art: Artifact, program: str = artifacts.PROGRAM) -> Any:
     prepared module's state_dict; the same quantizer configuration (recorded, resolved, in the
     recipe) re-runs prepare and the state is loaded strictly, giving bit-identical outputs.
     """
-    from quantcli import _torch, quantizers
+    from quantcli import _torch, quantizers, weightonly
 
     recipe = recipe_of(art)
     qat = bool(art.manifest["qat"])
     captured = _torch.load_program(art.file(program))
-    module = _torch.prepare(captured.module(), quantizers.build(recipe.quantization, qat=qat), qat)
+    if recipe.quantization.weight_only:  # statistics collectors where a method needs them, no observers
+        module = weightonly.prepare(captured.module(), recipe.quantization)
+    else:
+        module = _torch.prepare(captured.module(), quantizers.build(recipe.quantization, qat=qat), qat)
     if art.file(artifacts.STATE).exists():
         state = _torch.load_state(art.file(artifacts.STATE))
         module.load_state_dict(state, strict=True)

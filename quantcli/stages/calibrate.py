@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts
+from quantcli import artifacts, staging
 from quantcli.errors import DataError, QuantCliError, RecipeError
 from quantcli.loading.data import BatchDigest, is_callable_source, iter_batches, samples_in, to_tensors
 from quantcli.loading.headers import check_sources
@@ -132,6 +132,8 @@ def run(
 ) -> StageResult:
     parent = artifacts.open_artifact(src, ("prepared",), "calibrate")
     recipe = recipe_for("calibrated", parent, recipe_path)
+    if not recipe.quantization.needs_data:
+        return without_data(parent, recipe, Path(out), force)
     section = with_overrides(recipe, data, batches)
     recipe = recipe.model_copy(update={"calibration": section})
     hashes = data_hashes({"calibration.data": section.data})
@@ -147,6 +149,10 @@ def run(
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
         extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
+        if recipe.quantization.weight_only:
+            from quantcli.weightonly import collect
+
+            extra["collected"] = collect.summary(module)
         if digest is None:
             return extra
         if digest.value() != hashes["calibration.data"]:
@@ -160,6 +166,20 @@ def run(
         "calibrated", Path(out), recipe=recipe, parent=parent, options={}, data=hashes, force=force, body=body
     )
     result.work = work_done(result.manifest)
+    return result
+
+
+def without_data(parent: artifacts.Artifact, recipe: Recipe, out: Path, force: bool) -> StageResult:
+    """The calibrated artifact of a weight-only model whose methods collect nothing (RTN): the prepared one's
+    program and state, no data read (calibration data, if any, is neither needed nor hashed)."""
+
+    def body(st: Any) -> dict[str, Any]:
+        carry_program(parent, st.tmp)
+        staging.link_or_copy(parent.file(artifacts.STATE), st.tmp / artifacts.STATE)
+        return {"qat": False, "io": parent.manifest["io"], "batches": 0, "samples": 0, "collected": {}}
+
+    result = produce("calibrated", out, recipe=recipe, parent=parent, options={}, data={}, force=force, body=body)
+    result.work = "no data needed: round to nearest"
     return result
 
 

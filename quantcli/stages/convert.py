@@ -35,11 +35,15 @@ def run(
 
     def body(st: Any) -> dict[str, Any]:
         from quantcli import _torch
-        from quantcli.quantizers import pair_safety
 
         module = _torch.to_eval(restore_prepared(parent))
-        module = _torch.convert(module, fold_quantize, reference_representation)
-        pairs_lowered = pair_safety.enforce(module, recipe.quantization)
+        if recipe.quantization.weight_only:
+            extra = _weight_only(module, recipe, st.tmp)
+        else:
+            from quantcli.quantizers import pair_safety
+
+            module = _torch.convert(module, fold_quantize, reference_representation)
+            extra = {"pair_safe_weights_lowered": pair_safety.enforce(module, recipe.quantization)}
         _torch.prune_unused(module)
         args = to_tensors(export_example(recipe.inputs), recipe.inputs)
         try:
@@ -54,9 +58,19 @@ def run(
             "io": parent.manifest["io"],
             "observers_frozen": bool(parent.manifest.get("observers_frozen")),
             "ops": count_ops(program.graph_module),
-            "pair_safe_weights_lowered": pairs_lowered,
+            **extra,
         }
 
     return produce(
         "converted", Path(out), recipe=recipe, parent=parent, options=options, data={}, force=force, body=body
     )
+
+
+def _weight_only(module: Any, recipe: Any, folder: Path) -> dict[str, Any]:
+    """Quantize the module's linears in place (quantcli.weightonly.apply); write their codes; the manifest entry."""
+    from quantcli import _torch
+    from quantcli.weightonly import apply
+
+    records, codes = apply.convert(module, recipe.quantization)
+    _torch.save_state(codes, folder / artifacts.WEIGHT_CODES)
+    return {"weight_only": records}

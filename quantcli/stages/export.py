@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts
-from quantcli.errors import NumericsError
+from quantcli.errors import NumericsError, RecipeError
 from quantcli.loading.data import is_callable_source, to_tensors
 from quantcli.loading.headers import check_sources
 from quantcli.loading.inputs import held_out_batch
 from quantcli.numerics import parity
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import fusion, runtime
-from quantcli.recipe import Recipe
+from quantcli.recipe import WEIGHT_ONLY_OPSET, Recipe
 from quantcli.stages.base import StageResult, callable_digest, data_hashes, produce, recipe_for
 
 log = logging.getLogger("quantcli")
@@ -36,6 +36,12 @@ def onnx_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> tuple[
     program = _torch.load_program(parent.file(artifacts.PROGRAM))
     io = parent.manifest["io"]
     model = onnx_export.to_onnx(program, opset=opset, input_names=io["inputs"], output_names=io["outputs"])
+    if "weight_only" in parent.manifest:  # int4/int8 codes where the float weights were (MatMulNBits' layout)
+        from quantcli.onnx import blocked
+        from quantcli.weightonly import apply
+
+        codes = _torch.load_state(parent.file(artifacts.WEIGHT_CODES))
+        blocked.store(model, apply.load(parent.manifest["weight_only"], codes))
     onnx_export.strip_node_metadata(model)
     onnx_export.rename_dims(model, recipe.inputs)
     onnx_export.check(model)
@@ -48,6 +54,12 @@ def source(src: str | Path, opset: int | None, recipe_path: str | Path | None) -
     recipe = recipe_for("exported", parent, recipe_path)
     if opset is not None:
         recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"opset": opset})})
+    if recipe.quantization.weight_only and recipe.export.opset < WEIGHT_ONLY_OPSET:
+        raise RecipeError(
+            f"--opset {recipe.export.opset}: weight-only quantization needs opset {WEIGHT_ONLY_OPSET} or higher "
+            "(int4 and blocked DequantizeLinear)",
+            f"use --opset {WEIGHT_ONLY_OPSET}",
+        )
     return parent, recipe
 
 
@@ -62,13 +74,14 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     float_program = _torch.load_program(parent.file(artifacts.FLOAT_PROGRAM))
     names = parent.manifest["io"]["outputs"]
     fp32, int8 = outputs(float_program, recipe, sample), outputs(program, recipe, sample)
-    saturation, emulated = target_arithmetic(model, recipe.quantization.target_cpu)
+    weight_only = recipe.quantization.weight_only  # float activations: no u8 x s8 kernel, nothing saturates
+    saturation, emulated = (None, None) if weight_only else target_arithmetic(model, recipe.quantization.target_cpu)
     limits = {"max_excess_db": recipe.export.parity_max_excess_db, "min_sqnr_db": recipe.export.parity_min_sqnr_db}
     check = parity.verdict(names, fp32, int8, runtime.run(runtime.session(path), sample), **limits)
     if emulated is not None:  # this CPU cannot saturate: the target's arithmetic decides, this ORT must agree too
         target = parity.verdict(names, fp32, int8, runtime.run_model(emulated, sample), **limits)
         check = parity.with_local(target, check, recipe.quantization.target_cpu)
-    kernels = fusion.analyze(path)
+    kernels = fusion.analyze(path, weight_only=weight_only)
     warning = fusion.coverage_warning(kernels)
     if warning is not None:
         log.warning(warning, extra={"warning": True})
@@ -83,6 +96,11 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
         },
         "kernels": {**kernels, "warning": warning},
     }
+    if weight_only:
+        from quantcli.weightonly.apply import sizes
+
+        layers = parent.manifest["weight_only"]
+        report["weight_only"] = {"layers": len(layers), "linear_weight_bytes": sizes(layers)}
     if recipe.evaluation is not None:
         report["evaluation"] = evaluate.evaluate(recipe, float_program, path, parent.manifest["io"])
     return report

@@ -6,8 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import artifacts
+from quantcli.errors import RecipeError
 from quantcli.quantizers.cpu import describe
 from quantcli.stages.base import StageResult, carry_program, produce, recipe_for, restore_prepared, save_state
+
+
+def weight_only_setting(weights: Any) -> str:
+    """The closing line's words for a weight-only model, e.g. "weight-only int4, blocks of 32, symmetric, gptq"."""
+    grain = f"blocks of {weights.block_size}" if weights.block_size else "per channel"
+    symmetry = "symmetric" if weights.symmetric else "asymmetric"
+    return f"weight-only {weights.dtype}, {grain}, {symmetry}, {weights.method}; activations float"
 
 
 def run(
@@ -17,9 +25,15 @@ def run(
 
     parent = artifacts.open_artifact(src, ("captured",), "prepare")
     recipe = recipe_for("prepared", parent, recipe_path)
+    if qat and recipe.quantization.weight_only:
+        raise RecipeError(
+            "--qat: weight-only quantization (quantization.activations: none) has no quantization-aware training",
+            "prepare without --qat",
+        )
     # target_cpu/reduce_range are resolved once, here, and recorded: reruns elsewhere agree.
     recipe = recipe.model_copy(update={"quantization": quantizers.resolve(recipe.quantization)})
-    target = describe(recipe.quantization.target_cpu, recipe.quantization.reduce_range)
+    q = recipe.quantization
+    target = weight_only_setting(q.weights) if q.weight_only else describe(q.target_cpu, q.reduce_range)
 
     def body(st: Any) -> dict[str, Any]:
         carry_program(parent, st.tmp)

@@ -24,6 +24,7 @@ import yaml
 from quantcli import pipeline
 from quantcli import recipe as recipes
 from quantcli.errors import GoalError, NumericsError, RecipeError
+from quantcli.numerics.metrics import METRICS
 from quantcli.stages.base import Progress, no_progress, recipe_of
 from quantcli.tune import outputs
 from quantcli.tune.goal import Goal, Judge
@@ -151,7 +152,14 @@ def _checked(recipe_path: str | Path, max_drop: float | None, metric: str | None
             "tune searches post-training quantization; the recipe has a training: section",
             "remove it, or tune a recipe without it and train afterwards",
         )
-    if max_drop is not None and (recipe.evaluation is None or recipe.evaluation.targets is None and metric is None):
+    if recipe.quantization.weight_only:
+        raise RecipeError(
+            "tune searches static quantization (observers, float layers); this recipe is weight-only",
+            "choose quantization.weights.method and exclude_names/overrides by hand: export's report measures each",
+        )
+    ev = recipe.evaluation
+    own_targets = ev is not None and (ev.targets is not None or METRICS[ev.metric].next_token)  # perplexity's
+    if max_drop is not None and (ev is None or not own_targets and metric is None):
         raise RecipeError(
             "--max-drop needs an evaluation: section with data and targets", "add one, or use --min-sqnr DB"
         )

@@ -1,0 +1,98 @@
+"""Weight-only quantization on a captured graph, in process: which linears get which setting, what the
+collectors accumulate, and the converted module computing exactly the quantized weights (GPTQ, AWQ's input
+scales), with excluded layers left float."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantcli.errors import RecipeError
+from quantcli.recipe import QuantizationSection
+from quantcli.weightonly import apply, collect, plan, prepare
+from quantcli.weightonly.awq import awq
+from quantcli.weightonly.gptq import gptq
+from quantcli.weightonly.grid import Grid
+
+
+class Attention(nn.Module):
+    """q, k and v read one input (one collector for the three); out reads their concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(80, 32), nn.Linear(80, 32), nn.Linear(80, 32, bias=False)
+        self.out = nn.Linear(96, 16)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.q(x), self.k(x), self.v(x)], -1))
+
+
+SECTION = {
+    "activations": "none",
+    "weights": {"dtype": "int4", "block_size": 32, "method": "gptq"},
+    "exclude_names": ["v"],
+    "overrides": [{"names": ["out"], "weights": {"dtype": "int4", "block_size": 32, "method": "awq"}}],
+}
+
+
+def captured() -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    model = Attention().eval()
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    args = (torch.randn(2, 5, 80),)
+    return torch.export.export(model, args, dynamic_shapes=({0: batch, 1: seq},)).module()
+
+
+def batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    mixing = torch.randn(80, 80, generator=g) * 0.3 + torch.eye(80)
+    return [torch.randn(4, 6, 80, generator=g) @ mixing for _ in range(3)]
+
+
+def test_the_plan_follows_exclude_lists_and_overrides():
+    q = QuantizationSection.model_validate(SECTION)
+    layers = plan.layers(captured(), q)
+    assert [(layer.module, layer.weights.method) for layer in layers] == [("q", "gptq"), ("k", "gptq"), ("out", "awq")]
+    with pytest.raises(RecipeError, match="exclude_names.0. 'vv'"):
+        plan.layers(captured(), QuantizationSection.model_validate({**SECTION, "exclude_names": ["vv"]}))
+
+
+def test_collectors_accumulate_each_input_and_convert_quantizes_with_what_they_saw():
+    q = QuantizationSection.model_validate(SECTION)
+    module = prepare(captured(), q)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    assert sorted(k for k in before if k.startswith(collect.PREFIX)) == [
+        f"{collect.PREFIX}{i}.{b}" for i in (0, 1) for b in ("abs_sum", "hessian", "rows")
+    ]  # one for q and k's shared input, one for out's; none for the excluded v
+    data = batches()
+    with torch.no_grad():
+        expected_float = [module(x) for x in data]  # collectors pass their input through unchanged
+    rows = torch.cat([x.reshape(-1, 80) for x in data])
+    stats = module.get_submodule(f"{collect.PREFIX}0")
+    assert int(stats.rows) == rows.shape[0] and torch.allclose(stats.hessian, rows.T @ rows, rtol=1e-5, atol=1e-3)
+    assert collect.summary(module) == {"inputs": 2, "rows": rows.shape[0]}
+
+    # a new process: prepare again and load the state strictly
+    restored = prepare(captured(), q)
+    restored.load_state_dict(module.state_dict(), strict=True)
+    records, codes = apply.convert(restored, q)
+    assert [(r["module"], r["method"]) for r in records] == [("q", "gptq"), ("k", "gptq"), ("out", "awq")]
+    assert not any(name.startswith(collect.PREFIX) for name, _ in restored.named_children())
+
+    float_model = captured()
+    x = data[0]
+    with torch.no_grad():
+        q_hat = gptq(float_model.q.weight, stats.hessian, Grid(4, True, 32)).weight()
+        assert torch.equal(restored.q.weight, q_hat) and torch.equal(restored.v.weight, float_model.v.weight)
+        assert torch.equal(codes["0.codes"], gptq(float_model.q.weight, stats.hessian, Grid(4, True, 32)).codes)
+        hidden = torch.cat([x @ q_hat.T + float_model.q.bias, x @ restored.k.weight.T + float_model.k.bias], -1)
+        hidden = torch.cat([hidden, x @ float_model.v.weight.T], -1)
+        out_stats = module.get_submodule(f"{collect.PREFIX}1")
+        result, alpha = awq(float_model.out.weight, out_stats.hessian, out_stats.magnitude(), Grid(4, True, 32))
+        assert alpha > 0 and records[2]["alpha"] == alpha  # the input is divided by scales
+        scale = result.input_scale
+        want = (hidden / scale) @ result.weight().T + float_model.out.bias
+        got = restored(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.nn.functional.mse_loss(got, expected_float[0]) < 0.01 * expected_float[0].pow(2).mean()

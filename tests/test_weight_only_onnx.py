@@ -1,0 +1,107 @@
+"""Weight-only weights in the ONNX file: stored int4/int8 [K, N] behind a blocked DequantizeLinear that ONNX
+Runtime fuses with its MatMul or Gemm into MatMulNBits, in every form the exporter writes a linear's weight,
+with a K the block does not divide; the numbers DequantizeLinear gives are the PyTorch weight-only model's."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from quantcli.errors import ModelError
+from quantcli.onnx import blocked
+from quantcli.weightonly.grid import Grid
+from quantcli.weightonly.rtn import rtn
+
+K, N = 80, 48  # 80 = 2.5 blocks of 32: a short last block
+
+
+def float_model(weights: list[np.ndarray], bias: np.ndarray) -> onnx.ModelProto:
+    """Three linears in the forms the exporter writes: MatMul of a folded [K, N] transpose, MatMul of a
+    Transpose of [N, K], Gemm (2-D input, transB=1, bias) of [N, K]; each weight given [N, K]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "m", K])
+    x2 = helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["m", K])
+    outputs = [
+        helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, "m", N] if i < 2 else ["m", N]) for i in range(3)
+    ]
+    initializers = [
+        numpy_helper.from_array(np.ascontiguousarray(weights[0].T), "w0_t"),
+        numpy_helper.from_array(weights[1], "w1"),
+        numpy_helper.from_array(weights[2], "w2"),
+        numpy_helper.from_array(bias, "b2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0_t"], ["y0"], name="matmul0"),
+        helper.make_node("Transpose", ["w1"], ["w1_t"], perm=[1, 0], name="transpose1"),
+        helper.make_node("MatMul", ["x", "w1_t"], ["y1"], name="matmul1"),
+        helper.make_node("Gemm", ["x2", "w2", "b2"], ["y2"], transB=1, name="gemm2"),
+    ]
+    graph = helper.make_graph(nodes, "linears", [x, x2], outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def optimized(model: onnx.ModelProto, tmp_path, level) -> tuple[onnx.ModelProto, ort.InferenceSession]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "optimized.onnx")), session
+
+
+GRIDS = [Grid(4, True, 32), Grid(4, False, 16), Grid(8, True, None), Grid(8, False, 64)]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g.bits}bit-{'sym' if g.symmetric else 'asym'}-{g.block_size}")
+def test_every_linear_form_becomes_matmul_nbits_with_the_dequantized_weights(grid, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    float_weights = [torch.randn(N, K, generator=g) for _ in range(3)]
+    results = [rtn(w, grid) for w in float_weights]
+    bias = np.linspace(-1, 1, N, dtype=np.float32)
+    model = float_model([r.weight().numpy() for r in results], bias)
+    layers = [({"module": f"layer{i}"}, r) for i, r in enumerate(results)]
+    assert blocked.store(model, layers) == 3
+    onnx.checker.check_model(model, full_check=True)
+
+    names = {t.name: t for t in model.graph.initializer}
+    assert not {"w0_t", "w1", "w2"} & set(names) and not any(n.op_type == "Transpose" for n in model.graph.node)
+    codes = names["layer0.weight_q"]
+    assert list(codes.dims) == [K, N] and len(codes.raw_data) == K * N * grid.bits // 8  # 4 bits a weight
+    expected_type = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4}.get((grid.bits, grid.symmetric))
+    assert codes.data_type == (expected_type or codes.data_type)
+    assert ("layer0.weight_zero" in names) == (not grid.symmetric)
+
+    x = np.random.default_rng(1).standard_normal((1, 5, K)).astype(np.float32)
+    feeds = {"x": x, "x2": x[0]}
+    want = [x @ results[0].weight().numpy().T, x @ results[1].weight().numpy().T]
+    want.append(x[0] @ results[2].weight().numpy().T + bias)
+    _, plain = optimized(model, tmp_path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    for got, ref in zip(plain.run(None, feeds), want):  # DequantizeLinear's weights are the PyTorch model's
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        graph, session = optimized(model, tmp_path, level)
+        ops = [n.op_type for n in graph.graph.node]
+        assert ops.count("MatMulNBits") == 3 and not {"MatMul", "Gemm", "DequantizeLinear"} & set(ops), ops
+        fused = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+        attrs = [{a.name: a.i for a in n.attribute} for n in fused]
+        assert all((a["bits"], a["K"], a["N"]) == (grid.bits, K, N) for a in attrs)
+        if grid.block_size:
+            assert all(a["block_size"] == grid.block_size for a in attrs)
+        for got, ref in zip(session.run(None, feeds), want):  # accuracy level 4: the input quantized to int8
+            assert np.linalg.norm(got - ref) < 0.02 * np.linalg.norm(ref)
+
+
+def test_a_layer_the_graph_does_not_hold_is_an_error():
+    g = torch.Generator().manual_seed(2)
+    results = [rtn(torch.randn(N, K, generator=g), Grid(4, True, 32)) for _ in range(3)]
+    model = float_model(
+        [r.weight().numpy() for r in results[:2]] + [np.zeros((N, K), np.float32)], np.zeros(N, np.float32)
+    )
+    with pytest.raises(ModelError, match="reads the quantized weight of layer2"):
+        blocked.store(model, [({"module": f"layer{i}"}, r) for i, r in enumerate(results)])
