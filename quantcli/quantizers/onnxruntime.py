@@ -81,6 +81,8 @@ class OnnxRuntimeQuantizer(Quantizer):
         check_matches(self.q, model.graph)
         policy = Policy(self.q, qat=self.qat)
         wanted = lambda node: policy.setting(node) is not None  # noqa: E731
+        if not self.qat:  # weights computed from parameters: constants first, for every rule below
+            rewrites.fold_weight_computations(model, wanted)
         decompose_sdpa(model, wanted)
         if self.q.equalize:
             equalize_ffn(model, wanted)

@@ -14,6 +14,11 @@
   as_strided copy the pool's decomposition adds for channels-last inputs.
 - A multiplication by a per-channel constant or a scalar right after a Linear/Conv (ConvNeXt's
   layer scale, a query scaling) is folded into that layer's weight and bias.
+- A Linear/Conv weight (or bias) computed from parameters alone (weight standardization, as in NFNets'
+  `ScaledStdConv2d` through `batch_norm(training=True)` without running statistics; weight norm's
+  g * v / |v|) is computed once into a parameter of its own: the layer is then quantized per channel
+  like any other, and no normalization without statistics is left for the switch to eval mode. PTQ only
+  (in QAT those parameters train).
 
 Each rewrite is a pure function of the graph and its weights, so prepare in another process
 builds the same nodes, buffers and state_dict keys. They touch only nodes `wanted(node)` accepts
@@ -28,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from quantcli.quantizers.patterns import value
+from quantcli.quantizers.patterns import KIND, value
 
 aten = torch.ops.aten
 # x * gate(x) activations, by the gate they are written out with
@@ -42,6 +47,8 @@ _ADAPTIVE = {aten.adaptive_avg_pool1d.default: [-1], aten.adaptive_avg_pool2d.de
 _PERMUTES = (aten.permute.default, aten.transpose.int)
 _CONVS = {3: aten.conv1d.default, 4: aten.conv2d.default, 5: aten.conv3d.default}  # by input rank
 _FOLD_INTO = (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+# weight args[1], bias args[2]
+_WEIGHTED = tuple(op for op, kind in KIND.items() if kind in ("conv", "conv_transpose", "linear"))
 
 
 def get_attr_value(model: GraphModule, node) -> torch.Tensor | None:
@@ -75,6 +82,56 @@ def _finish(model: GraphModule, count: int) -> int:
         model.graph.lint()
         model.recompile()
     return count
+
+
+def fold_weight_computations(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """A Linear/Conv weight or bias computed from parameters and constants only -> a new parameter; how many.
+
+    The parameters are `_quantcli_weight_<k>` in graph order (prepare in another process makes the same keys).
+    """
+    count = 0
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target not in _WEIGHTED or not wanted(node):
+            continue
+        for index in (1, 2):
+            computed = node.args[index] if len(node.args) > index else None
+            if not (isinstance(computed, Node) and computed.op == "call_function" and _constant(computed)):
+                continue
+            with torch.no_grad():
+                tensor = _evaluate(model, computed, {}).detach().clone().contiguous()
+            name = f"_quantcli_weight_{count}"
+            model.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+            with model.graph.inserting_before(node):
+                attr = model.graph.get_attr(name)
+            attr.meta["val"] = model.get_parameter(name)
+            node.replace_input_with(computed, attr)
+            count += 1
+    return _finish(model, count)
+
+
+def _constant(node: Node) -> bool:
+    """Whether `node` reads only parameters, buffers and literals (no input, nothing random)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op == "get_attr":
+            continue
+        if n.op != "call_function" or getattr(n.target, "is_nondeterministic", False):
+            return False
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+def _evaluate(model: GraphModule, node: Node, done: dict):
+    """The value of a constant node (see _constant), its inputs computed first."""
+    if node not in done:
+        if node.op == "get_attr":
+            done[node] = get_attr_value(model, node)
+        else:
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: _evaluate(model, n, done))
+            done[node] = node.target(*args, **kwargs)
+    return done[node]
 
 
 def decompose_gates(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
