@@ -90,7 +90,9 @@ class OnnxRuntimeQuantizer(Quantizer):
             rewrites.norms_to_convs(model, wanted)
         rewrites.decompose_gates(model, wanted)
         rewrites.pools_to_means(model, wanted)
+        rewrites.decompose_addcmul(model, wanted)
         rewrites.fold_channel_scales(model, wanted)
+        rewrites.fold_input_affines(model, wanted)
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:

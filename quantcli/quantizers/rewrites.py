@@ -13,12 +13,15 @@
   as ReduceMean (quantcli.onnx.rewrite turns it into GlobalAveragePool) and never as the
   as_strided copy the pool's decomposition adds for channels-last inputs.
 - A multiplication by a per-channel constant or a scalar right after a Linear/Conv (ConvNeXt's
-  layer scale, a query scaling) is folded into that layer's weight and bias.
+  layer scale, a query scaling), through permutes and eval-mode dropout, is folded into that layer's
+  weight and bias.
 - A Linear/Conv weight (or bias) computed from parameters alone (weight standardization, as in NFNets'
   `ScaledStdConv2d` through `batch_norm(training=True)` without running statistics; weight norm's
   g * v / |v|) is computed once into a parameter of its own: the layer is then quantized per channel
   like any other, and no normalization without statistics is left for the switch to eval mode. PTQ only
   (in QAT those parameters train).
+- addcmul(b, a, x) is written out as b + a * x, and a per-feature constant scale and shift right before a
+  Linear (ResMLP's `Affine`) are folded into its weight and bias: W * a, b + W @ c.
 
 Each rewrite is a pure function of the graph and its weights, so prepare in another process
 builds the same nodes, buffers and state_dict keys. They touch only nodes `wanted(node)` accepts
@@ -123,6 +126,15 @@ def _constant(node: Node) -> bool:
     return True
 
 
+def _constant_value(model: GraphModule, node) -> torch.Tensor | None:
+    """The tensor a node computes from parameters and constants alone (a reshaped layer scale), or None."""
+    if not (isinstance(node, Node) and node.op in ("get_attr", "call_function") and _constant(node)):
+        return None
+    with torch.no_grad():
+        result = _evaluate(model, node, {})
+    return result if isinstance(result, torch.Tensor) else None
+
+
 def _evaluate(model: GraphModule, node: Node, done: dict):
     """The value of a constant node (see _constant), its inputs computed first."""
     if node not in done:
@@ -136,15 +148,24 @@ def _evaluate(model: GraphModule, node: Node, done: dict):
 
 def decompose_gates(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     """silu(x) -> x * sigmoid(x), hardswish(x) -> x * hardsigmoid(x) (equal up to float rounding); how many."""
+
+    def gated(node: Node) -> Node:
+        x, gate = node.args[0], _GATED[node.target]
+        sig = _node(model.graph, node, gate, (x,), gate(value(x)))
+        return _node(model.graph, node, aten.mul.Tensor, (x, sig), node.meta["val"])
+
+    return _write_out(model, lambda node: node.target in _GATED and wanted(node), gated)
+
+
+def _write_out(model: GraphModule, chosen: Callable[[Node], bool], build: Callable[[Node], Node]) -> int:
+    """Replace each call node `chosen` accepts by the nodes `build` inserts before it (the last one returned)."""
     count = 0
     for node in list(model.graph.nodes):
-        if node.op != "call_function" or node.target not in _GATED or not wanted(node):
+        if node.op != "call_function" or not chosen(node):
             continue
-        x, gate = node.args[0], _GATED[node.target]
         with model.graph.inserting_before(node):
-            sig = _node(model.graph, node, gate, (x,), gate(value(x)))
-            mul = _node(model.graph, node, aten.mul.Tensor, (x, sig), node.meta["val"])
-        node.replace_all_uses_with(mul)
+            new = build(node)
+        node.replace_all_uses_with(new)
         model.graph.erase_node(node)
         count += 1
     return _finish(model, count)
@@ -238,7 +259,7 @@ def fold_channel_scales(model: GraphModule, wanted: Callable[[Node], bool]) -> i
 def _scaled_layer(model: GraphModule, mul: Node):
     """(layer, per-channel scales, the mul's other operand) when `mul` can be folded, else None."""
     for y, c in (mul.args[:2], mul.args[1::-1]):
-        constant = get_attr_value(model, c) if isinstance(c, Node) else None
+        constant = _constant_value(model, c)
         if not isinstance(y, Node) or (constant is None and not isinstance(c, numbers.Real)) or isinstance(c, bool):
             continue
         layer, axis = _producer(y)
@@ -250,12 +271,87 @@ def _scaled_layer(model: GraphModule, mul: Node):
     return None
 
 
+def decompose_addcmul(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """addcmul(b, a, x) -> b + a * x (ResMLP's Affine, a response norm's scale and shift); how many.
+
+    The Mul and the Add are then what the folds into a neighbouring layer and the quantizer's selection see.
+    """
+
+    def written_out(node: Node) -> Node:
+        b, a, x = node.args
+        mul = _node(model.graph, node, aten.mul.Tensor, (x, a), aten.mul.Tensor(value(x), value(a)))
+        return _node(model.graph, node, aten.add.Tensor, (mul, b), node.meta["val"])
+
+    def chosen(node: Node) -> bool:
+        plain = node.kwargs.get("value", 1) == 1 and len(node.args) == 3
+        return node.target is aten.addcmul.default and plain and wanted(node)
+
+    return _write_out(model, chosen, written_out)
+
+
+def fold_input_affines(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """linear(x * a + c) -> linear'(x) with W' = W * a (per input feature) and b' = b + W @ c; how many.
+
+    `a` and `c` constants varying only along the last axis (ResMLP's Affine before its channel MLP); the
+    Mul and Add read by nothing else. A bias the layer lacks becomes `_quantcli_bias_<k>` (graph order).
+    """
+    count = 0
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default or not wanted(node):
+            continue
+        found = _input_affine(model, node)
+        if found is None or not _foldable_weights(model, node):
+            continue
+        x, scale, shift = found
+        weight = node.args[1]
+        w = get_attr_value(model, weight).detach()
+        bias = node.args[2] if len(node.args) > 2 else None
+        b = get_attr_value(model, bias).detach() if isinstance(bias, Node) else torch.zeros(w.shape[0], dtype=w.dtype)
+        set_parameter(model, weight.target, w * scale)
+        new_bias = b + w @ shift
+        if isinstance(bias, Node):
+            set_parameter(model, bias.target, new_bias)
+        else:
+            name = f"_quantcli_bias_{count}"
+            model.register_parameter(name, torch.nn.Parameter(new_bias, requires_grad=False))
+            with model.graph.inserting_before(node):
+                bias = model.graph.get_attr(name)
+            bias.meta["val"] = model.get_parameter(name)
+        node.args = (x, weight, bias)
+        count += 1
+    return _finish(model, count)
+
+
+def _input_affine(model: GraphModule, linear: Node):
+    """(x, scale, shift) when the linear's input is x * a + c, x * a or x + c with foldable constants, else None."""
+    features = value(linear.args[1]).shape[1]
+    scale = torch.ones(features, dtype=value(linear.args[1]).dtype)
+    shift = torch.zeros_like(scale)
+    z, folded = linear.args[0], False
+    for target in (aten.add.Tensor, aten.mul.Tensor):  # the add is outermost
+        if not (isinstance(z, Node) and z.target is target and len(z.users) == 1 and not z.kwargs):
+            continue
+        for x, c in (z.args[:2], z.args[1::-1]):
+            constant = _constant_value(model, c)
+            y = value(x)
+            vector = None if constant is None or y is None else _channel_vector(constant, y, y.dim() - 1)
+            if vector is not None and isinstance(x, Node):
+                if target is aten.add.Tensor:
+                    shift = vector
+                else:
+                    scale = vector
+                z, folded = x, True
+                break
+    return (z, scale, shift) if folded else None
+
+
 def _producer(y: Node) -> tuple[Node | None, int]:
     """The single-use Linear/Conv behind `y` (through single-use permutes) and the axis of y holding its channels."""
     chain = []
     node = y
-    while node.op == "call_function" and node.target in _PERMUTES and len(node.users) == 1:
-        chain.append(node)
+    while node.op == "call_function" and (node.target in _PERMUTES or _identity(node)) and len(node.users) == 1:
+        if node.target in _PERMUTES:
+            chain.append(node)
         node = node.args[0]
     if not (
         isinstance(node, Node)
@@ -274,6 +370,13 @@ def _producer(y: Node) -> tuple[Node | None, int]:
             a, b = (d % rank for d in step.args[1:3])
             axis = b if axis == a else a if axis == b else axis
     return node, axis
+
+
+def _identity(node: Node) -> bool:
+    """An op that passes its input through unchanged: dropout in eval mode (or p = 0), a copy."""
+    if node.target in (aten.dropout.default, aten.dropout_.default):
+        return node.args[2] is False or node.args[1] == 0
+    return node.target in (aten.clone.default, aten.contiguous.default, aten.alias.default)
 
 
 def _channel_vector(c, y: torch.Tensor, axis: int) -> torch.Tensor | None:
