@@ -84,15 +84,15 @@ class OnnxRuntimeQuantizer(Quantizer):
         if not self.qat:  # weights computed from parameters: constants first, for every rule below
             rewrites.fold_weight_computations(model, wanted)
         decompose_sdpa(model, wanted)
+        rewrites.decompose_addcmul(model, wanted)
+        rewrites.fold_input_affines(model, wanted)  # before equalization, whose Mul before a Linear must stay
         if self.q.equalize:
             equalize_ffn(model, wanted)
         if not self.qat:
             rewrites.norms_to_convs(model, wanted)
         rewrites.decompose_gates(model, wanted)
         rewrites.pools_to_means(model, wanted)
-        rewrites.decompose_addcmul(model, wanted)
         rewrites.fold_channel_scales(model, wanted)
-        rewrites.fold_input_affines(model, wanted)
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:
