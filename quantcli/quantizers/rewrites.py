@@ -313,7 +313,8 @@ def fold_input_affines(model: GraphModule, wanted: Callable[[Node], bool]) -> in
             set_parameter(model, bias.target, new_bias)
         else:
             name = f"_quantcli_bias_{count}"
-            model.register_parameter(name, torch.nn.Parameter(new_bias, requires_grad=False))
+            trains = get_attr_value(model, weight).requires_grad  # QAT: trained as the weight is
+            model.register_parameter(name, torch.nn.Parameter(new_bias, requires_grad=trains))
             with model.graph.inserting_before(node):
                 bias = model.graph.get_attr(name)
             bias.meta["val"] = model.get_parameter(name)
