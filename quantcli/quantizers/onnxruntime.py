@@ -195,7 +195,7 @@ class OnnxRuntimeQuantizer(Quantizer):
             x = node.args[0]
             annotate(node, {x: activation_spec(s)}, scaled_spec(s, (x, node), factor))
             return
-        annotate(node, {a: _input_spec(s, a) for a in node.args[:2]})
+        annotate(node, {a: _input_spec(s, a) for a in node.args[:2] if is_activation(a)})
         last = node
         nxt = only_user(node)
         if nxt is not None and KIND.get(nxt.target) == "relu" and policy.setting(nxt) is not None:

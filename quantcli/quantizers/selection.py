@@ -69,15 +69,17 @@ def _matmul(node: Node) -> bool:
 
 
 def _binary(node: Node) -> bool:
-    """Two activations (QLinearAdd/QLinearMul), or an activation times a positive scalar.
+    """Two activations, or an activation and a constant tensor (QLinearAdd/QLinearMul), or an activation times
+    a positive scalar.
 
-    A constant tensor operand is not taken: the exporter folds a small constant's DequantizeLinear
-    into a float initializer, and ORT then keeps the op in float.
+    A constant operand gets no observer here: the exporter would fold its DequantizeLinear into a float
+    initializer anyway; quantcli.onnx.rewrite quantizes it in the file, where ORT then fuses the op.
     """
     if positive_scalar(node) is not None:
         return True
     a, b = node.args[:2]
-    return is_activation(a) and is_activation(b) and node.kwargs.get("alpha", 1) == 1
+    operands = (is_activation(a) and (is_activation(b) or is_weight(b))) or (is_weight(a) and is_activation(b))
+    return operands and node.kwargs.get("alpha", 1) == 1
 
 
 def _embedding(node: Node) -> bool:
