@@ -99,8 +99,8 @@ def quantcli_model(recipe: Path, out: Path) -> dict:
 
 
 def fp32_onnx(work: Path, path: Path) -> tuple[Path, dict]:
-    """quantcli's captured fp32 program (in a `quantcli run` folder) through the same exporter, and the
-    resolved recipe the conversion recorded.
+    """quantcli's captured fp32 program (in a `quantcli run` folder) through the same exporter at the recipe's
+    opset, and the resolved recipe the conversion recorded.
 
     The exporter's own decompositions fail on the fp32 programs of some transformers (T5, BEiT, Swin:
     a reshape of the transposed attention output becomes a view it cannot take with a dynamic batch);
@@ -114,7 +114,8 @@ def fp32_onnx(work: Path, path: Path) -> tuple[Path, dict]:
     manifest = json.loads((work / "converted" / "manifest.json").read_text())
     io = manifest["io"]
     program = _torch.load_program(work / "converted" / "float.pt2")
-    names = {"opset": 18, "input_names": io["inputs"], "output_names": io["outputs"]}
+    opset = manifest["recipe"]["export"]["opset"]  # quantcli's own: at 18, GELU is five float ops for ORT too
+    names = {"opset": opset, "input_names": io["inputs"], "output_names": io["outputs"]}
     try:
         fp32 = onnx_export.to_onnx(program, **names)
     except ModelError:

@@ -16,15 +16,20 @@ channel). Then, per model file: integer vs float convs/matmuls and the float ops
 DequantizeLinear and QuantizeLinear in ORT's optimized graph (every op on such a path, by type:
 quantcli.onnx.islands; `avoidable`: those not of the kinds quantcli.onnx.islands.ALLOWED keeps
 float), SQNR against fp32 on the held-out inputs (of the output less its mean over the inputs: what
-depends on the input, as random-weight CNNs' outputs hardly do; `share` is that part's energy
-share), latency at batch 1 and 32 (one thread, sessions interleaved round after round, medians:
-scripts/bench.py) and file size.
+depends on the input, as random-weight CNNs' outputs hardly do; where that part holds under 0.1 % of
+the output's energy, of the raw output), latency at batch 1 and 32 (one thread, sessions interleaved
+round after round, medians: scripts/bench.py) and file size. A flow of ORT's that raises is recorded
+as failed and the rest still measured.
 
     python scripts/sweep.py [NAME ...] [--out sweep-out] [--redo] [--rounds 7] [--markdown]
                             [--target-cpu auto] [--timeout 1200] [--keep] [--list]
+    python scripts/sweep.py --retime --rounds 15 [NAME ...]   # time finished ones again (a quiet machine)
+    python scripts/sweep.py --report --markdown [NAME ...]    # run nothing: the tables of what is there
 
-The table and summary line cover the named architectures that have results. A benchmark, not a
-test: it asserts nothing, and its timings depend on the machine and its load.
+The output: one row per architecture, a table per group (timm, torchvision, transformers encoders,
+decoders, vision and audio towers) and a summary line, over the named architectures that have
+results, headed by the machine of the last run (OUT/machine.json). A benchmark, not a test: it
+asserts nothing, and its timings depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -260,14 +265,25 @@ def run_child(name: str, out: Path, args: argparse.Namespace) -> None:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(map(str, [*zoo, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])),
     }
-    command = [sys.executable, __file__, "--one", name, "--out", str(out), "--rounds", str(args.rounds)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--one",
+        name,
+        "--out",
+        str(out),
+        "--rounds",
+        str(args.rounds),
+    ]
     command += ["--target-cpu", args.target_cpu] + (["--keep"] if args.keep else [])
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT).unlink(missing_ok=True)
     start = time.perf_counter()
     with open(out / "sweep.log", "w") as log:
         try:
-            rc = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+            rc = subprocess.run(  # in `out`: ORT's pre-processing leaves temporary files in the working folder
+                command, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     if not (out / RESULT).is_file():
@@ -312,26 +328,59 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
 
 
-def summary(rows: list[dict]) -> str:
-    """One line: how many architectures exit 0 and how many fall short of quantize_static, and how."""
+def tally(rows: list[dict]) -> dict:
+    """How many architectures exit 0, and how many fall short of quantize_static, and how (summary's figures)."""
     done = [r for r in rows if {"quantcli", "quantize_static"} <= set(r.get("ops", {}))]
-    exit0 = sum(r.get("quantcli", {}).get("rc") == 0 for r in rows)
-    static_failed = sum(bool({"fp32", "quantize_static"} & set(r.get("ort", {}).get("failed", {}))) for r in rows)
     c = [compared(r) for r in done]
-    b1 = [x for r in done if (x := ratio(r, 1, "quantize_static"))]
-    b32 = [x for r in done if (x := ratio(r, 32, "quantize_static"))]
-    seconds = [q / o for q, o in map(quantize_seconds, done)]
+    return {
+        "models": len(rows),
+        "exit0": sum(r.get("quantcli", {}).get("rc") == 0 for r in rows),
+        "ort_failed": sum(bool({"fp32", "quantize_static"} & set(r.get("ort", {}).get("failed", {}))) for r in rows),
+        "compared": len(done),
+        "within": sum(not x["slower"] for x in c),
+        "b1": geomean([x for r in done if (x := ratio(r, 1, "quantize_static"))]),
+        "b32": geomean([x for r in done if (x := ratio(r, 32, "quantize_static"))]),
+        "dynamic": [geomean([x for r in done if (x := ratio(r, b, "quantize_dynamic"))]) for b in (1, 32)],
+        **{key: sum(x[key] for x in c) for key in ("fewer_integer", "more_float_ops", "lower_sqnr", "larger")},
+        "seconds": geomean([q / o for q, o in map(quantize_seconds, done)]),
+    }
+
+
+def summary(rows: list[dict]) -> str:
+    """One line: tally's figures in words."""
+    t = tally(rows)
     return (
-        f"{len(rows)} models: {exit0} exit 0 (ORT's static flow fails on {static_failed}), {len(done)} compared; "
-        "against quantize_static: "
-        f"{sum(not x['slower'] for x in c)} within {TOLERANCE}x its latency at batch 1 and 32 "
-        f"(geometric mean {geomean(b1):.3f}x / {geomean(b32):.3f}x), "
-        f"{sum(x['fewer_integer'] for x in c)} with fewer integer convs/matmuls, "
-        f"{sum(x['more_float_ops'] for x in c)} with more float ops between DQ and Q, "
-        f"{sum(x['lower_sqnr'] for x in c)} with an SQNR over {SQNR_MARGIN_DB} dB lower, "
-        f"{sum(x['larger'] for x in c)} with a larger file; "
-        f"time to quantize {geomean(seconds):.2f}x ORT's flow (geometric mean)"
+        f"{t['models']} models: {t['exit0']} exit 0 (ORT's static flow fails on {t['ort_failed']}), "
+        f"{t['compared']} compared; against quantize_static: {t['within']} within {TOLERANCE}x its latency at "
+        f"batch 1 and 32 (geometric mean {t['b1']:.3f}x / {t['b32']:.3f}x), {t['fewer_integer']} with fewer "
+        f"integer convs/matmuls, {t['more_float_ops']} with more float ops between DQ and Q, {t['lower_sqnr']} with "
+        f"an SQNR over {SQNR_MARGIN_DB} dB lower, {t['larger']} with a larger file; "
+        f"time to quantize {t['seconds']:.2f}x ORT's flow (geometric mean)"
     )
+
+
+def group(name: str) -> str:
+    """timm, torchvision, or transformers and what the model reads (encoder, decoder, vision, audio)."""
+    kind = architectures().ARCHITECTURES[name].kind
+    if architectures().source(name) != "transformers":
+        return architectures().source(name)
+    return "transformers " + {"pixels": "vision", "mels": "audio"}.get(kind, kind)
+
+
+def groups_markdown(rows: list[dict]) -> str:
+    """tally per group and over all rows, as a Markdown table."""
+    head = ["group", "models", "exit 0", "compared", f"within {TOLERANCE}x latency", "latency b1/b32 (geomean)"]
+    head += ["vs quantize_dynamic b1/b32"]
+    head += ["fewer int kernels", "more float ops", "lower SQNR", "larger file", "quantize time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    groups = {g: [r for r in rows if group(r["name"]) == g] for g in dict.fromkeys(group(r["name"]) for r in rows)}
+    for name, members in [*groups.items(), ("all", rows)]:
+        t = tally(members)
+        figures = [t[k] for k in ("models", "exit0", "compared", "within")] + [f"{t['b1']:.2f}/{t['b32']:.2f}"]
+        figures += ["" if math.isnan(t["dynamic"][0]) else "{:.2f}/{:.2f}".format(*t["dynamic"])]
+        figures += [t[k] for k in ("fewer_integer", "more_float_ops", "lower_sqnr", "larger")]
+        lines.append("| " + " | ".join(map(str, [name, *figures, f"{t['seconds']:.2f}x"])) + " |")
+    return "\n".join(lines)
 
 
 def cells(row: dict) -> list[str]:
@@ -380,9 +429,16 @@ HEADER = [
 
 
 def text_table(rows: list[dict]) -> str:
+    """The rows in aligned columns; an error row's message runs on past its column."""
     table = [HEADER, *map(cells, rows)]
-    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
+    measured = [r for r in table if r[3] or r is HEADER]
+    widths = [max(len(r[i]) for r in measured) for i in range(len(HEADER))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        if r[3] or r is HEADER
+        else "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2]])
+        for r in table
+    )
 
 
 def markdown(rows: list[dict]) -> str:
@@ -419,6 +475,11 @@ def main() -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown architectures {unknown}; `--list` prints the known ones")
+    if not args.report:  # the machine the figures come from (the last run's, when a sweep runs in chunks)
+        from bench import machine
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "machine.json").write_text(json.dumps({**machine(), "threads": THREADS}, indent=1) + "\n")
     for i, name in enumerate(names):
         out = (args.out / slug(name)).resolve()
         done = (out / RESULT).is_file()
@@ -430,8 +491,14 @@ def main() -> int:
         print(f"[{i + 1}/{len(names)}] {name}", file=sys.stderr, flush=True)
         run_child(name, out, args)
     rows = [json.loads(p.read_text()) for n in names if (p := args.out / slug(n) / RESULT).is_file()]
+    if (args.out / "machine.json").is_file():
+        from bench import cpu_words
+
+        m = json.loads((args.out / "machine.json").read_text())
+        versions = f"ORT {m['versions']['onnxruntime']}, torch {m['versions']['torch']}"
+        print(f"{cpu_words(m)}, {m['logical_cpus']} logical CPUs, {m['threads']} thread a session; {versions}")
     print(markdown(rows) if args.markdown else text_table(rows))
-    print(summary(rows))
+    print(f"\n{groups_markdown(rows)}\n\n{summary(rows)}")
     return 0
 
 

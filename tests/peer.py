@@ -21,7 +21,7 @@ from quantcli.onnx import export as onnx_export
 from quantcli.onnx import runtime
 from quantcli.onnx.fusion import analyze
 from quantcli.quantizers.cpu import saturates_u8s8
-from quantcli.recipe import QuantizationSection
+from quantcli.recipe import DEFAULT_OPSET, QuantizationSection
 
 torch = _torch.torch
 
@@ -89,7 +89,7 @@ def quantcli_model(model, calib: list[dict], folder: Path, **q) -> tuple[Path, o
     converted = _torch.convert(prepared, fold_quantize=True)
     _torch.prune_unused(converted)
     program = _torch.export_program(converted, args, _dynamic(calib[0]))
-    proto = onnx_export.to_onnx(program, opset=18, input_names=names, output_names=["y"])
+    proto = onnx_export.to_onnx(program, opset=DEFAULT_OPSET, input_names=names, output_names=["y"])
     onnx_export.strip_node_metadata(proto)
     onnx_export.check(proto)
     proto = onnx_export.infer_shapes(proto)
@@ -106,7 +106,7 @@ def ort_static_model(model, calib: list[dict], folder: Path, target_cpu: str) ->
     names = list(calib[0])
     program = _torch.export_program(model, tuple(calib[0].values()), _dynamic(calib[0]))
     fp32, pre, out = folder / "fp32.onnx", folder / "fp32.pre.onnx", folder / "ort_static.onnx"
-    onnx.save(onnx_export.to_onnx(program, opset=18, input_names=names, output_names=["y"]), str(fp32))
+    onnx.save(onnx_export.to_onnx(program, opset=DEFAULT_OPSET, input_names=names, output_names=["y"]), str(fp32))
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
 
     class Reader(CalibrationDataReader):

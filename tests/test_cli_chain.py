@@ -65,7 +65,7 @@ def test_digits_onnx_carries_manifest_and_shapes(work):
     model = onnx.load(str(work / "model.onnx"))
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["quantcli.stage"]) == "exported" and json.loads(meta["quantcli.status"]) == "ok"
-    assert model.opset_import[0].version == 18
+    assert model.opset_import[0].version == 21
     assert [i.name for i in model.graph.input] == ["x"] and [o.name for o in model.graph.output] == ["logits"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     produced = {o for n in model.graph.node for o in n.output} - {"logits"}

@@ -1,4 +1,4 @@
-"""export's options: opsets above and below the exporter's 18, reference representation, errors."""
+"""export's options: opsets other than the default 21 (18 and below), reference representation, errors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def mlp(chained):
     return chained("mlp")
 
 
-@pytest.mark.parametrize("opset", [17, 20])
+@pytest.mark.parametrize("opset", [17, 18])
 def test_other_opsets_are_written_and_checked(mlp, tmp_path, opset):
     result = stages.export.run(mlp / "converted", tmp_path / "model.onnx", opset=opset)
     model = onnx.load(str(tmp_path / "model.onnx"))

@@ -48,7 +48,7 @@ def test_every_recipe_under_configs_validates():
 
 def test_the_digits_recipe_is_valid_and_its_defaults_are_filled():
     recipe = recipes.parse(BASE)
-    assert recipe.quantization.observer == "histogram" and recipe.export.opset == 18
+    assert recipe.quantization.observer == "histogram" and recipe.export.opset == 21
     assert recipe.inputs[0].axes() == {0: "batch"}
 
 
@@ -252,7 +252,7 @@ def test_a_later_stage_takes_its_own_sections_from_the_new_recipe():
     new = recipes.parse(edited(calibration={"data": "other.npz", "batch_size": 8}, export={"opset": 17}))
     merged = recipes.merge(_recorded(), new, takes=("calibration",), fixed=FIXED_BEFORE_CALIBRATE, command="calibrate")
     assert merged.calibration.batch_size == 8 and merged.calibration.data == "other.npz"
-    assert merged.export.opset == 18  # not calibrate's to change
+    assert merged.export.opset == 21  # not calibrate's to change
     assert merged.quantization.target_cpu == "avx2"  # "auto" in the new recipe means: as resolved
 
 

@@ -19,6 +19,9 @@
   initializer as it is (it folds none, for its QDQ fusions), so it would dequantize the whole
   table on every run, and a table it never sees quantized stays float. The same values: a row's
   (q - zero point) x scale.
+- `quantized_constants`: an Add/Mul between a DequantizeLinear and QuantizeLinears whose other input is a
+  float constant (a layer scale, an affine, an attention bias) gets that constant as uint8 behind a
+  DequantizeLinear, so ORT runs QLinearAdd/QLinearMul where it ran the op in float.
 - `scaled_passthroughs`: DequantizeLinear(scale s) -> Mul by a positive scalar c -> QuantizeLinear
   with scale s * c and the same zero point (what the quantizer makes of a query scaling) is the
   identity on the integers, and goes.
@@ -62,6 +65,7 @@ def rewrite(model: Any) -> Any:
     transposed_weights(model)
     gathered_tables(model)
     scaled_passthroughs(model)
+    quantized_constants(model)
     integer_data_movement(model)
     return model
 
@@ -332,6 +336,65 @@ def _scaled_passthrough(g: Graph, mul) -> tuple | None:
         a, b = _qparams(g, dq), _qparams(g, users[0])
         if a is not None and b is not None and a[1:] == b[1:] and abs(a[0] * factor - b[0]) <= 1e-5 * b[0]:
             return dq, users[0]
+    return None
+
+
+# ------------------------------------------------------------------ constant operands of Add/Mul
+_BINARY = ("Add", "Mul")
+
+
+def quantized_constants(model: Any) -> int:
+    """DQ(x) -> Add/Mul with a float constant -> Q: the constant becomes DQ(uint8 constant); return how many.
+
+    The quantizer gives such an op's activation and output Q/DQ but not its constant (the exporter folds a
+    constant's DequantizeLinear into a float initializer), and ORT fuses Add/Mul into QLinearAdd/QLinearMul
+    only with every input dequantized. The constant is quantized per tensor over its own range (0 included),
+    as ORT's quantize_static does: a layer scale, an affine's scale or shift, an attention bias table.
+    """
+    g = Graph(model.graph)
+    found = [(node, *match) for node in list(g.graph.node) if (match := _constant_operand(g, node)) is not None]
+    released = {node.input[k] for node, k, _ in found}
+    for node, k, value in found:
+        _dequantized_constant(g, node, k, value)
+    if found:
+        _drop_unused(g, released)  # the float constants no other node reads
+    return len(found)
+
+
+def _dequantized_constant(g: Graph, node, k: int, value: np.ndarray) -> None:
+    """Input k of `node`, a float constant -> DequantizeLinear(uint8 per tensor over [min(value, 0), max(value, 0)])."""
+    from onnx import helper
+
+    low, high = min(float(value.min()), 0.0), max(float(value.max()), 0.0)
+    scale = np.array((high - low) / 255 if high > low else 1.0, np.float32)
+    zero = np.array(np.clip(np.round(-low / scale), 0, 255), np.uint8)
+    codes = np.clip(np.round(value / scale) + zero, 0, 255).astype(np.uint8)
+    base = g.fresh(f"{node.input[k]}_quantized")
+    names = [g.add_initializer(base, codes), g.add_initializer(f"{base}_scale", scale)]
+    names.append(g.add_initializer(f"{base}_zero_point", zero))
+    dq = helper.make_node("DequantizeLinear", names, [g.fresh(f"{base}_dequantized")], name=g.fresh(f"{base}_dq"))
+    g.graph.node.insert(list(g.graph.node).index(node), dq)
+    node.input[k] = dq.output[0]
+
+
+def _constant_operand(g: Graph, node) -> tuple[int, np.ndarray] | None:
+    """(index, value) of a float constant input of an Add/Mul between a per-tensor DQ and Qs only (a Relu between
+    them too), else None."""
+    if node.op_type not in _BINARY or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    output = node.output[0]
+    users = g.consumers.get(output, [])
+    if len(users) == 1 and users[0].op_type == "Relu" and output not in g.outputs:  # ORT drops a Relu before Q
+        output = users[0].output[0]
+        users = g.consumers.get(output, [])
+    if not users or output in g.outputs or any(u.op_type != "QuantizeLinear" for u in users):
+        return None
+    for k in (0, 1):
+        dq, value = g.producer.get(node.input[1 - k]), g.constant(node.input[k])
+        if dq is None or dq.op_type != "DequantizeLinear" or _qparams(g, dq) is None:
+            continue
+        if value is not None and value.dtype == np.float32 and value.size and np.all(np.isfinite(value)):
+            return k, value
     return None
 
 

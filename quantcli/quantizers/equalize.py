@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from quantcli.quantizers.graphpass import rewrite_each
+from quantcli.quantizers.graphpass import STAYS_FLOAT, rewrite_each
 from quantcli.quantizers.rewrites import get_attr_value as _attr
 from quantcli.quantizers.rewrites import set_parameter as _set_attr
 
@@ -100,4 +100,6 @@ def _smooth(model: GraphModule, fc2: Node, scales: torch.Tensor, name: str) -> N
         mul = model.graph.call_function(aten.mul.Tensor, (fc2.args[0], inv))
     mul.meta["val"] = fc2.args[0].meta["val"]
     mul.meta["nn_module_stack"] = fc2.meta.get("nn_module_stack", {})  # excluded with fc2
+    # quantizing its input per tensor would undo the equalization: the outlier channels are that input's
+    mul.meta[STAYS_FLOAT] = "FFN equalization"
     fc2.replace_input_with(fc2.args[0], mul)

@@ -14,6 +14,10 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
+# node.meta key of a node a rewrite made to stay float (its reason as the value): the quantizer's selection
+# leaves it alone, whatever op it is
+STAYS_FLOAT = "quantcli_stays_float"
+
 
 def rewrite_each(model: GraphModule, rewrite: Callable[[Node, int], bool]) -> int:
     """Call `rewrite(node, done)` on every node of `model`'s graph; return how many it rewrote."""

@@ -81,7 +81,11 @@ class OnnxRuntimeQuantizer(Quantizer):
         check_matches(self.q, model.graph)
         policy = Policy(self.q, qat=self.qat)
         wanted = lambda node: policy.setting(node) is not None  # noqa: E731
+        if not self.qat:  # weights computed from parameters: constants first, for every rule below
+            rewrites.fold_weight_computations(model, wanted)
         decompose_sdpa(model, wanted)
+        rewrites.decompose_addcmul(model, wanted)
+        rewrites.fold_input_affines(model, wanted)  # before equalization, whose Mul before a Linear must stay
         if self.q.equalize:
             equalize_ffn(model, wanted)
         if not self.qat:
@@ -191,7 +195,7 @@ class OnnxRuntimeQuantizer(Quantizer):
             x = node.args[0]
             annotate(node, {x: activation_spec(s)}, scaled_spec(s, (x, node), factor))
             return
-        annotate(node, {a: _input_spec(s, a) for a in node.args[:2]})
+        annotate(node, {a: _input_spec(s, a) for a in node.args[:2] if is_activation(a)})
         last = node
         nxt = only_user(node)
         if nxt is not None and KIND.get(nxt.target) == "relu" and policy.setting(nxt) is not None:

@@ -13,7 +13,15 @@
   as ReduceMean (quantcli.onnx.rewrite turns it into GlobalAveragePool) and never as the
   as_strided copy the pool's decomposition adds for channels-last inputs.
 - A multiplication by a per-channel constant or a scalar right after a Linear/Conv (ConvNeXt's
-  layer scale, a query scaling) is folded into that layer's weight and bias.
+  layer scale, a query scaling), through permutes and eval-mode dropout, is folded into that layer's
+  weight and bias.
+- A Linear/Conv weight (or bias) computed from parameters alone (weight standardization, as in NFNets'
+  `ScaledStdConv2d` through `batch_norm(training=True)` without running statistics; weight norm's
+  g * v / |v|) is computed once into a parameter of its own: the layer is then quantized per channel
+  like any other, and no normalization without statistics is left for the switch to eval mode. PTQ only
+  (in QAT those parameters train).
+- addcmul(b, a, x) is written out as b + a * x, and a per-feature constant scale and shift right before a
+  Linear (ResMLP's `Affine`) are folded into its weight and bias: W * a, b + W @ c.
 
 Each rewrite is a pure function of the graph and its weights, so prepare in another process
 builds the same nodes, buffers and state_dict keys. They touch only nodes `wanted(node)` accepts
@@ -29,7 +37,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from quantcli.quantizers.graphpass import call_like, replace, rewrite_each
-from quantcli.quantizers.patterns import value
+from quantcli.quantizers.patterns import KIND, value
 
 aten = torch.ops.aten
 # x * gate(x) activations, by the gate they are written out with
@@ -43,6 +51,8 @@ _ADAPTIVE = {aten.adaptive_avg_pool1d.default: [-1], aten.adaptive_avg_pool2d.de
 _PERMUTES = (aten.permute.default, aten.transpose.int)
 _CONVS = {3: aten.conv1d.default, 4: aten.conv2d.default, 5: aten.conv3d.default}  # by input rank
 _FOLD_INTO = (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+# weight args[1], bias args[2]
+_WEIGHTED = tuple(op for op, kind in KIND.items() if kind in ("conv", "conv_transpose", "linear"))
 
 
 def get_attr_value(model: GraphModule, node) -> torch.Tensor | None:
@@ -62,17 +72,89 @@ def set_parameter(model: GraphModule, target: str, new: torch.Tensor) -> None:
     setattr(owner, name, torch.nn.Parameter(new, requires_grad=getattr(owner, name).requires_grad))
 
 
+def fold_weight_computations(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """A Linear/Conv weight or bias computed from parameters and constants only -> a new parameter; how many.
+
+    The parameters are `_quantcli_weight_<k>` in graph order (prepare in another process makes the same keys).
+    """
+    made: list[str] = []
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target not in _WEIGHTED or not wanted(node):
+            return False
+        before = len(made)
+        for index in (1, 2):
+            computed = node.args[index] if len(node.args) > index else None
+            if not (isinstance(computed, Node) and computed.op == "call_function" and _constant(computed)):
+                continue
+            with torch.no_grad():
+                tensor = _evaluate(model, computed, {}).detach().clone().contiguous()
+            made.append(name := f"_quantcli_weight_{len(made)}")
+            model.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+            with model.graph.inserting_before(node):
+                attr = model.graph.get_attr(name)
+            attr.meta["val"] = model.get_parameter(name)
+            node.replace_input_with(computed, attr)
+        return len(made) > before
+
+    rewrite_each(model, rewrite)
+    return len(made)
+
+
+def _constant(node: Node) -> bool:
+    """Whether `node` reads only parameters, buffers and literals (no input, nothing random)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op == "get_attr":
+            continue
+        if n.op != "call_function" or getattr(n.target, "is_nondeterministic", False):
+            return False
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+def _constant_value(model: GraphModule, node) -> torch.Tensor | None:
+    """The tensor a node computes from parameters and constants alone (a reshaped layer scale), or None."""
+    if not (isinstance(node, Node) and node.op in ("get_attr", "call_function") and _constant(node)):
+        return None
+    with torch.no_grad():
+        result = _evaluate(model, node, {})
+    return result if isinstance(result, torch.Tensor) else None
+
+
+def _evaluate(model: GraphModule, node: Node, done: dict):
+    """The value of a constant node (see _constant), its inputs computed first."""
+    if node not in done:
+        if node.op == "get_attr":
+            done[node] = get_attr_value(model, node)
+        else:
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: _evaluate(model, n, done))
+            done[node] = node.target(*args, **kwargs)
+    return done[node]
+
+
 def decompose_gates(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     """silu(x) -> x * sigmoid(x), hardswish(x) -> x * hardsigmoid(x) (equal up to float rounding); how many."""
 
-    def rewrite(node: Node, done: int) -> bool:
-        if node.op != "call_function" or node.target not in _GATED or not wanted(node):
-            return False
+    def gated(node: Node) -> Node:
         x, gate = node.args[0], _GATED[node.target]
+        sig = call_like(model.graph, node, gate, (x,), gate(value(x)))
+        return call_like(model.graph, node, aten.mul.Tensor, (x, sig), node.meta["val"])
+
+    return _write_out(model, lambda node: node.target in _GATED and wanted(node), gated)
+
+
+def _write_out(model: GraphModule, chosen: Callable[[Node], bool], build: Callable[[Node], Node]) -> int:
+    """Replace each call node `chosen` accepts by the nodes `build` inserts before it (the last one returned)."""
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or not chosen(node):
+            return False
         with model.graph.inserting_before(node):
-            sig = call_like(model.graph, node, gate, (x,), gate(value(x)))
-            mul = call_like(model.graph, node, aten.mul.Tensor, (x, sig), node.meta["val"])
-        replace(model.graph, node, mul)
+            new = build(node)
+        replace(model.graph, node, new)
         return True
 
     return rewrite_each(model, rewrite)
@@ -166,7 +248,7 @@ def fold_channel_scales(model: GraphModule, wanted: Callable[[Node], bool]) -> i
 def _scaled_layer(model: GraphModule, mul: Node):
     """(layer, per-channel scales, the mul's other operand) when `mul` can be folded, else None."""
     for y, c in (mul.args[:2], mul.args[1::-1]):
-        constant = get_attr_value(model, c) if isinstance(c, Node) else None
+        constant = _constant_value(model, c)
         if not isinstance(y, Node) or (constant is None and not isinstance(c, numbers.Real)) or isinstance(c, bool):
             continue
         layer, axis = _producer(y)
@@ -178,12 +260,89 @@ def _scaled_layer(model: GraphModule, mul: Node):
     return None
 
 
+def decompose_addcmul(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """addcmul(b, a, x) -> b + a * x (ResMLP's Affine, a response norm's scale and shift); how many.
+
+    The Mul and the Add are then what the folds into a neighbouring layer and the quantizer's selection see.
+    """
+
+    def written_out(node: Node) -> Node:
+        b, a, x = node.args
+        mul = call_like(model.graph, node, aten.mul.Tensor, (x, a), aten.mul.Tensor(value(x), value(a)))
+        return call_like(model.graph, node, aten.add.Tensor, (mul, b), node.meta["val"])
+
+    def chosen(node: Node) -> bool:
+        plain = node.kwargs.get("value", 1) == 1 and len(node.args) == 3
+        return node.target is aten.addcmul.default and plain and wanted(node)
+
+    return _write_out(model, chosen, written_out)
+
+
+def fold_input_affines(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """linear(x * a + c) -> linear'(x) with W' = W * a (per input feature) and b' = b + W @ c; how many.
+
+    `a` and `c` constants varying only along the last axis (ResMLP's Affine before its channel MLP); the
+    Mul and Add read by nothing else. A bias the layer lacks becomes `_quantcli_bias_<k>` (graph order).
+    """
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target is not aten.linear.default or not wanted(node):
+            return False
+        found = _input_affine(model, node)
+        if found is None or not _foldable_weights(model, node):
+            return False
+        x, scale, shift = found
+        weight = node.args[1]
+        w = get_attr_value(model, weight).detach()
+        bias = node.args[2] if len(node.args) > 2 else None
+        b = get_attr_value(model, bias).detach() if isinstance(bias, Node) else torch.zeros(w.shape[0], dtype=w.dtype)
+        set_parameter(model, weight.target, w * scale)
+        new_bias = b + w @ shift
+        if isinstance(bias, Node):
+            set_parameter(model, bias.target, new_bias)
+        else:
+            name = f"_quantcli_bias_{done}"
+            trains = get_attr_value(model, weight).requires_grad  # QAT: trained as the weight is
+            model.register_parameter(name, torch.nn.Parameter(new_bias, requires_grad=trains))
+            with model.graph.inserting_before(node):
+                bias = model.graph.get_attr(name)
+            bias.meta["val"] = model.get_parameter(name)
+        node.args = (x, weight, bias)
+        return True
+
+    return rewrite_each(model, rewrite)
+
+
+def _input_affine(model: GraphModule, linear: Node):
+    """(x, scale, shift) when the linear's input is x * a + c, x * a or x + c with foldable constants, else None."""
+    features = value(linear.args[1]).shape[1]
+    scale = torch.ones(features, dtype=value(linear.args[1]).dtype)
+    shift = torch.zeros_like(scale)
+    z, folded = linear.args[0], False
+    for target in (aten.add.Tensor, aten.mul.Tensor):  # the add is outermost
+        if not (isinstance(z, Node) and z.target is target and len(z.users) == 1 and not z.kwargs):
+            continue
+        for x, c in (z.args[:2], z.args[1::-1]):
+            constant = _constant_value(model, c)
+            y = value(x)
+            vector = None if constant is None or y is None else _channel_vector(constant, y, y.dim() - 1)
+            if vector is not None and isinstance(x, Node):
+                if target is aten.add.Tensor:
+                    shift = vector
+                else:
+                    scale = vector
+                z, folded = x, True
+                break
+    return (z, scale, shift) if folded else None
+
+
 def _producer(y: Node) -> tuple[Node | None, int]:
     """The single-use Linear/Conv behind `y` (through single-use permutes) and the axis of y holding its channels."""
     chain = []
     node = y
-    while node.op == "call_function" and node.target in _PERMUTES and len(node.users) == 1:
-        chain.append(node)
+    while node.op == "call_function" and (node.target in _PERMUTES or _identity(node)) and len(node.users) == 1:
+        if node.target in _PERMUTES:
+            chain.append(node)
         node = node.args[0]
     if not (
         isinstance(node, Node)
@@ -202,6 +361,13 @@ def _producer(y: Node) -> tuple[Node | None, int]:
             a, b = (d % rank for d in step.args[1:3])
             axis = b if axis == a else a if axis == b else axis
     return node, axis
+
+
+def _identity(node: Node) -> bool:
+    """An op that passes its input through unchanged: dropout in eval mode (or p = 0), a copy."""
+    if node.target in (aten.dropout.default, aten.dropout_.default):
+        return node.args[2] is False or node.args[1] == 0
+    return node.target in (aten.clone.default, aten.contiguous.default, aten.alias.default)
 
 
 def _channel_vector(c, y: torch.Tensor, axis: int) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch.fx import Graph, Node
 
 from quantcli.onnx.islands import ALLOWED_TORCH_OPS, GELU_MODULE
+from quantcli.quantizers.graphpass import STAYS_FLOAT
 from quantcli.quantizers.patterns import (
     KIND,
     PADS,
@@ -69,15 +70,19 @@ def _matmul(node: Node) -> bool:
 
 
 def _binary(node: Node) -> bool:
-    """Two activations (QLinearAdd/QLinearMul), or an activation times a positive scalar.
+    """Two activations, or an activation and a constant tensor (QLinearAdd/QLinearMul), or an activation times
+    a positive scalar.
 
-    A constant tensor operand is not taken: the exporter folds a small constant's DequantizeLinear
-    into a float initializer, and ORT then keeps the op in float.
+    A constant operand gets no observer here: the exporter would fold its DequantizeLinear into a float
+    initializer anyway; quantcli.onnx.rewrite quantizes it in the file, where ORT then fuses the op.
     """
+    if STAYS_FLOAT in node.meta:
+        return False
     if positive_scalar(node) is not None:
         return True
     a, b = node.args[:2]
-    return is_activation(a) and is_activation(b) and node.kwargs.get("alpha", 1) == 1
+    operands = (is_activation(a) and (is_activation(b) or is_weight(b))) or (is_weight(a) and is_activation(b))
+    return operands and node.kwargs.get("alpha", 1) == 1
 
 
 def _embedding(node: Node) -> bool:
