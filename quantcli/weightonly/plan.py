@@ -2,9 +2,12 @@
 
 A linear is an `aten.linear` whose weight is a parameter of the model (a get_attr node), as torch's
 nn.Linear captures; its module path and class decide its setting through the recipe's exclude lists
-and overrides (quantcli.quantizers.policy), as for static quantization. Embeddings are no linears:
-they stay float. A tied LM head is a linear reading the embedding's weight: it is quantized, the
-embedding keeps the float weight.
+and overrides (quantcli.quantizers.policy), as for static quantization. An embedding is an
+`aten.embedding` reading a parameter table [vocab, hidden]; it is quantized where its setting is blocked
+(ONNX Runtime's GatherBlockQuantized takes blocks along the hidden axis only), by round to nearest: no
+data says which of its rows matter. A tied LM head is a linear reading the embedding's table: where
+both have one grid, the embedding reads the head's quantized weight (one table in the file, as
+onnxruntime-genai's builder shares it).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from quantcli.quantizers.policy import check_matches, module_scope, weights_of
 from quantcli.recipe import QuantizationSection, WeightsConfig
 
 LINEAR = torch.ops.aten.linear.default
+EMBEDDING = torch.ops.aten.embedding.default
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,14 @@ class Layer:
     @property
     def weight_target(self) -> str:
         return self.node.args[1].target
+
+
+@dataclass(frozen=True)
+class Embedding:
+    node: Node  # the aten.embedding node
+    module: str
+    weights: WeightsConfig
+    weight_target: str  # the table's get_attr target
 
 
 def attribute(module: GraphModule, target: str) -> Any:
@@ -54,4 +66,22 @@ def layers(module: GraphModule, q: QuantizationSection) -> list[Layer]:
         if weights is not None:
             paths, _ = module_scope(node)
             found.append(Layer(node, paths[-1] if paths else node.name, weights))
+    return found
+
+
+def is_embedding(node: Node) -> bool:
+    table = node.args[0] if node.op == "call_function" and node.target is EMBEDDING else None
+    return isinstance(table, Node) and table.op == "get_attr"
+
+
+def embeddings(module: GraphModule, q: QuantizationSection) -> list[Embedding]:
+    """The embeddings to quantize (blocked settings only), in graph order, each with its setting."""
+    found = []
+    for node in module.graph.nodes:
+        if not is_embedding(node) or attribute(module, node.args[0].target).dim() != 2:
+            continue
+        weights = weights_of(q, node)
+        if weights is not None and weights.block_size is not None:
+            paths, _ = module_scope(node)
+            found.append(Embedding(node, paths[-1] if paths else node.name, weights, node.args[0].target))
     return found
