@@ -149,3 +149,25 @@ def test_embeddings_read_their_tied_heads_quantized_weight_or_their_own_rounded_
     excluded = QuantizationSection.model_validate(rtn_section)
     records, _ = apply.convert(prepare(program.module(), excluded), excluded)
     assert [(r["module"], r.get("tied_to")) for r in records] == [("proj", None), ("head", None), ("embed", 1)]
+
+
+def test_a_conv1d_weight_stored_k_by_n_is_quantized_as_its_transpose_and_stored_back_k_by_n():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(48, 80).eval()  # GPT-2's: addmm(bias, x, weight [K=80, N=48])
+    dims = {0: torch.export.Dim("b"), 1: torch.export.Dim("s")}
+    program = torch.export.export(layer, (torch.randn(2, 5, 80),), dynamic_shapes=(dims,))
+    q = QuantizationSection.model_validate({**SECTION, "exclude_names": [], "overrides": []})
+    module = prepare(program.module(), q)
+    x = batches()[0]
+    with torch.no_grad():
+        module(x)
+        hessian = module.get_submodule(f"{collect.PREFIX}0").hessian
+        rows = x.reshape(-1, 80)
+        assert torch.allclose(hessian, rows.T @ rows, rtol=1e-5, atol=1e-3)  # the Conv1D's input, not its bias
+        records, codes = apply.convert(module, q)
+        expected = gptq(layer.weight.T, hessian, Grid(4, True, 32))
+        assert records[0]["shape"] == [48, 80] and torch.equal(codes["0.codes"], expected.codes)
+        assert torch.equal(module.weight, expected.weight().T)  # stored back as the layer stores it
+        assert torch.allclose(module(x), x @ expected.weight().T + layer.bias, atol=1e-5)

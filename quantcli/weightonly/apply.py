@@ -35,8 +35,7 @@ def convert(module: GraphModule, q: QuantizationSection) -> tuple[list[dict[str,
     tables = plan.embeddings(module, q)  # planned before the linears' rewrite moves a tied head's weight
     heads: dict[str, tuple[int, plan.Layer, Quantized]] = {}
     for index, layer in enumerate(plan.layers(module, q)):
-        target = layer.weight_target
-        w = plan.attribute(module, target).detach()
+        target, w = layer.weight_target, layer.weight(module)
         grid = Grid.of(layer.weights)
         result, chosen = METHODS[layer.weights.method](w, grid, collect.stats_of(module, layer))
         _rewrite(module, layer, result, index)
@@ -56,7 +55,7 @@ def _embedding(module: GraphModule, table: plan.Embedding, head: tuple | None, i
     rounded to nearest (no data says which rows matter)."""
     w = plan.attribute(module, table.weight_target).detach()
     setting = table.weights.model_dump(exclude={"granularity"})
-    if head is not None and head[1].weights == table.weights:
+    if head is not None and head[1].weights == table.weights and not head[1].transposed:
         _read_head(module, table, *head)
         return _record("embedding", table.module, w, setting, {"tied_to": head[0]})
     result = rtn(w, Grid.of(table.weights))
@@ -93,7 +92,7 @@ def _read_head(module: GraphModule, table: plan.Embedding, index: int, head: pla
     (the weight holds W * s), its rows are divided by the same scales."""
     node, float_table = table.node, table.node.args[0]
     with module.graph.inserting_before(node):
-        node.replace_input_with(float_table, module.graph.get_attr(head.node.args[1].target))
+        node.replace_input_with(float_table, module.graph.get_attr(head.weight_target))
     if not float_table.users:
         module.graph.erase_node(float_table)
     if result.input_scale is None:
@@ -108,8 +107,9 @@ def _read_head(module: GraphModule, table: plan.Embedding, index: int, head: pla
 
 def _rewrite(module: GraphModule, layer: plan.Layer, result: Quantized, index: int) -> None:
     """The linear reads the dequantized weight (in place where it alone read the float one); AWQ's input scale."""
-    node, weight_node = layer.node, layer.node.args[1]
-    dequantized = torch.nn.Parameter(result.weight(), requires_grad=False)
+    node, weight_node = layer.node, layer.weight_node
+    weight = result.weight().T.contiguous() if layer.transposed else result.weight()  # as the layer stores it
+    dequantized = torch.nn.Parameter(weight, requires_grad=False)
     if len(weight_node.users) == 1:
         owner, _, name = weight_node.target.rpartition(".")
         setattr(module.get_submodule(owner) if owner else module, name, dequantized)
@@ -119,7 +119,7 @@ def _rewrite(module: GraphModule, layer: plan.Layer, result: Quantized, index: i
             node.replace_input_with(weight_node, module.graph.get_attr(f"{WEIGHT}{index}"))
     if result.input_scale is not None:
         module.register_buffer(f"{INPUT_SCALE}{index}", result.input_scale.clone())
-        x = node.args[0]
+        x = layer.input
         with module.graph.inserting_before(node):
             scale = module.graph.get_attr(f"{INPUT_SCALE}{index}")
             divided = module.graph.call_function(torch.ops.aten.div.Tensor, (x, scale))
