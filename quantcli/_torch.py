@@ -380,20 +380,19 @@ def _unfold_shared_convs(module: Any) -> int:
     a conv feeding both a Concat and a pre-activation BatchNorm gave a wrong model. Such a BatchNorm reads
     a clone of the conv's output instead (an Identity in ONNX), which torchao does not fold through.
     """
-    count = 0
-    for bn in list(module.graph.nodes):
+    from quantcli.quantizers.graphpass import rewrite_each
+
+    def rewrite(bn: Any, done: int) -> bool:
         conv = bn.args[0] if bn.op == "call_function" and str(bn.target) in _BATCH_NORMS else None
         if conv is None or not str(conv.target).startswith(_CONV_OPS) or len(conv.users) < 2:
-            continue
+            return False
         with module.graph.inserting_after(conv):
             clone = module.graph.call_function(torch.ops.aten.clone.default, (conv,))
         clone.meta.update(conv.meta)
         bn.replace_input_with(conv, clone)
-        count += 1
-    if count:
-        module.graph.lint()
-        module.recompile()
-    return count
+        return True
+
+    return rewrite_each(module, rewrite)
 
 
 def convert(module: Any, fold_quantize: bool, reference_representation: bool = False) -> Any:

@@ -467,6 +467,28 @@ def test_a_scaled_query_keeps_integers_between_its_matmuls(tmp_path):
     assert sqnr_db(result.fp, result.ort) > 34  # measured 37.7
 
 
+class SdpaAttention(nn.Module):
+    """F.scaled_dot_product_attention, as transformers' encoders call it: the quantizer writes it out."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], 16))
+
+
+def test_written_out_attention_scales_its_query_not_its_scores(tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        result = quantize(SdpaAttention().eval(), (2, 6, 16), tmp_path)
+    assert_all_integer(result, 4)
+    assert "Mul" not in result.optimized_ops()  # a Mul on the scores would run in float on L x L values
+    assert sqnr_db(result.fp, result.ort) > 30
+
+
 # ------------------------------------------------------------------ QAT
 @pytest.mark.parametrize(
     "build,shape",

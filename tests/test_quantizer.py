@@ -435,6 +435,10 @@ def test_sdpa_forms(kw, written):
     assert decompose_sdpa(module, lambda node: True) == int(written)
     if written:
         assert torch.allclose(module(*args), expected, atol=1e-5)
+        # the scale multiplies the query (7 x 8 a head), which the export turns into a change of its
+        # quantization scale, and not the scores (7 x 7), which would stay a float Mul in ONNX
+        muls = [n.meta["val"].shape for n in module.graph.nodes if n.target == torch.ops.aten.mul.Tensor]
+        assert muls == [(2, 4, 7, 8)]
 
 
 def test_sdpa_matmuls_are_quantized_except_where_excluded():

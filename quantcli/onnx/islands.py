@@ -14,6 +14,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from quantcli.onnx.graph import consumers as node_consumers
+from quantcli.onnx.graph import producers
+
 # Op types (any domain) that carry out a Conv/MatMul/Gemm in integer arithmetic.
 INTEGER_KERNELS = frozenset(
     {
@@ -138,11 +141,7 @@ def island_nodes(graph, stays_float: Callable[[Any], bool] = lambda node: False)
     Add is none; in DQ -> Add -> LayerNorm -> Q both are, and the Add is a defect.
     Returned in graph order.
     """
-    producer = {o: n for n in graph.node for o in n.output if o}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = producers(graph.node), node_consumers(graph.node)
     stop = lambda n: n.op_type in ("QuantizeLinear", "DequantizeLinear") or is_integer_kernel(n)  # noqa: E731
     reached, floats = set(), set()
     frontier = [o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output]
@@ -189,13 +188,9 @@ class Origins:
 
         self.keys = (MODULE_KEY, MODULE_TYPE_KEY, OP_KEY)
         self.by_name = {n.name: n for n in exported.node if n.name}
-        self.producer = {o: n for n in exported.node for o in n.output if o}
-        self.consumers: dict[str, list] = {}
-        for n in exported.node:
-            if n.op_type not in self._QDQ:
-                for i in n.input:
-                    self.consumers.setdefault(i, []).append(n)
-        self.ort_producer = {o: n for n in optimized.node for o in n.output if o}
+        self.producer = producers(exported.node)
+        self.consumers = node_consumers(n for n in exported.node if n.op_type not in self._QDQ)
+        self.ort_producer = producers(optimized.node)
         self.memo: dict[int, object] = {}
 
     def _by_name(self, node):

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from quantcli.onnx.graph import Graph
+
 _DATA_MOVEMENT = {
     "Reshape",
     "Transpose",
@@ -64,70 +66,8 @@ def rewrite(model: Any) -> Any:
     return model
 
 
-class _Graph:
-    """Producers, consumers, constants and value types of an onnx GraphProto."""
-
-    def __init__(self, model: Any):
-        from onnx import numpy_helper
-
-        self.model, self.graph = model, model.graph
-        self.inits = {i.name: i for i in self.graph.initializer}
-        self.consts = {
-            n.output[0]: numpy_helper.to_array(a.t)
-            for n in self.graph.node
-            if n.op_type == "Constant"
-            for a in n.attribute
-            if a.name == "value"
-        }
-        self.producer = {o: n for n in self.graph.node for o in n.output if o}
-        self.consumers: dict[str, list] = {}
-        for n in self.graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.types = {
-            v.name: v.type.tensor_type
-            for v in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
-        }
-        self.outputs = {o.name for o in self.graph.output}
-        self.taken: set[str] = set()
-
-    def constant(self, name: str) -> np.ndarray | None:
-        """The value of an initializer, a Constant, or a Cast of one of these."""
-        from onnx import helper, numpy_helper
-
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        cast = self.producer.get(name)
-        if cast is not None and cast.op_type == "Cast" and name not in self.consts:  # the exporter folds no large Cast
-            source = self.constant(cast.input[0])
-            to = next(a.i for a in cast.attribute if a.name == "to")
-            return None if source is None else source.astype(helper.tensor_dtype_to_np_dtype(to))
-        return self.consts.get(name)
-
-    def rank(self, name: str) -> int | None:
-        t = self.types.get(name)
-        return len(t.shape.dim) if t is not None and t.HasField("shape") else None
-
-    def add_initializer(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        self.graph.initializer.append(numpy_helper.from_array(array, name))
-        return name
-
-    def fresh(self, base: str) -> str:
-        """A value or node name nothing in the graph uses yet (nor an earlier fresh name)."""
-        names = set(self.producer) | set(self.inits) | {i.name for i in self.graph.input}
-        names |= {n.name for n in self.graph.node} | self.taken
-        name, n = base, 0
-        while name in names:
-            n += 1
-            name = f"{base}_{n}"
-        self.taken.add(name)
-        return name
-
-
 # ------------------------------------------------------------------ ReduceMean -> GlobalAveragePool
-def _spatial_mean(g: _Graph, node) -> tuple[int, bool] | None:
+def _spatial_mean(g: Graph, node) -> tuple[int, bool] | None:
     """(rank, keepdims) when `node` is a ReduceMean over every axis from 2 on, else None."""
     if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
         return None
@@ -143,7 +83,7 @@ def _spatial_mean(g: _Graph, node) -> tuple[int, bool] | None:
 
 def global_average_pools(model: Any) -> int:
     """ReduceMean over the spatial axes -> GlobalAveragePool (see the module docstring); return how many."""
-    g = _Graph(model)
+    g = Graph(model.graph)
     count = 0
     for node in list(g.graph.node):
         found = _spatial_mean(g, node)
@@ -172,7 +112,7 @@ def _replace_with_pool(node) -> None:
     node.op_type = "GlobalAveragePool"
 
 
-def _pool_then_squeeze(g: _Graph, node, quantize, rank: int) -> None:
+def _pool_then_squeeze(g: Graph, node, quantize, rank: int) -> None:
     """mean(keepdims=0) -> Q  becomes  GlobalAveragePool -> Q -> Squeeze; the squeeze takes the Q's output name."""
     from onnx import helper
 
@@ -188,12 +128,12 @@ def _pool_then_squeeze(g: _Graph, node, quantize, rank: int) -> None:
     _drop_value_info(g, {mean_out})  # no longer produced; the squeezed value keeps the Q's value_info
 
 
-def _drop_value_info(g: _Graph, names: set[str]) -> None:
+def _drop_value_info(g: Graph, names: set[str]) -> None:
     for v in [v for v in g.graph.value_info if v.name in names]:
         g.graph.value_info.remove(v)
 
 
-def _per_tensor(g: _Graph, qdq) -> bool:
+def _per_tensor(g: Graph, qdq) -> bool:
     scale = g.constant(qdq.input[1])
     return scale is not None and scale.size == 1
 
@@ -203,7 +143,7 @@ def transposed_weights(model: Any) -> int:
     """DQ(int8 weight) -> Transpose -> DQ(transposed int8 weight) (see the module docstring); return how many."""
     from onnx import helper
 
-    g = _Graph(model)
+    g = Graph(model.graph)
     made: dict[tuple, str] = {}  # (weight, perm) -> the output of its transposed DequantizeLinear
     released: set[str] = set()
     count = 0
@@ -237,7 +177,7 @@ def transposed_weights(model: Any) -> int:
     return count
 
 
-def _weight_params(g: _Graph, dq) -> tuple[np.ndarray, int | None] | None:
+def _weight_params(g: Graph, dq) -> tuple[np.ndarray, int | None] | None:
     """(int8 weight, axis or None when per tensor) of a DequantizeLinear of a constant, not blocked, else None."""
     weight, scale = g.constant(dq.input[0]), g.constant(dq.input[1])
     if weight is None or scale is None or weight.dtype not in (np.int8, np.uint8) or weight.ndim < 2:
@@ -250,18 +190,16 @@ def _weight_params(g: _Graph, dq) -> tuple[np.ndarray, int | None] | None:
     return (weight, axis) if scale.shape == (weight.shape[axis],) else None
 
 
-def _rename_input(g: _Graph, old: str, new: str) -> None:
+def _rename_input(g: Graph, old: str, new: str) -> None:
     """Make every reader of `old` read `new` instead."""
-    for user in g.consumers.get(old, []):
-        user.input[:] = [new if name == old else name for name in user.input]
-        g.consumers.setdefault(new, []).append(user)
+    g.rename_input(old, new)
     _drop_value_info(g, {old})
 
 
 # ------------------------------------------------------------------ int8 tables gathered, then scaled
 def gathered_tables(model: Any) -> int:
     """DQ(int8 table) -> Gather(axis 0) -> Gather of int8 rows, then scaled (see the module docstring); how many."""
-    g = _Graph(model)
+    g = Graph(model.graph)
     released: set[str] = set()
     count = 0
     for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear"]:
@@ -280,7 +218,7 @@ def gathered_tables(model: Any) -> int:
     return count
 
 
-def _table_params(g: _Graph, dq) -> tuple[np.ndarray, np.ndarray, int] | None:
+def _table_params(g: Graph, dq) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(scale, zero point, axis) of a DequantizeLinear of a constant 8-bit table of rank >= 2, per tensor or
     per row (axis 0), else None."""
     table = g.constant(dq.input[0])
@@ -303,7 +241,7 @@ def _gathers_rows(node, table: str) -> bool:
     return node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input[0] == table and axis == 0
 
 
-def _gather_then_scale(g: _Graph, dq, gather, scale: np.ndarray, zero: np.ndarray, axis: int) -> list:
+def _gather_then_scale(g: Graph, dq, gather, scale: np.ndarray, zero: np.ndarray, axis: int) -> list:
     """The nodes replacing `gather`: the int8 rows gathered, then dequantized (per tensor) or scaled per row.
 
     Constant indices (positions of a fixed sequence length) select their rows here: the file keeps only those.
@@ -351,14 +289,14 @@ def _gather_then_scale(g: _Graph, dq, gather, scale: np.ndarray, zero: np.ndarra
 
 
 # ------------------------------------------------------------------ x * c between equal integers
-def _scalar(g: _Graph, name: str) -> float | None:
+def _scalar(g: Graph, name: str) -> float | None:
     value = g.constant(name)
     return float(value.reshape(())) if value is not None and value.size == 1 else None
 
 
 def scaled_passthroughs(model: Any) -> int:
     """Remove DQ(s, z) -> Mul(c > 0) -> Q(s * c, z) (see the module docstring); return how many."""
-    g = _Graph(model)
+    g = Graph(model.graph)
     released: set[str] = set()
     count = 0
     for mul in list(g.graph.node):
@@ -380,7 +318,7 @@ def scaled_passthroughs(model: Any) -> int:
     return count
 
 
-def _scaled_passthrough(g: _Graph, mul) -> tuple | None:
+def _scaled_passthrough(g: Graph, mul) -> tuple | None:
     """(DQ, Q) around `mul` when they and its scalar cancel out, else None."""
     if mul.op_type != "Mul" or len(mul.input) != 2:
         return None
@@ -403,7 +341,7 @@ def _data_inputs(node) -> list[str]:
     return [i for i in node.input if i] if picked is None else [node.input[k] for k in picked if k < len(node.input)]
 
 
-def _movable(g: _Graph, node) -> bool:
+def _movable(g: Graph, node) -> bool:
     if node.op_type not in _DATA_MOVEMENT or node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type == "Pad":
@@ -413,7 +351,7 @@ def _movable(g: _Graph, node) -> bool:
     return True
 
 
-def _qparams(g: _Graph, qdq) -> tuple | None:
+def _qparams(g: Graph, qdq) -> tuple | None:
     scale = g.constant(qdq.input[1])
     zero = g.constant(qdq.input[2]) if len(qdq.input) > 2 and qdq.input[2] else None
     if scale is None or zero is None or scale.size != 1 or zero.size != 1:
@@ -421,7 +359,7 @@ def _qparams(g: _Graph, qdq) -> tuple | None:
     return float(scale.reshape(())), zero.dtype.str, int(zero.reshape(()))
 
 
-def _region(g: _Graph, start, movable: dict) -> tuple[list, list, list] | None:
+def _region(g: Graph, start, movable: dict) -> tuple[list, list, list] | None:
     """The connected data-movement nodes around `start`, their entry DQs and exit Qs, or None if it leaks."""
     nodes, entries, exits, todo = [], [], [], [start]
     seen = {id(start)}
@@ -457,7 +395,7 @@ def _region(g: _Graph, start, movable: dict) -> tuple[list, list, list] | None:
 
 def integer_data_movement(model: Any) -> int:
     """Run DQ -> data movement -> Q regions on the integers (see the module docstring); return how many regions."""
-    g = _Graph(model)
+    g = Graph(model.graph)
     movable = {id(n): _movable(g, n) for n in g.graph.node}
     done: set[int] = set()
     released: set[str] = set()  # scales and zero points of removed Q/DQ nodes
@@ -481,7 +419,7 @@ def integer_data_movement(model: Any) -> int:
     return count
 
 
-def _to_integers(g: _Graph, nodes: list, entries: list, exits: list, params: tuple) -> None:
+def _to_integers(g: Graph, nodes: list, entries: list, exits: list, params: tuple) -> None:
     from onnx import TensorProto, helper
 
     _, dtype, zero = params
@@ -509,7 +447,7 @@ def _to_integers(g: _Graph, nodes: list, entries: list, exits: list, params: tup
     _drop_value_info(g, {q.output[0] for q in exits})
 
 
-def _drop_unused(g: _Graph, released: set[str]) -> None:
+def _drop_unused(g: Graph, released: set[str]) -> None:
     """Remove DequantizeLinear nodes (and Casts of their parameters) left without users, and the released
     initializers nothing reads any more."""
     while True:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from quantcli.onnx.graph import Graph
 from quantcli.quantizers.pairs import INT16_MAX, INT16_MIN, k_rows, saturable
 
 
@@ -42,42 +43,23 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
-class _Graph:
-    def __init__(self, model: Any) -> None:
-        self.init = {t.name: t for t in model.graph.initializer}  # converted to arrays when asked for
-        self.producer = {o: n for n in model.graph.node for o in n.output}
-        self.consumers: dict[str, list[Any]] = {}
-        for n in model.graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-
-    def dq(self, tensor: str) -> Any:
-        node = self.producer.get(tensor)
-        return node if node is not None and node.op_type == "DequantizeLinear" else None
-
-    def quantized_output(self, tensor: str) -> bool:
-        """Whether `tensor` feeds only a QuantizeLinear, directly or through one Relu/Clip (which ORT folds)."""
-        users = self.consumers.get(tensor, [])
-        if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
-            users = self.consumers.get(users[0].output[0], [])
-        return [u.op_type for u in users] == ["QuantizeLinear"]
-
-    def const(self, name: str) -> np.ndarray | None:
-        from onnx import numpy_helper
-
-        tensor = self.init.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+def _quantized_output(g: Graph, tensor: str) -> bool:
+    """Whether `tensor` feeds only a QuantizeLinear, directly or through one Relu/Clip (which ORT folds)."""
+    users = g.consumers.get(tensor, [])
+    if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
+        users = g.consumers.get(users[0].output[0], [])
+    return [u.op_type for u in users] == ["QuantizeLinear"]
 
 
-def _layer(node: Any, g: _Graph) -> Layer | None:
+def _layer(node: Any, g: Graph) -> Layer | None:
     from quantcli.onnx.export import MODULE_KEY
 
     if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
         return None
-    dq_x, dq_w = g.dq(node.input[0]), g.dq(node.input[1])
-    if dq_x is None or dq_w is None or len(dq_x.input) < 3 or g.const(dq_x.input[2]) is None:
+    dq_x, dq_w = g.op(node.input[0], "DequantizeLinear"), g.op(node.input[1], "DequantizeLinear")
+    if dq_x is None or dq_w is None or len(dq_x.input) < 3 or g.initializer(dq_x.input[2]) is None:
         return None
-    q, zp = g.const(dq_w.input[0]), g.const(dq_x.input[2])
+    q, zp = g.initializer(dq_w.input[0]), g.initializer(dq_x.input[2])
     if q is None or q.dtype != np.int8 or zp.dtype != np.uint8:
         return None
     conv = node.op_type == "Conv"
@@ -85,20 +67,20 @@ def _layer(node: Any, g: _Graph) -> Layer | None:
         group = _attr(node, "group", 1)
         if q.shape[1] == 1 and q.shape[0] == group:
             return None  # depthwise: MLAS's depthwise kernels widen before multiplying
-        if not g.quantized_output(node.output[0]):
+        if not _quantized_output(g, node.output[0]):
             return None  # no QLinearConv without the output QuantizeLinear
         out_axis = 0
     elif node.op_type == "Gemm":
         out_axis = 0 if _attr(node, "transB", 0) else 1
     else:
         out_axis = q.ndim - 1
-    w_scale = np.broadcast_to(np.asarray(g.const(dq_w.input[1]), np.float64).reshape(-1), (q.shape[out_axis],))
+    w_scale = np.broadcast_to(np.asarray(g.initializer(dq_w.input[1]), np.float64).reshape(-1), (q.shape[out_axis],))
     origin = {p.key: p.value for p in node.metadata_props}
     return Layer(
         node,
         origin.get(MODULE_KEY) or node.name,
         dq_x.input[0],
-        float(g.const(dq_x.input[1])),
+        float(g.initializer(dq_x.input[1])),
         int(zp),
         q,
         w_scale,
@@ -109,7 +91,7 @@ def _layer(node: Any, g: _Graph) -> Layer | None:
 
 def exposed_layers(model: Any) -> list[Layer]:
     """The layers ORT runs in a pairing u8 x s8 kernel, in graph order."""
-    g = _Graph(model)
+    g = Graph(model.graph)
     return [layer for layer in (_layer(n, g) for n in model.graph.node) if layer is not None]
 
 

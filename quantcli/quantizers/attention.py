@@ -2,7 +2,7 @@
 
 torch.export keeps F.scaled_dot_product_attention as one aten op, which exports to ONNX as
 float MatMuls (QK^T and attention x V) that no annotation can reach. Rewritten as
-softmax(q @ k^T * scale + mask) @ v, the two matmuls are ordinary aten.matmul nodes that the
+softmax((q * scale) @ k^T + mask) @ v, the two matmuls are ordinary aten.matmul nodes that the
 quantizer annotates like any other; the softmax stays float. A bool mask (True = attend) becomes
 masked_fill with the dtype's lowest value rather than -inf, which gives the same probabilities
 wherever a row attends to anything and no NaN where it attends to nothing.
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+
+from quantcli.quantizers.graphpass import call_like, replace, rewrite_each
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -63,15 +65,14 @@ def supported(node: Node) -> bool:
 
 def decompose_sdpa(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     """Rewrite every supported SDPA node for which `wanted(node)`; return how many."""
-    count = 0
-    for node in list(model.graph.nodes):
-        if supported(node) and wanted(node):
-            _rewrite(model.graph, node)
-            count += 1
-    if count:
-        model.graph.lint()
-        model.recompile()
-    return count
+
+    def rewrite(node: Node, done: int) -> bool:
+        if not (supported(node) and wanted(node)):
+            return False
+        _rewrite(model.graph, node)
+        return True
+
+    return rewrite_each(model, rewrite)
 
 
 def _rewrite(graph, node: Node) -> None:
@@ -82,13 +83,12 @@ def _rewrite(graph, node: Node) -> None:
 
     def op(target, *args) -> Node:
         """A node after the last one built, with the SDPA node's meta (module stack) and its own val."""
-        new = graph.call_function(target, args)
-        new.meta.update({key: value for key, value in node.meta.items() if key != "val"})
-        new.meta["val"] = target(*[_val(x) if isinstance(x, Node) else x for x in args])
-        return new
+        return call_like(graph, node, target, args, target(*[_val(x) if isinstance(x, Node) else x for x in args]))
 
     with graph.inserting_before(node):
-        scores = op(aten.mul.Tensor, op(aten.matmul.default, q, op(aten.transpose.int, k, -2, -1)), scale)
+        # the scale on the query, not the scores: 1/L the multiplications, and on the query the quantizer makes
+        # it a change of the quantization scale that the export removes (quantcli.onnx.rewrite.scaled_passthroughs)
+        scores = op(aten.matmul.default, op(aten.mul.Tensor, q, scale), op(aten.transpose.int, k, -2, -1))
         if a["is_causal"]:
             ones = op(aten.new_ones.default, q, [q_val.shape[-2], k.meta["val"].shape[-2]])
             mask = op(aten.tril.default, op(aten.to.dtype, ones, torch.bool))
@@ -98,5 +98,4 @@ def _rewrite(graph, node: Node) -> None:
         elif mask is not None:
             scores = op(aten.add.Tensor, scores, mask)
         out = op(aten.matmul.default, op(aten.softmax.int, scores, -1), v)
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
+    replace(graph, node, out)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
+from quantcli.quantizers.graphpass import rewrite_each
 from quantcli.quantizers.rewrites import get_attr_value as _attr
 from quantcli.quantizers.rewrites import set_parameter as _set_attr
 
@@ -71,17 +72,15 @@ def _ffn_chain(model: GraphModule, fc2: Node):
 
 def equalize_ffn(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     """Rewrite every LayerNorm-Linear-GELU-Linear chain whose fc2 `wanted(fc2)`; return how many."""
-    count = 0
-    for fc2 in list(model.graph.nodes):
+
+    def rewrite(fc2: Node, done: int) -> bool:
         scales = _scales_for(model, fc2) if fc2.op == "call_function" and fc2.target in _LINEAR else None
         if scales is None or not wanted(fc2):
-            continue
-        _smooth(model, fc2, scales, f"_quantcli_smooth_{count}")
-        count += 1
-    if count:
-        model.graph.lint()
-        model.recompile()
-    return count
+            return False
+        _smooth(model, fc2, scales, f"_quantcli_smooth_{done}")
+        return True
+
+    return rewrite_each(model, rewrite)
 
 
 def _scales_for(model: GraphModule, fc2: Node) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
+from quantcli.quantizers.graphpass import call_like, replace, rewrite_each
 from quantcli.quantizers.patterns import value
 
 aten = torch.ops.aten
@@ -61,36 +62,20 @@ def set_parameter(model: GraphModule, target: str, new: torch.Tensor) -> None:
     setattr(owner, name, torch.nn.Parameter(new, requires_grad=getattr(owner, name).requires_grad))
 
 
-def _node(graph, like: Node, target, args, val: torch.Tensor) -> Node:
-    """A call to `target` with `like`'s metadata (module stack) and its own value."""
-    new = graph.call_function(target, args)
-    new.meta.update({k: v for k, v in like.meta.items() if k != "val"})
-    new.meta["val"] = val
-    return new
-
-
-def _finish(model: GraphModule, count: int) -> int:
-    if count:
-        model.graph.eliminate_dead_code()
-        model.graph.lint()
-        model.recompile()
-    return count
-
-
 def decompose_gates(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     """silu(x) -> x * sigmoid(x), hardswish(x) -> x * hardsigmoid(x) (equal up to float rounding); how many."""
-    count = 0
-    for node in list(model.graph.nodes):
+
+    def rewrite(node: Node, done: int) -> bool:
         if node.op != "call_function" or node.target not in _GATED or not wanted(node):
-            continue
+            return False
         x, gate = node.args[0], _GATED[node.target]
         with model.graph.inserting_before(node):
-            sig = _node(model.graph, node, gate, (x,), gate(value(x)))
-            mul = _node(model.graph, node, aten.mul.Tensor, (x, sig), node.meta["val"])
-        node.replace_all_uses_with(mul)
-        model.graph.erase_node(node)
-        count += 1
-    return _finish(model, count)
+            sig = call_like(model.graph, node, gate, (x,), gate(value(x)))
+            mul = call_like(model.graph, node, aten.mul.Tensor, (x, sig), node.meta["val"])
+        replace(model.graph, node, mul)
+        return True
+
+    return rewrite_each(model, rewrite)
 
 
 def norms_to_convs(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
@@ -99,16 +84,16 @@ def norms_to_convs(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     The conv's weight and bias are new parameters, `_quantcli_norm_<k>_weight`/`_bias` in graph order,
     so prepare in another process makes the same state_dict keys.
     """
-    count = 0
-    for node in list(model.graph.nodes):
+
+    def rewrite(node: Node, done: int) -> bool:
         if node.op != "call_function" or node.target is not aten.batch_norm.default or not wanted(node):
-            continue
+            return False
         affine = _norm_as_affine(model, node)
         if affine is None:
-            continue
+            return False
         scale, shift = affine
         rank = value(node.args[0]).dim()
-        weight, bias = f"_quantcli_norm_{count}_weight", f"_quantcli_norm_{count}_bias"
+        weight, bias = f"_quantcli_norm_{done}_weight", f"_quantcli_norm_{done}_bias"
         model.register_parameter(weight, torch.nn.Parameter(scale.reshape(-1, *(1,) * (rank - 1)), False))
         model.register_parameter(bias, torch.nn.Parameter(shift, False))
         with model.graph.inserting_before(node):
@@ -116,11 +101,11 @@ def norms_to_convs(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
             w.meta["val"], b.meta["val"] = model.get_parameter(weight), model.get_parameter(bias)
             spatial = rank - 2
             args = (node.args[0], w, b, [1] * spatial, [0] * spatial, [1] * spatial, scale.numel())
-            conv = _node(model.graph, node, _CONVS[rank], args, node.meta["val"])
-        node.replace_all_uses_with(conv)
-        model.graph.erase_node(node)
-        count += 1
-    return _finish(model, count)
+            conv = call_like(model.graph, node, _CONVS[rank], args, node.meta["val"])
+        replace(model.graph, node, conv)
+        return True
+
+    return rewrite_each(model, rewrite)
 
 
 def _norm_as_affine(model: GraphModule, node: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -144,17 +129,17 @@ def _norm_as_affine(model: GraphModule, node: Node) -> tuple[torch.Tensor, torch
 
 def pools_to_means(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     """adaptive_avg_pool{1,2}d(x, 1) -> x.mean(spatial dims, keepdim=True); return how many."""
-    count = 0
-    for node in list(model.graph.nodes):
+
+    def rewrite(node: Node, done: int) -> bool:
         dims = _ADAPTIVE.get(node.target) if node.op == "call_function" else None
         if dims is None or any(s != 1 for s in node.args[1]) or not wanted(node):
-            continue
+            return False
         with model.graph.inserting_before(node):
-            mean = _node(model.graph, node, aten.mean.dim, (node.args[0], dims, True), node.meta["val"])
-        node.replace_all_uses_with(mean)
-        model.graph.erase_node(node)
-        count += 1
-    return _finish(model, count)
+            mean = call_like(model.graph, node, aten.mean.dim, (node.args[0], dims, True), node.meta["val"])
+        replace(model.graph, node, mean)
+        return True
+
+    return rewrite_each(model, rewrite)
 
 
 def fold_channel_scales(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
@@ -163,19 +148,19 @@ def fold_channel_scales(model: GraphModule, wanted: Callable[[Node], bool]) -> i
     `c` is a scalar or a constant varying only along the layer's output channels as they appear at
     the mul (through permutes/transposes). The layer, its weight and bias must have no other users.
     """
-    count = 0
-    for node in list(model.graph.nodes):
+
+    def rewrite(node: Node, done: int) -> bool:
         if node.op != "call_function" or node.target is not aten.mul.Tensor or not wanted(node):
-            continue
+            return False
         found = _scaled_layer(model, node)
         if found is None or not wanted(found[0]):
-            continue
+            return False
         layer, scales, y = found
         _scale_layer(model, layer, scales)
-        node.replace_all_uses_with(y)
-        model.graph.erase_node(node)
-        count += 1
-    return _finish(model, count)
+        replace(model.graph, node, y)
+        return True
+
+    return rewrite_each(model, rewrite)
 
 
 def _scaled_layer(model: GraphModule, mul: Node):

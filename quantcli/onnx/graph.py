@@ -1,0 +1,117 @@
+"""The index every ONNX graph pass walks: who produces a value, who reads it, what a constant holds.
+
+The export's rewrites (`quantcli.onnx.rewrite`), the u8s8 emulation (`quantcli.onnx.u8s8`), the
+float-island analysis (`quantcli.onnx.islands`) and the int4 weight store (`quantcli.onnx.blocked`)
+all look at a graph through one `Graph`. It indexes the graph once; a pass that edits nodes keeps
+the index true for the values it changes (`rename_input`, `fresh`) or builds a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+
+def producers(nodes: Iterable[Any]) -> dict[str, Any]:
+    """{value name: the node that writes it} over `nodes`."""
+    return {o: n for n in nodes for o in n.output if o}
+
+
+def consumers(nodes: Iterable[Any]) -> dict[str, list[Any]]:
+    """{value name: the nodes that read it, in order} over `nodes` (a node reading it twice is listed twice)."""
+    users: dict[str, list[Any]] = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return users
+
+
+class Graph:
+    """Producers, consumers, initializers, constants and value types of an onnx GraphProto."""
+
+    def __init__(self, graph: Any):
+        self.graph = graph
+        self.inits = {i.name: i for i in graph.initializer}
+        self.producer = producers(graph.node)
+        self.consumers = consumers(graph.node)
+        self.outputs = {o.name for o in graph.output}
+        self._consts: dict[str, np.ndarray] | None = None
+        self._types: dict[str, Any] | None = None
+        self.taken: set[str] = set()
+
+    @property
+    def consts(self) -> dict[str, np.ndarray]:
+        """{output: value} of the Constant nodes (read when first asked for)."""
+        if self._consts is None:
+            from onnx import numpy_helper
+
+            self._consts = {
+                n.output[0]: numpy_helper.to_array(a.t)
+                for n in self.graph.node
+                if n.op_type == "Constant"
+                for a in n.attribute
+                if a.name == "value"
+            }
+        return self._consts
+
+    @property
+    def types(self) -> dict[str, Any]:
+        """{value name: its TypeProto.Tensor} for the values shape inference or the signature typed."""
+        if self._types is None:
+            g = self.graph
+            self._types = {v.name: v.type.tensor_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+        return self._types
+
+    def initializer(self, name: str) -> np.ndarray | None:
+        """The value of initializer `name`, or None when it is not one."""
+        from onnx import numpy_helper
+
+        tensor = self.inits.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer, a Constant, or a Cast of one of these."""
+        from onnx import helper
+
+        if name in self.inits:
+            return self.initializer(name)
+        cast = self.producer.get(name)
+        if cast is not None and cast.op_type == "Cast" and name not in self.consts:  # the exporter folds no large Cast
+            source = self.constant(cast.input[0])
+            to = next(a.i for a in cast.attribute if a.name == "to")
+            return None if source is None else source.astype(helper.tensor_dtype_to_np_dtype(to))
+        return self.consts.get(name)
+
+    def op(self, name: str, op_type: str) -> Any:
+        """The node writing `name` when it is an `op_type`, else None."""
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def rank(self, name: str) -> int | None:
+        t = self.types.get(name)
+        return len(t.shape.dim) if t is not None and t.HasField("shape") else None
+
+    def add_initializer(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def rename_input(self, old: str, new: str) -> None:
+        """Every node reading `old` reads `new` instead."""
+        for user in self.consumers.get(old, []):
+            user.input[:] = [new if i == old else i for i in user.input]
+            self.consumers.setdefault(new, []).append(user)
+
+    def fresh(self, base: str) -> str:
+        """A value or node name nothing in the graph uses yet (nor an earlier fresh name)."""
+        names = set(self.producer) | set(self.inits) | {i.name for i in self.graph.input}
+        names |= {n.name for n in self.graph.node} | self.taken
+        name, n = base, 0
+        while name in names:
+            n += 1
+            name = f"{base}_{n}"
+        self.taken.add(name)
+        return name
