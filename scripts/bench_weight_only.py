@@ -121,9 +121,10 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def measure(name: str, path: Path, batches: list[np.ndarray], head_dim: int) -> dict:
+def measure(name: str, path: Path, batches: list[np.ndarray], head_dim: int, quality: bool = True) -> dict:
     row = {"model": name, "bytes": file_bytes(path)}
-    row["perplexity"] = round(perplexity(Runner(path, 2, head_dim), batches), 2)
+    if quality:
+        row["perplexity"] = round(perplexity(Runner(path, 2, head_dim), batches), 2)
     for threads in (1, 2):
         runner = Runner(path, threads, head_dim)
         for tokens in (1, 128):
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--quantcli", nargs="*", default=[], help="name=model.onnx")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--no-anchors", action="store_true", help="measure the --quantcli models only")
+    parser.add_argument("--latency-only", action="store_true", help="no perplexity: every model timed in one go")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     batches = windows(args.model, args.text, args.max_length)
@@ -147,7 +149,7 @@ def main() -> None:
         models.update(anchors(args.model, args.work))
     config = json.loads((args.model / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    rows = [measure(name, path, batches, head_dim) for name, path in models.items()]
+    rows = [measure(name, path, batches, head_dim, not args.latency_only) for name, path in models.items()]
     print(json.dumps({"windows": len(batches), "max_length": args.max_length, "rows": rows}, indent=2))
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
