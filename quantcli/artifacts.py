@@ -27,6 +27,7 @@ PROGRAM = "program.pt2"  # a torch.export ExportedProgram
 FLOAT_PROGRAM = "float.pt2"  # the captured fp32 program, kept beside a converted one for reports
 # state_dict of the prepared module (observers, fake quant, weights); a converted artifact keeps its parent's
 STATE = "state.pt"
+DATA_SUFFIX = ".data"  # an exported model's external data (quantcli.onnx.external)
 WEIGHT_CODES = "weight_codes.pt"  # weight-only: each quantized linear's codes, scales and zero points
 CHECKPOINT = "checkpoint.pt"  # training checkpoint inside .<out>.partial/
 REPORT_SUFFIX = ".report.json"  # the export report beside `<name>.onnx`: `<name>.report.json`
@@ -69,6 +70,11 @@ def genai_path(onnx_path: Path) -> Path:
 
 def report_path(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.stem + REPORT_SUFFIX)
+
+
+def data_path(onnx_path: Path) -> Path:
+    """The external data file of a model too large for one protobuf: `model.onnx.data` beside `model.onnx`."""
+    return onnx_path.with_name(onnx_path.name + DATA_SUFFIX)
 
 
 def sha256_file(path: Path) -> str:

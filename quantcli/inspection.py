@@ -52,7 +52,11 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
         "io": onnx_export.io_summary(model),
     }
     report = staging.read_report(path)
-    if report is not None and report["onnx_sha256"] == artifacts.sha256_file(path):
+    if (
+        report is not None
+        and report["onnx_sha256"] == artifacts.sha256_file(path)
+        and staging.data_intact(path, report)
+    ):
         doc["report"] = report
     elif report is not None:  # an interrupted or altered export: its report describes another model
         doc["report_mismatch"] = f"{artifacts.report_path(path).name} records another sha256 than {path.name}'s"

@@ -164,7 +164,9 @@ def _kernels(kernels: dict[str, Any] | None) -> list[str]:
     if "weight_only" in kernels:
         left = kernels["weight_only"]["float_linears"]
         lines.append(
-            f"  weight-only: {kernels['weight_only']['matmul_nbits']} MatMulNBits; {len(left)} linears left float"
+            f"  weight-only: {kernels['weight_only']['matmul_nbits']} MatMulNBits, "
+            f"{kernels['weight_only'].get('gather_block_quantized', 0)} GatherBlockQuantized; "
+            f"{len(left)} linears left float"
             + (f": {', '.join(str(n['module'] or n['name']) for n in left[:SHOWN_LAYERS])}" if left else "")
         )
     islands = kernels["islands"]

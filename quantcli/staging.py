@@ -31,6 +31,7 @@ from quantcli.artifacts import (
     STATE,
     TIMINGS,
     canonical,
+    data_path,
     read_manifest,
     report_path,
     sha256_file,
@@ -179,17 +180,20 @@ class Staging:
 
 
 class OnnxStaging(Staging):
-    """The exported `.onnx` being written: `tmp` is the model file; `report` goes beside the output.
+    """The exported `.onnx` being written: `tmp` is the model file, under its final name in a hidden temporary
+    folder (`folder`), so that an external data file beside it (`model.onnx.data`, named in the model) is
+    found there while the export measures it; `report` goes beside the output.
 
-    The two files cannot be renamed as one: the model goes first, then its report, which records
-    the model's sha256. A crash between the renames leaves a pair whose hashes disagree, which is
-    never reused or believed (`check_onnx`).
+    The files cannot be renamed as one: the data file goes first, then the model, then its report, which
+    records the sha256 of both. A crash between the renames leaves files whose hashes disagree with the
+    report, which is never reused or believed (`check_onnx`).
     """
 
     def __init__(self, out: Path, tmp: Path):
-        super().__init__(out, tmp)
+        super().__init__(out, tmp / out.name)
+        self.folder = tmp
         self.report: dict[str, Any] = {}
-        self.tmp_report = tmp.with_name(tmp.name + ".report")
+        self.tmp_report = tmp / report_path(out).name
 
     def seal(self, manifest: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         import onnx
@@ -197,13 +201,15 @@ class OnnxStaging(Staging):
         from quantcli.onnx.export import set_metadata
 
         manifest = {**manifest, "files": {}}
-        model = onnx.load(str(self.tmp))
+        model = onnx.load(str(self.tmp), load_external_data=False)  # the data file is not rewritten
         set_metadata(model, manifest)
         onnx.save(model, str(self.tmp))
+        data = data_path(self.tmp)
         report = {
             **self.report,
             "model": self.out.name,
             "onnx_sha256": sha256_file(self.tmp),
+            **({"data": data.name, "data_sha256": sha256_file(data)} if data.exists() else {}),
             "seconds": round(timings["seconds"], 3),
         }
         self.tmp_report.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -211,19 +217,32 @@ class OnnxStaging(Staging):
         return manifest
 
     def make(self) -> None:
+        self.folder.mkdir()
         self.tmp.touch(exist_ok=False)  # an unwritable output fails here, before the export's work
 
     def discard(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-        self.tmp_report.unlink(missing_ok=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def commit(self) -> None:
-        with _signals_held():  # an interrupt lands after both renames; only a kill can fall between
+        with _signals_held():  # an interrupt lands after the renames; only a kill can fall between
             try:
+                data = data_path(self.tmp)
+                if data.exists():
+                    replace_into(data, data_path(self.out))
+                elif data_path(self.out).exists() and _names_data(self.out):
+                    remove(data_path(self.out))  # an earlier export's tensors, which this model does not read
                 replace_into(self.tmp, self.out)
                 os.replace(self.tmp_report, report_path(self.out))
             finally:
-                self.tmp_report.unlink(missing_ok=True)
+                shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _names_data(out: Path) -> bool:
+    """Whether the report beside `out` (quantcli's) names an external data file."""
+    try:
+        return "data" in (read_report(out) or {})
+    except ArtifactError:
+        return False
 
 
 @contextlib.contextmanager
@@ -403,11 +422,19 @@ def check_onnx(out: Path, key: str, force: bool, why: Why | None = None) -> dict
         raise ArtifactError(f"{out} exists and was not written by quantcli export", NEVER)
     if force:
         return None
-    intact = report is not None and report["onnx_sha256"] == sha256_file(out)
+    intact = report is not None and report["onnx_sha256"] == sha256_file(out) and data_intact(out, report)
     if fields.get("key") == key and fields.get("status") == "ok":
         return fields if intact else None  # a torn or altered pair is never reused: redo it
     _refuse_unusable(out, {**fields, "stage": "exported"}, key, None, why)
     return None
+
+
+def data_intact(out: Path, report: dict[str, Any]) -> bool:
+    """Whether the external data file beside `out` is the one its report records (none, where it records none)."""
+    data = data_path(out)
+    if "data_sha256" not in report:
+        return True
+    return data.is_file() and report["data_sha256"] == sha256_file(data)
 
 
 def previous_manifest(out: Path, onnx_file: bool) -> dict[str, Any] | None:

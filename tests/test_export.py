@@ -73,3 +73,32 @@ def test_the_report_gives_integer_kernel_coverage_and_warns_under_half(mlp, tmp_
     inspected = cli("inspect", w / "model.onnx")
     assert "integer kernels in ONNX Runtime: 1 of 3 convs/matmuls" in inspected.stdout
     assert "warning: only 1 of 3" in inspected.stdout
+
+
+def test_a_model_over_the_size_limit_keeps_its_tensors_in_one_data_file_beside_it(mlp, tmp_path):
+    """The limit (2 GiB less the graph's room by default) at 0 bytes: the mlp's tensors go to model.onnx.data;
+    parity, fusion analysis, the report's taps, inspect and reuse read it there."""
+    from quantcli.artifacts import data_path
+
+    out = tmp_path / "model.onnx"
+    report = stages.export.run(mlp / "converted", out, external_above=0).details["report"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data", "model.report.json"]
+    assert report["parity"]["passed"] and report["kernels"]["coverage"]["integer"] > 0
+    assert report["onnx"]["external_data"] and report["data"] == "model.onnx.data"
+    assert report["onnx"]["size_bytes"] > data_path(out).stat().st_size  # both files counted
+    assert data_path(out).stat().st_mode == out.stat().st_mode  # readable by whoever can read the model
+    proto = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert onnx_export.read_metadata(out)["stage"] == "exported"  # the manifest went into the model, not the data
+
+    layers = cli("report", mlp / "converted", "--onnx", out, "--json")
+    assert layers.rc == 0, layers.stderr
+    assert json.loads(layers.stdout)["layers"]  # per-layer figures from ORT taps of the model with external data
+    inspected = cli("inspect", out, "--json")
+    assert inspected.rc == 0 and json.loads(inspected.stdout)["report"]["parity"]["passed"]
+
+    assert stages.export.run(mlp / "converted", out, external_above=0).reused
+    data_path(out).write_bytes(data_path(out).read_bytes()[:-4] + b"\0\0\0\0")  # a torn or altered data file
+    assert not stages.export.run(mlp / "converted", out, external_above=0).reused
+    stages.export.run(mlp / "converted", out, force=True)  # under the limit again: one file, no stale data beside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.report.json"]

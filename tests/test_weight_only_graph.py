@@ -14,6 +14,7 @@ from quantcli.weightonly import apply, collect, plan, prepare
 from quantcli.weightonly.awq import awq
 from quantcli.weightonly.gptq import gptq
 from quantcli.weightonly.grid import Grid
+from quantcli.weightonly.rtn import rtn
 
 
 class Attention(nn.Module):
@@ -96,3 +97,77 @@ def test_collectors_accumulate_each_input_and_convert_quantizes_with_what_they_s
         got = restored(x)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.nn.functional.mse_loss(got, expected_float[0]) < 0.01 * expected_float[0].pow(2).mean()
+
+
+class TinyLM(nn.Module):
+    """A token table tied to the LM head, a position table of its own, one projection between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(40, 64), nn.Embedding(16, 64)
+        self.proj, self.head = nn.Linear(64, 64), nn.Linear(64, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.proj(self.embed(ids) + self.pos(ids % 16)))
+
+
+def test_embeddings_read_their_tied_heads_quantized_weight_or_their_own_rounded_table():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (4, 12))
+    program = torch.export.export(TinyLM().eval(), (ids,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    section = {"activations": "none", "weights": {"dtype": "int4", "block_size": 32, "method": "awq"}}
+    q = QuantizationSection.model_validate(section)
+    module, float_model = prepare(program.module(), q), program.module()
+    with torch.no_grad():
+        module(ids)
+        records, codes = apply.convert(module, q)
+        assert [(r["kind"], r["module"], r.get("tied_to")) for r in records] == [
+            ("linear", "proj", None),
+            ("linear", "head", None),
+            ("embedding", "embed", 1),  # the head's codes: no table of its own
+            ("embedding", "pos", None),
+        ]
+        assert [r["method"] for r in records] == ["awq", "awq", "awq", "rtn"]
+        assert sorted(codes) == [f"{i}.{part}" for i in (0, 1, 3) for part in ("codes", "scale")]
+        loaded = apply.load(records, codes)
+        head, pos = loaded[1][1].weight(), loaded[3][1].weight()
+        assert torch.equal(pos, rtn(float_model.pos.weight, Grid(4, True, 32)).weight())
+        s_head = getattr(module, f"{apply.INPUT_SCALE}1")  # AWQ scaled the head's input channels: it holds W * s
+        s_proj = getattr(module, f"{apply.INPUT_SCALE}0", torch.ones(64))
+        x = ids[:1]
+        hidden = head[x] / s_head + pos[x % 16]  # the tied table's rows divided by the head's scales
+        want = (((hidden / s_proj) @ module.proj.weight.T + float_model.proj.bias) / s_head) @ head.T
+        assert torch.allclose(module(x), want, atol=1e-4)
+    read = {n.target for n in module.graph.nodes if n.op == "get_attr" and n.users}
+    assert "head.weight" not in read and "pos.weight" in read  # the tied float table is read no more
+
+    per_channel = QuantizationSection.model_validate({"activations": "none", "weights": {"dtype": "int8"}})
+    records, _ = apply.convert(prepare(program.module(), per_channel), per_channel)
+    assert [r["kind"] for r in records] == ["linear", "linear"]  # GatherBlockQuantized needs blocks: tables float
+    rtn_section = {**section, "weights": {**section["weights"], "method": "rtn"}, "exclude_names": ["pos"]}
+    excluded = QuantizationSection.model_validate(rtn_section)
+    records, _ = apply.convert(prepare(program.module(), excluded), excluded)
+    assert [(r["module"], r.get("tied_to")) for r in records] == [("proj", None), ("head", None), ("embed", 1)]
+
+
+def test_a_conv1d_weight_stored_k_by_n_is_quantized_as_its_transpose_and_stored_back_k_by_n():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(48, 80).eval()  # GPT-2's: addmm(bias, x, weight [K=80, N=48])
+    dims = {0: torch.export.Dim("b"), 1: torch.export.Dim("s")}
+    program = torch.export.export(layer, (torch.randn(2, 5, 80),), dynamic_shapes=(dims,))
+    q = QuantizationSection.model_validate({**SECTION, "exclude_names": [], "overrides": []})
+    module = prepare(program.module(), q)
+    x = batches()[0]
+    with torch.no_grad():
+        module(x)
+        hessian = module.get_submodule(f"{collect.PREFIX}0").hessian
+        rows = x.reshape(-1, 80)
+        assert torch.allclose(hessian, rows.T @ rows, rtol=1e-5, atol=1e-3)  # the Conv1D's input, not its bias
+        records, codes = apply.convert(module, q)
+        expected = gptq(layer.weight.T, hessian, Grid(4, True, 32))
+        assert records[0]["shape"] == [48, 80] and torch.equal(codes["0.codes"], expected.codes)
+        assert torch.equal(module.weight, expected.weight().T)  # stored back as the layer stores it
+        assert torch.allclose(module(x), x @ expected.weight().T + layer.bias, atol=1e-5)

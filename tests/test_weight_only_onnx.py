@@ -105,3 +105,63 @@ def test_a_layer_the_graph_does_not_hold_is_an_error():
     )
     with pytest.raises(ModelError, match="reads the quantized weight of layer2"):
         blocked.store(model, [({"module": f"layer{i}"}, r) for i, r in enumerate(results)])
+
+
+def embedding_model(table: np.ndarray, untied: np.ndarray) -> onnx.ModelProto:
+    """A tied table read by a Gather and, as the LM head, a MatMul of its Transpose; an untied table's Gather."""
+    v, h = table.shape
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "m", h])
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+        for name, shape in (("tied", [1, "s", h]), ("logits", [1, "m", v]), ("untied", [1, "s", h]))
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["tied"], name="embed"),
+        helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "table_t"], ["logits"], name="head"),
+        helper.make_node("Gather", ["other", "ids"], ["untied"], name="embed2"),
+    ]
+    initializers = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(untied, "other")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "tables", [ids, x], outputs, initializers), opset_imports=[helper.make_opsetid("", 21)]
+    )
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("grid", [Grid(4, True, 32), Grid(4, False, 16), Grid(8, True, 32)], ids=str)
+def test_embeddings_become_gather_block_quantized_one_table_shared_with_the_tied_head(grid, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    head, other = rtn(torch.randn(N, K, generator=g), grid), rtn(torch.randn(N, K, generator=g), grid)
+    model = embedding_model(head.weight().numpy(), other.weight().numpy())
+    setting = {"dtype": f"int{grid.bits}", "symmetric": grid.symmetric, "block_size": grid.block_size}
+    layers = [
+        ({"kind": "linear", "module": "lm_head", **setting}, head),
+        ({"kind": "embedding", "module": "embed", "tied_to": 0, **setting}, head),
+        ({"kind": "embedding", "module": "embed2", **setting}, other),
+    ]
+    assert blocked.store(model, layers) == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 2 and ops.count("MatMulNBits") == 1 and "Gather" not in ops
+    assert ops.count("Slice") == (2 if K % grid.block_size else 0)  # a last block padded in the packed rows, sliced
+    floats = [t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2]
+    assert sorted(floats) == ["embed2.weight_scales", "lm_head.weight_scales"]  # no float table left
+    packed = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.UINT8}
+    blocks = -(-K // grid.block_size)
+    assert list(packed["lm_head.weight_packed"].dims) == [N, blocks, grid.block_size * grid.bits // 8]
+    gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    assert reshape.input[0] == "lm_head.weight_packed" and gathers[0].input[0] == reshape.output[0]  # one table
+
+    ids = np.array([[0, 7, 47, 7]])
+    x = np.random.default_rng(4).standard_normal((1, 3, K)).astype(np.float32)
+    for optimize in (False, True):
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        _, session = optimized(model, tmp_path, level)
+        tied, logits, untied = session.run(None, {"ids": ids, "x": x})
+        np.testing.assert_array_equal(tied, head.weight().numpy()[ids])  # exactly the PyTorch model's rows
+        np.testing.assert_array_equal(untied, other.weight().numpy()[ids])
+        want = x @ head.weight().numpy().T
+        assert np.linalg.norm(logits - want) < 0.02 * np.linalg.norm(want)  # accuracy level 4

@@ -20,6 +20,7 @@ import numpy as np
 
 from quantcli.errors import ModelError
 
+ACCURACY_LEVEL = 4  # what ORT gives the MatMulNBits it fuses: the input quantized to int8 per block
 _ONNX_TYPES = {(4, True): "INT4", (4, False): "UINT4", (8, True): "INT8", (8, False): "UINT8"}
 
 
@@ -87,46 +88,184 @@ class _Weights:
 
 
 def store(model: Any, layers: list[tuple[dict[str, Any], Any]]) -> int:
-    """Replace every layer's float weight in `model` by its codes behind a DequantizeLinear; how many.
+    """Replace every layer's float weight in `model` by its codes; how many linears.
 
-    `layers`: (record, Quantized) as quantcli.weightonly.apply.load gives them. A layer whose weight the
-    graph does not hold is an error: it would stay float unnoticed.
+    `layers`: (record, Quantized) as quantcli.weightonly.apply.load gives them. A linear's codes go
+    behind a DequantizeLinear; an embedding's Gather becomes a GatherBlockQuantized; a linear whose
+    codes an embedding shares is written as MatMulNBits, its packed weight read by both. A layer whose
+    weight the graph does not hold is an error: it would stay float unnoticed.
     """
+    linears = [(i, r, q) for i, (r, q) in enumerate(layers) if r.get("kind", "linear") == "linear"]
+    tables = [(i, r, q) for i, (r, q) in enumerate(layers) if r.get("kind") == "embedding"]
+    shared = {r["tied_to"] for _, r, _ in tables if "tied_to" in r}
+    weights = _Weights(model.graph)
+    packed: dict[int, tuple[str, ...]] = {}
+    done, dropped = _store_linears(model, weights, linears, shared, packed)
+    done += _store_tables(model, weights, tables, packed, dropped)
+    _drop_unused(model.graph, dropped)
+    missing = [r["module"] for i, r, _ in linears + tables if i not in done]
+    if missing:
+        raise ModelError(
+            f"weight-only: no MatMul/Gemm/Gather of the exported graph reads the quantized weight of "
+            f"{', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        )
+    return len(linears)
+
+
+def _store_linears(
+    model: Any, weights: _Weights, linears: list, shared: set[int], packed: dict[int, tuple[str, ...]]
+) -> tuple[list[int], set[str]]:
+    """DequantizeLinear (or MatMulNBits where shared) in front of each linear; (the indices done, weights dropped)."""
     from onnx import helper
 
-    wanted = {digest(q.weight().numpy()): (record, q) for record, q in layers}
-    weights = _Weights(model.graph)
-    new_nodes, done, dropped, bases = [], set(), set(), set()
+    wanted = {digest(q.weight().numpy()): (index, record, q) for index, record, q in linears}
+    new_nodes, done, dropped, bases = [], [], set(), set()
     for node in list(model.graph.node):
         found = weights.weight_of(node)
         key = digest(found[0]) if found is not None else None
         if key not in wanted:
             continue
-        record, q = wanted[key]
+        index, record, q = wanted[key]
         base = f"{record['module']}.weight"
         base = base if base not in bases else f"{base}_{len(bases)}"  # one module called twice: a weight each
         bases.add(base)
+        dropped.add(found[1])
+        done.append(index)
+        if index in shared:
+            packed[index] = _matmul_nbits(model, node, base, q)
+            continue
         dq_inputs = _initializers(model.graph, base, q)
         blocked = q.grid.block_size is not None
         attrs = {"axis": 0, "block_size": q.grid.block_size} if blocked else {"axis": 1}
         dq = helper.make_node("DequantizeLinear", dq_inputs, [f"{base}_dequantized"], name=f"{base}_dq", **attrs)
         new_nodes.append((node, dq))
-        dropped.add(found[1])
         node.input[1] = dq.output[0]
         if node.op_type == "Gemm":
             _set_trans_b(node)
-        done.add(key)
     for consumer, dq in new_nodes:  # each DequantizeLinear right before its MatMul, keeping the order topological
         position = list(model.graph.node).index(consumer)
         model.graph.node.insert(position, dq)
-    _drop_unused(model.graph, dropped)
-    missing = [wanted[k][0]["module"] for k in wanted if k not in done]
-    if missing:
-        raise ModelError(
-            f"weight-only: no MatMul/Gemm of the exported graph reads the quantized weight of {', '.join(missing[:3])}"
-            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return done, dropped
+
+
+def _store_tables(model: Any, weights: _Weights, tables: list, packed: dict[int, tuple[str, ...]], dropped: set[str]):
+    """Each embedding's Gather as a GatherBlockQuantized of its own packed table or of its head's; the indices done."""
+    from onnx import helper
+
+    wanted = {digest(q.weight().numpy()): (index, record, q) for index, record, q in tables}
+    done = []
+    for node in list(model.graph.node):
+        table = node.input[0] if node.op_type == "Gather" and node.input else None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if table not in weights.initializers or attrs.get("axis", 0) != 0:
+            continue
+        array = weights.array(table)
+        key = digest(array) if array.ndim == 2 and array.dtype == np.float32 else None
+        if key not in wanted:
+            continue
+        index, record, q = wanted[key]
+        n, k = q.codes.shape
+        if "tied_to" in record:  # the head's MatMulNBits weight [N, blocks, blob] read as rows [N, blocks * blob]
+            b, scale, zero = packed[record["tied_to"]]
+            rows = _constant(model.graph, f"{record['module']}.weight_rows", [n, -1])
+            data = f"{record['module']}.weight_packed"
+            reshape = helper.make_node("Reshape", [b, rows], [data], name=f"{record['module']}.weight_reshape")
+            _insert_before(model.graph, node, reshape)
+        else:
+            data, scale, zero = _nbits_initializers(model.graph, f"{record['module']}.weight", q, blobs=False)
+        gathered = node.output[0] if k % q.grid.block(k) == 0 else f"{node.output[0]}_padded"
+        gather = helper.make_node(
+            "GatherBlockQuantized",
+            [data, node.input[1], scale] + ([zero] if zero else []),
+            [gathered],
+            name=node.name,
+            domain="com.microsoft",
+            bits=q.grid.bits,
+            block_size=q.grid.block(k),
+            gather_axis=0,
+            quantize_axis=1,
         )
-    return len(done)
+        _insert_before(model.graph, node, gather)
+        if gathered != node.output[0]:  # the padding of the last block sliced off
+            bounds = [_constant(model.graph, f"{record['module']}.weight_{w}", [v]) for w, v in (("0", 0), ("k", k))]
+            last = _constant(model.graph, f"{record['module']}.weight_axis", [-1])
+            _insert_before(model.graph, node, helper.make_node("Slice", [gathered, *bounds, last], [node.output[0]]))
+        model.graph.node.remove(node)
+        dropped.add(table)
+        done.append(index)
+    if done:
+        _use_microsoft_domain(model)
+    return done
+
+
+def _insert_before(graph: Any, anchor: Any, node: Any) -> None:
+    graph.node.insert(list(graph.node).index(anchor), node)
+
+
+def _constant(graph: Any, name: str, values: list[int]) -> str:
+    from onnx import numpy_helper
+
+    if name not in {t.name for t in graph.initializer}:
+        graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    return name
+
+
+def _use_microsoft_domain(model: Any) -> None:
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _nbits_initializers(graph: Any, base: str, q: Any, *, blobs: bool) -> tuple[str, str, str]:
+    """Add q's codes in MatMulNBits' layout (rows [N, blocks, blob] when `blobs`, else [N, blocks * blob]: uint8,
+    offset by the grid's default zero point where symmetric, two 4-bit codes a byte, the last block padded),
+    scales [N, blocks] and packed zero points; their names ("" for no zero point)."""
+    from onnx import numpy_helper
+
+    n, k = q.codes.shape
+    size, count = q.grid.block(k), q.grid.blocks(k)
+    offset = 0 if q.zero is not None else 2 ** (q.grid.bits - 1)
+    codes = q.codes.numpy().astype(np.int16) + offset
+    pad = np.repeat(q.zero.numpy()[:, -1:], count * size - k, 1) if q.zero is not None else offset
+    codes = np.concatenate([codes, np.broadcast_to(pad, (n, count * size - k)).astype(np.int16)], 1).astype(np.uint8)
+    data = _pack_rows(codes, q.grid.bits)
+    data = data.reshape(n, count, -1) if blobs else data
+    graph.initializer.append(numpy_helper.from_array(data, f"{base}_packed"))
+    graph.initializer.append(numpy_helper.from_array(q.scale.numpy().astype(np.float32), f"{base}_scales"))
+    if q.zero is None:
+        return f"{base}_packed", f"{base}_scales", ""
+    graph.initializer.append(numpy_helper.from_array(_pack_rows(q.zero.numpy(), q.grid.bits), f"{base}_zero_points"))
+    return f"{base}_packed", f"{base}_scales", f"{base}_zero_points"
+
+
+def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [N, M] as bytes along each row: as it is for 8 bits; for 4, two a byte, low nibble first."""
+    values = values.astype(np.uint8)
+    if bits == 8:
+        return np.ascontiguousarray(values)
+    values = np.pad(values, ((0, 0), (0, values.shape[1] % 2)))
+    return np.ascontiguousarray(values[:, 0::2] | (values[:, 1::2] << 4))
+
+
+def _matmul_nbits(model: Any, node: Any, base: str, q: Any) -> tuple[str, str, str]:
+    """Rewrite a MatMul/Gemm as com.microsoft::MatMulNBits over q's packed codes; (weight, scales, zero points)."""
+    from onnx import helper
+
+    n, k = q.codes.shape
+    names = _nbits_initializers(model.graph, base, q, blobs=True)
+    bias = [node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else []
+    inputs = [node.input[0], *names] + ([""] + bias if bias else [])  # g_idx unused
+    while inputs[-1] == "":
+        inputs.pop()
+    del node.input[:]
+    node.input.extend(inputs)
+    node.op_type, node.domain = "MatMulNBits", "com.microsoft"
+    del node.attribute[:]
+    attrs = {"K": k, "N": n, "bits": q.grid.bits, "block_size": q.grid.block(k), "accuracy_level": ACCURACY_LEVEL}
+    node.attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
+    _use_microsoft_domain(model)
+    return names
 
 
 def _initializers(graph: Any, base: str, q: Any) -> list[str]:

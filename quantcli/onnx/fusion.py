@@ -13,6 +13,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from quantcli.artifacts import data_path
 from quantcli.onnx.islands import FLOAT_KERNELS, INTEGER_KERNELS, Origins, allowance, island_nodes
 
 
@@ -28,6 +29,8 @@ def optimized_graph(onnx_path: str | Path, threads: int = 1):
         so.optimized_model_filepath = str(out)
         so.log_severity_level = 3
         so.intra_op_num_threads = threads
+        if data_path(Path(onnx_path)).exists():  # a model over protobuf's limit: its optimized form is one too
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         return onnx.load(str(out)).graph
 
@@ -99,6 +102,7 @@ def analyze(onnx_path: str | Path, *, weight_only: bool = False) -> dict:
     if weight_only:
         found["weight_only"] = {
             "matmul_nbits": ops.get("MatMulNBits", 0),
+            "gather_block_quantized": ops.get("GatherBlockQuantized", 0),
             "float_linears": float_linears(graph, origins),
         }
     return found

@@ -12,7 +12,7 @@ from typing import Any
 
 from quantcli.numerics.evaluate import Scores, stream
 from quantcli.onnx import export as onnx_export
-from quantcli.onnx import runtime
+from quantcli.onnx import external, runtime
 from quantcli.recipe import Recipe
 
 MODELS = ("fp32_torch", "fp32_onnx", "int8_onnx")
@@ -20,8 +20,6 @@ MODELS = ("fp32_torch", "fp32_onnx", "int8_onnx")
 
 def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, list[str]]) -> dict[str, Any]:
     """The metric of fp32 (PyTorch and ONNX) and int8 ONNX on the held-out data; sizes; median latency."""
-    import onnx
-
     section = recipe.evaluation
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
@@ -29,7 +27,7 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
             float_program, opset=recipe.export.opset, input_names=io["inputs"], output_names=io["outputs"]
         )
         onnx_export.strip_node_metadata(model)  # as in the int8 file, so the sizes compare like for like
-        onnx.save(model, str(float_path))
+        external.save(model, float_path)
         sessions = {"fp32_onnx": runtime.session(float_path), "int8_onnx": runtime.session(int8_path)}
         scores = Scores(section.metric, MODELS)
         _, batches = stream(recipe, "evaluation", float_program.module(), metric=section.metric)
@@ -41,7 +39,7 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
                 scores.add(name, runtime.run(sess, batch), fp32, target)
         result = {
             **scores.result(),
-            "size_bytes": {"fp32_onnx": float_path.stat().st_size, "int8_onnx": int8_path.stat().st_size},
+            "size_bytes": {"fp32_onnx": external.file_bytes(float_path), "int8_onnx": external.file_bytes(int8_path)},
             "ort_latency": _latency(sessions, first, section.batch_size),
         }
     return result

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.onnx import fusion, runtime
+from quantcli.onnx import external, fusion, runtime
 from quantcli.onnx.export import MODULE_KEY
 
 
@@ -70,7 +70,7 @@ class OrtTaps:
         self.outputs = len(model.graph.output) - len(self.taps)
         self._tmp = tempfile.TemporaryDirectory(prefix="quantcli-taps-")
         tapped = Path(self._tmp.name) / "tapped.onnx"
-        onnx.save(model, str(tapped))
+        external.save(model, tapped)  # a large model's tensors beside it, as in the file it taps
         self.session = runtime.session(tapped)
         self.fusions_kept = _integer_kernels(tapped) == _integer_kernels(path)
         self.names = [o.name for o in self.session.get_outputs()]

@@ -13,7 +13,7 @@ from quantcli.loading.headers import check_sources
 from quantcli.loading.inputs import held_out_batch
 from quantcli.numerics import parity
 from quantcli.onnx import export as onnx_export
-from quantcli.onnx import fusion, runtime
+from quantcli.onnx import external, fusion, runtime
 from quantcli.recipe import WEIGHT_ONLY_OPSET, Recipe
 from quantcli.stages.base import StageResult, callable_digest, data_hashes, produce, recipe_for
 
@@ -29,8 +29,11 @@ def outputs(program: Any, recipe: Recipe, sample: dict[str, Any]) -> list[Any]:
     return [t.numpy() for _, t in _torch.output_leaves(result)]
 
 
-def onnx_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> tuple[Any, Any]:
-    """(the converted program, its checked and shape-inferred ONNX model)."""
+def onnx_model(
+    parent: artifacts.Artifact, recipe: Recipe, opset: int, path: Path, limit: int = external.LIMIT_BYTES
+) -> tuple[Any, Any]:
+    """(the converted program, its checked and shape-inferred ONNX model, saved at `path`: with external data
+    beside it where its tensors exceed `limit` bytes)."""
     from quantcli import _torch
 
     program = _torch.load_program(parent.file(artifacts.PROGRAM))
@@ -48,8 +51,7 @@ def onnx_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> tuple[
     onnx_export.strip_node_metadata(model)
     if not genai.enabled(recipe):  # the decoder names its own (quantcli.onnx.decoder.name_dims)
         onnx_export.rename_dims(model, recipe.inputs)
-    onnx_export.check(model)
-    return program, onnx_export.infer_shapes(model)
+    return program, external.checked(model, path, limit)
 
 
 def source(src: str | Path, opset: int | None, recipe_path: str | Path | None) -> tuple[artifacts.Artifact, Recipe]:
@@ -96,15 +98,21 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
         "onnx": {
             **onnx_export.graph_summary(model),
             "shapes": onnx_export.shape_coverage(model),
-            "size_bytes": path.stat().st_size,
+            "size_bytes": external.file_bytes(path),
+            "external_data": artifacts.data_path(path).exists(),
         },
         "kernels": {**kernels, "warning": warning},
     }
     if weight_only:
-        from quantcli.weightonly.apply import sizes
+        from quantcli.weightonly.apply import kind, sizes
 
         layers = parent.manifest["weight_only"]
-        report["weight_only"] = {"layers": len(layers), "linear_weight_bytes": sizes(layers)}
+        report["weight_only"] = {
+            "layers": sum(kind(r) == "linear" for r in layers),
+            "embeddings": sum(kind(r) == "embedding" for r in layers),
+            "linear_weight_bytes": sizes(layers),
+            "embedding_bytes": sizes(layers, "embedding"),
+        }
     if genai.enabled(recipe):
         report["kv_cache"] = cache_check(path, sample)
     if recipe.evaluation is not None:
@@ -184,9 +192,9 @@ def run(
     opset: int | None = None,
     recipe_path: str | Path | None = None,
     force: bool = False,
+    external_above: int = external.LIMIT_BYTES,
 ) -> StageResult:
-    import onnx
-
+    """Export; a model whose tensors exceed `external_above` bytes keeps them in `<out>.data` beside it."""
     parent, recipe = source(src, opset, recipe_path)
     out = Path(out)
     check_sources(recipe, ("calibration", "evaluation"))  # the parity sample and evaluation data, before work
@@ -201,8 +209,7 @@ def run(
     data.update(_callable_keys(recipe))
 
     def body(st: Any) -> dict[str, Any]:
-        program, model = onnx_model(parent, recipe, recipe.export.opset)
-        onnx.save(model, str(st.tmp))
+        program, model = onnx_model(parent, recipe, recipe.export.opset, st.tmp, external_above)
         st.report = measure(parent, recipe, program, model, st.tmp)
         return {"io": parent.manifest["io"], "status": "ok" if st.report["parity"]["passed"] else "parity_failed"}
 

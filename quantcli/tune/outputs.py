@@ -89,6 +89,8 @@ def adopt(base: Path, trial: Path, out: Path, force: bool) -> None:
     if onnx_todo:
         with staging.staging(out / onnx.name, onnx_file=True) as st:
             shutil.copyfile(onnx, st.tmp)
+            if artifacts.data_path(onnx).exists():  # a large model's tensors, under the name the model gives them
+                shutil.copyfile(artifacts.data_path(onnx), artifacts.data_path(st.tmp))
             shutil.copyfile(artifacts.report_path(onnx), st.tmp_report)
 
 

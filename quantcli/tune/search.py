@@ -257,7 +257,10 @@ def _same_graph(a: Path, b: Path) -> bool:
     """Whether two ONNX files hold the same graph (their metadata, which names the chain, aside)."""
     import onnx
 
-    first, second = onnx.load(str(a)), onnx.load(str(b))
+    from quantcli.artifacts import data_path, sha256_file
+
+    first, second = onnx.load(str(a), load_external_data=False), onnx.load(str(b), load_external_data=False)
     del first.metadata_props[:]
     del second.metadata_props[:]
-    return first.SerializeToString() == second.SerializeToString()
+    data = [sha256_file(data_path(p)) if data_path(p).exists() else None for p in (a, b)]  # external tensors
+    return first.SerializeToString() == second.SerializeToString() and data[0] == data[1]

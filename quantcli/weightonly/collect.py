@@ -14,7 +14,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from quantcli.quantizers.names import WEIGHT_METHODS_WITH_DATA
-from quantcli.weightonly.plan import Layer, attribute
+from quantcli.weightonly.plan import Layer
 
 PREFIX = "weight_only_stats_"
 
@@ -44,10 +44,10 @@ def insert(module: GraphModule, layers: list[Layer]) -> int:
     groups: dict[Node, list[Layer]] = {}
     for layer in layers:
         if layer.weights.method in WEIGHT_METHODS_WITH_DATA:
-            groups.setdefault(layer.node.args[0], []).append(layer)
+            groups.setdefault(layer.input, []).append(layer)
     for index, (x, users) in enumerate(groups.items()):
         name = f"{PREFIX}{index}"
-        features = attribute(module, users[0].weight_target).shape[1]
+        features = users[0].weight(module).shape[1]
         module.add_submodule(name, InputStats(features, any(u.weights.method == "awq" for u in users)))
         with module.graph.inserting_before(users[0].node):
             stats = module.graph.call_module(name, (x,))
@@ -59,7 +59,7 @@ def insert(module: GraphModule, layers: list[Layer]) -> int:
 
 
 def stats_of(module: GraphModule, layer: Layer) -> InputStats | None:
-    x = layer.node.args[0]
+    x = layer.input
     if isinstance(x, Node) and x.op == "call_module" and str(x.target).startswith(PREFIX):
         return module.get_submodule(x.target)
     return None
