@@ -60,7 +60,10 @@ def _put_weight_only(model: Any, parent: artifacts.Artifact) -> None:
     state = _torch.load_program(parent.file(artifacts.PROGRAM)).state_dict
     for index, (record, q) in enumerate(apply.load(parent.manifest["weight_only"], codes)):
         linear = model.get_submodule(record["module"].removeprefix("model."))  # the task wrapper's `model.`
-        linear.weight = torch.nn.Parameter(q.weight(), requires_grad=False)  # a tied head gets its own copy
+        weight = q.weight()  # [N, K]; GPT-2's Conv1D stores [K, N] (quantcli.weightonly.plan)
+        if type(linear).__name__ == "Conv1D":
+            weight = weight.T.contiguous()
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)  # a tied head gets its own copy
         scale = state.get(f"{apply.INPUT_SCALE}{index}")
         if scale is not None:
             linear.register_forward_pre_hook(_divide_by(scale.clone()))
