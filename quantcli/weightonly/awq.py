@@ -28,7 +28,7 @@ def candidate(w: torch.Tensor, magnitude: torch.Tensor, alpha: float, grid: Grid
     """The weight quantized with input scales magnitude ** alpha (the paper's normalization)."""
     s = magnitude.double().pow(alpha).clamp(min=1e-4)
     s = (s / (s.max() * s.min()).sqrt()).float()
-    scaled = rtn(w.float() * s[None, :], grid)
+    scaled = rtn(w.float() * s[None, :], grid, exact_extreme=False)  # the grid clip() ends on
     scaled.input_scale = s
     return scaled
 
@@ -38,7 +38,7 @@ def search(w: torch.Tensor, hessian: torch.Tensor, magnitude: torch.Tensor, grid
     best, best_alpha, best_error = None, 0.0, float("inf")
     for point in range(GRID_POINTS):
         alpha = point / GRID_POINTS
-        result = rtn(w, grid) if point == 0 else candidate(w, magnitude, alpha, grid)
+        result = rtn(w, grid, exact_extreme=False) if point == 0 else candidate(w, magnitude, alpha, grid)
         error = result.error(w, hessian)
         if error < best_error:
             best, best_alpha, best_error = result, alpha, error

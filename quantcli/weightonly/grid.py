@@ -4,7 +4,12 @@ A weight W is [N, K] (out, in), as torch's Linear stores it. Blocks run along K:
 ceil(K / block_size) blocks, the last one shorter when the block does not divide K (ONNX's blocked
 DequantizeLinear and ORT's MatMulNBits take such a block as it is); no block size is one block of all K,
 a scale per output channel. Symmetric grids are signed with no zero point (int4 -8..7, int8 -128..127),
-the scale the block's largest magnitude over half the grid's span (as torchao and GPTQ's reference do);
+the scale the block's largest magnitude over half the grid's span (as torchao and GPTQ's reference do),
+or, for round to nearest, its value of largest magnitude over -8 (-128), as ONNX Runtime's MLAS
+quantizer (the onnxruntime-genai builder's default) does: that value then lies exactly on the grid's
+longer end, and the scale is negative where it is positive. On a real 135M decoder the second gave
+round to nearest 0.8x the perplexity of the first (docs/weight-only.md); GPTQ's error feedback and
+AWQ's scaled weights need the headroom of the first (the tests' Llama lost 2-3 dB with the second);
 asymmetric grids are unsigned (0..15, 0..255) with a zero point, over the block's range widened to
 hold 0. Dequantizing is (q - zero) * scale in float32: the arithmetic of DequantizeLinear, so the
 PyTorch weight-only model and the ONNX file hold the same weights.
@@ -58,11 +63,22 @@ def blocked(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, nb * b - k)).reshape(n, nb, b)
 
 
-def fit(w: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fit(
+    w: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None, *, exact_extreme: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale [N, blocks] float32, zero point [N, blocks] or None) of round-to-nearest on w's blocks, each
-    block's range times `shrink` [N, blocks] where given (weights beyond it are clipped)."""
+    block's range times `shrink` [N, blocks] where given (weights beyond it are clipped).
+
+    Symmetric grids: the block's largest magnitude over half the span (7.5 for int4), or with
+    `exact_extreme` its value of largest magnitude over qmin (-8), a negative scale where it is positive,
+    as ONNX Runtime's MLAS block quantizer does: that value then lies exactly on the grid.
+    """
     blocks = blocked(w.float(), grid)
     factor = 1.0 if shrink is None else shrink.float()
+    if grid.symmetric and exact_extreme:
+        extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1) * factor
+        scale = extreme / grid.qmin
+        return torch.where(scale != 0, scale, torch.ones_like(scale)), None
     if grid.symmetric:
         scale = blocks.abs().amax(-1) * factor / ((grid.qmax - grid.qmin) / 2)
         return torch.where(scale > 0, scale, torch.ones_like(scale)), None
