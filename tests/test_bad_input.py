@@ -164,7 +164,7 @@ def _model_cases(files: Path) -> dict[str, tuple[dict, list[str]]]:
             {"inputs": [{"name": "x", "shape": [4, 3, 8, 8]}], "calibration": None, "evaluation": None},
             [
                 "capture failed: RuntimeError:",
-                "expected input[4, 3, 8, 8] to have 1 channels",
+                "expected input[2, 3, 8, 8] to have 1 channels",
                 "check the recipe's inputs",
             ],
         ),

@@ -405,6 +405,15 @@ SLOW_DATA = textwrap.dedent('''
 ''')
 
 
+def _as_from_a_shell() -> None:
+    """The child starts with SIGINT and SIGTERM at their defaults, unblocked, as a shell starts a command: it
+    would inherit an ignored SIGINT from the test worker (once seen on a loaded CI run), and Python then
+    installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _start_and_kill(args: list, marker: Path, sig: int) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(
         [sys.executable, "-m", "quantcli", *map(str, args)],
@@ -413,6 +422,7 @@ def _start_and_kill(args: list, marker: Path, sig: int) -> subprocess.CompletedP
         text=True,
         cwd=ROOT,
         env=cli_env(MARKER=str(marker)),
+        preexec_fn=_as_from_a_shell,
     )
     try:
         deadline = time.monotonic() + 300
