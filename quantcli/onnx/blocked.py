@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from quantcli.errors import ModelError
+from quantcli.onnx.graph import Graph
 
 ACCURACY_LEVEL = 4  # what ORT gives the MatMulNBits it fuses: the input quantized to int8 per block
 _ONNX_TYPES = {(4, True): "INT4", (4, False): "UINT4", (8, True): "INT8", (8, False): "UINT8"}
@@ -44,20 +45,8 @@ def tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> Any:
     return TensorProto(name=name, data_type=data_type, dims=list(values.shape), raw_data=packed.tobytes())
 
 
-class _Weights:
-    """The initializers, producers and consumer counts of a graph, and the float weight [N, K] a node reads."""
-
-    def __init__(self, graph: Any):
-        from onnx import numpy_helper
-
-        self.graph = graph
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.producers = {out: node for node in graph.node for out in node.output}
-        self.users: dict[str, int] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.users[name] = self.users.get(name, 0) + 1
-        self.array = lambda name: numpy_helper.to_array(self.initializers[name])
+class _Weights(Graph):
+    """The graph's index (quantcli.onnx.graph), and the float weight [N, K] a node reads."""
 
     def weight_of(self, node: Any) -> tuple[np.ndarray, str] | None:
         """(the weight [N, K], the initializer or Transpose output that holds it) of a MatMul/Gemm, else None."""
@@ -69,20 +58,20 @@ class _Weights:
         if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
             return None
         source = node.input[1]
-        if source in self.initializers:
-            b = self.array(source)
+        if source in self.inits:
+            b = self.initializer(source)
             if b.ndim != 2 or b.dtype != np.float32:
                 return None
             return (b if attrs.get("transB", 0) else b.T), source
-        transpose = self.producers.get(source)
+        transpose = self.producer.get(source)
         if (
             node.op_type == "MatMul"
             and transpose is not None
             and transpose.op_type == "Transpose"
-            and transpose.input[0] in self.initializers
+            and transpose.input[0] in self.inits
             and [int(p) for p in helper.get_attribute_value(transpose.attribute[0])] == [1, 0]
         ):
-            b = self.array(transpose.input[0])
+            b = self.initializer(transpose.input[0])
             return (b, source) if b.dtype == np.float32 else None
         return None
 
@@ -157,9 +146,9 @@ def _store_tables(model: Any, weights: _Weights, tables: list, packed: dict[int,
     for node in list(model.graph.node):
         table = node.input[0] if node.op_type == "Gather" and node.input else None
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if table not in weights.initializers or attrs.get("axis", 0) != 0:
+        if table not in weights.inits or attrs.get("axis", 0) != 0:
             continue
-        array = weights.array(table)
+        array = weights.initializer(table)
         key = digest(array) if array.ndim == 2 and array.dtype == np.float32 else None
         if key not in wanted:
             continue
