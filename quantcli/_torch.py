@@ -101,16 +101,29 @@ def _onnx_registry(opset: int) -> Any:
     return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
 
 
-def onnx_program(program: Any, *, opset: int, input_names: list[str], output_names: list[str]) -> Any:
-    """torch.onnx.export(program, dynamo=True, optimize=True) of an ExportedProgram, as an ONNXProgram."""
+def onnx_program(
+    program: Any,
+    *,
+    opset: int,
+    input_names: list[str],
+    output_names: list[str],
+    translations: dict[str, Any] | None = None,
+) -> Any:
+    """torch.onnx.export(program, dynamo=True, optimize=True) of an ExportedProgram, as an ONNXProgram;
+    `translations`: {"namespace::op": ONNX function} for custom ops in the program."""
     from torch.onnx._internal.exporter import _core
 
+    registry = _onnx_registry(opset)
+    for name, function in (translations or {}).items():
+        if not any(d.is_custom for d in registry.get_decomps(name)):
+            namespace, op = name.split("::")
+            registry.register_op(getattr(getattr(torch.ops, namespace), op).default, function)
     with no_stack_traces():
         return _core.export(
             program,
             (),
             {},
-            registry=_onnx_registry(opset),
+            registry=registry,
             dynamic_shapes={},
             input_names=input_names,
             output_names=output_names,

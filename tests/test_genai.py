@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from quantcli import recipe as recipes
@@ -139,6 +140,10 @@ def test_the_decoder_has_onnxruntime_genai_inputs_outputs_and_grouped_query_head
     assert outputs["logits"][:2] == ["batch", "seq"]
     assert [n for n in outputs if n != "logits"] == [n.replace("past_key_values", "present") for n in past]
     assert outputs["present.0.key"] == ["batch", 2, "total_seq", 16]
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # each layer's attention one fused node (rotary inside), each residual Add one with the norm that reads it
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 4
+    assert not {"Softmax", "Concat", "Neg"} & set(ops), ops
     config = json.loads((path.with_name("model.genai") / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_key_value_heads"] == 2 and config["model"]["type"] == "llama"
     assert config["search"]["past_present_share_buffer"] is False
@@ -153,7 +158,11 @@ def test_the_decoder_has_onnxruntime_genai_inputs_outputs_and_grouped_query_head
 def test_int4_decoder_keeps_matmul_nbits_and_its_cache_perplexity_equals_the_whole_sequences(folders, exports):
     path = exports["llama", "int4"]
     report = json.loads(path.with_name("model.report.json").read_text())
-    assert report["kernels"]["weight_only"] == {"matmul_nbits": 15, "gather_block_quantized": 1, "float_linears": []}
+    # 2 layers x (q/k/v packed, o, gate, up, down) + the LM head, whose codes the embedding reads
+    assert report["kernels"]["weight_only"] == {"matmul_nbits": 11, "gather_block_quantized": 1, "float_linears": []}
+    model = onnx.load(str(path))
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [n.input[1:3] for n in gqa] == [["", ""]] * 2  # the packed projections: key and value inside
     assert report["parity"]["passed"]
     check = report["kv_cache"]
     assert check["steps"] >= 16

@@ -87,9 +87,12 @@ def store(model: Any, layers: list[tuple[dict[str, Any], Any]]) -> int:
     linears = [(i, r, q) for i, (r, q) in enumerate(layers) if r.get("kind", "linear") == "linear"]
     tables = [(i, r, q) for i, (r, q) in enumerate(layers) if r.get("kind") == "embedding"]
     shared = {r["tied_to"] for _, r, _ in tables if "tied_to" in r}
+    stored, merged, unread = _packed_attention_inputs(model, linears)
     weights = _Weights(model.graph)
     packed: dict[int, tuple[str, ...]] = {}
-    done, dropped = _store_linears(model, weights, linears, shared, packed)
+    done, dropped = _store_linears(model, weights, stored, shared, packed)
+    done += merged
+    dropped |= unread
     done += _store_tables(model, weights, tables, packed, dropped)
     _drop_unused(model.graph, dropped)
     missing = [r["module"] for i, r, _ in linears + tables if i not in done]
@@ -99,6 +102,63 @@ def store(model: Any, layers: list[tuple[dict[str, Any], Any]]) -> int:
             f"{', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         )
     return len(linears)
+
+
+def _packed_attention_inputs(model: Any, linears: list) -> tuple[list, list[int], set[str]]:
+    """One MatMul for the query, key and value projections of each GroupQueryAttention that reads three MatMuls of
+    one input with weights on one grid, its output the packed input the node takes (key and value left empty):
+    at batch 1 one kernel call instead of three. (the linears to store, the combined one in place of each
+    three; the indices merged into another; the float weights no longer read)."""
+    from onnx import numpy_helper
+
+    from quantcli.weightonly.result import Quantized
+
+    weights = _Weights(model.graph)
+    wanted = {digest(q.weight().numpy()): (index, record, q) for index, record, q in linears}
+    replaced: dict[int, tuple[int, dict, Any]] = {}
+    merged: list[int] = []
+    unread: set[str] = set()
+    for gqa in [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]:
+        projections = [weights.producer.get(name) for name in gqa.input[:3]]
+        if len(projections) < 3 or any(p is None or p.op_type != "MatMul" for p in projections):
+            continue
+        found = [weights.weight_of(p) for p in projections]
+        if any(f is None for f in found) or len({p.input[0] for p in projections}) != 1:
+            continue
+        parts = [wanted.get(digest(w)) for w, _ in found]
+        if any(part is None for part in parts) or any(len(weights.consumers[p.output[0]]) != 1 for p in projections):
+            continue
+        qs = [q for _, _, q in parts]
+        one_grid = all(q.grid == qs[0].grid and (q.zero is None) == (qs[0].zero is None) for q in qs)
+        if not one_grid or any(q.input_scale is not None for q in qs):
+            continue
+        combined = Quantized(
+            qs[0].grid,
+            _cat([q.codes for q in qs]),
+            _cat([q.scale for q in qs]),
+            _cat([q.zero for q in qs]) if qs[0].zero is not None else None,
+        )
+        module = parts[0][1]["module"].rsplit(".", 1)[0]
+        name = weights.fresh(f"{module}.qkv_proj.weight_float")
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(combined.weight().numpy().T), name))
+        first = projections[0]
+        first.input[1] = name
+        for p in projections[1:]:
+            model.graph.node.remove(p)
+        del gqa.input[1:3]
+        gqa.input.insert(1, "")
+        gqa.input.insert(2, "")
+        unread |= {source for _, source in found}
+        replaced[parts[0][0]] = (parts[0][0], {**parts[0][1], "module": f"{module}.qkv_proj"}, combined)
+        merged += [index for index, _, _ in parts[1:]]
+    stored = [replaced.get(i, (i, r, q)) for i, r, q in linears if i not in merged]
+    return stored, merged, unread
+
+
+def _cat(tensors: list) -> Any:
+    import torch
+
+    return torch.cat(tensors, dim=0)
 
 
 def _store_linears(

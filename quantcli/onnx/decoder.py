@@ -58,14 +58,18 @@ def output_names(cache: Cache) -> list[str]:
     return ["logits", *cache.present_names()]
 
 
-def wrapper(model: Any, positions: bool) -> Any:
+def wrapper(model: Any, positions: bool, tables: tuple[Any, Any] | None = None) -> Any:
     """`model` (a transformers causal LM) called with its cache as flat tensors, returning logits and the cache.
 
     The wrapped model is the attribute `model`, as in the full-sequence capture, so that nodes carry the
-    same module paths (`model.model.layers.0.self_attn.q_proj`) as the weight-only plan names them.
+    same module paths (`model.model.layers.0.self_attn.q_proj`) as the weight-only plan names them. With
+    `tables` (the rotary embedding's cos and sin, quantcli.onnx.attention.rotary_tables) the attention
+    layers take the cache from this forward and compute with the fused op (within attention.fused).
     """
     import torch
     from transformers import DynamicCache
+
+    from quantcli.onnx import attention
 
     cache = Cache.of(model.config)
     cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x
@@ -74,9 +78,14 @@ def wrapper(model: Any, positions: bool) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            if tables is not None:
+                self.register_buffer("rotary_cos", tables[0])
+                self.register_buffer("rotary_sin", tables[1])
 
         def forward(self, input_ids: Any, attention_mask: Any, *rest: Any) -> Any:
             position_ids, past = (rest[0], rest[1:]) if positions else (None, rest)
+            if tables is not None:
+                return self.fused(input_ids, attention_mask, position_ids, past)
             kv = DynamicCache(config=self.model.config)
             for i in range(cache.layers):
                 kv.update(past[2 * i], past[2 * i + 1], i)
@@ -90,6 +99,24 @@ def wrapper(model: Any, positions: bool) -> Any:
             )
             grown = out[cache_key]
             present = [t for layer in grown.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+        def fused(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: tuple) -> Any:
+            step = attention.STEP
+            step.past = [(past[2 * i], past[2 * i + 1]) for i in range(cache.layers)]
+            step.present = {}
+            step.seqlens_k = (attention_mask.sum(dim=-1) - 1).to(torch.int32)
+            step.total = torch.scalar_tensor(attention_mask.shape[1], dtype=torch.int32)
+            step.cos, step.sin = self.rotary_cos, self.rotary_sin
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                return_dict=True,
+            )
+            present = [t for i in range(cache.layers) for t in step.present[i]]
+            step.past, step.present = [], {}
             return (out.logits, *present)
 
     from quantcli.sources.huggingface import named
@@ -147,6 +174,31 @@ def use_grouped_attention(model: Any) -> bool:
     return same
 
 
+def fused_attention(model: Any) -> tuple[list[Any], tuple[Any, Any]] | None:
+    """(the attention layers, the rotary tables) where quantcli.onnx.attention's fused op computes what the
+    model's own attention does (checked on a random batch with a cache, as `use_grouped_attention`); else None."""
+    import torch
+
+    from quantcli.onnx import attention
+
+    cache = Cache.of(model.config)
+    modules = attention.attention_modules(model)
+    tables = attention.rotary_tables(model, cache.head_dim) if modules else None
+    if tables is None or len(modules) != cache.layers or cache.heads % cache.kv_heads:
+        return None
+    positions = accepts_positions(model)
+    args = example(cache, int(model.config.vocab_size), positions)
+    with torch.no_grad():
+        expected = wrapper(model, positions)(*args)
+        try:
+            with attention.fused(modules):
+                got = wrapper(model, positions, tables)(*args)
+            same = all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(expected, got))
+        except Exception:  # an attention the fused form does not fit
+            same = False
+    return (modules, tables) if same else None
+
+
 def example(cache: Cache, vocab: int, positions: bool, batch: int = 2, seq: int = 3, past: int = 5) -> tuple:
     """Arguments to trace with: every size distinct and above 1, so none is specialized to a constant."""
     import torch
@@ -163,22 +215,33 @@ def example(cache: Cache, vocab: int, positions: bool, batch: int = 2, seq: int 
 def export(model: Any, opset: int) -> Any:
     """The ONNX model (onnx.ModelProto) of `model` with its cache, dimensions named batch, seq, past_seq, total_seq."""
     from quantcli import _torch
+    from quantcli.onnx import attention
     from quantcli.onnx.export import to_onnx
 
     cache = Cache.of(model.config)
     positions = accepts_positions(model)
-    use_grouped_attention(model)
-    module = wrapper(model, positions)
+    found = fused_attention(model)
+    if found is None:
+        use_grouped_attention(model)
+    modules, tables = found or ([], None)
+    module = wrapper(model, positions, tables)
     args = example(cache, int(model.config.vocab_size), positions)
     auto = _torch.torch.export.Dim.AUTO
     shapes = tuple({0: auto, 1: auto} if a.dim() == 2 else {0: auto, 2: auto} for a in args)
-    with _torch.torch.no_grad():
+    with _torch.torch.no_grad(), attention.fused(modules):
         program = _torch.export_program(module, args, shapes)
     names = input_names(cache, positions)
     onnx_model = to_onnx(  # float activations: nothing for the integer rewrites to do, and ORT fuses the norms
-        program, opset=opset, input_names=names, output_names=output_names(cache), integer_rewrites=False
+        program,
+        opset=opset,
+        input_names=names,
+        output_names=output_names(cache),
+        integer_rewrites=False,
+        translations={attention.OP: attention.onnx_translation()} if found else None,
     )
     norms_as_division(onnx_model)
+    if found:  # the residual stream of the usual decoder layer (attention's form is checked, the norms' not needed)
+        skip_norms(onnx_model)
     name_dims(onnx_model)
     return onnx_model
 
@@ -205,6 +268,87 @@ def norms_as_division(model: Any) -> int:
         g.graph.node.remove(reciprocal)
         done += 1
     return done
+
+
+def skip_norms(model: Any) -> int:
+    """Each residual Add read by an RMS norm (x / Sqrt(ReduceMean(x^2) + eps) * w), as
+    com.microsoft::SkipSimplifiedLayerNormalization, which gives the norm and the sum in one node (ORT fuses
+    a residual Add only into LayerNormalization, and only where the sum has no other reader); the count."""
+    from onnx import helper
+
+    from quantcli.onnx.graph import Graph
+
+    g = Graph(model.graph)
+    done = 0
+    for add in [n for n in g.graph.node if n.op_type == "Add"]:
+        norm = _rms_norm(g, add.output[0])
+        if norm is None or add.output[0] in g.outputs:
+            continue
+        chain, gamma, eps, out = norm
+        others = [n for n in g.consumers.get(add.output[0], []) if n not in chain]
+        fused = helper.make_node(
+            "SkipSimplifiedLayerNormalization",
+            [add.input[0], add.input[1], gamma],
+            [out, "", "", add.output[0]] if others else [out],
+            name=g.fresh(f"{add.name}_skip_norm"),
+            domain="com.microsoft",
+            epsilon=eps,
+        )
+        position = list(g.graph.node).index(add)
+        for node in [add, *chain]:
+            g.graph.node.remove(node)
+        g.graph.node.insert(position, fused)
+        done += 1
+    if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done
+
+
+def _rms_norm(g: Any, x: str) -> tuple[list[Any], str, float, str] | None:
+    """(its nodes, the weight, epsilon, its output) of the RMS norm over the last axis that reads `x`, or None."""
+    readers = g.consumers.get(x, [])
+    pow_ = next((n for n in readers if n.op_type == "Pow" and n.input[0] == x), None)
+    div = next((n for n in readers if n.op_type == "Div" and n.input[0] == x), None)
+    if pow_ is None or div is None or _value(g, pow_.input[1]) != 2.0:
+        return None
+    mean = _only_reader(g, pow_.output[0], "ReduceMean")
+    plus = _only_reader(g, mean.output[0], "Add") if mean is not None else None
+    sqrt = _only_reader(g, plus.output[0], "Sqrt") if plus is not None else None
+    if sqrt is None or div.input[1] != sqrt.output[0] or _axes(g, mean) != [-1]:
+        return None
+    eps = _value(g, plus.input[1] if plus.input[0] == mean.output[0] else plus.input[0])
+    mul = _only_reader(g, div.output[0], "Mul")
+    if eps is None or mul is None:
+        return None
+    gamma = mul.input[0] if mul.input[1] == div.output[0] else mul.input[1]
+    weight = g.constant(gamma)
+    if weight is None or weight.ndim != 1:
+        return None
+    return [pow_, mean, plus, sqrt, div, mul], gamma, eps, mul.output[0]
+
+
+def _only_reader(g: Any, name: str, op_type: str) -> Any:
+    readers = g.consumers.get(name, [])
+    return readers[0] if len(readers) == 1 and readers[0].op_type == op_type and name not in g.outputs else None
+
+
+def _value(g: Any, name: str) -> float | None:
+    value = g.constant(name)
+    return float(value) if value is not None and value.size == 1 else None
+
+
+def _axes(g: Any, node: Any) -> list[int] | None:
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("keepdims", 1) != 1:
+        return None
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1:
+        value = g.constant(node.input[1])
+        axes = None if value is None else [int(v) for v in value.reshape(-1)]
+    rank = g.rank(node.input[0])
+    return [a - rank if a >= 0 and rank is not None else a for a in axes] if axes is not None else None
 
 
 def accepts_positions(model: Any) -> bool:

@@ -13,17 +13,28 @@ EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through
 
 
 def to_onnx(
-    program: Any, *, opset: int, input_names: list[str], output_names: list[str], integer_rewrites: bool = True
+    program: Any,
+    *,
+    opset: int,
+    input_names: list[str],
+    output_names: list[str],
+    integer_rewrites: bool = True,
+    translations: dict[str, Any] | None = None,
 ) -> Any:
     """Export with torch.onnx (dynamo) and return the onnx.ModelProto at the requested opset.
 
     `integer_rewrites=False` leaves out quantcli.onnx.rewrite, which serves quantized activations: on a float
-    graph its GlobalAveragePool in place of an RMS norm's ReduceMean keeps ORT from fusing the norm."""
+    graph its GlobalAveragePool in place of an RMS norm's ReduceMean keeps ORT from fusing the norm.
+    `translations` maps quantcli's own torch ops ("namespace::name") to the ONNX functions that write them."""
     from quantcli import _torch
 
     try:
         onnx_program = _torch.onnx_program(
-            program, opset=max(opset, EXPORTER_OPSET), input_names=input_names, output_names=output_names
+            program,
+            opset=max(opset, EXPORTER_OPSET),
+            input_names=input_names,
+            output_names=output_names,
+            translations=translations,
         )
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
