@@ -17,6 +17,9 @@ from quantcli.artifacts import data_path
 from quantcli.errors import ModelError
 
 LIMIT_BYTES = 2**31 - 2**27  # 1.875 GiB of tensors: what is left of protobuf's 2 GiB holds the graph
+# Tensors under this stay in the model: shape inference's data propagation reads the small constants (an
+# Unsqueeze's axes, a Reshape's shape) and cannot read them from the data file.
+INLINE_BYTES = 1024
 
 
 def tensor_bytes(model: Any) -> int:
@@ -39,7 +42,7 @@ def save(model: Any, path: Path, limit: int = LIMIT_BYTES) -> bool:
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=data_path(path).name,
-        size_threshold=0,
+        size_threshold=INLINE_BYTES,
     )
     shutil.copymode(path, data_path(path))  # onnx writes the data file for its owner only; it goes with the model
     load_external_data_for_model(model, str(path.parent))  # saving moved the tensors out of the proto
