@@ -159,7 +159,8 @@ def _generation(recipe: Recipe) -> dict[str, Any]:
 
 
 def write_folder(onnx_path: Path, recipe: Recipe) -> Path:
-    """`<name>.genai/` beside the exported decoder `onnx_path`: the model linked, genai_config.json, the tokenizer.
+    """`<name>.genai/` beside the exported decoder `onnx_path`: the model (and its external data file) linked,
+    genai_config.json, the tokenizer.
 
     Written into a hidden sibling and renamed into place; an existing folder is replaced only if it is
     one (it holds genai_config.json), never a folder quantcli did not write.
@@ -175,6 +176,9 @@ def write_folder(onnx_path: Path, recipe: Recipe) -> Path:
     model_config = huggingface.load_config(recipe.model)
     with staging.staging(out) as st:
         staging.link_or_copy(onnx_path, st.tmp / onnx_path.name)
+        data = artifacts.data_path(onnx_path)  # a model over 2 GB reads its tensors from the file beside it
+        if data.exists():
+            staging.link_or_copy(data, st.tmp / data.name)
         tokenizer = huggingface.tokenizer(recipe.model, pad=False)
         tokenizer.save_pretrained(st.tmp)
         document = config(recipe, model_config, model, onnx_path.name)

@@ -10,6 +10,7 @@ import pytest
 from quantcli import stages
 from quantcli.errors import ModelError, RecipeError
 from quantcli.onnx import export as onnx_export
+from quantcli.onnx import external
 from tests.conftest import cli, run_chain
 from tests.recipes import write_recipe
 
@@ -88,7 +89,9 @@ def test_a_model_over_the_size_limit_keeps_its_tensors_in_one_data_file_beside_i
     assert report["onnx"]["size_bytes"] > data_path(out).stat().st_size  # both files counted
     assert data_path(out).stat().st_mode == out.stat().st_mode  # readable by whoever can read the model
     proto = onnx.load(str(out), load_external_data=False)
-    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    external_data = [t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer]
+    assert any(external_data)  # the weights; constants under INLINE_BYTES stay in the model for shape inference
+    assert all(e or len(t.raw_data) < external.INLINE_BYTES for e, t in zip(external_data, proto.graph.initializer))
     assert onnx_export.read_metadata(out)["stage"] == "exported"  # the manifest went into the model, not the data
 
     layers = cli("report", mlp / "converted", "--onnx", out, "--json")

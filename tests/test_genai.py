@@ -104,6 +104,22 @@ def test_fp32_decoder_generates_pytorch_greedy_tokens_through_onnxruntime_genai(
 
 
 @pytest.mark.slow
+def test_a_decoder_over_the_size_limit_runs_from_its_folder_with_the_data_file_linked(exports, tmp_path):
+    """The limit at 0 bytes: model.onnx.data holds every tensor, the folder links it beside the model, and
+    onnxruntime-genai generates the one-file model's tokens from the folder."""
+    from quantcli import stages
+
+    one_file = exports["llama", "fp32"]
+    out = tmp_path / "model.onnx"
+    stages.export.run(one_file.parent / "converted", out, external_above=0)
+    folder = out.with_name("model.genai")
+    assert folder.joinpath("model.onnx.data").samefile(out.with_name("model.onnx.data"))
+    assert folder.joinpath("model.onnx").stat().st_size < 100_000  # the graph only
+    ids = [5, 17, 3]
+    assert greedy(folder, ids) == greedy(one_file.with_name("model.genai"), ids)
+
+
+@pytest.mark.slow
 def test_a_gpt2_decoder_runs_as_onnxruntime_genais_generic_decoder(folders, tmp_path):
     """GPT-2 (absolute positions, LayerNorm, Conv1D, one key/value head a head): onnxruntime-genai's own gpt2
     type reads another cache layout, so the folder names the generic decoder; greedy tokens as PyTorch's."""

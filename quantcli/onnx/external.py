@@ -17,15 +17,19 @@ from quantcli.artifacts import data_path
 from quantcli.errors import ModelError
 
 LIMIT_BYTES = 2**31 - 2**27  # 1.875 GiB of tensors: what is left of protobuf's 2 GiB holds the graph
+# Tensors under this stay in the model: shape inference's data propagation reads the small constants (an
+# Unsqueeze's axes, a Reshape's shape) and cannot read them from the data file.
+INLINE_BYTES = 1024
 
 
 def tensor_bytes(model: Any) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
-def save(model: Any, path: Path, limit: int = LIMIT_BYTES) -> bool:
+def save(model: Any, path: Path, limit: int = LIMIT_BYTES, keep: bool = True) -> bool:
     """Save `model` at `path`, with external data when its tensors exceed `limit`; whether it did.
-    The model in memory keeps its tensors either way."""
+    The model in memory keeps its tensors either way, unless `keep` is False: then a model saved with external
+    data is left referring to the data file (a caller done with it need not read 2 GB back)."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -39,10 +43,11 @@ def save(model: Any, path: Path, limit: int = LIMIT_BYTES) -> bool:
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=data_path(path).name,
-        size_threshold=0,
+        size_threshold=INLINE_BYTES,
     )
     shutil.copymode(path, data_path(path))  # onnx writes the data file for its owner only; it goes with the model
-    load_external_data_for_model(model, str(path.parent))  # saving moved the tensors out of the proto
+    if keep:
+        load_external_data_for_model(model, str(path.parent))  # saving moved the tensors out of the proto
     return True
 
 
@@ -58,7 +63,7 @@ def checked(model: Any, path: Path, limit: int = LIMIT_BYTES) -> Any:
         model = infer_shapes(model)
         save(model, path, limit)
         return model
-    save(model, path, limit)
+    save(model, path, limit, keep=False)  # what is returned is read from the file
     try:
         onnx.checker.check_model(str(path), full_check=True)
         onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True, data_prop=True)

@@ -32,7 +32,7 @@ def optimized_graph(onnx_path: str | Path, threads: int = 1):
         if data_path(Path(onnx_path)).exists():  # a model over protobuf's limit: its optimized form is one too
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        return onnx.load(str(out)).graph
+        return onnx.load(str(out), load_external_data=False).graph  # the nodes; initializers by name
 
 
 def integer_op_report(onnx_path: str | Path) -> dict:
@@ -68,7 +68,7 @@ def analyze(onnx_path: str | Path, *, weight_only: bool = False) -> dict:
     """
     import onnx
 
-    exported = onnx.load(str(onnx_path)).graph
+    exported = onnx.load(str(onnx_path), load_external_data=False).graph
     graph = optimized_graph(onnx_path)
     ops = Counter(node.op_type for node in graph.node)
     integer = {t: n for t, n in sorted(ops.items()) if t in INTEGER_KERNELS}
