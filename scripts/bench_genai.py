@@ -3,7 +3,7 @@
 One Hugging Face decoder (`--model FOLDER`; default: a random-weight Llama of SmolLM-135M's shape,
 30 layers, hidden 576, 9 heads with 3 key/value heads, vocabulary 49152, with a byte-level tokenizer
 trained on word pairs) goes through `quantcli run` as fp32 (every linear excluded), weight-only int8
-(per channel) and int4 (RTN, block 32), and through `python -m onnxruntime_genai.models.builder` as
+(per channel) and int4 (RTN and GPTQ, block 32), and through `python -m onnxruntime_genai.models.builder` as
 fp32 and int4 (its defaults: block 32, accuracy level 4, int4 embeddings shared with the LM head).
 Each folder is then run by onnxruntime-genai (og.Generator), in a process of its own so that its
 peak memory is its own: a 256-token prompt's prefill (the median of `--rounds`), then greedy decode
@@ -11,7 +11,13 @@ of `--new` tokens at batch 1 (tokens per second), with 1 and 2 intra-op threads.
 size, and the perplexity of each model on held-out text through onnxruntime (whole windows).
 
     python scripts/bench_genai.py [--model HF_FOLDER] [--work DIR [--reuse]] [--rounds 3] [--new 64]
+                                  [--held TEXT] [--folder NAME=GENAI_FOLDER ... [--only-folders]]
                                   [--json out.json] [--markdown]
+
+`--folder` adds folders built elsewhere (e.g. quantcli's GPTQ of a real decoder, calibrated on its own
+text) to the table; `--only-folders` measures those alone. `--held` is the held-out text for perplexity
+(default: word pairs). The rounds are interleaved: each round runs every folder once, 1 then 2
+threads, so that a change in the machine's load falls on all of them; the figures are medians.
 
 A random-weight model's perplexity says nothing of quality; with `--model` a real decoder's does. A
 benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
@@ -51,6 +57,7 @@ QUANTCLI = {
     "fp32": {"weights": {"dtype": "int8"}, "exclude_names": ["*"]},
     "int8": {"weights": {"dtype": "int8"}},
     "int4": {"weights": {"dtype": "int4", "block_size": 32, "symmetric": True, "method": "rtn"}},
+    "int4-gptq": {"weights": {"dtype": "int4", "block_size": 32, "symmetric": True, "method": "gptq"}},
 }
 BUILDER = ("fp32", "int4")
 
@@ -221,6 +228,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="tokens decoded after the prompt")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--held", type=Path, help="held-out text for perplexity (default: word pairs)")
+    parser.add_argument("--folder", action="append", default=[], help="NAME=FOLDER: a genai folder built elsewhere")
+    parser.add_argument("--only-folders", action="store_true", help="measure the --folder folders only")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # one folder, in a process of its own
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -230,19 +240,28 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-genai-"))
     work.mkdir(parents=True, exist_ok=True)
     train, held = texts()
+    held = args.held.read_text() if args.held else held
     (work / "train.txt").write_text(train)
     model = args.model or work / "model"
     if args.model is None and not (args.reuse and (model / "config.json").is_file()):
         random_model(model, train)
-    results = {}
-    for name, folder in build(model, work, args.reuse).items():
-        row = {"size_mb": size_mb(folder), "perplexity": perplexity(folder, held, model), "threads": {}}
-        for threads in (1, 2):
-            command = [sys.executable, __file__, "--measure", str(folder), "--threads", str(threads)]
-            command += ["--rounds", str(args.rounds), "--new", str(args.new)]
-            out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
-            row["threads"][str(threads)] = json.loads(out.stdout.strip().splitlines()[-1])
-        results[name] = row
+    folders = {} if args.only_folders else build(model, work, args.reuse)
+    folders.update(item.split("=", 1) for item in args.folder)
+    folders = {name: Path(folder) for name, folder in folders.items()}
+    results = {name: {"size_mb": size_mb(f), "perplexity": perplexity(f, held, model)} for name, f in folders.items()}
+    runs: dict[str, dict[str, list]] = {name: {"1": [], "2": []} for name in folders}
+    for _ in range(args.rounds):
+        for threads in ("1", "2"):
+            for name, folder in folders.items():  # a warm-up round, then one measured, in a process of its own
+                command = [sys.executable, __file__, "--measure", str(folder), "--threads", threads]
+                command += ["--rounds", "1", "--new", str(args.new)]
+                out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
+                runs[name][threads].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for name, row in results.items():
+        row["threads"] = {
+            threads: {key: statistics.median(r[key] for r in measured) for key in measured[0]}
+            for threads, measured in runs[name].items()
+        }
         print(name, json.dumps(row), file=sys.stderr, flush=True)
     document = {"machine": machine(), "model": str(model), "prompt_tokens": PROMPT_TOKENS, "results": results}
     if args.json:

@@ -232,3 +232,12 @@ def test_a_key_value_cache_needs_float_activations_and_a_text_generation_model()
         recipes.Recipe.model_validate({**base, "model": {"huggingface": "folder", "task": "text-classification"}})
     weight_only = recipes.Recipe.model_validate({**base, "quantization": {"activations": "none", **INT4}})
     assert weight_only.export.kv_cache
+
+
+def test_the_attention_check_allows_float_rounding_at_a_trained_models_scale():
+    import torch
+
+    logits = torch.linspace(-30, 30, 101)  # a trained model's logits reach tens; some lie near zero
+    assert decoder.computes_the_same((logits,), (logits + 2e-4,))  # rounding: 7e-6 of the largest
+    assert not decoder.computes_the_same((logits,), (logits + 1e-2,))
+    assert not decoder.computes_the_same((logits,), (logits[:-1],))
