@@ -119,8 +119,21 @@ def config(recipe: Recipe, model_config: Any, onnx_model: Any, filename: str) ->
             "type": "decoder" if model_config.model_type in OWN_LAYOUT else model_config.model_type,
             "vocab_size": model_config.vocab_size,
         },
-        "search": {**SEARCH, **{k: v for k, v in generation.items() if k in SEARCH}, "max_length": context},
+        "search": {
+            **SEARCH,
+            **{k: v for k, v in generation.items() if k in SEARCH},
+            "max_length": context,
+            "past_present_share_buffer": shares_buffer(onnx_model, cache.layers),
+        },
     }
+
+
+def shares_buffer(onnx_model: Any, layers: int) -> bool:
+    """Whether the runtime may give each layer one cache buffer of the context length, read as the past and
+    written as the present: where every layer's attention is GroupQueryAttention, which writes the new tokens
+    into the past's buffer (quantcli.onnx.attention) instead of returning a grown copy each token."""
+    fused = sum(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in onnx_model.graph.node)
+    return fused == layers
 
 
 # model types onnxruntime-genai runs with a cache layout of their own (GPT-2: one past_%d of keys and values
@@ -128,8 +141,7 @@ def config(recipe: Recipe, model_config: Any, onnx_model: Any, filename: str) ->
 OWN_LAYOUT = ("gpt2",)
 
 # onnxruntime-genai's search options and the values they take where the model's generation_config says nothing
-# (transformers' defaults); past and present are separate tensors here (the present is the past grown by the
-# new tokens), so the runtime does not share one buffer between them.
+# (transformers' defaults); past_present_share_buffer: `shares_buffer`.
 SEARCH: dict[str, Any] = {
     "diversity_penalty": 0.0,
     "do_sample": False,
@@ -139,7 +151,6 @@ SEARCH: dict[str, Any] = {
     "no_repeat_ngram_size": 0,
     "num_beams": 1,
     "num_return_sequences": 1,
-    "past_present_share_buffer": False,
     "repetition_penalty": 1.0,
     "temperature": 1.0,
     "top_k": 50,
