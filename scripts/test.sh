@@ -11,4 +11,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .            # lint ([tool.ruff] in pyproject.toml)
 ruff format --check .   # the one code format
-python -m pytest -n 2 --durations=15 "$@"
+# whole files to each worker, in tests/conftest.py's order (slow files first; CONTRIBUTING.md, test tiers)
+python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15 "$@"

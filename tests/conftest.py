@@ -341,3 +341,19 @@ def chained(tmp_path_factory: pytest.TempPathFactory, worker_id: str):
         return folder / "w"
 
     return get
+
+
+@pytest.fixture(scope="session")
+def decoder_folders(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """tests/decoders.py's Hugging Face decoder folders and texts, made once for all workers of the session."""
+    from tests import decoders
+
+    return decoders.folders(session_dir(tmp_path_factory, worker_id))
+
+
+@pytest.fixture(scope="session")
+def llama_rtn(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> tuple[dict[str, Any], Path]:
+    """tests/decoders.py's Llama int4 RTN run, once for all workers of the session: (export report, model.onnx)."""
+    from tests import decoders
+
+    return decoders.llama_rtn(session_dir(tmp_path_factory, worker_id))

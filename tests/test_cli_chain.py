@@ -18,7 +18,7 @@ import pytest
 from quantcli import artifacts
 from quantcli.onnx import runtime
 from quantcli.onnx.export import MODULE_KEY, MODULE_TYPE_KEY, OP_KEY
-from tests.conftest import quantcli
+from tests.conftest import cli
 from tests.models import MODELS, example_batch
 from tests.tolerances import CHAIN_SQNR_DB
 
@@ -78,10 +78,10 @@ def test_digits_onnx_carries_manifest_and_shapes(work):
     assert not any("/" in value for origin in origins for value in origin.values())  # no paths
 
 
-@pytest.mark.slow
 def test_inspect_json_of_each_stage(work):
+    """In this process: the stages above were each written and read by a process of their own."""
     for name, stage in [("captured", "captured"), ("converted", "converted"), ("model.onnx", "exported")]:
-        result = quantcli("inspect", work / name, "--json")
+        result = cli("inspect", work / name, "--json")
         assert result.rc == 0, result.stderr
         assert result.json()["manifest"]["stage"] == stage
 

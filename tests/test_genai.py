@@ -4,7 +4,8 @@ Llama and Qwen2 (grouped-query attention: 4 heads, 2 key/value heads), random we
 (initializer_range 0.2) that greedy decoding wanders over the vocabulary instead of repeating one token.
 The fp32 export (every linear excluded) generates PyTorch's greedy tokens exactly through og.Generator,
 which loads the folder with no quantcli code; the int4 export keeps every linear MatMulNBits and
-generates too; the cache path's perplexity equals the whole sequence's.
+generates too (the session's Llama int4 RTN run of tests/decoders.py, which test_weight_only_chain.py reads
+too); the cache path's perplexity equals the whole sequence's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import yaml
 
 from quantcli import recipe as recipes
 from quantcli.onnx import decoder, runtime
@@ -48,17 +50,15 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(folders, tmp_path_factory):
-    """(family, scheme) -> the exported model.onnx; the Llama int4 chain reuses the fp32 chain's capture."""
+    """family -> the exported fp32 model.onnx."""
     root = tmp_path_factory.mktemp("exports")
     found = {}
-    for family, scheme, quantization in (("llama", "fp32", FP32), ("llama", "int4", INT4), ("qwen2", "fp32", FP32)):
-        work = root / f"{family}-{scheme}"
-        if (root / f"{family}-fp32").exists() and scheme != "fp32":
-            shutil.copytree(root / f"{family}-fp32" / "captured", work / "captured")
-        path = byo.write_recipe(root, recipe(folders, family, quantization), f"{work.name}.yaml")
+    for family in ("llama", "qwen2"):
+        work = root / f"{family}-fp32"
+        path = byo.write_recipe(root, recipe(folders, family, FP32), f"{work.name}.yaml")
         result = cli("run", "--recipe", path, "-o", work)
         assert result.rc == 0, result.stderr
-        found[family, scheme] = work / "model.onnx"
+        found[family] = work / "model.onnx"
     return found
 
 
@@ -94,7 +94,7 @@ def torch_greedy(hf_folder: Path, prompt_ids: list[int]) -> list[int]:
 def test_fp32_decoder_generates_pytorch_greedy_tokens_through_onnxruntime_genai(folders, exports, family):
     from transformers import AutoTokenizer
 
-    folder = exports[family, "fp32"].with_name("model.genai")
+    folder = exports[family].with_name("model.genai")
     tokenizer = AutoTokenizer.from_pretrained(folders / family)
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
@@ -145,7 +145,7 @@ def test_a_gpt2_decoder_runs_as_onnxruntime_genais_generic_decoder(folders, tmp_
 
 @pytest.mark.slow
 def test_the_decoder_has_onnxruntime_genai_inputs_outputs_and_grouped_query_heads(exports):
-    path = exports["llama", "fp32"]
+    path = exports["llama"]
     sess = runtime.session(path)
     inputs = {i.name: i for i in sess.get_inputs()}
     past = [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
@@ -162,7 +162,8 @@ def test_the_decoder_has_onnxruntime_genai_inputs_outputs_and_grouped_query_head
     assert not {"Softmax", "Concat", "Neg"} & set(ops), ops
     config = json.loads((path.with_name("model.genai") / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_key_value_heads"] == 2 and config["model"]["type"] == "llama"
-    assert config["search"]["past_present_share_buffer"] is False
+    # GroupQueryAttention writes the new tokens into the past's buffer: the runtime keeps one of the context length
+    assert config["search"]["past_present_share_buffer"] is True
     # one model for prefill and decode: a batch of 2 through the cache, 5 tokens at once then one by one
     ids = np.random.default_rng(0).integers(0, 200, (2, 12))
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -171,9 +172,8 @@ def test_the_decoder_has_onnxruntime_genai_inputs_outputs_and_grouped_query_head
 
 
 @pytest.mark.slow
-def test_int4_decoder_keeps_matmul_nbits_and_its_cache_perplexity_equals_the_whole_sequences(folders, exports):
-    path = exports["llama", "int4"]
-    report = json.loads(path.with_name("model.report.json").read_text())
+def test_int4_decoder_keeps_matmul_nbits_and_its_cache_perplexity_equals_the_whole_sequences(llama_rtn, exports):
+    report, path = llama_rtn
     # 2 layers x (q/k/v packed, o, gate, up, down) + the LM head, whose codes the embedding reads
     assert report["kernels"]["weight_only"] == {"matmul_nbits": 11, "gather_block_quantized": 1, "float_linears": []}
     model = onnx.load(str(path))
@@ -183,21 +183,23 @@ def test_int4_decoder_keeps_matmul_nbits_and_its_cache_perplexity_equals_the_who
     check = report["kv_cache"]
     assert check["steps"] >= 16
     assert check["perplexity"]["cache"] == pytest.approx(check["perplexity"]["full_sequence"], rel=1e-3)
-    fp32 = json.loads(exports["llama", "fp32"].with_name("model.report.json").read_text())["kv_cache"]
+    fp32 = json.loads(exports["llama"].with_name("model.report.json").read_text())["kv_cache"]
     assert fp32["perplexity"]["cache"] == pytest.approx(fp32["perplexity"]["full_sequence"], rel=1e-5)
     assert fp32["max_logit_diff"] < 1e-3
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(folders / "llama")(PROMPTS[0])["input_ids"]
+    recorded = yaml.safe_load(path.parent.with_name(f"{path.parent.name}.yaml").read_text())
+    ids = AutoTokenizer.from_pretrained(recorded["model"]["huggingface"])(PROMPTS[0])["input_ids"]
     tokens = greedy(path.with_name("model.genai"), ids)
     assert len(tokens) == NEW_TOKENS and len(set(tokens)) > 1
 
 
 @pytest.mark.slow
-def test_kv_cache_false_exports_the_full_sequence_model_and_no_folder(folders, exports, tmp_path):
-    work = exports["llama", "int4"].parent
-    edited = {**recipe(folders, "llama", INT4), "export": {"kv_cache": False}}
-    path = byo.write_recipe(tmp_path, edited)
+def test_kv_cache_false_exports_the_full_sequence_model_and_no_folder(llama_rtn, tmp_path):
+    work = llama_rtn[1].parent
+    edited = yaml.safe_load(work.with_name(f"{work.name}.yaml").read_text())  # the recipe of the run
+    edited.pop("evaluation")  # export takes evaluation from --recipe: none here
+    path = byo.write_recipe(tmp_path, {**edited, "export": {"kv_cache": False}})
     result = cli("export", work / "converted", "-o", tmp_path / "full.onnx", "--recipe", path)
     assert result.rc == 0, result.stderr
     sess = runtime.session(tmp_path / "full.onnx")
@@ -208,7 +210,7 @@ def test_kv_cache_false_exports_the_full_sequence_model_and_no_folder(folders, e
 
 @pytest.mark.slow
 def test_inspect_shows_the_folder_and_a_rerun_reuses_the_model_and_rewrites_a_missing_folder(folders, exports):
-    path = exports["qwen2", "fp32"]
+    path = exports["qwen2"]
     folder = path.with_name("model.genai")
     shown = cli("inspect", folder)
     assert shown.rc == 0, shown.stderr

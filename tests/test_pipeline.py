@@ -89,10 +89,11 @@ RESTORE = """
 import sys, numpy as np, torch
 from quantcli import artifacts
 from quantcli.stages.base import restore_prepared
-art = artifacts.open_artifact(sys.argv[1], ("prepared", "calibrated"), "test")
-x = torch.from_numpy(np.load(sys.argv[2]))
-with torch.no_grad():
-    np.save(sys.argv[3], restore_prepared(art)(x).numpy())
+x = torch.from_numpy(np.load(sys.argv[1]))
+for folder, out in zip(sys.argv[2::2], sys.argv[3::2]):
+    art = artifacts.open_artifact(folder, ("prepared", "calibrated"), "test")
+    with torch.no_grad():
+        np.save(out, restore_prepared(art)(x).numpy())
 """
 
 
@@ -101,13 +102,11 @@ def test_calibrated_artifact_restores_bit_identically_in_a_new_process(tmp_path)
     w = calibrated(tmp_path, "resnet")
     x = example_batch("resnet", batch=4, seed=3)["x"]
     np.save(tmp_path / "x.npy", x.numpy())
-    outputs = {}
-    for stage in ("prepared", "calibrated"):
-        out = tmp_path / f"{stage}.npy"
-        subprocess.run(
-            [sys.executable, "-c", RESTORE, str(w / stage), str(tmp_path / "x.npy"), str(out)], check=True, cwd=ROOT
-        )
-        outputs[stage] = np.load(out)
+    # one process restores both stages, the calibrated one first (nothing loaded before it)
+    stages_out = [(w / stage, tmp_path / f"{stage}.npy") for stage in ("calibrated", "prepared")]
+    argv = [str(path) for pair in stages_out for path in pair]
+    subprocess.run([sys.executable, "-c", RESTORE, str(tmp_path / "x.npy"), *argv], check=True, cwd=ROOT)
+    outputs = {folder.name: np.load(out) for folder, out in stages_out}
     import torch
 
     from quantcli.stages.base import restore_prepared

@@ -8,64 +8,26 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import onnx
 import pytest
-import yaml
 
 from quantcli.onnx import fusion
-from tests import byo, hf_folders
 from tests.conftest import assert_fails, cli
+from tests.decoders import INT4, evaluation, run
 
 pytestmark = pytest.mark.slow
 
-TEXTS = [f"{a} and {b}" for a in byo.WORDS for b in byo.WORDS]  # 256 lines, about 2300 tokens
-INT4 = {"dtype": "int4", "block_size": 32, "symmetric": True}
-
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decoders")
-    (root / "text.txt").write_text("\n".join(TEXTS) + "\n")
-    (root / "eval.txt").write_text("".join(f"{b} but {a}\n" for a in byo.WORDS[::2] for b in byo.WORDS[1::2]))
-    for family in ("llama", "qwen2"):
-        hf_folders.decoder_folder(root / family, TEXTS, family, outliers=20.0)  # large channels, as trained LLMs
-    hf_folders.gpt2_folder(root / "gpt2", TEXTS)
-    return root
-
-
-def run(folders: Path, family: str, work: Path, quantization: dict, **sections) -> dict:
-    """`quantcli run` into `work` (an earlier capture there is reused); the export report."""
-    recipe = {
-        "model": {"huggingface": str(folders / family), "task": "text-generation"},
-        # windows of 32 tokens; 12 batches of 4 calibrate: export's parity sample (batch 12) is one they did not see
-        "calibration": {
-            "data": str(folders / "text.txt"),
-            "windows": True,
-            "max_length": 32,
-            "batch_size": 4,
-            "num_batches": 12,
-        },
-        "quantization": {"activations": "none", **quantization},
-        **sections,
-    }
-    path = byo.write_recipe(work.parent, recipe, f"{work.name}.yaml")
-    result = cli("run", "--recipe", path, "-o", work)
-    assert result.rc == 0, result.stderr
-    return json.loads((work / "model.report.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def llama(folders, tmp_path_factory):
-    """The Llama chain with each method (the first capture reused): method -> (report, model path)."""
+def llama(decoder_folders, llama_rtn, tmp_path_factory):
+    """The Llama chain with each method (GPTQ and AWQ reuse the session's RTN capture): method -> (report, model)."""
     root = tmp_path_factory.mktemp("llama")
-    found = {}
-    for method in ("rtn", "gptq", "awq"):
-        if method != "rtn":
-            shutil.copytree(root / "rtn" / "captured", root / method / "captured")
-        evaluation = {"data": str(folders / "eval.txt"), "windows": True, "max_length": 32, "metric": "perplexity"}
-        report = run(folders, "llama", root / method, {"weights": {**INT4, "method": method}}, evaluation=evaluation)
+    found = {"rtn": llama_rtn}
+    for method in ("gptq", "awq"):
+        shutil.copytree(llama_rtn[1].parent / "captured", root / method / "captured")
+        quantization = {"weights": {**INT4, "method": method}}
+        report = run(decoder_folders, "llama", root / method, quantization, evaluation=evaluation(decoder_folders))
         found[method] = (report, root / method / "model.onnx")
     return found
 
@@ -107,13 +69,13 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
     assert {dict((a.name, a.i) for a in n.attribute)["K"] for n in fused} == {64, 176}  # 176 = 5.5 blocks of 32
 
 
-def test_the_weights_take_no_more_bytes_than_the_onnxruntime_genai_builders(folders, llama, tmp_path):
+def test_the_weights_take_no_more_bytes_than_the_onnxruntime_genai_builders(decoder_folders, llama, tmp_path):
     """The builder's int4 (block 32, embeddings and LM head as one int4 table) on the same Llama folder."""
     pytest.importorskip("onnxruntime_genai")
     import subprocess
     import sys
 
-    builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folders / "llama")]
+    builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(decoder_folders / "llama")]
     builder += ["-o", str(tmp_path / "genai"), "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")]
     subprocess.run(builder, check=True, capture_output=True)
     theirs = onnx.load(str(tmp_path / "genai" / "model.onnx"))
@@ -126,7 +88,7 @@ def test_the_weights_take_no_more_bytes_than_the_onnxruntime_genai_builders(fold
     assert [n.op_type for n in theirs.graph.node].count("GatherBlockQuantized") == 1
 
 
-def test_gptq_and_awq_have_less_error_than_rtn_on_a_batch_they_did_not_see(llama, folders, tmp_path):
+def test_gptq_and_awq_have_less_error_than_rtn_on_a_batch_they_did_not_see(llama, decoder_folders, tmp_path):
     sqnr = {method: report["sqnr_vs_float_db"]["logits"] for method, (report, _) in llama.items()}
     assert llama["gptq"][0]["parity"]["data"] == "evaluation batch 0"
     # measured: rtn 12.1, awq 13.3 dB; gptq 11.7: the table it shares with the head holds GPTQ's codes, which
@@ -134,7 +96,8 @@ def test_gptq_and_awq_have_less_error_than_rtn_on_a_batch_they_did_not_see(llama
     assert sqnr["awq"] > sqnr["rtn"] + 1, sqnr
     own_table = [{"names": ["*embed_tokens"], "weights": {**INT4, "method": "rtn"}}]  # a table of its own
     shutil.copytree(llama["rtn"][1].parent / "captured", tmp_path / "gptq" / "captured")
-    report = run(folders, "llama", tmp_path / "gptq", {"weights": {**INT4, "method": "gptq"}, "overrides": own_table})
+    quantization = {"weights": {**INT4, "method": "gptq"}, "overrides": own_table}
+    report = run(decoder_folders, "llama", tmp_path / "gptq", quantization)
     assert report["weight_only"]["embedding_bytes"]["stored"] > 0
     assert report["sqnr_vs_float_db"]["logits"] > sqnr["rtn"] + 1, sqnr  # measured 13.7 dB
 
@@ -152,32 +115,30 @@ def test_perplexity_on_token_windows_of_held_out_text(llama):
     )
 
 
-def test_qwen2_with_biased_projections_and_an_int8_head(folders, tmp_path):
+def test_qwen2_with_biased_projections_an_int8_head_and_excluded_layers(decoder_folders, tmp_path):
     overrides = [{"names": ["*lm_head"], "weights": {"dtype": "int8"}}]  # per channel
-    report = run(folders, "qwen2", tmp_path / "work", {"weights": {**INT4, "method": "rtn"}, "overrides": overrides})
-    assert report["kernels"]["weight_only"] == {"matmul_nbits": 15, "gather_block_quantized": 1, "float_linears": []}
+    quantization = {"weights": {**INT4, "method": "rtn"}, "overrides": overrides, "exclude_names": ["*mlp.down_proj"]}
+    report = run(decoder_folders, "qwen2", tmp_path / "work", quantization)
+    left = report["kernels"]["weight_only"]["float_linears"]
+    assert sorted(n["module"] for n in left) == [f"model.model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert report["kernels"]["weight_only"]["matmul_nbits"] == 13  # 15 less the two excluded
+    assert report["kernels"]["weight_only"]["gather_block_quantized"] == 1
     assert report["parity"]["passed"]
     optimized = fusion.optimized_graph(tmp_path / "work" / "model.onnx")
     bits = sorted(
         dict((a.name, a.i) for a in n.attribute)["bits"] for n in optimized.node if n.op_type == "MatMulNBits"
     )
-    assert bits == [4] * 14 + [8]
-    recipe = yaml.safe_load((tmp_path / "work.yaml").read_text())
-    recipe["quantization"]["exclude_names"] = ["*mlp.down_proj"]
-    shutil.copytree(tmp_path / "work" / "captured", tmp_path / "excluded" / "captured")
-    report = run(folders, "qwen2", tmp_path / "excluded", recipe["quantization"])
-    left = report["kernels"]["weight_only"]["float_linears"]
-    assert sorted(n["module"] for n in left) == [f"model.model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert bits == [4] * 12 + [8]
 
 
-def test_gpt2_conv1d_layers_stored_k_by_n_run_as_matmul_nbits(folders, tmp_path):
+def test_gpt2_conv1d_layers_stored_k_by_n_run_as_matmul_nbits(decoder_folders, tmp_path):
     """GPT-2's Conv1D (addmm of a weight stored [K, N]): quantized as the linears they are, GPTQ's Hessians
     collected on their inputs; the token table shared with the tied head, the position table its own."""
     reports = {}
     for method in ("rtn", "gptq"):
         if method != "rtn":
             shutil.copytree(tmp_path / "rtn" / "captured", tmp_path / method / "captured")
-        reports[method] = run(folders, "gpt2", tmp_path / method, {"weights": {**INT4, "method": method}})
+        reports[method] = run(decoder_folders, "gpt2", tmp_path / method, {"weights": {**INT4, "method": method}})
     for method, report in reports.items():
         # 2 layers x 4 Conv1D + the LM head; wte (tied to the head) and wpe
         assert report["weight_only"]["layers"] == 9 and report["weight_only"]["embeddings"] == 2, method
