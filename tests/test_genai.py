@@ -109,7 +109,7 @@ def test_a_decoder_over_the_size_limit_runs_from_its_folder_with_the_data_file_l
     onnxruntime-genai generates the one-file model's tokens from the folder."""
     from quantcli import stages
 
-    one_file = exports["llama", "fp32"]
+    one_file = exports["llama"]
     out = tmp_path / "model.onnx"
     stages.export.run(one_file.parent / "converted", out, external_above=0)
     folder = out.with_name("model.genai")
