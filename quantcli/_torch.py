@@ -381,37 +381,7 @@ def save_program(program: Any, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-# Programs this process loaded, by file identity: `quantcli run` reads the captured program in every stage (the
-# same file, hard-linked into each artifact) and its deserialization costs far more than a copy.
-_LOADED: dict[tuple[int, ...], Any] = {}
-_MEMO_LIMIT_BYTES = 256 * 2**20  # larger programs are read again rather than held twice in memory
-_MEMO_PROGRAMS = 2  # export reads the converted and the captured program
-
-
 def load_program(path: Path) -> Any:
-    """A fresh copy of the program in `path`, read with `read_program` once per file this process loaded.
-
-    Keyed by the file's device, inode, size and modification and change times: an output replaced by an
-    atomic rename, or a file edited in place, is read anew.
-    """
-    import copy
-
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return read_program(path)  # its error names the problem
-    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    if key not in _LOADED:
-        program = read_program(path)
-        if stat.st_size > _MEMO_LIMIT_BYTES:
-            return program
-        while len(_LOADED) >= _MEMO_PROGRAMS:
-            del _LOADED[next(iter(_LOADED))]  # the oldest
-        _LOADED[key] = program
-    return copy.deepcopy(_LOADED[key])
-
-
-def read_program(path: Path) -> Any:
     """torch.export.load without running code from the file.
 
     torch.export.load is not safe on a crafted .pt2 (torch 2.13): sample inputs that fail
