@@ -85,36 +85,10 @@ def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
 
 def onnx_translation() -> Any:
     """The ONNX function export writes `quantcli::group_query_attention` as: one GroupQueryAttention node."""
+    import inspect
+
     import onnx
     import onnxscript
-
-    params = [
-        "query",
-        "key",
-        "value",
-        "past_key",
-        "past_value",
-        "seqlens_k",
-        "total_sequence_length",
-        "cos_cache",
-        "sin_cache",
-    ]
-    float_type, int_type = "tensor(float)", "tensor(int32)"
-    types = {"seqlens_k": int_type, "total_sequence_length": int_type}
-    schema = onnx.defs.OpSchema(
-        "GroupQueryAttention",
-        "com.microsoft",
-        1,
-        inputs=[onnx.defs.OpSchema.FormalParameter(n, types.get(n, float_type)) for n in params],
-        outputs=[onnx.defs.OpSchema.FormalParameter(n, float_type) for n in ("output", "present_key", "present_value")],
-        attributes=[
-            onnx.defs.OpSchema.Attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
-            onnx.defs.OpSchema.Attribute("kv_num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
-            onnx.defs.OpSchema.Attribute("scale", onnx.defs.OpSchema.AttrType.FLOAT, ""),
-            onnx.defs.OpSchema.Attribute("do_rotary", onnx.defs.OpSchema.AttrType.INT, ""),
-        ],
-    )
-    node = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
 
     def translate(
         query,
@@ -130,22 +104,22 @@ def onnx_translation() -> Any:
         kv_num_heads: int,
         scale: float,
     ):
-        return node(
-            query,
-            key,
-            value,
-            past_key,
-            past_value,
-            seqlens_k,
-            total_sequence_length,
-            cos_cache,
-            sin_cache,
-            num_heads=num_heads,
-            kv_num_heads=kv_num_heads,
-            scale=scale,
-            do_rotary=1,
-        )
+        tensors = (query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache)
+        return node(*tensors, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, do_rotary=1)
 
+    schema_of = onnx.defs.OpSchema
+    inputs = [n for n, p in inspect.signature(translate).parameters.items() if p.annotation is inspect.Parameter.empty]
+    types = {"seqlens_k": "tensor(int32)", "total_sequence_length": "tensor(int32)"}  # the rest float
+    attributes = {"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "do_rotary": "INT"}
+    schema = schema_of(
+        "GroupQueryAttention",
+        "com.microsoft",
+        1,
+        inputs=[schema_of.FormalParameter(n, types.get(n, "tensor(float)")) for n in inputs],
+        outputs=[schema_of.FormalParameter(n, "tensor(float)") for n in ("output", "present_key", "present_value")],
+        attributes=[schema_of.Attribute(n, getattr(schema_of.AttrType, t), "") for n, t in attributes.items()],
+    )
+    node = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
     return translate
 
 

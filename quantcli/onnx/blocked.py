@@ -87,10 +87,12 @@ def store(model: Any, layers: list[tuple[dict[str, Any], Any]]) -> int:
     linears = [(i, r, q) for i, (r, q) in enumerate(layers) if r.get("kind", "linear") == "linear"]
     tables = [(i, r, q) for i, (r, q) in enumerate(layers) if r.get("kind") == "embedding"]
     shared = {r["tied_to"] for _, r, _ in tables if "tied_to" in r}
-    stored, merged, unread = _packed_attention_inputs(model, linears)
+    wanted = {digest(q.weight().numpy()): (index, record, q) for index, record, q in linears}
+    merged, unread = _packed_attention_inputs(model, wanted)
     weights = _Weights(model.graph)
     packed: dict[int, tuple[str, ...]] = {}
-    done, dropped = _store_linears(model, weights, stored, shared, packed)
+    unmerged = {key: entry for key, entry in wanted.items() if entry[0] not in merged}
+    done, dropped = _store_linears(model, weights, unmerged, shared, packed)
     done += merged
     dropped |= unread
     done += _store_tables(model, weights, tables, packed, dropped)
@@ -104,18 +106,14 @@ def store(model: Any, layers: list[tuple[dict[str, Any], Any]]) -> int:
     return len(linears)
 
 
-def _packed_attention_inputs(model: Any, linears: list) -> tuple[list, list[int], set[str]]:
+def _packed_attention_inputs(model: Any, wanted: dict[str, tuple[int, dict, Any]]) -> tuple[list[int], set[str]]:
     """One MatMul for the query, key and value projections of each GroupQueryAttention that reads three MatMuls of
-    one input with weights on one grid, its output the packed input the node takes (key and value left empty):
-    at batch 1 one kernel call instead of three. (the linears to store, the combined one in place of each
-    three; the indices merged into another; the float weights no longer read)."""
-    from onnx import numpy_helper
-
+    one input with weights on one grid, behind one DequantizeLinear of their codes, its output the packed input
+    the node takes (key and value left empty): at batch 1 one kernel call instead of three. `wanted`: the
+    linears by the digest of their weight; (the indices stored, the float weights no longer read)."""
     from quantcli.weightonly.result import Quantized
 
     weights = _Weights(model.graph)
-    wanted = {digest(q.weight().numpy()): (index, record, q) for index, record, q in linears}
-    replaced: dict[int, tuple[int, dict, Any]] = {}
     merged: list[int] = []
     unread: set[str] = set()
     for gqa in [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]:
@@ -134,40 +132,37 @@ def _packed_attention_inputs(model: Any, linears: list) -> tuple[list, list[int]
             continue
         combined = Quantized(
             qs[0].grid,
-            _cat([q.codes for q in qs]),
-            _cat([q.scale for q in qs]),
-            _cat([q.zero for q in qs]) if qs[0].zero is not None else None,
+            _concatenated([q.codes for q in qs]),
+            _concatenated([q.scale for q in qs]),
+            _concatenated([q.zero for q in qs]) if qs[0].zero is not None else None,
         )
-        module = parts[0][1]["module"].rsplit(".", 1)[0]
-        name = weights.fresh(f"{module}.qkv_proj.weight_float")
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(combined.weight().numpy().T), name))
         first = projections[0]
-        first.input[1] = name
+        module = parts[0][1]["module"].rsplit(".", 1)[0]
+        dq = _dequantized(model.graph, first, f"{module}.qkv_proj.weight", combined)
+        model.graph.node.insert(list(model.graph.node).index(first), dq)
         for p in projections[1:]:
             model.graph.node.remove(p)
-        del gqa.input[1:3]
-        gqa.input.insert(1, "")
-        gqa.input.insert(2, "")
+        gqa.input[1] = gqa.input[2] = ""
         unread |= {source for _, source in found}
-        replaced[parts[0][0]] = (parts[0][0], {**parts[0][1], "module": f"{module}.qkv_proj"}, combined)
-        merged += [index for index, _, _ in parts[1:]]
-    stored = [replaced.get(i, (i, r, q)) for i, r, q in linears if i not in merged]
-    return stored, merged, unread
+        merged += [index for index, _, _ in parts]
+    return merged, unread
 
 
-def _cat(tensors: list) -> Any:
+def _concatenated(tensors: list) -> Any:
     import torch
 
     return torch.cat(tensors, dim=0)
 
 
 def _store_linears(
-    model: Any, weights: _Weights, linears: list, shared: set[int], packed: dict[int, tuple[str, ...]]
+    model: Any,
+    weights: _Weights,
+    wanted: dict[str, tuple[int, dict, Any]],
+    shared: set[int],
+    packed: dict[int, tuple[str, ...]],
 ) -> tuple[list[int], set[str]]:
-    """DequantizeLinear (or MatMulNBits where shared) in front of each linear; (the indices done, weights dropped)."""
-    from onnx import helper
-
-    wanted = {digest(q.weight().numpy()): (index, record, q) for index, record, q in linears}
+    """DequantizeLinear (or MatMulNBits where shared) in front of each linear, found by the digest of its weight
+    (`wanted`); (the indices done, weights dropped)."""
     new_nodes, done, dropped, bases = [], [], set(), set()
     for node in list(model.graph.node):
         found = weights.weight_of(node)
@@ -183,18 +178,26 @@ def _store_linears(
         if index in shared:
             packed[index] = _matmul_nbits(model, node, base, q)
             continue
-        dq_inputs = _initializers(model.graph, base, q)
-        blocked = q.grid.block_size is not None
-        attrs = {"axis": 0, "block_size": q.grid.block_size} if blocked else {"axis": 1}
-        dq = helper.make_node("DequantizeLinear", dq_inputs, [f"{base}_dequantized"], name=f"{base}_dq", **attrs)
-        new_nodes.append((node, dq))
-        node.input[1] = dq.output[0]
-        if node.op_type == "Gemm":
-            _set_trans_b(node)
+        new_nodes.append((node, _dequantized(model.graph, node, base, q)))
     for consumer, dq in new_nodes:  # each DequantizeLinear right before its MatMul, keeping the order topological
         position = list(model.graph.node).index(consumer)
         model.graph.node.insert(position, dq)
     return done, dropped
+
+
+def _dequantized(graph: Any, node: Any, base: str, q: Any) -> Any:
+    """The DequantizeLinear of q's codes (added to `graph` as initializers named after `base`) that the MatMul/Gemm
+    `node` now reads as its weight; the caller places it before `node`."""
+    from onnx import helper
+
+    blocked = q.grid.block_size is not None
+    attrs = {"axis": 0, "block_size": q.grid.block_size} if blocked else {"axis": 1}
+    dq_inputs = _initializers(graph, base, q)
+    dq = helper.make_node("DequantizeLinear", dq_inputs, [f"{base}_dequantized"], name=f"{base}_dq", **attrs)
+    node.input[1] = dq.output[0]
+    if node.op_type == "Gemm":
+        _set_trans_b(node)
+    return dq
 
 
 def _store_tables(model: Any, weights: _Weights, tables: list, packed: dict[int, tuple[str, ...]], dropped: set[str]):

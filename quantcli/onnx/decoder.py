@@ -84,39 +84,27 @@ def wrapper(model: Any, positions: bool, tables: tuple[Any, Any] | None = None) 
 
         def forward(self, input_ids: Any, attention_mask: Any, *rest: Any) -> Any:
             position_ids, past = (rest[0], rest[1:]) if positions else (None, rest)
-            if tables is not None:
-                return self.fused(input_ids, attention_mask, position_ids, past)
-            kv = DynamicCache(config=self.model.config)
-            for i in range(cache.layers):
-                kv.update(past[2 * i], past[2 * i + 1], i)
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(cache.layers)]
+            if tables is None:  # transformers' own cache, grown by the model
+                kv = DynamicCache(config=self.model.config)
+                for i, (key, value) in enumerate(pairs):
+                    kv.update(key, value, i)
+                extra = {cache_key: kv, "use_cache": True}
+            else:  # each layer's fused attention takes its pair from attention.STEP and leaves its present there
+                step = attention.STEP
+                step.past, step.present = pairs, {}
+                step.seqlens_k = (attention_mask.sum(dim=-1) - 1).to(torch.int32)
+                step.total = torch.scalar_tensor(attention_mask.shape[1], dtype=torch.int32)
+                step.cos, step.sin = self.rotary_cos, self.rotary_sin
+                extra = {"use_cache": False}
             out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                **{cache_key: kv},
-                use_cache=True,
-                return_dict=True,
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **extra
             )
-            grown = out[cache_key]
-            present = [t for layer in grown.layers for t in (layer.keys, layer.values)]
-            return (out.logits, *present)
-
-        def fused(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: tuple) -> Any:
-            step = attention.STEP
-            step.past = [(past[2 * i], past[2 * i + 1]) for i in range(cache.layers)]
-            step.present = {}
-            step.seqlens_k = (attention_mask.sum(dim=-1) - 1).to(torch.int32)
-            step.total = torch.scalar_tensor(attention_mask.shape[1], dtype=torch.int32)
-            step.cos, step.sin = self.rotary_cos, self.rotary_sin
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-                return_dict=True,
-            )
-            present = [t for i in range(cache.layers) for t in step.present[i]]
-            step.past, step.present = [], {}
+            if tables is None:
+                present = [t for layer in out[cache_key].layers for t in (layer.keys, layer.values)]
+            else:
+                present = [t for i in range(cache.layers) for t in attention.STEP.present[i]]
+                attention.STEP.past, attention.STEP.present = [], {}
             return (out.logits, *present)
 
     from quantcli.sources.huggingface import named
