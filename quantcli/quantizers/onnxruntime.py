@@ -40,6 +40,7 @@ from quantcli.quantizers.patterns import (
     value,
 )
 from quantcli.quantizers.policy import Policy, check_matches
+from quantcli.quantizers.regions import inline_regions
 from quantcli.quantizers.selection import quantized_nodes
 from quantcli.quantizers.specs import (
     Setting,
@@ -78,6 +79,7 @@ class OnnxRuntimeQuantizer(Quantizer):
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
         """Rewrites that give ORT integer forms (see quantizers.rewrites), where the policy quantizes."""
+        inline_regions(model, grad_modes=not self.qat)  # their ops annotated like any other
         check_matches(self.q, model.graph)
         policy = Policy(self.q, qat=self.qat)
         wanted = lambda node: policy.setting(node) is not None  # noqa: E731
