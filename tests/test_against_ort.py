@@ -262,23 +262,57 @@ class HardswishNet(nn.Module):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_hardswish_leaves_only_its_hardsigmoid_float(tmp_path, target):
-    """Hardswish is x * hardsigmoid(x): ORT has no integer HardSigmoid, but the Mul becomes a QLinearMul, as in
-    ORT's own model (quantcli's ran every Mul in float, no QLinearMul), and the gate keeps its [0, 1] range."""
+def test_hardswish_runs_as_an_integer_add_and_mul(tmp_path, target):
+    """Hardswish is x * hardsigmoid(x), the gate quantized on [0, 1]; the export writes the gate as an Add of 3
+    requantized to [0, 6] (the clip is the QuantizeLinear's saturation): ORT runs a QLinearAdd and a QLinearMul
+    where its own model runs a float HardSigmoid between a DequantizeLinear and a QuantizeLinear, then the
+    QLinearMul (quantcli's before: the same; before that, every Mul in float)."""
     pair = _image_pair(HardswishNet, tmp_path, target)
     mine, ort = pair.quantcli, pair.ort
     assert mine.integer == mine.total == ort.integer == 4, mine.analysis["coverage"]
-    assert mine.float_ops <= ort.float_ops and not mine.defects, mine.analysis["islands"]
-    assert {i["op_type"] for i in mine.analysis["islands"]} == {"HardSigmoid"}
-    ops = [n.op_type for n in optimized_graph(mine.path).node]
-    assert ops.count("QLinearMul") == [n.op_type for n in optimized_graph(ort.path).node].count("QLinearMul") == 3
-    exported = onnx.load(str(mine.path)).graph
-    inits = _initializers(mine.path)
-    gates = [n for n in exported.node if n.op_type == "HardSigmoid"]
-    quantized = [u for n in gates for u in exported.node if n.output[0] in u.input]
-    assert [u.op_type for u in quantized] == ["QuantizeLinear"] * 3
-    assert all(inits[q.input[1]] == np.float32(1 / 255) and inits[q.input[2]] == 0 for q in quantized)
+    assert mine.float_ops == 0 < ort.float_ops and not mine.defects, mine.analysis["islands"]
+    ops, theirs = [n.op_type for n in optimized_graph(mine.path).node], optimized_graph(ort.path).node
+    assert ops.count("QLinearMul") == [n.op_type for n in theirs].count("QLinearMul") == 3
+    assert ops.count("QLinearAdd") == 3 and "HardSigmoid" not in ops, ops
     assert sqnr_db(pair.fp, mine.out) > 43  # measured 47.7 (ORT static 45.8)
+
+
+def _gate_graph(scale: float, zero: int, alpha: float = 1 / 6, beta: float = 0.5) -> onnx.ModelProto:
+    """x (uint8) -> DequantizeLinear -> HardSigmoid -> QuantizeLinear(scale, zero) -> y (uint8)."""
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(120, np.uint8), "z"),
+        numpy_helper.from_array(np.array(scale, np.float32), "gs"),
+        numpy_helper.from_array(np.array(zero, np.uint8), "gz"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"]),
+        helper.make_node("HardSigmoid", ["xf"], ["g"], alpha=alpha, beta=beta),
+        helper.make_node("QuantizeLinear", ["g", "gs", "gz"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gate",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [256])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [256])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_a_gate_on_0_1_written_as_an_add_gives_the_same_codes():
+    """Every uint8 input code, through the HardSigmoid and through the Add that replaces it, in ORT unoptimized."""
+    feed = {"x": np.arange(256, dtype=np.uint8)}
+    for alpha, beta in ((1 / 6, 0.5), (0.2, 0.5)):
+        model = _gate_graph(1 / 255, 0, alpha, beta)
+        expected = _ort(model, feed)[0]
+        assert rewrite.hardsigmoids_as_adds(model) == 1
+        assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Add", "QuantizeLinear"]
+        got = _ort(model, feed)[0]
+        # at most one code apart, where x / 6 + 0.5 and (x + 3) / 6 round a tie apart in float32 (3 of 256 codes)
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1 and np.mean(got == expected) > 0.98
+        assert got.min() == 0 and got.max() == 255  # both ends clipped, by the QuantizeLinear
+    assert rewrite.hardsigmoids_as_adds(_gate_graph(1 / 200, 0)) == 0  # a grid reaching past 1: the clip matters
 
 
 # ------------------------------------------------------------------ BatchNorm with no conv before it

@@ -19,6 +19,12 @@
   initializer as it is (it folds none, for its QDQ fusions), so it would dequantize the whole
   table on every run, and a table it never sees quantized stays float. The same values: a row's
   (q - zero point) x scale.
+- `hardsigmoids_as_adds`: DequantizeLinear -> HardSigmoid(alpha, beta) -> QuantizeLinear(scale S) whose grid
+  lies within [0, 1] (the quantizer's fixed [0, 1] range of a gate) becomes an Add of beta / alpha with the
+  QuantizeLinear's scale S / alpha: the same codes, the clip to [0, 1] being the QuantizeLinear's saturation.
+  ORT has no integer HardSigmoid and ran each in float between a DequantizeLinear and a QuantizeLinear (as
+  in its own quantized models); the Add, its constant quantized next, runs as a QLinearAdd. Hardswish
+  (x * hardsigmoid(x)) is then a QLinearAdd and a QLinearMul.
 - `quantized_constants`: an Add/Mul between a DequantizeLinear and QuantizeLinears whose other input is a
   float constant (a layer scale, an affine, an attention bias) gets that constant as uint8 behind a
   DequantizeLinear, so ORT runs QLinearAdd/QLinearMul where it ran the op in float.
@@ -65,6 +71,7 @@ def rewrite(model: Any) -> Any:
     transposed_weights(model)
     gathered_tables(model)
     scaled_passthroughs(model)
+    hardsigmoids_as_adds(model)  # before quantized_constants, which quantizes the Add's constant
     quantized_constants(model)
     integer_data_movement(model)
     return model
@@ -337,6 +344,48 @@ def _scaled_passthrough(g: Graph, mul) -> tuple | None:
         if a is not None and b is not None and a[1:] == b[1:] and abs(a[0] * factor - b[0]) <= 1e-5 * b[0]:
             return dq, users[0]
     return None
+
+
+# ------------------------------------------------------------------ a gate's HardSigmoid as a shifted requantization
+def hardsigmoids_as_adds(model: Any) -> int:
+    """DQ -> HardSigmoid -> Q within [0, 1] becomes DQ -> Add(beta / alpha) -> Q(scale / alpha) (see the module
+    docstring); return how many."""
+    from onnx import helper
+
+    g = Graph(model.graph)
+    gates = [(node, *found) for node in list(g.graph.node) if (found := _gate_to_requantize(g, node)) is not None]
+    for node, q, alpha, beta, scale in gates:
+        shift = g.add_initializer(g.fresh(f"{node.name}_shift"), np.array(beta / alpha, np.float32))
+        q.input[1] = g.add_initializer(g.fresh(f"{q.input[1]}_gate"), np.array(scale / alpha, np.float32))
+        add = helper.make_node("Add", [node.input[0], shift], list(node.output), name=node.name)
+        g.graph.node.insert(list(g.graph.node).index(node), add)
+        g.graph.node.remove(node)
+    return len(gates)
+
+
+def _gate_to_requantize(g: Graph, node) -> tuple | None:
+    """(the Q, alpha, beta, the Q's scale) of a HardSigmoid read by one QuantizeLinear alone whose codes all lie
+    in [0, 1], after a per-tensor DQ; else None."""
+    if node.op_type != "HardSigmoid" or node.domain not in ("", "ai.onnx") or node.output[0] in g.outputs:
+        return None
+    attrs = {a.name: a.f for a in node.attribute}
+    alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+    users, dq = g.consumers.get(node.output[0], []), g.producer.get(node.input[0])
+    if len(users) != 1 or users[0].op_type != "QuantizeLinear" or not alpha > 0:
+        return None
+    if dq is None or dq.op_type != "DequantizeLinear" or _qparams(g, dq) is None:
+        return None
+    params = _qparams(g, users[0])
+    if params is None or params[1] not in _CODE_RANGES:
+        return None
+    scale, dtype, zero = params
+    low, high = _CODE_RANGES[dtype]
+    if scale <= 0 or (low - zero) * scale < 0 or (high - zero) * scale > 1 + 1e-6:
+        return None
+    return users[0], alpha, beta, scale
+
+
+_CODE_RANGES = {np.dtype(np.uint8).str: (0, 255), np.dtype(np.int8).str: (-128, 127)}
 
 
 # ------------------------------------------------------------------ constant operands of Add/Mul
