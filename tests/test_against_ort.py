@@ -485,3 +485,48 @@ def test_a_constant_operand_of_add_and_mul_is_quantized_in_the_file(tmp_path, ta
     ops = [n.op_type for n in optimized_graph(mine.path).node]
     assert ops.count("QLinearMul") == 2 and ops.count("QLinearAdd") == 3, ops
     assert sqnr_db(pair.fp, mine.out) > 31  # measured 34.2 avx2, 33.9 vnni (ORT static 23.9, 24.0)
+
+
+# ------------------------------------------------------------------ Linear on a channels-last 4-D activation
+class ChannelsLastMlp(nn.Module):
+    """MambaOut's and ConvNeXt-style blocks: Linears over an NHWC tensor (a conv's output permuted), permuted
+    back into a residual Add a conv reads: fc1's output goes float into GELU, fc2's is quantized."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.fc2(F.gelu(self.fc1(x.permute(0, 2, 3, 1))))
+        return self.head(x + y.permute(0, 3, 1, 2)).mean((2, 3))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_linear_on_a_channels_last_activation_runs_as_one_qgemm(tmp_path, target):
+    """On 4-D a Linear exported as MatMul and a float bias Add, which ORT ran as MatMulIntegerToFloat, a float Add
+    and a QuantizeLinear (ORT static's model: QLinearMatMul and QLinearAdd); flattened to 2-D it is a Gemm with
+    an int32 bias, one QGemm with a uint8 output (fc2) or a float one (fc1, into GELU)."""
+    pair = _image_pair(ChannelsLastMlp, tmp_path, target)
+    mine, ort = pair.quantcli, pair.ort
+    assert mine.integer == mine.total == ort.integer == 4, mine.analysis["coverage"]
+    assert mine.float_ops <= ort.float_ops and not mine.defects, mine.analysis["islands"]
+    ops = [n.op_type for n in optimized_graph(mine.path).node]
+    assert ops.count("QGemm") == 2 and "MatMulIntegerToFloat" not in ops and "Add" not in ops, ops
+    assert sqnr_db(pair.fp, mine.out) >= sqnr_db(pair.fp, ort.out)  # measured 42.0 vs 40.1 avx2, 44.1 vs 42.6 vnni
+
+
+def test_a_flattened_linear_equals_it_in_fp32():
+    from quantcli.quantizers.rewrites import flatten_linears
+
+    model = _seeded(ChannelsLastMlp, 0)
+    x = torch.randn(4, 3, 8, 8)
+    module = _torch.export_program(model, (x,), ({0: torch.export.Dim("batch")},)).module()
+    with torch.no_grad():
+        before = module(x)
+        assert flatten_linears(module, lambda node: True) == 2
+        assert torch.allclose(module(x), before, atol=1e-6)
+        assert module(x[:1]).shape == (1, 8)  # the batch stays dynamic
+    shapes = [tuple(n.meta["val"].shape) for n in module.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert [len(s) for s in shapes] == [2, 2], shapes

@@ -93,6 +93,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         rewrites.decompose_gates(model, wanted)
         rewrites.pools_to_means(model, wanted)
         rewrites.fold_channel_scales(model, wanted)
+        rewrites.flatten_linears(model, wanted)  # last: the folds above look for the linear behind a permute
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:

@@ -22,6 +22,12 @@
   (in QAT those parameters train).
 - addcmul(b, a, x) is written out as b + a * x, and a per-feature constant scale and shift right before a
   Linear (ResMLP's `Affine`) are folded into its weight and bias: W * a, b + W @ c.
+- A Linear on a channels-last activation of rank 4 or more (MambaOut's and ConvNeXt-style blocks'
+  nn.Linear on NHWC tensors) runs on its rows flattened to 2-D and reshaped back: it exports as
+  MatMul then a float bias Add, which ORT runs as MatMulIntegerToFloat and a float Add (then requantizes
+  where the output is quantized); on 2-D it exports as Gemm, which ORT runs as one QGemm with an int32
+  bias, its output uint8 or float as the consumer needs. (A 3-D one's Add mostly joins a kernel ORT fuses
+  around it in transformers, SkipLayerNormalization, BiasGelu; those fusions need 3-D inputs.)
 
 Each rewrite is a pure function of the graph and its weights, so prepare in another process
 builds the same nodes, buffers and state_dict keys. They touch only nodes `wanted(node)` accepts
@@ -308,6 +314,34 @@ def fold_input_affines(model: GraphModule, wanted: Callable[[Node], bool]) -> in
                 bias = model.graph.get_attr(name)
             bias.meta["val"] = model.get_parameter(name)
         node.args = (x, weight, bias)
+        return True
+
+    return rewrite_each(model, rewrite)
+
+
+def flatten_linears(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """linear(x) on x of shape (B, d1, ..., K), rank >= 4, d1... static -> reshape(linear(x.reshape(-1, K)), x's
+    leading dims + (N,)); how many. The weight and bias stay the same nodes (no new state_dict keys).
+
+    Not where the bias is shared with another linear (a module applied twice): the int32 bias it gets on
+    2-D is quantized with one input's scale, and ORT's QGemm would read it with the other's."""
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target is not aten.linear.default or not wanted(node):
+            return False
+        x, out = value(node.args[0]), value(node)
+        if x is None or out is None or x.dim() < 4 or not all(isinstance(d, int) for d in x.shape[1:]):
+            return False
+        bias = node.args[2] if len(node.args) > 2 else None
+        if isinstance(bias, Node) and len(bias.users) > 1:  # one int32 bias observer serves one input scale
+            return False
+        rows = [-1, x.shape[-1]]
+        graph = model.graph
+        with graph.inserting_before(node):
+            flat = call_like(graph, node, aten.reshape.default, (node.args[0], rows), x.reshape(rows))
+            linear = call_like(graph, node, aten.linear.default, (flat, *node.args[1:]), out.reshape(-1, out.shape[-1]))
+            back = call_like(graph, node, aten.reshape.default, (linear, [-1, *out.shape[1:]]), out)
+        replace(graph, node, back)
         return True
 
     return rewrite_each(model, rewrite)
