@@ -28,6 +28,13 @@
   where the output is quantized); on 2-D it exports as Gemm, which ORT runs as one QGemm with an int32
   bias, its output uint8 or float as the consumer needs. (A 3-D one's Add mostly joins a kernel ORT fuses
   around it in transformers, SkipLayerNormalization, BiasGelu; those fusions need 3-D inputs.)
+- A conversion to the dtype a tensor already has (`type_as`, `to`: EVA's rotary output `.type_as(v)`) is
+  dropped: as an op of no kind it cut the float path the quantizer's selection follows, so nothing
+  between the Linears before it and the attention matmul after it was quantized.
+- A negation inside a rearrangement that a constant then multiplies (rotary embeddings' rot(x) * sin,
+  rot(x) = stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape) or cat([-x2, x1], -1)) moves into that
+  constant: the same values, and what is left is data movement ORT runs on uint8 and a QLinearMul (ORT
+  has no integer Neg: it ran between a DequantizeLinear and a QuantizeLinear).
 
 Each rewrite is a pure function of the graph and its weights, so prepare in another process
 builds the same nodes, buffers and state_dict keys. They touch only nodes `wanted(node)` accepts
@@ -345,6 +352,84 @@ def flatten_linears(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
         return True
 
     return rewrite_each(model, rewrite)
+
+
+_CASTS = (aten.type_as.default, aten.to.dtype, aten._to_copy.default)
+
+
+def drop_identity_casts(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """type_as/to/_to_copy of a float tensor to its own dtype (and nothing else changed) -> the tensor; how many."""
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target not in _CASTS or not wanted(node):
+            return False
+        x, out = node.args[0], value(node)
+        before = value(x)
+        if before is None or out is None or before.dtype != out.dtype or not out.dtype.is_floating_point:
+            return False
+        if set(node.kwargs) - {"dtype"} or before.device != out.device or before.shape != out.shape:
+            return False
+        replace(model.graph, node, x)
+        return True
+
+    return rewrite_each(model, rewrite)
+
+
+def fold_negations(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """mul(y, c), y = [reshape](cat/stack([..., -a, ...], -1)) and c constant -> the negations dropped and c
+    times their signs along the last axis, a parameter `_quantcli_signed_<k>` (graph order); how many."""
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target is not aten.mul.Tensor or not wanted(node):
+            return False
+        for y, c in (node.args[:2], node.args[1::-1]):
+            constant = _constant_value(model, c)
+            found = _negated_join(y) if isinstance(y, Node) and constant is not None else None
+            if found is None or constant.dim() == 0 or constant.shape[-1] not in (1, len(found[1])):
+                continue
+            join, signs = found
+            name = f"_quantcli_signed_{done}"
+            model.register_parameter(name, torch.nn.Parameter(constant * signs.to(constant.dtype), False))
+            with model.graph.inserting_before(node):
+                attr = model.graph.get_attr(name)
+            attr.meta["val"] = model.get_parameter(name)
+            node.replace_input_with(c, attr)
+            join.args = ([a.args[0] if _negation(a) else a for a in join.args[0]], *join.args[1:])
+            return True
+        return False
+
+    return rewrite_each(model, rewrite)
+
+
+_JOINS = (aten.cat.default, aten.concat.default, aten.stack.default)
+_RESHAPES = (aten.reshape.default, aten.view.default)
+
+
+def _negation(node) -> bool:
+    return isinstance(node, Node) and node.target is aten.neg.default and len(node.users) == 1
+
+
+def _negated_join(y: Node) -> tuple[Node, torch.Tensor] | None:
+    """(the cat/stack behind y, y's sign along its last axis) when y, read only by one mul, joins negated parts
+    along its last axis (a stack's new last axis merged into the one before by a reshape), else None."""
+    join = y.args[0] if y.target in _RESHAPES and isinstance(y.args[0], Node) else y
+    if join.target not in _JOINS or len(y.users) != 1 or (join is not y and len(join.users) != 1):
+        return None
+    parts, out, joined = join.args[0], value(y), value(join)
+    dim = join.args[1] if len(join.args) > 1 else 0
+    if out is None or joined is None or dim % joined.dim() != joined.dim() - 1 or not any(map(_negation, parts)):
+        return None
+    sign = [-1.0 if _negation(p) else 1.0 for p in parts]
+    if join.target is aten.stack.default:
+        pairs = joined.shape[-2]
+        merged = join is not y and out.dim() == joined.dim() - 1 and out.shape[-1] == pairs * len(parts)
+        if join is not y and not merged:
+            return None
+        return join, torch.tensor(sign * pairs if merged else sign)  # position i * len(parts) + j: part j
+    if join is not y:
+        return None
+    widths = [value(p).shape[-1] for p in parts]
+    return join, torch.cat([torch.full((w,), s) for w, s in zip(widths, sign)])
 
 
 def _input_affine(model: GraphModule, linear: Node):
