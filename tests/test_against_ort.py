@@ -487,28 +487,33 @@ def test_a_constant_operand_of_add_and_mul_is_quantized_in_the_file(tmp_path, ta
     assert sqnr_db(pair.fp, mine.out) > 31  # measured 34.2 avx2, 33.9 vnni (ORT static 23.9, 24.0)
 
 
-# ------------------------------------------------------------------ Linear on a channels-last 4-D activation
+# ------------------------------------------------------------------ Linear on a 3-D or 4-D activation
 class ChannelsLastMlp(nn.Module):
     """MambaOut's and ConvNeXt-style blocks: Linears over an NHWC tensor (a conv's output permuted), permuted
-    back into a residual Add a conv reads: fc1's output goes float into GELU, fc2's is quantized."""
+    back into a residual Add a conv reads: fc1's output goes float into GELU, fc2's is quantized. With
+    `tokens`, over (B, HW, C) tokens as a ViT's MLP reads them."""
 
-    def __init__(self):
+    def __init__(self, tokens: bool = False):
         super().__init__()
         self.stem, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.tokens = tokens
 
     def forward(self, x):
         x = self.stem(x)
-        y = self.fc2(F.gelu(self.fc1(x.permute(0, 2, 3, 1))))
-        return self.head(x + y.permute(0, 3, 1, 2)).mean((2, 3))
+        t = x.flatten(2).transpose(1, 2) if self.tokens else x.permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(t)))
+        y = y.transpose(1, 2).reshape(x.shape) if self.tokens else y.permute(0, 3, 1, 2)
+        return self.head(x + y).mean((2, 3))
 
 
+@pytest.mark.parametrize("tokens", [False, True], ids=["nhwc", "tokens"])
 @pytest.mark.parametrize("target", TARGETS)
-def test_a_linear_on_a_channels_last_activation_runs_as_one_qgemm(tmp_path, target):
-    """On 4-D a Linear exported as MatMul and a float bias Add, which ORT ran as MatMulIntegerToFloat, a float Add
-    and a QuantizeLinear (ORT static's model: QLinearMatMul and QLinearAdd); flattened to 2-D it is a Gemm with
-    an int32 bias, one QGemm with a uint8 output (fc2) or a float one (fc1, into GELU)."""
-    pair = _image_pair(ChannelsLastMlp, tmp_path, target)
+def test_a_linear_on_a_3d_or_4d_activation_runs_as_one_qgemm(tmp_path, target, tokens):
+    """On 3-D and 4-D a Linear exported as MatMul and a float bias Add, which ORT ran as MatMulIntegerToFloat, a
+    float Add and a QuantizeLinear (ORT static's model: QLinearMatMul and QLinearAdd); flattened to 2-D it is a
+    Gemm with an int32 bias, one QGemm with a uint8 output (fc2) or a float one (fc1, into GELU)."""
+    pair = _image_pair(lambda: ChannelsLastMlp(tokens), tmp_path, target)
     mine, ort = pair.quantcli, pair.ort
     assert mine.integer == mine.total == ort.integer == 4, mine.analysis["coverage"]
     assert mine.float_ops <= ort.float_ops and not mine.defects, mine.analysis["islands"]
@@ -525,7 +530,7 @@ def test_a_flattened_linear_equals_it_in_fp32():
     module = _torch.export_program(model, (x,), ({0: torch.export.Dim("batch")},)).module()
     with torch.no_grad():
         before = module(x)
-        assert flatten_linears(module, lambda node: True) == 2
+        assert flatten_linears(module, lambda node: True) == 2  # and not the 2-D results
         assert torch.allclose(module(x), before, atol=1e-6)
         assert module(x[:1]).shape == (1, 8)  # the batch stays dynamic
     shapes = [tuple(n.meta["val"].shape) for n in module.graph.nodes if n.target is torch.ops.aten.linear.default]
@@ -558,9 +563,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos_half", torch.cat([angle, angle], -1).cos())
 
     def forward(self, x):
-        v = self.v(x)
-        q = (self.q(x) * self.cos + _rot_interleaved(self.q(x)) * self.sin).type_as(v)
-        k = (self.k(x) * self.cos_half + _rot_half(self.k(x)) * self.sin_half).type_as(v)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        q = (q * self.cos + _rot_interleaved(q) * self.sin).type_as(v)
+        k = (k * self.cos_half + _rot_half(k) * self.sin_half).type_as(v)
         return F.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v
 
 
@@ -577,7 +582,7 @@ def test_rotary_embeddings_run_in_integer(tmp_path, target):
     assert mine.integer == mine.total == ort.integer == 5, mine.analysis["coverage"]
     assert mine.float_ops == 0 < ort.float_ops and not mine.defects, mine.analysis["islands"]
     ops = [n.op_type for n in optimized_graph(mine.path).node]
-    assert "Neg" not in ops and ops.count("QLinearMul") == 4, ops  # x * cos, x' * sin for q and k
+    assert "Neg" not in ops and "Add" not in ops and ops.count("QLinearMul") == 4, ops  # x * cos, x' * sin; q, k
     assert sqnr_db(pair.fp, mine.out) >= sqnr_db(pair.fp, ort.out)  # measured 35.1 vs 27.8 avx2, 35.2 vs 28.4 vnni
 
 

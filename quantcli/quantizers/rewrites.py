@@ -22,15 +22,16 @@
   (in QAT those parameters train).
 - addcmul(b, a, x) is written out as b + a * x, and a per-feature constant scale and shift right before a
   Linear (ResMLP's `Affine`) are folded into its weight and bias: W * a, b + W @ c.
-- A Linear on a channels-last activation of rank 4 or more (MambaOut's and ConvNeXt-style blocks'
-  nn.Linear on NHWC tensors) runs on its rows flattened to 2-D and reshaped back: it exports as
-  MatMul then a float bias Add, which ORT runs as MatMulIntegerToFloat and a float Add (then requantizes
-  where the output is quantized); on 2-D it exports as Gemm, which ORT runs as one QGemm with an int32
-  bias, its output uint8 or float as the consumer needs. (A 3-D one's Add mostly joins a kernel ORT fuses
-  around it in transformers, SkipLayerNormalization, BiasGelu; those fusions need 3-D inputs.)
-- A conversion to the dtype a tensor already has (`type_as`, `to`: EVA's rotary output `.type_as(v)`) is
-  dropped: as an op of no kind it cut the float path the quantizer's selection follows, so nothing
-  between the Linears before it and the attention matmul after it was quantized.
+- A Linear on an activation of rank 3 or more (tokens, or MambaOut's and ConvNeXt-style blocks' NHWC
+  tensors) runs on its rows flattened to 2-D and reshaped back: it exports as MatMul then a float bias
+  Add, which ORT runs as MatMulIntegerToFloat and a float Add (and a QuantizeLinear where the output is
+  quantized: ORT's QDQ selectors want it right after the MatMul); on 2-D it exports as Gemm, which ORT runs
+  as one QGemm with an int32 bias, its output uint8 or float as the consumer needs. In transformers the
+  float Add of most Linears joined a kernel ORT fuses around it (SkipLayerNormalization, BiasGelu; those
+  need 3-D inputs), but not that of q, k and v; on NHWC tensors none did (MambaOut: 39 float Adds).
+- A `type_as` to the dtype a tensor already has (EVA's rotary output `.type_as(v)`) is dropped: as an op
+  of no kind it cut the float path the quantizer's selection follows, so nothing between the Linears
+  before it and the attention matmul after it was quantized.
 - A negation inside a rearrangement that a constant then multiplies (rotary embeddings' rot(x) * sin,
   rot(x) = stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape) or cat([-x2, x1], -1)) moves into that
   constant: the same values, and what is left is data movement ORT runs on uint8 and a QLinearMul (ORT
@@ -327,7 +328,7 @@ def fold_input_affines(model: GraphModule, wanted: Callable[[Node], bool]) -> in
 
 
 def flatten_linears(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
-    """linear(x) on x of shape (B, d1, ..., K), rank >= 4, d1... static -> reshape(linear(x.reshape(-1, K)), x's
+    """linear(x) on x of shape (B, d1, ..., K), rank >= 3, d1... static -> reshape(linear(x.reshape(-1, K)), x's
     leading dims + (N,)); how many. The weight and bias stay the same nodes (no new state_dict keys).
 
     Not where the bias is shared with another linear (a module applied twice): the int32 bias it gets on
@@ -337,7 +338,7 @@ def flatten_linears(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
         if node.op != "call_function" or node.target is not aten.linear.default or not wanted(node):
             return False
         x, out = value(node.args[0]), value(node)
-        if x is None or out is None or x.dim() < 4 or not all(isinstance(d, int) for d in x.shape[1:]):
+        if x is None or out is None or x.dim() < 3 or not all(isinstance(d, int) for d in x.shape[1:]):
             return False
         bias = node.args[2] if len(node.args) > 2 else None
         if isinstance(bias, Node) and len(bias.users) > 1:  # one int32 bias observer serves one input scale
@@ -354,14 +355,15 @@ def flatten_linears(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
     return rewrite_each(model, rewrite)
 
 
-_CASTS = (aten.type_as.default, aten.to.dtype, aten._to_copy.default)
-
-
 def drop_identity_casts(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
-    """type_as/to/_to_copy of a float tensor to its own dtype (and nothing else changed) -> the tensor; how many."""
+    """type_as of a float tensor to its own dtype -> the tensor; how many.
+
+    Not `to`: Hugging Face's RMS norms (T5, Llama) compute in float32 through `.to(torch.float32)`, and
+    with those casts gone the selection quantized Muls inside the norm, which ORT then no longer fused.
+    """
 
     def rewrite(node: Node, done: int) -> bool:
-        if node.op != "call_function" or node.target not in _CASTS or not wanted(node):
+        if node.op != "call_function" or node.target is not aten.type_as.default or not wanted(node):
             return False
         x, out = node.args[0], value(node)
         before = value(x)
