@@ -95,6 +95,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         rewrites.pools_to_means(model, wanted)
         rewrites.fold_channel_scales(model, wanted)
         rewrites.fold_negations(model, wanted)
+        rewrites.separate_shared_biases(model, wanted)
         rewrites.flatten_linears(model, wanted)  # last: the folds above look for the linear behind a permute
         return model
 
