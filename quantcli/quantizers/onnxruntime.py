@@ -85,6 +85,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         wanted = lambda node: policy.setting(node) is not None  # noqa: E731
         if not self.qat:  # weights computed from parameters: constants first, for every rule below
             rewrites.fold_weight_computations(model, wanted)
+        rewrites.drop_identity_casts(model, wanted)
         decompose_sdpa(model, wanted)
         rewrites.decompose_addcmul(model, wanted)
         rewrites.fold_input_affines(model, wanted)  # before equalization, whose Mul before a Linear must stay
@@ -95,6 +96,9 @@ class OnnxRuntimeQuantizer(Quantizer):
         rewrites.decompose_gates(model, wanted)
         rewrites.pools_to_means(model, wanted)
         rewrites.fold_channel_scales(model, wanted)
+        rewrites.fold_negations(model, wanted)
+        rewrites.separate_shared_biases(model, wanted)
+        rewrites.flatten_linears(model, wanted)  # last: the folds above look for the linear behind a permute
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:

@@ -34,7 +34,7 @@ _OPS = {
     "matmul": (aten.matmul.default, aten.bmm.default, aten.mm.default),
     "binary": (aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor),
     "relu": (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default),
-    "cat": (aten.cat.default, aten.concat.default),
+    "cat": (aten.cat.default, aten.concat.default, aten.stack.default),
     "pool": (
         aten.avg_pool1d.default,
         aten.avg_pool2d.default,

@@ -2,8 +2,9 @@
 
 - SiLU/Swish exports as Sigmoid then Mul; written out as x * sigmoid(x) here, both get quantized
   (QLinearSigmoid, QLinearMul) instead of sitting between a DequantizeLinear and a QuantizeLinear.
-  Hardswish likewise becomes x * hardsigmoid(x): ORT has no integer HardSigmoid (it stays float, its
-  output quantized), but the Mul becomes a QLinearMul, where ORT ran the whole HardSwish in float.
+  Hardswish likewise becomes x * hardsigmoid(x), the gate quantized on [0, 1]: the Mul becomes a
+  QLinearMul, and the export writes the gate as a requantizing Add (quantcli.onnx.rewrite), where ORT
+  ran the whole HardSwish in float.
 - A BatchNorm that follows no conv (DenseNet's pre-activation after a Concat, a RepVGG block's identity
   branch; prepare folds every conv's own BN before this runs) becomes the depthwise 1x1 conv that
   computes it, x * gamma / sqrt(var + eps) + (beta - mean * gamma / sqrt(var + eps)): ORT runs it as a
@@ -22,6 +23,23 @@
   (in QAT those parameters train).
 - addcmul(b, a, x) is written out as b + a * x, and a per-feature constant scale and shift right before a
   Linear (ResMLP's `Affine`) are folded into its weight and bias: W * a, b + W @ c.
+- A Linear on an activation of rank 3 or more (tokens, or MambaOut's and ConvNeXt-style blocks' NHWC
+  tensors) runs on its rows flattened to 2-D and reshaped back: it exports as MatMul then a float bias
+  Add, which ORT runs as MatMulIntegerToFloat and a float Add (and a QuantizeLinear where the output is
+  quantized: ORT's QDQ selectors want it right after the MatMul); on 2-D it exports as Gemm, which ORT runs
+  as one QGemm with an int32 bias, its output uint8 or float as the consumer needs. In transformers the
+  float Add of most Linears joined a kernel ORT fuses around it (SkipLayerNormalization, BiasGelu; those
+  need 3-D inputs), but not that of q, k and v; on NHWC tensors none did (MambaOut: 39 float Adds).
+- A bias read by several Linears (a module applied more than once) is read through a node of its own by
+  each: its int32 form is quantized with that Linear's input scale, and ORT's QGemm reads it so (one
+  observer for all gave a second call the first one's scale: 13.3 dB where the unfused graph had 25).
+- A `type_as` to the dtype a tensor already has (EVA's rotary output `.type_as(v)`) is dropped: as an op
+  of no kind it cut the float path the quantizer's selection follows, so nothing between the Linears
+  before it and the attention matmul after it was quantized.
+- A negation inside a rearrangement that a constant then multiplies (rotary embeddings' rot(x) * sin,
+  rot(x) = stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape) or cat([-x2, x1], -1)) moves into that
+  constant: the same values, and what is left is data movement ORT runs on uint8 and a QLinearMul (ORT
+  has no integer Neg: it ran between a DequantizeLinear and a QuantizeLinear).
 
 Each rewrite is a pure function of the graph and its weights, so prepare in another process
 builds the same nodes, buffers and state_dict keys. They touch only nodes `wanted(node)` accepts
@@ -311,6 +329,125 @@ def fold_input_affines(model: GraphModule, wanted: Callable[[Node], bool]) -> in
         return True
 
     return rewrite_each(model, rewrite)
+
+
+def separate_shared_biases(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """Give each Linear after the first that reads a shared bias node a get_attr of its own; how many."""
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target is not aten.linear.default or not wanted(node):
+            return False
+        bias = node.args[2] if len(node.args) > 2 else None
+        if not (isinstance(bias, Node) and bias.op == "get_attr" and next(iter(bias.users)) is not node):
+            return False
+        with model.graph.inserting_before(node):
+            own = model.graph.get_attr(bias.target)
+        own.meta.update(bias.meta)
+        node.replace_input_with(bias, own)
+        return True
+
+    return rewrite_each(model, rewrite)
+
+
+def flatten_linears(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """linear(x) on x of shape (B, d1, ..., K), rank >= 3, d1... static -> reshape(linear(x.reshape(-1, K)), x's
+    leading dims + (N,)); how many. The weight and bias stay the same nodes (no new state_dict keys)."""
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target is not aten.linear.default or not wanted(node):
+            return False
+        x, out = value(node.args[0]), value(node)
+        if x is None or out is None or x.dim() < 3 or not all(isinstance(d, int) for d in x.shape[1:]):
+            return False
+        rows = [-1, x.shape[-1]]
+        graph = model.graph
+        with graph.inserting_before(node):
+            flat = call_like(graph, node, aten.reshape.default, (node.args[0], rows), x.reshape(rows))
+            linear = call_like(graph, node, aten.linear.default, (flat, *node.args[1:]), out.reshape(-1, out.shape[-1]))
+            back = call_like(graph, node, aten.reshape.default, (linear, [-1, *out.shape[1:]]), out)
+        replace(graph, node, back)
+        return True
+
+    return rewrite_each(model, rewrite)
+
+
+def drop_identity_casts(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """type_as of a float tensor to its own dtype -> the tensor; how many.
+
+    Not `to`: Hugging Face's RMS norms (T5, Llama) compute in float32 through `.to(torch.float32)`, and
+    with those casts gone the selection quantized Muls inside the norm, which ORT then no longer fused.
+    """
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target is not aten.type_as.default or not wanted(node):
+            return False
+        x, out = node.args[0], value(node)
+        before = value(x)
+        if before is None or out is None or before.dtype != out.dtype or not out.dtype.is_floating_point:
+            return False
+        if set(node.kwargs) - {"dtype"} or before.device != out.device or before.shape != out.shape:
+            return False
+        replace(model.graph, node, x)
+        return True
+
+    return rewrite_each(model, rewrite)
+
+
+def fold_negations(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """mul(y, c), y = [reshape](cat/stack([..., -a, ...], -1)) and c constant -> the negations dropped and c
+    times their signs along the last axis, a parameter `_quantcli_signed_<k>` (graph order); how many."""
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target is not aten.mul.Tensor or not wanted(node):
+            return False
+        for y, c in (node.args[:2], node.args[1::-1]):
+            constant = _constant_value(model, c)
+            found = _negated_join(y) if isinstance(y, Node) and constant is not None else None
+            if found is None or constant.dim() == 0 or constant.shape[-1] not in (1, len(found[1])):
+                continue
+            join, signs = found
+            name = f"_quantcli_signed_{done}"
+            model.register_parameter(name, torch.nn.Parameter(constant * signs.to(constant.dtype), False))
+            with model.graph.inserting_before(node):
+                attr = model.graph.get_attr(name)
+            attr.meta["val"] = model.get_parameter(name)
+            node.replace_input_with(c, attr)
+            join.args = ([a.args[0] if _negation(a) else a for a in join.args[0]], *join.args[1:])
+            return True
+        return False
+
+    return rewrite_each(model, rewrite)
+
+
+_JOINS = (aten.cat.default, aten.concat.default, aten.stack.default)
+_RESHAPES = (aten.reshape.default, aten.view.default)
+
+
+def _negation(node) -> bool:
+    return isinstance(node, Node) and node.target is aten.neg.default and len(node.users) == 1
+
+
+def _negated_join(y: Node) -> tuple[Node, torch.Tensor] | None:
+    """(the cat/stack behind y, y's sign along its last axis) when y, read only by one mul, joins negated parts
+    along its last axis (a stack's new last axis merged into the one before by a reshape), else None."""
+    join = y.args[0] if y.target in _RESHAPES and isinstance(y.args[0], Node) else y
+    if join.target not in _JOINS or len(y.users) != 1 or (join is not y and len(join.users) != 1):
+        return None
+    parts, out, joined = join.args[0], value(y), value(join)
+    dim = join.args[1] if len(join.args) > 1 else 0
+    if out is None or joined is None or dim % joined.dim() != joined.dim() - 1 or not any(map(_negation, parts)):
+        return None
+    sign = [-1.0 if _negation(p) else 1.0 for p in parts]
+    if join.target is aten.stack.default:
+        pairs = joined.shape[-2]
+        merged = join is not y and out.dim() == joined.dim() - 1 and out.shape[-1] == pairs * len(parts)
+        if join is not y and not merged:
+            return None
+        return join, torch.tensor(sign * pairs if merged else sign)  # position i * len(parts) + j: part j
+    if join is not y:
+        return None
+    widths = [value(p).shape[-1] for p in parts]
+    return join, torch.cat([torch.full((w,), s) for w, s in zip(widths, sign)])
 
 
 def _input_affine(model: GraphModule, linear: Node):
