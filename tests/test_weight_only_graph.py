@@ -175,8 +175,9 @@ def test_a_conv1d_weight_stored_k_by_n_is_quantized_as_its_transpose_and_stored_
 
 class Norms(nn.Module):
     """What AWQ's input scales fold into: an RMS norm's weight read by q, k and v (`mul(weight, h)`, as Hugging
-    Face Llama's), a LayerNorm read by a GPT-2 Conv1D (through its view), and an RMS norm whose output a residual
-    reads besides gate and up (nothing to fold into: one Div for the two)."""
+        Face Llama's), a LayerNorm read by a GPT-2 Conv1D (through its view), and an RMS norm whose output a residual
+        reads besides gate and up (nothing to fold into: one Div for the two), and down reading silu(gate) * up (its
+    scale folds into up's rows)."""
 
     def __init__(self):
         from transformers.pytorch_utils import Conv1D
@@ -191,13 +192,13 @@ class Norms(nn.Module):
         with torch.no_grad():
             self.ln.weight[::5] *= 20
             self.ln.bias.uniform_(-1, 1)
-        self.gate, self.up = nn.Linear(48, 64), nn.Linear(48, 64)
+        self.gate, self.up, self.down = nn.Linear(48, 64), nn.Linear(48, 64), nn.Linear(64, 48)
 
     def forward(self, x):
         h = self.attn_norm * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
         y = self.fc(self.ln(torch.cat([self.q(h), self.k(h), self.v(h)], -1)))
         m = self.mlp_norm * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6))
-        return torch.cat([self.gate(m) * self.up(m), m], -1)
+        return torch.cat([self.down(torch.nn.functional.silu(self.gate(m)) * self.up(m)), m], -1)
 
 
 def test_awq_folds_each_inputs_scale_into_the_norm_before_it_or_divides_it_once():
@@ -217,6 +218,7 @@ def test_awq_folds_each_inputs_scale_into_the_norm_before_it_or_divides_it_once(
         **{name: {"folded_into": ["attn_norm"]} for name in ("q", "k", "v")},
         "fc": {"folded_into": ["ln.weight", "ln.bias"]},
         **{name: {"divided_by": f"{apply.INPUT_SCALE}4"} for name in ("gate", "up")},
+        "down": {"folded_into": ["up.weight", "up.bias"]},
     }
     assert len({r["alpha"] for r in records if r["module"] in "qkv"}) == 1  # one alpha, one scale for the three
     divisions = [n for n in module.graph.nodes if n.target == torch.ops.aten.div.Tensor]
@@ -228,6 +230,7 @@ def test_awq_folds_each_inputs_scale_into_the_norm_before_it_or_divides_it_once(
     assert torch.allclose(module.ln.bias * s_ln, float_model.ln.bias, rtol=1e-5, atol=1e-6)  # bias / s too
     scales = {"q": s_attn, "k": s_attn, "v": s_attn, "fc": s_ln, "gate": getattr(module, f"{apply.INPUT_SCALE}4")}
     scales["up"] = scales["gate"]
+    scales["down"] = float_model.up.bias / module.up.bias  # up's rows hold 1 / s: its bias shows s
     assert all(bool((s != 1).any()) for s in scales.values())
     divided = Norms().eval()
     divided.load_state_dict(float_model.state_dict())
@@ -235,6 +238,7 @@ def test_awq_folds_each_inputs_scale_into_the_norm_before_it_or_divides_it_once(
         layer = getattr(divided, name)
         layer.weight.data = result.weight().T.contiguous() if name == "fc" else result.weight()
         layer.register_forward_pre_hook(lambda _, args, s=scales[name]: (args[0] / s,))
+    divided.up.weight.data *= scales["down"][:, None]  # up's codes as convert made them, its rows' 1 / s undone
     with torch.no_grad():
         for x in batches():
             want, got = divided(x), module(x)

@@ -3,9 +3,10 @@
 The converted module is the weight-only model in PyTorch: every quantized linear reads its dequantized
 weight (exactly what the ONNX file's DequantizeLinear computes). Where AWQ scaled the input channels of
 the linears reading one input (one scale s for all of them), the input is divided by s: folded into the
-vector the input was multiplied by where only they read it (an RMS norm's weight, `mul(weight, x)`, or a
-LayerNorm's weight and bias, as the paper does), else one Div in front of them. The codes, scales and
-zero points go beside it (`codes`), for export to store as int4/int8 in the ONNX file.
+parameters that made it where only they read it (an RMS norm's weight, `mul(weight, x)`, a LayerNorm's
+weight and bias, a gated MLP's up projection's rows, as the paper's code does), else one Div in front of
+them. The codes, scales and zero points go beside it (`codes`), for export to store as int4/int8 in the ONNX
+file.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def convert(module: GraphModule, q: QuantizationSection) -> tuple[list[dict[str,
     targets = [layer.weight_target for layer in layers]  # before the rewrite gives a shared weight its own copy
     found: dict[int, tuple[torch.Tensor, Quantized, dict[str, Any]]] = {}
     codes: dict[str, torch.Tensor] = {}
-    for group in _groups(layers):
+    for group in reversed(_groups(layers)):  # a linear's input scale may fold into the rows of one before it
         ws = [layers[index].weight(module) for index in group]
         grids = [Grid.of(layers[index].weights) for index in group]
         results = METHODS[layers[group[0]].weights.method](ws, grids, collect.stats_of(module, layers[group[0]]))
@@ -168,9 +169,10 @@ MUL, LAYER_NORM = torch.ops.aten.mul.Tensor, torch.ops.aten.layer_norm.default
 
 
 def _fold(module: GraphModule, x: torch.fx.Node, readers: set[torch.fx.Node], s: torch.Tensor) -> list[str]:
-    """Fold 1/s into the parameter vector(s) over the last axis that produced `x`, where nothing but `readers`
-    reads the product: mul(weight [K], h) (an RMS norm's last step) or layer_norm(h, [K], weight, bias), seen
-    through the statistics collector and views that keep the last axis; the targets changed ([] where none)."""
+    """Fold 1/s into the parameters whose product over the last axis is `x`, where nothing but `readers` reads
+    it: mul(weight [K], h) (an RMS norm's last step), layer_norm(h, [K], weight, bias), or act(gate(h)) * up(h)
+    (a gated MLP: the rows of up's weight and bias, not yet quantized: convert goes from the last linear back),
+    seen through the statistics collector and views that keep the last axis; the targets changed ([] if none)."""
     k = len(s)
     node = x
     while set(node.users) == readers:
@@ -182,22 +184,34 @@ def _fold(module: GraphModule, x: torch.fx.Node, readers: set[torch.fx.Node], s:
             break
     if set(node.users) != readers or node.op != "call_function":
         return []
-    if node.target is MUL and len(node.args) == 2:
-        vectors = [a for a in node.args if _own_vector(module, a, node, k)]
-        if len(vectors) != 1 or not all(isinstance(a, torch.fx.Node) for a in node.args):
-            return []
-    elif node.target is LAYER_NORM and list(node.args[1]) == [k] and len(node.args) >= 4:
-        vectors = [a for a in node.args[2:4] if a is not None]
-        if not vectors or not all(_own_vector(module, a, node, k) for a in vectors) or node.args[2] is None:
-            return []
-    else:
-        return []
-    for vector in vectors:
-        owner, _, name = vector.target.rpartition(".")
+    params: list[torch.fx.Node] = []
+    if node.target is MUL and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args):
+        vectors = [a for a in node.args if _own(module, a, node, (k,))]
+        rows = [found for a in node.args if (found := _own_rows(module, a, node, k))]
+        params = vectors[:1] or (rows[0] if rows else [])
+    elif node.target is LAYER_NORM and list(node.args[1]) == [k] and len(node.args) >= 4 and node.args[2] is not None:
+        params = [a for a in node.args[2:4] if a is not None]
+        params = params if all(_own(module, a, node, (k,)) for a in params) else []
+    for param in params:
+        owner, _, name = param.target.rpartition(".")
         holder = module.get_submodule(owner) if owner else module
-        value = getattr(holder, name)
-        setattr(holder, name, torch.nn.Parameter((value.detach() / s).to(value.dtype), requires_grad=False))
-    return [vector.target for vector in vectors]
+        value = getattr(holder, name).detach()
+        divided = value / s.reshape(-1, *[1] * (value.dim() - 1)).to(value.dtype)  # along the first axis
+        setattr(holder, name, torch.nn.Parameter(divided, requires_grad=False))
+    return [param.target for param in params]
+
+
+def _own_rows(module: GraphModule, a: torch.fx.Node, user: torch.fx.Node, k: int) -> list[torch.fx.Node]:
+    """[weight, bias] (or [weight]) of `a` where it is an aten.linear with k outputs that only `user` reads, whose
+    parameters nothing else reads; else []."""
+    if a.op != "call_function" or a.target is not plan.LINEAR or set(a.users) != {user} or not plan.is_linear(a):
+        return []
+    weight, bias = a.args[1], a.args[2] if len(a.args) > 2 else None
+    if not _own(module, weight, a, (k, plan.attribute(module, weight.target).shape[1])):
+        return []
+    if bias is not None and not _own(module, bias, a, (k,)):
+        return []
+    return [weight] + ([bias] if bias is not None else [])
 
 
 def _keeps_last_axis(node: torch.fx.Node, k: int) -> bool:
@@ -214,12 +228,12 @@ def _keeps_last_axis(node: torch.fx.Node, k: int) -> bool:
     return False
 
 
-def _own_vector(module: GraphModule, a: Any, user: torch.fx.Node, k: int) -> bool:
-    """Whether `a` is a parameter [k] that only `user` reads (no other node, no other name of it)."""
+def _own(module: GraphModule, a: Any, user: torch.fx.Node, shape: tuple[int, ...]) -> bool:
+    """Whether `a` is a parameter of `shape` that only `user` reads (no other node, no other name of it)."""
     if not isinstance(a, torch.fx.Node) or a.op != "get_attr" or set(a.users) != {user}:
         return False
     value = plan.attribute(module, a.target)
-    if not isinstance(value, torch.nn.Parameter) or value.shape != (k,):
+    if not isinstance(value, torch.nn.Parameter) or tuple(value.shape) != shape:
         return False
     readers = [n for n in module.graph.nodes if n.op == "get_attr" and n.target == a.target]
     shared = [p for _, p in module.named_parameters(remove_duplicate=False) if p is value]

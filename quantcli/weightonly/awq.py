@@ -11,7 +11,8 @@ the same tokens) rather than on a sample of them. alpha 0 is round to nearest, s
 worse than RTN on the calibration data. Then the clip search of the authors' code (llm-awq's auto_clip),
 for each linear on its scaled weight: each block's range shrunk by the factor of least error on the
 block's own output contribution. Where the input is a norm's output, 1/s is folded into the norm's
-weight (quantcli.weightonly.apply), as the paper does; otherwise the input is divided by s (one Div).
+weight, and where it is a gated MLP's act(gate(x)) * up(x), into up's rows (quantcli.weightonly.apply), as
+the reference code does; otherwise the input is divided by s (one Div).
 """
 
 from __future__ import annotations
