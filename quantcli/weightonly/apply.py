@@ -39,7 +39,7 @@ def convert(module: GraphModule, q: QuantizationSection) -> tuple[list[dict[str,
     tables = plan.embeddings(module, q)  # planned before the linears' rewrite moves a tied head's weight
     layers = plan.layers(module, q)
     targets = [layer.weight_target for layer in layers]  # before the rewrite gives a shared weight its own copy
-    found: dict[int, tuple[torch.Tensor, Quantized, dict[str, Any]]] = {}
+    found: dict[int, tuple[list[int], Quantized, dict[str, Any]]] = {}
     codes: dict[str, torch.Tensor] = {}
     for group in reversed(_groups(layers)):  # a linear's input scale may fold into the rows of one before it
         ws = [layers[index].weight(module) for index in group]
@@ -49,12 +49,13 @@ def convert(module: GraphModule, q: QuantizationSection) -> tuple[list[dict[str,
         for index, w, (result, chosen) in zip(group, ws, results):
             _rewrite(module, layers[index], result, index)
             _add_codes(codes, index, result)
-            found[index] = (w, result, {**chosen, **({"input_scale": scaling} if scaling else {})})
+            found[index] = (list(w.shape), result, {**chosen, **({"input_scale": scaling} if scaling else {})})
     records, heads = [], {}
     for index, layer in enumerate(layers):
-        w, result, chosen = found[index]
+        shape, result, chosen = found[index]
         heads.setdefault(targets[index], (index, layer, result))
-        records.append(_record("linear", layer.module, w, layer.weights.model_dump(exclude={"granularity"}), chosen))
+        setting = layer.weights.model_dump(exclude={"granularity"})
+        records.append(_record("linear", layer.module, shape, setting, chosen))
     for table in tables:
         records.append(_embedding(module, table, heads.get(table.weight_target), len(records), codes))
     collect.remove(module)
@@ -79,15 +80,15 @@ def _embedding(module: GraphModule, table: plan.Embedding, head: tuple | None, i
     setting = table.weights.model_dump(exclude={"granularity"})
     if head is not None and head[1].weights == table.weights and not head[1].transposed:
         _read_head(module, table, *head)
-        return _record("embedding", table.module, w, setting, {"tied_to": head[0]})
+        return _record("embedding", table.module, list(w.shape), setting, {"tied_to": head[0]})
     result = rtn(w, Grid.of(table.weights))
     _read_table(module, table, result, index)
     _add_codes(codes, index, result)
-    return _record("embedding", table.module, w, {**setting, "method": "rtn"}, {})
+    return _record("embedding", table.module, list(w.shape), {**setting, "method": "rtn"}, {})
 
 
-def _record(kind: str, name: str, w: torch.Tensor, setting: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": kind, "module": name, "shape": list(w.shape), **setting, **chosen}
+def _record(kind: str, name: str, shape: list[int], setting: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": kind, "module": name, "shape": shape, **setting, **chosen}
 
 
 def _add_codes(codes: dict[str, torch.Tensor], index: int, result: Quantized) -> None:
