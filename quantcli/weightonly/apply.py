@@ -147,7 +147,8 @@ def _rewrite(module: GraphModule, layer: plan.Layer, result: Quantized, index: i
 
 def _scale_input(module: GraphModule, group: list[plan.Layer], s: torch.Tensor | None, index: int) -> dict | None:
     """Divide the input the linears of `group` read (and only they: AWQ scaled their weights) by s: folded into the
-    vector that made it where it can be, else one Div in front of them; where it went (None for no scale)."""
+    parameters that made it where it can be (`_fold`), else one Div in front of them; where it went (None for no
+    scale)."""
     if s is None:
         return None
     x = group[0].input
