@@ -9,9 +9,10 @@ place. `og.Model("<name>.genai")` runs it; nothing of quantcli is needed to load
 
 The decoder is traced anew from the Hugging Face model, with what convert produced put in: each
 weight-only linear reads its dequantized weight (the tied LM head its own copy) and, where AWQ
-scaled its input channels, divides its input by them, as the converted program does. Export then
-stores the codes as it does for any model (quantcli.onnx.blocked), so every quantized linear still
-runs as MatMulNBits.
+scaled its input channels, the parameters convert folded 1/s into (a norm's weight, an up projection's
+rows) take their converted values, or the linear divides its input by s, as the converted program
+does. Export then stores the codes as it does for any model (quantcli.onnx.blocked), so every
+quantized linear still runs as MatMulNBits.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def decoder_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> Any
 
 
 def _put_weight_only(model: Any, parent: artifacts.Artifact) -> None:
-    """Each quantized linear of `model` reads its dequantized weight; AWQ's divides its input by its scales."""
+    """Each quantized linear of `model` reads its dequantized weight; where AWQ scaled its input, the parameters
+    convert folded 1/s into take their converted values, or the linear divides its input by s; an embedding
+    reading a tied head's W * s divides its rows by s."""
     import torch
 
     from quantcli import _torch
@@ -58,22 +61,41 @@ def _put_weight_only(model: Any, parent: artifacts.Artifact) -> None:
 
     codes = _torch.load_state(parent.file(artifacts.WEIGHT_CODES))
     state = _torch.load_program(parent.file(artifacts.PROGRAM)).state_dict
-    for index, (record, q) in enumerate(apply.load(parent.manifest["weight_only"], codes)):
-        linear = model.get_submodule(record["module"].removeprefix("model."))  # the task wrapper's `model.`
+    for record, q in apply.load(parent.manifest["weight_only"], codes):
+        layer = model.get_submodule(_own(record["module"]))
         weight = q.weight()  # [N, K]; GPT-2's Conv1D stores [K, N] (quantcli.weightonly.plan)
-        if type(linear).__name__ == "Conv1D":
+        if type(layer).__name__ == "Conv1D":
             weight = weight.T.contiguous()
-        linear.weight = torch.nn.Parameter(weight, requires_grad=False)  # a tied head gets its own copy
-        scale = state.get(f"{apply.INPUT_SCALE}{index}")
-        if scale is not None:
-            linear.register_forward_pre_hook(_divide_by(scale.clone()))
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)  # a tied head gets its own copy
+        scaling = record.get("input_scale", {})
+        for target in scaling.get("folded_into", []):
+            model.get_parameter(_own(target)).data = state[target].clone()
+        if "divided_by" in scaling:
+            layer.register_forward_pre_hook(_divide_input_by(state[scaling["divided_by"]].clone()))
+        head_scale = state.get(f"{apply.INPUT_SCALE}{record['tied_to']}") if "tied_to" in record else None
+        if head_scale is not None:
+            layer.register_forward_hook(_divide_output_by(head_scale.clone()))
 
 
-def _divide_by(scale: Any) -> Any:
+def _own(target: str) -> str:
+    """A module or parameter path of the converted program in the Hugging Face model (the task wrapper's `model.`)."""
+    return target.removeprefix("model.")
+
+
+def _divide_input_by(scale: Any) -> Any:
     """A forward pre-hook dividing a linear's input by AWQ's channel scales."""
 
     def hook(_: Any, args: tuple) -> tuple:
         return (args[0] / scale, *args[1:])
+
+    return hook
+
+
+def _divide_output_by(scale: Any) -> Any:
+    """A forward hook dividing an embedding's rows (its tied head's W * s) by AWQ's channel scales."""
+
+    def hook(_: Any, args: tuple, output: Any) -> Any:
+        return output / scale
 
     return hook
 

@@ -11,13 +11,14 @@ of `--new` tokens at batch 1 (tokens per second), with 1 and 2 intra-op threads.
 size, and the perplexity of each model on held-out text through onnxruntime (whole windows).
 
     python scripts/bench_genai.py [--model HF_FOLDER] [--work DIR [--reuse]] [--rounds 3] [--new 64]
-                                  [--held TEXT] [--folder NAME=GENAI_FOLDER ... [--only-folders]]
+                                  [--held TEXT] [--window 128 ...] [--folder NAME=GENAI_FOLDER ... [--only-folders]]
                                   [--json out.json] [--markdown]
 
 `--folder` adds folders built elsewhere (e.g. quantcli's GPTQ of a real decoder, calibrated on its own
 text) to the table; `--only-folders` measures those alone. `--held` is the held-out text for perplexity
-(default: word pairs). The rounds are interleaved: each round runs every folder once, 1 then 2
-threads, so that a change in the machine's load falls on all of them; the figures are medians.
+(default: word pairs), `--window` its window length in tokens (repeat it for several; default 128).
+The rounds are interleaved: each round runs every folder once, 1 then 2 threads, so that a change
+in the machine's load falls on all of them; the figures are medians.
 
 A random-weight model's perplexity says nothing of quality; with `--model` a real decoder's does. A
 benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
@@ -207,13 +208,15 @@ def machine() -> dict[str, str]:
 
 def markdown(results: dict[str, dict]) -> str:
     lines = [
-        "| model | size MB | perplexity | prefill 256 s (1 / 2 threads) | decode tok/s (1 / 2 threads) | peak MiB |",
+        "| model | size MB | perplexity (windows) | prefill 256 s (1 / 2 threads) | decode tok/s (1 / 2 threads) "
+        "| peak MiB |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         one, two = r["threads"]["1"], r["threads"]["2"]
         lines.append(
-            f"| {name} | {r['size_mb']} | {r['perplexity']} | {one['prefill_s']} / {two['prefill_s']} | "
+            f"| {name} | {r['size_mb']} | {' / '.join(f'{v:.2f}' for v in r['perplexity'].values())} | "
+            f"{one['prefill_s']} / {two['prefill_s']} | "
             f"{one['decode_tokens_per_s']} / {two['decode_tokens_per_s']} | {two['peak_rss_mib']} |"
         )
     return "\n".join(lines)
@@ -229,6 +232,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--held", type=Path, help="held-out text for perplexity (default: word pairs)")
+    parser.add_argument("--window", type=int, action="append", help="perplexity window, tokens (repeatable; 128)")
     parser.add_argument("--folder", action="append", default=[], help="NAME=FOLDER: a genai folder built elsewhere")
     parser.add_argument("--only-folders", action="store_true", help="measure the --folder folders only")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # one folder, in a process of its own
@@ -248,7 +252,11 @@ def main() -> None:
     folders = {} if args.only_folders else build(model, work, args.reuse)
     folders.update(item.split("=", 1) for item in args.folder)
     folders = {name: Path(folder) for name, folder in folders.items()}
-    results = {name: {"size_mb": size_mb(f), "perplexity": perplexity(f, held, model)} for name, f in folders.items()}
+    windows = args.window or [128]
+    results = {
+        name: {"size_mb": size_mb(f), "perplexity": {str(w): perplexity(f, held, model, w) for w in windows}}
+        for name, f in folders.items()
+    }
     runs: dict[str, dict[str, list]] = {name: {"1": [], "2": []} for name in folders}
     for _ in range(args.rounds):
         for threads in ("1", "2"):

@@ -194,11 +194,43 @@ def test_awq_picks_the_scale_a_brute_force_search_on_the_samples_picks():
     x = correlated(384, 64, seed=9)
     grid = Grid(4, True, 32)
     magnitude = x.abs().mean(0).float()
-    _, alpha = search(w, x.T @ x, magnitude, grid)
-    errors = [output_error(w, rtn(w, grid), x)] + [
-        output_error(w, candidate(w, magnitude, point / GRID_POINTS, grid), x) for point in range(1, GRID_POINTS)
-    ]
+    _, alpha = search([w], x.T @ x, magnitude, [grid])
+    errors = [group_errors([w], [grid], magnitude, x, point) for point in range(GRID_POINTS)]
     assert alpha == min(range(GRID_POINTS), key=errors.__getitem__) / GRID_POINTS and alpha > 0
+
+
+def group_errors(ws: list, grids: list, magnitude: torch.Tensor, x: torch.Tensor, point: int) -> float:
+    """The output error on the samples, summed over the linears reading x, at alpha = point / GRID_POINTS
+    (point 0: round to nearest on the half-span grid the search uses)."""
+    return sum(
+        output_error(
+            w, rtn(w, g, exact_extreme=False) if point == 0 else candidate(w, magnitude, point / GRID_POINTS, g), x
+        )
+        for w, g in zip(ws, grids)
+    )
+
+
+def test_the_linears_of_one_input_share_the_scale_of_least_summed_error_never_worse_than_rtn():
+    g = torch.Generator().manual_seed(16)
+    ws = [torch.randn(n, 64, generator=g) for n in (32, 16, 16)]  # q, k, v
+    grids = [Grid(4, True, 32), Grid(4, True, 32), Grid(4, False, 16)]
+    x = correlated(384, 64, seed=17)
+    magnitude = x.abs().mean(0).float()
+    results, alpha = search(ws, x.T @ x, magnitude, grids)
+    errors = [group_errors(ws, grids, magnitude, x, point) for point in range(GRID_POINTS)]
+    assert alpha == min(range(GRID_POINTS), key=errors.__getitem__) / GRID_POINTS and alpha > 0
+    assert all(torch.equal(r.input_scale, results[0].input_scale) for r in results)  # one scale for the three
+    assert sum(output_error(w, r, x) for w, r in zip(ws, results)) < 0.9 * errors[0]
+    alone = [search([w], x.T @ x, magnitude, [grid])[1] for w, grid in zip(ws, grids)]
+    assert len(set(alone)) > 1  # each alone would pick another alpha: the shared one is a choice for the group
+    final, chosen = awq(ws, x.T @ x, magnitude, grids)
+    assert chosen == alpha and all(torch.equal(r.input_scale, results[0].input_scale) for r in final)
+    assert [r.grid for r in final] == grids
+    # misleading magnitudes (small where the inputs are large): every alpha > 0 does worse, alpha 0 is RTN
+    results, alpha = search(ws, x.T @ x, 1 / magnitude, grids)
+    assert alpha == 0 and all(r.input_scale is None for r in results)
+    rounded = [rtn(w, grid, exact_extreme=False) for w, grid in zip(ws, grids)]
+    assert all(torch.equal(r.codes, q.codes) for r, q in zip(results, rounded))
 
 
 @pytest.mark.parametrize("grid", [Grid(4, True, 32), Grid(4, False, 16)])
@@ -228,11 +260,11 @@ def test_awq_has_less_output_error_than_rtn_on_data_it_did_not_see():
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(10))
     seen, unseen = correlated(512, 96, seed=11), correlated(512, 96, seed=12)
     grid = Grid(4, True, 32)
-    result, _ = awq(w, seen.T @ seen, seen.abs().mean(0).float(), grid)
+    (result,), _ = awq([w], seen.T @ seen, seen.abs().mean(0).float(), [grid])
     half_span = output_error(w, rtn(w, grid, exact_extreme=False), unseen)  # the grid AWQ searches on
     assert output_error(w, result, unseen) < 0.6 * half_span  # measured 0.48
     assert output_error(w, result, unseen) < 0.7 * output_error(w, rtn(w, grid), unseen)  # measured 0.62
-    scaled_only, _ = search(w, seen.T @ seen, seen.abs().mean(0).float(), grid)
+    (scaled_only,), _ = search([w], seen.T @ seen, seen.abs().mean(0).float(), [grid])
     assert output_error(w, scaled_only, unseen) < 0.8 * half_span  # measured 0.71
 
 

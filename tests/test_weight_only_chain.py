@@ -36,9 +36,9 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
     for method, (report, _) in llama.items():
         # 2 layers x 7 linears + the LM head; the embedding reads the head's codes (tied), as GatherBlockQuantized
         assert report["weight_only"]["layers"] == 15 and report["weight_only"]["embeddings"] == 1, method
-        # q, k and v one MatMulNBits where their input is one (AWQ divides each by its own scales: three)
+        # q, k and v one MatMulNBits (AWQ's share one input scale, folded into the norm before them)
         assert report["kernels"]["weight_only"] == {
-            "matmul_nbits": 15 if method == "awq" else 11,
+            "matmul_nbits": 11,
             "gather_block_quantized": 1,
             "float_linears": [],
         }, method
@@ -69,6 +69,33 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
     assert {dict((a.name, a.i) for a in n.attribute)["K"] for n in fused} == {64, 176}  # 176 = 5.5 blocks of 32
 
 
+def test_awqs_input_scales_fold_into_the_norms_and_q_k_v_stay_packed(llama):
+    records = json.loads((llama["awq"][1].parent / "converted" / "manifest.json").read_text())["weight_only"]
+    scaling = {r["module"].removeprefix("model.model."): r.get("input_scale") for r in records}
+    for i in (0, 1):
+        for name, norm in (("self_attn.q_proj", "input_layernorm"), ("mlp.up_proj", "post_attention_layernorm")):
+            assert scaling[f"layers.{i}.{name}"] == {"folded_into": [f"model.model.layers.{i}.{norm}.weight"]}
+        assert scaling[f"layers.{i}.self_attn.o_proj"] == {"divided_by": f"weight_only_input_scale_{7 * i + 3}"}
+        assert scaling[f"layers.{i}.mlp.down_proj"] == {"folded_into": [f"model.model.layers.{i}.mlp.up_proj.weight"]}
+    assert scaling["model.lm_head"] == {"folded_into": ["model.model.norm.weight"]}
+    # the decoder traced anew computes the converted program's logits: measured 37.1 dB; 22.0 where its tied
+    # table's rows (the head's W * s) were not divided by the head's scale, which parity's 6 dB excess allowed
+    assert llama["awq"][0]["parity"]["per_output"]["logits"]["ort_vs_int8_db"] > 30
+    model = onnx.load(str(llama["awq"][1]))
+    producer = {out: n for n in model.graph.node for out in n.output}
+    constants = {t.name for t in model.graph.initializer}
+    for attention in [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]:
+        assert attention.input[1] == attention.input[2] == ""  # q, k and v packed in one
+        qkv = producer[attention.input[0]]
+        assert qkv.op_type == "MatMul" and producer[qkv.input[0]].op_type in ("Mul", "SkipSimplifiedLayerNormalization")
+    divided = [n for n in model.graph.node if n.op_type == "Div" and n.input[1] in constants]
+    # each layer's o_proj (its input the attention's output), the tied table's rows (the head's W * s)
+    assert sorted(producer[n.input[0]].op_type for n in divided) == [
+        "GatherBlockQuantized",
+        *["GroupQueryAttention"] * 2,
+    ]
+
+
 def test_the_weights_take_no_more_bytes_than_the_onnxruntime_genai_builders(decoder_folders, llama, tmp_path):
     """The builder's int4 (block 32, embeddings and LM head as one int4 table) on the same Llama folder."""
     pytest.importorskip("onnxruntime_genai")
@@ -91,7 +118,7 @@ def test_the_weights_take_no_more_bytes_than_the_onnxruntime_genai_builders(deco
 def test_gptq_and_awq_have_less_error_than_rtn_on_a_batch_they_did_not_see(llama, decoder_folders, tmp_path):
     sqnr = {method: report["sqnr_vs_float_db"]["logits"] for method, (report, _) in llama.items()}
     assert llama["gptq"][0]["parity"]["data"] == "evaluation batch 0"
-    # measured: rtn 12.1, awq 13.3 dB; gptq 11.7: the table it shares with the head holds GPTQ's codes, which
+    # measured: rtn 12.1, awq 14.1 dB; gptq 11.7: the table it shares with the head holds GPTQ's codes, which
     # trade the rows' own error for the head's output error (with a table of its own, below, it leads)
     assert sqnr["awq"] > sqnr["rtn"] + 1, sqnr
     own_table = [{"names": ["*embed_tokens"], "weights": {**INT4, "method": "rtn"}}]  # a table of its own
@@ -108,7 +135,7 @@ def test_perplexity_on_token_windows_of_held_out_text(llama):
         assert ev["metric"] == "perplexity" and ev["tokens"]["fp32_torch"] > 500, method
         assert ev["fp32_onnx"] == pytest.approx(ev["fp32_torch"], rel=1e-3)
         assert ev["drop"] == pytest.approx(ev["int8_onnx"] - ev["fp32_torch"], abs=1e-4)  # a rise, in perplexity
-    # measured (fp32 244.93): rtn 247.04, gptq 244.66, awq 245.29
+    # measured (fp32 244.93): rtn 246.32, gptq 244.66, awq 245.56
     assert (
         evaluations["gptq"]["drop"] < evaluations["rtn"]["drop"]
         and evaluations["awq"]["drop"] < evaluations["rtn"]["drop"]
@@ -135,7 +162,7 @@ def test_gpt2_conv1d_layers_stored_k_by_n_run_as_matmul_nbits(decoder_folders, t
     """GPT-2's Conv1D (addmm of a weight stored [K, N]): quantized as the linears they are, GPTQ's Hessians
     collected on their inputs; the token table shared with the tied head, the position table its own."""
     reports = {}
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq", "awq"):
         if method != "rtn":
             shutil.copytree(tmp_path / "rtn" / "captured", tmp_path / method / "captured")
         reports[method] = run(decoder_folders, "gpt2", tmp_path / method, {"weights": {**INT4, "method": method}})
@@ -152,3 +179,9 @@ def test_gpt2_conv1d_layers_stored_k_by_n_run_as_matmul_nbits(decoder_folders, t
     assert [r["shape"] for r in records if r["module"].endswith("mlp.c_fc")] == [[256, 64]] * 2  # [N, K]
     sqnr = {method: report["sqnr_vs_float_db"]["logits"] for method, report in reports.items()}
     assert sqnr["gptq"] > sqnr["rtn"], sqnr  # measured: rtn 16.2, gptq 17.9 dB
+    records = json.loads((tmp_path / "awq" / "converted" / "manifest.json").read_text())["weight_only"]
+    folded = {r["module"].removeprefix("model.transformer."): r.get("input_scale") for r in records}
+    for i in (0, 1):  # AWQ's scales folded into each LayerNorm's weight and bias (the Conv1D reads it through a view)
+        for name, norm in (("attn.c_attn", "ln_1"), ("mlp.c_fc", "ln_2")):
+            targets = [f"model.transformer.h.{i}.{norm}.{p}" for p in ("weight", "bias")]
+            assert folded[f"h.{i}.{name}"] == {"folded_into": targets}, folded

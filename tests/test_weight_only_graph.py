@@ -90,7 +90,7 @@ def test_collectors_accumulate_each_input_and_convert_quantizes_with_what_they_s
         hidden = torch.cat([x @ q_hat.T + float_model.q.bias, x @ restored.k.weight.T + float_model.k.bias], -1)
         hidden = torch.cat([hidden, x @ float_model.v.weight.T], -1)
         out_stats = module.get_submodule(f"{collect.PREFIX}1")
-        result, alpha = awq(float_model.out.weight, out_stats.hessian, out_stats.magnitude(), Grid(4, True, 32))
+        (result,), alpha = awq([float_model.out.weight], out_stats.hessian, out_stats.magnitude(), [Grid(4, True, 32)])
         assert alpha > 0 and records[2]["alpha"] == alpha  # the input is divided by scales
         scale = result.input_scale
         want = (hidden / scale) @ result.weight().T + float_model.out.bias
@@ -171,3 +171,114 @@ def test_a_conv1d_weight_stored_k_by_n_is_quantized_as_its_transpose_and_stored_
         assert records[0]["shape"] == [48, 80] and torch.equal(codes["0.codes"], expected.codes)
         assert torch.equal(module.weight, expected.weight().T)  # stored back as the layer stores it
         assert torch.allclose(module(x), x @ expected.weight().T + layer.bias, atol=1e-5)
+
+
+class Norms(nn.Module):
+    """What AWQ's input scales fold into: an RMS norm's weight read by q, k and v (`mul(weight, h)`, as Hugging
+        Face Llama's), a LayerNorm read by a GPT-2 Conv1D (through its view), and an RMS norm whose output a residual
+        reads besides gate and up (nothing to fold into: one Div for the two), and down reading silu(gate) * up (its
+    scale folds into up's rows)."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.attn_norm, self.mlp_norm = nn.Parameter(torch.rand(80) + 0.5), nn.Parameter(torch.rand(48) + 0.5)
+        with torch.no_grad():
+            self.attn_norm[::9] *= 20  # the large channels of a trained LLM's norms
+            self.mlp_norm[[3, 17, 40]] *= 20
+        self.q, self.k, self.v = nn.Linear(80, 32), nn.Linear(80, 32), nn.Linear(80, 32, bias=False)
+        self.ln, self.fc = nn.LayerNorm(96), Conv1D(48, 96)
+        with torch.no_grad():
+            self.ln.weight[::5] *= 20
+            self.ln.bias.uniform_(-1, 1)
+        self.gate, self.up, self.down = nn.Linear(48, 64), nn.Linear(48, 64), nn.Linear(64, 48)
+
+    def forward(self, x):
+        h = self.attn_norm * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        y = self.fc(self.ln(torch.cat([self.q(h), self.k(h), self.v(h)], -1)))
+        m = self.mlp_norm * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return torch.cat([self.down(torch.nn.functional.silu(self.gate(m)) * self.up(m)), m], -1)
+
+
+def test_awq_folds_each_inputs_scale_into_the_norm_before_it_or_divides_it_once():
+    torch.manual_seed(0)
+    float_model = Norms().eval()
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+    program = torch.export.export(float_model, (batches()[0],), dynamic_shapes=(dims,))
+    section = {"activations": "none", "weights": {"dtype": "int4", "block_size": 32, "method": "awq"}}
+    q = QuantizationSection.model_validate(section)
+    module = prepare(program.module(), q)
+    with torch.no_grad():
+        for x in batches():
+            module(x)
+        records, codes = apply.convert(module, q)
+    scaling = {r["module"]: r.get("input_scale") for r in records}
+    assert scaling == {
+        **{name: {"folded_into": ["attn_norm"]} for name in ("q", "k", "v")},
+        "fc": {"folded_into": ["ln.weight", "ln.bias"]},
+        **{name: {"divided_by": f"{apply.INPUT_SCALE}4"} for name in ("gate", "up")},
+        "down": {"folded_into": ["up.weight", "up.bias"]},
+    }
+    assert len({r["alpha"] for r in records if r["module"] in "qkv"}) == 1  # one alpha, one scale for the three
+    divisions = [n for n in module.graph.nodes if n.target == torch.ops.aten.div.Tensor]
+    assert len(divisions) == 1 and {u.name for u in divisions[0].users} == {"linear_3", "linear_4"}  # gate, up
+
+    # the Div form: the float model reading the quantized weights, each linear's input divided by its scales
+    s_attn = float_model.attn_norm / module.attn_norm
+    s_ln = float_model.ln.weight / module.ln.weight
+    assert torch.allclose(module.ln.bias * s_ln, float_model.ln.bias, rtol=1e-5, atol=1e-6)  # bias / s too
+    scales = {"q": s_attn, "k": s_attn, "v": s_attn, "fc": s_ln, "gate": getattr(module, f"{apply.INPUT_SCALE}4")}
+    scales["up"] = scales["gate"]
+    scales["down"] = float_model.up.bias / module.up.bias  # up's rows hold 1 / s: its bias shows s
+    assert all(bool((s != 1).any()) for s in scales.values())
+    divided = Norms().eval()
+    divided.load_state_dict(float_model.state_dict())
+    for (_, result), name in zip(apply.load(records, codes), scaling):
+        layer = getattr(divided, name)
+        layer.weight.data = result.weight().T.contiguous() if name == "fc" else result.weight()
+        layer.register_forward_pre_hook(lambda _, args, s=scales[name]: (args[0] / s,))
+    divided.up.weight.data *= scales["down"][:, None]  # up's codes as convert made them, its rows' 1 / s undone
+    with torch.no_grad():
+        for x in batches():
+            want, got = divided(x), module(x)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_a_tied_heads_scale_folds_into_the_final_norm_and_the_embedding_still_divides_its_rows():
+    class NormedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj = nn.Embedding(40, 64), nn.Linear(64, 64)
+            self.norm = nn.Parameter(torch.rand(64) + 0.5)
+            with torch.no_grad():
+                self.norm[::8] *= 20
+            self.head = nn.Linear(64, 40, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            h = self.proj(self.embed(ids))
+            return self.head(self.norm * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)))
+
+    torch.manual_seed(0)
+    float_model = NormedLM().eval()
+    ids = torch.randint(0, 40, (4, 12))
+    program = torch.export.export(float_model, (ids,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    section = {"activations": "none", "weights": {"dtype": "int4", "block_size": 32, "method": "awq"}}
+    q = QuantizationSection.model_validate(section)
+    module = prepare(program.module(), q)
+    with torch.no_grad():
+        module(ids)
+        records, codes = apply.convert(module, q)
+        assert [(r["module"], r.get("input_scale"), r.get("tied_to")) for r in records] == [
+            ("proj", {"divided_by": f"{apply.INPUT_SCALE}0"}, None),  # the embedding's rows: nothing to fold into
+            ("head", {"folded_into": ["norm"]}, None),
+            ("embed", None, 1),
+        ]
+        head = apply.load(records, codes)[1][1].weight()  # Q(W s): the table both read
+        s_head = float_model.norm / module.norm
+        assert torch.allclose(getattr(module, f"{apply.INPUT_SCALE}1"), s_head, rtol=1e-6)  # the rows' divisor
+        s_proj = getattr(module, f"{apply.INPUT_SCALE}0")
+        h = ((head[ids] / s_head) / s_proj) @ module.proj.weight.T + float_model.proj.bias
+        want = ((float_model.norm * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))) / s_head) @ head.T
+        assert torch.allclose(module(ids), want, atol=1e-4)

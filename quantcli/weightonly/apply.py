@@ -1,9 +1,12 @@
 """convert for weight-only quantization: each planned linear quantized by its method, the graph rewritten.
 
 The converted module is the weight-only model in PyTorch: every quantized linear reads its dequantized
-weight (exactly what the ONNX file's DequantizeLinear computes) and, where AWQ scaled its input
-channels, divides its input by those scales first. The codes, scales and zero points go beside it
-(`codes`), for export to store as int4/int8 in the ONNX file.
+weight (exactly what the ONNX file's DequantizeLinear computes). Where AWQ scaled the input channels of
+the linears reading one input (one scale s for all of them), the input is divided by s: folded into the
+parameters that made it where only they read it (an RMS norm's weight, `mul(weight, x)`, a LayerNorm's
+weight and bias, a gated MLP's up projection's rows, as the paper's code does), else one Div in front of
+them. The codes, scales and zero points go beside it (`codes`), for export to store as int4/int8 in the ONNX
+file.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch.fx import GraphModule
 from quantcli.recipe import QuantizationSection
 from quantcli.weightonly import collect, plan
 from quantcli.weightonly.grid import Grid
-from quantcli.weightonly.methods import METHODS
+from quantcli.weightonly.methods import METHODS, SHARED_INPUT
 from quantcli.weightonly.result import Quantized
 from quantcli.weightonly.rtn import rtn
 
@@ -29,25 +32,45 @@ def convert(module: GraphModule, q: QuantizationSection) -> tuple[list[dict[str,
 
     Returns (one record per layer for the manifest, the codes: "<i>.codes", "<i>.scale", "<i>.zero").
     Records are the linears', then the embeddings' (`kind: embedding`); an embedding sharing its tied
-    LM head's quantized weight has no codes of its own, its record names the head (`tied_to`).
+    LM head's quantized weight has no codes of its own, its record names the head (`tied_to`). A linear
+    whose input AWQ scaled says where the scale went (`input_scale`: `folded_into` the parameters, or
+    `divided_by` a buffer).
     """
-    records, codes = [], {}
     tables = plan.embeddings(module, q)  # planned before the linears' rewrite moves a tied head's weight
-    heads: dict[str, tuple[int, plan.Layer, Quantized]] = {}
-    for index, layer in enumerate(plan.layers(module, q)):
-        target, w = layer.weight_target, layer.weight(module)
-        grid = Grid.of(layer.weights)
-        result, chosen = METHODS[layer.weights.method](w, grid, collect.stats_of(module, layer))
-        _rewrite(module, layer, result, index)
-        _add_codes(codes, index, result)
-        heads.setdefault(target, (index, layer, result))
-        records.append(_record("linear", layer.module, w, layer.weights.model_dump(exclude={"granularity"}), chosen))
+    layers = plan.layers(module, q)
+    targets = [layer.weight_target for layer in layers]  # before the rewrite gives a shared weight its own copy
+    found: dict[int, tuple[list[int], Quantized, dict[str, Any]]] = {}
+    codes: dict[str, torch.Tensor] = {}
+    for group in reversed(_groups(layers)):  # a linear's input scale may fold into the rows of one before it
+        ws = [layers[index].weight(module) for index in group]
+        grids = [Grid.of(layers[index].weights) for index in group]
+        results = METHODS[layers[group[0]].weights.method](ws, grids, collect.stats_of(module, layers[group[0]]))
+        scaling = _scale_input(module, [layers[index] for index in group], results[0][0].input_scale, group[0])
+        for index, w, (result, chosen) in zip(group, ws, results):
+            _rewrite(module, layers[index], result, index)
+            _add_codes(codes, index, result)
+            found[index] = (list(w.shape), result, {**chosen, **({"input_scale": scaling} if scaling else {})})
+    records, heads = [], {}
+    for index, layer in enumerate(layers):
+        shape, result, chosen = found[index]
+        heads.setdefault(targets[index], (index, layer, result))
+        setting = layer.weights.model_dump(exclude={"granularity"})
+        records.append(_record("linear", layer.module, shape, setting, chosen))
     for table in tables:
         records.append(_embedding(module, table, heads.get(table.weight_target), len(records), codes))
     collect.remove(module)
     module.graph.lint()
     module.recompile()
     return records, codes
+
+
+def _groups(layers: list[plan.Layer]) -> list[list[int]]:
+    """The layers' indices, those a method quantizes together (AWQ's reading one input) in one group."""
+    groups: dict[tuple, list[int]] = {}
+    for index, layer in enumerate(layers):
+        method = layer.weights.method
+        groups.setdefault((method, layer.input) if method in SHARED_INPUT else (index,), []).append(index)
+    return list(groups.values())
 
 
 def _embedding(module: GraphModule, table: plan.Embedding, head: tuple | None, index: int, codes: dict) -> dict:
@@ -57,15 +80,15 @@ def _embedding(module: GraphModule, table: plan.Embedding, head: tuple | None, i
     setting = table.weights.model_dump(exclude={"granularity"})
     if head is not None and head[1].weights == table.weights and not head[1].transposed:
         _read_head(module, table, *head)
-        return _record("embedding", table.module, w, setting, {"tied_to": head[0]})
+        return _record("embedding", table.module, list(w.shape), setting, {"tied_to": head[0]})
     result = rtn(w, Grid.of(table.weights))
     _read_table(module, table, result, index)
     _add_codes(codes, index, result)
-    return _record("embedding", table.module, w, {**setting, "method": "rtn"}, {})
+    return _record("embedding", table.module, list(w.shape), {**setting, "method": "rtn"}, {})
 
 
-def _record(kind: str, name: str, w: torch.Tensor, setting: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": kind, "module": name, "shape": list(w.shape), **setting, **chosen}
+def _record(kind: str, name: str, shape: list[int], setting: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": kind, "module": name, "shape": shape, **setting, **chosen}
 
 
 def _add_codes(codes: dict[str, torch.Tensor], index: int, result: Quantized) -> None:
@@ -89,7 +112,8 @@ def _read_table(module: GraphModule, table: plan.Embedding, result: Quantized, i
 
 def _read_head(module: GraphModule, table: plan.Embedding, index: int, head: plan.Layer, result: Quantized) -> None:
     """The embedding reads its tied head's dequantized weight; where AWQ scaled the head's input channels
-    (the weight holds W * s), its rows are divided by the same scales."""
+    (the weight holds W * s), its rows are divided by the same scales (buffer INPUT_SCALE<head's index>), whether
+    the head's own input divides or the norm before it took 1/s."""
     node, float_table = table.node, table.node.args[0]
     with module.graph.inserting_before(node):
         node.replace_input_with(float_table, module.graph.get_attr(head.weight_target))
@@ -97,6 +121,8 @@ def _read_head(module: GraphModule, table: plan.Embedding, index: int, head: pla
         module.graph.erase_node(float_table)
     if result.input_scale is None:
         return
+    if not hasattr(module, f"{INPUT_SCALE}{index}"):  # the head's scale folded into the norm before it
+        module.register_buffer(f"{INPUT_SCALE}{index}", result.input_scale.clone())
     with module.graph.inserting_after(node):
         scale = module.graph.get_attr(f"{INPUT_SCALE}{index}")
     with module.graph.inserting_after(scale):
@@ -106,25 +132,114 @@ def _read_head(module: GraphModule, table: plan.Embedding, index: int, head: pla
 
 
 def _rewrite(module: GraphModule, layer: plan.Layer, result: Quantized, index: int) -> None:
-    """The linear reads the dequantized weight (in place where it alone read the float one); AWQ's input scale."""
+    """The linear reads the dequantized weight (in place where it alone read the float one)."""
     node, weight_node = layer.node, layer.weight_node
     weight = result.weight().T.contiguous() if layer.transposed else result.weight()  # as the layer stores it
     dequantized = torch.nn.Parameter(weight, requires_grad=False)
     if len(weight_node.users) == 1:
         owner, _, name = weight_node.target.rpartition(".")
         setattr(module.get_submodule(owner) if owner else module, name, dequantized)
-    else:
-        module.register_parameter(f"{WEIGHT}{index}", dequantized)
-        with module.graph.inserting_before(node):
-            node.replace_input_with(weight_node, module.graph.get_attr(f"{WEIGHT}{index}"))
-    if result.input_scale is not None:
-        module.register_buffer(f"{INPUT_SCALE}{index}", result.input_scale.clone())
-        x = layer.input
-        with module.graph.inserting_before(node):
-            scale = module.graph.get_attr(f"{INPUT_SCALE}{index}")
-            divided = module.graph.call_function(torch.ops.aten.div.Tensor, (x, scale))
-        divided.meta = {k: v for k, v in node.meta.items() if k == "nn_module_stack"}
-        node.replace_input_with(x, divided)
+        return
+    module.register_parameter(f"{WEIGHT}{index}", dequantized)
+    with module.graph.inserting_before(node):
+        node.replace_input_with(weight_node, module.graph.get_attr(f"{WEIGHT}{index}"))
+
+
+def _scale_input(module: GraphModule, group: list[plan.Layer], s: torch.Tensor | None, index: int) -> dict | None:
+    """Divide the input the linears of `group` read (and only they: AWQ scaled their weights) by s: folded into the
+    parameters that made it where it can be (`_fold`), else one Div in front of them; where it went (None for no
+    scale)."""
+    if s is None:
+        return None
+    x = group[0].input
+    folded = _fold(module, x, {layer.node for layer in group}, s)
+    if folded:
+        return {"folded_into": folded}
+    name = f"{INPUT_SCALE}{index}"
+    module.register_buffer(name, s.clone())
+    with module.graph.inserting_before(group[0].node):  # the first of them in graph order
+        scale = module.graph.get_attr(name)
+        divided = module.graph.call_function(torch.ops.aten.div.Tensor, (x, scale))
+    divided.meta = {k: v for k, v in group[0].node.meta.items() if k == "nn_module_stack"}
+    for layer in group:
+        layer.node.replace_input_with(x, divided)
+    return {"divided_by": name}
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)  # GPT-2's Conv1D reads x.view(-1, K)
+MUL, LAYER_NORM = torch.ops.aten.mul.Tensor, torch.ops.aten.layer_norm.default
+
+
+def _fold(module: GraphModule, x: torch.fx.Node, readers: set[torch.fx.Node], s: torch.Tensor) -> list[str]:
+    """Fold 1/s into the parameters whose product over the last axis is `x`, where nothing but `readers` reads
+    it: mul(weight [K], h) (an RMS norm's last step), layer_norm(h, [K], weight, bias), or act(gate(h)) * up(h)
+    (a gated MLP: the rows of up's weight and bias, not yet quantized: convert goes from the last linear back),
+    seen through the statistics collector and views that keep the last axis; the targets changed ([] if none)."""
+    k = len(s)
+    node = x
+    while set(node.users) == readers:
+        if node.op == "call_module" and str(node.target).startswith(collect.PREFIX):
+            readers, node = {node}, node.args[0]
+        elif _keeps_last_axis(node, k):
+            readers, node = {node}, node.args[0]
+        else:
+            break
+    if set(node.users) != readers or node.op != "call_function":
+        return []
+    params: list[torch.fx.Node] = []
+    if node.target is MUL and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args):
+        vectors = [a for a in node.args if _own(module, a, node, (k,))]
+        rows = [found for a in node.args if (found := _own_rows(module, a, node, k))]
+        params = vectors[:1] or (rows[0] if rows else [])
+    elif node.target is LAYER_NORM and list(node.args[1]) == [k] and len(node.args) >= 4 and node.args[2] is not None:
+        params = [a for a in node.args[2:4] if a is not None]
+        params = params if all(_own(module, a, node, (k,)) for a in params) else []
+    for param in params:
+        owner, _, name = param.target.rpartition(".")
+        holder = module.get_submodule(owner) if owner else module
+        value = getattr(holder, name).detach()
+        divided = value / s.reshape(-1, *[1] * (value.dim() - 1)).to(value.dtype)  # along the first axis
+        setattr(holder, name, torch.nn.Parameter(divided, requires_grad=False))
+    return [param.target for param in params]
+
+
+def _own_rows(module: GraphModule, a: torch.fx.Node, user: torch.fx.Node, k: int) -> list[torch.fx.Node]:
+    """[weight, bias] (or [weight]) of `a` where it is an aten.linear with k outputs that only `user` reads, whose
+    parameters nothing else reads; else []."""
+    if a.op != "call_function" or a.target is not plan.LINEAR or set(a.users) != {user} or not plan.is_linear(a):
+        return []
+    weight, bias = a.args[1], a.args[2] if len(a.args) > 2 else None
+    if not _own(module, weight, a, (k, plan.attribute(module, weight.target).shape[1])):
+        return []
+    if bias is not None and not _own(module, bias, a, (k,)):
+        return []
+    return [weight] + ([bias] if bias is not None else [])
+
+
+def _keeps_last_axis(node: torch.fx.Node, k: int) -> bool:
+    """A view to [..., k] or a slice along another axis (an LM head's hidden_states[:, -n:, :]): each of its
+    output's rows along the last axis is one of its input's."""
+    if node.op != "call_function":
+        return False
+    if node.target in _VIEWS:
+        return list(node.args[1])[-1:] == [k]
+    if node.target is torch.ops.aten.slice.Tensor:
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        dim = node.args[1] if len(node.args) > 1 else 0
+        return val is not None and val.shape[-1] == k and dim % val.dim() != val.dim() - 1
+    return False
+
+
+def _own(module: GraphModule, a: Any, user: torch.fx.Node, shape: tuple[int, ...]) -> bool:
+    """Whether `a` is a parameter of `shape` that only `user` reads (no other node, no other name of it)."""
+    if not isinstance(a, torch.fx.Node) or a.op != "get_attr" or set(a.users) != {user}:
+        return False
+    value = plan.attribute(module, a.target)
+    if not isinstance(value, torch.nn.Parameter) or tuple(value.shape) != shape:
+        return False
+    readers = [n for n in module.graph.nodes if n.op == "get_attr" and n.target == a.target]
+    shared = [p for _, p in module.named_parameters(remove_duplicate=False) if p is value]
+    return len(readers) == 1 and len(shared) == 1
 
 
 def load(records: list[dict[str, Any]], codes: dict[str, torch.Tensor]) -> list[tuple[dict[str, Any], Quantized]]:

@@ -4,12 +4,15 @@ the same scales, so the salient weights lose less to rounding.
 
 The paper's scale search: s = s_X ** alpha, s_X the mean |x| of each input channel over the calibration
 tokens, alpha on a grid of 20 points in [0, 1), s normalized by sqrt(max(s) * min(s)); the alpha kept is
-the one of least output error ||X W^T - (X / s) Q(W s)^T||^2. The error is computed exactly from the
-layer's input Hessian (sum of x x^T over the same tokens) rather than on a sample of them. alpha 0 is
-round to nearest, so the search never does worse than RTN on the calibration data. Then the clip search
-of the authors' code (llm-awq's auto_clip): each block's range shrunk by the factor of least error on the
-block's own output contribution. Where the paper folds 1/s into the op before the linear, the exported
-model divides the linear's input (one Div).
+the one of least output error ||X W^T - (X / s) Q(W s)^T||^2. Linears that read one input (q, k and v;
+gate and up) share one s, as in the authors' code (llm-awq's auto_scale): the alpha kept is the one of
+least error summed over them. The error is computed exactly from the input's Hessian (sum of x x^T over
+the same tokens) rather than on a sample of them. alpha 0 is round to nearest, so the search never does
+worse than RTN on the calibration data. Then the clip search of the authors' code (llm-awq's auto_clip),
+for each linear on its scaled weight: each block's range shrunk by the factor of least error on the
+block's own output contribution. Where the input is a norm's output, 1/s is folded into the norm's
+weight, and where it is a gated MLP's act(gate(x)) * up(x), into up's rows (quantcli.weightonly.apply), as
+the reference code does; otherwise the input is divided by s (one Div).
 """
 
 from __future__ import annotations
@@ -33,15 +36,21 @@ def candidate(w: torch.Tensor, magnitude: torch.Tensor, alpha: float, grid: Grid
     return scaled
 
 
-def search(w: torch.Tensor, hessian: torch.Tensor, magnitude: torch.Tensor, grid: Grid) -> tuple[Quantized, float]:
-    """(the quantized weight of least output error over the alpha grid, its alpha); alpha 0: no input scale."""
+def search(
+    ws: list[torch.Tensor], hessian: torch.Tensor, magnitude: torch.Tensor, grids: list[Grid]
+) -> tuple[list[Quantized], float]:
+    """(the quantized weights of least output error summed over the linears reading one input, over the alpha
+    grid; that alpha): one input scale for all of them; alpha 0: none (round to nearest)."""
     best, best_alpha, best_error = None, 0.0, float("inf")
     for point in range(GRID_POINTS):
         alpha = point / GRID_POINTS
-        result = rtn(w, grid, exact_extreme=False) if point == 0 else candidate(w, magnitude, alpha, grid)
-        error = result.error(w, hessian)
+        if point == 0:
+            results = [rtn(w, grid, exact_extreme=False) for w, grid in zip(ws, grids)]
+        else:
+            results = [candidate(w, magnitude, alpha, grid) for w, grid in zip(ws, grids)]
+        error = sum(result.error(w, hessian) for result, w in zip(results, ws))
         if error < best_error:
-            best, best_alpha, best_error = result, alpha, error
+            best, best_alpha, best_error = results, alpha, error
     return best, best_alpha
 
 
@@ -65,12 +74,17 @@ def clip(w: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> Quantized:
     return Quantized(grid, quantize(w.float(), scale, zero, grid), scale, zero)
 
 
-def awq(w: torch.Tensor, hessian: torch.Tensor, magnitude: torch.Tensor, grid: Grid) -> tuple[Quantized, float]:
-    """The paper's scale search, then the clip search on the scaled weight (its input Hessian scaled too)."""
-    _, alpha = search(w, hessian, magnitude, grid)
+def awq(
+    ws: list[torch.Tensor], hessian: torch.Tensor, magnitude: torch.Tensor, grids: list[Grid]
+) -> tuple[list[Quantized], float]:
+    """The paper's scale search over the linears reading one input (one shared scale), then each linear's clip
+    search on its scaled weight (the input Hessian scaled too); (their results, the alpha)."""
+    found, alpha = search(ws, hessian, magnitude, grids)
     if alpha == 0:
-        return clip(w, hessian, grid), alpha
-    s = candidate(w, magnitude, alpha, grid).input_scale
-    result = clip(w.float() * s[None, :], hessian.double() / (s[:, None].double() * s[None, :].double()), grid)
-    result.input_scale = s
-    return result, alpha
+        return [clip(w, hessian, grid) for w, grid in zip(ws, grids)], alpha
+    s = found[0].input_scale
+    scaled = hessian.double() / (s[:, None].double() * s[None, :].double())
+    results = [clip(w.float() * s[None, :], scaled, grid) for w, grid in zip(ws, grids)]
+    for result in results:
+        result.input_scale = s
+    return results, alpha

@@ -15,21 +15,23 @@ from quantcli.weightonly.grid import Grid
 from quantcli.weightonly.result import Quantized
 from quantcli.weightonly.rtn import rtn
 
-# name -> (weight [N, K], grid, the input statistics or None) -> (result, what the method chose, for the manifest)
-Method = Callable[[torch.Tensor, Grid, InputStats | None], tuple[Quantized, dict[str, Any]]]
+# name -> (the weights [N, K] of the linears reading one input, their grids, that input's statistics or None) ->
+# one (result, what the method chose, for the manifest) a weight. RTN and GPTQ quantize each linear alone; AWQ
+# gets all its linears of one input together: they share one input scale (quantcli.weightonly.awq).
+Method = Callable[[list[torch.Tensor], list[Grid], InputStats | None], list[tuple[Quantized, dict[str, Any]]]]
 
 
-def _rtn(w: torch.Tensor, grid: Grid, stats: InputStats | None) -> tuple[Quantized, dict[str, Any]]:
-    return rtn(w, grid), {}
+def _rtn(ws: list[torch.Tensor], grids: list[Grid], stats: InputStats | None) -> list[tuple[Quantized, dict]]:
+    return [(rtn(w, grid), {}) for w, grid in zip(ws, grids)]
 
 
-def _gptq(w: torch.Tensor, grid: Grid, stats: InputStats | None) -> tuple[Quantized, dict[str, Any]]:
-    return gptq(w, _collected(stats).hessian, grid), {}
+def _gptq(ws: list[torch.Tensor], grids: list[Grid], stats: InputStats | None) -> list[tuple[Quantized, dict]]:
+    return [(gptq(w, _collected(stats).hessian, grid), {}) for w, grid in zip(ws, grids)]
 
 
-def _awq(w: torch.Tensor, grid: Grid, stats: InputStats | None) -> tuple[Quantized, dict[str, Any]]:
-    result, alpha = awq(w, _collected(stats).hessian, stats.magnitude(), grid)
-    return result, {"alpha": alpha}
+def _awq(ws: list[torch.Tensor], grids: list[Grid], stats: InputStats | None) -> list[tuple[Quantized, dict]]:
+    results, alpha = awq(ws, _collected(stats).hessian, stats.magnitude(), grids)
+    return [(result, {"alpha": alpha}) for result in results]
 
 
 def _collected(stats: InputStats | None) -> InputStats:
@@ -39,3 +41,4 @@ def _collected(stats: InputStats | None) -> InputStats:
 
 
 METHODS: dict[str, Method] = {"rtn": _rtn, "gptq": _gptq, "awq": _awq}
+SHARED_INPUT = {"awq"}  # the methods that quantize the linears reading one input together
