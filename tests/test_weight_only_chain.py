@@ -162,7 +162,7 @@ def test_gpt2_conv1d_layers_stored_k_by_n_run_as_matmul_nbits(decoder_folders, t
     """GPT-2's Conv1D (addmm of a weight stored [K, N]): quantized as the linears they are, GPTQ's Hessians
     collected on their inputs; the token table shared with the tied head, the position table its own."""
     reports = {}
-    for method in ("rtn", "gptq", "awq"):
+    for method in ("rtn", "gptq"):  # AWQ's folding into a LayerNorm behind a Conv1D: test_weight_only_graph
         if method != "rtn":
             shutil.copytree(tmp_path / "rtn" / "captured", tmp_path / method / "captured")
         reports[method] = run(decoder_folders, "gpt2", tmp_path / method, {"weights": {**INT4, "method": method}})
@@ -179,9 +179,3 @@ def test_gpt2_conv1d_layers_stored_k_by_n_run_as_matmul_nbits(decoder_folders, t
     assert [r["shape"] for r in records if r["module"].endswith("mlp.c_fc")] == [[256, 64]] * 2  # [N, K]
     sqnr = {method: report["sqnr_vs_float_db"]["logits"] for method, report in reports.items()}
     assert sqnr["gptq"] > sqnr["rtn"], sqnr  # measured: rtn 16.2, gptq 17.9 dB
-    records = json.loads((tmp_path / "awq" / "converted" / "manifest.json").read_text())["weight_only"]
-    folded = {r["module"].removeprefix("model.transformer."): r.get("input_scale") for r in records}
-    for i in (0, 1):  # AWQ's scales folded into each LayerNorm's weight and bias (the Conv1D reads it through a view)
-        for name, norm in (("attn.c_attn", "ln_1"), ("mlp.c_fc", "ln_2")):
-            targets = [f"model.transformer.h.{i}.{norm}.{p}" for p in ("weight", "bias")]
-            assert folded[f"h.{i}.{name}"] == {"folded_into": targets}, folded
