@@ -52,8 +52,8 @@ def decoder_model(parent: artifacts.Artifact, recipe: Recipe, opset: int) -> Any
 
 def _put_weight_only(model: Any, parent: artifacts.Artifact) -> None:
     """Each quantized linear of `model` reads its dequantized weight; where AWQ scaled its input, the parameters
-    convert folded 1/s into take their converted values, or the linear divides its input by s; an embedding
-    reading a tied head's W * s divides its rows by s."""
+    convert folded 1/s into take their converted values; an embedding reading a tied head's W * s divides its
+    rows by s."""
     import torch
 
     from quantcli import _torch
@@ -70,8 +70,6 @@ def _put_weight_only(model: Any, parent: artifacts.Artifact) -> None:
         scaling = record.get("input_scale", {})
         for target in scaling.get("folded_into", []):
             model.get_parameter(_own(target)).data = state[target].clone()
-        if "divided_by" in scaling:
-            layer.register_forward_pre_hook(_divide_input_by(state[scaling["divided_by"]].clone()))
         head_scale = state.get(f"{apply.INPUT_SCALE}{record['tied_to']}") if "tied_to" in record else None
         if head_scale is not None:
             layer.register_forward_hook(_divide_output_by(head_scale.clone()))
@@ -80,15 +78,6 @@ def _put_weight_only(model: Any, parent: artifacts.Artifact) -> None:
 def _own(target: str) -> str:
     """A module or parameter path of the converted program in the Hugging Face model (the task wrapper's `model.`)."""
     return target.removeprefix("model.")
-
-
-def _divide_input_by(scale: Any) -> Any:
-    """A forward pre-hook dividing a linear's input by AWQ's channel scales."""
-
-    def hook(_: Any, args: tuple) -> tuple:
-        return (args[0] / scale, *args[1:])
-
-    return hook
 
 
 def _divide_output_by(scale: Any) -> Any:

@@ -90,10 +90,12 @@ def test_collectors_accumulate_each_input_and_convert_quantizes_with_what_they_s
         hidden = torch.cat([x @ q_hat.T + float_model.q.bias, x @ restored.k.weight.T + float_model.k.bias], -1)
         hidden = torch.cat([hidden, x @ float_model.v.weight.T], -1)
         out_stats = module.get_submodule(f"{collect.PREFIX}1")
-        (result,), alpha = awq([float_model.out.weight], out_stats.hessian, out_stats.magnitude(), [Grid(4, True, 32)])
-        assert alpha > 0 and records[2]["alpha"] == alpha  # the input is divided by scales
-        scale = result.input_scale
-        want = (hidden / scale) @ result.weight().T + float_model.out.bias
+        grid = [Grid(4, True, 32)]
+        # its input a concatenation: no op to fold a scale into, so AWQ's clip search alone (no input scale)
+        (result,), alpha = awq([float_model.out.weight], out_stats.hessian, out_stats.magnitude(), grid, False)
+        assert alpha == records[2]["alpha"] == 0 and result.input_scale is None
+        assert awq([float_model.out.weight], out_stats.hessian, out_stats.magnitude(), grid)[1] > 0  # it would scale
+        want = hidden @ result.weight().T + float_model.out.bias
         got = restored(x)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.nn.functional.mse_loss(got, expected_float[0]) < 0.01 * expected_float[0].pow(2).mean()
@@ -137,7 +139,10 @@ def test_embeddings_read_their_tied_heads_quantized_weight_or_their_own_rounded_
         s_proj = getattr(module, f"{apply.INPUT_SCALE}0", torch.ones(64))
         x = ids[:1]
         hidden = head[x] / s_head + pos[x % 16]  # the tied table's rows divided by the head's scales
-        want = (((hidden / s_proj) @ module.proj.weight.T + float_model.proj.bias) / s_head) @ head.T
+        # the head's 1 / s folded into proj's rows (proj quantized after): its bias shows it
+        assert records[1]["input_scale"] == {"folded_into": ["proj.weight", "proj.bias"]}
+        assert torch.allclose(module.proj.bias * s_head, float_model.proj.bias, rtol=1e-5, atol=1e-6)
+        want = ((hidden / s_proj) @ module.proj.weight.T + module.proj.bias) @ head.T
         assert torch.allclose(module(x), want, atol=1e-4)
     read = {n.target for n in module.graph.nodes if n.op == "get_attr" and n.users}
     assert "head.weight" not in read and "pos.weight" in read  # the tied float table is read no more
@@ -201,7 +206,7 @@ class Norms(nn.Module):
         return torch.cat([self.down(torch.nn.functional.silu(self.gate(m)) * self.up(m)), m], -1)
 
 
-def test_awq_folds_each_inputs_scale_into_the_norm_before_it_or_divides_it_once():
+def test_awq_folds_each_inputs_scale_into_the_norm_before_it_and_scales_no_other_input():
     torch.manual_seed(0)
     float_model = Norms().eval()
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
@@ -217,21 +222,20 @@ def test_awq_folds_each_inputs_scale_into_the_norm_before_it_or_divides_it_once(
     assert scaling == {
         **{name: {"folded_into": ["attn_norm"]} for name in ("q", "k", "v")},
         "fc": {"folded_into": ["ln.weight", "ln.bias"]},
-        **{name: {"divided_by": f"{apply.INPUT_SCALE}4"} for name in ("gate", "up")},
+        **{name: None for name in ("gate", "up")},  # the concat reads their input too: no fold, no scale
         "down": {"folded_into": ["up.weight", "up.bias"]},
     }
     assert len({r["alpha"] for r in records if r["module"] in "qkv"}) == 1  # one alpha, one scale for the three
-    divisions = [n for n in module.graph.nodes if n.target == torch.ops.aten.div.Tensor]
-    assert len(divisions) == 1 and {u.name for u in divisions[0].users} == {"linear_3", "linear_4"}  # gate, up
+    assert [r["alpha"] for r in records if r["module"] in ("gate", "up")] == [0.0, 0.0]  # the clip search alone
+    assert not [n for n in module.graph.nodes if n.target == torch.ops.aten.div.Tensor]  # no Div in front of any
 
     # the Div form: the float model reading the quantized weights, each linear's input divided by its scales
     s_attn = float_model.attn_norm / module.attn_norm
     s_ln = float_model.ln.weight / module.ln.weight
     assert torch.allclose(module.ln.bias * s_ln, float_model.ln.bias, rtol=1e-5, atol=1e-6)  # bias / s too
-    scales = {"q": s_attn, "k": s_attn, "v": s_attn, "fc": s_ln, "gate": getattr(module, f"{apply.INPUT_SCALE}4")}
-    scales["up"] = scales["gate"]
+    scales = {"q": s_attn, "k": s_attn, "v": s_attn, "fc": s_ln, "gate": torch.ones(48), "up": torch.ones(48)}
     scales["down"] = float_model.up.bias / module.up.bias  # up's rows hold 1 / s: its bias shows s
-    assert all(bool((s != 1).any()) for s in scales.values())
+    assert all(bool((scales[name] != 1).any()) for name in ("q", "fc", "down"))
     divided = Norms().eval()
     divided.load_state_dict(float_model.state_dict())
     for (_, result), name in zip(apply.load(records, codes), scaling):
@@ -271,14 +275,14 @@ def test_a_tied_heads_scale_folds_into_the_final_norm_and_the_embedding_still_di
         module(ids)
         records, codes = apply.convert(module, q)
         assert [(r["module"], r.get("input_scale"), r.get("tied_to")) for r in records] == [
-            ("proj", {"divided_by": f"{apply.INPUT_SCALE}0"}, None),  # the embedding's rows: nothing to fold into
+            ("proj", None, None),  # its input the embedding's rows: nothing to fold into, no scale
             ("head", {"folded_into": ["norm"]}, None),
             ("embed", None, 1),
         ]
         head = apply.load(records, codes)[1][1].weight()  # Q(W s): the table both read
         s_head = float_model.norm / module.norm
         assert torch.allclose(getattr(module, f"{apply.INPUT_SCALE}1"), s_head, rtol=1e-6)  # the rows' divisor
-        s_proj = getattr(module, f"{apply.INPUT_SCALE}0")
-        h = ((head[ids] / s_head) / s_proj) @ module.proj.weight.T + float_model.proj.bias
+        assert not hasattr(module, f"{apply.INPUT_SCALE}0")
+        h = (head[ids] / s_head) @ module.proj.weight.T + float_model.proj.bias
         want = ((float_model.norm * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))) / s_head) @ head.T
         assert torch.allclose(module(ids), want, atol=1e-4)

@@ -363,9 +363,13 @@ def flatten_linears(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
         graph = model.graph
         with graph.inserting_before(node):
             flat = call_like(graph, node, aten.reshape.default, (node.args[0], rows), x.reshape(rows))
-            linear = call_like(graph, node, aten.linear.default, (flat, *node.args[1:]), out.reshape(-1, out.shape[-1]))
-            back = call_like(graph, node, aten.reshape.default, (linear, [-1, *out.shape[1:]]), out)
-        replace(graph, node, back)
+        with graph.inserting_after(node):
+            back = call_like(graph, node, aten.reshape.default, (node, [-1, *out.shape[1:]]), out)
+        # the linear node itself reads the rows, so it keeps its name: the ONNX values and the report's taps
+        # are named after it (quantcli.report.ort_taps)
+        node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+        node.args = (flat, *node.args[1:])
+        node.meta["val"] = out.reshape(-1, out.shape[-1])
         return True
 
     return rewrite_each(model, rewrite)

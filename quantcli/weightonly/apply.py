@@ -2,11 +2,12 @@
 
 The converted module is the weight-only model in PyTorch: every quantized linear reads its dequantized
 weight (exactly what the ONNX file's DequantizeLinear computes). Where AWQ scaled the input channels of
-the linears reading one input (one scale s for all of them), the input is divided by s: folded into the
-parameters that made it where only they read it (an RMS norm's weight, `mul(weight, x)`, a LayerNorm's
-weight and bias, a gated MLP's up projection's rows, as the paper's code does), else one Div in front of
-them. The codes, scales and zero points go beside it (`codes`), for export to store as int4/int8 in the ONNX
-file.
+the linears reading one input (one scale s for all of them), the input is divided by s, folded into the
+parameters that made it (an RMS norm's weight, `mul(weight, x)`, a LayerNorm's weight and bias, a gated
+MLP's up projection's rows, as the paper's code does). AWQ scales only inputs where that fold exists and
+only those linears read the input; the others (an o_proj after grouped-query attention, as llm-awq
+leaves it) get its clip search alone, so no Div is added in front of any linear. The codes, scales and
+zero points go beside it (`codes`), for export to store as int4/int8 in the ONNX file.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ def convert(module: GraphModule, q: QuantizationSection) -> tuple[list[dict[str,
     Returns (one record per layer for the manifest, the codes: "<i>.codes", "<i>.scale", "<i>.zero").
     Records are the linears', then the embeddings' (`kind: embedding`); an embedding sharing its tied
     LM head's quantized weight has no codes of its own, its record names the head (`tied_to`). A linear
-    whose input AWQ scaled says where the scale went (`input_scale`: `folded_into` the parameters, or
-    `divided_by` a buffer).
+    whose input AWQ scaled says where the scale went (`input_scale`: `folded_into` the parameters).
     """
     tables = plan.embeddings(module, q)  # planned before the linears' rewrite moves a tied head's weight
     layers = plan.layers(module, q)
@@ -44,8 +44,12 @@ def convert(module: GraphModule, q: QuantizationSection) -> tuple[list[dict[str,
     for group in reversed(_groups(layers)):  # a linear's input scale may fold into the rows of one before it
         ws = [layers[index].weight(module) for index in group]
         grids = [Grid.of(layers[index].weights) for index in group]
-        results = METHODS[layers[group[0]].weights.method](ws, grids, collect.stats_of(module, layers[group[0]]))
-        scaling = _scale_input(module, [layers[index] for index in group], results[0][0].input_scale, group[0])
+        method, first = layers[group[0]].weights.method, layers[group[0]]
+        # AWQ scales an input only where 1/s folds into the op that made it (llm-awq skips the others too)
+        folds = _fold_targets(module, first.input, {layers[i].node for i in group}, ws[0].shape[1])
+        scale = {"scale": bool(folds)} if method in SHARED_INPUT else {}
+        results = METHODS[method](ws, grids, collect.stats_of(module, first), **scale)
+        scaling = _scale_input(module, folds, results[0][0].input_scale)
         for index, w, (result, chosen) in zip(group, ws, results):
             _rewrite(module, layers[index], result, index)
             _add_codes(codes, index, result)
@@ -112,8 +116,8 @@ def _read_table(module: GraphModule, table: plan.Embedding, result: Quantized, i
 
 def _read_head(module: GraphModule, table: plan.Embedding, index: int, head: plan.Layer, result: Quantized) -> None:
     """The embedding reads its tied head's dequantized weight; where AWQ scaled the head's input channels
-    (the weight holds W * s), its rows are divided by the same scales (buffer INPUT_SCALE<head's index>), whether
-    the head's own input divides or the norm before it took 1/s."""
+    (the weight holds W * s; the norm before the head took 1/s), its rows are divided by the same scales (buffer
+    INPUT_SCALE<head's index>)."""
     node, float_table = table.node, table.node.args[0]
     with module.graph.inserting_before(node):
         node.replace_input_with(float_table, module.graph.get_attr(head.weight_target))
@@ -121,8 +125,7 @@ def _read_head(module: GraphModule, table: plan.Embedding, index: int, head: pla
         module.graph.erase_node(float_table)
     if result.input_scale is None:
         return
-    if not hasattr(module, f"{INPUT_SCALE}{index}"):  # the head's scale folded into the norm before it
-        module.register_buffer(f"{INPUT_SCALE}{index}", result.input_scale.clone())
+    module.register_buffer(f"{INPUT_SCALE}{index}", result.input_scale.clone())
     with module.graph.inserting_after(node):
         scale = module.graph.get_attr(f"{INPUT_SCALE}{index}")
     with module.graph.inserting_after(scale):
@@ -145,37 +148,30 @@ def _rewrite(module: GraphModule, layer: plan.Layer, result: Quantized, index: i
         node.replace_input_with(weight_node, module.graph.get_attr(f"{WEIGHT}{index}"))
 
 
-def _scale_input(module: GraphModule, group: list[plan.Layer], s: torch.Tensor | None, index: int) -> dict | None:
-    """Divide the input the linears of `group` read (and only they: AWQ scaled their weights) by s: folded into the
-    parameters that made it where it can be (`_fold`), else one Div in front of them; where it went (None for no
-    scale)."""
+def _scale_input(module: GraphModule, params: list[torch.fx.Node], s: torch.Tensor | None) -> dict | None:
+    """Divide the parameters that make the input of AWQ's linears (`_fold_targets`: only they read it) by s, along
+    their first axis; where the scale went (None for no scale)."""
     if s is None:
         return None
-    x = group[0].input
-    folded = _fold(module, x, {layer.node for layer in group}, s)
-    if folded:
-        return {"folded_into": folded}
-    name = f"{INPUT_SCALE}{index}"
-    module.register_buffer(name, s.clone())
-    with module.graph.inserting_before(group[0].node):  # the first of them in graph order
-        scale = module.graph.get_attr(name)
-        divided = module.graph.call_function(torch.ops.aten.div.Tensor, (x, scale))
-    divided.meta = {k: v for k, v in group[0].node.meta.items() if k == "nn_module_stack"}
-    for layer in group:
-        layer.node.replace_input_with(x, divided)
-    return {"divided_by": name}
+    for param in params:
+        owner, _, name = param.target.rpartition(".")
+        holder = module.get_submodule(owner) if owner else module
+        value = getattr(holder, name).detach()
+        divided = value / s.reshape(-1, *[1] * (value.dim() - 1)).to(value.dtype)
+        setattr(holder, name, torch.nn.Parameter(divided, requires_grad=False))
+    return {"folded_into": [param.target for param in params]}
 
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)  # GPT-2's Conv1D reads x.view(-1, K)
 MUL, LAYER_NORM = torch.ops.aten.mul.Tensor, torch.ops.aten.layer_norm.default
 
 
-def _fold(module: GraphModule, x: torch.fx.Node, readers: set[torch.fx.Node], s: torch.Tensor) -> list[str]:
-    """Fold 1/s into the parameters whose product over the last axis is `x`, where nothing but `readers` reads
-    it: mul(weight [K], h) (an RMS norm's last step), layer_norm(h, [K], weight, bias), or act(gate(h)) * up(h)
-    (a gated MLP: the rows of up's weight and bias, not yet quantized: convert goes from the last linear back),
-    seen through the statistics collector and views that keep the last axis; the targets changed ([] if none)."""
-    k = len(s)
+def _fold_targets(module: GraphModule, x: torch.fx.Node, readers: set[torch.fx.Node], k: int) -> list[torch.fx.Node]:
+    """The parameters whose product over the last axis is `x`, where nothing but `readers` reads it, so that 1/s
+    folds into them: mul(weight [K], h) (an RMS norm's last step), layer_norm(h, [K], weight, bias),
+    act(gate(h)) * up(h) (a gated MLP: the rows of up's weight and bias, not yet quantized: convert goes from the
+    last linear back) or a linear read by one linear alone (its rows), seen through the statistics collector and
+    views that keep the last axis; [] if none."""
     node = x
     while set(node.users) == readers:
         if node.op == "call_module" and str(node.target).startswith(collect.PREFIX):
@@ -186,21 +182,16 @@ def _fold(module: GraphModule, x: torch.fx.Node, readers: set[torch.fx.Node], s:
             break
     if set(node.users) != readers or node.op != "call_function":
         return []
-    params: list[torch.fx.Node] = []
+    if node.target is plan.LINEAR and len(readers) == 1:  # a linear right before: its rows (llm-awq's fc -> fc)
+        return _own_rows(module, node, next(iter(readers)), k)
     if node.target is MUL and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args):
         vectors = [a for a in node.args if _own(module, a, node, (k,))]
         rows = [found for a in node.args if (found := _own_rows(module, a, node, k))]
-        params = vectors[:1] or (rows[0] if rows else [])
-    elif node.target is LAYER_NORM and list(node.args[1]) == [k] and len(node.args) >= 4 and node.args[2] is not None:
+        return vectors[:1] or (rows[0] if rows else [])
+    if node.target is LAYER_NORM and list(node.args[1]) == [k] and len(node.args) >= 4 and node.args[2] is not None:
         params = [a for a in node.args[2:4] if a is not None]
-        params = params if all(_own(module, a, node, (k,)) for a in params) else []
-    for param in params:
-        owner, _, name = param.target.rpartition(".")
-        holder = module.get_submodule(owner) if owner else module
-        value = getattr(holder, name).detach()
-        divided = value / s.reshape(-1, *[1] * (value.dim() - 1)).to(value.dtype)  # along the first axis
-        setattr(holder, name, torch.nn.Parameter(divided, requires_grad=False))
-    return [param.target for param in params]
+        return params if all(_own(module, a, node, (k,)) for a in params) else []
+    return []
 
 
 def _own_rows(module: GraphModule, a: torch.fx.Node, user: torch.fx.Node, k: int) -> list[torch.fx.Node]:

@@ -75,11 +75,12 @@ def clip(w: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> Quantized:
 
 
 def awq(
-    ws: list[torch.Tensor], hessian: torch.Tensor, magnitude: torch.Tensor, grids: list[Grid]
+    ws: list[torch.Tensor], hessian: torch.Tensor, magnitude: torch.Tensor, grids: list[Grid], scale: bool = True
 ) -> tuple[list[Quantized], float]:
     """The paper's scale search over the linears reading one input (one shared scale), then each linear's clip
-    search on its scaled weight (the input Hessian scaled too); (their results, the alpha)."""
-    found, alpha = search(ws, hessian, magnitude, grids)
+    search on its scaled weight (the input Hessian scaled too); (their results, the alpha). Without `scale` (no op
+    before them to fold it into), the clip search alone, alpha 0."""
+    found, alpha = search(ws, hessian, magnitude, grids) if scale else (None, 0.0)
     if alpha == 0:
         return [clip(w, hessian, grid) for w, grid in zip(ws, grids)], alpha
     s = found[0].input_scale

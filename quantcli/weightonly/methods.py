@@ -29,8 +29,10 @@ def _gptq(ws: list[torch.Tensor], grids: list[Grid], stats: InputStats | None) -
     return [(gptq(w, _collected(stats).hessian, grid), {}) for w, grid in zip(ws, grids)]
 
 
-def _awq(ws: list[torch.Tensor], grids: list[Grid], stats: InputStats | None) -> list[tuple[Quantized, dict]]:
-    results, alpha = awq(ws, _collected(stats).hessian, stats.magnitude(), grids)
+def _awq(
+    ws: list[torch.Tensor], grids: list[Grid], stats: InputStats | None, scale: bool = True
+) -> list[tuple[Quantized, dict]]:
+    results, alpha = awq(ws, _collected(stats).hessian, stats.magnitude(), grids, scale)
     return [(result, {"alpha": alpha}) for result in results]
 
 
