@@ -149,7 +149,8 @@ def test_the_decoder_has_onnxruntime_genai_inputs_outputs_and_grouped_query_head
     sess = runtime.session(path)
     inputs = {i.name: i for i in sess.get_inputs()}
     past = [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
-    assert list(inputs) == ["input_ids", "attention_mask", "position_ids", *past]
+    # no position_ids: the fused attention computes positions from the cache's length (the builder's inputs)
+    assert list(inputs) == ["input_ids", "attention_mask", *past]
     assert inputs["attention_mask"].shape == ["batch", "total_seq"]
     assert all(inputs[n].shape == ["batch", 2, "past_seq", 16] and inputs[n].type == "tensor(float)" for n in past)
     outputs = {o.name: o.shape for o in sess.get_outputs()}

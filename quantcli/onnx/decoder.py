@@ -239,8 +239,21 @@ def export(model: Any, opset: int) -> Any:
     norms_as_division(onnx_model)
     if found:  # the residual stream of the usual decoder layer (attention's form is checked, the norms' not needed)
         skip_norms(onnx_model)
+    unused_positions(onnx_model)
     name_dims(onnx_model)
     return onnx_model
+
+
+def unused_positions(model: Any) -> bool:
+    """Drop the position_ids input where no node reads it (the fused attention computes positions from the
+    cache's length, as the builder's model does): onnxruntime-genai then neither builds nor feeds it each step.
+    genai_config.json lists the inputs the model has (quantcli.genai.config)."""
+    graph = model.graph
+    found = [i for i in graph.input if i.name == POSITIONS]
+    if not found or any(POSITIONS in node.input for node in graph.node):
+        return False
+    graph.input.remove(found[0])
+    return True
 
 
 def norms_as_division(model: Any) -> int:
