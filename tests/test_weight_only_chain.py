@@ -18,6 +18,9 @@ from tests.decoders import INT4, evaluation, run
 
 pytestmark = pytest.mark.slow
 
+# GPT-2's runs here are about its Conv1D linears; its cache export (a third of a run) is tests/test_genai.py's
+NO_CACHE = {"kv_cache": False}
+
 
 @pytest.fixture(scope="module")
 def llama(decoder_folders, llama_rtn, tmp_path_factory):
@@ -162,7 +165,9 @@ def test_gpt2_conv1d_layers_stored_k_by_n_run_as_matmul_nbits(decoder_folders, t
     for method in ("rtn", "gptq"):  # AWQ's folding into a LayerNorm behind a Conv1D: test_weight_only_graph
         if method != "rtn":
             shutil.copytree(tmp_path / "rtn" / "captured", tmp_path / method / "captured")
-        reports[method] = run(decoder_folders, "gpt2", tmp_path / method, {"weights": {**INT4, "method": method}})
+        reports[method] = run(
+            decoder_folders, "gpt2", tmp_path / method, {"weights": {**INT4, "method": method}}, export=NO_CACHE
+        )
     for method, report in reports.items():
         # 2 layers x 4 Conv1D + the LM head; wte (tied to the head) and wpe
         assert report["weight_only"]["layers"] == 9 and report["weight_only"]["embeddings"] == 2, method
