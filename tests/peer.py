@@ -6,6 +6,12 @@ activations, MinMax, reduce_range where the target saturates) on the same calibr
 and quantcli's int8 model the way `quantcli export` writes it; `Side` reads each file as ORT
 optimizes it (integer kernels, float islands, file size). Tests of a pattern assert that
 quantcli's side is at least as good as ORT's on the same model, computed, not hard-coded.
+
+Each side's output is what the target's CPU computes, on any machine (tests/tolerances.py): ORT's fused
+kernels where this machine computes as the target does, which is always so for a pair-safe avx2 model;
+for an 8-bit model (target vnni) on a machine whose u8 x s8 kernels saturate, ORT with its graph
+optimizations off, whose DequantizeLinear, float op and QuantizeLinear give the exact integers a VNNI
+machine computes. The optimized graph (kernels, float ops) is the same on every x86 machine.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from quantcli import _torch, quantizers
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import runtime
 from quantcli.onnx.fusion import analyze
-from quantcli.quantizers.cpu import saturates_u8s8
+from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
 from quantcli.recipe import DEFAULT_OPSET, QuantizationSection
 
 torch = _torch.torch
+HOST = detect_cpu()  # this machine's class: avx2, avx512, vnni or arm64
 
 
 @dataclass
@@ -70,8 +77,9 @@ def _dynamic(batch: dict) -> tuple:
     return tuple({0: torch.export.Dim("batch")} for _ in batch)
 
 
-def _side(path: Path, test: dict) -> Side:
-    out = runtime.run(runtime.session(path), {k: v.numpy() for k, v in test.items()})[0]
+def _side(path: Path, test: dict, target_cpu: str) -> Side:
+    fused = not saturates_u8s8(HOST) or saturates_u8s8(target_cpu)  # see the module docstring
+    out = runtime.run(runtime.session(path, optimize=fused), {k: v.numpy() for k, v in test.items()})[0]
     return Side(path, out, analyze(path))
 
 
@@ -136,4 +144,4 @@ def against_ort(model, calib: list[dict], test: dict, folder: Path, target_cpu: 
     theirs = ort_static_model(model, calib, folder, target_cpu)
     with torch.no_grad():
         fp = _torch.output_leaves(model(*test.values()))[0][1].numpy()
-    return Pair(fp, _side(mine, test), _side(theirs, test), converted)
+    return Pair(fp, _side(mine, test, target_cpu), _side(theirs, test, target_cpu), converted)

@@ -4,8 +4,9 @@ The int8 model is a function of the resolved target_cpu (quantcli.quantizers.res
 machine: tests build for the named TARGET and take their floors from here. A model built for avx2
 (pair-safe weights: no int16 pair sum can saturate, export's report counts 0 saturable pairs)
 computes the same integers on AVX2, AVX-512 and VNNI machines, so its ONNX Runtime figures hold on
-all of them. A vnni-target model (8-bit weights) can saturate on an AVX2 machine: no ONNX Runtime
-figure of one is asserted.
+all of them. A vnni-target model (8-bit weights) can saturate on an AVX2 machine: no figure of one
+is asserted from ORT's fused kernels there (tests/peer.py runs it with graph optimizations off on such
+a machine, which computes the integers a VNNI machine does).
 
 Measured with torch 2.13, torchao 0.18, onnxruntime 1.32 at target avx2 on an Intel Xeon with
 AVX-512 VNNI (exact there, and the same on AVX2 since nothing saturates), 2026-12-05. Each floor
