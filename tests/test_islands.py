@@ -2,8 +2,9 @@
 
 Every test quantizes in-process (capture, prepare, calibrate, convert, re-export), exports with
 quantcli's own ONNX flow (rewrites, node origins, shape inference) and reads ORT's optimized graph
-through quantcli.onnx.fusion.analyze. The ONNX rewrites are also checked alone, on hand-built
-graphs, for equal outputs in ORT.
+through quantcli.onnx.fusion.analyze, for tests/tolerances.py's target (avx2: pair-safe weights, the
+same integers on every x86 machine, so the SQNR floors hold on AVX2 and VNNI alike). The ONNX
+rewrites are also checked alone, on hand-built graphs, for equal outputs in ORT.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from quantcli.onnx import export as onnx_export
 from quantcli.onnx import rewrite, runtime
 from quantcli.onnx.fusion import analyze
 from quantcli.recipe import QuantizationSection
+from tests.tolerances import QUANTIZATION
 
 torch = _torch.torch
 nn, F = torch.nn, torch.nn.functional
@@ -52,7 +54,7 @@ def quantize(model: nn.Module, shape: tuple, folder: Path, qat: bool = False, **
     calib = [torch.randn(8, *shape[1:], generator=g) for _ in range(4)]
     test = torch.randn(16, *shape[1:], generator=g)
     dynamic = ({0: torch.export.Dim("batch")},)
-    section = quantizers.resolve(QuantizationSection(**q))
+    section = quantizers.resolve(QuantizationSection(**{**QUANTIZATION, **q}))  # the floors' target (tolerances)
     prepared = _torch.prepare(
         _torch.export_program(model, (calib[0],), dynamic).module(), quantizers.build(section, qat=qat), qat
     )
@@ -120,7 +122,7 @@ def test_zero_pad_folds_into_its_conv(tmp_path):
     assert_all_integer(result, 4)
     ops = result.optimized_ops()
     assert "Pad" not in ops and ops["QLinearConv"] == 4
-    assert sqnr_db(result.fp, result.ort) > 40  # measured 43.7
+    assert sqnr_db(result.fp, result.ort) > 40  # measured 43.2 (target avx2; 43.7 with 8-bit weights on VNNI)
 
 
 def test_a_pad_with_another_value_stays_and_is_reported(tmp_path):
@@ -131,7 +133,7 @@ def test_a_pad_with_another_value_stays_and_is_reported(tmp_path):
     assert result.analysis["coverage"]["integer"] == 4
     pads = [i for i in result.defects() if i["op_type"] == "Pad"]
     assert len(pads) == 2 and {i["torch_op"] for i in pads} == {"aten.pad.default"}
-    assert sqnr_db(result.fp, result.ort) > 35  # measured 39.4
+    assert sqnr_db(result.fp, result.ort) > 35  # measured 39.3
 
 
 # ------------------------------------------------------------------ SiLU, squeeze-excitation, global pooling
@@ -160,7 +162,7 @@ def test_silu_and_squeeze_excitation_run_in_integer(tmp_path):
     ops = result.optimized_ops()
     assert ops["QLinearSigmoid"] == 3 and ops["QLinearMul"] == 3  # two SiLUs and the gate
     assert ops["QLinearGlobalAveragePool"] == 2 and "ReduceMean" not in ops
-    assert sqnr_db(result.fp, result.ort) > 42  # measured 46.7
+    assert sqnr_db(result.fp, result.ort) > 42  # measured 45.8
 
 
 def test_silu_written_out_equals_it_in_fp32():
@@ -277,7 +279,7 @@ def test_weight_norm_conv_gets_int8_weights(tmp_path):
     ]
     assert [w.shape for w in weights] == [(16, 4, 3), (16, 4, 5)]  # the weight norm folded into int8 weights
     assert not [n for n in model.graph.node if n.op_type in ("ReduceL2", "Div", "Sqrt")]
-    assert sqnr_db(result.fp, result.ort) > 26  # measured 30.1
+    assert sqnr_db(result.fp, result.ort) > 26  # measured 30.0
 
 
 # ------------------------------------------------------------------ where islands come from
@@ -464,7 +466,7 @@ def test_a_scaled_query_keeps_integers_between_its_matmuls(tmp_path):
     assert_all_integer(result, 4)
     assert "Mul" not in result.optimized_ops()  # x * c kept x's integers, its scale times c
     assert not result.analysis["islands"]
-    assert sqnr_db(result.fp, result.ort) > 34  # measured 37.7
+    assert sqnr_db(result.fp, result.ort) > 34  # measured 37.4
 
 
 class SdpaAttention(nn.Module):
@@ -486,7 +488,7 @@ def test_written_out_attention_scales_its_query_not_its_scores(tmp_path):
         result = quantize(SdpaAttention().eval(), (2, 6, 16), tmp_path)
     assert_all_integer(result, 4)
     assert "Mul" not in result.optimized_ops()  # a Mul on the scores would run in float on L x L values
-    assert sqnr_db(result.fp, result.ort) > 30
+    assert sqnr_db(result.fp, result.ort) > 30  # measured 36.5
 
 
 # ------------------------------------------------------------------ QAT
