@@ -356,6 +356,38 @@ def test_island_definition_on_hand_built_graphs(tmp_path):
     assert _islands_of(_qdq_graph(softmax, ["x"]), tmp_path) == []
 
 
+def test_ops_behind_an_integer_kernels_float_output_are_counted_apart():
+    """QGemm without an output scale dequantizes its own result: the Add after it, then a QuantizeLinear, is float
+    between integers, which only `from_float_kernels` sees (the sweep counts it apart)."""
+    from quantcli.onnx.islands import island_nodes
+
+    scalar = lambda name, value, dtype: numpy_helper.from_array(np.array(value, dtype), name)  # noqa: E731
+    inits = [
+        scalar("s", 0.1, np.float32),
+        scalar("z", 128, np.uint8),
+        numpy_helper.from_array(np.ones((4, 4), np.int8), "w"),
+        scalar("ws", 0.01, np.float32),
+        scalar("wz", 0, np.int8),
+        numpy_helper.from_array(np.ones(4, np.float32), "one"),
+    ]
+    nodes = [
+        helper.make_node("QGemm", ["x", "s", "z", "w", "ws", "wz"], ["g"], domain="com.microsoft", transB=1),
+        helper.make_node("Add", ["g", "one"], ["a"]),
+        helper.make_node("QuantizeLinear", ["a", "s", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 4])],
+        inits,
+    )
+    assert island_nodes(graph) == []
+    assert [n.op_type for n in island_nodes(graph, from_float_kernels=True)] == ["Add"]
+    graph.node[0].input.extend(["", "s", "z"])  # no bias, an output scale: a uint8 output, no float path from it
+    assert island_nodes(graph, from_float_kernels=True) == []
+
+
 def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 

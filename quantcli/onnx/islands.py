@@ -124,7 +124,20 @@ def _float_outputs(node) -> list[str]:
     return [o for o in node.output if o]
 
 
-def island_nodes(graph, stays_float: Callable[[Any], bool] = lambda node: False) -> list:
+def float_kernel_outputs(node) -> list[str]:
+    """The float outputs of an integer kernel that dequantizes its own result (MatMulIntegerToFloat, a QGemm
+    with no output scale, ...): a DequantizeLinear in all but name."""
+    if node.op_type == "QGemm":
+        # A, its scale and zero point, B, its scale and zero point, C (the bias), y_scale: none, a float output
+        return [] if len(node.input) > 7 and node.input[7] else list(node.output)
+    if node.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention"):
+        return list(node.output)
+    return []
+
+
+def island_nodes(
+    graph, stays_float: Callable[[Any], bool] = lambda node: False, from_float_kernels: bool = False
+) -> list:
     """The nodes of `graph` that run in float between a DequantizeLinear and a QuantizeLinear.
 
     A node is in a float island when a float value leaving a DequantizeLinear reaches it, and a
@@ -139,12 +152,15 @@ def island_nodes(graph, stays_float: Callable[[Any], bool] = lambda node: False)
     a LayerNorm is float by design, as a transformer's residual stream is, not a float island
     of its own. So in DQ -> LayerNorm -> Add -> Q the LayerNorm is an (allowed) island and the
     Add is none; in DQ -> Add -> LayerNorm -> Q both are, and the Add is a defect.
-    Returned in graph order.
+    `from_float_kernels` also starts float paths at integer kernels' float outputs
+    (`float_kernel_outputs`): the sweep counts the ops behind them apart. Returned in graph order.
     """
     producer, consumers = producers(graph.node), node_consumers(graph.node)
     stop = lambda n: n.op_type in ("QuantizeLinear", "DequantizeLinear") or is_integer_kernel(n)  # noqa: E731
     reached, floats = set(), set()
     frontier = [o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output]
+    if from_float_kernels:
+        frontier += [o for n in graph.node for o in float_kernel_outputs(n)]
     floats.update(frontier)
     while frontier:
         for n in consumers.get(frontier.pop(), []):
