@@ -92,6 +92,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         if self.q.equalize:
             equalize_ffn(model, wanted)
         if not self.qat:
+            rewrites.fold_norms_into_linears(model, wanted)  # before flatten_linears, which reshapes their rows
             rewrites.norms_to_convs(model, wanted)
         rewrites.decompose_gates(model, wanted)
         rewrites.pools_to_means(model, wanted)

@@ -10,6 +10,10 @@
   computes it, x * gamma / sqrt(var + eps) + (beta - mean * gamma / sqrt(var + eps)): ORT runs it as a
   QLinearConv, where ORT's own quantizer leaves the BatchNormalization float between Q/DQ. PTQ only
   (QAT trains BatchNorm statistics).
+- A BatchNorm after a Linear (LeViT's Linear then BatchNorm1d over the flattened tokens), through permutes
+  and reshapes that keep the channels last, folds into the Linear's weight rows and bias, as prepare folds a
+  conv's: ORT then runs one QGemm where both its quantizer's model and the graph before this rule ran the
+  BatchNormalization in float. PTQ only, as above.
 - adaptive_avg_pool to size 1 becomes a mean over the spatial dims: the same values, exported
   as ReduceMean (quantcli.onnx.rewrite turns it into GlobalAveragePool) and never as the
   as_strided copy the pool's decomposition adds for channels-last inputs.
@@ -189,7 +193,7 @@ def norms_to_convs(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
         if node.op != "call_function" or node.target is not aten.batch_norm.default or not wanted(node):
             return False
         affine = _norm_as_affine(model, node)
-        if affine is None:
+        if affine is None or value(node.args[0]).dim() not in _CONVS:
             return False
         scale, shift = affine
         rank = value(node.args[0]).dim()
@@ -212,7 +216,7 @@ def _norm_as_affine(model: GraphModule, node: Node) -> tuple[torch.Tensor, torch
     """(scale, shift) per channel of an eval-mode batch_norm with running statistics, else None."""
     x, gamma, beta, mean, var, training, _, eps = node.args[:8]
     val = value(x)
-    if training or val is None or val.dim() not in _CONVS or not isinstance(val.shape[1], int):
+    if training or val is None or val.dim() < 2 or not isinstance(val.shape[1], int):
         return None
     mean, var = get_attr_value(model, mean), get_attr_value(model, var)
     if mean is None or var is None or mean.numel() != val.shape[1]:
@@ -225,6 +229,76 @@ def _norm_as_affine(model: GraphModule, node: Node) -> tuple[torch.Tensor, torch
         if beta is not None:
             shift = shift + get_attr_value(model, beta).double()
     return scale.to(val.dtype), shift.to(val.dtype)
+
+
+def fold_norms_into_linears(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """batch_norm(reshape*(linear(x))) in eval mode -> reshape*(linear'(x)), the norm's per-channel scale and
+    shift folded into the weight rows and the bias (LeViT's Linear then BatchNorm1d over the flattened tokens);
+    how many. The path from the Linear to the norm's channel axis: single-use permutes, and reshapes that keep
+    the channels last (a row-major reshape with an equal last dimension moves no element to another channel).
+    A Linear without a bias gets one, `_quantcli_linear_norm_<k>_bias` in graph order.
+    """
+
+    def rewrite(node: Node, done: int) -> bool:
+        if node.op != "call_function" or node.target is not aten.batch_norm.default or not wanted(node):
+            return False
+        affine = _norm_as_affine(model, node)
+        linear = _linear_behind(node.args[0], 1) if affine is not None else None
+        if linear is None or not wanted(linear) or not _foldable_weights(model, linear):
+            return False
+        scale, shift = affine
+        weight = linear.args[1]
+        set_parameter(model, weight.target, get_attr_value(model, weight).detach() * scale[:, None])
+        bias = linear.args[2] if len(linear.args) > 2 else None
+        if isinstance(bias, Node):
+            set_parameter(model, bias.target, get_attr_value(model, bias).detach() * scale + shift)
+        else:
+            name = f"_quantcli_linear_norm_{done}_bias"
+            model.register_parameter(name, torch.nn.Parameter(shift, False))
+            with model.graph.inserting_before(linear):
+                bias = model.graph.get_attr(name)
+            bias.meta["val"] = model.get_parameter(name)
+            linear.args = (linear.args[0], weight, bias)
+        replace(model.graph, node, node.args[0])
+        return True
+
+    return rewrite_each(model, rewrite)
+
+
+_ROW_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints)
+
+
+def _linear_behind(y: Node, axis: int) -> Node | None:
+    """The Linear whose output channels are `y`'s `axis`, through single-use permutes and reshapes keeping the
+    channels last (each node on the way, y included, read by the next alone but for its shape), else None."""
+    node = y
+    while isinstance(node, Node) and node.op == "call_function" and value(node) is not None:
+        if len([u for u in node.users if not _reads_shape(u, node)]) != 1:
+            return None
+        out = value(node)
+        if node.target is aten.linear.default:
+            return node if axis == out.dim() - 1 else None
+        if node.target is aten.permute.default:
+            axis = [d % out.dim() for d in node.args[1]][axis]
+        elif node.target is aten.transpose.int:
+            a, b = (d % out.dim() for d in node.args[1:3])
+            axis = b if axis == a else a if axis == b else axis
+        elif node.target in _ROW_RESHAPES:
+            before = value(node.args[0])
+            if before is None or axis != out.dim() - 1 or before.shape[-1] != out.shape[-1]:
+                return None
+            axis = before.dim() - 1
+        elif not _identity(node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _reads_shape(user: Node, of: Node) -> bool:
+    """`user` reads only the shape of `of` (LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`), which a fold keeps."""
+    if user.target is aten.sym_size.int:
+        return True
+    return user.target in (aten.reshape_as.default, aten.view_as.default) and user.args[0] is not of
 
 
 def pools_to_means(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
