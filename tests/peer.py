@@ -83,14 +83,13 @@ def _side(path: Path, test: dict, target_cpu: str) -> Side:
     return Side(path, out, analyze(path))
 
 
-def quantcli_model(model, calib: list[dict], folder: Path, **q) -> tuple[Path, object]:
-    """The pipeline's steps in-process, exported as `quantcli export` writes the file (parity report aside)."""
+def quantcli_model(program, calib: list[dict], folder: Path, **q) -> tuple[Path, object]:
+    """The pipeline's steps in-process from the captured `program`, exported as `quantcli export` writes the
+    file (parity report aside)."""
     names = list(calib[0])
     section = quantizers.resolve(QuantizationSection(**q))
     args = tuple(calib[0].values())
-    prepared = _torch.prepare(
-        _torch.export_program(model, args, _dynamic(calib[0])).module(), quantizers.build(section), False
-    )
+    prepared = _torch.prepare(program.module(), quantizers.build(section), False)
     with torch.no_grad():
         for batch in calib:
             prepared(*batch.values())
@@ -106,13 +105,13 @@ def quantcli_model(model, calib: list[dict], folder: Path, **q) -> tuple[Path, o
     return path, converted
 
 
-def ort_static_model(model, calib: list[dict], folder: Path, target_cpu: str) -> Path:
-    """ORT's flow on quantcli's fp32 export: quant_pre_process, then quantize_static (see the module docstring)."""
+def ort_static_model(program, calib: list[dict], folder: Path, target_cpu: str) -> Path:
+    """ORT's flow on quantcli's fp32 export of the captured `program`: quant_pre_process, then quantize_static
+    (see the module docstring)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     names = list(calib[0])
-    program = _torch.export_program(model, tuple(calib[0].values()), _dynamic(calib[0]))
     fp32, pre, out = folder / "fp32.onnx", folder / "fp32.pre.onnx", folder / "ort_static.onnx"
     onnx.save(onnx_export.to_onnx(program, opset=DEFAULT_OPSET, input_names=names, output_names=["y"]), str(fp32))
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
@@ -140,8 +139,9 @@ def ort_static_model(model, calib: list[dict], folder: Path, target_cpu: str) ->
 
 def against_ort(model, calib: list[dict], test: dict, folder: Path, target_cpu: str, **q) -> Pair:
     """`model` (eval mode) quantized by quantcli for `target_cpu` and by ORT's quantize_static, both run in ORT."""
-    mine, converted = quantcli_model(model, calib, folder, target_cpu=target_cpu, **q)
-    theirs = ort_static_model(model, calib, folder, target_cpu)
+    program = _torch.export_program(model, tuple(calib[0].values()), _dynamic(calib[0]))  # captured once for both
+    theirs = ort_static_model(program, calib, folder, target_cpu)  # first: prepare below rewrites the module
+    mine, converted = quantcli_model(program, calib, folder, target_cpu=target_cpu, **q)
     with torch.no_grad():
         fp = _torch.output_leaves(model(*test.values()))[0][1].numpy()
     return Pair(fp, _side(mine, test, target_cpu), _side(theirs, test, target_cpu), converted)
