@@ -10,9 +10,8 @@ place. `og.Model("<name>.genai")` runs it; nothing of quantcli is needed to load
 The decoder is traced anew from the Hugging Face model, with what convert produced put in: each
 weight-only linear reads its dequantized weight (the tied LM head its own copy) and, where AWQ
 scaled its input channels, the parameters convert folded 1/s into (a norm's weight, an up projection's
-rows) take their converted values, or the linear divides its input by s, as the converted program
-does. Export then stores the codes as it does for any model (quantcli.onnx.blocked), so every
-quantized linear still runs as MatMulNBits.
+rows) take their converted values, as in the converted program. Export then stores the codes as it
+does for any model (quantcli.onnx.blocked), so every quantized linear still runs as MatMulNBits.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ the same tokens) rather than on a sample of them. alpha 0 is round to nearest, s
 worse than RTN on the calibration data. Then the clip search of the authors' code (llm-awq's auto_clip),
 for each linear on its scaled weight: each block's range shrunk by the factor of least error on the
 block's own output contribution. Where the input is a norm's output, 1/s is folded into the norm's
-weight, and where it is a gated MLP's act(gate(x)) * up(x), into up's rows (quantcli.weightonly.apply), as
-the reference code does; otherwise the input is divided by s (one Div).
+weight, and where it is a gated MLP's act(gate(x)) * up(x) or a linear's output read by one linear alone,
+into those rows (quantcli.weightonly.apply), as the reference code does; where nothing folds it, no scale
+is searched: the clip search alone (`awq(..., scale=False)`).
 """
 
 from __future__ import annotations
