@@ -251,12 +251,16 @@ def sweep_one(name: str, out: Path, target_cpu: str, rounds: int, keep: bool) ->
     return result
 
 
+def kept_files(out: Path, flows) -> dict[str, Path]:
+    """The model file sweep_one kept of each flow named (quantcli, fp32, quantize_static, ...)."""
+    return {k: out / "quantcli" / "model.onnx" if k == "quantcli" else out / f"{k}.onnx" for k in flows}
+
+
 def recount(out: Path) -> None:
     """Count a finished architecture's kernels and float ops again from its kept files, into its result.json:
     for a change of what is counted, without running the flows again."""
     result = json.loads((out / RESULT).read_text())
-    files = {k: out / "quantcli" / "model.onnx" if k == "quantcli" else out / f"{k}.onnx" for k in result["ops"]}
-    result["ops"] = {k: graph_counts(p) for k, p in files.items()}
+    result["ops"] = {k: graph_counts(p) for k, p in kept_files(out, result["ops"]).items()}
     (out / RESULT).write_text(json.dumps(result, indent=1) + "\n")
 
 
@@ -266,8 +270,7 @@ def retime(out: Path, rounds: int) -> None:
     from quantcli.onnx import runtime
 
     result = json.loads((out / RESULT).read_text())
-    files = {k: out / "quantcli" / "model.onnx" if k == "quantcli" else out / f"{k}.onnx" for k in result["mb"]}
-    sessions = {k: runtime.session(p, threads=THREADS) for k, p in files.items()}
+    sessions = {k: runtime.session(p, threads=THREADS) for k, p in kept_files(out, result["mb"]).items()}
     result["ms"] = latency(sessions, dict(np.load(out / "held_out.npz")), rounds)
     result["retimed_rounds"] = rounds
     (out / RESULT).write_text(json.dumps(result, indent=1) + "\n")
@@ -521,10 +524,11 @@ def main() -> int:
     for i, name in enumerate(names):
         out = (args.out / slug(name)).resolve()
         done = (out / RESULT).is_file()
-        if args.retime and done and "ms" in json.loads((out / RESULT).read_text()):
+        finished = json.loads((out / RESULT).read_text()) if done and (args.retime or args.recount) else {}
+        if args.retime and "ms" in finished:
             print(f"[{i + 1}/{len(names)}] {name}: timing again", file=sys.stderr, flush=True)
             retime(out, args.rounds)
-        if args.recount and done and "ops" in json.loads((out / RESULT).read_text()):
+        if args.recount and "ops" in finished:
             print(f"[{i + 1}/{len(names)}] {name}: counting again", file=sys.stderr, flush=True)
             recount(out)
         if args.report or args.retime or args.recount or (done and not args.redo):

@@ -73,6 +73,8 @@ _ADAPTIVE = {aten.adaptive_avg_pool1d.default: [-1], aten.adaptive_avg_pool2d.de
 _PERMUTES = (aten.permute.default, aten.transpose.int)
 _CONVS = {3: aten.conv1d.default, 4: aten.conv2d.default, 5: aten.conv3d.default}  # by input rank
 _FOLD_INTO = (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+_RESHAPES = (aten.reshape.default, aten.view.default)
+_ROW_RESHAPES = (*_RESHAPES, aten._unsafe_view.default, aten.flatten.using_ints)  # any reshape's forms
 # weight args[1], bias args[2]
 _WEIGHTED = tuple(op for op, kind in KIND.items() if kind in ("conv", "conv_transpose", "linear"))
 
@@ -263,9 +265,6 @@ def fold_norms_into_linears(model: GraphModule, wanted: Callable[[Node], bool]) 
         return True
 
     return rewrite_each(model, rewrite)
-
-
-_ROW_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints)
 
 
 def _linear_behind(y: Node, axis: int) -> Node | None:
@@ -498,7 +497,6 @@ def fold_negations(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
 
 
 _JOINS = (aten.cat.default, aten.concat.default, aten.stack.default)
-_RESHAPES = (aten.reshape.default, aten.view.default)
 
 
 def _negation(node) -> bool:
