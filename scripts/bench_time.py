@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from bench_build import BENCH, pre_process, static_flow
 
-SAMPLES = 64  # calibration images, as issue 18 states the comparison
+SAMPLES = 64  # calibration images (docs/performance.md, "Time to quantize")
 QUANTCLI_STAGES = ("captured", "prepared", "calibrated", "converted", "exported")
 ORT_STEPS = ("build", "onnx_export", "pre_process", "quantize_static")
 

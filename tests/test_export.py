@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
 from quantcli import stages
 from quantcli.errors import ModelError, RecipeError
@@ -105,3 +108,50 @@ def test_a_model_over_the_size_limit_keeps_its_tensors_in_one_data_file_beside_i
     assert not stages.export.run(mlp / "converted", out, external_above=0).reused
     stages.export.run(mlp / "converted", out, force=True)  # under the limit again: one file, no stale data beside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.report.json"]
+
+
+class _Flatten(torch.nn.Module):
+    """Ops that all have ONNX functions (conv, relu, flatten, linear), or, with `mask`, one that the
+    exporter lowers first (`&`)."""
+
+    def __init__(self, mask: bool = False):
+        super().__init__()
+        self.conv, self.fc, self.mask = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * 6 * 6, 5), mask
+
+    def forward(self, x):
+        y = self.fc(torch.relu(self.conv(x)).flatten(1))
+        return torch.where((y > 0) & (y < 1), y, -y) if self.mask else y
+
+
+def _exported_ops(model: torch.nn.Module) -> tuple[np.ndarray, str]:
+    """The ONNX model's output on a fixed input, and the exporter's record of the torch ops it translated."""
+    import onnxruntime as ort
+
+    from quantcli import _torch
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    program = _torch.export_program(model.eval(), (x,), None)
+    onnx_model = onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
+    ops = " ".join(p.value for n in onnx_model.graph.node for p in n.metadata_props if p.key == "namespace")
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x.numpy()})[0], ops
+
+
+def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_outputs(monkeypatch):
+    from quantcli import _torch
+
+    torch.manual_seed(0)
+    model = _Flatten()
+    direct, direct_ops = _exported_ops(model)
+    monkeypatch.setattr(_torch, "_decompositions_only_where_needed", contextlib.nullcontext)
+    retraced, retraced_ops = _exported_ops(model)
+    assert "aten.flatten.using_ints" in direct_ops and "aten.view.default" not in direct_ops  # translated as it is
+    assert "aten.view.default" in retraced_ops and "aten.flatten" not in retraced_ops  # the re-trace lowers it
+    np.testing.assert_array_equal(direct, retraced)
+
+
+def test_a_program_with_an_op_onnx_lacks_is_still_retraced():
+    torch.manual_seed(0)
+    out, ops = _exported_ops(_Flatten(mask=True))
+    assert "aten.bitwise_and.Tensor" in ops and "aten.view.default" in ops  # `&` lowered, the whole graph re-traced
+    assert out.shape == (2, 5)
