@@ -141,9 +141,11 @@ def _decompositions_only_where_needed() -> Iterator[None]:
     torch.onnx.export re-traces every program through `run_decompositions` to lower the ops ONNX has
     no function for: 60 % of the export's time (12 of 21 s CPU for MobileNetV3, profiled). A program
     whose every op has an ONNX function, with no in-place op and no higher-order op (which only the
-    re-trace makes functional), translates as it is; any other goes through the re-trace. Translated
-    directly, an op keeps its own ONNX function (`flatten` is written as flatten, where the re-trace
-    lowers it to `view`); the ONNX model computes the same outputs (tests/test_export.py).
+    re-trace makes functional), translates as it is, once the few ops transformers' models write
+    (`&`, `Tensor.to` on the CPU) are renamed to what the re-trace lowers them to; any other goes
+    through the re-trace. Translated directly, an op keeps its own ONNX function (`flatten` is
+    written as flatten, where the re-trace lowers it to `view`); the ONNX model computes the same
+    outputs (tests/test_export.py).
     """
     from torch.onnx._internal.exporter import _decomp, _fx_passes
 
@@ -152,18 +154,25 @@ def _decompositions_only_where_needed() -> Iterator[None]:
     def where_needed(program: Any, registry: Any) -> Any:
         implemented = set(_decomp.get_onnx_implemented_overloads(registry))
         lowered = _decomp.create_onnx_friendly_decomposition_table(implemented)
+        renames = []
         for module in program.graph_module.modules():
             for node in module.graph.nodes if isinstance(module, torch.fx.GraphModule) else ():
                 target = node.target
                 if node.op != "call_function" or target is _operator.getitem or target in _EXPORTER_DROPS:
                     continue
-                if (
+                if target in _RENAMED or (target in _CASTS and _cpu_cast(node) is not None):
+                    renames.append(node)
+                elif (
                     not isinstance(target, torch._ops.OpOverload)
                     or target in lowered
                     or target not in implemented
                     or target._schema.is_mutable
                 ):
                     return decompose(program, registry)
+        for node in renames:
+            _as_lowered(node)
+        for module in {node.graph.owning_module for node in renames}:
+            module.recompile()
         return program
 
     _fx_passes.decompose_with_registry = where_needed
@@ -181,6 +190,42 @@ _EXPORTER_DROPS = {
     torch.ops.aten._assert_async.msg,
     torch.ops.aten.sym_constrain_range_for_size.default,
 }
+# ops the re-trace lowers to one other op on the same arguments
+_RENAMED = {
+    torch.ops.aten.__and__.Tensor: torch.ops.aten.bitwise_and.Tensor,
+    torch.ops.aten.__or__.Tensor: torch.ops.aten.bitwise_or.Tensor,
+    torch.ops.aten.min.other: torch.ops.aten.minimum.default,
+    torch.ops.aten.max.other: torch.ops.aten.maximum.default,
+}
+_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout}
+
+
+def _cpu_cast(node: Any) -> Any:
+    """The dtype a `Tensor.to` node gives its input (the input's own where it names none), or None where
+    it also moves the tensor off the CPU or changes its layout or memory format."""
+    normalized = node.normalized_arguments(node.graph.owning_module, normalize_to_only_use_kwargs=True)
+    kwargs = normalized.kwargs if normalized is not None else None
+    if kwargs is None or kwargs.get("layout") not in (None, torch.strided):
+        return None
+    if kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu":
+        return None
+    if kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return None
+    return kwargs.get("dtype") or node.args[0].meta["val"].dtype
+
+
+def _as_lowered(node: Any) -> None:
+    """`node` as the re-trace writes it: a renamed op, a cast as _to_copy, no node for a cast to its own dtype
+    (its module is then recompiled by the caller)."""
+    if node.target in _RENAMED:
+        node.target = _RENAMED[node.target]
+    else:
+        source, dtype = node.args[0], _cpu_cast(node)
+        if dtype == source.meta["val"].dtype:
+            node.replace_all_uses_with(source)
+            node.graph.erase_node(node)
+        else:
+            node.target, node.args, node.kwargs = torch.ops.aten._to_copy.default, (source,), {"dtype": dtype}
 
 
 @contextlib.contextmanager

@@ -111,16 +111,19 @@ def test_a_model_over_the_size_limit_keeps_its_tensors_in_one_data_file_beside_i
 
 
 class _Flatten(torch.nn.Module):
-    """Ops that all have ONNX functions (conv, relu, flatten, linear), or, with `mask`, one that the
-    exporter lowers first (`&`)."""
+    """Ops that all have ONNX functions (conv, relu, flatten, linear); with `mask`, also the `&` and the
+    `Tensor.to` of transformers' attention masks, which the re-trace renames; with `pool`, an adaptive
+    pool, which it lowers."""
 
-    def __init__(self, mask: bool = False):
+    def __init__(self, mask: bool = False, pool: bool = False):
         super().__init__()
-        self.conv, self.fc, self.mask = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * 6 * 6, 5), mask
+        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * (2 * 2 if pool else 6 * 6), 5)
+        self.pool = torch.nn.AdaptiveAvgPool2d(2) if pool else torch.nn.Identity()
+        self.mask = mask
 
     def forward(self, x):
-        y = self.fc(torch.relu(self.conv(x)).flatten(1))
-        return torch.where((y > 0) & (y < 1), y, -y) if self.mask else y
+        y = self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+        return ((y > 0) & (y < 1)).to(y.dtype) * y.to(torch.float32) if self.mask else y
 
 
 def _exported_ops(model: torch.nn.Module) -> tuple[np.ndarray, str]:
@@ -137,21 +140,25 @@ def _exported_ops(model: torch.nn.Module) -> tuple[np.ndarray, str]:
     return session.run(None, {"x": x.numpy()})[0], ops
 
 
-def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_outputs(monkeypatch):
+@pytest.mark.parametrize("mask", [False, True])
+def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_outputs(monkeypatch, mask):
     from quantcli import _torch
 
     torch.manual_seed(0)
-    model = _Flatten()
+    model = _Flatten(mask=mask)
     direct, direct_ops = _exported_ops(model)
     monkeypatch.setattr(_torch, "_decompositions_only_where_needed", contextlib.nullcontext)
     retraced, retraced_ops = _exported_ops(model)
     assert "aten.flatten.using_ints" in direct_ops and "aten.view.default" not in direct_ops  # translated as it is
     assert "aten.view.default" in retraced_ops and "aten.flatten" not in retraced_ops  # the re-trace lowers it
+    if mask:  # `&` and the casts written as the re-trace writes them
+        for ops in (direct_ops, retraced_ops):
+            assert "aten.bitwise_and.Tensor" in ops and "aten._to_copy.default" in ops and "aten.to." not in ops
     np.testing.assert_array_equal(direct, retraced)
 
 
 def test_a_program_with_an_op_onnx_lacks_is_still_retraced():
     torch.manual_seed(0)
-    out, ops = _exported_ops(_Flatten(mask=True))
-    assert "aten.bitwise_and.Tensor" in ops and "aten.view.default" in ops  # `&` lowered, the whole graph re-traced
+    out, ops = _exported_ops(_Flatten(mask=True, pool=True))
+    assert "aten.adaptive_avg_pool2d" not in ops and "aten.view.default" in ops  # lowered, the whole graph re-traced
     assert out.shape == (2, 5)
