@@ -97,7 +97,7 @@ def quantcli_model(program, calib: list[dict], folder: Path, **q) -> tuple[Path,
     _torch.prune_unused(converted)
     program = _torch.export_program(converted, args, _dynamic(calib[0]))
     proto = onnx_export.to_onnx(program, opset=DEFAULT_OPSET, input_names=names, output_names=["y"])
-    onnx_export.strip_node_metadata(proto)
+    onnx_export.tidy(proto)
     onnx_export.check(proto)
     proto = onnx_export.infer_shapes(proto)
     path = folder / "quantcli.onnx"

@@ -162,3 +162,33 @@ def test_a_program_with_an_op_onnx_lacks_is_still_retraced():
     out, ops = _exported_ops(_Flatten(mask=True, pool=True))
     assert "aten.adaptive_avg_pool2d" not in ops and "aten.view.default" in ops  # lowered, the whole graph re-traced
     assert out.shape == (2, 5)
+
+
+def test_tidy_keeps_one_initializer_per_constant_and_shapes_of_computed_tensors_only():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.arange(6, dtype=np.float32).reshape(2, 3)  # a table torch.export lifted once for each block
+    initializers = [numpy_helper.from_array(table, name) for name in ("block0.table", "block1.table")]
+    initializers.append(numpy_helper.from_array(table + 1, "other"))
+    nodes = [
+        helper.make_node("Add", ["x", "block0.table"], ["a"]),
+        helper.make_node("Mul", ["a", "block1.table"], ["b"]),
+        helper.make_node("Sub", ["b", "other"], ["y"]),
+    ]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 3])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [value("x")], [value("y")], initializers, value_info=[value("a")])
+    graph.value_info.extend([value("block0.table"), value("gone")])  # the exporter's entries for initializers
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.ones((2, 3), np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    onnx_export.tidy(model)
+
+    assert [t.name for t in model.graph.initializer] == ["block0.table", "other"]
+    assert [list(n.input) for n in model.graph.node][1] == ["a", "block0.table"]
+    assert [v.name for v in model.graph.value_info] == ["a"]
+    model = onnx_export.infer_shapes(model)
+    assert onnx_export.shape_coverage(model) == {"intermediate": 2, "with_shape": 2}
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(before[0], after[0])

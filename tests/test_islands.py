@@ -67,7 +67,7 @@ def quantize(model: nn.Module, shape: tuple, folder: Path, qat: bool = False, **
     _torch.prune_unused(converted)
     program = _torch.export_program(converted, (calib[0],), dynamic)
     proto = onnx_export.to_onnx(program, opset=18, input_names=["x"], output_names=["y"])
-    onnx_export.strip_node_metadata(proto)
+    onnx_export.tidy(proto)
     onnx_export.check(proto)
     proto = onnx_export.infer_shapes(proto)
     shapes = onnx_export.shape_coverage(proto)

@@ -125,6 +125,61 @@ def strip_node_metadata(model: Any) -> None:
         del tensor.metadata_props[:]
 
 
+def tidy(model: Any) -> None:
+    """The exported model as quantcli writes it: node origins only (`strip_node_metadata`), one initializer for
+    each distinct constant, and value_info for the tensors nodes compute only.
+
+    torch.export lifts a constant once for each block that makes it (a rotary table, a layer's shared
+    scale), and the exporter records a value_info for every initializer, which carries its own type and
+    shape: 33 KB of EVA-02's 6.0 MB, 6 KB of ConvNeXt-atto's 3.8 MB, a file larger than ORT's.
+    """
+    strip_node_metadata(model)
+    share_constants(model)
+    computed = {out for node in model.graph.node for out in node.output} - {o.name for o in model.graph.output}
+    kept = [v for v in model.graph.value_info if v.name in computed]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+
+
+def share_constants(model: Any) -> int:
+    """Initializers equal to an earlier one (dtype, shape and bytes) removed, their readers pointed at that one
+    (in subgraphs too); how many. Only tensors held in the model (not external data), and no graph input or
+    output, are merged."""
+    import onnx
+
+    graph = model.graph
+    inputs = {i.name for i in graph.input} | {o.name for o in graph.output}
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    alias: dict[str, str] = {}
+    kept = []
+    for tensor in graph.initializer:
+        if tensor.name in inputs or not tensor.HasField("raw_data"):
+            kept.append(tensor)
+            continue
+        key = (tensor.data_type, tuple(tensor.dims), tensor.raw_data)
+        if key in first:
+            alias[tensor.name] = first[key]
+        else:
+            first[key] = tensor.name
+            kept.append(tensor)
+    if not alias:
+        return 0
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graphs = [graph]
+    while graphs:
+        for node in graphs.pop().node:
+            for i, name in enumerate(node.input):
+                if name in alias:
+                    node.input[i] = alias[name]
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attribute.g)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attribute.graphs)
+    return len(alias)
+
+
 def rename_dims(model: Any, inputs: list[Any]) -> None:
     """Give symbolic dimensions the recipe's names (batch, seq, ...) instead of the exporter's s0, s1."""
     mapping: dict[str, str] = {}

@@ -26,7 +26,7 @@ def evaluate(recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, 
         model = onnx_export.to_onnx(
             float_program, opset=recipe.export.opset, input_names=io["inputs"], output_names=io["outputs"]
         )
-        onnx_export.strip_node_metadata(model)  # as in the int8 file, so the sizes compare like for like
+        onnx_export.tidy(model)  # as the int8 file is written, so the sizes compare like for like
         external.save(model, float_path, keep=False)
         del model  # the sessions read the file: a large model's tensors are not held twice
         sessions = {"fp32_onnx": runtime.session(float_path), "int8_onnx": runtime.session(int8_path)}

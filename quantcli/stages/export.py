@@ -48,7 +48,7 @@ def onnx_model(
 
         codes = _torch.load_state(parent.file(artifacts.WEIGHT_CODES))
         blocked.store(model, apply.load(parent.manifest["weight_only"], codes))
-    onnx_export.strip_node_metadata(model)
+    onnx_export.tidy(model)
     if not genai.enabled(recipe):  # the decoder names its own (quantcli.onnx.decoder.name_dims)
         onnx_export.rename_dims(model, recipe.inputs)
     return program, external.checked(model, path, limit)
