@@ -145,28 +145,27 @@ def share_constants(model: Any) -> int:
     """Initializers equal to an earlier one (dtype, shape and bytes) removed, their readers pointed at that one
     (in subgraphs too); how many. Only tensors held in the model (not external data), and no graph input or
     output, are merged."""
+    import hashlib
+
     import onnx
 
     graph = model.graph
     inputs = {i.name for i in graph.input} | {o.name for o in graph.output}
-    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}  # keyed by a digest: no second copy of the weights
     alias: dict[str, str] = {}
-    kept = []
-    for tensor in graph.initializer:
+    repeats = []
+    for index, tensor in enumerate(graph.initializer):
         if tensor.name in inputs or not tensor.HasField("raw_data"):
-            kept.append(tensor)
             continue
-        key = (tensor.data_type, tuple(tensor.dims), tensor.raw_data)
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.blake2b(tensor.raw_data, digest_size=32).digest())
         if key in first:
             alias[tensor.name] = first[key]
+            repeats.append(index)
         else:
             first[key] = tensor.name
-            kept.append(tensor)
-    if not alias:
-        return 0
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    graphs = [graph]
+    for index in reversed(repeats):  # in place: the other tensors are not copied
+        del graph.initializer[index]
+    graphs = [graph] if alias else []
     while graphs:
         for node in graphs.pop().node:
             for i, name in enumerate(node.input):
