@@ -115,7 +115,7 @@ class ModelSection(_Section):
             return v
         _no_nul(v)
         module, sep, attr = v.rpartition(":")
-        if not sep or not module or not attr:
+        if not sep or not module or not attr.isidentifier():  # the callable's name, as references.split_callable
             raise ValueError('must look like "file.py:callable" or "package.module:callable"')
         return v
 

@@ -107,6 +107,10 @@ def test_an_unknown_quantization_target_gets_a_did_you_mean():
             {"model": {"factory": "model.py"}, "inputs": [{"name": "x", "shape": [1]}]},
             'model.factory: must look like "file.py:callable" or "package.module:callable"',
         ),
+        (  # no callable's name after the colon (a path that resolving would turn into another value)
+            {"model": {"factory": "0:/"}, "inputs": [{"name": "x", "shape": [1]}]},
+            'model.factory: must look like "file.py:callable" or "package.module:callable"',
+        ),
         (edited(inputs=[]), "inputs: Value should have at least 1 item after validation, not 0"),
         (
             edited(inputs=[{"name": "x", "shape": [2, 3], "dynamic_axes": {2: "n"}}]),
