@@ -160,8 +160,9 @@ def _decompositions_only_where_needed() -> Iterator[None]:
                 target = node.target
                 if node.op != "call_function" or target is _operator.getitem or target in _EXPORTER_DROPS:
                     continue
-                if target in _RENAMED or (target in _CASTS and _cpu_cast(node) is not None):
-                    renames.append(node)
+                dtype = _cpu_cast(node) if target in _CASTS else None
+                if target in _RENAMED or dtype is not None:
+                    renames.append((node, dtype))
                 elif (
                     not isinstance(target, torch._ops.OpOverload)
                     or target in lowered
@@ -169,9 +170,9 @@ def _decompositions_only_where_needed() -> Iterator[None]:
                     or target._schema.is_mutable
                 ):
                     return decompose(program, registry)
-        for node in renames:
-            _as_lowered(node)
-        for module in {node.graph.owning_module for node in renames}:
+        for node, dtype in renames:
+            _as_lowered(node, dtype)
+        for module in {node.graph.owning_module for node, _ in renames}:
             module.recompile()
         return program
 
@@ -214,13 +215,13 @@ def _cpu_cast(node: Any) -> Any:
     return kwargs.get("dtype") or node.args[0].meta["val"].dtype
 
 
-def _as_lowered(node: Any) -> None:
-    """`node` as the re-trace writes it: a renamed op, a cast as _to_copy, no node for a cast to its own dtype
-    (its module is then recompiled by the caller)."""
+def _as_lowered(node: Any, dtype: Any) -> None:
+    """`node` as the re-trace writes it: a renamed op, a cast (to `dtype`, `_cpu_cast`'s) as _to_copy, no node for
+    a cast to its own dtype (its module is then recompiled by the caller)."""
     if node.target in _RENAMED:
         node.target = _RENAMED[node.target]
     else:
-        source, dtype = node.args[0], _cpu_cast(node)
+        source = node.args[0]
         if dtype == source.meta["val"].dtype:
             node.replace_all_uses_with(source)
             node.graph.erase_node(node)
