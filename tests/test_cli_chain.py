@@ -17,7 +17,7 @@ import pytest
 
 from quantcli import artifacts
 from quantcli.onnx import runtime
-from quantcli.onnx.export import MODULE_KEY, MODULE_TYPE_KEY, OP_KEY
+from quantcli.onnx.export import ORIGIN_KEY, origin
 from tests.conftest import cli
 from tests.models import MODELS, example_batch
 from tests.tolerances import CHAIN_SQNR_DB
@@ -71,11 +71,16 @@ def test_digits_onnx_carries_manifest_and_shapes(work):
     produced = {o for n in model.graph.node for o in n.output} - {"logits"}
     assert produced <= {v.name for v in model.graph.value_info}
     assert not (work / "model.onnx.data").exists()  # one self-contained file
-    # of the exporter's debug metadata only each node's origin is kept: module, its class, torch op
-    origins = [{p.key: p.value for p in node.metadata_props} for node in model.graph.node]
-    assert {key for origin in origins for key in origin} == {MODULE_KEY, MODULE_TYPE_KEY, OP_KEY}
-    assert {o[MODULE_KEY] for o in origins if MODULE_KEY in o} >= {"features.0.0", "features.4.conv1", "fc"}
-    assert not any("/" in value for origin in origins for value in origin.values())  # no paths
+    # of the exporter's debug metadata only the origin (module, its class, torch op) of a node computing floats
+    assert {p.key for node in model.graph.node for p in node.metadata_props} == {ORIGIN_KEY}
+    origins = {node.name: origin(node) for node in model.graph.node}
+    assert {o["module"] for o in origins.values()} >= {"features.0.0", "features.4.conv1", "fc"}
+    assert {o["module_type"] for o in origins.values()} >= {"Conv2d", "Linear"}
+    assert not any("/" in value for o in origins.values() for value in o.values())  # no paths
+    floats = {v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    for node in model.graph.node:  # integer arithmetic (shapes, moves of quantized tensors) carries none
+        computes_float = any(out in floats or out == "logits" for out in node.output)
+        assert computes_float or not node.metadata_props, node
 
 
 def test_inspect_json_of_each_stage(work):

@@ -302,8 +302,11 @@ def test_islands_name_their_module_and_allowed_ones_are_marked(tmp_path):
     }, islands
     model = onnx.load(str(result.path))
     keys = {p.key for n in model.graph.node for p in n.metadata_props}
-    assert keys == {onnx_export.MODULE_KEY, onnx_export.MODULE_TYPE_KEY, onnx_export.OP_KEY}
+    assert keys == {onnx_export.ORIGIN_KEY}
     assert not any("/" in p.value for n in model.graph.node for p in n.metadata_props)  # no paths
+    gelu = [n for n in model.graph.node if onnx_export.origin(n)["torch_op"] == "aten.gelu.default"]
+    assert gelu and {onnx_export.origin(n)["module"] for n in gelu} == {"body.1"}
+    assert {onnx_export.origin(n)["module_type"] for n in gelu} == {"GELU"}
 
 
 def _qdq_graph(body: list, inputs: list, extra_inits: list = ()) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ from typing import Any
 
 from quantcli.errors import ModelError, RecipeError
 from quantcli.onnx import rewrite
+from quantcli.onnx.graph import FLOAT_TYPES
 
 EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through the version converter
 
@@ -73,14 +74,21 @@ def opset_of(model: Any) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-# Node metadata quantcli keeps (everything else the exporter writes is dropped): where a node came from.
-MODULE_KEY = "quantcli.module"  # the innermost nn.Module path, e.g. "features.3.block.1"; absent at the root
-MODULE_TYPE_KEY = "quantcli.module_type"  # that module's class name, e.g. "Conv2dNormActivation"
-OP_KEY = "quantcli.op"  # the torch op the node was exported from, e.g. "aten.gelu.default"
+# The node metadata quantcli keeps (everything else the exporter writes is dropped): where a node came from, as
+# one entry "module|class|op", e.g. "features.3.block.1|Conv2dNormActivation|aten.conv2d.default": the innermost
+# nn.Module's path (empty at the root), its class name, the torch op (empty for quantize/dequantize nodes).
+ORIGIN_KEY = "quantcli.origin"
 
 
-def node_origin(node: Any) -> dict[str, str]:
-    """The module path, module class and torch op an exported node came from, from the exporter's metadata.
+def origin(node: Any) -> dict[str, str]:
+    """{"module", "module_type", "torch_op"} of an exported node (empty strings where it carries none)."""
+    value = next((p.value for p in node.metadata_props if p.key == ORIGIN_KEY), "")
+    module, module_type, op = ([""] * 2 + value.rsplit("|", 2))[-3:] if value else ("", "", "")
+    return {"module": module, "module_type": module_type, "torch_op": op}
+
+
+def exported_origin(node: Any) -> str:
+    """The ORIGIN_KEY value of a node fresh from the exporter, from its debug metadata ("" where it has none).
 
     The exporter writes `pkg.torch.onnx.name_scopes` (every enclosing module path, then the FX node's
     name) and `pkg.torch.onnx.class_hierarchy` (their classes, then the torch op) as Python list
@@ -93,32 +101,33 @@ def node_origin(node: Any) -> dict[str, str]:
         scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
         classes = ast.literal_eval(props.get("pkg.torch.onnx.class_hierarchy", "[]"))
     except (ValueError, SyntaxError):
-        return {}
+        return ""
     if not (isinstance(scopes, list) and isinstance(classes, list)) or len(classes) < 1:
-        return {}
-    origin = {}
-    if not str(classes[-1]).startswith("quantized_decomposed."):
-        origin[OP_KEY] = str(classes[-1])
+        return ""
+    op = "" if str(classes[-1]).startswith("quantized_decomposed.") else str(classes[-1])
+    module = module_type = ""
     if len(scopes) >= 2 and len(classes) == len(scopes) and scopes[-2]:
-        origin[MODULE_KEY] = str(scopes[-2])
-        origin[MODULE_TYPE_KEY] = str(classes[-2]).rsplit(".", 1)[-1]
-    return origin
+        module, module_type = str(scopes[-2]), str(classes[-2]).rsplit(".", 1)[-1]
+    return f"{module}|{module_type}|{op}" if module or op else ""
 
 
 def strip_node_metadata(model: Any) -> None:
-    """Replace the exporter's per-node debug metadata with the node's origin (module, class, op).
+    """Replace the exporter's per-node debug metadata with the node's origin (module, class, op) on the nodes
+    that compute a float tensor.
 
     The debug metadata (stack traces, FX node text, every enclosing scope) held 60 % of the bytes of
-    a small model and absolute paths of the machine that exported it. What is kept (`node_origin`)
+    a small model and absolute paths of the machine that exported it. What is kept (`exported_origin`)
     is short, machine-independent and maps each node to the module it came from: the float-island
-    report and per-layer reports name modules with it.
+    report and per-layer reports name modules with it. Nodes whose outputs are all integers (shape
+    arithmetic, moves of quantized tensors) name nothing those reports show, and keep none.
     """
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
     for node in model.graph.node:
-        origin = node_origin(node)
+        value = exported_origin(node)
         del node.metadata_props[:]
-        for key, value in origin.items():
+        if value and any(types.get(out, 1) in FLOAT_TYPES for out in node.output):  # unknown: kept
             entry = node.metadata_props.add()
-            entry.key, entry.value = key, value
+            entry.key, entry.value = ORIGIN_KEY, value
     for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         del value.metadata_props[:]
     for tensor in model.graph.initializer:

@@ -63,7 +63,7 @@ def analyze(onnx_path: str | Path, *, weight_only: bool = False) -> dict:
     "islands": [{"op_type", "name", "module", "module_type", "torch_op", "allowed", "reason"}, ...]}
     where coverage counts Conv/MatMul/Gemm (and their fused forms) run as integer kernels against
     all of them, and islands lists every node `island_nodes` finds, in graph order, with the module
-    it came from (the exported file's node metadata, see quantcli.onnx.export.node_origin) and
+    it came from (the exported file's node metadata, see quantcli.onnx.export.origin) and
     whether it is one of the allowed kinds (`ALLOWED`).
     """
     import onnx

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+FLOAT_TYPES = frozenset({1, 10, 11, 16})  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
 
 def producers(nodes: Iterable[Any]) -> dict[str, Any]:
     """{value name: the node that writes it} over `nodes`."""

@@ -3,7 +3,7 @@
 `island_nodes` defines an island on ORT's optimized graph; `ALLOWED` (and `ALLOWED_TORCH_OPS`,
 `GELU_MODULE`) say which kinds may stay float: ops ORT's CPU provider has no integer kernel for,
 and Softmax, kept float on purpose for attention accuracy. `Origins` maps optimized nodes back to
-the exported nodes, whose metadata names the module and torch op (quantcli.onnx.export.node_origin).
+the exported nodes, whose metadata names the module and torch op (quantcli.onnx.export.origin).
 quantcli.quantizers.selection applies the same definition to the torch graph, to quantize what
 would otherwise be an island.
 """
@@ -14,8 +14,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from quantcli.onnx.graph import FLOAT_TYPES, producers
 from quantcli.onnx.graph import consumers as node_consumers
-from quantcli.onnx.graph import producers
 
 # Op types (any domain) that carry out a Conv/MatMul/Gemm in integer arithmetic.
 INTEGER_KERNELS = frozenset(
@@ -105,7 +105,6 @@ _NOT_FLOAT_OUT = frozenset(
         "DynamicQuantizeLinear",
     }
 )
-_FLOAT_TYPES = frozenset({1, 10, 11, 16})  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
 def is_integer_kernel(node) -> bool:
@@ -118,7 +117,7 @@ def _float_outputs(node) -> list[str]:
         return []
     if node.op_type == "Cast":
         to = next((a.i for a in node.attribute if a.name == "to"), 0)
-        return list(node.output) if to in _FLOAT_TYPES else []
+        return list(node.output) if to in FLOAT_TYPES else []
     if node.op_type == "TopK":
         return [node.output[0]]
     return [o for o in node.output if o]
@@ -200,9 +199,6 @@ class Origins:
     _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
     def __init__(self, exported, optimized):
-        from quantcli.onnx.export import MODULE_KEY, MODULE_TYPE_KEY, OP_KEY
-
-        self.keys = (MODULE_KEY, MODULE_TYPE_KEY, OP_KEY)
         self.by_name = {n.name: n for n in exported.node if n.name}
         self.producer = producers(exported.node)
         self.consumers = node_consumers(n for n in exported.node if n.op_type not in self._QDQ)
@@ -239,15 +235,12 @@ class Origins:
 
     def origin(self, node) -> dict[str, str]:
         """{"module", "module_type", "torch_op", "exported_op"} of `node` (empty strings where unknown)."""
+        from quantcli.onnx.export import origin
+
         source = self.exported_node(node)
-        props = {p.key: p.value for p in source.metadata_props} if source is not None else {}
-        module, module_type, op = (props.get(k, "") for k in self.keys)
-        return {
-            "module": module,
-            "module_type": module_type,
-            "torch_op": op,
-            "exported_op": source.op_type if source is not None else "",
-        }
+        if source is None:
+            return {"module": "", "module_type": "", "torch_op": "", "exported_op": ""}
+        return {**origin(source), "exported_op": source.op_type}
 
 
 def allowance(op_type: str, origin: dict[str, str]) -> str:

@@ -52,7 +52,7 @@ def _quantized_output(g: Graph, tensor: str) -> bool:
 
 
 def _layer(node: Any, g: Graph) -> Layer | None:
-    from quantcli.onnx.export import MODULE_KEY
+    from quantcli.onnx.export import origin
 
     if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
         return None
@@ -75,10 +75,9 @@ def _layer(node: Any, g: Graph) -> Layer | None:
     else:
         out_axis = q.ndim - 1
     w_scale = np.broadcast_to(np.asarray(g.initializer(dq_w.input[1]), np.float64).reshape(-1), (q.shape[out_axis],))
-    origin = {p.key: p.value for p in node.metadata_props}
     return Layer(
         node,
-        origin.get(MODULE_KEY) or node.name,
+        origin(node)["module"] or node.name,
         dq_x.input[0],
         float(g.initializer(dq_x.input[1])),
         int(zp),

@@ -9,7 +9,7 @@ kernels are counted against the untapped one's (`fusions_kept`).
 
 The exporter names an FX node's output value after the node, so the QuantizeLinear reading
 value `linear_1` quantizes the output of FX node `linear_1`: the same key as the PyTorch taps.
-The node that produces it carries `quantcli.module` (quantcli.onnx.export), checked against the
+The node that produces it carries its module (quantcli.onnx.export.origin), checked against the
 module the PyTorch side found.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from quantcli.onnx import external, fusion, runtime
-from quantcli.onnx.export import MODULE_KEY
+from quantcli.onnx.export import origin
 
 
 def _constants(graph: Any) -> dict[str, np.ndarray]:
@@ -46,9 +46,7 @@ class OrtTaps:
         model = onnx.load(str(path))
         graph = model.graph
         consts = _constants(graph)
-        producer_module = {
-            out: {p.key: p.value for p in n.metadata_props}.get(MODULE_KEY, "") for n in graph.node for out in n.output
-        }
+        producer_module = {out: origin(n)["module"] for n in graph.node for out in n.output}
         wanted = set(nodes)
         self.taps: dict[str, tuple[str, float, int]] = {}  # FX node -> (Q output, scale, zero point)
         self.module_mismatch: list[str] = []
