@@ -9,8 +9,8 @@ gate and up) share one s, as in the authors' code (llm-awq's auto_scale): the al
 least error summed over them. The error is computed exactly from the input's Hessian (sum of x x^T over
 the same tokens) rather than on a sample of them. alpha 0 is round to nearest, so the search never does
 worse than RTN on the calibration data. Then the clip search of the authors' code (llm-awq's auto_clip),
-for each linear on its scaled weight: each block's range shrunk by the factor of least error on the
-block's own output contribution. Where the input is a norm's output, 1/s is folded into the norm's
+for each linear on its scaled weight: each block's grid the one of least error on the block's own output
+contribution (quantcli.weightonly.clipping). Where the input is a norm's output, 1/s is folded into the norm's
 weight, and where it is a gated MLP's act(gate(x)) * up(x) or a linear's output read by one linear alone,
 into those rows (quantcli.weightonly.apply), as the reference code does; where nothing folds it, no scale
 is searched: the clip search alone (`awq(..., scale=False)`).
@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import torch
 
-from quantcli.weightonly.grid import Grid, blocked, dequantize, fit, quantize
+from quantcli.weightonly.clipping import clipped_fit
+from quantcli.weightonly.grid import Grid, quantize
 from quantcli.weightonly.result import Quantized
 from quantcli.weightonly.rtn import rtn
 
 GRID_POINTS = 20
-CLIP_POINTS = 10  # the reference code's clip search: each block's range times 1, 0.95, ..., 0.55
 
 
 def candidate(w: torch.Tensor, magnitude: torch.Tensor, alpha: float, grid: Grid) -> Quantized:
     """The weight quantized with input scales magnitude ** alpha (the paper's normalization)."""
     s = magnitude.double().pow(alpha).clamp(min=1e-4)
     s = (s / (s.max() * s.min()).sqrt()).float()
-    scaled = rtn(w.float() * s[None, :], grid, exact_extreme=False)  # the grid clip() ends on
+    scaled = rtn(w.float() * s[None, :], grid, exact_extreme=False)  # one grid to compare the alphas on
     scaled.input_scale = s
     return scaled
 
@@ -56,22 +56,9 @@ def search(
 
 
 def clip(w: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> Quantized:
-    """Round to nearest with each block's range shrunk by the factor of least error on the block's own output
-    contribution, e_b H_bb e_b^T (the reference code's clip search: cross-block terms are not counted)."""
-    n, k = w.shape
-    size, count = grid.block(k), grid.blocks(k)
-    padded = torch.nn.functional.pad(hessian.double(), (0, count * size - k, 0, count * size - k))
-    diagonal = padded.reshape(count, size, count, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [blocks, b, b]
-    best_error = torch.full((n, count), float("inf"), dtype=torch.float64)
-    best_shrink = torch.ones((n, count))
-    for point in range(CLIP_POINTS):
-        shrink = torch.full((n, count), 1 - point / (2 * CLIP_POINTS))
-        scale, zero = fit(w, grid, shrink)
-        e = blocked(w.double() - dequantize(quantize(w.float(), scale, zero, grid), scale, zero, grid).double(), grid)
-        error = torch.einsum("nkb,kbc,nkc->nk", e, diagonal, e)
-        better = error < best_error
-        best_error, best_shrink = torch.where(better, error, best_error), torch.where(better, shrink, best_shrink)
-    scale, zero = fit(w, grid, best_shrink)
+    """Round to nearest on each block's grid of least error on its own output contribution (the reference
+    code's clip search, quantcli.weightonly.clipping)."""
+    scale, zero = clipped_fit(w, hessian, grid)
     return Quantized(grid, quantize(w.float(), scale, zero, grid), scale, zero)
 
 

@@ -6,8 +6,10 @@ not yet quantized through the inverse of the layer's input Hessian H = sum of x 
 As the paper's Algorithm 1: H damped by `damp` times its mean diagonal, the upper Cholesky factor of
 H^-1, lazy batch updates of `lazy` columns. Act-order: columns are processed by decreasing H diagonal
 (the inputs with the most energy first). The grid's scales are fitted per block on the weight before
-any update ("static groups"): every column keeps its own block's scale whatever the processing order,
-so the result is stored in the standard [K, N] blocked layout, with no column permutation to carry.
+any update ("static groups"), each block's of least error on its own output contribution
+(quantcli.weightonly.clipping, the clip search AWQ's code runs): every column keeps its own block's
+scale whatever the processing order, so the result is stored in the standard [K, N] blocked layout,
+with no column permutation to carry.
 Inputs that were always zero (a zero H diagonal) get H_ii = 1 and a zero weight, as the reference code.
 Runs in float64: deterministic, and the same codes as a plain reimplementation of the algorithm.
 """
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from quantcli.weightonly.grid import Grid, dequantize, fit, per_column, quantize
+from quantcli.weightonly.clipping import clipped_fit
+from quantcli.weightonly.grid import Grid, dequantize, per_column, quantize
 from quantcli.weightonly.result import Quantized
 
 DAMP = 0.01  # of the mean diagonal of H (the paper's lambda)
@@ -30,7 +33,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = DA
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    scale, zero = fit(W.float(), grid)  # static groups: each block's grid from the weight itself
+    scale, zero = clipped_fit(W.float(), H, grid)  # static groups: each block's grid from the weight itself
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     W, H = W[:, order], H[order][:, order]
     H += damp * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype)

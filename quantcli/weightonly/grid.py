@@ -8,11 +8,11 @@ the scale the block's largest magnitude over half the grid's span (as torchao an
 or, for round to nearest, its value of largest magnitude over -8 (-128), as ONNX Runtime's MLAS
 quantizer (the onnxruntime-genai builder's default) does: that value then lies exactly on the grid's
 longer end, and the scale is negative where it is positive. On a real 135M decoder the second gave
-round to nearest 0.8x the perplexity of the first (docs/weight-only.md); GPTQ's error feedback and
-AWQ's scaled weights need the headroom of the first (the tests' Llama lost 2-3 dB with the second);
-asymmetric grids are unsigned (0..15, 0..255) with a zero point, over the block's range widened to
-hold 0. Dequantizing is (q - zero) * scale in float32: the arithmetic of DequantizeLinear, so the
-PyTorch weight-only model and the ONNX file hold the same weights.
+round to nearest 0.8x the perplexity of the first (docs/weight-only.md); GPTQ and AWQ choose between
+the two for each block (quantcli.weightonly.clipping). Asymmetric grids are unsigned (0..15, 0..255)
+with a zero point, over the block's range widened to hold 0. Dequantizing is (q - zero) * scale in
+float32: the arithmetic of DequantizeLinear, so the PyTorch weight-only model and the ONNX file hold
+the same weights.
 """
 
 from __future__ import annotations
