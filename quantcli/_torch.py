@@ -142,7 +142,7 @@ def _decompositions_only_where_needed() -> Iterator[None]:
     no function for: 60 % of the export's time (12 of 21 s CPU for MobileNetV3, profiled). A program
     whose every op has an ONNX function, with no in-place op and no higher-order op (which only the
     re-trace makes functional), translates as it is, once the few ops transformers' models write
-    (`&`, `Tensor.to` on the CPU) are renamed to what the re-trace lowers them to; any other goes
+    (`&`, `1.0 - mask`, `Tensor.to` on the CPU) are renamed to what the re-trace lowers them to; any other goes
     through the re-trace. Translated directly, an op keeps its own ONNX function (`flatten` is
     written as flatten, where the re-trace lowers it to `view`); the ONNX model computes the same
     outputs (tests/test_export.py).
@@ -161,7 +161,7 @@ def _decompositions_only_where_needed() -> Iterator[None]:
                 if node.op != "call_function" or target is _operator.getitem or target in _EXPORTER_DROPS:
                     continue
                 dtype = _cpu_cast(node) if target in _CASTS else None
-                if target in _RENAMED or dtype is not None:
+                if target in _RENAMED or dtype is not None or _plain_rsub(node):
                     renames.append((node, dtype))
                 elif (
                     not isinstance(target, torch._ops.OpOverload)
@@ -199,6 +199,12 @@ _RENAMED = {
     torch.ops.aten.max.other: torch.ops.aten.maximum.default,
 }
 _CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout}
+_RSUB = torch.ops.aten.rsub.Scalar  # `1.0 - mask`: the re-trace writes sub(1.0, mask)
+
+
+def _plain_rsub(node: Any) -> bool:
+    """A `scalar - tensor` node with no alpha, which the re-trace writes as sub(scalar, tensor)."""
+    return node.target is _RSUB and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
 
 
 def _cpu_cast(node: Any) -> Any:
@@ -216,10 +222,12 @@ def _cpu_cast(node: Any) -> Any:
 
 
 def _as_lowered(node: Any, dtype: Any) -> None:
-    """`node` as the re-trace writes it: a renamed op, a cast (to `dtype`, `_cpu_cast`'s) as _to_copy, no node for
-    a cast to its own dtype (its module is then recompiled by the caller)."""
+    """`node` as the re-trace writes it: a renamed op, `scalar - tensor` as sub(scalar, tensor), a cast (to `dtype`,
+    `_cpu_cast`'s) as _to_copy, no node for a cast to its own dtype (its module is then recompiled by the caller)."""
     if node.target in _RENAMED:
         node.target = _RENAMED[node.target]
+    elif node.target is _RSUB:
+        node.target, node.args = torch.ops.aten.sub.Tensor, (node.args[1], node.args[0])
     else:
         source = node.args[0]
         if dtype == source.meta["val"].dtype:

@@ -111,8 +111,8 @@ def test_a_model_over_the_size_limit_keeps_its_tensors_in_one_data_file_beside_i
 
 
 class _Flatten(torch.nn.Module):
-    """Ops that all have ONNX functions (conv, relu, flatten, linear); with `mask`, also the `&` and the
-    `Tensor.to` of transformers' attention masks, which the re-trace renames; with `pool`, an adaptive
+    """Ops that all have ONNX functions (conv, relu, flatten, linear); with `mask`, also the `&`, `1.0 - mask`
+    and `Tensor.to` of transformers' attention masks, which the re-trace renames; with `pool`, an adaptive
     pool, which it lowers."""
 
     def __init__(self, mask: bool = False, pool: bool = False):
@@ -123,7 +123,7 @@ class _Flatten(torch.nn.Module):
 
     def forward(self, x):
         y = self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
-        return ((y > 0) & (y < 1)).to(y.dtype) * y.to(torch.float32) if self.mask else y
+        return (1.0 - ((y > 0) & (y < 1)).to(y.dtype)) * y.to(torch.float32) if self.mask else y
 
 
 def _exported_ops(model: torch.nn.Module) -> tuple[np.ndarray, str]:
@@ -151,9 +151,10 @@ def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_o
     retraced, retraced_ops = _exported_ops(model)
     assert "aten.flatten.using_ints" in direct_ops and "aten.view.default" not in direct_ops  # translated as it is
     assert "aten.view.default" in retraced_ops and "aten.flatten" not in retraced_ops  # the re-trace lowers it
-    if mask:  # `&` and the casts written as the re-trace writes them
+    if mask:  # `&`, `1.0 - mask` and the casts written as the re-trace writes them
         for ops in (direct_ops, retraced_ops):
             assert "aten.bitwise_and.Tensor" in ops and "aten._to_copy.default" in ops and "aten.to." not in ops
+            assert "aten.sub.Tensor" in ops and "aten.rsub" not in ops
     np.testing.assert_array_equal(direct, retraced)
 
 
