@@ -141,11 +141,11 @@ def _decompositions_only_where_needed() -> Iterator[None]:
     torch.onnx.export re-traces every program through `run_decompositions` to lower the ops ONNX has
     no function for: 60 % of the export's time (12 of 21 s CPU for MobileNetV3, profiled). A program
     whose every op has an ONNX function, with no in-place op and no higher-order op (which only the
-    re-trace makes functional), translates as it is, once the few ops transformers' models write
-    (`&`, `1.0 - mask`, `Tensor.to` on the CPU) are renamed to what the re-trace lowers them to; any other goes
-    through the re-trace. Translated directly, an op keeps its own ONNX function (`flatten` is
-    written as flatten, where the re-trace lowers it to `view`); the ONNX model computes the same
-    outputs (tests/test_export.py).
+    re-trace makes functional), translates as it is, once the few ops transformers' models write (`&`,
+    `1.0 - mask`, `Tensor.to` on the CPU) and a float CNN's inference BatchNorm and global average pool
+    are written as the re-trace writes them; any other goes through the re-trace. Translated directly,
+    an op keeps its own ONNX function (`flatten` is written as flatten, where the re-trace lowers it to
+    `view`); the ONNX model computes the same outputs (tests/test_export.py).
     """
     from torch.onnx._internal.exporter import _decomp, _fx_passes
 
@@ -161,7 +161,7 @@ def _decompositions_only_where_needed() -> Iterator[None]:
                 if node.op != "call_function" or target is _operator.getitem or target in _EXPORTER_DROPS:
                     continue
                 dtype = _cpu_cast(node) if target in _CASTS else None
-                if target in _RENAMED or dtype is not None or _plain_rsub(node):
+                if target in _RENAMED or dtype is not None or _plain_rsub(node) or _eval_form(node):
                     renames.append((node, dtype))
                 elif (
                     not isinstance(target, torch._ops.OpOverload)
@@ -207,6 +207,19 @@ def _plain_rsub(node: Any) -> bool:
     return node.target is _RSUB and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
 
 
+_BATCH_NORM = torch.ops.aten.batch_norm.default
+# a global average pool, which the re-trace writes as a mean over these dims (kept)
+_GLOBAL_POOLS = {torch.ops.aten.adaptive_avg_pool2d.default: [-1, -2], torch.ops.aten.adaptive_avg_pool1d.default: [-1]}
+
+
+def _eval_form(node: Any) -> bool:
+    """A float program's inference BatchNorm (running statistics) or global average pool, which the re-trace writes
+    as `_native_batch_norm_legit_no_training` and `mean`."""
+    if node.target is _BATCH_NORM:
+        return len(node.args) == 9 and not node.kwargs and node.args[5] is False and node.args[3] is not None
+    return node.target in _GLOBAL_POOLS and len(node.args) == 2 and all(size == 1 for size in node.args[1])
+
+
 def _cpu_cast(node: Any) -> Any:
     """The dtype a `Tensor.to` node gives its input (the input's own where it names none), or None where
     it also moves the tensor off the CPU or changes its layout or memory format."""
@@ -228,6 +241,10 @@ def _as_lowered(node: Any, dtype: Any) -> None:
         node.target = _RENAMED[node.target]
     elif node.target is _RSUB:
         node.target, node.args = torch.ops.aten.sub.Tensor, (node.args[1], node.args[0])
+    elif node.target in _GLOBAL_POOLS:
+        node.target, node.args = torch.ops.aten.mean.dim, (node.args[0], _GLOBAL_POOLS[node.target], True)
+    elif node.target is _BATCH_NORM:
+        _as_native_batch_norm(node)
     else:
         source = node.args[0]
         if dtype == source.meta["val"].dtype:
@@ -235,6 +252,24 @@ def _as_lowered(node: Any, dtype: Any) -> None:
             node.graph.erase_node(node)
         else:
             node.target, node.args, node.kwargs = torch.ops.aten._to_copy.default, (source,), {"dtype": dtype}
+
+
+def _as_native_batch_norm(node: Any) -> None:
+    """batch_norm(x, w, b, mean, var, False, momentum, eps, cudnn) as the re-trace writes it: the first output of
+    _native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)."""
+    from torch._guards import detect_fake_mode
+
+    x, weight, bias, mean, var, _, momentum, eps, _ = node.args
+    graph, args = node.graph, (x, weight, bias, mean, var, momentum, eps)
+    with graph.inserting_before(node):
+        norm = graph.call_function(torch.ops.aten._native_batch_norm_legit_no_training.default, args)
+        first = graph.call_function(_operator.getitem, (norm, 0))
+    values = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
+    with detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)]):
+        norm.meta = {**node.meta, "val": norm.target(*values)}
+    first.meta = dict(node.meta)
+    node.replace_all_uses_with(first)
+    graph.erase_node(node)
 
 
 @contextlib.contextmanager

@@ -112,17 +112,22 @@ def test_a_model_over_the_size_limit_keeps_its_tensors_in_one_data_file_beside_i
 
 class _Flatten(torch.nn.Module):
     """Ops that all have ONNX functions (conv, relu, flatten, linear); with `mask`, also the `&`, `1.0 - mask`
-    and `Tensor.to` of transformers' attention masks, which the re-trace renames; with `pool`, an adaptive
-    pool, which it lowers."""
+    and `Tensor.to` of transformers' attention masks, which the re-trace renames; with `norm`, an inference
+    BatchNorm and a global average pool, which it writes as another op each; with `pool`, an adaptive pool
+    to 2 x 2, which it lowers."""
 
-    def __init__(self, mask: bool = False, pool: bool = False):
+    def __init__(self, mask: bool = False, pool: bool = False, norm: bool = False):
         super().__init__()
-        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * (2 * 2 if pool else 6 * 6), 5)
-        self.pool = torch.nn.AdaptiveAvgPool2d(2) if pool else torch.nn.Identity()
+        side = 1 if norm else 2 if pool else 6
+        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * side * side, 5)
+        self.pool = torch.nn.AdaptiveAvgPool2d(side) if pool or norm else torch.nn.Identity()
+        self.norm = torch.nn.BatchNorm2d(4) if norm else torch.nn.Identity()
+        if norm:
+            self.norm.running_mean.uniform_(-0.5, 0.5), self.norm.running_var.uniform_(0.5, 2)
         self.mask = mask
 
     def forward(self, x):
-        y = self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+        y = self.fc(self.pool(torch.relu(self.norm(self.conv(x)))).flatten(1))
         return (1.0 - ((y > 0) & (y < 1)).to(y.dtype)) * y.to(torch.float32) if self.mask else y
 
 
@@ -140,21 +145,24 @@ def _exported_ops(model: torch.nn.Module) -> tuple[np.ndarray, str]:
     return session.run(None, {"x": x.numpy()})[0], ops
 
 
-@pytest.mark.parametrize("mask", [False, True])
-def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_outputs(monkeypatch, mask):
+@pytest.mark.parametrize("variant", ["plain", "mask", "norm"])
+def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_outputs(monkeypatch, variant):
     from quantcli import _torch
 
     torch.manual_seed(0)
-    model = _Flatten(mask=mask)
+    model = _Flatten(mask=variant == "mask", norm=variant == "norm")
     direct, direct_ops = _exported_ops(model)
     monkeypatch.setattr(_torch, "_decompositions_only_where_needed", contextlib.nullcontext)
     retraced, retraced_ops = _exported_ops(model)
     assert "aten.flatten.using_ints" in direct_ops and "aten.view.default" not in direct_ops  # translated as it is
     assert "aten.view.default" in retraced_ops and "aten.flatten" not in retraced_ops  # the re-trace lowers it
-    if mask:  # `&`, `1.0 - mask` and the casts written as the re-trace writes them
-        for ops in (direct_ops, retraced_ops):
+    for ops in (direct_ops, retraced_ops):  # the ops written as the re-trace writes them
+        if variant == "mask":
             assert "aten.bitwise_and.Tensor" in ops and "aten._to_copy.default" in ops and "aten.to." not in ops
             assert "aten.sub.Tensor" in ops and "aten.rsub" not in ops
+        if variant == "norm":
+            assert "aten._native_batch_norm_legit_no_training.default" in ops and "aten.mean.dim" in ops
+            assert "aten.batch_norm.default" not in ops and "aten.adaptive" not in ops
     np.testing.assert_array_equal(direct, retraced)
 
 
