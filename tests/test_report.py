@@ -208,3 +208,31 @@ def test_after_qat_the_folded_convs_are_unmatched_and_the_rest_measured(qat_work
     assert {"relu.default", "linear.default"} <= ops and "conv2d.default" not in ops
     assert doc["data"]["section"] == "evaluation" and doc["evaluation"]["metric"] == "accuracy"
     assert all(d["local_db"] > 20 for d in doc["layers"]) and doc["model"]["saved_vs_copy_db"] == 200.0
+
+
+class _Clocked:
+    """An ONNX Runtime session stand-in whose every run takes `seconds` on a fake clock."""
+
+    def __init__(self, clock: list[float], seconds: float):
+        self.clock, self.seconds, self.runs = clock, seconds, 0
+
+    def get_inputs(self) -> list:
+        return []
+
+    def run(self, names, feeds) -> list:
+        self.clock[0] += self.seconds
+        self.runs += 1
+        return []
+
+
+@pytest.mark.parametrize(("seconds", "runs"), [(0.01, 3 + 20), (0.5, 1 + 10), (4.0, 1 + 3)])
+def test_latency_is_the_median_of_20_runs_or_of_what_fits_its_budget(monkeypatch, seconds, runs):
+    """The export report's latency: 3 warm-up and 20 timed runs of a quick model; a large model's runs (an LLM's
+    prefill takes seconds) as many as fit 5 s, one warm-up and at least 3 timed."""
+    from quantcli.onnx import runtime
+
+    clock = [0.0]
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    session = _Clocked(clock, seconds)
+    assert runtime.latency_ms(session, {}) == pytest.approx(seconds * 1000)
+    assert session.runs == runs
