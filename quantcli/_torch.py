@@ -15,6 +15,7 @@ logger name and warning category, so that users see only quantcli's own output.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import logging
@@ -154,26 +155,41 @@ def _decompositions_only_where_needed() -> Iterator[None]:
     def where_needed(program: Any, registry: Any) -> Any:
         implemented = set(_decomp.get_onnx_implemented_overloads(registry))
         lowered = _decomp.create_onnx_friendly_decomposition_table(implemented)
-        renames = []
-        for module in program.graph_module.modules():
-            for node in module.graph.nodes if isinstance(module, torch.fx.GraphModule) else ():
-                target = node.target
-                if node.op != "call_function" or target is _operator.getitem or target in _EXPORTER_DROPS:
-                    continue
-                dtype = _cpu_cast(node) if target in _CASTS else None
-                if target in _RENAMED or dtype is not None or _plain_rsub(node) or _eval_form(node):
-                    renames.append((node, dtype))
-                elif (
-                    not isinstance(target, torch._ops.OpOverload)
-                    or target in lowered
-                    or target not in implemented
-                    or target._schema.is_mutable
-                ):
-                    return decompose(program, registry)
-        for node, dtype in renames:
-            _as_lowered(node, dtype)
-        for module in {node.graph.owning_module for node, _ in renames}:
-            module.recompile()
+
+        def rewrites(graph_module: Any) -> list[tuple[Any, Any]] | None:
+            """The nodes to write as the re-trace does (in the program's own graph), or None where the program
+            needs the re-trace."""
+            found = []
+            for module in graph_module.modules():
+                for node in module.graph.nodes if isinstance(module, torch.fx.GraphModule) else ():
+                    target = node.target
+                    if node.op != "call_function" or target is _operator.getitem or target in _EXPORTER_DROPS:
+                        continue
+                    dtype = _cpu_cast(node) if target in _CASTS else None
+                    if target in _RENAMED or dtype is not None or _plain_rsub(node) or _eval_form(node):
+                        if module is not graph_module:
+                            return None
+                        found.append((node, dtype))
+                    elif (
+                        not isinstance(target, torch._ops.OpOverload)
+                        or target in lowered
+                        or target not in implemented
+                        or target._schema.is_mutable
+                    ):
+                        return None
+            return found
+
+        found = rewrites(program.graph_module)
+        if found is None:
+            return decompose(program, registry)
+        if found:  # in a copy of the graph: the caller's program stays as it was, as after the re-trace
+            graph_module = program.graph_module
+            program = program._update(  # private: how ExportedProgram's own passes make their result
+                torch.fx.GraphModule(graph_module, copy.deepcopy(graph_module.graph)), program.graph_signature
+            )
+            for node, dtype in rewrites(program.graph_module):
+                _as_lowered(node, dtype)
+            program.graph_module.recompile()
         return program
 
     _fx_passes.decompose_with_registry = where_needed

@@ -166,6 +166,18 @@ def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_o
     np.testing.assert_array_equal(direct, retraced)
 
 
+def test_the_program_exported_stays_as_it_was():
+    """The rewrites are made in a copy: the caller's program (which prepare may read next) keeps its ops."""
+    from quantcli import _torch
+
+    model = _Flatten(mask=True, norm=True).eval()
+    program = _torch.export_program(model, (torch.randn(2, 3, 8, 8),), None)
+    before = [(n.name, n.target, n.args) for n in program.graph.nodes]
+    onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
+    assert [(n.name, n.target, n.args) for n in program.graph.nodes] == before
+    assert torch.ops.aten.batch_norm.default in [n.target for n in program.graph.nodes]
+
+
 def test_a_program_with_an_op_onnx_lacks_is_still_retraced():
     torch.manual_seed(0)
     out, ops = _exported_ops(_Flatten(mask=True, pool=True))
