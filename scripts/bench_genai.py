@@ -18,7 +18,8 @@ size, and the perplexity of each model on held-out text through onnxruntime (who
 text) to the table; `--only-folders` measures those alone. `--held` is the held-out text for perplexity
 (default: word pairs), `--window` its window length in tokens (repeat it for several; default 128).
 The rounds are interleaved: each round runs every folder once, 1 then 2 threads, so that a change
-in the machine's load falls on all of them; the figures are medians.
+in the machine's load falls on all of them, each round starting at the next folder (use a multiple of
+the folders' count: each takes every place alike); the figures are medians.
 
 A random-weight model's perplexity says nothing of quality; with `--model` a real decoder's does. A
 benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
@@ -258,9 +259,12 @@ def main() -> None:
         for name, f in folders.items()
     }
     runs: dict[str, dict[str, list]] = {name: {"1": [], "2": []} for name in folders}
-    for _ in range(args.rounds):
+    order = list(folders.items())
+    for round_ in range(args.rounds):
         for threads in ("1", "2"):
-            for name, folder in folders.items():  # a warm-up round, then one measured, in a process of its own
+            # each round starts at the next folder: a place in the round (the first after a pause) favours none
+            for name, folder in order[round_ % len(order) :] + order[: round_ % len(order)]:
+                # a warm-up round, then one measured, in a process of its own
                 command = [sys.executable, __file__, "--measure", str(folder), "--threads", threads]
                 command += ["--rounds", "1", "--new", str(args.new)]
                 out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
