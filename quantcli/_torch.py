@@ -187,8 +187,9 @@ def _decompositions_only_where_needed() -> Iterator[None]:
             program = program._update(  # private: how ExportedProgram's own passes make their result
                 torch.fx.GraphModule(graph_module, copy.deepcopy(graph_module.graph)), program.graph_signature
             )
-            for node, dtype in rewrites(program.graph_module):
-                _as_lowered(node, dtype)
+            copied = {node.name: node for node in program.graph.nodes}
+            for node, dtype in found:
+                _as_lowered(copied[node.name], dtype)
             program.graph_module.recompile()
         return program
 

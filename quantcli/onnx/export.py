@@ -83,7 +83,7 @@ ORIGIN_KEY = "quantcli.origin"
 def origin(node: Any) -> dict[str, str]:
     """{"module", "module_type", "torch_op"} of an exported node (empty strings where it carries none)."""
     value = next((p.value for p in node.metadata_props if p.key == ORIGIN_KEY), "")
-    module, module_type, op = ([""] * 2 + value.rsplit("|", 2))[-3:] if value else ("", "", "")
+    module, module_type, op = ([""] * 2 + value.rsplit("|", 2))[-3:]
     return {"module": module, "module_type": module_type, "torch_op": op}
 
 

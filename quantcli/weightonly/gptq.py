@@ -33,7 +33,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = DA
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    scale, zero = clipped_fit(W.float(), H, grid)  # static groups: each block's grid from the weight itself
+    scale, zero = clipped_fit(W.float(), H, grid)  # static groups: each block's grid before any update
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     W, H = W[:, order], H[order][:, order]
     H += damp * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype)
