@@ -516,8 +516,10 @@ def test_layer_scales_and_affines_fold_into_their_layers(tmp_path, target):
     mine, ort = pair.quantcli, pair.ort
     assert mine.integer == mine.total == ort.integer == 5, mine.analysis["coverage"]
     assert mine.float_ops <= ort.float_ops and not mine.defects, mine.analysis["islands"]
-    exported = [n.op_type for n in onnx.load(str(mine.path)).graph.node]
-    assert "Mul" not in exported, exported
+    graph = onnx.load(str(mine.path)).graph
+    constants = {t.name for t in graph.initializer}
+    muls = [n.name for n in graph.node if n.op_type == "Mul" and not set(n.input) <= constants]  # of data, not scales
+    assert muls == [], muls
     assert sqnr_db(pair.fp, mine.out) > 29  # measured 32.1 avx2, 32.4 vnni (ORT static 30.6, 31.2)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import ModelError, RecipeError
-from quantcli.onnx import rewrite
+from quantcli.onnx import biases, rewrite
 from quantcli.onnx.graph import FLOAT_TYPES
 
 EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through the version converter
@@ -128,6 +128,7 @@ def strip_node_metadata(model: Any) -> None:
         if value and any(types.get(out, 1) in FLOAT_TYPES for out in node.output):  # unknown: kept
             entry = node.metadata_props.add()
             entry.key, entry.value = ORIGIN_KEY, value
+    del model.graph.metadata_props[:]  # the ExportedProgram's signature (NF-ResNet-26: 7.8 KB)
     for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         del value.metadata_props[:]
     for tensor in model.graph.initializer:
@@ -136,7 +137,8 @@ def strip_node_metadata(model: Any) -> None:
 
 def tidy(model: Any) -> None:
     """The exported model as quantcli writes it: node origins only (`strip_node_metadata`), one initializer for
-    each distinct constant, and value_info for the tensors nodes compute only.
+    each distinct constant, int32 biases in the bytes ORT reads (quantcli.onnx.biases), and value_info for the
+    tensors nodes compute only.
 
     torch.export lifts a constant once for each block that makes it (a rotary table, a layer's shared
     scale), and the exporter records a value_info for every initializer, which carries its own type and
@@ -144,6 +146,7 @@ def tidy(model: Any) -> None:
     """
     strip_node_metadata(model)
     share_constants(model)
+    biases.compact(model)
     computed = {out for node in model.graph.node for out in node.output} - {o.name for o in model.graph.output}
     kept = [v for v in model.graph.value_info if v.name in computed]
     del model.graph.value_info[:]

@@ -95,13 +95,14 @@ def _spatial_mean(g: Graph, node) -> tuple[int, bool] | None:
 def global_average_pools(model: Any) -> int:
     """ReduceMean over the spatial axes -> GlobalAveragePool (see the module docstring); return how many."""
     g = Graph(model.graph)
-    count = 0
+    count, axes = 0, set()
     for node in list(g.graph.node):
         found = _spatial_mean(g, node)
         if found is None:
             continue
         rank, keepdims = found
         users = g.consumers.get(node.output[0], [])
+        axes.update(node.input[1:])
         if keepdims:
             _replace_with_pool(node)
         elif (
@@ -114,6 +115,7 @@ def global_average_pools(model: Any) -> int:
         else:
             continue
         count += 1
+    _drop_unused(g, axes)  # the ReduceMeans' axes, where no other node reads them
     return count
 
 
