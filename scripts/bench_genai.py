@@ -5,21 +5,22 @@ One Hugging Face decoder (`--model FOLDER`; default: a random-weight Llama of Sm
 trained on word pairs) goes through `quantcli run` as fp32 (every linear excluded), weight-only int8
 (per channel) and int4 (RTN and GPTQ, block 32), and through `python -m onnxruntime_genai.models.builder` as
 fp32 and int4 (its defaults: block 32, accuracy level 4, int4 embeddings shared with the LM head).
-Each folder is then run by onnxruntime-genai (og.Generator), in a process of its own so that its
-peak memory is its own: a 256-token prompt's prefill (the median of `--rounds`), then greedy decode
-of `--new` tokens at batch 1 (tokens per second), with 1 and 2 intra-op threads. Also: the folder's
-size, and the perplexity of each model on held-out text through onnxruntime (whole windows).
+Each folder is then run by onnxruntime-genai (og.Generator): a 256-token prompt's prefill, then greedy
+decode of `--new` tokens at batch 1 (tokens per second), with 1 and 2 intra-op threads; its peak memory
+in a process of its own (one prompt and its decode, 2 threads). Also: the folder's size, and the
+perplexity of each model on held-out text through onnxruntime (whole windows).
 
-    python scripts/bench_genai.py [--model HF_FOLDER] [--work DIR [--reuse]] [--rounds 3] [--new 64]
+    python scripts/bench_genai.py [--model HF_FOLDER] [--work DIR [--reuse]] [--rounds 8] [--new 64]
                                   [--held TEXT] [--window 128 ...] [--folder NAME=GENAI_FOLDER ... [--only-folders]]
                                   [--json out.json] [--markdown]
 
 `--folder` adds folders built elsewhere (e.g. quantcli's GPTQ of a real decoder, calibrated on its own
 text) to the table; `--only-folders` measures those alone. `--held` is the held-out text for perplexity
 (default: word pairs), `--window` its window length in tokens (repeat it for several; default 128).
-The rounds are interleaved: each round runs every folder once, 1 then 2 threads, so that a change
-in the machine's load falls on all of them, each round starting at the next folder (use a multiple of
-the folders' count: each takes every place alike); the figures are medians.
+Speed is measured in one process for each thread count, which loads every folder and interleaves them:
+each round generates once from each folder, starting at the next folder each round, so that a change in
+the machine's load falls on all alike (a process of each folder's own added its own variance: 2-4 % in
+decode at 2 threads); after a warm-up round, the figures are the medians of `--rounds`.
 
 A random-weight model's perplexity says nothing of quality; with `--model` a real decoder's does. A
 benchmark, not a test: it asserts nothing, and its numbers depend on the machine and its load.
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -118,43 +120,71 @@ def build(model: Path, work: Path, reuse: bool) -> dict[str, Path]:
     return folders
 
 
+def _child(command: list[str]) -> Any:
+    """The JSON a measuring process of this script prints last."""
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _call(command: list[str]) -> None:
     print("+", " ".join(command), file=sys.stderr, flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def measure(folder: Path, threads: int, rounds: int, new: int) -> dict[str, float]:
-    """In this process: prefill seconds of a 256-token prompt (median), decode tokens/s, peak RSS."""
+def generate(model: Any, prompt: np.ndarray, new: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens per second) of one greedy generation of `new` tokens after `prompt`."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    length = prompt.shape[1] + new
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(prompt)
+    middle = time.perf_counter()
+    steps = 0
+    while not generator.is_done():
+        generator.generate_next_token()
+        steps += 1
+    return middle - start, steps / (time.perf_counter() - middle)
+
+
+def load(folder: Path, threads: int) -> tuple[Any, np.ndarray]:
+    """The folder's og.Model with `threads` intra-op threads, and a 256-token prompt of its vocabulary."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
     options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
     config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    model = og.Model(config)
     vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
     prompt = np.random.default_rng(0).integers(10, min(vocab, 2000), (1, PROMPT_TOKENS)).astype(np.int32)
-    prefill, decode = [], []
-    for _ in range(rounds + 1):  # the first round warms up
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=PROMPT_TOKENS + new, min_length=PROMPT_TOKENS + new, do_sample=False)
-        generator = og.Generator(model, params)
-        start = time.perf_counter()
-        generator.append_tokens(prompt)
-        middle = time.perf_counter()
-        steps = 0
-        while not generator.is_done():
-            generator.generate_next_token()
-            steps += 1
-        end = time.perf_counter()
-        prefill.append(middle - start)
-        decode.append(steps / (end - middle))
-    peak = peak_rss_kib() / 1024
-    return {
-        "prefill_s": round(statistics.median(prefill[1:]), 4),
-        "decode_tokens_per_s": round(statistics.median(decode[1:]), 1),
-        "peak_rss_mib": round(peak, 1),
-    }
+    return og.Model(config), prompt
+
+
+def measure(folders: list[Path], threads: int, rounds: int, new: int) -> list[dict[str, float]]:
+    """In this process: each folder's prefill seconds and decode tokens/s (medians), the folders interleaved."""
+    loaded = [load(folder, threads) for folder in folders]
+    runs: list[list[tuple[float, float]]] = [[] for _ in folders]
+    for round_ in range(rounds + 1):  # the first round warms up
+        start = round_ % len(folders)
+        for index in list(range(start, len(folders))) + list(range(start)):
+            result = generate(*loaded[index], new)
+            if round_:
+                runs[index].append(result)
+    return [
+        {
+            "prefill_s": round(statistics.median(p for p, _ in measured), 4),
+            "decode_tokens_per_s": round(statistics.median(d for _, d in measured), 1),
+        }
+        for measured in runs
+    ]
+
+
+def peak_mib(folder: Path, new: int) -> float:
+    """In this process: the peak resident memory of loading the folder and one generation at 2 threads."""
+    generate(*load(folder, 2), new)
+    return round(peak_rss_kib() / 1024, 1)
 
 
 def peak_rss_kib() -> float:
@@ -218,7 +248,7 @@ def markdown(results: dict[str, dict]) -> str:
         lines.append(
             f"| {name} | {r['size_mb']} | {' / '.join(f'{v:.2f}' for v in r['perplexity'].values())} | "
             f"{one['prefill_s']} / {two['prefill_s']} | "
-            f"{one['decode_tokens_per_s']} / {two['decode_tokens_per_s']} | {two['peak_rss_mib']} |"
+            f"{one['decode_tokens_per_s']} / {two['decode_tokens_per_s']} | {r['peak_rss_mib']} |"
         )
     return "\n".join(lines)
 
@@ -228,7 +258,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a Hugging Face decoder folder (default: random SmolLM shape)")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--reuse", action="store_true", help="keep the folders already built in --work")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--new", type=int, default=64, help="tokens decoded after the prompt")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", action="store_true")
@@ -236,11 +266,15 @@ def main() -> None:
     parser.add_argument("--window", type=int, action="append", help="perplexity window, tokens (repeatable; 128)")
     parser.add_argument("--folder", action="append", default=[], help="NAME=FOLDER: a genai folder built elsewhere")
     parser.add_argument("--only-folders", action="store_true", help="measure the --folder folders only")
-    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # one folder, in a process of its own
+    parser.add_argument("--measure", type=Path, nargs="+", help=argparse.SUPPRESS)  # the folders, interleaved
+    parser.add_argument("--peak", type=Path, help=argparse.SUPPRESS)  # one folder, in a process of its own
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.threads, args.rounds, args.new)))
+        return
+    if args.peak is not None:
+        print(json.dumps(peak_mib(args.peak, args.new)))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-genai-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -258,23 +292,17 @@ def main() -> None:
         name: {"size_mb": size_mb(f), "perplexity": {str(w): perplexity(f, held, model, w) for w in windows}}
         for name, f in folders.items()
     }
-    runs: dict[str, dict[str, list]] = {name: {"1": [], "2": []} for name in folders}
-    order = list(folders.items())
-    for round_ in range(args.rounds):
-        for threads in ("1", "2"):
-            # each round starts at the next folder: a place in the round (the first after a pause) favours none
-            for name, folder in order[round_ % len(order) :] + order[: round_ % len(order)]:
-                # a warm-up round, then one measured, in a process of its own
-                command = [sys.executable, __file__, "--measure", str(folder), "--threads", threads]
-                command += ["--rounds", "1", "--new", str(args.new)]
-                out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
-                runs[name][threads].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    for name, row in results.items():
-        row["threads"] = {
-            threads: {key: statistics.median(r[key] for r in measured) for key in measured[0]}
-            for threads, measured in runs[name].items()
-        }
-        print(name, json.dumps(row), file=sys.stderr, flush=True)
+    names, paths = list(folders), [str(f) for f in folders.values()]
+    for name in names:
+        results[name]["threads"] = {}
+    for threads in ("1", "2"):
+        command = [sys.executable, __file__, "--measure", *paths, "--threads", threads]
+        out = _child(command + ["--rounds", str(args.rounds), "--new", str(args.new)])
+        for name, figures in zip(names, out):
+            results[name]["threads"][threads] = figures
+    for name, path in zip(names, paths):
+        results[name]["peak_rss_mib"] = _child([sys.executable, __file__, "--peak", path, "--new", str(args.new)])
+        print(name, json.dumps(results[name]), file=sys.stderr, flush=True)
     document = {"machine": machine(), "model": str(model), "prompt_tokens": PROMPT_TOKENS, "results": results}
     if args.json:
         args.json.write_text(json.dumps(document, indent=2) + "\n")

@@ -39,9 +39,9 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
     for method, (report, _) in llama.items():
         # 2 layers x 7 linears + the LM head; the embedding reads the head's codes (tied), as GatherBlockQuantized
         assert report["weight_only"]["layers"] == 15 and report["weight_only"]["embeddings"] == 1, method
-        # q, k and v one MatMulNBits (AWQ's share one input scale, folded into the norm before them)
+        # q, k and v one MatMulNBits, gate and up one (AWQ's share one input scale, folded into the norm before)
         assert report["kernels"]["weight_only"] == {
-            "matmul_nbits": 11,
+            "matmul_nbits": 9,
             "gather_block_quantized": 1,
             "float_linears": [],
         }, method
@@ -50,18 +50,21 @@ def test_every_llama_linear_runs_as_matmul_nbits_and_the_weights_shrink_6x(llama
         assert sizes["float32"] / sizes["stored"] > 6.0  # 6.4: 4 bits a weight and a float32 scale per 32
         assert report["weight_only"]["embedding_bytes"]["stored"] == 0  # one table in the file, the head's
     model = onnx.load(str(llama["rtn"][1]))
-    kinds = {t.data_type for t in model.graph.initializer if t.name.endswith("weight_q")}
-    assert kinds == {onnx.TensorProto.INT4}
     stored = sum(
-        len(t.raw_data)
-        for t in model.graph.initializer
-        if t.name.endswith(("weight_q", "weight_scale", "weight_packed", "weight_scales"))
+        len(t.raw_data) for t in model.graph.initializer if t.name.endswith(("weight_packed", "weight_scales"))
     )
-    assert stored == llama["rtn"][0]["weight_only"]["linear_weight_bytes"]["stored"]  # what the file holds
-    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) == 10 and all({a.name: a.i for a in n.attribute} == {"axis": 0, "block_size": 32} for n in dq)
+    # the decoder only ORT runs: each linear written as the MatMulNBits ORT would fuse, no DequantizeLinear
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") == 1 and ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops
+    assert ops.count("MatMulNBits") == 9 and ops.count("GatherBlockQuantized") == 1 and ops.count("Split") == 2
+    assert not {"Gather", "DequantizeLinear", "MatMul"} & set(ops)
+    linears = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in linears)
+    packed = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
+    assert all(packed[n.input[1]].dims[-1] == 16 for n in linears)  # 32 codes of 4 bits a block
+    shapes = [(a["N"], -(-a["K"] // 32), a["K"]) for a in ({a.name: a.i for a in n.attribute} for n in linears)]
+    assert stored == sum(n * blocks * (16 + 4) for n, blocks, _ in shapes)  # codes and a float32 scale a block
+    padding = sum(n * (blocks * 32 - k) // 2 for n, blocks, k in shapes)  # a short last block's, in packed rows
+    assert stored - padding == llama["rtn"][0]["weight_only"]["linear_weight_bytes"]["stored"]
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2]
     # no float table or weight left: the scales, and the rotary embedding's cos and sin the attention reads
     assert all(t.name.endswith(("_scale", "_scales")) or t.name in ("rotary_cos", "rotary_sin") for t in floats)
@@ -90,7 +93,8 @@ def test_awqs_input_scales_fold_into_the_norms_and_q_k_v_stay_packed(llama):
     for attention in [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]:
         assert attention.input[1] == attention.input[2] == ""  # q, k and v packed in one
         qkv = producer[attention.input[0]]
-        assert qkv.op_type == "MatMul" and producer[qkv.input[0]].op_type in ("Mul", "SkipSimplifiedLayerNormalization")
+        assert qkv.op_type == "MatMulNBits"
+        assert producer[qkv.input[0]].op_type in ("Mul", "SkipSimplifiedLayerNormalization")
     divided = [n for n in model.graph.node if n.op_type == "Div" and n.input[1] in constants]
     # the tied table's rows (the head's W * s) alone: no Div in front of any linear
     assert [producer[n.input[0]].op_type for n in divided] == ["GatherBlockQuantized"]
@@ -148,14 +152,15 @@ def test_qwen2_with_biased_projections_an_int8_head_and_excluded_layers(decoder_
     report = run(decoder_folders, "qwen2", tmp_path / "work", quantization)
     left = report["kernels"]["weight_only"]["float_linears"]
     assert sorted(n["module"] for n in left) == [f"model.model.layers.{i}.mlp.down_proj" for i in (0, 1)]
-    assert report["kernels"]["weight_only"]["matmul_nbits"] == 13  # 15 less the two excluded
+    # 15 less the two excluded: each layer's q, k and v one call (their biases added after), gate and up one
+    assert report["kernels"]["weight_only"]["matmul_nbits"] == 7
     assert report["kernels"]["weight_only"]["gather_block_quantized"] == 1
     assert report["parity"]["passed"]
     optimized = fusion.optimized_graph(tmp_path / "work" / "model.onnx")
     bits = sorted(
         dict((a.name, a.i) for a in n.attribute)["bits"] for n in optimized.node if n.op_type == "MatMulNBits"
     )
-    assert bits == [4] * 12 + [8]
+    assert bits == [4] * 6 + [8]  # the int8 head per channel
 
 
 def test_gpt2_conv1d_layers_stored_k_by_n_run_as_matmul_nbits(decoder_folders, tmp_path):

@@ -97,6 +97,40 @@ def test_every_linear_form_becomes_matmul_nbits_with_the_dequantized_weights(gri
             assert np.linalg.norm(got - ref) < 0.02 * np.linalg.norm(ref)
 
 
+@pytest.mark.parametrize("grid", [g for g in GRIDS if g.block_size], ids=str)
+def test_the_runtime_form_is_the_matmul_nbits_ort_fuses_the_dequantized_form_into(grid, tmp_path):
+    """Written as MatMulNBits, the two linears that read x as one call and a Split: the same outputs, bit for bit,
+    as ORT's fusion of the DequantizeLinear form."""
+    g = torch.Generator().manual_seed(5)
+    results = [rtn(torch.randn(N, K, generator=g), grid) for _ in range(3)]
+    layers = [({"module": f"layer{i}"}, r) for i, r in enumerate(results)]
+    bias = np.linspace(-1, 1, N, dtype=np.float32)
+    dequantized, direct = (float_model([r.weight().numpy() for r in results], bias) for _ in range(2))
+    blocked.store(dequantized, layers)
+    assert blocked.store(direct, layers, runtime_form=True) == 3
+    onnx.checker.check_model(direct, full_check=True)
+    ops = [n.op_type for n in direct.graph.node]
+    assert ops == ["MatMulNBits", "Split", "MatMulNBits"], ops  # nothing for ORT to fuse; the Gemm's bias its own
+    assert not [
+        t.name for t in direct.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) == N * K
+    ]
+    x = np.random.default_rng(6).standard_normal((1, 5, K)).astype(np.float32)
+    feeds = {"x": x, "x2": x[0]}
+    (fused, a), (written, b) = (
+        optimized(m, tmp_path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL) for m in (dequantized, direct)
+    )
+
+    def kernels(nodes):  # the fusion also writes weight_prepacked=0, the attribute's default
+        return [sorted((a.name, a.i) for a in n.attribute if a.name != "weight_prepacked") for n in nodes]
+
+    fused_kernels = kernels(n for n in fused.graph.node if n.op_type == "MatMulNBits")
+    assert len(fused_kernels) == 3 and fused_kernels[0] == fused_kernels[1]
+    merged = [dict(k) for k in kernels(n for n in written.graph.node if n.op_type == "MatMulNBits")]
+    assert [k["N"] for k in merged] == [2 * N, N] and merged[0] == {**dict(fused_kernels[0]), "N": 2 * N}
+    for got, want in zip(b.run(None, feeds), a.run(None, feeds)):  # each column from the same codes and input
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_layer_the_graph_does_not_hold_is_an_error():
     g = torch.Generator().manual_seed(2)
     results = [rtn(torch.randn(N, K, generator=g), Grid(4, True, 32)) for _ in range(3)]

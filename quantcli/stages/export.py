@@ -47,7 +47,8 @@ def onnx_model(
         from quantcli.weightonly import apply
 
         codes = _torch.load_state(parent.file(artifacts.WEIGHT_CODES))
-        blocked.store(model, apply.load(parent.manifest["weight_only"], codes))
+        layers = apply.load(parent.manifest["weight_only"], codes)
+        blocked.store(model, layers, runtime_form=genai.enabled(recipe))  # the decoder: only ORT runs it
     onnx_export.tidy(model)
     if not genai.enabled(recipe):  # the decoder names its own (quantcli.onnx.decoder.name_dims)
         onnx_export.rename_dims(model, recipe.inputs)
