@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.onnx import biases
+from quantcli.onnx import export as onnx_export
 from quantcli.onnx.graph import Graph
 
 X_SCALE = np.float32(0.02)
@@ -19,6 +20,7 @@ X_SCALE = np.float32(0.02)
 
 def _model(
     bias_codes: np.ndarray,
+    gemm_codes: np.ndarray | None = None,
     *,
     channels: tuple[int, int] = (64, 48),
     scale_is_product: bool = True,
@@ -69,7 +71,7 @@ def _model(
     nodes.append(helper.make_node("Flatten", ["cd"], ["f"]))
     nodes.append(helper.make_node("QuantizeLinear", ["f", "xs", "xz"], ["fq"]))
     nodes.append(helper.make_node("DequantizeLinear", ["fq", "xs", "xz"], ["fd"]))
-    layer("Gemm", "fd", f, c * 4 * 4, (c * 4 * 4,), bias_codes, "g", transB=1)
+    layer("Gemm", "fd", f, c * 4 * 4, (c * 4 * 4,), bias_codes if gemm_codes is None else gemm_codes, "g", transB=1)
     nodes.append(helper.make_node("QuantizeLinear", ["g", "xs", "xz"], ["gq"]))
     nodes.append(helper.make_node("DequantizeLinear", ["gq", "xs", "xz"], ["y"]))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, f])]
@@ -138,6 +140,16 @@ def test_a_bias_too_wide_for_int16_a_scale_not_the_product_and_codes_read_elsewh
     few = _model(np.arange(8), channels=(2, 3))  # a few channels: a Mul or a Cast costs more than it saves
     biases.compact(few)
     assert [tuple(dq.input) for dq in _bias_dqs(few)] == [("Conv.b", "Conv.bs"), ("Gemm.b", "Gemm.bs")]
+
+    # the exporter keeps one int32 tensor of zeros for a bias of zeros and the zero points of every bias
+    zeros = _model(np.zeros(8), gemm_codes=np.arange(8), channels=(64, 64))
+    assert onnx_export.share_constants(zeros) > 0
+    assert _bias_dqs(zeros)[0].input[0] == _bias_dqs(zeros)[1].input[2]
+    expected, _ = _run(zeros, True)
+    biases.compact(zeros)
+    assert all(len(dq.input) == 2 for dq in _bias_dqs(zeros))
+    got, _ = _run(zeros, True)
+    np.testing.assert_array_equal(got[0], expected[0])
 
     shared = _model(np.arange(8), bias_read_elsewhere=True)
     biases.compact(shared)

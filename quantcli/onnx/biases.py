@@ -51,10 +51,11 @@ def compact(model: Any) -> int:
         if key in products:
             released.add(dq.input[1])
             dq.input[1] = products[key]
+    ours = {id(dq) for dq in biases}
     for codes in {dq.input[0] for dq in biases}:
-        readers = g.consumers[codes]
-        if any(r not in biases or list(r.input).index(codes) != 0 for r in readers):
-            continue  # read elsewhere too: left as it is
+        readers = [n for n in model.graph.node if codes in n.input]  # as they read now: without zero points
+        if any(id(r) not in ours or codes in r.input[1:] for r in readers):
+            continue  # read elsewhere too (as a zero point, say): left as it is
         narrowed = _narrowed(g.initializer(codes))
         if narrowed is None:
             continue
