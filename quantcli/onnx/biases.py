@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.onnx.graph import Graph
+from quantcli.onnx.graph import Graph, consumers, drop_initializers
 
 _LAYERS = {"Conv", "Gemm"}  # the ops ORT fuses with an int32 bias (QLinearConv, QGemm)
 _NARROWER = (np.int8, np.int16)
@@ -51,9 +51,9 @@ def compact(model: Any) -> int:
         if key in products:
             released.add(dq.input[1])
             dq.input[1] = products[key]
-    ours = {id(dq) for dq in biases}
+    ours, users = {id(dq) for dq in biases}, consumers(model.graph.node)  # as they read now: no zero points
     for codes in {dq.input[0] for dq in biases}:
-        readers = [n for n in model.graph.node if codes in n.input]  # as they read now: without zero points
+        readers = users[codes]
         if any(id(r) not in ours or codes in r.input[1:] for r in readers):
             continue  # read elsewhere too (as a zero point, say): left as it is
         narrowed = _narrowed(g.initializer(codes))
@@ -71,7 +71,7 @@ def compact(model: Any) -> int:
         released.add(codes)
     for node in reversed(new_nodes):  # they read initializers only: first in the graph
         model.graph.node.insert(0, node)
-    _drop_unread(model.graph, released)
+    drop_initializers(model.graph, released)
     return len(biases)
 
 
@@ -119,10 +119,3 @@ def _node(op: str, inputs: list[str], output: str, g: Graph, **attrs: Any) -> An
     from onnx import helper
 
     return helper.make_node(op, inputs, [output], name=g.fresh(output), **attrs)
-
-
-def _drop_unread(graph: Any, names: set[str]) -> None:
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for index in reversed(range(len(graph.initializer))):  # in place: the weights are not copied
-        if graph.initializer[index].name in names - read:
-            del graph.initializer[index]

@@ -14,12 +14,13 @@ padding is stored. Activations stay float: nothing quantizes the MatMul's other 
 from __future__ import annotations
 
 import hashlib
+import os.path
 from typing import Any
 
 import numpy as np
 
 from quantcli.errors import ModelError
-from quantcli.onnx.graph import Graph
+from quantcli.onnx.graph import Graph, drop_initializers
 
 ACCURACY_LEVEL = 4  # what ORT gives the MatMulNBits it fuses: the input quantized to int8 per block
 _ONNX_TYPES = {(4, True): "INT4", (4, False): "UINT4", (8, True): "INT8", (8, False): "UINT8"}
@@ -252,8 +253,6 @@ def _one_call_per_input(model: Any) -> int:
 
 def _common_prefix(names: list[str]) -> str:
     """The names' common start, up to its last dot (`model.layers.0.mlp.`)."""
-    import os.path
-
     common = os.path.commonprefix(names)
     return common[: common.rfind(".") + 1]
 
@@ -433,10 +432,8 @@ def _drop_unused(graph: Any, names: set[str]) -> None:
         for node in dead:
             names.add(node.input[0])
             graph.node.remove(node)
+    drop_initializers(graph, names)
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for index in reversed(range(len(graph.initializer))):  # in place: the other weights are not copied
-        if graph.initializer[index].name in names - used:
-            del graph.initializer[index]
     info = [v for v in graph.value_info if v.name not in names or v.name in used]
     del graph.value_info[:]
     graph.value_info.extend(info)

@@ -30,6 +30,15 @@ def consumers(nodes: Iterable[Any]) -> dict[str, list[Any]]:
     return users
 
 
+def drop_initializers(graph: Any, names: set[str]) -> None:
+    """Remove the initializers named in `names` that no node reads and no graph output is, in place (the other
+    tensors, a model's weights, are not copied)."""
+    unread = set(names) - {i for n in graph.node for i in n.input} - {o.name for o in graph.output}
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name in unread:
+            del graph.initializer[index]
+
+
 class Graph:
     """Producers, consumers, initializers, constants and value types of an onnx GraphProto."""
 

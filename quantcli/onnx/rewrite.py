@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.onnx.graph import Graph
+from quantcli.onnx.graph import Graph, drop_initializers
 
 _DATA_MOVEMENT = {
     "Reshape",
@@ -573,6 +573,4 @@ def _drop_unused(g: Graph, released: set[str]) -> None:
             released.update(n.input)
             g.graph.node.remove(n)
         _drop_value_info(g, {n.output[0] for n in dead})
-    used = {i for n in g.graph.node for i in n.input}
-    for init in [i for i in g.graph.initializer if i.name in released and i.name not in used]:
-        g.graph.initializer.remove(init)
+    drop_initializers(g.graph, released)
