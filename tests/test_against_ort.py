@@ -779,3 +779,66 @@ def test_a_negation_moved_into_the_rotary_constant_gives_the_same_values():
         assert torch.allclose(module(x), before, atol=1e-6)
     targets = [n.target for n in module.graph.nodes]
     assert torch.ops.aten.neg.default not in targets and torch.ops.aten.type_as.default not in targets
+
+
+# ------------------------------------------------------------------ group norms: InstanceNormalization
+class GroupNorms(nn.Module):
+    """GroupNorm of one group (MobileViT-V2, PoolFormer), of two channels a group, and of a group a channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pw = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.conv, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.norms = nn.ModuleList(nn.GroupNorm(groups, 8) for groups in (1, 4, 8))
+        with torch.no_grad():
+            for norm in self.norms:
+                norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pw(self.norms[0](x))
+        return self.head(self.norms[2](self.conv(self.norms[1](x))))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_group_norm_runs_as_one_instance_norm(tmp_path, target):
+    """ORT has no GroupNormalization kernel and inlines its function: 17 float ops a norm between DQ and Q. Written
+    as InstanceNormalization (and, where a group has several channels, the per-channel scale and bias): 55 float
+    ops here became 11. ORT static's model of the same export has 3: it also quantizes the norm's output, then
+    runs the scale and bias as QLinearMul/QLinearAdd, and the residual Add before the norm as a QLinearAdd;
+    quantcli keeps those float, which buys 2 dB (measured 29.8 against 27.8 on avx2, 30.2 against 28.4 vnni)."""
+    pair = _image_pair(GroupNorms, tmp_path, target)
+    mine, ort = pair.quantcli, pair.ort
+    assert mine.integer == mine.total == ort.integer == 4, mine.analysis["coverage"]
+    exported = [n.op_type for n in onnx.load(str(mine.path)).graph.node]
+    assert "GroupNormalization" not in exported and exported.count("InstanceNormalization") == 3
+    assert mine.float_ops <= 11 and not mine.defects, mine.analysis["islands"]
+    assert sqnr_db(pair.fp, mine.out) >= sqnr_db(pair.fp, ort.out) + 1
+
+
+def _group_norm_graph(groups: int, channels: int = 6) -> onnx.ModelProto:
+    rng = np.random.default_rng(groups)
+    scale, bias = (rng.uniform(low, low + 1, channels).astype(np.float32) for low in (0.5, -0.5))
+    node = helper.make_node("GroupNormalization", ["x", "scale", "bias"], ["y"], num_groups=groups, epsilon=1e-5)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", channels, 5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(bias, "bias")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("groups", [1, 3, 6])
+def test_a_group_norm_written_as_an_instance_norm_gives_the_same_values(groups):
+    from quantcli.onnx.norms import group_norms
+
+    model = _group_norm_graph(groups)
+    x = {"x": (np.random.default_rng(0).normal(2, 3, (4, 6, 5, 7))).astype(np.float32)}
+    before = _ort(model, x)[0]
+    assert group_norms(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert "GroupNormalization" not in ops and ops.count("InstanceNormalization") == 1
+    assert len(ops) == (1 if groups == 6 else 6) and len(model.graph.initializer) == (2 if groups == 6 else 5)
+    np.testing.assert_allclose(_ort(model, x)[0], before, atol=2e-5)

@@ -8,7 +8,7 @@ from typing import Any
 
 from quantcli.errors import ModelError, RecipeError
 from quantcli.onnx import biases, rewrite
-from quantcli.onnx.graph import FLOAT_TYPES
+from quantcli.onnx.graph import FLOAT_TYPES, opset_of
 
 EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through the version converter
 
@@ -68,10 +68,6 @@ def convert_opset(model: Any, opset: int) -> Any:
     if opset_of(converted) != opset:
         raise RecipeError(f"export.opset {opset}: the converter produced opset {opset_of(converted)}")
     return converted
-
-
-def opset_of(model: Any) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 # The node metadata quantcli keeps (everything else the exporter writes is dropped): where a node came from, as

@@ -30,6 +30,11 @@ def consumers(nodes: Iterable[Any]) -> dict[str, list[Any]]:
     return users
 
 
+def opset_of(model: Any) -> int:
+    """The model's opset of the default (ai.onnx) domain."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def drop_initializers(graph: Any, names: set[str]) -> None:
     """Remove the initializers named in `names` that no node reads and no graph output is, in place (the other
     tensors, a model's weights, are not copied)."""
@@ -99,6 +104,11 @@ class Graph:
         """The node writing `name` when it is an `op_type`, else None."""
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op_type else None
+
+    def per_tensor(self, qdq) -> bool:
+        """Whether a QuantizeLinear/DequantizeLinear has one scale, so it commutes with moving values around."""
+        scale = self.constant(qdq.input[1])
+        return scale is not None and scale.size == 1
 
     def rank(self, name: str) -> int | None:
         t = self.types.get(name)

@@ -10,6 +10,8 @@
   itself for single ops it knows, but not for Pad, nor inside the several nodes one torch op
   exports as (torch.roll: Slice + Concat). A zero pad becomes a pad with the zero point.
 
+- `group_norms` (quantcli.onnx.norms): a GroupNormalization, which ORT inlines into 17 float ops, becomes
+  an InstanceNormalization and the per-channel scale and bias.
 - `transposed_weights`: DequantizeLinear of an int8 weight -> Transpose (what a Linear on a 3-D input
   exports as) becomes a DequantizeLinear of the transposed int8 weight, its axis moved along. ORT
   does this itself only where the Transpose has one consumer: a weight shared by several layers
@@ -43,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from quantcli.onnx.graph import Graph, drop_initializers
+from quantcli.onnx.norms import group_norms
 
 _DATA_MOVEMENT = {
     "Reshape",
@@ -68,6 +71,7 @@ _DATA_INPUTS = {"Concat": None, "Pad": (0,)}
 def rewrite(model: Any) -> Any:
     """Apply every rewrite of this module to `model` in place; return it."""
     global_average_pools(model)
+    group_norms(model)
     transposed_weights(model)
     gathered_tables(model)
     scaled_passthroughs(model)
@@ -108,7 +112,7 @@ def global_average_pools(model: Any) -> int:
         elif (
             len(users) == 1
             and users[0].op_type == "QuantizeLinear"
-            and _per_tensor(g, users[0])
+            and g.per_tensor(users[0])
             and node.output[0] not in g.outputs
         ):
             _pool_then_squeeze(g, node, users[0], rank)
@@ -144,11 +148,6 @@ def _pool_then_squeeze(g: Graph, node, quantize, rank: int) -> None:
 def _drop_value_info(g: Graph, names: set[str]) -> None:
     for v in [v for v in g.graph.value_info if v.name in names]:
         g.graph.value_info.remove(v)
-
-
-def _per_tensor(g: Graph, qdq) -> bool:
-    scale = g.constant(qdq.input[1])
-    return scale is not None and scale.size == 1
 
 
 # ------------------------------------------------------------------ weights stored transposed
