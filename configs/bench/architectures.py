@@ -16,8 +16,11 @@ held-out data without importing torch.
 Random weights, seeded, with the ranges of trained networks where initialisation leaves something
 degenerate (tests/zoo.py `seeded`: BatchNorm mean and beta +-0.2, var 0.5-2, gamma 0.6-1.4), and
 layer scales initialised to a tiny constant (1e-6, 1e-5: every block a no-op) drawn in 0.1-0.5,
+unfused re-parameterizable blocks (RepVGG, MobileOne: three branches summed, no norm after the sum) scaled
+to unit signal layer by layer (tests/zoo.py `unit_signal`, as the bench's CNNs are),
 weights initialised to zero (classifier heads of MLP-mixers: a constant output) drawn as
-`nn.Linear` draws its own.
+`nn.Linear` draws its own, and learnable scalars at an identity (a scale of 1, a shift or a gate of 0:
+HGNetV2's affine after each activation) moved by up to 0.2.
 Images are crops of scikit-learn's two sample photos (configs/bench/vision.py `photos`); tokens
 uniform over the vocabulary with tail padding; audio standard normal.
 """
@@ -43,17 +46,20 @@ class Arch:
 
     kind: image (timm/torchvision), encoder, decoder, pixels, audio (waveform) or mels (features);
     size: image side, sequence length, audio samples or mel frames; kwargs: constructor or config
-    keyword arguments; model: the transformers class (default by kind); note: what the sweep probes."""
+    keyword arguments; model: the transformers class (default by kind); note: what the sweep probes;
+    unit_signal: scale the signal to unit variance layer by layer (tests/zoo.py `unit_signal`), for nets whose
+    random branches add up without a norm after them (their activations grow to 1e14 otherwise)."""
 
     kind: str
     size: int = 64
     kwargs: dict[str, Any] = field(default_factory=dict)
     model: str = ""
     note: str = ""
+    unit_signal: bool = False
 
 
-def _img(size: int = 64, note: str = "", **kwargs: Any) -> Arch:
-    return Arch("image", size, kwargs, note=note)
+def _img(size: int = 64, note: str = "", unit_signal: bool = False, **kwargs: Any) -> Arch:
+    return Arch("image", size, kwargs, note=note, unit_signal=unit_signal)
 
 
 def _hf(kind: str, model: str, note: str = "", size: int = 0, small: bool = True, **kwargs: Any) -> Arch:
@@ -114,8 +120,8 @@ ARCHITECTURES: dict[str, Arch] = {
     "timm:tinynet_e": _img(),
     "timm:rexnet_100": _img(note="SiLU, partial residual (channel padding by concat)"),
     "timm:ghostnet_100": _img(note="ghost modules: cheap depthwise features concatenated"),
-    "timm:repvgg_a0": _img(note="unfused re-parameterizable blocks: BatchNorm-only identity branch"),
-    "timm:mobileone_s0": _img(note="unfused re-parameterizable blocks: BatchNorm-only branches"),
+    "timm:repvgg_a0": _img(note="unfused re-parameterizable blocks: BatchNorm-only identity branch", unit_signal=True),
+    "timm:mobileone_s0": _img(note="unfused re-parameterizable blocks: BatchNorm-only branches", unit_signal=True),
     "timm:repvit_m1": _img(note="re-parameterizable depthwise with BatchNorm-only branch"),
     # ---- timm hybrids
     "timm:fastvit_t8": _img(note="re-parameterizable mixers, attention in the last stage"),
@@ -322,17 +328,22 @@ def build(name: str = "timm:resnet18", seed: int = 0):
     """The architecture in eval mode: seeded random weights, realistic normalisation, no no-op layer scales."""
     import torch
 
-    from tests.zoo import seeded
+    from tests.zoo import seeded, unit_signal
 
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     builder = {"timm": _timm, "torchvision": _torchvision, "transformers": _transformers}[source(name)]
-    model = seeded(lambda: builder(name.split(":", 1)[1], ARCHITECTURES[name]), seed)
+    spec = ARCHITECTURES[name]
+    model = seeded(lambda: builder(name.split(":", 1)[1], spec), seed)
+    if spec.unit_signal:
+        model = unit_signal(model, seed, spec.size)
     g = torch.Generator().manual_seed(seed + 3)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1 and p.numel() > 1 and bool((p == p[0]).all()) and 0 < float(p[0]) < 1e-4:
                 p.copy_(torch.empty(p.shape).uniform_(0.1, 0.5, generator=g))  # a layer scale at its init
+            elif p.numel() == 1 and float(p) in (0.0, 1.0):  # a learnable scalar at its init: an identity
+                p.add_(torch.empty(p.shape).uniform_(-0.2, 0.2, generator=g))
             elif p.dim() >= 2 and not p.any():
                 bound = p[0].numel() ** -0.5  # nn.Linear's own: uniform in +-1/sqrt(fan_in)
                 p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
