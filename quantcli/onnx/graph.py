@@ -8,7 +8,7 @@ the index true for the values it changes (`rename_input`, `fresh`) or builds a n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,19 @@ def consumers(nodes: Iterable[Any]) -> dict[str, list[Any]]:
         for i in n.input:
             users.setdefault(i, []).append(n)
     return users
+
+
+def replace_each(g: Graph, match: Callable[..., Any], apply: Callable[..., set[str]]) -> tuple[int, set[str]]:
+    """`apply(g, node, *found)` on every node of the graph (as listed before the first) where `match(g, node)` finds
+    something (a tuple, not None); apply returns the value names it stopped reading. (How many, those names.)"""
+    released: set[str] = set()
+    count = 0
+    for node in list(g.graph.node):
+        found = match(g, node)
+        if found is not None:
+            released |= apply(g, node, *found)
+            count += 1
+    return count, released
 
 
 def opset_of(model: Any) -> int:

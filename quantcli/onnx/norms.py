@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.onnx.graph import Graph, drop_initializers, opset_of
+from quantcli.onnx.graph import Graph, drop_initializers, opset_of, replace_each
 
 
 def group_norms(model: Any) -> int:
@@ -24,23 +24,19 @@ def group_norms(model: Any) -> int:
     if opset_of(model) < 21:  # before 21 the scale and bias were per group
         return 0
     g = Graph(model.graph)
-    released: set[str] = set()
-    count = 0
-    for norm in list(g.graph.node):
-        found = _group_norm(g, norm)
-        if found is None:
-            continue
-        groups, epsilon, scale, bias = found
-        nodes = _instance_norm(g, norm, groups, epsilon, scale, bias)
-        at = list(g.graph.node).index(norm)
-        g.graph.node.remove(norm)
-        for offset, node in enumerate(nodes):
-            g.graph.node.insert(at + offset, node)
-        released |= set(norm.input[1:])
-        count += 1
+    count, released = replace_each(g, _group_norm, _as_instance_norm)
     if count:
         drop_initializers(g.graph, released)
     return count
+
+
+def _as_instance_norm(g: Graph, norm, *found) -> set[str]:
+    nodes = _instance_norm(g, norm, *found)
+    at = list(g.graph.node).index(norm)
+    g.graph.node.remove(norm)
+    for offset, node in enumerate(nodes):
+        g.graph.node.insert(at + offset, node)
+    return set(norm.input[1:])
 
 
 def _group_norm(g: Graph, node) -> tuple[int, float, np.ndarray, np.ndarray] | None:

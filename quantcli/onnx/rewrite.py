@@ -30,6 +30,11 @@
 - `quantized_constants`: an Add/Mul between a DequantizeLinear and QuantizeLinears whose other input is a
   float constant (a layer scale, an affine, an attention bias) gets that constant as uint8 behind a
   DequantizeLinear, so ORT runs QLinearAdd/QLinearMul where it ran the op in float.
+- `shifts_into_biases`: Conv/Gemm -> QuantizeLinear -> DequantizeLinear -> Add of a constant (one value, or one
+  a channel) -> QuantizeLinear, nothing else reading the values between: the constant joins the layer's bias
+  and the layer's output goes to the last QuantizeLinear (one rounding less). A gate's shift (above) after a
+  squeeze-excitation conv ran as a QLinearAdd on an (N, C, 1, 1) tensor, which ORT broadcasts one element
+  at a time: 0.78 ms at batch 32 where the same values laid out (N, 1, 1, C) take 0.008.
 - `scaled_passthroughs`: DequantizeLinear(scale s) -> Mul by a positive scalar c -> QuantizeLinear
   with scale s * c and the same zero point (what the quantizer makes of a query scaling) is the
   identity on the integers, and goes.
@@ -44,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.onnx.graph import Graph, drop_initializers
+from quantcli.onnx.graph import Graph, drop_initializers, replace_each
 from quantcli.onnx.norms import group_norms
 
 _DATA_MOVEMENT = {
@@ -75,7 +80,8 @@ def rewrite(model: Any) -> Any:
     transposed_weights(model)
     gathered_tables(model)
     scaled_passthroughs(model)
-    hardsigmoids_as_adds(model)  # before quantized_constants, which quantizes the Add's constant
+    hardsigmoids_as_adds(model)  # before shifts_into_biases and quantized_constants, which take its Add
+    shifts_into_biases(model)
     quantized_constants(model)
     integer_data_movement(model)
     return model
@@ -309,25 +315,21 @@ def _scalar(g: Graph, name: str) -> float | None:
 def scaled_passthroughs(model: Any) -> int:
     """Remove DQ(s, z) -> Mul(c > 0) -> Q(s * c, z) (see the module docstring); return how many."""
     g = Graph(model.graph)
-    released: set[str] = set()
-    count = 0
-    for mul in list(g.graph.node):
-        found = _scaled_passthrough(g, mul)
-        if found is None:
-            continue
-        dq, q = found
-        for user in g.consumers.get(q.output[0], []):
-            for k, name in enumerate(user.input):
-                if name == q.output[0]:
-                    user.input[k] = dq.input[0]
-        released |= set(mul.input) | set(q.input[1:])
-        g.graph.node.remove(mul)
-        g.graph.node.remove(q)
-        _drop_value_info(g, {mul.output[0], q.output[0]})
-        count += 1
+    count, released = replace_each(g, _scaled_passthrough, _skip_passthrough)
     if count:
         _drop_unused(g, released)
     return count
+
+
+def _skip_passthrough(g: Graph, mul, dq, q) -> set[str]:
+    for user in g.consumers.get(q.output[0], []):
+        for k, name in enumerate(user.input):
+            if name == q.output[0]:
+                user.input[k] = dq.input[0]
+    g.graph.node.remove(mul)
+    g.graph.node.remove(q)
+    _drop_value_info(g, {mul.output[0], q.output[0]})
+    return set(mul.input) | set(q.input[1:])
 
 
 def _scaled_passthrough(g: Graph, mul) -> tuple | None:
@@ -387,6 +389,53 @@ def _gate_to_requantize(g: Graph, node) -> tuple | None:
 
 
 _CODE_RANGES = {np.dtype(np.uint8).str: (0, 255), np.dtype(np.int8).str: (-128, 127)}
+
+
+# ------------------------------------------------------------------ a constant added to a layer's output
+def shifts_into_biases(model: Any) -> int:
+    """Conv/Gemm -> Q -> DQ -> Add(constant) -> Q', nothing else reading the first three outputs: the constant (one
+    value, or one a channel) joins the layer's bias, and the layer feeds Q' (see the module docstring); how many."""
+    g = Graph(model.graph)
+    count, released = replace_each(g, _shift_after_layer, _shift_into_bias)
+    if count:
+        _drop_unused(g, released)  # the float biases and constants no other node reads
+    return count
+
+
+def _shift_into_bias(g: Graph, add, layer, q, dq, k: int, bias: np.ndarray) -> set[str]:
+    released = {layer.input[2], *q.input[1:], *dq.input[1:], add.input[k]}
+    layer.input[2] = g.add_initializer(g.fresh(f"{layer.input[2]}_shifted"), bias)
+    for user in g.consumers[add.output[0]]:
+        user.input[0] = layer.output[0]
+    for node in (q, dq, add):
+        g.graph.node.remove(node)
+    _drop_value_info(g, {q.output[0], dq.output[0], add.output[0]})
+    return released
+
+
+def _shift_after_layer(g: Graph, add) -> tuple | None:
+    """(layer, Q, DQ, index of the constant, the shifted bias) when `add` adds a constant to a Conv's or Gemm's
+    requantized output alone (see shifts_into_biases), else None."""
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+        return None
+    users = g.consumers.get(add.output[0], [])
+    if not users or add.output[0] in g.outputs or any(u.op_type != "QuantizeLinear" for u in users):
+        return None
+    for k in (0, 1):
+        dq, value = g.op(add.input[1 - k], "DequantizeLinear"), g.constant(add.input[k])
+        q = None if dq is None else g.op(dq.input[0], "QuantizeLinear")
+        layer = None if q is None else g.producer.get(q.input[0])
+        if value is None or value.dtype != np.float32 or layer is None or layer.op_type not in ("Conv", "Gemm"):
+            continue
+        bias = g.initializer(layer.input[2]) if len(layer.input) > 2 else None
+        only = all(len(g.consumers.get(v, [])) == 1 and v not in g.outputs for v in (layer.output[0], q.output[0]))
+        rank = g.rank(layer.output[0])
+        if bias is None or bias.ndim != 1 or not only or g.consumers.get(dq.output[0]) != [add] or rank is None:
+            continue
+        per_channel = (1, bias.size) + (1,) * (rank - 2)  # one value a channel, as it broadcasts on the output
+        if value.size == 1 or (value.ndim <= rank and (1,) * (rank - value.ndim) + value.shape == per_channel):
+            return layer, q, dq, k, (bias + value.reshape(-1)).astype(np.float32)
+    return None
 
 
 # ------------------------------------------------------------------ constant operands of Add/Mul
