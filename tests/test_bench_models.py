@@ -104,7 +104,9 @@ def test_sweep_inputs_fit_each_kind_of_architecture():
     assert mask[0].all() and not mask.all() and (np.diff(mask, axis=1) <= 0).all()  # tail padding, one full row
 
 
-def _row(name: str, ms: dict, q_float: int, q_mb: float, q_avoidable: int = 0, q_after: int = 0) -> dict:
+def _row(
+    name: str, ms: dict, q_float: int, q_mb: float, q_avoidable: int = 0, q_after: int = 0, q_sqnr: float = 31.0
+) -> dict:
     ops = {"integer": 4, "total": 4, "float_ops": 2, "avoidable": 0}
     mine = {**ops, "float_ops": q_float, "avoidable": q_avoidable, "float_ops_after_kernels": q_after}
     return {
@@ -112,7 +114,7 @@ def _row(name: str, ms: dict, q_float: int, q_mb: float, q_avoidable: int = 0, q
         "quantcli": {"rc": 0, "seconds": 30.0},
         "ort": {"seconds": {"fp32_export": 10.0, "pre_process": 1.0, "quantize_static": 4.0}},
         "ops": {"quantize_static": ops, "quantcli": mine},
-        "fidelity": {"share": 0.5, "quantize_static": {"sqnr_db": 30.0}, "quantcli": {"sqnr_db": 31.0}},
+        "fidelity": {"share": 0.5, "quantize_static": {"sqnr_db": 30.0}, "quantcli": {"sqnr_db": q_sqnr}},
         "ms": {b: {"fp32": 2.0, "quantize_static": 1.0, "quantcli": t} for b, t in ms.items()},
         "mb": {"fp32": 4.0, "quantize_static": 1.0, "quantcli": q_mb},
         "seconds": 60.0,
@@ -127,12 +129,13 @@ def test_sweep_summary_counts_each_shortfall_against_quantize_static():
         _row("d", {"1": 1.0, "32": 1.0}, 4, 1.0, 1),  # two more float ops, one no rule explains
         {"name": "c", "quantcli": {"rc": 1}, "error": "quantcli exit 1: boom"},
         _row("e", {"1": 1.0, "32": 1.0}, 0, 1.0, q_after=3),  # fewer counted, more behind float-output kernels
+        _row("f", {"1": 1.0, "32": 1.0}, 3, 1.0, q_sqnr=30.3),  # one more float op, and 0.3 dB for it: too little
     ]
     line = sweep.summary(rows)
     assert line.startswith(
-        "5 models: 4 exit 0 (ORT's static flow fails on 0), 4 compared; against quantize_static: 3 within 1.03x"
+        "6 models: 5 exit 0 (ORT's static flow fails on 0), 5 compared; against quantize_static: 4 within 1.03x"
     ), line
-    assert "3 with more float ops between DQ and Q (1 with more avoidable ones)" in line
+    assert "4 with more float ops between DQ and Q (1 without an SQNR 0.5 dB higher for them, 1 with more" in line
     assert "1 with a larger file" in line
     assert "0 with an SQNR over 0.5 dB lower" in line
     assert sweep.cells(rows[1])[3] == "3/2" and sweep.cells(rows[3])[2].startswith("quantcli exit 1")
