@@ -118,6 +118,20 @@ class Graph:
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op_type else None
 
+    def new_node(self, replaced, op: str, inputs: list[str], output: str | None = None, **attrs) -> Any:
+        """A node computing (part of) what `replaced` did: names fresh from its own, its origin metadata, indexed
+        as its output's producer."""
+        from onnx import helper
+
+        base = replaced.output[0]
+        made = helper.make_node(
+            op, inputs, [output or self.fresh(f"{base}_{op.lower()}")], name=self.fresh(f"{replaced.name or base}_{op}")
+        )
+        made.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+        made.metadata_props.extend(replaced.metadata_props)
+        self.producer[made.output[0]] = made
+        return made
+
     def per_tensor(self, qdq) -> bool:
         """Whether a QuantizeLinear/DequantizeLinear has one scale, so it commutes with moving values around."""
         scale = self.constant(qdq.input[1])

@@ -59,18 +59,13 @@ def _group_norm(g: Graph, node) -> tuple[int, float, np.ndarray, np.ndarray] | N
 def _instance_norm(g: Graph, norm, groups: int, epsilon: float, scale: np.ndarray, bias: np.ndarray) -> list:
     """The nodes that compute `norm`'s output: InstanceNormalization and, over several channels a group, the
     reshapes around it and the per-channel scale and bias."""
-    from onnx import helper
-
     x, out, rank = norm.input[0], norm.output[0], g.rank(norm.input[0])
     name = norm.name or out
     nodes: list = []
 
     def node(op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
-        made = helper.make_node(op, inputs, [output or g.fresh(f"{out}_{op.lower()}")], name=g.fresh(f"{name}_{op}"))
-        made.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
-        made.metadata_props.extend(norm.metadata_props)
-        nodes.append(made)
-        return made.output[0]
+        nodes.append(g.new_node(norm, op, inputs, output, **attrs))
+        return nodes[-1].output[0]
 
     def constant(base: str, array: np.ndarray) -> str:
         return g.add_initializer(g.fresh(f"{name}_{base}"), array)

@@ -275,12 +275,8 @@ def _gather_then_scale(g: Graph, dq, gather, scale: np.ndarray, zero: np.ndarray
     nodes: list = []
 
     def node(op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
-        made = helper.make_node(op, inputs, [output or g.fresh(f"{out}_{op.lower()}")], name=g.fresh(f"{name}_{op}"))
-        made.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
-        made.metadata_props.extend(gather.metadata_props)
-        g.producer[made.output[0]] = made
-        nodes.append(made)
-        return made.output[0]
+        nodes.append(g.new_node(gather, op, inputs, output, **attrs))
+        return nodes[-1].output[0]
 
     def rows(array: np.ndarray, base: str, stored: str | None = None) -> str:
         if fold:
