@@ -35,6 +35,7 @@ from quantcli.quantizers.patterns import (
     UNIT_RANGE,
     absorbed_pad,
     is_activation,
+    nonnegative,
     only_user,
     positive_scalar,
     value,
@@ -214,9 +215,21 @@ class OnnxRuntimeQuantizer(Quantizer):
         annotate(node, {node.args[0]: act}, act)
 
     def _annotate_cat(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
-        """Own ranges per input: QLinearConcat requantizes, and a producer's ReLU stays foldable."""
+        """One range for the concat and its inputs where it is the only reader of ReLU-like inputs.
+
+        QLinearConcat copies an input whose parameters are the output's and requantizes any other one
+        element by element. Inputs only the concat reads lose nothing by taking its range (their values
+        reach nothing else), and ReLU-like ones keep a zero point of 0 in it, so the ReLU still folds
+        into the conv before it. Any other input keeps its own range.
+        """
         act = activation_spec(s)
-        annotate(node, {a: act for a in node.args[0]}, act)
+        inputs = [a for a in node.args[0] if isinstance(a, Node)]
+        if len(inputs) > 1 and all(len(a.users) == 1 and nonnegative(a) for a in inputs):
+            first = (inputs[0], node)
+            shared = SharedQuantizationSpec(first)
+            annotate(node, {a: act if a is inputs[0] else shared for a in inputs}, shared)
+            return
+        annotate(node, {a: act for a in inputs}, act)
 
     def _annotate_requantizing(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         """Pools, global means, sigmoid, leaky ReLU: ORT's QLinear kernels give the output its own range."""

@@ -146,6 +146,14 @@ def is_weight(arg) -> bool:
     return is_float(arg) and is_constant(arg)
 
 
+def nonnegative(node: Node) -> bool:
+    """The output of a ReLU, or of a hardtanh clamping at 0 or above (ReLU6)."""
+    if node.op != "call_function" or KIND.get(node.target) != "relu":
+        return False
+    low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+    return node.target in (aten.relu.default, aten.relu_.default) or low >= 0
+
+
 def only_user(node: Node) -> Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
