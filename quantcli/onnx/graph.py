@@ -141,6 +141,11 @@ class Graph:
         t = self.types.get(name)
         return len(t.shape.dim) if t is not None and t.HasField("shape") else None
 
+    def drop_value_info(self, names: set[str]) -> None:
+        """Forget the shapes recorded for `names` (values a rewrite removed or gave another shape)."""
+        for v in [v for v in self.graph.value_info if v.name in names]:
+            self.graph.value_info.remove(v)
+
     def add_initializer(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 

@@ -12,6 +12,8 @@
 
 - `group_norms` (quantcli.onnx.norms): a GroupNormalization, which ORT inlines into 17 float ops, becomes
   an InstanceNormalization and the per-channel scale and bias.
+- `norms_on_rows` (quantcli.onnx.norms): a residual Add and the LayerNormalization after it, which ORT would
+  fuse into its slow SkipLayerNormalization, run on (tokens, hidden) rows.
 - `transposed_weights`: DequantizeLinear of an int8 weight -> Transpose (what a Linear on a 3-D input
   exports as) becomes a DequantizeLinear of the transposed int8 weight, its axis moved along. ORT
   does this itself only where the Transpose has one consumer: a weight shared by several layers
@@ -50,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from quantcli.onnx.graph import Graph, drop_initializers, replace_each
-from quantcli.onnx.norms import group_norms
+from quantcli.onnx.norms import group_norms, norms_on_rows
 
 _DATA_MOVEMENT = {
     "Reshape",
@@ -77,6 +79,7 @@ def rewrite(model: Any) -> Any:
     """Apply every rewrite of this module to `model` in place; return it."""
     global_average_pools(model)
     group_norms(model)
+    norms_on_rows(model)
     transposed_weights(model)
     gathered_tables(model)
     scaled_passthroughs(model)
@@ -148,12 +151,7 @@ def _pool_then_squeeze(g: Graph, node, quantize, rank: int) -> None:
     squeeze = helper.make_node("Squeeze", [quantized, axes], [squeezed], name=g.fresh(node.name + "_squeeze"))
     squeeze.metadata_props.extend(node.metadata_props)
     g.graph.node.insert(list(g.graph.node).index(quantize) + 1, squeeze)
-    _drop_value_info(g, {mean_out})  # no longer produced; the squeezed value keeps the Q's value_info
-
-
-def _drop_value_info(g: Graph, names: set[str]) -> None:
-    for v in [v for v in g.graph.value_info if v.name in names]:
-        g.graph.value_info.remove(v)
+    g.drop_value_info({mean_out})  # no longer produced; the squeezed value keeps the Q's value_info
 
 
 # ------------------------------------------------------------------ weights stored transposed
@@ -211,7 +209,7 @@ def _weight_params(g: Graph, dq) -> tuple[np.ndarray, int | None] | None:
 def _rename_input(g: Graph, old: str, new: str) -> None:
     """Make every reader of `old` read `new` instead."""
     g.rename_input(old, new)
-    _drop_value_info(g, {old})
+    g.drop_value_info({old})
 
 
 # ------------------------------------------------------------------ int8 tables gathered, then scaled
@@ -324,7 +322,7 @@ def _skip_passthrough(g: Graph, mul, dq, q) -> set[str]:
                 user.input[k] = dq.input[0]
     g.graph.node.remove(mul)
     g.graph.node.remove(q)
-    _drop_value_info(g, {mul.output[0], q.output[0]})
+    g.drop_value_info({mul.output[0], q.output[0]})
     return set(mul.input) | set(q.input[1:])
 
 
@@ -405,7 +403,7 @@ def _shift_into_bias(g: Graph, add, layer, q, dq, k: int, bias: np.ndarray) -> s
         user.input[0] = layer.output[0]
     for node in (q, dq, add):
         g.graph.node.remove(node)
-    _drop_value_info(g, {q.output[0], dq.output[0], add.output[0]})
+    g.drop_value_info({q.output[0], dq.output[0], add.output[0]})
     return released
 
 
@@ -602,7 +600,7 @@ def _to_integers(g: Graph, nodes: list, entries: list, exits: list, params: tupl
                 if name == q.output[0]:
                     user.input[k] = source
         g.graph.node.remove(q)
-    _drop_value_info(g, {q.output[0] for q in exits})
+    g.drop_value_info({q.output[0] for q in exits})
 
 
 def _drop_unused(g: Graph, released: set[str]) -> None:
@@ -616,5 +614,5 @@ def _drop_unused(g: Graph, released: set[str]) -> None:
         for n in dead:
             released.update(n.input)
             g.graph.node.remove(n)
-        _drop_value_info(g, {n.output[0] for n in dead})
+        g.drop_value_info({n.output[0] for n in dead})
     drop_initializers(g.graph, released)
