@@ -439,6 +439,11 @@ def test_sdpa_forms(kw, written):
         # quantization scale, and not the scores (7 x 7), which would stay a float Mul in ONNX
         muls = [n.meta["val"].shape for n in module.graph.nodes if n.target == torch.ops.aten.mul.Tensor]
         assert muls == [(2, 4, 7, 8)]
+        # a bool mask becomes an additive one of its own shape, not a masked_fill of every head's scores
+        masking = [n for n in module.graph.nodes if "where" in str(n.target) or "fill" in str(n.target)]
+        wheres = [n.meta["val"].shape for n in masking]
+        expected = [(2, 1, 7, 7)] if kw.get("bool_mask") else [(7, 7)] if kw.get("is_causal") else []
+        assert wheres == expected
 
 
 def test_sdpa_matmuls_are_quantized_except_where_excluded():

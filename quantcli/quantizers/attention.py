@@ -4,8 +4,11 @@ torch.export keeps F.scaled_dot_product_attention as one aten op, which exports 
 float MatMuls (QK^T and attention x V) that no annotation can reach. Rewritten as
 softmax((q * scale) @ k^T + mask) @ v, the two matmuls are ordinary aten.matmul nodes that the
 quantizer annotates like any other; the softmax stays float. A bool mask (True = attend) becomes
-masked_fill with the dtype's lowest value rather than -inf, which gives the same probabilities
-wherever a row attends to anything and no NaN where it attends to nothing.
+an additive one, 0 or the dtype's lowest value rather than -inf, which gives the same probabilities
+wherever a row attends to anything and no NaN where it attends to nothing; it has the mask's shape
+(one per batch, not per head), so ORT computes it once for every layer (common subexpressions) and
+each layer adds it, where a masked_fill of the scores ran a Where over every head's scores in each
+layer (1.7 ms against 1.3 of a MiniLM-size encoder's 17 at batch 1).
 
 Only the forms these rewrites reproduce exactly are touched: no dropout, static head size and
 (for is_causal) static sequence lengths, and grouped-query attention only where the query and
@@ -92,10 +95,11 @@ def _rewrite(graph, node: Node) -> None:
         if a["is_causal"]:
             ones = op(aten.new_ones.default, q, [q_val.shape[-2], k.meta["val"].shape[-2]])
             mask = op(aten.tril.default, op(aten.to.dtype, ones, torch.bool))
-        if mask is not None and mask.meta["val"].dtype == torch.bool:
-            lowest = torch.finfo(q_val.dtype).min
-            scores = op(aten.masked_fill.Scalar, scores, op(aten.logical_not.default, mask), lowest)
-        elif mask is not None:
+        if mask is not None and mask.meta["val"].dtype == torch.bool:  # an additive mask: one Where for all heads
+            mask = op(aten.where.Scalar, mask, 0.0, torch.finfo(q_val.dtype).min)
+            if q_val.dtype != torch.float32:
+                mask = op(aten.to.dtype, mask, q_val.dtype)
+        if mask is not None:
             scores = op(aten.add.Tensor, scores, mask)
         out = op(aten.matmul.default, op(aten.softmax.int, scores, -1), v)
     replace(graph, node, out)
