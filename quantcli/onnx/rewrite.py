@@ -71,6 +71,7 @@ _DATA_MOVEMENT = {
     "DepthToSpace",
     "SpaceToDepth",
 }
+_NARROW_INDICES = 64  # constant indices beyond this many are stored narrow, then cast (a node's own bytes)
 # Inputs that carry the data (the rest are shapes, indices, axes, pads: integers).
 _DATA_INPUTS = {"Concat": None, "Pad": (0,)}
 
@@ -227,7 +228,7 @@ def gathered_tables(model: Any) -> int:
             g.graph.node.remove(gather)
             for k, node in enumerate(_gather_then_scale(g, dq, gather, *params)):
                 g.graph.node.insert(index + k, node)
-            released |= set(dq.input)
+            released |= set(dq.input) | {gather.input[1]}  # the indices: dropped where none reads them now
             count += 1
     if count:
         _drop_unused(g, released)
@@ -261,6 +262,8 @@ def _gather_then_scale(g: Graph, dq, gather, scale: np.ndarray, zero: np.ndarray
     """The nodes replacing `gather`: the int8 rows gathered, then dequantized (per tensor) or scaled per row.
 
     Constant indices (positions of a fixed sequence length) select their rows here: the file keeps only those.
+    Constant indices that select more rows than the table has (a relative-position bias's) are kept in the
+    narrowest unsigned type that holds them, cast to int32 when the model runs.
     Where the rows have at most 256 distinct scales (quantcli's embedding observer puts them on such a grid),
     the file keeps each row's index among them in one byte, and the scales are gathered through it.
     """
@@ -275,6 +278,10 @@ def _gather_then_scale(g: Graph, dq, gather, scale: np.ndarray, zero: np.ndarray
     def node(op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
         nodes.append(g.new_node(gather, op, inputs, output, **attrs))
         return nodes[-1].output[0]
+
+    if fixed is not None and not fold and fixed.size > _NARROW_INDICES and 0 <= fixed.min() and fixed.max() < 2**16:
+        narrow = fixed.astype(np.uint8 if fixed.max() < 2**8 else np.uint16)  # 1 or 2 bytes an index, not 8
+        indices = node("Cast", [g.add_initializer(g.fresh(f"{name}_indices"), narrow)], to=TensorProto.INT32)
 
     def rows(array: np.ndarray, base: str, stored: str | None = None) -> str:
         if fold:

@@ -87,6 +87,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         if not self.qat:  # weights computed from parameters: constants first, for every rule below
             rewrites.fold_weight_computations(model, wanted)
         rewrites.drop_identity_casts(model, wanted)
+        rewrites.index_as_embedding(model, wanted)
         decompose_sdpa(model, wanted)
         rewrites.decompose_addcmul(model, wanted)
         rewrites.fold_input_affines(model, wanted)  # before equalization, whose Mul before a Linear must stay
