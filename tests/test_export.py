@@ -214,3 +214,35 @@ def test_tidy_keeps_one_initializer_per_constant_and_shapes_of_computed_tensors_
     assert onnx_export.shape_coverage(model) == {"intermediate": 2, "with_shape": 2}
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(before[0], after[0])
+
+
+def test_constants_float16_holds_exactly_are_stored_as_float16(tmp_path):
+    """Half the bytes, the same values: a Cast to float32 that ORT folds when it loads the model."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantcli.onnx.fusion import optimized_graph
+
+    rng = np.random.default_rng(0)
+    exact = rng.normal(0, 1, 512).astype(np.float16).astype(np.float32)
+    inexact = rng.normal(0, 1, 512).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["x", "exact"], ["a"]), helper.make_node("Add", ["a", "inexact"], ["y"])]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 512])  # noqa: E731
+    inits = [numpy_helper.from_array(exact, "exact"), numpy_helper.from_array(inexact, "inexact")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [value("x")], [value("y")], inits), opset_imports=[helper.make_opsetid("", 21)]
+    )
+    x = {"x": rng.normal(0, 1, (2, 512)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    size = model.ByteSize()
+
+    assert onnx_export.half_constants(model) == 1
+
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert stored["exact_float16"].dtype == np.float16 and stored["inexact"].dtype == np.float32
+    assert model.ByteSize() < size - 900  # 2 of its 4 bytes a value, less the Cast node
+    onnx_export.check(onnx_export.infer_shapes(model))
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(after, before)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    assert "Cast" not in [n.op_type for n in optimized_graph(tmp_path / "model.onnx").node]

@@ -133,8 +133,8 @@ def strip_node_metadata(model: Any) -> None:
 
 def tidy(model: Any) -> None:
     """The exported model as quantcli writes it: node origins only (`strip_node_metadata`), one initializer for
-    each distinct constant, int32 biases in the bytes ORT reads (quantcli.onnx.biases), and value_info for the
-    tensors nodes compute only.
+    each distinct constant, int32 biases in the bytes ORT reads (quantcli.onnx.biases), float constants that
+    float16 holds exactly stored as float16 (`half_constants`), and value_info for the tensors nodes compute only.
 
     torch.export lifts a constant once for each block that makes it (a rotary table, a layer's shared
     scale), and the exporter records a value_info for every initializer, which carries its own type and
@@ -143,6 +143,7 @@ def tidy(model: Any) -> None:
     strip_node_metadata(model)
     share_constants(model)
     biases.compact(model)
+    half_constants(model)
     computed = {out for node in model.graph.node for out in node.output} - {o.name for o in model.graph.output}
     kept = [v for v in model.graph.value_info if v.name in computed]
     del model.graph.value_info[:]
@@ -185,6 +186,43 @@ def share_constants(model: Any) -> int:
                 elif attribute.type == onnx.AttributeProto.GRAPHS:
                     graphs.extend(attribute.graphs)
     return len(alias)
+
+
+HALF_MIN_SIZE = 256  # a float32 constant this large or larger is stored as float16 where that is exact
+
+
+def half_constants(model: Any) -> int:
+    """float32 initializers whose every value float16 holds exactly (the FFN equalization's scales, weights trained
+    in half precision) stored as float16 behind a Cast to float32, half the bytes; how many.
+
+    ORT folds the Cast when it loads the model: the graph it optimizes and every value are as they were. Not the
+    parameters of a QuantizeLinear or DequantizeLinear, which stay as the quantizer wrote them.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    kept = {o.name for o in graph.output} | {i.name for i in graph.input}
+    kept |= {i for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | kept
+    casts, count = [], 0
+    for tensor in graph.initializer:
+        if tensor.data_type != TensorProto.FLOAT or tensor.name in kept or not tensor.HasField("raw_data"):
+            continue
+        value = numpy_helper.to_array(tensor)
+        if value.size < HALF_MIN_SIZE or not np.array_equal(value.astype(np.float16).astype(np.float32), value):
+            continue
+        name = tensor.name
+        half = f"{name}_float16"
+        while half in taken:
+            half += "_"
+        taken.add(half)
+        tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float16), half))
+        casts.append(helper.make_node("Cast", [half], [name], name=f"{name}_cast", to=TensorProto.FLOAT))
+        count += 1
+    for offset, cast in enumerate(casts):  # first, so every reader comes after it
+        graph.node.insert(offset, cast)
+    return count
 
 
 def rename_dims(model: Any, inputs: list[Any]) -> None:

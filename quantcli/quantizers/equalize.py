@@ -92,8 +92,9 @@ def _scales_for(model: GraphModule, fc2: Node) -> torch.Tensor | None:
 def _smooth(model: GraphModule, fc2: Node, scales: torch.Tensor, name: str) -> None:
     """fc2(x) -> fc2'(x * (1/s)) with fc2' = fc2's weight columns times s (a new Parameter)."""
     w2 = _attr(model, fc2.args[1])
-    _set_attr(model, fc2.args[1].target, w2.detach() * scales)
-    model.register_buffer(name, (1.0 / scales).detach())
+    inverse = (1.0 / scales).half().float()  # a value float16 holds: the file stores it in 2 bytes (export.tidy)
+    _set_attr(model, fc2.args[1].target, w2.detach() / inverse)
+    model.register_buffer(name, inverse.detach())
     with model.graph.inserting_before(fc2):
         inv = model.graph.get_attr(name)
         inv.meta["val"] = model.get_buffer(name)
