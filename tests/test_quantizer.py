@@ -446,6 +446,30 @@ def test_sdpa_forms(kw, written):
         assert wheres == expected
 
 
+def test_baddbmm_is_written_out_as_a_bmm_the_quantizer_annotates():
+    """BLOOM's scores, alibi.baddbmm(q, k, beta=1, alpha=1/sqrt(d)), ran as a float FusedMatMul in ORT (11 of 13
+    matmuls integer in the sweep, 13 of 13 written out). beta 0 ignores its input, NaN included: left as it is."""
+    from quantcli.quantizers import rewrites
+
+    class Scores(torch.nn.Module):
+        def __init__(self, beta: float):
+            super().__init__()
+            self.beta = beta
+
+        def forward(self, b, x, y):
+            return b.baddbmm(x, y, beta=self.beta, alpha=0.25)
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(4, 1, 8, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 16, 8, generator=g))
+    for beta, written in ((1.0, True), (0.5, True), (0.0, False)):
+        module = torch.export.export(Scores(beta), args).module()
+        expected = module(*args)
+        assert rewrites.decompose_baddbmm(module, lambda node: True) == int(written)
+        assert torch.allclose(module(*args), expected, atol=1e-5)
+        targets = {n.target for n in module.graph.nodes if n.op == "call_function"}
+        assert (torch.ops.aten.bmm.default in targets) == written != (torch.ops.aten.baddbmm.default in targets)
+
+
 def test_sdpa_matmuls_are_quantized_except_where_excluded():
     calib, test = model_data("vit", batches=1, batch=4)
     prepared = prepare(MODELS["vit"][0](), calib[0], section())

@@ -90,6 +90,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         rewrites.index_as_embedding(model, wanted)
         decompose_sdpa(model, wanted)
         rewrites.decompose_addcmul(model, wanted)
+        rewrites.decompose_baddbmm(model, wanted)
         rewrites.fold_input_affines(model, wanted)  # before equalization, whose Mul before a Linear must stay
         if self.q.equalize:
             equalize_ffn(model, wanted)

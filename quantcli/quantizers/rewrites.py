@@ -37,6 +37,9 @@
 - A bias read by several Linears (a module applied more than once) is read through a node of its own by
   each: its int32 form is quantized with that Linear's input scale, and ORT's QGemm reads it so (one
   observer for all gave a second call the first one's scale: 13.3 dB where the unfused graph had 25).
+- baddbmm(b, x, y, beta, alpha) (BLOOM's attention scores with their ALiBi bias) is written out as
+  beta * b + (alpha * x) @ y: the bmm is a matmul the quantizer annotates, where baddbmm had no kind and
+  ORT ran it as a float FusedMatMul.
 - A table indexed by constant positions, table[index] of a 2-D weight (Swin's and BEiT's relative-position
   bias, 169 rows gathered into 2401 for a 7x7 window), becomes embedding(table, index), the same rows: the
   table is then quantized as an embedding (int8 rows) and gathered at run time. Left as indexing, the
@@ -472,6 +475,35 @@ def drop_identity_casts(model: GraphModule, wanted: Callable[[Node], bool]) -> i
         return True
 
     return rewrite_each(model, rewrite)
+
+
+def decompose_baddbmm(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
+    """baddbmm(b, x, y, beta=beta, alpha=alpha) -> beta * b + (alpha * x) @ y (BLOOM's ALiBi scores); how many.
+
+    The bmm is then a matmul the quantizer annotates; a positive alpha on its left operand is a change of that
+    operand's quantization scale (as the written-out attention's query scaling), which the export removes.
+    """
+
+    def scaled(node: Node, x: Node, factor) -> Node:
+        if factor == 1:
+            return x
+        return call_like(model.graph, node, aten.mul.Tensor, (x, factor), aten.mul.Tensor(value(x), factor))
+
+    def written_out(node: Node) -> Node:
+        b, x, y = node.args
+        x = scaled(node, x, node.kwargs.get("alpha", 1))
+        product = call_like(model.graph, node, aten.bmm.default, (x, y), aten.bmm.default(value(x), value(y)))
+        b = scaled(node, b, node.kwargs.get("beta", 1))
+        return call_like(model.graph, node, aten.add.Tensor, (product, b), node.meta["val"])
+
+    def chosen(node: Node) -> bool:
+        if node.target is not aten.baddbmm.default or len(node.args) != 3 or not wanted(node):
+            return False
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        numbers_only = all(isinstance(v, numbers.Real) for v in (beta, alpha))
+        return numbers_only and beta != 0 and alpha > 0  # beta 0 ignores b, NaN included: left as it is
+
+    return _write_out(model, chosen, written_out)
 
 
 def index_as_embedding(model: GraphModule, wanted: Callable[[Node], bool]) -> int:
