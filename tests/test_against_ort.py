@@ -1039,6 +1039,34 @@ def test_a_residual_norm_runs_on_rows_where_ort_would_fuse_it_into_its_slow_kern
     np.testing.assert_allclose(_ort(model, feed)[0], before, atol=1e-6)
 
 
+def test_a_2d_input_that_is_not_rows_is_reshaped_as_it_was():
+    """(3, 40) reshaped to (3, 5, 8) is not 15 rows of 8: the Add takes that reshape's output, made rows."""
+    from quantcli.onnx.norms import norms_on_rows
+
+    nodes = [
+        helper.make_node("Reshape", ["x", "tokens"], ["y"]),
+        helper.make_node("Add", ["y", "skip"], ["sum"]),
+        helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["out"], axis=-1),
+    ]
+    inits = {"tokens": np.array([3, 5, 8]), "gamma": np.ones(8, np.float32), "beta": np.zeros(8, np.float32)}
+    graph = helper.make_graph(
+        nodes,
+        "flat",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 40]),
+            helper.make_tensor_value_info("skip", TensorProto.FLOAT, [3, 5, 8]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.normal(0, 1, (3, 40)).astype(np.float32), "skip": rng.normal(0, 1, (3, 5, 8)).astype(np.float32)}
+    before = _ort(model, feed)[0]
+    assert norms_on_rows(model) == 1
+    np.testing.assert_allclose(_ort(model, feed)[0], before, atol=1e-6)
+
+
 def test_an_encoders_post_norm_residuals_export_without_skip_layer_norms(tmp_path):
     """The export applies it: a BERT-style encoder's 4 residual norms are LayerNormalizations in ORT's graph."""
     with torch.random.fork_rng():

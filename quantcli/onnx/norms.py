@@ -132,7 +132,8 @@ def _on_rows(g: Graph, norm, add, hidden: int) -> set[str]:
     before = []
     for k, x in enumerate(add.input):
         reshape = g.op(x, "Reshape")
-        if reshape is not None and g.rank(reshape.input[0]) == 2 and g.consumers.get(x) == [add] and x not in g.outputs:
+        only_add = g.consumers.get(x) == [add] and x not in g.outputs
+        if reshape is not None and only_add and _rows_of(g, reshape.input[0], hidden):
             add.input[k], shape = reshape.input[0], shape or reshape.input[1]  # a linear's rows, as they came
             g.graph.node.remove(reshape)
             g.drop_value_info({x})
@@ -153,6 +154,13 @@ def _on_rows(g: Graph, norm, add, hidden: int) -> set[str]:
     _insert(g, add, before, at=0)
     _insert(g, norm, after, at=1)
     return set()
+
+
+def _rows_of(g: Graph, name: str, hidden: int) -> bool:
+    """Whether `name` is 2-D with `hidden` columns: (tokens, hidden) rows, which the reshape after it only shapes."""
+    t = g.types.get(name)
+    dims = t.shape.dim if t is not None and t.HasField("shape") else []
+    return len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value == hidden
 
 
 def _insert(g: Graph, node, new: list, at: int) -> None:
