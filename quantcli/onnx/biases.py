@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.onnx.graph import Graph, consumers, drop_initializers
+from quantcli.onnx.graph import Graph, consumers, drop_initializers, insert
 
 _LAYERS = {"Conv", "Gemm"}  # the ops ORT fuses with an int32 bias (QLinearConv, QGemm)
 _NARROWER = (np.int8, np.int16)
@@ -69,8 +69,7 @@ def compact(model: Any) -> int:
         for r in readers:
             r.input[0] = widened
         released.add(codes)
-    for node in reversed(new_nodes):  # they read initializers only: first in the graph
-        model.graph.node.insert(0, node)
+    insert(model.graph, new_nodes)  # they read initializers only: first in the graph
     drop_initializers(model.graph, released)
     return len(biases)
 

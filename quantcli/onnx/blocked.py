@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from quantcli.errors import ModelError
-from quantcli.onnx.graph import Graph, drop_initializers
+from quantcli.onnx.graph import Graph, drop_initializers, insert
 
 ACCURACY_LEVEL = 4  # what ORT gives the MatMulNBits it fuses: the input quantized to int8 per block
 _ONNX_TYPES = {(4, True): "INT4", (4, False): "UINT4", (8, True): "INT8", (8, False): "UINT8"}
@@ -152,7 +152,7 @@ def _packed_attention_inputs(
             _matmul_nbits(model, first, f"{module}.qkv_proj.weight", combined)
         else:
             dq = _dequantized(model.graph, first, f"{module}.qkv_proj.weight", combined)
-            model.graph.node.insert(list(model.graph.node).index(first), dq)
+            insert(model.graph, dq, before=first)
         for p in projections[1:]:
             model.graph.node.remove(p)
         gqa.input[1] = gqa.input[2] = ""
@@ -194,8 +194,7 @@ def _store_linears(
             continue
         new_nodes.append((node, _dequantized(model.graph, node, base, q)))
     for consumer, dq in new_nodes:  # each DequantizeLinear right before its MatMul, keeping the order topological
-        position = list(model.graph.node).index(consumer)
-        model.graph.node.insert(position, dq)
+        insert(model.graph, dq, before=consumer)
     return done, dropped
 
 
@@ -240,12 +239,8 @@ def _one_call_per_input(model: Any) -> int:
             "Split", [joined, sizes], [node.output[0] for node in nodes], axis=-1, name=g.fresh(f"{module}_split")
         )
         one.metadata_props.extend(nodes[0].metadata_props)
-        position = list(model.graph.node).index(nodes[0])
         released |= {name for node in nodes for name in node.input[1:]}
-        for node in nodes:
-            model.graph.node.remove(node)
-        model.graph.node.insert(position, split)
-        model.graph.node.insert(position, one)
+        insert(model.graph, [one, split], replacing=nodes)
         merged += 1
     _drop_unused(model.graph, released)
     return merged
@@ -300,7 +295,7 @@ def _store_tables(model: Any, weights: _Weights, tables: list, packed: dict[int,
             rows = _constant(model.graph, f"{record['module']}.weight_rows", [n, -1])
             data = f"{record['module']}.weight_packed"
             reshape = helper.make_node("Reshape", [b, rows], [data], name=f"{record['module']}.weight_reshape")
-            _insert_before(model.graph, node, reshape)
+            insert(model.graph, reshape, before=node)
         else:
             data, scale, zero = _nbits_initializers(model.graph, f"{record['module']}.weight", q, blobs=False)
         gathered = node.output[0] if k % q.grid.block(k) == 0 else f"{node.output[0]}_padded"
@@ -315,21 +310,17 @@ def _store_tables(model: Any, weights: _Weights, tables: list, packed: dict[int,
             gather_axis=0,
             quantize_axis=1,
         )
-        _insert_before(model.graph, node, gather)
+        insert(model.graph, gather, before=node)
         if gathered != node.output[0]:  # the padding of the last block sliced off
             bounds = [_constant(model.graph, f"{record['module']}.weight_{w}", [v]) for w, v in (("0", 0), ("k", k))]
             last = _constant(model.graph, f"{record['module']}.weight_axis", [-1])
-            _insert_before(model.graph, node, helper.make_node("Slice", [gathered, *bounds, last], [node.output[0]]))
+            insert(model.graph, helper.make_node("Slice", [gathered, *bounds, last], [node.output[0]]), before=node)
         model.graph.node.remove(node)
         dropped.add(table)
         done.append(index)
     if done:
         _use_microsoft_domain(model)
     return done
-
-
-def _insert_before(graph: Any, anchor: Any, node: Any) -> None:
-    graph.node.insert(list(graph.node).index(anchor), node)
 
 
 def _constant(graph: Any, name: str, values: list[int]) -> str:

@@ -286,7 +286,7 @@ def skip_norms(model: Any) -> int:
     a residual Add only into LayerNormalization, and only where the sum has no other reader); the count."""
     from onnx import helper
 
-    from quantcli.onnx.graph import Graph
+    from quantcli.onnx.graph import Graph, insert
 
     g = Graph(model.graph)
     done = 0
@@ -304,10 +304,7 @@ def skip_norms(model: Any) -> int:
             domain="com.microsoft",
             epsilon=eps,
         )
-        position = list(g.graph.node).index(add)
-        for node in [add, *chain]:
-            g.graph.node.remove(node)
-        g.graph.node.insert(position, fused)
+        insert(g.graph, fused, replacing=[add, *chain])
         done += 1
     if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))

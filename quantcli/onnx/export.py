@@ -8,7 +8,7 @@ from typing import Any
 
 from quantcli.errors import ModelError, RecipeError
 from quantcli.onnx import biases, rewrite
-from quantcli.onnx.graph import FLOAT_TYPES, opset_of
+from quantcli.onnx.graph import FLOAT_TYPES, insert, opset_of
 
 EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through the version converter
 
@@ -220,8 +220,7 @@ def half_constants(model: Any) -> int:
         tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float16), half))
         casts.append(helper.make_node("Cast", [half], [name], name=f"{name}_cast", to=TensorProto.FLOAT))
         count += 1
-    for offset, cast in enumerate(casts):  # first, so every reader comes after it
-        graph.node.insert(offset, cast)
+    insert(graph, casts)  # first, so every reader comes after it
     return count
 
 

@@ -57,6 +57,29 @@ def drop_initializers(graph: Any, names: set[str]) -> None:
             del graph.initializer[index]
 
 
+def insert(graph: Any, nodes: Any, *, before: Any = None, after: Any = None, replacing: Any = ()) -> None:
+    """Put `nodes` (one node or a list, kept in order) into `graph`'s node list: right before `before`, right after
+    `after`, or where the first of `replacing` (one node or a list) stood, those removed; with none of the three,
+    first in the graph (nodes that read initializers only). The node list stays topological when the caller's
+    nodes read what is computed before that place."""
+    nodes = list(nodes) if isinstance(nodes, (list, tuple)) else [nodes]
+    replacing = list(replacing) if isinstance(replacing, (list, tuple)) else [replacing]
+    listed = list(graph.node)
+    if replacing:
+        at = listed.index(replacing[0])
+        at -= sum(1 for r in replacing[1:] if listed.index(r) < at)
+        for r in replacing:
+            graph.node.remove(r)
+    elif before is not None:
+        at = listed.index(before)
+    elif after is not None:
+        at = listed.index(after) + 1
+    else:
+        at = 0
+    for offset, node in enumerate(nodes):
+        graph.node.insert(at + offset, node)
+
+
 class Graph:
     """Producers, consumers, initializers, constants and value types of an onnx GraphProto."""
 

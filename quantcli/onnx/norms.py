@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.onnx.graph import Graph, drop_initializers, opset_of, replace_each
+from quantcli.onnx.graph import Graph, drop_initializers, insert, opset_of, replace_each
 
 
 def group_norms(model: Any) -> int:
@@ -38,11 +38,7 @@ def group_norms(model: Any) -> int:
 
 
 def _as_instance_norm(g: Graph, norm, *found) -> set[str]:
-    nodes = _instance_norm(g, norm, *found)
-    at = list(g.graph.node).index(norm)
-    g.graph.node.remove(norm)
-    for offset, node in enumerate(nodes):
-        g.graph.node.insert(at + offset, node)
+    insert(g.graph, _instance_norm(g, norm, *found), replacing=norm)
     return set(norm.input[1:])
 
 
@@ -151,8 +147,8 @@ def _on_rows(g: Graph, norm, add, hidden: int) -> set[str]:
     norm.output[0] = g.fresh(f"{out}_rows")
     after.append(g.new_node(norm, "Reshape", [norm.output[0], shape], out))
     g.drop_value_info({add.output[0]})
-    _insert(g, add, before, at=0)
-    _insert(g, norm, after, at=1)
+    insert(g.graph, before, before=add)
+    insert(g.graph, after, after=norm)
     return set()
 
 
@@ -161,10 +157,3 @@ def _rows_of(g: Graph, name: str, hidden: int) -> bool:
     t = g.types.get(name)
     dims = t.shape.dim if t is not None and t.HasField("shape") else []
     return len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value == hidden
-
-
-def _insert(g: Graph, node, new: list, at: int) -> None:
-    """Put `new` right before (at=0) or after (at=1) `node` in the graph's node list."""
-    index = list(g.graph.node).index(node) + at
-    for offset, made in enumerate(new):
-        g.graph.node.insert(index + offset, made)

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from quantcli.onnx.graph import Graph, drop_initializers, replace_each
+from quantcli.onnx.graph import Graph, drop_initializers, insert, replace_each
 from quantcli.onnx.norms import group_norms, norms_on_rows
 
 _DATA_MOVEMENT = {
@@ -151,7 +151,7 @@ def _pool_then_squeeze(g: Graph, node, quantize, rank: int) -> None:
     axes = g.add_initializer(g.fresh(node.name + "_axes"), np.arange(2, rank, dtype=np.int64))
     squeeze = helper.make_node("Squeeze", [quantized, axes], [squeezed], name=g.fresh(node.name + "_squeeze"))
     squeeze.metadata_props.extend(node.metadata_props)
-    g.graph.node.insert(list(g.graph.node).index(quantize) + 1, squeeze)
+    insert(g.graph, squeeze, after=quantize)
     g.drop_value_info({mean_out})  # no longer produced; the squeezed value keeps the Q's value_info
 
 
@@ -184,8 +184,7 @@ def transposed_weights(model: Any) -> int:
             if axis is not None:
                 replacement.attribute.append(helper.make_attribute("axis", perm.index(axis)))
             replacement.metadata_props.extend(dq.metadata_props)
-            g.graph.node.insert(list(g.graph.node).index(node), replacement)
-            g.graph.node.remove(node)
+            insert(g.graph, replacement, replacing=node)
             made[key] = node.output[0]
         released |= set(dq.input)
         count += 1
@@ -224,10 +223,7 @@ def gathered_tables(model: Any) -> int:
         if params is None:
             continue
         for gather in [u for u in g.consumers.get(dq.output[0], []) if _gathers_rows(u, dq.output[0])]:
-            index = list(g.graph.node).index(gather)
-            g.graph.node.remove(gather)
-            for k, node in enumerate(_gather_then_scale(g, dq, gather, *params)):
-                g.graph.node.insert(index + k, node)
+            insert(g.graph, _gather_then_scale(g, dq, gather, *params), replacing=gather)
             released |= set(dq.input) | {gather.input[1]}  # the indices: dropped where none reads them now
             count += 1
     if count:
@@ -362,8 +358,7 @@ def hardsigmoids_as_adds(model: Any) -> int:
         shift = g.add_initializer(g.fresh(f"{node.name}_shift"), np.array(beta / alpha, np.float32))
         q.input[1] = g.add_initializer(g.fresh(f"{q.input[1]}_gate"), np.array(scale / alpha, np.float32))
         add = helper.make_node("Add", [node.input[0], shift], list(node.output), name=node.name)
-        g.graph.node.insert(list(g.graph.node).index(node), add)
-        g.graph.node.remove(node)
+        insert(g.graph, add, replacing=node)
     return len(gates)
 
 
@@ -473,7 +468,7 @@ def _dequantized_constant(g: Graph, node, k: int, value: np.ndarray) -> None:
     names = [g.add_initializer(base, codes), g.add_initializer(f"{base}_scale", scale)]
     names.append(g.add_initializer(f"{base}_zero_point", zero))
     dq = helper.make_node("DequantizeLinear", names, [g.fresh(f"{base}_dequantized")], name=g.fresh(f"{base}_dq"))
-    g.graph.node.insert(list(g.graph.node).index(node), dq)
+    insert(g.graph, dq, before=node)
     node.input[k] = dq.output[0]
 
 
