@@ -126,6 +126,49 @@ def test_mse_observer_range_is_near_the_brute_force_optimum(make, mse_bound, hi_
     assert abs(hi - best_hi) <= hi_tolerance * best_hi
 
 
+def gelu_of_growing_batches(g: torch.Generator) -> torch.Tensor:
+    """GELU of normal batches whose spread doubles batch to batch: the histogram is re-binned as it grows."""
+    return torch.cat([torch.nn.functional.gelu(torch.randn(12_500, generator=g) * 2**k) for k in range(8)])
+
+
+def sparse_normal(g: torch.Generator) -> torch.Tensor:
+    return torch.randn(100_000, generator=g) * (torch.rand(100_000, generator=g) < 0.05)
+
+
+@pytest.mark.parametrize("make", [gaussian_with_outliers, relu_laplace, gelu_of_growing_batches, sparse_normal])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_mse_search_finds_torchaos_range_to_the_bit(make, seed):
+    """quantcli's loop over the cumulative histogram (Python floats, each bound rounded as torch compares it) ends
+    where torchao's tensor-indexing loop does."""
+    from torchao.quantization.pt2e.observer import HistogramObserver as TorchaoHistogramObserver
+
+    observer = ACTIVATION_OBSERVERS["mse"](dtype=torch.uint8)
+    for batch in make(torch.Generator().manual_seed(seed)).chunk(8):
+        observer(batch)
+    lo, hi = observer._non_linear_param_search()
+    assert (lo, hi) != (observer.min_val, observer.max_val)  # the search narrowed the range
+    expected = TorchaoHistogramObserver._non_linear_param_search(observer)
+    assert torch.equal(lo, expected[0]) and torch.equal(hi, expected[1])
+
+
+def test_the_mse_search_compares_counts_in_float32_as_torch_does():
+    """A first bin holding float32(1e-5 * total), which is under the first quantile step's bound in float64 but
+    equal to it in float32: torch's comparison keeps the start there, a float64 comparison would move it."""
+    from torchao.quantization.pt2e.observer import HistogramObserver as TorchaoHistogramObserver
+
+    observer = ACTIVATION_OBSERVERS["mse"](dtype=torch.uint8)
+    histogram = torch.full((observer.bins,), 20.0)
+    histogram[-2:] = 1.0
+    for _ in range(5):  # the first bin's count and the total it is part of, to a fixed point
+        histogram[0] = float(np.float32(1e-5 * histogram.sum().item()))
+    total = histogram.sum().item()
+    assert float(histogram[0]) < 1e-5 * total and float(histogram[0]) == float(np.float32(1e-5 * total))
+    observer.histogram, observer.min_val, observer.max_val = histogram, torch.tensor(-1.0), torch.tensor(1.0)
+    lo, hi = observer._non_linear_param_search()
+    expected = TorchaoHistogramObserver._non_linear_param_search(observer)
+    assert float(lo) == -1.0 and torch.equal(lo, expected[0]) and torch.equal(hi, expected[1])
+
+
 # ------------------------------------------------------------------ entropy vs ONNX Runtime
 def laplace_batches(outliers: dict[int, list[float]]) -> list[np.ndarray]:
     """8 batches of 16384 Laplace(0, 1) values (largest |x| 9.7-12), with `outliers` {batch: values}."""

@@ -44,6 +44,45 @@ class HistogramObserver(_TorchaoHistogramObserver):
             return x_orig
         return super().forward(x_orig)
 
+    def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """torchao's range search, step for step, with the cumulative histogram read as Python floats.
+
+        torchao's loop indexes a tensor for every bin it passes, for each of up to 10**5 quantile steps: 14 s
+        of the 37 that convert took on a small EVA-02 (710 observers), 1.4 s this way (convert: 21 s). Each
+        comparison is made as torch makes it, the bound rounded to the histogram's dtype, so the range is the
+        same to the bit (tests/test_observers.py, against torchao's own on made histograms; the same on all
+        710 of EVA-02's, where comparing in float64 differs on 4).
+        """
+        assert self.histogram.size()[0] == self.bins, "bins mismatch"
+        bin_width = (self.max_val - self.min_val) / self.bins
+        total = torch.sum(self.histogram).item()
+        cumulative = torch.cumsum(self.histogram, dim=0).cpu()
+        in_dtype = cumulative.numpy().dtype.type  # a tensor element against a Python float: in the tensor's dtype
+        counts = cumulative.tolist()
+        stepsize, alpha, beta = 1e-5, 0.0, 1.0  # torchao's granularity and quantile bounds
+        start_bin, end_bin = 0, self.bins - 1
+        norm_min = float("inf")
+        while alpha < beta:
+            next_alpha, next_beta = alpha + stepsize, beta - stepsize
+            low, high = float(in_dtype(next_alpha * total)), float(in_dtype(next_beta * total))
+            left, right = start_bin, end_bin
+            while left < end_bin and counts[left] < low:
+                left += 1
+            while right > start_bin and counts[right] > high:
+                right -= 1
+            next_start_bin, next_end_bin = start_bin, end_bin
+            if left - start_bin > end_bin - right:  # move the end with more mass outside it
+                next_start_bin, alpha = left, next_alpha
+            else:
+                next_end_bin, beta = right, next_beta
+            if next_start_bin == start_bin and next_end_bin == end_bin:
+                continue
+            norm = self._compute_quantization_error(next_start_bin, next_end_bin)
+            if norm > norm_min:
+                break
+            norm_min, start_bin, end_bin = norm, next_start_bin, next_end_bin
+        return self.min_val + bin_width * start_bin, self.min_val + bin_width * (end_bin + 1)
+
     def _compute_quantization_error(self, next_start_bin: int, next_end_bin: int):
         if next_start_bin != 0 or float(self.min_val) != 0.0:
             return super()._compute_quantization_error(next_start_bin, next_end_bin)
