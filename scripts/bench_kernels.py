@@ -8,6 +8,9 @@
 - `channel_scale`: a per-channel scale before a per-tensor QuantizeLinear (the FFN equalization's, after GELU)
   on (1, 128, 1536), as a Mul and the QuantizeLinear and as one QuantizeLinear per axis (the scale divided
   into its scales), which the export does not write.
+- `halves`: rotary embeddings' rotate_half, concat(-x2, x1) of the two halves of the last axis of
+  (1, 8, 128, 64), the halves taken by one Split (what onnxscript's SlicesSplit rule makes) and by two
+  Slices (what the export keeps: quantcli._torch._QUADRATIC_REWRITES).
 
 Each form runs in its own session (graph optimizations on, as a user's session has them), sessions
 interleaved round after round; medians in ms, one and two threads. A benchmark, not a test: it asserts
@@ -95,6 +98,28 @@ def channel_scale() -> tuple[dict, dict]:
     return {"Mul + QuantizeLinear": mul, "QuantizeLinear per axis": per_axis}, feed
 
 
+def halves() -> tuple[dict, dict]:
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.normal(0, 1, (1, 8, 128, 64)).astype(np.float32)}
+    rotate = [helper.make_node("Neg", ["x2"], ["n"]), helper.make_node("Concat", ["n", "x1"], ["y"], axis=-1)]
+    split = _model(
+        [helper.make_node("Split", ["x", "sizes"], ["x1", "x2"], axis=-1), *rotate],
+        feed,
+        {"sizes": np.array([32, 32], np.int64)},
+    )
+    bounds = {"b0": [0], "b1": [32], "b2": [64], "axes": [-1]}
+    slices = _model(
+        [
+            helper.make_node("Slice", ["x", "b0", "b1", "axes"], ["x1"]),
+            helper.make_node("Slice", ["x", "b1", "b2", "axes"], ["x2"]),
+            *rotate,
+        ],
+        feed,
+        {k: np.array(v, np.int64) for k, v in bounds.items()},
+    )
+    return {"Split": split, "two Slices": slices}, feed
+
+
 def time_forms(forms: dict, feed: dict, threads: int, rounds: int) -> dict[str, float]:
     sessions = {}
     for name, model in forms.items():
@@ -120,6 +145,7 @@ def main() -> None:
     cases = [(f"skip_norm H={h}", *skip_norm(h)) for h in (64, 128, 384, 768)] + [
         ("group_norm", *group_norm()),
         ("channel_scale", *channel_scale()),
+        ("halves", *halves()),
     ]
     for label, forms, feed in cases:
         for threads in (1, 2):

@@ -186,6 +186,42 @@ def test_a_program_with_an_op_onnx_lacks_is_still_retraced():
     assert out.shape == (2, 5)
 
 
+class _RotateHalf(torch.nn.Module):
+    """Rotary embeddings' rotate_half: the halves of the last axis, swapped, one negated."""
+
+    def forward(self, x):
+        return torch.cat((-x[..., 4:8], x[..., 0:4]), dim=-1)
+
+
+def test_the_exporters_optimizer_runs_without_its_quadratic_rule_and_gets_it_back(monkeypatch):
+    """SlicesSplit (each node matched against every node of the graph) is left out of the exporter's optimizer for
+    the export alone; every other rule runs, the halves are two Slices with the right values, and onnxscript's
+    rules are as they were after."""
+    import onnxruntime as ort
+    import onnxscript.optimizer
+    import onnxscript.rewriter
+
+    from quantcli import _torch
+
+    rules = onnxscript.rewriter._DEFAULT_REWRITE_RULES
+    seen: list[set[str]] = []
+    optimize = onnxscript.optimizer.optimize_ir
+
+    def spy(model, *args, **kwargs):
+        seen.append({r.name for r in onnxscript.rewriter._DEFAULT_REWRITE_RULES})
+        return optimize(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnxscript.optimizer, "optimize_ir", spy)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    program = _torch.export_program(_RotateHalf().eval(), (x,), None)
+    model = onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
+    assert seen == [{r.name for r in rules} - {"SlicesSplit"}] and "SlicesSplit" in {r.name for r in rules}
+    assert onnxscript.rewriter._DEFAULT_REWRITE_RULES is rules
+    assert [n.op_type for n in model.graph.node].count("Slice") == 2
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": x.numpy()})[0], _RotateHalf()(x).numpy())
+
+
 def test_tidy_keeps_one_initializer_per_constant_and_shapes_of_computed_tensors_only():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
