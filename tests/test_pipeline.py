@@ -59,6 +59,35 @@ def test_converted_program_keeps_only_int8_weights(chained):
     assert matrices and all(str(v.dtype) == "torch.int8" for v in matrices)
 
 
+def test_a_program_loaded_again_is_a_copy_of_the_first_and_a_changed_file_is_read_anew(chained, tmp_path, monkeypatch):
+    """`quantcli run` reads the captured program in four stages: after the first load of a file, a process gets
+    deep copies (its own tensors: training writes into them), and a file written since is loaded from disk."""
+    import shutil
+
+    import torch
+
+    from quantcli import _torch
+
+    path = tmp_path / "program.pt2"
+    shutil.copy(chained("mlp") / "captured" / artifacts.PROGRAM, path)
+    reads = []
+    load = torch.export.load
+    monkeypatch.setattr(torch.export, "load", lambda f: reads.append(f) or load(f))
+    first, second = _torch.load_program(path), _torch.load_program(path)
+    assert len(reads) == 1 and first is not second
+    name, weight = next(iter(first.state_dict.items()))
+    assert torch.equal(weight, second.state_dict[name])
+    with torch.no_grad():
+        weight.add_(1.0)  # a caller writing into its copy
+    third = _torch.load_program(path)
+    assert not torch.equal(third.state_dict[name], weight) and torch.equal(
+        third.state_dict[name], second.state_dict[name]
+    )
+    _torch.save_program(first, path)  # the file rewritten: read again, with what it now holds
+    fourth = _torch.load_program(path)
+    assert len(reads) == 2 and torch.equal(fourth.state_dict[name], weight)
+
+
 def test_runnable_program_computes_quantize_and_dequantize_bit_identically(chained):
     """_torch.runnable (parity's int8 reference in PyTorch) swaps torchao's per-tensor quantize/dequantize
     for in-place arithmetic: the outputs must not move by a bit."""
