@@ -52,7 +52,7 @@ def compact(model: Any) -> int:
             released.add(dq.input[1])
             dq.input[1] = products[key]
     ours, users = {id(dq) for dq in biases}, consumers(model.graph.node)  # as they read now: no zero points
-    for codes in {dq.input[0] for dq in biases}:
+    for codes in dict.fromkeys(dq.input[0] for dq in biases):  # in graph order: the same file in every process
         readers = users[codes]
         if any(id(r) not in ours or codes in r.input[1:] for r in readers):
             continue  # read elsewhere too (as a zero point, say): left as it is
