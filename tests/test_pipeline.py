@@ -83,9 +83,36 @@ def test_a_program_loaded_again_is_a_copy_of_the_first_and_a_changed_file_is_rea
     assert not torch.equal(third.state_dict[name], weight) and torch.equal(
         third.state_dict[name], second.state_dict[name]
     )
-    _torch.save_program(first, path)  # the file rewritten: read again, with what it now holds
+    shutil.copy(chained("mlp") / "converted" / artifacts.PROGRAM, path)  # another program written over it
+    assert str(_torch.load_program(path).graph) != str(first.graph) and len(reads) == 2
+    _torch.save_program(first, path)  # a program saved: kept as the file now holds it
     fourth = _torch.load_program(path)
     assert len(reads) == 2 and torch.equal(fourth.state_dict[name], weight)
+
+
+@pytest.mark.slow
+def test_export_of_the_program_convert_kept_in_memory_writes_the_bytes_a_new_process_writes(
+    chained, tmp_path, monkeypatch
+):
+    """In one process (`quantcli run`), export reads the program convert saved from memory; a new process, with
+    another string hash seed, reads it from the file. Both write the same ONNX file to the byte (13 narrowed
+    biases, whose Casts were once ordered by a set of names)."""
+    import shutil
+
+    import torch
+
+    from tests.conftest import cli_env, quantcli
+
+    shutil.copytree(chained("bert") / "calibrated", tmp_path / "calibrated")
+    reads = []
+    load = torch.export.load
+    monkeypatch.setattr(torch.export, "load", lambda f: reads.append(Path(f).parent.name) or load(f))
+    stages.convert.run(tmp_path / "calibrated", tmp_path / "converted")
+    stages.export.run(tmp_path / "converted", tmp_path / "model.onnx")
+    assert "converted" not in reads  # from memory
+    again = quantcli("export", tmp_path / "converted", "-o", tmp_path / "again.onnx", env=cli_env(PYTHONHASHSEED="7"))
+    assert again.rc == 0, again.stderr
+    assert (tmp_path / "model.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()
 
 
 def test_runnable_program_computes_quantize_and_dequantize_bit_identically(chained):
