@@ -559,24 +559,23 @@ def save_program(program: Any, path: Path) -> None:
             node.meta.pop("from_node", None)
             node.meta.pop("stack_trace", None)
     torch.export.save(program, str(path))
-    _remember(path, program, copied=True)  # convert's program, which export reads next in `quantcli run`
 
 
-# Programs this process has loaded or saved, by the file's identity (device, inode, size, modification time), at
-# most LOADED_PROGRAMS of them, each file at most CACHED_PROGRAM_BYTES: `quantcli run` reads the captured program
-# (carried as a hard link) in prepare, calibrate, convert and export, and export reads the program convert saved.
-# A deep copy of a program takes 1/30 of loading it again (0.03 against 0.96 s for EfficientNet-Lite0's captured
-# program, 0.15 against 5.8 s for a small EVA-02's converted one), and the ONNX file exported from the program as
-# saved is the same to the byte as from the program loaded (tests/test_pipeline.py). Every caller gets its own
-# copy: training and load_state_dict write into a program's tensors.
+# Programs this process has loaded, by the file's identity (device, inode, size, modification time), at most
+# LOADED_PROGRAMS of them, each file at most CACHED_PROGRAM_BYTES: `quantcli run` reads the captured program
+# (carried as a hard link) in prepare, calibrate, convert and export, and a deep copy of a loaded program takes
+# 1/30 of loading it again (0.03 against 0.96 s for EfficientNet-Lite0's captured program). Every caller gets its
+# own copy: training and load_state_dict write into a program's tensors. A program is kept as loaded, never as
+# saved: the one torch.export made still has its tracing's shape ranges (a dynamic batch from 2, where the file
+# says from 1).
 _LOADED: dict[tuple[int, ...], Any] = {}
 LOADED_PROGRAMS = 2
 CACHED_PROGRAM_BYTES = 256 * 2**20
 
 
 def load_program(path: Path) -> Any:
-    """The ExportedProgram saved at `path` (`_load_program_file`), a copy of the one this process loaded from or
-    saved to the same file where it did."""
+    """The ExportedProgram saved at `path` (`_load_program_file`), a copy of the one this process loaded from the
+    same file where it did."""
     try:
         key = _file_key(path)
     except OSError:
@@ -584,27 +583,17 @@ def load_program(path: Path) -> Any:
     loaded = _LOADED.get(key)
     if loaded is None:
         loaded = _load_program_file(path)
-        if not _remember(path, loaded):
+        if key[2] > CACHED_PROGRAM_BYTES:
             return loaded
+        _LOADED[key] = loaded
+        while len(_LOADED) > LOADED_PROGRAMS:
+            del _LOADED[next(iter(_LOADED))]
     return copy.deepcopy(loaded)
 
 
 def _file_key(path: Path) -> tuple[int, ...]:
     stat = os.stat(path)
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def _remember(path: Path, program: Any, copied: bool = False) -> bool:
-    """Keep `program` (a copy of it with `copied`, where the caller goes on with it) as what the file at `path`
-    holds; whether it was kept."""
-    key = _file_key(path)
-    if key[2] > CACHED_PROGRAM_BYTES:
-        return False
-    _LOADED.pop(key, None)
-    _LOADED[key] = copy.deepcopy(program) if copied else program
-    while len(_LOADED) > LOADED_PROGRAMS:
-        del _LOADED[next(iter(_LOADED))]
-    return True
 
 
 def _load_program_file(path: Path) -> Any:
