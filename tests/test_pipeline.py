@@ -90,6 +90,32 @@ def test_a_program_loaded_again_is_a_copy_of_the_first_and_a_changed_file_is_rea
     assert len(reads) == 3 and torch.equal(fourth.state_dict[name], weight)
 
 
+def test_a_program_loads_the_same_with_the_deserializers_type_hints_kept(chained, monkeypatch):
+    """The load keeps each schema class's type hints for its own duration: the same program as torch's own
+    deserializer gives, and torch's serializer module has its `typing` back after."""
+    import contextlib
+    import typing
+
+    import torch
+    from torch._export.serde import serialize
+
+    from quantcli import _torch
+
+    path = chained("two_io") / "converted" / artifacts.PROGRAM
+    seen = []
+    hints = _torch._TypingWithCachedHints.get_type_hints
+    monkeypatch.setattr(
+        _torch._TypingWithCachedHints, "get_type_hints", lambda *a, **k: seen.append(1) or hints(*a, **k)
+    )
+    kept = _torch._load_program_file(path)
+    assert seen and serialize.typing is typing
+    monkeypatch.setattr(_torch, "_serializer_type_hints_cached", contextlib.nullcontext)
+    plain = _torch._load_program_file(path)
+    assert str(kept.graph) == str(plain.graph) and str(kept.range_constraints) == str(plain.range_constraints)
+    assert kept.state_dict.keys() == plain.state_dict.keys()
+    assert all(torch.equal(kept.state_dict[k], plain.state_dict[k]) for k in kept.state_dict)
+
+
 @pytest.mark.slow
 def test_export_writes_the_same_bytes_in_this_process_and_in_a_new_one(chained, tmp_path):
     """Export in this process and in a new one with another string hash seed: the same ONNX file to the byte
