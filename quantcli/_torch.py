@@ -154,11 +154,9 @@ def _without_quadratic_rewrites() -> Iterator[None]:
     if rules is None:
         yield
         return
-    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) not in _QUADRATIC_REWRITES)
-    try:
+    kept = tuple(r for r in rules if getattr(r, "name", None) not in _QUADRATIC_REWRITES)
+    with _replaced(rewriter, "_DEFAULT_REWRITE_RULES", kept):
         yield
-    finally:
-        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 @contextlib.contextmanager
@@ -219,11 +217,8 @@ def _decompositions_only_where_needed() -> Iterator[None]:
             program.graph_module.recompile()
         return program
 
-    _fx_passes.decompose_with_registry = where_needed
-    try:
+    with _replaced(_fx_passes, "decompose_with_registry", where_needed):
         yield
-    finally:
-        _fx_passes.decompose_with_registry = decompose
 
 
 # the checks torch.export writes, which the ONNX exporter removes right after its decompositions
@@ -323,12 +318,20 @@ def no_stack_traces() -> Iterator[None]:
     drops those traces before saving a program (`save_program`) and from the ONNX file, and recording
     them was a quarter of the ONNX export's time (1.2 s CPU on EfficientNet-Lite0).
     """
-    previous = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True
+    with _replaced(torch.fx.config, "do_not_emit_stack_traces", True):
+        yield
+
+
+@contextlib.contextmanager
+def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """`owner.name` is `value` while the block runs and what it was after: a setting or a private hook of torch,
+    torchao or onnxscript changed for one call."""
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.fx.config.do_not_emit_stack_traces = previous
+        setattr(owner, name, previous)
 
 
 def export_program(module: Any, args: tuple, dynamic_shapes: Any) -> Any:
@@ -667,11 +670,8 @@ def _serializer_type_hints_cached() -> Iterator[None]:
     if getattr(serialize, "typing", None) is not typing:  # another torch: as it is
         yield
         return
-    serialize.typing = _TypingWithCachedHints()
-    try:
+    with _replaced(serialize, "typing", _TypingWithCachedHints()):
         yield
-    finally:
-        serialize.typing = typing
 
 
 def _unsafe_entry(path: Path) -> str | None:
@@ -814,13 +814,10 @@ def _present_convs_only() -> Iterator[None]:
 
         return run
 
-    for name, helper in originals.items():
-        setattr(_qat_utils, name, only_present(helper))
-    try:
-        yield
-    finally:
+    with contextlib.ExitStack() as stack:
         for name, helper in originals.items():
-            setattr(_qat_utils, name, helper)
+            stack.enter_context(_replaced(_qat_utils, name, only_present(helper)))
+        yield
 
 
 def _int32_quantize(node: Any) -> bool:
