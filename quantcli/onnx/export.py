@@ -8,7 +8,7 @@ from typing import Any
 
 from quantcli.errors import ModelError, RecipeError
 from quantcli.onnx import biases, rewrite
-from quantcli.onnx.graph import FLOAT_TYPES, insert, opset_of
+from quantcli.onnx.graph import FLOAT_TYPES, Graph, insert, opset_of
 
 EXPORTER_OPSET = 18  # the dynamo exporter's lowest opset; lower ones go through the version converter
 
@@ -202,26 +202,21 @@ def half_constants(model: Any) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    kept = {o.name for o in graph.output} | {i.name for i in graph.input}
+    g = Graph(graph)
+    kept = g.outputs | {i.name for i in graph.input}
     kept |= {i for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | kept
-    casts, count = [], 0
+    casts = []
     for tensor in graph.initializer:
         if tensor.data_type != TensorProto.FLOAT or tensor.name in kept or not tensor.HasField("raw_data"):
             continue
         value = numpy_helper.to_array(tensor)
         if value.size < HALF_MIN_SIZE or not np.array_equal(value.astype(np.float16).astype(np.float32), value):
             continue
-        name = tensor.name
-        half = f"{name}_float16"
-        while half in taken:
-            half += "_"
-        taken.add(half)
+        name, half = tensor.name, g.fresh(f"{tensor.name}_float16")
         tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float16), half))
-        casts.append(helper.make_node("Cast", [half], [name], name=f"{name}_cast", to=TensorProto.FLOAT))
-        count += 1
+        casts.append(helper.make_node("Cast", [half], [name], name=g.fresh(f"{name}_cast"), to=TensorProto.FLOAT))
     insert(graph, casts)  # first, so every reader comes after it
-    return count
+    return len(casts)
 
 
 def rename_dims(model: Any, inputs: list[Any]) -> None:
