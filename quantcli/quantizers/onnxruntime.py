@@ -266,7 +266,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         "binary": _annotate_binary,
         "relu": _annotate_relu,
         "cat": _annotate_cat,
-        "pool": _annotate_shared,
+        "pool": _annotate_requantizing,
         "unary": _annotate_requantizing,
         "split": _annotate_split,
         "getitem": _annotate_getitem,
