@@ -234,9 +234,20 @@ class OnnxRuntimeQuantizer(Quantizer):
         annotate(node, {a: act for a in inputs}, act)
 
     def _annotate_requantizing(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
-        """Pools, global means, sigmoid, leaky ReLU: ORT's QLinear kernels give the output its own range."""
+        """Sigmoid, leaky ReLU: ORT's QLinear kernels give the output its own range."""
         act = activation_spec(s)
         annotate(node, {node.args[0]: act}, act)
+
+    def _annotate_pool(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
+        """Average pools and global means: the output its own range, as ORT's quantizer gives it.
+
+        QLinearAveragePool and QLinearGlobalAveragePool requantize at no cost, and a mean spans a fraction
+        of its input's range. Under the default range search that range is the observed one: the search
+        trades a tensor's rare outliers for resolution, and a mean of many values has none to trade; what
+        it clipped were the largest features the head reads (sweep: 0 to +0.69 dB on 8 nets, none lower).
+        """
+        out_setting = dataclasses.replace(s, observer="minmax") if s.observer in ("histogram", "mse") else s
+        annotate(node, {node.args[0]: activation_spec(s)}, activation_spec(out_setting))
 
     def _annotate_split(self, node: Node, s: Setting, out: bool, policy: Policy) -> None:
         """Split/chunk/unbind: every piece keeps the input's parameters (ORT splits the uint8 tensor)."""
@@ -266,7 +277,7 @@ class OnnxRuntimeQuantizer(Quantizer):
         "binary": _annotate_binary,
         "relu": _annotate_relu,
         "cat": _annotate_cat,
-        "pool": _annotate_requantizing,
+        "pool": _annotate_pool,
         "unary": _annotate_requantizing,
         "split": _annotate_split,
         "getitem": _annotate_getitem,
