@@ -257,6 +257,13 @@ def kept_files(out: Path, flows) -> dict[str, Path]:
     return {k: out / "quantcli" / "model.onnx" if k == "quantcli" else out / f"{k}.onnx" for k in flows}
 
 
+def kept_sessions(out: Path, result: dict) -> dict:
+    """ORT sessions of the model files a finished architecture kept, by flow."""
+    from quantcli.onnx import runtime
+
+    return {k: runtime.session(p, threads=THREADS) for k, p in kept_files(out, result["mb"]).items()}
+
+
 def recount(out: Path) -> None:
     """Count a finished architecture's kernels and float ops again from its kept files, into its result.json:
     for a change of what is counted, without running the flows again."""
@@ -268,10 +275,8 @@ def recount(out: Path) -> None:
 def retime(out: Path, rounds: int) -> None:
     """Time a finished architecture's models again (batch 1 and 32), into its result.json: a second look
     at a latency ratio measured while the machine was busy."""
-    from quantcli.onnx import runtime
-
     result = json.loads((out / RESULT).read_text())
-    sessions = {k: runtime.session(p, threads=THREADS) for k, p in kept_files(out, result["mb"]).items()}
+    sessions = kept_sessions(out, result)
     result["ms"] = latency(sessions, dict(np.load(out / "held_out.npz")), rounds)
     result["retimed_rounds"] = rounds
     (out / RESULT).write_text(json.dumps(result, indent=1) + "\n")
@@ -281,10 +286,8 @@ def rescore(name: str, out: Path, rows: int) -> None:
     """Measure a finished architecture's SQNR again on `rows` held-out inputs (the same seed, so photo crops
     begin with the 32 it had), into its result.json: a gap of a few tenths of a dB on 32 inputs can be their
     sampling spread."""
-    from quantcli.onnx import runtime
-
     result = json.loads((out / RESULT).read_text())
-    sessions = {k: runtime.session(p, threads=THREADS) for k, p in kept_files(out, result["mb"]).items()}
+    sessions = kept_sessions(out, result)
     result["fidelity"] = fidelity(sessions, architectures().inputs(name, rows, HELD_OUT[1]))
     result["rescored_rows"] = rows
     (out / RESULT).write_text(json.dumps(result, indent=1) + "\n")
@@ -544,10 +547,10 @@ def main() -> int:
 
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "machine.json").write_text(json.dumps({**machine(), "threads": THREADS}, indent=1) + "\n")
+    again = args.retime or args.recount or args.rescore  # finished architectures measured again, none run
     for i, name in enumerate(names):
         out = (args.out / slug(name)).resolve()
         done = (out / RESULT).is_file()
-        again = args.retime or args.recount or args.rescore
         finished = json.loads((out / RESULT).read_text()) if done and again else {}
         if args.retime and "ms" in finished:
             print(f"[{i + 1}/{len(names)}] {name}: timing again", file=sys.stderr, flush=True)
