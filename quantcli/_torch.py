@@ -122,7 +122,12 @@ def onnx_program(
         if not any(d.is_custom for d in registry.get_decomps(name)):
             namespace, op = name.split("::")
             registry.register_op(getattr(getattr(torch.ops, namespace), op).default, function)
-    with no_stack_traces(), _decompositions_only_where_needed(), _without_quadratic_rewrites():
+    with (
+        no_stack_traces(),
+        _decompositions_only_where_needed(),
+        _type_promotion_only_where_needed(),
+        _without_quadratic_rewrites(),
+    ):
         return _core.export(
             program,
             (),
@@ -190,7 +195,13 @@ def _decompositions_only_where_needed() -> Iterator[None]:
                     if node.op != "call_function" or target is _operator.getitem or target in _EXPORTER_DROPS:
                         continue
                     dtype = _cpu_cast(node) if target in _CASTS else None
-                    if target in _RENAMED or dtype is not None or _plain_rsub(node) or _eval_form(node):
+                    if (
+                        target in _RENAMED
+                        or dtype is not None
+                        or _plain_rsub(node)
+                        or _eval_form(node)
+                        or _inference_dropout(node)
+                    ):
                         if module is not graph_module:
                             return None
                         found.append((node, dtype))
@@ -221,6 +232,74 @@ def _decompositions_only_where_needed() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _type_promotion_only_where_needed() -> Iterator[None]:
+    """The ONNX exporter's type-promotion pass, skipped for a graph it would not change.
+
+    The pass re-runs every node on fake tensors to find the arguments whose dtype differs from the one the
+    op computes in (an int tensor or scalar beside a float one, int division), and casts those: a quarter of
+    the export's time on a small CNN, where it casts nothing. Here each node the pass has a rule for is
+    previewed on the dtypes recorded in the graph, as the pass itself decides; where any argument would be
+    cast the whole pass runs as torch wrote it, so a graph comes out exactly as it did.
+    """
+    from torch.onnx._internal.exporter import _fx_passes
+    from torch.onnx._internal.fx.passes import type_promotion
+
+    promote = _fx_passes.insert_type_promotion_nodes
+
+    def where_needed(graph_module: Any) -> None:
+        table = type_promotion.TypePromotionTable()
+        for module in graph_module.modules():
+            for node in module.graph.nodes if isinstance(module, torch.fx.GraphModule) else ():
+                rule = type_promotion.get_type_promotion_rule(node, table) if node.op == "call_function" else None
+                if rule is not None and _would_cast(node, rule):
+                    promote(graph_module)
+                    return
+
+    with _replaced(_fx_passes, "insert_type_promotion_nodes", where_needed):
+        yield
+
+
+_UNRECORDED = object()  # a node without the value torch.export records (node.meta["val"])
+
+
+def _recorded(arg: Any) -> Any:
+    """An fx argument with each node replaced by its recorded value."""
+    if isinstance(arg, torch.fx.Node):
+        return arg.meta.get("val", _UNRECORDED)
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_recorded(a) for a in arg)
+    return arg
+
+
+def _would_cast(node: Any, rule: Any) -> bool:
+    """Whether the exporter's type promotion would change `node`: an argument to cast to the dtype `rule` computes
+    in (or one the pass cannot handle, which it reports itself)."""
+    from torch.onnx._internal.fx import type_utils
+
+    def differs(arg: Any, value: Any, dtype: Any) -> bool:  # type_promotion's _maybe_promote_arg, deciding only
+        if dtype is None:
+            return False
+        if isinstance(arg, torch.fx.Node):
+            if isinstance(value, torch.Tensor):
+                return value.dtype != dtype
+            return not type_utils.is_torch_symbolic_type(value) or (
+                type_utils.from_scalar_type_to_torch_dtype(type(value)) != dtype
+            )
+        scalar = type_utils.from_scalar_type_to_torch_dtype(type(arg))
+        if scalar is not None:
+            return scalar != dtype
+        if isinstance(arg, (list, tuple)):
+            return any(differs(a, v, dtype) for a, v in zip(arg, value, strict=True))
+        return True
+
+    args, kwargs = _recorded(node.args), {name: _recorded(a) for name, a in node.kwargs.items()}
+    info = rule.preview_type_promotion(args, kwargs)
+    return any(differs(a, args[i], info.args_dtypes.get(i)) for i, a in enumerate(node.args)) or any(
+        differs(a, kwargs[name], info.kwargs_dtypes.get(name)) for name, a in node.kwargs.items()
+    )
+
+
 # the checks torch.export writes, which the ONNX exporter removes right after its decompositions
 _EXPORTER_DROPS = {
     torch.ops.aten._assert_tensor_metadata.default,
@@ -246,6 +325,9 @@ def _plain_rsub(node: Any) -> bool:
 
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
+# dropout as an eval-mode program holds it (torchvision's `Dropout(inplace=True)` is the in-place one, which has
+# no ONNX function): the re-trace writes it as nothing
+_DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default}
 # a global average pool, which the re-trace writes as a mean over these dims (kept)
 _GLOBAL_POOLS = {torch.ops.aten.adaptive_avg_pool2d.default: [-1, -2], torch.ops.aten.adaptive_avg_pool1d.default: [-1]}
 
@@ -256,6 +338,18 @@ def _eval_form(node: Any) -> bool:
     if node.target is _BATCH_NORM:
         return len(node.args) == 9 and not node.kwargs and node.args[5] is False and node.args[3] is not None
     return node.target in _GLOBAL_POOLS and len(node.args) == 2 and all(size == 1 for size in node.args[1])
+
+
+def _inference_dropout(node: Any) -> bool:
+    """A dropout that passes its input through (train=False) on a tensor the graph computed (no input is
+    changed in place)."""
+    return (
+        node.target in _DROPOUTS
+        and len(node.args) == 3
+        and node.args[2] is False
+        and isinstance(node.args[0], torch.fx.Node)
+        and node.args[0].op != "placeholder"
+    )
 
 
 def _cpu_cast(node: Any) -> Any:
@@ -274,7 +368,8 @@ def _cpu_cast(node: Any) -> Any:
 
 def _as_lowered(node: Any, dtype: Any) -> None:
     """`node` as the re-trace writes it: a renamed op, `scalar - tensor` as sub(scalar, tensor), a cast (to `dtype`,
-    `_cpu_cast`'s) as _to_copy, no node for a cast to its own dtype (its module is then recompiled by the caller)."""
+    `_cpu_cast`'s) as _to_copy, no node for a cast to its own dtype or an inference dropout (its module is then
+    recompiled by the caller)."""
     if node.target in _RENAMED:
         node.target = _RENAMED[node.target]
     elif node.target is _RSUB:
@@ -285,7 +380,7 @@ def _as_lowered(node: Any, dtype: Any) -> None:
         _as_native_batch_norm(node)
     else:
         source = node.args[0]
-        if dtype == source.meta["val"].dtype:
+        if node.target in _DROPOUTS or dtype == source.meta["val"].dtype:
             node.replace_all_uses_with(source)
             node.graph.erase_node(node)
         else:

@@ -115,10 +115,11 @@ class _Flatten(torch.nn.Module):
     """Ops that all have ONNX functions (conv, relu, flatten, linear); with `mask`, also the `&`, `1.0 - mask`
     and `Tensor.to` of transformers' attention masks, which the re-trace renames; with `norm`, an inference
     BatchNorm and a global average pool, which it writes as another op each; with `pool`, an adaptive pool
-    to 2 x 2, which it lowers."""
+    to 2 x 2, which it lowers; with `drop`, torchvision's classifier dropout (in place), which it removes."""
 
-    def __init__(self, mask: bool = False, pool: bool = False, norm: bool = False):
+    def __init__(self, mask: bool = False, pool: bool = False, norm: bool = False, drop: bool = False):
         super().__init__()
+        self.drop = torch.nn.Dropout(0.2, inplace=True) if drop else torch.nn.Identity()
         side = 1 if norm else 2 if pool else 6
         self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * side * side, 5)
         self.pool = torch.nn.AdaptiveAvgPool2d(side) if pool or norm else torch.nn.Identity()
@@ -128,7 +129,7 @@ class _Flatten(torch.nn.Module):
         self.mask = mask
 
     def forward(self, x):
-        y = self.fc(self.pool(torch.relu(self.norm(self.conv(x)))).flatten(1))
+        y = self.fc(self.drop(self.pool(torch.relu(self.norm(self.conv(x)))).flatten(1)))
         return (1.0 - ((y > 0) & (y < 1)).to(y.dtype)) * y.to(torch.float32) if self.mask else y
 
 
@@ -146,12 +147,12 @@ def _exported_ops(model: torch.nn.Module) -> tuple[np.ndarray, str]:
     return session.run(None, {"x": x.numpy()})[0], ops
 
 
-@pytest.mark.parametrize("variant", ["plain", "mask", "norm"])
+@pytest.mark.parametrize("variant", ["plain", "mask", "norm", "drop"])
 def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_outputs(monkeypatch, variant):
     from quantcli import _torch
 
     torch.manual_seed(0)
-    model = _Flatten(mask=variant == "mask", norm=variant == "norm")
+    model = _Flatten(mask=variant == "mask", norm=variant == "norm", drop=variant == "drop")
     direct, direct_ops = _exported_ops(model)
     monkeypatch.setattr(_torch, "_decompositions_only_where_needed", contextlib.nullcontext)
     retraced, retraced_ops = _exported_ops(model)
@@ -164,7 +165,41 @@ def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_o
         if variant == "norm":
             assert "aten._native_batch_norm_legit_no_training.default" in ops and "aten.mean.dim" in ops
             assert "aten.batch_norm.default" not in ops and "aten.adaptive" not in ops
+        assert "dropout" not in ops
     np.testing.assert_array_equal(direct, retraced)
+
+
+class _Casts(torch.nn.Module):
+    """With `cast`, an int scalar divides a float tensor and an int mask is added to it: the exporter's type
+    promotion casts both."""
+
+    def __init__(self, cast: bool):
+        super().__init__()
+        self.conv, self.cast = torch.nn.Conv2d(3, 4, 3), cast
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)) * 0.5 + 1.0
+        return y / 3 + (y > 1).long() if self.cast else y
+
+
+@pytest.mark.parametrize("cast", [False, True])
+def test_type_promotion_runs_only_on_a_graph_it_changes_and_the_onnx_is_the_same(monkeypatch, cast):
+    from torch.onnx._internal.fx.passes import type_promotion
+
+    from quantcli import _torch
+
+    runs = []
+    full_pass = type_promotion.InsertTypePromotion.run
+    monkeypatch.setattr(type_promotion.InsertTypePromotion, "run", lambda self: runs.append(1) or full_pass(self))
+    program = _torch.export_program(_Casts(cast).eval(), (torch.randn(2, 3, 8, 8),), None)
+    direct = onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
+    assert len(runs) == cast
+    monkeypatch.setattr(_torch, "_type_promotion_only_where_needed", contextlib.nullcontext)
+    always = onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
+    assert len(runs) == 1 + cast  # without the check the pass runs on every graph
+    assert direct.SerializeToString() == always.SerializeToString()
+    if cast:
+        assert {"Cast", "Div"} <= {n.op_type for n in direct.graph.node}
 
 
 def test_the_program_exported_stays_as_it_was():
