@@ -10,7 +10,7 @@
   into its scales), which the export does not write.
 - `halves`: rotary embeddings' rotate_half, concat(-x2, x1) of the two halves of the last axis of
   (1, 8, 128, 64), the halves taken by one Split (what onnxscript's SlicesSplit rule makes) and by two
-  Slices (what the export keeps: quantcli._torch._QUADRATIC_REWRITES).
+  Slices (what the export keeps: quantcli._torch.exporter._QUADRATIC_REWRITES).
 
 Each form runs in its own session (graph optimizations on, as a user's session has them), sessions
 interleaved round after round; medians in ms, one and two threads. A benchmark, not a test: it asserts

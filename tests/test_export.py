@@ -149,12 +149,12 @@ def _exported_ops(model: torch.nn.Module) -> tuple[np.ndarray, str]:
 
 @pytest.mark.parametrize("variant", ["plain", "mask", "norm", "drop"])
 def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_outputs(monkeypatch, variant):
-    from quantcli import _torch
+    from quantcli._torch import exporter
 
     torch.manual_seed(0)
     model = _Flatten(mask=variant == "mask", norm=variant == "norm", drop=variant == "drop")
     direct, direct_ops = _exported_ops(model)
-    monkeypatch.setattr(_torch, "_decompositions_only_where_needed", contextlib.nullcontext)
+    monkeypatch.setattr(exporter, "_decompositions_only_where_needed", contextlib.nullcontext)
     retraced, retraced_ops = _exported_ops(model)
     assert "aten.flatten.using_ints" in direct_ops and "aten.view.default" not in direct_ops  # translated as it is
     assert "aten.view.default" in retraced_ops and "aten.flatten" not in retraced_ops  # the re-trace lowers it
@@ -187,6 +187,7 @@ def test_type_promotion_runs_only_on_a_graph_it_changes_and_the_onnx_is_the_same
     from torch.onnx._internal.fx.passes import type_promotion
 
     from quantcli import _torch
+    from quantcli._torch import exporter
 
     runs = []
     full_pass = type_promotion.InsertTypePromotion.run
@@ -194,7 +195,7 @@ def test_type_promotion_runs_only_on_a_graph_it_changes_and_the_onnx_is_the_same
     program = _torch.export_program(_Casts(cast).eval(), (torch.randn(2, 3, 8, 8),), None)
     direct = onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
     assert len(runs) == cast
-    monkeypatch.setattr(_torch, "_type_promotion_only_where_needed", contextlib.nullcontext)
+    monkeypatch.setattr(exporter, "_type_promotion_only_where_needed", contextlib.nullcontext)
     always = onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
     assert len(runs) == 1 + cast  # without the check the pass runs on every graph
     assert direct.SerializeToString() == always.SerializeToString()

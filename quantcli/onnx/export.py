@@ -27,10 +27,10 @@ def to_onnx(
     `integer_rewrites=False` leaves out quantcli.onnx.rewrite, which serves quantized activations: on a float
     graph its GlobalAveragePool in place of an RMS norm's ReduceMean keeps ORT from fusing the norm.
     `translations` maps quantcli's own torch ops ("namespace::name") to the ONNX functions that write them."""
-    from quantcli import _torch
+    from quantcli._torch import exporter
 
     try:
-        onnx_program = _torch.onnx_program(
+        onnx_program = exporter.onnx_program(
             program,
             opset=max(opset, EXPORTER_OPSET),
             input_names=input_names,
