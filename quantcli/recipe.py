@@ -333,6 +333,11 @@ def _no_nul(v: str) -> str:
 class CalibrationSection(DataSource):
     batch_size: int = Field(default=32, gt=0)
     num_batches: int | None = Field(default=None, gt=0, description="default: all the data")
+    bias_correction: bool = Field(
+        default=True,
+        description="on the first batch, take the mean shift quantization adds to each conv's (and a 2-D linear's) "
+        "output back from its bias; static activations, not QAT",
+    )
 
 
 class EvaluationSection(DataSource):

@@ -54,19 +54,28 @@ def data_source(recipe: Recipe, data: str | None, batches: int | None) -> tuple[
     return what, section, recipe.model_copy(update={what: section})
 
 
-def modules(art: artifacts.Artifact) -> tuple[Any, Any, Any]:
-    """(fp32 reference, in-process int8 copy, the saved int8 program's module)."""
+def modules(art: artifacts.Artifact) -> tuple[Any, Any, Any, Any]:
+    """(fp32 reference, in-process int8 copy, its copy for local errors, the saved int8 program's module).
+
+    The copy for local errors keeps the float biases where calibrate corrected them: a corrected bias takes
+    back the mean shift of the layers before it too, which local mode replaces with the reference's values.
+    """
     from quantcli import _torch
 
-    reference = taps.float_reference(restore_prepared(art, artifacts.FLOAT_PROGRAM))
+    reference = taps.float_reference(restore_prepared(art, artifacts.FLOAT_PROGRAM, float_biases=True))
     options = art.manifest["options"]
-    converted = _torch.convert(
-        _torch.to_eval(restore_prepared(art, artifacts.FLOAT_PROGRAM)),
-        options["fold_quantize"],
-        options["reference_representation"],
-    )
+
+    def int8(float_biases: bool) -> Any:
+        return _torch.convert(
+            _torch.to_eval(restore_prepared(art, artifacts.FLOAT_PROGRAM, float_biases=float_biases)),
+            options["fold_quantize"],
+            options["reference_representation"],
+        )
+
+    converted = int8(False)
+    local = int8(True) if art.manifest.get("bias_correction", {}).get("biases") else converted
     saved = _torch.load_program(art.file(artifacts.PROGRAM)).module()
-    return reference, converted, saved
+    return reference, converted, local, saved
 
 
 def _onnx(path: str | Path | None, art: artifacts.Artifact) -> Path | None:
@@ -164,20 +173,20 @@ def report(
 
 
 def _measure(
-    models: tuple[Any, Any, Any], recipe: Recipe, stream: Any, figures: Figures, ort: Any, progress: Any
+    models: tuple[Any, Any, Any, Any], recipe: Recipe, stream: Any, figures: Figures, ort: Any, progress: Any
 ) -> None:
     """Each batch through the fp32 reference, the int8 copy (accumulated, then local), the saved
     int8 program and ORT; the figures add them up."""
     from quantcli import _torch
 
-    reference, converted, saved = models
+    reference, converted, local_copy, saved = models
     ends = taps.output_points(converted, figures.points)  # float outputs of int8 ops: ORT's graph outputs
     for index, batch in enumerate(stream):
         target = batch.pop(TARGET_COLUMN, None)
         args = to_tensors(batch, recipe.inputs)
         fp32, ref = taps.observe(reference, args, figures.watch)
         int8, acc = taps.observe(converted, args, figures.watch)
-        _, local = taps.observe(converted, args, figures.watch, substitute=ref)
+        _, local = taps.observe(local_copy, args, figures.watch, substitute=ref)
         with _torch.torch.no_grad():
             shipped = _leaves(saved(*args))
         figures.add_torch(_leaves(fp32), _leaves(int8), shipped, ref, acc, local, target)

@@ -12,7 +12,8 @@ Each point is measured three ways on a batch:
 - accumulated: the int8 model's value there (after its output's quantize/dequantize, what the
   next op reads), on the int8 model's own inputs;
 - local: the same, but with every quantize node fed the reference value of its input, so the
-  op sees the fp32 input quantized as the int8 model would, and only its own error shows.
+  op sees the fp32 input quantized as the int8 model would, and only its own error shows (on an
+  int8 copy with the float biases where calibrate corrected them: report.layers.modules).
 """
 
 from __future__ import annotations

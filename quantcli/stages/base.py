@@ -196,11 +196,13 @@ def _why_again(previous: dict[str, Any], key: str, force: bool, why: Callable[[d
     return "--force" if force else "it did not match its report"
 
 
-def restore_prepared(art: Artifact, program: str = artifacts.PROGRAM) -> Any:
+def restore_prepared(art: Artifact, program: str = artifacts.PROGRAM, float_biases: bool = False) -> Any:
     """Rebuild the prepared (observed or fake-quantized) module of a prepared/calibrated/trained artifact.
 
     A converted artifact keeps the captured program as `float.pt2` and the state it was converted
     from: `restore_prepared(converted, artifacts.FLOAT_PROGRAM)` gives the calibrated module back.
+    `float_biases`: the biases calibrate corrected (quantizers.bias_correction) as the float model has them,
+    for a float reference.
 
     Prepared GraphModules do not pickle, so the artifact holds the captured program and the
     prepared module's state_dict; the same quantizer configuration (recorded, resolved, in the
@@ -217,6 +219,9 @@ def restore_prepared(art: Artifact, program: str = artifacts.PROGRAM) -> Any:
         module = _torch.prepare(captured.module(), quantizers.build(recipe.quantization, qat=qat), qat)
     if art.file(artifacts.STATE).exists():
         state = _torch.load_state(art.file(artifacts.STATE))
+        if float_biases:  # the values prepare computes from the captured program (folded BatchNorms included)
+            prepared = module.state_dict()
+            state.update({name: prepared[name] for name in art.manifest.get("bias_correction", {}).get("biases", [])})
         module.load_state_dict(state, strict=True)
     if art.manifest.get("observers_frozen"):  # a trained artifact's ranges are final, in eval mode too
         _torch.disable_observers(module)

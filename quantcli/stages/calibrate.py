@@ -41,8 +41,11 @@ def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> Cal
     return section.model_copy(update=update)
 
 
-def run_batches(module: Any, recipe: Recipe, progress: Progress, digest: BatchDigest | None = None) -> tuple[int, int]:
-    """Feed the calibration batches through `module` (adding each to `digest`); (batches, samples) seen."""
+def run_batches(
+    module: Any, recipe: Recipe, progress: Progress, digest: BatchDigest | None = None, first: list | None = None
+) -> tuple[int, int]:
+    """Feed the calibration batches through `module` (adding each to `digest`, the first batch's tensors and
+    sample count to `first`); (batches, samples) seen."""
     from quantcli import _torch
     from quantcli.loading.files import reader
 
@@ -63,6 +66,8 @@ def run_batches(module: Any, recipe: Recipe, progress: Progress, digest: BatchDi
             args = to_tensors(batch, inputs)
             check_fits(args, axes, inputs, index)
             forward(module, args, index)
+            if first is not None and index == 0:
+                first.append((args, samples_in(batch)))
             if digest is not None:
                 digest.add(batch)
             seen += 1
@@ -145,10 +150,16 @@ def run(
     def body(st: Any) -> dict[str, Any]:
         module = restore_prepared(parent)
         digest = BatchDigest() if streamed else None
-        seen, samples = run_batches(module, recipe, progress, digest)
+        first: list[tuple[tuple, int]] = []
+        seen, samples = run_batches(module, recipe, progress, digest, first)
+        extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
+        if corrects_biases(recipe, parent):
+            from quantcli.quantizers import bias_correction
+
+            args, count = first[0]
+            extra["bias_correction"] = {"biases": bias_correction.correct(module, args), "samples": count}
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
-        extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
         if recipe.quantization.weight_only:
             from quantcli.weightonly import collect
 
@@ -167,6 +178,17 @@ def run(
     )
     result.work = work_done(result.manifest)
     return result
+
+
+def corrects_biases(recipe: Recipe, parent: artifacts.Artifact) -> bool:
+    """Whether calibrate corrects biases: asked for, static activations, not for training (QAT learns them)."""
+    q = recipe.quantization
+    return (
+        recipe.calibration.bias_correction
+        and q.target == "onnxruntime"
+        and not q.weight_only
+        and not parent.manifest["qat"]
+    )
 
 
 def without_data(parent: artifacts.Artifact, recipe: Recipe, out: Path, force: bool) -> StageResult:

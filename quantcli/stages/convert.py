@@ -57,6 +57,7 @@ def run(
             "qat": parent.manifest["qat"],
             "io": parent.manifest["io"],
             "observers_frozen": bool(parent.manifest.get("observers_frozen")),
+            "bias_correction": parent.manifest.get("bias_correction", {}),
             "ops": count_ops(program.graph_module),
             **extra,
         }

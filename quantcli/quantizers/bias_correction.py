@@ -1,0 +1,165 @@
+"""Empirical bias correction: each conv's (and each 2-D linear's) bias takes back the mean shift quantization adds.
+
+Rounding the weights and clipping the activations shift the mean of a layer's output by channel, and the shift
+carries to every later layer: a search that clips a tensor's rare large values for resolution lowers the mean
+of what the next layer reads. After calibration the model is run on one calibration batch twice: in float
+(every observer passing its input through), then fake-quantized with the convert's arithmetic, layer after
+layer in graph order. At each corrected layer the per-channel mean of its fake-quantized output is compared
+with the float one, the difference is taken from the layer's bias, and the corrected output goes on to the
+layers after it, so that each layer's correction sees those before it corrected (a correction of every layer
+at once from one uncorrected pass over-corrects: each layer's shift partly comes from the layers before it).
+
+Only biases the graph reads as parameters are corrected (a conv without a bias and without a BatchNorm folded
+into it has none); the float reference of a report keeps the original values (`stages.base.restore_prepared`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torchao.quantization.pt2e.observer import ObserverBase
+
+aten = torch.ops.aten
+_CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+_LINEAR = aten.linear.default
+_INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.quint8, torch.qint8, torch.qint32)
+_PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
+
+
+class _FakeQuant(torch.nn.Module):
+    """Quantize then dequantize with an observer's parameters, as convert's QuantizeLinear/DequantizeLinear:
+    8-bit values through torch's fused fake-quantize kernels, int32 ones in float64 (which holds them all)."""
+
+    def __init__(self, obs: Any) -> None:
+        super().__init__()
+        scale, zero_point = obs.calculate_qparams()
+        self.wide = obs.dtype in (torch.int32, torch.qint32)
+        self.qmin, self.qmax = obs.quant_min, obs.quant_max
+        self.axis = obs.ch_axis if getattr(obs, "qscheme", None) in _PER_CHANNEL else None
+        if self.wide:
+            self.scale, self.zero_point = scale.double(), zero_point.double()
+        elif self.axis is None:
+            self.scale, self.zero_point = float(scale), int(zero_point)
+        else:
+            self.scale, self.zero_point = scale.float(), zero_point.int()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.wide:
+            if self.axis is None:
+                return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+            return torch.fake_quantize_per_channel_affine(
+                x, self.scale, self.zero_point, self.axis % x.dim(), self.qmin, self.qmax
+            )
+        scale, zero_point = self.scale, self.zero_point
+        if self.axis is not None:
+            shape = [1] * x.dim()
+            shape[self.axis] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        q = torch.clamp(torch.round(x.double() / scale) + zero_point, self.qmin, self.qmax)
+        return ((q - zero_point) * scale).to(x.dtype)
+
+
+def fake_quant(obs: Any) -> torch.nn.Module:
+    """The observer as the convert will compute it (an observer of floats, e.g. a float override: nothing)."""
+    if obs.dtype not in _INTEGER or obs.quant_min is None:
+        return torch.nn.Identity()
+    return _FakeQuant(obs)
+
+
+@contextlib.contextmanager
+def observers_replaced(module: Any, make: Any) -> Iterator[None]:
+    """Every observer the graph calls replaced by `make(observer)`; the observers back on exit."""
+    names = sorted(
+        {
+            n.target
+            for n in module.graph.nodes
+            if n.op == "call_module" and isinstance(module.get_submodule(n.target), ObserverBase)
+        }
+    )
+    observers = {name: module.get_submodule(name) for name in names}
+    try:
+        for name, obs in observers.items():
+            setattr(module, name, make(obs))
+        yield
+    finally:
+        for name, obs in observers.items():
+            setattr(module, name, obs)
+
+
+def _bias_name(module: Any, node: Any) -> str | None:
+    """The parameter a conv or linear node reads as its bias (directly, or through an int32 observer, whose range
+    derives from the input's and the weight's, not from the bias), or None."""
+    if node.op != "call_function" or node.target not in (*_CONVS, _LINEAR) or len(node.args) < 3:
+        return None
+    bias = node.args[2]
+    if isinstance(bias, torch.fx.Node) and bias.op == "call_module":
+        if getattr(module.get_submodule(bias.target), "dtype", None) not in (torch.int32, torch.qint32):
+            return None
+        bias = bias.args[0]
+    return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
+
+
+def _channel_dims(node: Any, out: torch.Tensor) -> list[int] | None:
+    """The dims a layer's output is averaged over for one mean per channel; None for a linear over tokens."""
+    if node.target is _LINEAR:
+        return [0] if out.dim() == 2 else None
+    return [0, *range(2, out.dim())]
+
+
+class _Means(torch.fx.Interpreter):
+    """Runs the graph, recording each corrected layer's per-channel output mean (float64)."""
+
+    def __init__(self, module: Any, layers: dict[Any, str]) -> None:
+        super().__init__(module)
+        self.layers, self.means = layers, {}
+
+    def run_node(self, n: Any) -> Any:
+        out = super().run_node(n)
+        if n in self.layers:
+            dims = _channel_dims(n, out)
+            if dims is not None:
+                self.means[n] = out.double().mean(dims)
+        return out
+
+
+class _Correcting(torch.fx.Interpreter):
+    """Runs the graph, taking each layer's mean shift from its bias and from its output as it goes."""
+
+    def __init__(self, module: Any, layers: dict[Any, str], float_means: dict[Any, torch.Tensor]) -> None:
+        super().__init__(module)
+        self.layers, self.float_means, self.corrected = layers, float_means, []
+
+    def run_node(self, n: Any) -> Any:
+        out = super().run_node(n)
+        reference = self.float_means.get(n)
+        if reference is None:
+            return out
+        shift = out.double().mean(_channel_dims(n, out)) - reference
+        if not bool(torch.isfinite(shift).all()):
+            return out
+        bias = functools.reduce(getattr, self.layers[n].split("."), self.module)
+        bias.data -= shift.to(bias.dtype)
+        self.corrected.append(self.layers[n])
+        shape = [1] * out.dim()
+        shape[-1 if n.target is _LINEAR else 1] = -1
+        return out - shift.to(out.dtype).reshape(shape)
+
+
+def correct(module: Any, args: tuple) -> list[str]:
+    """Correct the biases of the calibrated `module` (its parameters, in place) on the batch `args`; the names of
+    the biases corrected, in graph order."""
+    layers = {n: name for n in module.graph.nodes if (name := _bias_name(module, n)) is not None}
+    if not layers:
+        return []
+    with torch.no_grad():
+        with observers_replaced(module, lambda obs: torch.nn.Identity()):
+            reference = _Means(module, layers)
+            reference.run(*args)
+        with observers_replaced(module, fake_quant):
+            correcting = _Correcting(module, layers, reference.means)
+            correcting.run(*args)
+    return correcting.corrected

@@ -1,0 +1,106 @@
+"""Empirical bias correction after calibration (quantcli.quantizers.bias_correction, stages.calibrate)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from quantcli import _torch, artifacts
+from quantcli.quantizers import bias_correction
+from quantcli.stages.base import restore_prepared
+from tests.conftest import DIGITS, cli, digits_recipe
+from tests.models import MODELS
+from tests.test_quantizer import leaves, model_data, prepare, section, sqnr_db
+
+torch = _torch.torch
+
+
+def _converted_sqnr(prepared, reference: list[np.ndarray], args: tuple) -> float:
+    converted = _torch.convert(copy.deepcopy(prepared), fold_quantize=True)
+    with torch.no_grad():
+        return min(sqnr_db(r, o) for r, o in zip(reference, leaves(converted(*args))))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet"])
+def test_corrected_biases_bring_the_converted_model_closer_to_fp32_on_data_calibration_did_not_see(name):
+    calib, held = model_data(name)
+    model = MODELS[name][0]().eval()
+    args = tuple(held.values())
+    with torch.no_grad():
+        reference = leaves(model(*args))
+    prepared = prepare(model, calib[0], section())
+    with torch.no_grad():
+        for batch in calib:
+            prepared(*batch.values())
+    plain = _converted_sqnr(prepared, reference, args)
+    corrected = bias_correction.correct(prepared, tuple(calib[0].values()))
+    assert len(corrected) >= 3 and all(name.endswith("bias") for name in corrected)
+    assert _converted_sqnr(prepared, reference, args) > plain + 0.2
+
+
+class _ConvMeans(torch.fx.Interpreter):
+    """Each conv's output mean per channel, by node name."""
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        if n.op == "call_function" and n.target is torch.ops.aten.conv2d.default:
+            self.means[n.name] = value.double().mean([0, 2, 3])
+        return value
+
+
+def _conv_means(module, args: tuple, make) -> dict:
+    interpreter = _ConvMeans(module)
+    interpreter.means = {}
+    with torch.no_grad(), bias_correction.observers_replaced(module, make):
+        interpreter.run(*args)
+    return interpreter.means
+
+
+def test_each_corrected_layer_has_its_float_mean_on_the_batch_it_was_corrected_on():
+    """Layer by layer in graph order: each conv's fake-quantized output mean, per channel, is its float one."""
+    calib, _ = model_data("mobilenet_v2")
+    prepared = prepare(MODELS["mobilenet_v2"][0](), calib[0], section())
+    with torch.no_grad():
+        for batch in calib:
+            prepared(*batch.values())
+    args = tuple(calib[0].values())
+    float_means = _conv_means(prepared, args, lambda obs: torch.nn.Identity())
+    faked = _conv_means(prepared, args, bias_correction.fake_quant)
+    assert max(float((faked[k] - v).abs().max() / v.abs().max()) for k, v in float_means.items()) > 1e-3
+    assert len(bias_correction.correct(prepared, args)) >= len(float_means)
+    faked = _conv_means(prepared, args, bias_correction.fake_quant)
+    assert max(float((faked[k] - v).abs().max() / v.abs().max()) for k, v in float_means.items()) < 1e-4
+
+
+def test_the_reports_float_reference_keeps_the_captured_biases(work):
+    converted = artifacts.open_artifact(work / "converted", ("converted",), "test")
+    corrected = converted.manifest["bias_correction"]["biases"]
+    assert "fc.bias" in corrected and len(corrected) == 7
+    x = torch.from_numpy(np.load(DIGITS / "digits.npz")["test_x"][:64])
+    captured = _torch.load_program(converted.file(artifacts.FLOAT_PROGRAM)).module()
+    with torch.no_grad():
+        want = captured(x)
+        for float_biases, same in ((True, True), (False, False)):
+            module = restore_prepared(converted, artifacts.FLOAT_PROGRAM, float_biases=float_biases)
+            with bias_correction.observers_replaced(module, lambda obs: torch.nn.Identity()):
+                got = module(x)
+            assert torch.allclose(got, want, atol=1e-5) is same
+
+
+def test_bias_correction_false_calibrates_without_it(copy_work, tmp_path):
+    w = copy_work("prepared", "calibrated")
+    recipe = digits_recipe(
+        tmp_path / "r",
+        calibration={"data": str(DIGITS / "digits.npz"), "keys": {"x": "calib_x"}, "bias_correction": False},
+    )
+    run = cli("calibrate", w / "prepared", "-o", w / "plain", "--recipe", recipe, "--json")
+    assert run.rc == 0, run.stderr
+    assert "bias_correction" not in run.json()["manifest"]
+    plain = _torch.load_state(w / "plain" / artifacts.STATE)
+    corrected = _torch.load_state(w / "calibrated" / artifacts.STATE)
+    names = json.loads((w / "calibrated" / artifacts.MANIFEST).read_text())["bias_correction"]["biases"]
+    assert all(not torch.equal(plain[n], corrected[n]) for n in names)
+    assert all(torch.equal(plain[k], v) for k, v in corrected.items() if k not in names)
