@@ -104,3 +104,27 @@ def test_bias_correction_false_calibrates_without_it(copy_work, tmp_path):
     names = json.loads((w / "calibrated" / artifacts.MANIFEST).read_text())["bias_correction"]["biases"]
     assert all(not torch.equal(plain[n], corrected[n]) for n in names)
     assert all(torch.equal(plain[k], v) for k, v in corrected.items() if k not in names)
+
+
+class _Shared(torch.nn.Module):
+    """A linear and a conv each called twice (their bias serves two outputs), and a linear called once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, y):
+        return self.b(torch.relu(self.a(torch.relu(self.a(x))))), self.c(torch.relu(self.c(y)))
+
+
+def test_a_bias_two_layers_read_is_left_as_it_is():
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(16, 8), "y": torch.randn(16, 3, 8, 8)}
+    prepared = prepare(_Shared().eval(), batch, section())
+    with torch.no_grad():
+        prepared(*batch.values())
+    before = {k: v.clone() for k, v in prepared.state_dict().items() if k.endswith("bias")}
+    assert bias_correction.correct(prepared, tuple(batch.values())) == ["b.bias"]
+    after = prepared.state_dict()
+    assert torch.equal(after["a.bias"], before["a.bias"]) and torch.equal(after["c.bias"], before["c.bias"])
+    assert not torch.equal(after["b.bias"], before["b.bias"])

@@ -9,12 +9,14 @@ with the float one, the difference is taken from the layer's bias, and the corre
 layers after it, so that each layer's correction sees those before it corrected (a correction of every layer
 at once from one uncorrected pass over-corrects: each layer's shift partly comes from the layers before it).
 
-Only biases the graph reads as parameters are corrected (a conv without a bias and without a BatchNorm folded
-into it has none); the float reference of a report keeps the original values (`stages.base.restore_prepared`).
+Only biases the graph reads as parameters, each in one place, are corrected (a conv without a bias and without a
+BatchNorm folded into it has none; a layer called twice shares its bias between two outputs); the float reference
+of a report keeps the original values (`stages.base.restore_prepared`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 from collections.abc import Iterator
@@ -153,6 +155,8 @@ def correct(module: Any, args: tuple) -> list[str]:
     """Correct the biases of the calibrated `module` (its parameters, in place) on the batch `args`; the names of
     the biases corrected, in graph order."""
     layers = {n: name for n in module.graph.nodes if (name := _bias_name(module, n)) is not None}
+    readers = collections.Counter(layers.values())
+    layers = {n: name for n, name in layers.items() if readers[name] == 1}  # a shared bias serves other layers too
     if not layers:
         return []
     with torch.no_grad():
