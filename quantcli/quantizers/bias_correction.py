@@ -2,12 +2,12 @@
 
 Rounding the weights and clipping the activations shift the mean of a layer's output by channel, and the shift
 carries to every later layer: a search that clips a tensor's rare large values for resolution lowers the mean
-of what the next layer reads. After calibration the model is run on one calibration batch twice: in float
-(every observer passing its input through), then fake-quantized with the convert's arithmetic, layer after
-layer in graph order. At each corrected layer the per-channel mean of its fake-quantized output is compared
-with the float one, the difference is taken from the layer's bias, and the corrected output goes on to the
-layers after it, so that each layer's correction sees those before it corrected (a correction of every layer
-at once from one uncorrected pass over-corrects: each layer's shift partly comes from the layers before it).
+of what the next layer reads. The float means come from the first calibration batch's own forward (observers
+pass their input through); after the last batch that batch is run again fake-quantized with the convert's
+arithmetic, layer after layer in graph order. At each corrected layer the per-channel mean of its fake-quantized
+output is compared with the float one, the difference is taken from the layer's bias, and the corrected output
+goes on to the layers after it, so that each layer's correction sees those before it corrected (a correction of
+every layer at once from one uncorrected pass over-corrects: each layer's shift partly comes from those before).
 
 Only biases the graph reads as parameters, each in one place, are corrected (a conv without a bias and without a
 BatchNorm folded into it has none; a layer called twice shares its bias between two outputs); the float reference
@@ -151,19 +151,37 @@ class _Correcting(torch.fx.Interpreter):
         return out - shift.to(out.dtype).reshape(shape)
 
 
+class Correction:
+    """Bias correction of a module being calibrated: `observe` is one calibration forward (its observers see the
+    batch as any other) that also records the float output means of the layers to correct; `apply`, after the
+    last batch, corrects those layers' biases on that batch. One float pass serves both."""
+
+    def __init__(self, module: Any) -> None:
+        layers = {n: name for n in module.graph.nodes if (name := _bias_name(module, n)) is not None}
+        readers = collections.Counter(layers.values())
+        self.module, self.args, self.float_means = module, (), {}
+        self.layers = {n: name for n, name in layers.items() if readers[name] == 1}  # a shared bias serves two
+
+    def observe(self, *args: Any) -> Any:
+        means = _Means(self.module, self.layers)
+        out = means.run(*args)
+        self.args, self.float_means = args, means.means
+        return out
+
+    def apply(self) -> list[str]:
+        """Correct the biases (the module's parameters, in place); the names of those corrected, in graph order."""
+        if not self.float_means:
+            return []
+        with torch.no_grad(), observers_replaced(self.module, fake_quant):
+            correcting = _Correcting(self.module, self.layers, self.float_means)
+            correcting.run(*self.args)
+        return correcting.corrected
+
+
 def correct(module: Any, args: tuple) -> list[str]:
-    """Correct the biases of the calibrated `module` (its parameters, in place) on the batch `args`; the names of
-    the biases corrected, in graph order."""
-    layers = {n: name for n in module.graph.nodes if (name := _bias_name(module, n)) is not None}
-    readers = collections.Counter(layers.values())
-    layers = {n: name for n, name in layers.items() if readers[name] == 1}  # a shared bias serves other layers too
-    if not layers:
-        return []
-    with torch.no_grad():
-        with observers_replaced(module, lambda obs: torch.nn.Identity()):
-            reference = _Means(module, layers)
-            reference.run(*args)
-        with observers_replaced(module, fake_quant):
-            correcting = _Correcting(module, layers, reference.means)
-            correcting.run(*args)
-    return correcting.corrected
+    """Correct the biases of the calibrated `module` on the batch `args` (observed already: its observers only pass
+    it through here); the names of the biases corrected, in graph order."""
+    correction = Correction(module)
+    with torch.no_grad(), observers_replaced(module, lambda obs: torch.nn.Identity()):
+        correction.observe(*args)
+    return correction.apply()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,14 @@ def with_overrides(recipe: Recipe, data: str | None, batches: int | None) -> Cal
 
 
 def run_batches(
-    module: Any, recipe: Recipe, progress: Progress, digest: BatchDigest | None = None, first: list | None = None
+    module: Any,
+    recipe: Recipe,
+    progress: Progress,
+    digest: BatchDigest | None = None,
+    first: Callable[..., Any] | None = None,
 ) -> tuple[int, int]:
-    """Feed the calibration batches through `module` (adding each to `digest`, the first batch's tensors and
-    sample count to `first`); (batches, samples) seen."""
+    """Feed the calibration batches through `module` (adding each to `digest`; the first batch through `first`
+    where given, a forward of `module` too); (batches, samples) seen."""
     from quantcli import _torch
     from quantcli.loading.files import reader
 
@@ -65,9 +70,7 @@ def run_batches(
         for index, batch in enumerate(batches):
             args = to_tensors(batch, inputs)
             check_fits(args, axes, inputs, index)
-            forward(module, args, index)
-            if first is not None and index == 0:
-                first.append((args, samples_in(batch)))
+            forward(first if first is not None and index == 0 else module, args, index)
             if digest is not None:
                 digest.add(batch)
             seen += 1
@@ -150,14 +153,16 @@ def run(
     def body(st: Any) -> dict[str, Any]:
         module = restore_prepared(parent)
         digest = BatchDigest() if streamed else None
-        first: list[tuple[tuple, int]] = []
-        seen, samples = run_batches(module, recipe, progress, digest, first)
-        extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
+        correction = None
         if corrects_biases(recipe, parent):
             from quantcli.quantizers import bias_correction
 
-            args, count = first[0]
-            extra["bias_correction"] = {"biases": bias_correction.correct(module, args), "samples": count}
+            correction = bias_correction.Correction(module)
+        seen, samples = run_batches(module, recipe, progress, digest, correction and correction.observe)
+        extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
+        if correction is not None:
+            count = len(correction.args[0]) if correction.args and correction.args[0].dim() else 1
+            extra["bias_correction"] = {"biases": correction.apply(), "samples": count}
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
         if recipe.quantization.weight_only:
