@@ -14,6 +14,7 @@ from quantcli.stages.base import restore_prepared
 from tests.conftest import DIGITS, cli, digits_recipe
 from tests.models import MODELS
 from tests.test_quantizer import leaves, model_data, prepare, section, sqnr_db
+from tests.tolerances import QUANTIZATION
 
 torch = _torch.torch
 
@@ -31,7 +32,7 @@ def test_corrected_biases_bring_the_converted_model_closer_to_fp32_on_data_calib
     args = tuple(held.values())
     with torch.no_grad():
         reference = leaves(model(*args))
-    prepared = prepare(model, calib[0], section())
+    prepared = prepare(model, calib[0], section(**QUANTIZATION))
     with torch.no_grad():
         for batch in calib:
             prepared(*batch.values())
@@ -62,7 +63,7 @@ def _conv_means(module, args: tuple, make) -> dict:
 def test_each_corrected_layer_has_its_float_mean_on_the_batch_it_was_corrected_on():
     """Layer by layer in graph order: each conv's fake-quantized output mean, per channel, is its float one."""
     calib, _ = model_data("mobilenet_v2")
-    prepared = prepare(MODELS["mobilenet_v2"][0](), calib[0], section())
+    prepared = prepare(MODELS["mobilenet_v2"][0](), calib[0], section(**QUANTIZATION))
     with torch.no_grad():
         for batch in calib:
             prepared(*batch.values())
@@ -120,7 +121,7 @@ class _Shared(torch.nn.Module):
 def test_a_bias_two_layers_read_is_left_as_it_is():
     torch.manual_seed(0)
     batch = {"x": torch.randn(16, 8), "y": torch.randn(16, 3, 8, 8)}
-    prepared = prepare(_Shared().eval(), batch, section())
+    prepared = prepare(_Shared().eval(), batch, section(**QUANTIZATION))
     with torch.no_grad():
         prepared(*batch.values())
     before = {k: v.clone() for k, v in prepared.state_dict().items() if k.endswith("bias")}

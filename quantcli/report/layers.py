@@ -8,6 +8,7 @@ Whole-model figures come from the same pass.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +63,16 @@ def modules(art: artifacts.Artifact) -> tuple[Any, Any, Any, Any]:
     """
     from quantcli import _torch
 
-    reference = taps.float_reference(restore_prepared(art, artifacts.FLOAT_PROGRAM, float_biases=True))
     options = art.manifest["options"]
 
-    def int8(float_biases: bool) -> Any:
-        return _torch.convert(
-            _torch.to_eval(restore_prepared(art, artifacts.FLOAT_PROGRAM, float_biases=float_biases)),
-            options["fold_quantize"],
-            options["reference_representation"],
-        )
+    def int8(prepared: Any) -> Any:
+        return _torch.convert(_torch.to_eval(prepared), options["fold_quantize"], options["reference_representation"])
 
-    converted = int8(False)
-    local = int8(True) if art.manifest.get("bias_correction", {}).get("biases") else converted
+    floats = restore_prepared(art, artifacts.FLOAT_PROGRAM, float_biases=True)
+    converted = int8(restore_prepared(art, artifacts.FLOAT_PROGRAM))
+    local = int8(copy.deepcopy(floats)) if art.manifest.get("bias_correction", {}).get("biases") else converted
     saved = _torch.load_program(art.file(artifacts.PROGRAM)).module()
-    return reference, converted, local, saved
+    return taps.float_reference(floats), converted, local, saved
 
 
 def _onnx(path: str | Path | None, art: artifacts.Artifact) -> Path | None:

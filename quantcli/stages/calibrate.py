@@ -158,7 +158,8 @@ def run(
             from quantcli.quantizers import bias_correction
 
             correction = bias_correction.Correction(module)
-        seen, samples = run_batches(module, recipe, progress, digest, correction and correction.observe)
+        observe = correction.observe if correction is not None else None
+        seen, samples = run_batches(module, recipe, progress, digest, observe)
         extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
         if correction is not None:
             count = len(correction.args[0]) if correction.args and correction.args[0].dim() else 1
