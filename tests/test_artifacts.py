@@ -262,3 +262,23 @@ def test_open_artifact_refuses_an_edited_manifest_as_an_artifact_error(tmp_path,
     (tmp_path / "c" / MANIFEST).write_text(json.dumps({**manifest, **edit}))
     with pytest.raises(ArtifactError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         artifacts.open_artifact(tmp_path / "c", ("captured",), "prepare")
+
+
+def test_an_artifact_whose_recorded_recipe_this_version_cannot_read_is_an_artifact_error(tmp_path):
+    """An artifact of another quantcli version, whose recipe holds a key this schema does not know."""
+    from quantcli.stages.base import recipe_of
+
+    make_artifact(tmp_path / "p", stage="prepared")
+    manifest = json.loads((tmp_path / "p" / MANIFEST).read_text())
+    manifest["recipe"] = {
+        "model": {"factory": "m.py:build"},
+        "calibration": {"data": "d.npz", "observer_v0": "histogram"},
+    }
+    (tmp_path / "p" / MANIFEST).write_text(json.dumps({**manifest, "quantcli_version": "0.0.1"}))
+    art = artifacts.open_artifact(tmp_path / "p", ("prepared",), "calibrate")
+    with fails(ArtifactError, "calibration.observer_v0: unknown key"):
+        recipe_of(art)
+    with fails(ArtifactError, "made by quantcli 0.0.1, this is"):
+        recipe_of(art)
+    with fails(ArtifactError, "recreate it with `quantcli prepare`"):
+        recipe_of(art)

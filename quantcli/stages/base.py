@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantcli import artifacts, staging
+from pydantic import ValidationError
+
+from quantcli import __version__, artifacts, staging
 from quantcli import recipe as recipes
 from quantcli.artifacts import Artifact
-from quantcli.errors import InputError
+from quantcli.errors import ArtifactError, InputError
 from quantcli.recipe import Recipe
 from quantcli.references import split_callable
 
@@ -59,7 +61,20 @@ def no_progress(done: int, total: int | None, metrics: dict[str, Any]) -> None:
 
 
 def recipe_of(art: Artifact) -> Recipe:
-    return Recipe.model_validate(art.manifest["recipe"])
+    """The recipe an artifact records; an artifact error when this quantcli's schema cannot read it."""
+    try:
+        return Recipe.model_validate(art.manifest["recipe"])
+    except (KeyError, ValidationError) as exc:
+        problem = (
+            "no recipe"
+            if isinstance(exc, KeyError)
+            else "; ".join(line.split(";")[0] for line in recipes.format_errors(exc))
+        )
+        raise ArtifactError(
+            f"{art.path} records a recipe this quantcli cannot read ({problem}); "
+            f"it was made by quantcli {art.manifest.get('quantcli_version', 'unknown')}, this is {__version__}",
+            f"recreate it with `{artifacts.producer(art.manifest['stage'])}`",
+        ) from None
 
 
 def _source(key: str, value: str) -> Path | None:
