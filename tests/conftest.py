@@ -279,12 +279,13 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Pat
 
 @pytest.fixture(scope="session")
 def qat_work(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
-    """`quantcli run --recipe configs/digits/qat.yaml`, once for all workers of the session."""
+    """`quantcli run --recipe configs/digits/qat.yaml`, once for all workers of the session, in the worker that
+    asks first (the CLI's code in-process: what is tested is the run's outputs, not a new process's start)."""
     shared = session_dir(tmp_path_factory, worker_id)
     work = shared / "digits-qat"
     with FileLock(str(shared / "digits-qat.lock")):
         if not (work / "model.onnx").exists():
-            run = quantcli("run", "--recipe", DIGITS / "qat.yaml", "-o", work)
+            run = cli("run", "--recipe", DIGITS / "qat.yaml", "-o", work)
             assert run.rc == 0, run.stderr
     return work
 

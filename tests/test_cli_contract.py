@@ -298,9 +298,10 @@ def _keys(doc) -> list[str]:
 
 @pytest.mark.slow
 def test_rerun_gives_byte_identical_onnx_and_manifests(work, shared_recipe, tmp_path):
-    """The same resolved recipe, model and data, in another folder: the same bytes, stage by stage."""
+    """The same resolved recipe, model and data, in another folder: the same bytes, stage by stage. `work` was made
+    by a process per stage (scripts/ci-example.sh); this run is all the stages in this process."""
     w2 = tmp_path / "again"
-    run = quantcli("run", "--recipe", shared_recipe, "-o", w2, "--json")
+    run = cli("run", "--recipe", shared_recipe, "-o", w2, "--json")
     assert run.rc == 0, run.stderr
     assert [d["reused"] for d in run.json()["stages"]] == [False] * 5
     for stage in STAGES:
