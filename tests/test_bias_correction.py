@@ -80,6 +80,7 @@ def test_the_reports_float_reference_keeps_the_captured_biases(work):
     converted = artifacts.open_artifact(work / "converted", ("converted",), "test")
     corrected = converted.manifest["bias_correction"]["biases"]
     assert "fc.bias" in corrected and len(corrected) == 7
+    assert converted.manifest["bias_correction"]["samples"] == 32  # the first batch (batch_size 32)
     x = torch.from_numpy(np.load(DIGITS / "digits.npz")["test_x"][:64])
     captured = _torch.load_program(converted.file(artifacts.FLOAT_PROGRAM)).module()
     with torch.no_grad():

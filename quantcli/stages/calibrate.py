@@ -162,8 +162,8 @@ def run(
         seen, samples = run_batches(module, recipe, progress, digest, observe)
         extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
         if correction is not None:
-            count = len(correction.args[0]) if correction.args and correction.args[0].dim() else 1
-            extra["bias_correction"] = {"biases": correction.apply(), "samples": count}
+            first = dict(enumerate(correction.args))  # the first batch's tensors, by position
+            extra["bias_correction"] = {"biases": correction.apply(), "samples": samples_in(first)}
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
         if recipe.quantization.weight_only:
