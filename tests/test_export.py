@@ -115,10 +115,12 @@ class _Flatten(torch.nn.Module):
     """Ops that all have ONNX functions (conv, relu, flatten, linear); with `mask`, also the `&`, `1.0 - mask`
     and `Tensor.to` of transformers' attention masks, which the re-trace renames; with `norm`, an inference
     BatchNorm and a global average pool, which it writes as another op each; with `pool`, an adaptive pool
-    to 2 x 2, which it lowers; with `drop`, torchvision's classifier dropout (in place), which it removes."""
+    to 2 x 2, which it lowers; with `drop`, torchvision's classifier dropout (in place), which it removes; with
+    `tail`, an inference dropout (or a cast to the output's own dtype) that is the program's output."""
 
-    def __init__(self, mask: bool = False, pool: bool = False, norm: bool = False, drop: bool = False):
+    def __init__(self, mask: bool = False, pool: bool = False, norm: bool = False, drop: bool = False, tail: str = ""):
         super().__init__()
+        self.tail = tail
         self.drop = torch.nn.Dropout(0.2, inplace=True) if drop else torch.nn.Identity()
         side = 1 if norm else 2 if pool else 6
         self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * side * side, 5)
@@ -130,6 +132,8 @@ class _Flatten(torch.nn.Module):
 
     def forward(self, x):
         y = self.fc(self.drop(self.pool(torch.relu(self.norm(self.conv(x)))).flatten(1)))
+        if self.tail:
+            return torch.nn.functional.dropout(y, 0.1, False) if self.tail == "drop" else y.to(torch.float32)
         return (1.0 - ((y > 0) & (y < 1)).to(y.dtype)) * y.to(torch.float32) if self.mask else y
 
 
@@ -147,12 +151,15 @@ def _exported_ops(model: torch.nn.Module) -> tuple[np.ndarray, str]:
     return session.run(None, {"x": x.numpy()})[0], ops
 
 
-@pytest.mark.parametrize("variant", ["plain", "mask", "norm", "drop"])
+@pytest.mark.parametrize("variant", ["plain", "mask", "norm", "drop", "tail_drop", "tail_cast"])
 def test_a_program_of_onnx_functions_skips_the_exporters_retrace_with_the_same_outputs(monkeypatch, variant):
+    """With `tail_*` the node written as nothing is the program's output, which the signature names: it stays,
+    as a copy (EVA-02 in the sweep had failed to export)."""
     from quantcli._torch import exporter
 
     torch.manual_seed(0)
-    model = _Flatten(mask=variant == "mask", norm=variant == "norm", drop=variant == "drop")
+    tail = variant.removeprefix("tail_") if variant.startswith("tail_") else ""
+    model = _Flatten(mask=variant == "mask", norm=variant == "norm", drop=variant == "drop", tail=tail)
     direct, direct_ops = _exported_ops(model)
     monkeypatch.setattr(exporter, "_decompositions_only_where_needed", contextlib.nullcontext)
     retraced, retraced_ops = _exported_ops(model)

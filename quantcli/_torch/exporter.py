@@ -294,7 +294,7 @@ def _cpu_cast(node: Any) -> Any:
 def _as_lowered(node: Any, dtype: Any) -> None:
     """`node` as the re-trace writes it: a renamed op, `scalar - tensor` as sub(scalar, tensor), a cast (to `dtype`,
     `_cpu_cast`'s) as _to_copy, no node for a cast to its own dtype or an inference dropout (its module is then
-    recompiled by the caller)."""
+    recompiled by the caller), or a copy where the program outputs that node (the signature names its output)."""
     if node.target in _RENAMED:
         node.target = _RENAMED[node.target]
     elif node.target is _RSUB:
@@ -306,6 +306,9 @@ def _as_lowered(node: Any, dtype: Any) -> None:
     else:
         source = node.args[0]
         if node.target in _DROPOUTS or dtype == source.meta["val"].dtype:
+            if any(user.op == "output" for user in node.users):  # a program output by its name: kept, as a copy
+                node.target, node.args, node.kwargs = torch.ops.aten.clone.default, (source,), {}
+                return
             node.replace_all_uses_with(source)
             node.graph.erase_node(node)
         else:
