@@ -130,3 +130,28 @@ def test_a_bias_two_layers_read_is_left_as_it_is():
     after = prepared.state_dict()
     assert torch.equal(after["a.bias"], before["a.bias"]) and torch.equal(after["c.bias"], before["c.bias"])
     assert not torch.equal(after["b.bias"], before["b.bias"])
+
+
+class _Tokens(torch.nn.Module):
+    """A linear on tokens (B, T, K), which prepare runs on its rows, then a classifier's head on the mean token."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(x)).mean(1))
+
+
+def test_a_linear_on_the_rows_of_tokens_keeps_its_bias_and_a_classifier_head_is_corrected():
+    """A token linear's correction bought no accuracy on the sweep's transformers and cost file size."""
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(16, 5, 8)}
+    prepared = prepare(_Tokens().eval(), batch, section(**QUANTIZATION))
+    rows = [n for n in prepared.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert [n.meta["val"].dim() for n in rows] == [2, 2]  # the token linear runs on rows
+    with torch.no_grad():
+        prepared(*batch.values())
+    before = prepared.state_dict()["mix.bias"].clone()
+    assert bias_correction.correct(prepared, tuple(batch.values())) == ["head.bias"]
+    assert torch.equal(prepared.state_dict()["mix.bias"], before)

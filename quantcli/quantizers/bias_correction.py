@@ -10,8 +10,11 @@ goes on to the layers after it, so that each layer's correction sees those befor
 every layer at once from one uncorrected pass over-corrects: each layer's shift partly comes from those before).
 
 Only biases the graph reads as parameters, each in one place, are corrected (a conv without a bias and without a
-BatchNorm folded into it has none; a layer called twice shares its bias between two outputs); the float reference
-of a report keeps the original values (`stages.base.restore_prepared`).
+BatchNorm folded into it has none; a layer called twice shares its bias between two outputs), and of the linears
+only those with a 2-D output (a classifier's head), not those run on the rows of a token or channels-last tensor:
+on the sweep's transformers that correction moved no SQNR by more than 0.1 dB, and it made zero biases nonzero,
+so the int32 codes no longer narrowed (MobileBERT's file grew past ORT's). The float reference of a report keeps
+the original values (`stages.base.restore_prepared`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torchao.quantization.pt2e.observer import ObserverBase
 aten = torch.ops.aten
 _CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 _LINEAR = aten.linear.default
+_RESHAPES = (aten.reshape.default, aten.view.default)
 _INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.quint8, torch.qint8, torch.qint32)
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
@@ -105,6 +109,21 @@ def _bias_name(module: Any, node: Any) -> str | None:
     return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
 
 
+def _token_rows(module: Any, node: Any) -> bool:
+    """Whether a linear runs on the rows of a token (or NHWC) tensor: its output, through its observer, is
+    reshaped back to rank 3 or more (quantizers.rewrites.flatten_linears)."""
+    users = list(node.users)
+    while users:
+        user = users.pop()
+        if user.op == "call_module" and isinstance(module.get_submodule(user.target), ObserverBase):
+            users.extend(user.users)
+        elif user.op == "call_function" and user.target in _RESHAPES:
+            val = user.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() > 2:
+                return True
+    return False
+
+
 def _channel_dims(node: Any, out: torch.Tensor) -> list[int] | None:
     """The dims a layer's output is averaged over for one mean per channel; None for a linear over tokens."""
     if node.target is _LINEAR:
@@ -157,7 +176,11 @@ class Correction:
     last batch, corrects those layers' biases on that batch. One float pass serves both."""
 
     def __init__(self, module: Any) -> None:
-        layers = {n: name for n in module.graph.nodes if (name := _bias_name(module, n)) is not None}
+        layers = {
+            n: name
+            for n in module.graph.nodes
+            if (name := _bias_name(module, n)) is not None and not (n.target is _LINEAR and _token_rows(module, n))
+        }
         readers = collections.Counter(layers.values())
         self.module, self.args, self.float_means = module, (), {}
         self.layers = {n: name for n, name in layers.items() if readers[name] == 1}  # a shared bias serves two
