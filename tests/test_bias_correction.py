@@ -155,3 +155,25 @@ def test_a_linear_on_the_rows_of_tokens_keeps_its_bias_and_a_classifier_head_is_
     before = prepared.state_dict()["mix.bias"].clone()
     assert bias_correction.correct(prepared, tuple(batch.values())) == ["head.bias"]
     assert torch.equal(prepared.state_dict()["mix.bias"], before)
+
+
+class _TokensAndRows(torch.nn.Module):
+    """One linear called on tokens and on a 2-D tensor: its bias serves both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x, y):
+        return self.head(torch.relu(self.mix(x)).mean(1) + torch.relu(self.mix(y)))
+
+
+def test_a_bias_a_token_linear_shares_with_another_call_is_left_as_it_is():
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(16, 5, 8), "y": torch.randn(16, 8)}
+    prepared = prepare(_TokensAndRows().eval(), batch, section(**QUANTIZATION))
+    with torch.no_grad():
+        prepared(*batch.values())
+    before = prepared.state_dict()["mix.bias"].clone()
+    assert bias_correction.correct(prepared, tuple(batch.values())) == ["head.bias"]
+    assert torch.equal(prepared.state_dict()["mix.bias"], before)

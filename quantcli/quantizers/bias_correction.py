@@ -109,9 +109,13 @@ def _bias_name(module: Any, node: Any) -> str | None:
     return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
 
 
-def _token_rows(module: Any, node: Any) -> bool:
-    """Whether a linear runs on the rows of a token (or NHWC) tensor: its output, through its observer, is
-    reshaped back to rank 3 or more (quantizers.rewrites.flatten_linears)."""
+def _on_tokens(module: Any, node: Any) -> bool:
+    """Whether a linear runs on a token (or NHWC) tensor: its output has rank 3 or more (or no recorded value), or it
+    runs on that tensor's rows and its output, through its observer, is reshaped back to rank 3 or more
+    (rewrites.flatten_linears)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() > 2:
+        return True
     users = list(node.users)
     while users:
         user = users.pop()
@@ -124,11 +128,9 @@ def _token_rows(module: Any, node: Any) -> bool:
     return False
 
 
-def _channel_dims(node: Any, out: torch.Tensor) -> list[int] | None:
-    """The dims a layer's output is averaged over for one mean per channel; None for a linear over tokens."""
-    if node.target is _LINEAR:
-        return [0] if out.dim() == 2 else None
-    return [0, *range(2, out.dim())]
+def _channel_dims(node: Any, out: torch.Tensor) -> list[int]:
+    """The dims a layer's output is averaged over for one mean per channel (a corrected linear's is 2-D)."""
+    return [0] if node.target is _LINEAR else [0, *range(2, out.dim())]
 
 
 class _Means(torch.fx.Interpreter):
@@ -141,9 +143,7 @@ class _Means(torch.fx.Interpreter):
     def run_node(self, n: Any) -> Any:
         out = super().run_node(n)
         if n in self.layers:
-            dims = _channel_dims(n, out)
-            if dims is not None:
-                self.means[n] = out.double().mean(dims)
+            self.means[n] = out.double().mean(_channel_dims(n, out))
         return out
 
 
@@ -176,14 +176,14 @@ class Correction:
     last batch, corrects those layers' biases on that batch. One float pass serves both."""
 
     def __init__(self, module: Any) -> None:
-        layers = {
-            n: name
-            for n in module.graph.nodes
-            if (name := _bias_name(module, n)) is not None and not (n.target is _LINEAR and _token_rows(module, n))
-        }
-        readers = collections.Counter(layers.values())
+        layers = {n: name for n in module.graph.nodes if (name := _bias_name(module, n)) is not None}
+        readers = collections.Counter(layers.values())  # a shared bias serves two: neither is corrected
         self.module, self.args, self.float_means = module, (), {}
-        self.layers = {n: name for n, name in layers.items() if readers[name] == 1}  # a shared bias serves two
+        self.layers = {
+            n: name
+            for n, name in layers.items()
+            if readers[name] == 1 and not (n.target is _LINEAR and _on_tokens(module, n))
+        }
 
     def observe(self, *args: Any) -> Any:
         means = _Means(self.module, self.layers)
