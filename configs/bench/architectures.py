@@ -325,7 +325,7 @@ def inputs(name: str, count: int, seed: int) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------ building (torch from here on)
 def build(name: str = "timm:resnet18", seed: int = 0):
-    """The architecture in eval mode: seeded random weights, realistic normalisation, no no-op layer scales."""
+    """The architecture in eval mode: seeded random weights and biases, realistic normalisation, no no-op scales."""
     import torch
 
     from tests.zoo import seeded, unit_signal
@@ -347,6 +347,17 @@ def build(name: str = "timm:resnet18", seed: int = 0):
             elif p.dim() >= 2 and not p.any():
                 bound = p[0].numel() ** -0.5  # nn.Linear's own: uniform in +-1/sqrt(fan_in)
                 p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
+        for m in model.modules():  # a bias at its init of zeros, as nn.Linear and nn.Conv2d draw their own
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            if (
+                isinstance(w, torch.Tensor)
+                and isinstance(b, torch.Tensor)
+                and w.dim() >= 2
+                and b.numel() > 1
+                and not b.any()
+            ):
+                bound = (w.numel() / b.numel()) ** -0.5
+                b.copy_(torch.empty(b.shape).uniform_(-bound, bound, generator=g))
     return model
 
 
