@@ -104,6 +104,27 @@ def test_sweep_inputs_fit_each_kind_of_architecture():
     assert mask[0].all() and not mask.all() and (np.diff(mask, axis=1) <= 0).all()  # tail padding, one full row
 
 
+def test_sweep_builder_draws_the_biases_a_model_initialises_to_zero():
+    """A trained net's biases are not zero (transformers' Linears start at zero); drawn from the seed, reproducibly."""
+    import torch
+
+    archs = _script("sweep").architectures()
+
+    def biases(model) -> dict[str, torch.Tensor]:
+        return {
+            name: m.bias.detach().clone()
+            for name, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() >= 2
+            and isinstance(getattr(m, "bias", None), torch.Tensor)
+        }
+
+    first, again = biases(archs.build("transformers:bert")), biases(archs.build("transformers:bert"))
+    assert len(first) >= 12
+    assert all(b.any() for b in first.values()), [n for n, b in first.items() if not b.any()]
+    assert all(torch.equal(first[n], again[n]) for n in first)
+
+
 def _row(
     name: str, ms: dict, q_float: int, q_mb: float, q_avoidable: int = 0, q_after: int = 0, q_sqnr: float = 31.0
 ) -> dict:
