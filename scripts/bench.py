@@ -127,12 +127,23 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     )
 
 
+def sqnr(fp32: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """SQNR against fp32 over all rows (dB): of the part that varies with the input (each output less its mean
+    over the rows), and raw."""
+    from quantcli.numerics.parity import sqnr_db
+
+    return {
+        "sqnr_db": round(sqnr_db(fp32 - fp32.mean(0), out - out.mean(0)), 2),
+        "raw_sqnr_db": round(sqnr_db(fp32, out), 2),
+    }
+
+
 def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> dict[str, dict]:
     """Top-1 agreement with fp32 (argmax of the flattened output; for classifiers), cosine to fp32 per held-out row,
     raw and on outputs standardized per dimension with fp32's
-    mean and std over the rows (every dimension weighs alike): mean and worst row. Also the share of
-    fp32's output energy that varies with the input: near 0 (random-weight CNNs) the standardized
-    figures compare quantization noise with noise and mean nothing."""
+    mean and std over the rows (every dimension weighs alike): mean and worst row; the SQNR over all rows (`sqnr`).
+    Also the share of fp32's output energy that varies with the input: near 0 (random-weight CNNs) the
+    standardized figures compare quantization noise with noise and mean nothing."""
     n = len(next(iter(rows.values())))
     outs = {
         name: np.concatenate([run_all(s, {k: v[i : i + batch] for k, v in rows.items()}) for i in range(0, n, batch)])
@@ -150,6 +161,7 @@ def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> di
             "cos_worst": round(float(raw.min()), 5),
             "std_cos_mean": round(float(standardized.mean()), 5),
             "std_cos_worst": round(float(standardized.min()), 5),
+            **sqnr(fp32, out.astype(np.float64)),
         }
     return result
 
@@ -237,7 +249,7 @@ def table(rows: list[dict]) -> str:
     lines += [
         "",
         f"{'model':26} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} "
-        f"{'std-cos worst':>13} {'input-dep':>9}",
+        f"{'std-cos worst':>13} {'input-dep':>9} {'SQNR dB':>8} {'raw SQNR':>8}",
     ]
     for row in rows:
         figures = dict(row.get("fidelity", {}))
@@ -245,7 +257,8 @@ def table(rows: list[dict]) -> str:
         for name, f in figures.items():
             lines.append(
                 f"{label(row['model']):26} {name:20} {f['cos_mean']:>9.4f} {f['cos_worst']:>9.4f} "
-                f"{f['std_cos_mean']:>12.4f} {f['std_cos_worst']:>13.4f} {share:>9.2%}"
+                f"{f['std_cos_mean']:>12.4f} {f['std_cos_worst']:>13.4f} {share:>9.2%} "
+                f"{f['sqnr_db']:>8.2f} {f['raw_sqnr_db']:>8.2f}"
             )
     return "\n".join(lines)
 

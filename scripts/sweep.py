@@ -185,10 +185,8 @@ def graph_counts(path: Path) -> dict:
 
 
 def fidelity(sessions: dict, rows: dict[str, np.ndarray]) -> dict:
-    """SQNR of each int8 model against fp32 on `rows`: of the input-dependent part and raw; that part's share."""
-    from bench import run_all
-
-    from quantcli.numerics.parity import sqnr_db
+    """SQNR of each int8 model against fp32 on `rows` (bench.sqnr); the share of fp32's output that varies."""
+    from bench import run_all, sqnr
 
     n = len(next(iter(rows.values())))
     outs = {
@@ -199,10 +197,7 @@ def fidelity(sessions: dict, rows: dict[str, np.ndarray]) -> dict:
     centered = fp32 - fp32.mean(0)
     result = {"share": round(float(np.square(centered).sum() / max(np.square(fp32).sum(), 1e-30)), 6)}
     for name, out in outs.items():
-        result[name] = {
-            "sqnr_db": round(sqnr_db(centered, out - out.mean(0)), 2),
-            "raw_sqnr_db": round(sqnr_db(fp32, out), 2),
-        }
+        result[name] = sqnr(fp32, out)
     return result
 
 

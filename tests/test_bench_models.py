@@ -161,3 +161,35 @@ def test_sweep_summary_counts_each_shortfall_against_quantize_static():
     assert "0 with an SQNR over 0.5 dB lower" in line
     assert sweep.cells(rows[1])[3] == "3/2" and sweep.cells(rows[3])[2].startswith("quantcli exit 1")
     assert sweep.cells(rows[4])[3] == "0/2 (+3/+0 after float-output kernels)"
+
+
+class _Outputs:
+    """An ONNX Runtime session's surface (`get_inputs`, `run`) answering with fixed outputs, row by row."""
+
+    def __init__(self, outputs: np.ndarray) -> None:
+        self.outputs = outputs
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "row"})()]
+
+    def run(self, names, feed):
+        return [self.outputs[feed["row"]]]
+
+
+def test_bench_fidelity_reports_the_sqnr_of_the_varying_part_and_the_raw_one(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # bench imports bench_build beside it, as when run
+    bench = _script("bench")
+    rng = np.random.default_rng(0)
+    n = 64
+    fp32 = 10.0 + rng.normal(size=(n, 4))  # a constant part 100x the varying part's power
+    noise = 0.1 * rng.normal(size=(n, 4))
+    noise -= noise.mean(0)  # no bias: the varying part's error is all of it
+    rows = {"row": np.arange(n)}
+    sessions = {"fp32": _Outputs(fp32), "int8": _Outputs(fp32 + noise), "offset": _Outputs(fp32 + 1.0)}
+    figures = bench.fidelity(sessions, rows, batch=16)
+    centered = fp32 - fp32.mean(0)
+    expected = 10 * np.log10(np.square(centered).sum() / np.square(noise).sum())
+    assert figures["int8"]["sqnr_db"] == pytest.approx(expected, abs=0.01)
+    assert figures["int8"]["raw_sqnr_db"] == pytest.approx(expected + 20, abs=0.3)  # the constant part counts
+    assert figures["offset"]["sqnr_db"] == 200.0  # a constant offset does not vary with the input
+    assert figures["offset"]["raw_sqnr_db"] == pytest.approx(20.0, abs=0.1)
