@@ -25,6 +25,7 @@ as failed and the rest still measured.
 
     python scripts/sweep.py [NAME ...] [--out sweep-out] [--redo] [--rounds 7] [--markdown]
                             [--target-cpu auto] [--timeout 1200] [--keep] [--list]
+                            [--seed 0] [--observer NAME]     # a variant: other weights, another observer
     python scripts/sweep.py --retime --rounds 15 [NAME ...]   # time finished ones again (a quiet machine)
     python scripts/sweep.py --recount [NAME ...]              # count their ops again from the kept files
     python scripts/sweep.py --rescore 256 [NAME ...]          # their SQNR again, on more held-out inputs
@@ -80,20 +81,27 @@ def slug(name: str) -> str:
 
 
 # ---------------------------------------------------------------- one architecture (its own process)
-def write_inputs(name: str, out: Path, target_cpu: str) -> Path:
-    """The calibration and held-out .npz and a default recipe for `name` in `out`; the recipe's path."""
+def write_inputs(name: str, out: Path, target_cpu: str, seed: int = 0, observer: str | None = None) -> Path:
+    """The calibration and held-out .npz and a default recipe for `name` in `out`; the recipe's path. A variant:
+    `seed` draws other weights (the data stay), `observer` names quantcli's activation observer."""
     import yaml
 
     archs = architectures()
     np.savez(out / "calibration.npz", **archs.inputs(name, *CALIBRATION))
     np.savez(out / "held_out.npz", **archs.inputs(name, *HELD_OUT))
     recipe = {
-        "model": {"factory": f"{ARCHITECTURES_FILE}:build", "kwargs": {"name": name}},
+        "model": {
+            "factory": f"{ARCHITECTURES_FILE}:build",
+            "kwargs": {"name": name, **({"seed": seed} if seed else {})},
+        },
         "inputs": archs.input_specs(name),
         "calibration": {"data": str(out / "calibration.npz"), "batch_size": 8},
     }
-    if target_cpu != "auto":
-        recipe["quantization"] = {"target_cpu": target_cpu}
+    quantization = {"target_cpu": target_cpu} if target_cpu != "auto" else {}
+    if observer:
+        quantization["observer"] = observer
+    if quantization:
+        recipe["quantization"] = quantization
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -213,7 +221,7 @@ def latency(sessions: dict, rows: dict[str, np.ndarray], rounds: int) -> dict:
     return result
 
 
-def sweep_one(name: str, out: Path, target_cpu: str, rounds: int, keep: bool) -> dict:
+def sweep_one(name: str, out: Path, args: argparse.Namespace) -> dict:
     """Everything the sweep records of one architecture (scripts/sweep.py's docstring)."""
     import logging
 
@@ -221,7 +229,9 @@ def sweep_one(name: str, out: Path, target_cpu: str, rounds: int, keep: bool) ->
     arch, start = architectures().ARCHITECTURES[name], time.perf_counter()
     work = out / "quantcli"
     result = {"name": name, "kind": arch.kind, "size": arch.size, "note": arch.note}
-    result["quantcli"] = quantcli_run(write_inputs(name, out, target_cpu), work)
+    if args.seed or args.observer:
+        result["variant"] = {"seed": args.seed, "observer": args.observer}
+    result["quantcli"] = quantcli_run(write_inputs(name, out, args.target_cpu, args.seed, args.observer), work)
     if not (work / "converted" / "float.pt2").is_file():
         return {**result, "error": f"quantcli exit {result['quantcli']['rc']}: {result['quantcli']['error']}"}
     try:
@@ -230,7 +240,7 @@ def sweep_one(name: str, out: Path, target_cpu: str, rounds: int, keep: bool) ->
         files, result["ort"] = {}, {"seconds": {}, "failed": {"fp32": first_line(exc)}}
     if (work / "model.onnx").is_file():
         files["quantcli"] = work / "model.onnx"
-    if not keep:  # the stages' programs: hundreds of MB on the larger models
+    if not args.keep:  # the stages' programs: hundreds of MB on the larger models
         for stage in ("captured", "prepared", "calibrated", "converted"):
             shutil.rmtree(work / stage, ignore_errors=True)
         (out / "fp32.pre.onnx").unlink(missing_ok=True)
@@ -242,7 +252,7 @@ def sweep_one(name: str, out: Path, target_cpu: str, rounds: int, keep: bool) ->
     result["ops"] = {k: graph_counts(p) for k, p in files.items() if k != "fp32"}
     if "fp32" in files:
         result["fidelity"] = fidelity(sessions, rows)
-        result["ms"] = latency(sessions, rows, rounds)
+        result["ms"] = latency(sessions, rows, args.rounds)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -307,7 +317,8 @@ def run_child(name: str, out: Path, args: argparse.Namespace) -> None:
         "--rounds",
         str(args.rounds),
     ]
-    command += ["--target-cpu", args.target_cpu] + (["--keep"] if args.keep else [])
+    command += ["--target-cpu", args.target_cpu, "--seed", str(args.seed)] + (["--keep"] if args.keep else [])
+    command += ["--observer", args.observer] if args.observer else []
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT).unlink(missing_ok=True)
     start = time.perf_counter()
@@ -511,6 +522,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=1200, help="seconds one architecture may take")
     parser.add_argument("--target-cpu", default="auto", choices=("auto", "avx2", "avx512", "vnni"))
     parser.add_argument("--keep", action="store_true", help="keep the stages' programs and ORT's pre-processed fp32")
+    parser.add_argument("--seed", type=int, default=0, help="draw the weights from this seed (the data stay)")
+    parser.add_argument("--observer", help="quantcli's activation observer instead of the default (a variant)")
     parser.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     parser.add_argument("--list", action="store_true", help="print the architectures and exit")
     parser.add_argument("--report", action="store_true", help="run nothing: the table of the results there are")
@@ -530,7 +543,7 @@ def main() -> int:
         print("\n".join(f"{name:45} {arch.note}" for name, arch in known.items()))
         return 0
     if args.one:
-        result = sweep_one(args.one, args.out, args.target_cpu, args.rounds, args.keep)
+        result = sweep_one(args.one, args.out, args)
         (args.out / RESULT).write_text(json.dumps(result, indent=1) + "\n")
         return 0
     names = args.names or list(known)

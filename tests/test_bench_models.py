@@ -193,3 +193,20 @@ def test_bench_fidelity_reports_the_sqnr_of_the_varying_part_and_the_raw_one(mon
     assert figures["int8"]["raw_sqnr_db"] == pytest.approx(expected + 20, abs=0.3)  # the constant part counts
     assert figures["offset"]["sqnr_db"] == 200.0  # a constant offset does not vary with the input
     assert figures["offset"]["raw_sqnr_db"] == pytest.approx(20.0, abs=0.1)
+
+
+def test_sweep_variant_recipe_names_the_seed_and_observer_and_the_default_one_neither(tmp_path):
+    import yaml
+
+    sweep = _script("sweep")
+    (tmp_path / "default").mkdir()
+    (tmp_path / "variant").mkdir()
+    default = yaml.safe_load(sweep.write_inputs("transformers:bert", tmp_path / "default", "auto").read_text())
+    variant = yaml.safe_load(
+        sweep.write_inputs("transformers:bert", tmp_path / "variant", "avx2", seed=3, observer="minmax").read_text()
+    )
+    assert default["model"]["kwargs"] == {"name": "transformers:bert"} and "quantization" not in default
+    assert variant["model"]["kwargs"] == {"name": "transformers:bert", "seed": 3}
+    assert variant["quantization"] == {"target_cpu": "avx2", "observer": "minmax"}
+    same = [np.load(tmp_path / v / "calibration.npz")["input_ids"] for v in ("default", "variant")]
+    assert (same[0] == same[1]).all()  # other weights, the same data
