@@ -472,7 +472,7 @@ class QuantizationSection(_Section):
         default_factory=ActivationsConfig,
         description="static activations {dtype, symmetric}, or none: weight-only (activations stay float)",
     )
-    observer: Observer = "histogram"
+    observer: Observer = "auto"
     target_cpu: Literal["auto", "avx2", "avx512", "vnni", "arm64"] = Field(
         default="auto", description="the CPU class the model is built for; auto: this machine's, resolved at prepare"
     )

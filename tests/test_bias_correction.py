@@ -105,7 +105,8 @@ def test_bias_correction_false_calibrates_without_it(copy_work, tmp_path):
     corrected = _torch.load_state(w / "calibrated" / artifacts.STATE)
     names = json.loads((w / "calibrated" / artifacts.MANIFEST).read_text())["bias_correction"]["biases"]
     assert all(not torch.equal(plain[n], corrected[n]) for n in names)
-    assert all(torch.equal(plain[k], v) for k, v in corrected.items() if k not in names)
+    # the rest alike, but the range rule `observer: auto` chose (with other biases it may choose otherwise)
+    assert all(torch.equal(plain[k], v) for k, v in corrected.items() if k not in names and "searched" not in k)
 
 
 class _Shared(torch.nn.Module):

@@ -43,7 +43,7 @@ def test_validation_knows_the_observers_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.splitlines() == [
         "overrides.0.observer: unknown observer 'entorpy'; did you mean 'entropy'?; "
-        "valid: minmax, moving_average_minmax, histogram, mse, percentile, entropy",
+        "valid: auto, minmax, moving_average_minmax, histogram, mse, percentile, entropy",
         "False",
     ]
 
@@ -344,14 +344,14 @@ def test_an_entropy_recipe_calibrates_and_quantizes_a_model():
 
 @pytest.mark.slow
 def test_an_entropy_override_calibrates_the_named_modules_only():
-    from quantcli.quantizers.observers import HistogramObserver
+    from quantcli.quantizers.observers import ChosenRangeObserver
 
     prepared, test = calibrated(section(overrides=[{"names": ["layer2.*"], "observer": "entropy"}]))
     kinds = {}
     for top, kind in activation_observers(prepared):
         if top != "root" and top != "avgpool":  # the pooled output and the flatten share layer2's output qparams
             kinds.setdefault(top == "layer2", set()).add(kind)
-    assert kinds == {True: {EntropyObserver}, False: {HistogramObserver}}
+    assert kinds == {True: {EntropyObserver}, False: {ChosenRangeObserver}}  # the others: the default, auto
     assert output_sqnr(prepared, test) > 35  # measured 38.9 dB
 
 

@@ -191,11 +191,12 @@ class Correction:
         self.args, self.float_means = args, means.means
         return out
 
-    def apply(self) -> list[str]:
-        """Correct the biases (the module's parameters, in place); the names of those corrected, in graph order."""
+    def apply(self, make: Any = None) -> list[str]:
+        """Correct the biases (the module's parameters, in place), each observer quantizing as `make(observer)` makes
+        it (default: fake_quant, as the convert will); the names of those corrected, in graph order."""
         if not self.float_means:
             return []
-        with torch.no_grad(), observers_replaced(self.module, fake_quant):
+        with torch.no_grad(), observers_replaced(self.module, make or fake_quant):
             correcting = _Correcting(self.module, self.layers, self.float_means)
             correcting.run(*self.args)
         return correcting.corrected

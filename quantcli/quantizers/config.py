@@ -25,7 +25,7 @@ class QuantizerConfig:
     weights_symmetric: bool = True
     activations_dtype: str = "uint8"  # or int8
     activations_symmetric: bool = False
-    observer: str = "histogram"  # quantizers.names.OBSERVERS
+    observer: str = "auto"  # quantizers.names.OBSERVERS
     target_cpu: str = "auto"  # auto | avx2 | avx512 | vnni | arm64
     reduce_range: bool | str = "auto"
     equalize: bool = True

@@ -9,6 +9,7 @@ instant); `quantcli.quantizers` gives each target its quantizer factory and
 from __future__ import annotations
 
 OBSERVERS: tuple[str, ...] = (
+    "auto",  # histogram's search or min to max for the whole model, by the output error on held-out batches
     "minmax",  # running min and max
     "moving_average_minmax",  # min and max averaged over batches
     "histogram",  # torchao's greedy search for the range of least L2 error on a 2048-bin histogram

@@ -94,6 +94,33 @@ class HistogramObserver(_TorchaoHistogramObserver):
             self.histogram[0] = zeros
 
 
+class ChosenRangeObserver(HistogramObserver):
+    """The histogram observer, whose range is either the search's or the observed min to max (`observer: auto`).
+
+    Calibrate picks one for the whole model from the output error on held-out calibration batches
+    (quantcli.quantizers.range_choice) and records it in the `searched` buffer, so the state_dict carries the
+    choice to convert; until then (and in a module prepared outside quantcli's calibrate) it is the search.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("searched", torch.tensor(True))
+
+    @torch.jit.export
+    def calculate_qparams(self):
+        if bool(self.searched) or self.min_val == float("inf"):
+            return super().calculate_qparams()
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
+        """A state saved by a histogram observer (before the choice existed) loads as the search."""
+        state_dict.setdefault(prefix + "searched", torch.tensor(True))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+
+    def extra_repr(self):
+        return f"searched={bool(self.searched)}, " + super().extra_repr()
+
+
 class PercentileObserver(HistogramObserver):
     """A histogram observer whose range is clipped at the 0.01th and 99.99th percentiles.
 
@@ -192,6 +219,7 @@ class CodedScalePerChannelObserver(PerChannelMinMaxObserver):
 
 
 ACTIVATION_OBSERVERS = {
+    "auto": ChosenRangeObserver,
     "minmax": MinMaxObserver,
     "moving_average_minmax": MovingAverageMinMaxObserver,
     "histogram": HistogramObserver,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -47,10 +48,10 @@ def run_batches(
     recipe: Recipe,
     progress: Progress,
     digest: BatchDigest | None = None,
-    first: Callable[..., Any] | None = None,
+    call: Callable[[int, tuple], Any] | None = None,
 ) -> tuple[int, int]:
-    """Feed the calibration batches through `module` (adding each to `digest`; the first batch through `first`
-    where given, a forward of `module` too); (batches, samples) seen."""
+    """Feed the calibration batches through `module` (adding each to `digest`; each batch as `call(index, args)`
+    where given, which runs `module`); (batches, samples) seen."""
     from quantcli import _torch
     from quantcli.loading.files import reader
 
@@ -66,11 +67,12 @@ def run_batches(
     )
     seen = samples = 0
     axes = _torch.input_axes(module)
+    step = call if call is not None else (lambda index, args: module(*args))
     with _torch.torch.no_grad():
         for index, batch in enumerate(batches):
             args = to_tensors(batch, inputs)
             check_fits(args, axes, inputs, index)
-            forward(first if first is not None and index == 0 else module, args, index)
+            forward(functools.partial(step, index, args), index)
             if digest is not None:
                 digest.add(batch)
             seen += 1
@@ -110,13 +112,13 @@ def _shown(axes: list[Any]) -> str:
     )
 
 
-def forward(module: Any, args: tuple, index: int) -> None:
+def forward(run: Callable[[], Any], index: int) -> None:
     """One calibration forward. Only the program's own input checks blame the data; running out of
     memory says so; anything else is what it is (an internal error, with --debug's traceback)."""
     from quantcli import _torch
 
     try:
-        module(*args)
+        run()
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if _torch.is_guard_failure(exc):
@@ -151,19 +153,19 @@ def run(
         hashes["calibration.data"] = callable_digest(recipe, "calibration", section.num_batches)
 
     def body(st: Any) -> dict[str, Any]:
+        from quantcli.quantizers import range_choice
+
         module = restore_prepared(parent)
         digest = BatchDigest() if streamed else None
-        correction = None
-        if corrects_biases(recipe, parent):
-            from quantcli.quantizers import bias_correction
-
-            correction = bias_correction.Correction(module)
-        observe = correction.observe if correction is not None else None
-        seen, samples = run_batches(module, recipe, progress, digest, observe)
+        session = range_choice.Session(module, corrects_biases(recipe, parent))
+        seen, samples = run_batches(module, recipe, progress, digest, session.forward)
         extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
-        if correction is not None:
-            first = dict(enumerate(correction.args))  # the first batch's tensors, by position
-            extra["bias_correction"] = {"biases": correction.apply(), "samples": samples_in(first)}
+        biases, ranges = session.finish()
+        if session.correction is not None:
+            first = dict(enumerate(session.correction.args))  # the first batch's tensors, by position
+            extra["bias_correction"] = {"biases": biases, "samples": samples_in(first)}
+        if ranges is not None:
+            extra["ranges"] = ranges
         carry_program(parent, st.tmp)
         save_state(module, st.tmp)
         if recipe.quantization.weight_only:

@@ -32,6 +32,7 @@ from quantcli.tune.outputs import OUTCOME, RECIPE
 
 # Another calibration method to try for a layer, by the method it has.
 OTHER_OBSERVER = {
+    "auto": "percentile",
     "histogram": "percentile",
     "mse": "percentile",
     "percentile": "entropy",
