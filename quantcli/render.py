@@ -20,6 +20,14 @@ def validated(doc: dict[str, Any]) -> str:
     return f"{doc['recipe']}: valid"
 
 
+def _ranges(choice: dict[str, Any]) -> str:
+    """`observer: auto`'s choice (quantcli.quantizers.range_choice) in words."""
+    if "why" in choice:
+        return f"{choice['rule']} ({choice['why']})"
+    scores = ", ".join(f"{rule} {db} dB" for rule, db in choice["sqnr_db"].items())
+    return f"{choice['rule']} (SQNR on {choice['held_out_samples']} held-out samples: {scores})"
+
+
 def inspected(doc: dict[str, Any]) -> str:
     """`inspect`: the manifest's essentials, the graph's ops and the export report."""
     if "genai" in doc:
@@ -33,6 +41,8 @@ def inspected(doc: dict[str, Any]) -> str:
         lines.append(f"  target: {doc['target']}")
     if "samples" in manifest:
         lines.append(f"  calibration: {manifest['batches']} batches, {manifest['samples']} samples")
+    if "ranges" in manifest:
+        lines.append(f"  activation ranges: {_ranges(manifest['ranges'])}")
     for name, info in manifest.get("files", {}).items():
         lines.append(f"  file {name}: {info['size']} bytes sha256 {info['sha256'][:12]}")
     for kind in ("inputs", "outputs"):

@@ -153,7 +153,7 @@ def test_json_and_quiet_on_every_subcommand(copy_work, shared_recipe):
         ("export", str(w / "model.onnx")),
     ]
     assert plan["recipe"]["model"]["factory"] == f"{ROOT / 'configs/digits/model.py'}:build"  # resolved
-    assert plan["recipe"]["quantization"]["observer"] == "histogram"  # defaults filled in
+    assert plan["recipe"]["quantization"]["observer"] == "auto"  # defaults filled in
     for name, stage in zip(
         ["capture", "prepare", "calibrate", "convert", "export"],
         ["captured", "prepared", "calibrated", "converted", "exported"],

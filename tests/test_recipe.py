@@ -48,7 +48,7 @@ def test_every_recipe_under_configs_validates():
 
 def test_the_digits_recipe_is_valid_and_its_defaults_are_filled():
     recipe = recipes.parse(BASE)
-    assert recipe.quantization.observer == "histogram" and recipe.export.opset == 21
+    assert recipe.quantization.observer == "auto" and recipe.export.opset == 21
     assert recipe.inputs[0].axes() == {0: "batch"}
 
 
@@ -69,7 +69,7 @@ def test_every_problem_is_reported_at_once_with_its_dotted_key_path():
         "inputs.0.dtyp: unknown key; did you mean 'dtype'?",
         "quantization.weights.granularity: Input should be 'per_channel' or 'per_tensor'",
         "quantization.observer: unknown observer 'minmx'; did you mean 'minmax'?; "
-        "valid: minmax, moving_average_minmax, histogram, mse, percentile, entropy",
+        "valid: auto, minmax, moving_average_minmax, histogram, mse, percentile, entropy",
         "quantization.overrides.0.weight: unknown key; did you mean 'weights'?",
         "export.opset: Input should be less than or equal to 23",
         "calibraton: unknown key; did you mean 'calibration'?",

@@ -153,9 +153,10 @@ def run(
         hashes["calibration.data"] = callable_digest(recipe, "calibration", section.num_batches)
 
     def body(st: Any) -> dict[str, Any]:
+        module = restore_prepared(parent)  # imports torch through quantcli._torch, which silences it
+
         from quantcli.quantizers import range_choice
 
-        module = restore_prepared(parent)
         digest = BatchDigest() if streamed else None
         session = range_choice.Session(module, corrects_biases(recipe, parent))
         seen, samples = run_batches(module, recipe, progress, digest, session.forward)
