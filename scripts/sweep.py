@@ -123,10 +123,13 @@ def quantcli_run(recipe: Path, work: Path) -> dict:
     if (work / "model.report.json").is_file():
         stages["exported"] = json.loads((work / "model.report.json").read_text())["seconds"]
     lines = done.stderr.strip().splitlines()
+    calibrated = work / "calibrated" / "manifest.json"
+    ranges = json.loads(calibrated.read_text()).get("ranges", {}) if calibrated.is_file() else {}
     return {
         "rc": done.returncode,
         "seconds": round(time.perf_counter() - start, 1),
         "stages": stages,
+        "ranges": ranges.get("rule", ""),  # observer: auto's choice (quantcli.quantizers.range_choice)
         "error": lines[-1][:300] if done.returncode and lines else "",
     }
 
