@@ -108,6 +108,19 @@ def test_the_choice_is_the_rule_whose_converted_model_is_nearer_fp32_on_the_held
     )  # nothing but the observers changed (no bias correction here)
 
 
+def test_the_held_out_batches_stop_at_the_sample_or_byte_limit_but_one_is_always_kept(monkeypatch):
+    data = batches(False)  # 4 batches of 8: 3 after the first
+    prepared = prepare(ReadsEverything().eval(), {"x": data[0]}, section(**QUANTIZATION))
+    for samples, size, kept in ((64, 2**40, 3), (16, 2**40, 2), (64, 1, 1)):
+        monkeypatch.setattr(range_choice, "HELD_OUT_SAMPLES", samples)
+        monkeypatch.setattr(range_choice, "HELD_OUT_BYTES", size)
+        session = range_choice.Session(prepared, correct=False)
+        with torch.no_grad():
+            for index, x in enumerate(data):
+                session.forward(index, (x,))
+        assert [args[0] for args, _ in session.held] == data[1 : 1 + kept]
+
+
 def test_calibrate_records_the_choice_in_the_manifest_and_the_state_and_one_batch_keeps_the_search(copy_work, tmp_path):
     w = copy_work("prepared", "calibrated")
     manifest = json.loads((w / "calibrated" / artifacts.MANIFEST).read_text())

@@ -1,20 +1,14 @@
 """`observer: auto`: one activation range rule for the whole model, chosen on held-out calibration batches.
 
-Neither range rule is ahead across models: the histogram search clips rare values for resolution, min to max
-keeps them, and which one gives a model the lower output error depends on the model and on the target's
-weights (on the six trained models the project ships, the better one flipped with the target on four; on
-random-weight MnasNet/FBNet draws min to max was ahead on every draw where the search lost to ONNX Runtime's
-quantizer; docs/accuracy.md). So calibrate measures both: after the last batch, for each rule in turn, the
-biases are corrected as that rule's convert will quantize (quantizers.bias_correction, on the first batch), the
-batches after the first (up to HELD_OUT_SAMPLES samples; the correction never saw them) run fake-quantized
-with the convert's arithmetic, and the rule whose outputs are nearer the float ones (summed squared error,
-each output over its float energy) is kept, in every `auto` observer's `searched` buffer, so convert quantizes
-with it. The float outputs are those the calibration forwards returned (observers pass their input through).
-
-With one calibration batch nothing is held out, and the search stays (the manifest says so): a choice judged on
-the batch the biases were corrected on favours min to max (on the trained Hugging Face ResNet built for
-avx2 it picked min to max at +0.4 dB there, while the held-out batch and the ONNX model on the evaluation data
-put the search 3.0 and 1.2 dB ahead).
+Neither the histogram search (which clips rare values for resolution) nor min to max (which keeps them) is ahead
+across models, and which one a model prefers can flip with the target's weights (docs/accuracy.md, Activation
+ranges). So calibrate measures both: after the last batch, for each rule in turn, the biases are corrected as that
+rule's convert will quantize (quantizers.bias_correction, on the first batch), the batches after the first (up to
+HELD_OUT_SAMPLES samples; the correction never saw them) run fake-quantized with the convert's arithmetic, and the
+rule whose outputs are nearer the float ones is kept, in every `auto` observer's `searched` buffer, so convert
+quantizes with it. The float outputs are those the calibration forwards returned (observers pass their input
+through, and the biases are corrected only after the last batch). With one calibration batch nothing is held out,
+and the search stays: judged on the batch the biases were corrected on, the choice leans to min to max.
 """
 
 from __future__ import annotations
@@ -28,7 +22,8 @@ import torch
 from quantcli.quantizers import bias_correction
 from quantcli.quantizers.observers import ChosenRangeObserver
 
-HELD_OUT_SAMPLES = 64  # at most this many samples after the first batch are kept for the choice
+HELD_OUT_SAMPLES = 64  # the batches after the first are kept for the choice until they hold this many samples
+HELD_OUT_BYTES = 2**28  # or their inputs and float outputs this many bytes (a second batch is always kept)
 RULES = {True: "histogram", False: "minmax"}  # `searched` -> the observer the choice behaves as
 
 
@@ -59,9 +54,15 @@ class Session:
             out = self.correction.observe(*args)
         else:
             out = self.module(*args)
-        if index > 0 and self.observers and sum(samples_of(a) for a, _ in self.held) < HELD_OUT_SAMPLES:
+        if index > 0 and self.observers and self._room():
             self.held.append((args, float_outputs(out)))
         return out
+
+    def _room(self) -> bool:
+        samples = sum(samples_of(args) for args, _ in self.held)
+        tensors = [t for args, outs in self.held for t in (*args, *outs) if isinstance(t, torch.Tensor)]
+        size = sum(t.element_size() * t.numel() for t in tensors)
+        return not self.held or (samples < HELD_OUT_SAMPLES and size < HELD_OUT_BYTES)
 
     def finish(self) -> tuple[list[str], dict[str, Any] | None]:
         """(the biases corrected, the choice made: None where the model has no `auto` observer)."""
@@ -128,9 +129,9 @@ def _quantizers() -> Callable[[Any], torch.nn.Module]:
 
 
 def float_outputs(out: Any) -> list[torch.Tensor]:
-    """A forward's floating-point output tensors in float64, detached."""
+    """A forward's floating-point output tensors, detached."""
     items = out if isinstance(out, (tuple, list)) else [out]
-    return [t.detach().double() for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t.detach() for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def output_error(pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> float:
@@ -143,6 +144,7 @@ def output_error(pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> 
             if i == len(errors):
                 errors.append(0.0)
                 energies.append(0.0)
+            f, q = f.double(), q.double()
             errors[i] += float(((f - q) ** 2).sum())
             energies[i] += float((f**2).sum())
     return sum(e / s if s > 0 else e for e, s in zip(errors, energies))
