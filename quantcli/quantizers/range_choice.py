@@ -54,8 +54,8 @@ class Session:
             out = self.correction.observe(*args)
         else:
             out = self.module(*args)
-        if index > 0 and self.observers and self._room():
-            self.held.append((args, float_outputs(out)))
+        if index > 0 and self.observers and self._room():  # a copy: a data source may reuse its buffers
+            self.held.append((tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args), float_outputs(out)))
         return out
 
     def _room(self) -> bool:
@@ -129,9 +129,11 @@ def _quantizers() -> Callable[[Any], torch.nn.Module]:
 
 
 def float_outputs(out: Any) -> list[torch.Tensor]:
-    """A forward's floating-point output tensors, detached."""
-    items = out if isinstance(out, (tuple, list)) else [out]
-    return [t.detach() for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    """A forward's floating-point output tensors (of whatever structure), detached."""
+    from quantcli import _torch
+
+    leaves = (t for _, t in _torch.output_leaves(out))
+    return [t.detach() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def output_error(pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> float:
