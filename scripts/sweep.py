@@ -477,7 +477,9 @@ def cells(row: dict) -> list[str]:
         str(rc),
         f"{q.get('integer', '-')}/{s.get('integer', '-')} of {s.get('total', q.get('total', '-'))}",
         f"{q.get('float_ops', '-')}/{s.get('float_ops', '-')}" + after_kernels(q, s),
-        "/".join("-" if math.isnan(x) else f"{x:.1f}" for x in (sq, ss)) + (" raw" if raw else ""),
+        "/".join("-" if math.isnan(x) else f"{x:.1f}" for x in (sq, ss))
+        + (" raw" if raw else "")
+        + (" (min-max)" if row["quantcli"].get("ranges") == "minmax" else ""),
         f"{r(1, 'quantize_static')}/{r(32, 'quantize_static')}",
         f"{r(1, 'quantize_dynamic')}/{r(32, 'quantize_dynamic')}" if dynamic else "",
         sizes,

@@ -152,6 +152,7 @@ def test_sweep_summary_counts_each_shortfall_against_quantize_static():
         _row("e", {"1": 1.0, "32": 1.0}, 0, 1.0, q_after=3),  # fewer counted, more behind float-output kernels
         _row("f", {"1": 1.0, "32": 1.0}, 3, 1.0, q_sqnr=30.3),  # one more float op, and 0.3 dB for it: too little
     ]
+    rows[0]["quantcli"]["ranges"] = "minmax"  # observer: auto's choice, as quantcli_run records it
     line = sweep.summary(rows)
     assert line.startswith(
         "6 models: 5 exit 0 (ORT's static flow fails on 0), 5 compared; against quantize_static: 4 within 1.03x"
@@ -161,6 +162,7 @@ def test_sweep_summary_counts_each_shortfall_against_quantize_static():
     assert "0 with an SQNR over 0.5 dB lower" in line
     assert sweep.cells(rows[1])[3] == "3/2" and sweep.cells(rows[3])[2].startswith("quantcli exit 1")
     assert sweep.cells(rows[4])[3] == "0/2 (+3/+0 after float-output kernels)"
+    assert sweep.cells(rows[0])[4] == "31.0/30.0 (min-max)" and sweep.cells(rows[1])[4] == "31.0/30.0"
 
 
 class _Outputs:
