@@ -243,9 +243,10 @@ class OnnxRuntimeQuantizer(Quantizer):
         """Average pools and global means: the output its own range, as ORT's quantizer gives it.
 
         QLinearAveragePool and QLinearGlobalAveragePool requantize at no cost, and a mean spans a fraction
-        of its input's range. Under the default range search that range is the observed one: the search
-        trades a tensor's rare outliers for resolution, and a mean of many values has none to trade; what
-        it clipped were the largest features the head reads (sweep: 0 to +0.69 dB on 8 nets, none lower).
+        of its input's range. Under the range search (`histogram`, and `auto`, which may keep it) that range is
+        the observed one: the search trades a tensor's rare outliers for resolution, and a mean of many values
+        has none to trade; what it clipped were the largest features the head reads (sweep: 0 to +0.69 dB on 8
+        nets, none lower).
         """
         searched = ACTIVATION_OBSERVERS[s.observer] in (HistogramObserver, ChosenRangeObserver)  # histogram, mse, auto
         out_setting = dataclasses.replace(s, observer="minmax") if searched else s
