@@ -356,9 +356,9 @@ class BatchDigest:
         return "yields " + self._sha.hexdigest()
 
 
-def samples_in(batch: Mapping[str, np.ndarray]) -> int:
-    """The number of samples in a conformed batch."""
-    first = next(iter(batch.values()))
+def samples_in(batch: Mapping[str, Any] | Sequence[Any]) -> int:
+    """The number of samples in a conformed batch, by name or in forward() order (its first array's first axis)."""
+    first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
     return int(np.shape(first)[0]) if np.ndim(first) else 1
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from quantcli.loading.data import samples_in
 from quantcli.quantizers import bias_correction
 from quantcli.quantizers.observers import ChosenRangeObserver
 
@@ -59,7 +60,7 @@ class Session:
         return out
 
     def _room(self) -> bool:
-        samples = sum(samples_of(args) for args, _ in self.held)
+        samples = sum(samples_in(args) for args, _ in self.held)
         tensors = [t for args, outs in self.held for t in (*args, *outs) if isinstance(t, torch.Tensor)]
         size = sum(t.element_size() * t.numel() for t in tensors)
         return not self.held or (samples < HELD_OUT_SAMPLES and size < HELD_OUT_BYTES)
@@ -110,7 +111,7 @@ def choose(
     return {
         "rule": RULES[kept],
         "sqnr_db": {RULES[s]: _db(trials[s][0]) for s in RULES},
-        "held_out_samples": sum(samples_of(args) for args, _ in held),
+        "held_out_samples": sum(samples_in(args) for args, _ in held),
         "biases": trials[kept][2],
     }
 
@@ -150,12 +151,6 @@ def output_error(pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> 
             errors[i] += float(((f - q) ** 2).sum())
             energies[i] += float((f**2).sum())
     return sum(e / s if s > 0 else e for e, s in zip(errors, energies))
-
-
-def samples_of(args: tuple) -> int:
-    """The samples in a batch of positional inputs (its first input's first dimension)."""
-    first = args[0] if args else None
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
 
 
 def _restore(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:

@@ -163,8 +163,7 @@ def run(
         extra = {"qat": parent.manifest["qat"], "io": parent.manifest["io"], "batches": seen, "samples": samples}
         biases, ranges = session.finish()
         if session.correction is not None:
-            first = dict(enumerate(session.correction.args))  # the first batch's tensors, by position
-            extra["bias_correction"] = {"biases": biases, "samples": samples_in(first)}
+            extra["bias_correction"] = {"biases": biases, "samples": samples_in(session.correction.args)}
         if ranges is not None:
             extra["ranges"] = ranges
         carry_program(parent, st.tmp)
