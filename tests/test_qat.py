@@ -23,6 +23,7 @@ from quantcli.errors import ArtifactError, DataError, RecipeError
 from quantcli.stages.base import restore_prepared
 from quantcli.training import checkpoints
 from tests.conftest import assert_fails, cli, cli_env, leftovers, quantcli, session_dir
+from tests.tolerances import QAT_OWN_LOOP_SQNR_DB
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits"
@@ -291,7 +292,13 @@ def test_own_loop_saves_a_trained_artifact_that_converts_to_the_same_model(qat_w
     with torch.no_grad():
         a = model.eval()(x)
         b = _torch.load_program(tmp_path / "converted" / artifacts.PROGRAM).module()(x)
-    assert torch.equal(a.argmax(-1), b.argmax(-1)) and sqnr_db(a, b) > 60
+    # Where the target's weights are pair-safe, convert lowers those the last step pushed over a pair's limit,
+    # which the frozen ranges never saw (quantizers.pair_safety): the floor is the resolved target's.
+    quantization = converted.manifest["recipe"]["quantization"]
+    lowered = converted.manifest["pair_safe_weights_lowered"]
+    assert (lowered > 0) == (quantization["reduce_range"] == "pair_safe")  # measured 14 at avx2
+    target = quantization["target_cpu"]
+    assert torch.equal(a.argmax(-1), b.argmax(-1)) and sqnr_db(a, b) > QAT_OWN_LOOP_SQNR_DB[target]
 
 
 # ------------------------------------------------------------------ checkpoints and resume

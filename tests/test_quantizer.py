@@ -28,6 +28,7 @@ from quantcli.onnx.fusion import integer_op_report
 from quantcli.quantizers.cpu import classify, cpu_flags, saturates_u8s8
 from quantcli.recipe import QuantizationSection
 from tests.models import MODELS, SEQ, VOCAB, TinyBert, example_batch
+from tests.tolerances import QUANTIZATION
 
 torch = _torch.torch
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +45,8 @@ def leaves(out) -> list[np.ndarray]:
 
 
 def section(**kw) -> QuantizationSection:
-    """A resolved section for this machine (target_cpu/reduce_range from /proc/cpuinfo)."""
-    return quantizers.resolve(QuantizationSection(**kw))
+    """A resolved section for the tests' target (tolerances.TARGET) unless `kw` names another."""
+    return quantizers.resolve(QuantizationSection(**{**QUANTIZATION, **kw}))
 
 
 def capture(model, batch: dict):
@@ -491,7 +492,9 @@ def test_sdpa_matmuls_are_quantized_except_where_excluded():
 @pytest.mark.slow
 def test_qat_uses_plain_fake_quantize_and_matches_convert():
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
-    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, PerChannelMinMaxObserver
+    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver
+
+    from quantcli.quantizers.observers import PairSafePerChannelObserver
 
     calib, test = model_data("two_io", batches=3, batch=8)
     model = MODELS["two_io"][0]().train()
@@ -499,7 +502,7 @@ def test_qat_uses_plain_fake_quantize_and_matches_convert():
     fqs = [m for m in prepared.modules() if isinstance(m, _torch.FakeQuantizeBase)]
     assert fqs and all(type(m) is FakeQuantize for m in fqs)
     observers = {type(m.activation_post_process) for m in fqs}
-    assert observers == {MovingAverageMinMaxObserver, PerChannelMinMaxObserver}
+    assert observers == {MovingAverageMinMaxObserver, PairSafePerChannelObserver}  # TARGET's weights: pair-safe
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
     for batch in calib:
         loss = prepared(*batch.values())["logits"].pow(2).mean()
