@@ -8,6 +8,7 @@ import sys
 
 import typer
 
+from quantcli.allocator import keep_large_blocks
 from quantcli.commands import app
 from quantcli.console import Output, _on_sigterm, fail
 from quantcli.errors import EXIT_INTERRUPTED
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors too become one line (and a JSON document with --json)."""
     args = sys.argv[1:] if argv is None else list(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)  # a kill during start-up is an interrupt too
+    keep_large_blocks()
     if not args:
         app(args=args, prog_name="quantcli")  # prints the help
     try:
