@@ -2,12 +2,11 @@
 
 glibc's malloc serves every block over 32 MiB (at most; its dynamic threshold) with its own mmap and unmaps it on
 free, so each large tensor a forward pass allocates (a batch of activations: 150 MB for one of EfficientNet-Lite0's
-at 224 px and batch 32) is faulted in anew, page by page, by the kernel. Calibrating that model spent more time in
-the kernel than in PyTorch's ops on that (15-18 s system time of 27-31 s wall, AMD EPYC with AVX2; 1.3 s and 19 s
-with the blocks kept, docs/performance.md). The console script therefore asks glibc to serve blocks up to
-THRESHOLD from its heap and to keep up to THRESHOLD of freed memory at the heap's top. Freed blocks are reused by
-the next batch's tensors of the same sizes; a process's peak stays that of what it holds at once, plus what the
-heap cannot reuse.
+at 224 px and batch 32) is faulted in anew, page by page, by the kernel. Calibrating that model spent 15-27 s of
+its 27-35 s wall in the kernel on an AMD EPYC with AVX2; with the blocks kept, 2-3 s of 19 s (docs/performance.md).
+The console script therefore asks glibc to serve blocks up to THRESHOLD from its heap and to keep up to THRESHOLD
+of freed memory at the heap's top. The next batch's tensors of the same sizes reuse the freed blocks; the peak
+resident size grows by what the heap holds and cannot reuse (that calibrate: 1.54 GB against 0.97 GB).
 
 Only the console script does this (a program that imports quantcli keeps its own allocator settings), only with
 glibc, and never over the user's own: MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES in the
