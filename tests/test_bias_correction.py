@@ -14,7 +14,6 @@ from quantcli.stages.base import restore_prepared
 from tests.conftest import DIGITS, cli, digits_recipe
 from tests.models import MODELS
 from tests.test_quantizer import leaves, model_data, prepare, section, sqnr_db
-from tests.tolerances import QUANTIZATION
 
 torch = _torch.torch
 
@@ -32,7 +31,7 @@ def test_corrected_biases_bring_the_converted_model_closer_to_fp32_on_data_calib
     args = tuple(held.values())
     with torch.no_grad():
         reference = leaves(model(*args))
-    prepared = prepare(model, calib[0], section(**QUANTIZATION))
+    prepared = prepare(model, calib[0], section())
     with torch.no_grad():
         for batch in calib:
             prepared(*batch.values())
@@ -63,7 +62,7 @@ def _conv_means(module, args: tuple, make) -> dict:
 def test_each_corrected_layer_has_its_float_mean_on_the_batch_it_was_corrected_on():
     """Layer by layer in graph order: each conv's fake-quantized output mean, per channel, is its float one."""
     calib, _ = model_data("mobilenet_v2")
-    prepared = prepare(MODELS["mobilenet_v2"][0](), calib[0], section(**QUANTIZATION))
+    prepared = prepare(MODELS["mobilenet_v2"][0](), calib[0], section())
     with torch.no_grad():
         for batch in calib:
             prepared(*batch.values())
@@ -123,7 +122,7 @@ class _Shared(torch.nn.Module):
 def test_a_bias_two_layers_read_is_left_as_it_is():
     torch.manual_seed(0)
     batch = {"x": torch.randn(16, 8), "y": torch.randn(16, 3, 8, 8)}
-    prepared = prepare(_Shared().eval(), batch, section(**QUANTIZATION))
+    prepared = prepare(_Shared().eval(), batch, section())
     with torch.no_grad():
         prepared(*batch.values())
     before = {k: v.clone() for k, v in prepared.state_dict().items() if k.endswith("bias")}
@@ -148,7 +147,7 @@ def test_a_linear_on_the_rows_of_tokens_keeps_its_bias_and_a_classifier_head_is_
     """A token linear's correction bought no accuracy on the sweep's transformers and cost file size."""
     torch.manual_seed(0)
     batch = {"x": torch.randn(16, 5, 8)}
-    prepared = prepare(_Tokens().eval(), batch, section(**QUANTIZATION))
+    prepared = prepare(_Tokens().eval(), batch, section())
     rows = [n for n in prepared.graph.nodes if n.target is torch.ops.aten.linear.default]
     assert [n.meta["val"].dim() for n in rows] == [2, 2]  # the token linear runs on rows
     with torch.no_grad():
@@ -172,7 +171,7 @@ class _TokensAndRows(torch.nn.Module):
 def test_a_bias_a_token_linear_shares_with_another_call_is_left_as_it_is():
     torch.manual_seed(0)
     batch = {"x": torch.randn(16, 5, 8), "y": torch.randn(16, 8)}
-    prepared = prepare(_TokensAndRows().eval(), batch, section(**QUANTIZATION))
+    prepared = prepare(_TokensAndRows().eval(), batch, section())
     with torch.no_grad():
         prepared(*batch.values())
     before = prepared.state_dict()["mix.bias"].clone()

@@ -14,7 +14,6 @@ from quantcli.quantizers import range_choice
 from quantcli.quantizers.observers import ChosenRangeObserver, HistogramObserver
 from tests.conftest import DIGITS, cli, digits_recipe
 from tests.test_quantizer import leaves, prepare, section, sqnr_db
-from tests.tolerances import QUANTIZATION
 
 torch = _torch.torch
 
@@ -82,7 +81,7 @@ def batches(spikes: bool) -> list[torch.Tensor]:
 )
 def test_the_choice_is_the_rule_whose_converted_model_is_nearer_fp32_on_the_held_out_batches(model, spikes, rule):
     model, data = model().eval(), batches(spikes)
-    prepared = prepare(model, {"x": data[0]}, section(**QUANTIZATION))
+    prepared = prepare(model, {"x": data[0]}, section())
     state_before = copy.deepcopy(prepared.state_dict())
     session = range_choice.Session(prepared, correct=False)
     with torch.no_grad():
@@ -110,7 +109,7 @@ def test_the_choice_is_the_rule_whose_converted_model_is_nearer_fp32_on_the_held
 
 def test_the_held_out_batches_stop_at_the_sample_or_byte_limit_but_one_is_always_kept(monkeypatch):
     data = batches(False)  # 4 batches of 8: 3 after the first
-    prepared = prepare(ReadsEverything().eval(), {"x": data[0]}, section(**QUANTIZATION))
+    prepared = prepare(ReadsEverything().eval(), {"x": data[0]}, section())
     for samples, size, kept in ((64, 2**40, 3), (16, 2**40, 2), (64, 1, 1)):
         monkeypatch.setattr(range_choice, "HELD_OUT_SAMPLES", samples)
         monkeypatch.setattr(range_choice, "HELD_OUT_BYTES", size)
