@@ -10,18 +10,24 @@ from tests.conftest import cli
 
 # A process that allocates, touches and frees a 64 MiB block ten times through glibc's malloc, as PyTorch's CPU
 # allocator does (a batch's activations, ten times over), and prints whether the thresholds were set and the
-# minor page faults the loop cost.
+# minor page faults the loop cost. Each block is advised off transparent huge pages (MADV_NOHUGEPAGE) before it is
+# touched, so that it faults in 4 KiB pages whatever the machine's THP setting ("always" would fault a fresh
+# mapping in 2 MiB pages, 32 a block, and hide what the kernel's work is).
 LOOP = """
-import ctypes, resource, sys
+import ctypes, mmap, resource, sys
 from quantcli.allocator import keep_large_blocks
 kept = keep_large_blocks() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes, libc.memset.argtypes = (ctypes.c_void_p,), (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
+libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+SIZE, PAGE = 2**26, mmap.PAGESIZE
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
-    block = libc.malloc(2**26)
-    libc.memset(block, 1, 2**26)
+    block = libc.malloc(SIZE)
+    start = -(-block // PAGE) * PAGE
+    libc.madvise(start, (block + SIZE - start) // PAGE * PAGE, 15)  # MADV_NOHUGEPAGE
+    libc.memset(block, 1, SIZE)
     libc.free(block)
 print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
