@@ -192,6 +192,45 @@ def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert(
         assert sqnr_db(expected, converted(x)) > 40
 
 
+def _scaled_conv(factor: float):
+    """A pattern as torchao writes one: a closure in its module wrapper."""
+    from torchao.quantization.pt2e.export_utils import WrapperModule
+
+    def pattern(x, weight):
+        return torch.nn.functional.conv2d(x, weight) * factor
+
+    return WrapperModule(pattern)
+
+
+def test_torchao_patterns_are_traced_once_a_process_and_each_caller_gets_a_copy(monkeypatch):
+    """torchao traces its QAT and train/eval patterns with torch.export on every pass; within
+    `_traced_patterns_cached` a pattern is traced once per function, closure values and input shapes."""
+    from torchao.quantization.pt2e import utils
+
+    traced = []
+    trace = utils._get_aten_graph_module_for_pattern
+
+    def counting(pattern, *args, **kwargs):
+        traced.append(pattern)
+        return trace(pattern, *args, **kwargs)
+
+    monkeypatch.setattr(utils, "_get_aten_graph_module_for_pattern", counting)
+    monkeypatch.setattr(_torch, "_TRACED_PATTERNS", {})
+    small = (torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
+    large = (torch.randn(1, 2, 5, 5), torch.randn(2, 2, 1, 1))
+    with _torch._traced_patterns_cached():
+        first = utils._get_aten_graph_module_for_pattern(_scaled_conv(2.0), small)
+        again = utils._get_aten_graph_module_for_pattern(_scaled_conv(2.0), small)  # a new closure, the same values
+        assert len(traced) == 1 and again is not first and again.code == first.code
+        other = utils._get_aten_graph_module_for_pattern(_scaled_conv(3.0), small)
+        wider = utils._get_aten_graph_module_for_pattern(_scaled_conv(2.0), large)
+        assert len(traced) == 3 and "3.0" in other.code and "2.0" in first.code
+    x, weight = small
+    assert torch.equal(first(x, weight), torch.nn.functional.conv2d(x, weight) * 2.0)
+    assert torch.equal(wider(*large), torch.nn.functional.conv2d(*large) * 2.0)
+    assert utils._get_aten_graph_module_for_pattern is counting  # put back after the block
+
+
 # ------------------------------------------------------------------ train: state, convert, reload
 def test_trained_artifact_records_frozen_observers_and_bn(qat_work):
     trained = open_stage(qat_work / "trained")

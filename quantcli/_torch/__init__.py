@@ -61,6 +61,7 @@ from torchao.quantization.pt2e import (  # noqa: E402
 )
 from torchao.quantization.pt2e import export_utils as _export_utils  # noqa: E402  (private: see to_eval)
 from torchao.quantization.pt2e import qat_utils as _qat_utils  # noqa: E402  (private: see _present_convs_only)
+from torchao.quantization.pt2e import utils as _pt2e_utils  # noqa: E402  (private: see _traced_patterns_cached)
 from torchao.quantization.pt2e.constant_fold import constant_fold  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
 
@@ -524,7 +525,7 @@ def prepare(module: Any, quantizer: Any, qat: bool) -> Any:
     _unfold_shared_convs(module)
     if not qat:
         return prepare_pt2e(module, quantizer)
-    with _present_convs_only():
+    with _present_convs_only(), _traced_patterns_cached():
         return prepare_qat_pt2e(module, quantizer)
 
 
@@ -556,7 +557,7 @@ def _unfold_shared_convs(module: Any) -> int:
 
 
 def convert(module: Any, fold_quantize: bool, reference_representation: bool = False) -> Any:
-    with _present_convs_only():
+    with _present_convs_only(), _traced_patterns_cached():
         module = convert_pt2e(
             module, use_reference_representation=reference_representation, fold_quantize=fold_quantize
         )
@@ -599,6 +600,72 @@ def _present_convs_only() -> Iterator[None]:
         for name, helper in originals.items():
             stack.enter_context(_replaced(_qat_utils, name, only_present(helper)))
         yield
+
+
+# The aten graphs of torchao's patterns this process has traced, by what each trace depends on (`_pattern_key`).
+_TRACED_PATTERNS: dict[tuple[Any, ...], Any] = {}
+
+
+@contextlib.contextmanager
+def _traced_patterns_cached() -> Iterator[None]:
+    """torchao's pattern tracing (`_get_aten_graph_module_for_pattern`) done once per pattern in a process.
+
+    torchao's QAT and train/eval passes find conv-bn, dropout and batch-norm subgraphs by matching them against
+    small functions, each traced with torch.export on every call: 50 traces, 10 of the 18 s of `quantcli run`
+    on the bundled QAT recipe, where the QAT graph is prepared again by calibrate, train and convert. A trace
+    depends only on the function (its code and the values it closes over) and the shapes and dtypes of its
+    example inputs, so each caller gets a copy of the graph traced for the first. Patterns the key cannot name
+    are traced as before.
+    """
+
+    def traced(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool = False, **kwargs: Any) -> Any:
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return trace(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _TRACED_PATTERNS:
+            _TRACED_PATTERNS[key] = trace(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_TRACED_PATTERNS[key])
+
+    trace = _pt2e_utils._get_aten_graph_module_for_pattern
+    # qat_utils holds its own reference; export_utils imports it from utils at each call
+    with _replaced(_pt2e_utils, "_get_aten_graph_module_for_pattern", traced):
+        with _replaced(_qat_utils, "_get_aten_graph_module_for_pattern", traced):
+            yield
+
+
+def _pattern_key(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool, kwargs: dict[str, Any]) -> Any:
+    """What a pattern's trace depends on: its function's code, defaults and closure values, and the shape and dtype
+    of every input; None where a value is not hashable or the pattern is a module with state of its own (torchao
+    wraps its pattern functions in a module holding only `fn`)."""
+    function = pattern
+    if isinstance(pattern, torch.nn.Module):
+        function = getattr(pattern, "fn", None)
+        if function is None or any(True for _ in pattern.parameters()) or any(True for _ in pattern.buffers()):
+            return None
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return None
+
+    def described(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+        return value
+
+    cells = tuple(described(cell.cell_contents) for cell in function.__closure__ or ())
+    key = (
+        type(pattern),
+        code,
+        function.__defaults__,
+        cells,
+        tuple(described(x) for x in example_inputs),
+        is_cuda,
+        tuple(sorted((name, described(value)) for name, value in kwargs.items())),
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _int32_quantize(node: Any) -> bool:
@@ -687,7 +754,8 @@ def to_train(module: Any, bn_frozen: bool = False) -> Any:
     torchao's switch rewrites every batch-norm node to training=True, undoing a freeze, so the
     freeze is re-applied here after it.
     """
-    move_exported_model_to_train(module)
+    with _traced_patterns_cached():
+        move_exported_model_to_train(module)
     if bn_frozen:
         freeze_bn(module)
     return module
@@ -705,10 +773,11 @@ def to_eval(module: Any) -> Any:
         return module
     setattr(module, _export_utils._EXPORTED_TRAINING_ATTR, False)
     dropout = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
-    if any(n.op == "call_function" and n.target in dropout and n.args[2] is not False for n in module.graph.nodes):
-        _export_utils._replace_dropout(module, train_to_eval=True)
-    if any(n.args[5] is not False for n in _bn_nodes(module)):
-        _export_utils._replace_batchnorm(module, train_to_eval=True)
+    with _traced_patterns_cached():
+        if any(n.op == "call_function" and n.target in dropout and n.args[2] is not False for n in module.graph.nodes):
+            _export_utils._replace_dropout(module, train_to_eval=True)
+        if any(n.args[5] is not False for n in _bn_nodes(module)):
+            _export_utils._replace_batchnorm(module, train_to_eval=True)
     return module
 
 
