@@ -90,6 +90,25 @@ def test_a_program_loaded_again_is_a_copy_of_the_first_and_a_changed_file_is_rea
     assert len(reads) == 3 and torch.equal(fourth.state_dict[name], weight)
 
 
+def test_a_program_saves_to_torchs_bytes_without_the_canonical_copy_torch_discards(chained, tmp_path, monkeypatch):
+    import torch
+    from torch._export.serde import serialize
+
+    from quantcli import _torch
+
+    program = _torch.load_program(chained("two_io") / "converted" / artifacts.PROGRAM)
+    canonical = []
+    canonicalize = serialize.canonicalize
+    monkeypatch.setattr(serialize, "canonicalize", lambda *a, **k: canonical.append(1) or canonicalize(*a, **k))
+    counting = serialize.canonicalize
+    ours, torchs = tmp_path / "quantcli" / "program.pt2", tmp_path / "torch" / "program.pt2"  # the archive: its stem
+    ours.parent.mkdir(), torchs.parent.mkdir()
+    _torch.save_program(program, ours)
+    assert canonical == [] and serialize.canonicalize is counting  # left out for the save, put back after
+    torch.export.save(program, str(torchs))  # torch's own save, its check included
+    assert canonical == [1] and ours.read_bytes() == torchs.read_bytes()
+
+
 def test_a_program_loads_the_same_with_the_deserializers_type_hints_kept(chained, monkeypatch):
     """The load keeps each schema class's type hints for its own duration: the same program as torch's own
     deserializer gives, and torch's serializer module has its `typing` back after."""

@@ -339,13 +339,24 @@ def save_program(program: Any, path: Path) -> None:
     graphs, a memory address that differs on every run, and stack traces record the absolute
     paths of the Python files involved (the environment's, the user's): both are dropped before
     saving, so two machines or virtual environments give the same program and manifest.
+
+    torch's serializer also canonicalizes a deep copy of the serialized program and throws the copy away
+    ("test canonical form is well defined", torch 2.13): that check is left out, the bytes written are the same.
     """
+    from torch._export.serde import serialize as _serialize  # private: see above
+
     for module in program.graph_module.modules():
         graph = getattr(module, "graph", None)
         for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
             node.meta.pop("from_node", None)
             node.meta.pop("stack_trace", None)
-    torch.export.save(program, str(path))
+    with _replaced(_serialize, "canonicalize", _discarded_canonical_form):
+        torch.export.save(program, str(path))
+
+
+def _discarded_canonical_form(program: Any, constants: Any = None) -> Any:
+    """In place of torch's `canonicalize` where the serializer discards its result."""
+    return program
 
 
 # Programs this process has loaded, by the file's identity (device, inode, size, modification time), at most
