@@ -18,14 +18,21 @@ if [ ! -d .venv/zoo/torchvision-0.28.0.dist-info ] || [ ! -d .venv/zoo/timm-1.0.
   rm -rf .venv/zoo
   pip_install --no-deps --target .venv/zoo "torchvision==0.28.0" "timm==1.0.31"
 fi
-# Bytecode, written here once: where PYTHONDONTWRITEBYTECODE is set no process writes its own, and every
-# quantcli process the tests start would compile what it imports anew (the project's modules alone: 1.2 s of
-# each start-up, measured). The installed packages are compiled when something newer than the last pass is
-# there; the project every time (compileall skips what is current; a .pyc older than its source is never used).
-# A few files parse only on newer Pythons (torch's py312 test helpers) and stay source: errors are not fatal.
-site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-if [ ! -f .venv/.compiled ] || [ -n "$(find "$site" .venv/zoo -newer .venv/.compiled -name '*.py' ! -name '__editable__*' -print -quit)" ]; then
-  python -m compileall -qq -j 0 "$site" .venv/zoo > /dev/null || true
-  touch .venv/.compiled
-fi
+# Bytecode. Where PYTHONDONTWRITEBYTECODE is set no process writes its own, and each quantcli process would compile
+# what it imports anew (the project's modules alone: 1.2 s of each start-up, measured). What quantcli's commands
+# import (torch, torchao, the ONNX exporter, ONNX Runtime, transformers) is compiled here by importing it once with
+# bytecode writing on: 19 s, where compiling every installed package took 32 s (measured, two cores), most of it
+# never imported; scripts/test.sh lets the test processes write the rest they import, once.
+PYTHONDONTWRITEBYTECODE= python - <<'EOF'
+import importlib
+import pkgutil
+
+import quantcli
+
+for module in pkgutil.walk_packages(quantcli.__path__, "quantcli."):
+    if module.name != "quantcli.__main__":
+        importlib.import_module(module.name)
+for name in ("torch._export.serde.serialize", "torch.onnx._internal.exporter._core", "onnxruntime", "transformers"):
+    importlib.import_module(name)
+EOF
 python -m compileall -q quantcli tests scripts configs

@@ -11,5 +11,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .            # lint ([tool.ruff] in pyproject.toml)
 ruff format --check .   # the one code format
+# the test processes write the bytecode of what set-up did not compile (scripts/setup.sh), once
+unset PYTHONDONTWRITEBYTECODE
 # whole files to each worker, in tests/conftest.py's order (slow files first; CONTRIBUTING.md, test tiers)
 python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15 "$@"
