@@ -325,3 +325,29 @@ def test_constants_float16_holds_exactly_are_stored_as_float16(tmp_path):
     np.testing.assert_array_equal(after, before)
     onnx.save(model, str(tmp_path / "model.onnx"))
     assert "Cast" not in [n.op_type for n in optimized_graph(tmp_path / "model.onnx").node]
+
+
+def test_the_evaluations_fp32_onnx_is_exported_once_a_process_for_one_float_program(work, shared_recipe, tmp_path):
+    """`quantcli tune` exports each trial with the same float program: its fp32 ONNX, exported for the evaluation
+    of the first, is the one later evaluations use; a float program in another file is exported anew."""
+    import shutil
+
+    from quantcli import _torch, artifacts, recipe
+    from quantcli.report import evaluate
+
+    source = work / "converted" / artifacts.FLOAT_PROGRAM
+    copied = tmp_path / "copy.pt2"
+    shutil.copy(source, copied)  # the same program in another file
+    digits, program = recipe.load(shared_recipe), _torch.load_program(source)
+    io = json.loads((work / "converted" / "manifest.json").read_text())["io"]
+    exported = []
+    to_onnx = onnx_export.to_onnx
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "_FLOAT_ONNX", {})
+        patch.setattr(onnx_export, "to_onnx", lambda *a, **k: exported.append(1) or to_onnx(*a, **k))
+        for index, file in enumerate((source, source, copied, source)):
+            evaluate._float_onnx(digits, program, io, file, tmp_path / f"{index}.onnx")
+    assert len(exported) == 2  # the source once, its copy once
+    first = (tmp_path / "0.onnx").read_bytes()
+    assert all((tmp_path / f"{index}.onnx").read_bytes() == first for index in range(1, 4))
+    onnx.checker.check_model(onnx.load(str(tmp_path / "1.onnx")), full_check=True)

@@ -76,6 +76,7 @@ __all__ = [
     "prune_unused",
     "save_program",
     "load_program",
+    "file_identity",
     "save_state",
     "load_state",
     "prepare",
@@ -375,7 +376,7 @@ def load_program(path: Path) -> Any:
     """The ExportedProgram saved at `path` (`_load_program_file`), a copy of the one this process loaded from the
     same file where it did."""
     try:
-        key = _file_key(path)
+        key = file_identity(path)
     except OSError:
         return _load_program_file(path)  # its error
     loaded = _LOADED.get(key)
@@ -389,7 +390,8 @@ def load_program(path: Path) -> Any:
     return copy.deepcopy(loaded)
 
 
-def _file_key(path: Path) -> tuple[int, ...]:
+def file_identity(path: Path) -> tuple[int, ...]:
+    """A file as a process can tell it apart: device, inode, size, modification time (a file written since differs)."""
     stat = os.stat(path)
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 

@@ -117,7 +117,8 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     if genai.enabled(recipe):
         report["kv_cache"] = cache_check(path, sample)
     if recipe.evaluation is not None:
-        report["evaluation"] = evaluate.evaluate(recipe, float_program, path, parent.manifest["io"])
+        float_file = parent.file(artifacts.FLOAT_PROGRAM)
+        report["evaluation"] = evaluate.evaluate(recipe, float_program, path, parent.manifest["io"], float_file)
     return report
 
 
