@@ -20,9 +20,10 @@ if [ ! -d .venv/zoo/torchvision-0.28.0.dist-info ] || [ ! -d .venv/zoo/timm-1.0.
 fi
 # Bytecode. Where PYTHONDONTWRITEBYTECODE is set no process writes its own, and each quantcli process would compile
 # what it imports anew (the project's modules alone: 1.2 s of each start-up, measured). What quantcli's commands
-# import (torch, torchao, the ONNX exporter, ONNX Runtime, transformers) is compiled here by importing it once with
-# bytecode writing on: 19 s, where compiling every installed package took 32 s (measured, two cores), most of it
-# never imported; scripts/test.sh lets the test processes write the rest they import, once.
+# import (torch, torchao, the ONNX exporter, ONNX Runtime, transformers), and what every test worker imports as it
+# collects, is compiled here by importing it once with bytecode writing on, where compiling every installed package
+# took 32 s (measured, two cores), mostly on modules nothing imports; scripts/test.sh lets the test processes write
+# the rest they import, once.
 PYTHONDONTWRITEBYTECODE= python - <<'EOF'
 import importlib
 import pkgutil
@@ -32,7 +33,10 @@ import quantcli
 for module in pkgutil.walk_packages(quantcli.__path__, "quantcli."):
     if module.name != "quantcli.__main__":
         importlib.import_module(module.name)
-for name in ("torch._export.serde.serialize", "torch.onnx._internal.exporter._core", "onnxruntime", "transformers"):
+for name in (
+    *("torch._export.serde.serialize", "torch.onnx._internal.exporter._core", "onnxruntime", "transformers"),
+    *("datasets", "sklearn.datasets", "hypothesis", "onnxruntime_genai"),  # the tests'
+):
     importlib.import_module(name)
 EOF
 python -m compileall -q quantcli tests scripts configs
