@@ -192,8 +192,8 @@ def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert(
         assert sqnr_db(expected, converted(x)) > 40
 
 
-def _scaled_conv(factor: float):
-    """A pattern as torchao writes one: a closure in its module wrapper."""
+def _scaled_conv(factor):
+    """A pattern as torchao writes one: a closure in its module wrapper (`factor` a number or a tensor)."""
     from torchao.quantization.pt2e.export_utils import WrapperModule
 
     def pattern(x, weight):
@@ -225,8 +225,16 @@ def test_torchao_patterns_are_traced_once_a_process_and_each_caller_gets_a_copy(
         other = utils._get_aten_graph_module_for_pattern(_scaled_conv(3.0), small)
         wider = utils._get_aten_graph_module_for_pattern(_scaled_conv(2.0), large)
         assert len(traced) == 3 and "3.0" in other.code and "2.0" in first.code
+        # a tensor the function holds is a constant of its trace: no two such patterns share one
+        two, three = (
+            utils._get_aten_graph_module_for_pattern(_scaled_conv(torch.tensor(f)), small) for f in (2.0, 3.0)
+        )
+        assert len(traced) == 5
     x, weight = small
     assert torch.equal(first(x, weight), torch.nn.functional.conv2d(x, weight) * 2.0)
+    assert torch.equal(three(x, weight), torch.nn.functional.conv2d(x, weight) * 3.0) and torch.equal(
+        two(x, weight), first(x, weight)
+    )
     assert torch.equal(wider(*large), torch.nn.functional.conv2d(*large) * 2.0)
     assert utils._get_aten_graph_module_for_pattern is counting  # put back after the block
 

@@ -648,8 +648,9 @@ def _traced_patterns_cached() -> Iterator[None]:
 
 def _pattern_key(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool, kwargs: dict[str, Any]) -> Any:
     """What a pattern's trace depends on: its function's code, defaults and closure values, and the shape and dtype
-    of every input; None where a value is not hashable or the pattern is a module with state of its own (torchao
-    wraps its pattern functions in a module holding only `fn`)."""
+    of every input; None where a value is not hashable, where the function holds a tensor of its own (the trace
+    bakes its values in) or the pattern is a module with state of its own (torchao wraps its pattern functions in a
+    module holding only `fn`)."""
     function = pattern
     if isinstance(pattern, torch.nn.Module):
         function = getattr(pattern, "fn", None)
@@ -658,18 +659,19 @@ def _pattern_key(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool, k
     code = getattr(function, "__code__", None)
     if code is None:
         return None
+    own = (*(cell.cell_contents for cell in function.__closure__ or ()), *(function.__defaults__ or ()))
+    if any(isinstance(value, torch.Tensor) for value in own):
+        return None
 
-    def described(value: Any) -> Any:
+    def described(value: Any) -> Any:  # an input: the trace depends on its shape and dtype, not its values
         if isinstance(value, torch.Tensor):
             return ("tensor", tuple(value.shape), value.dtype, value.device.type)
         return value
 
-    cells = tuple(described(cell.cell_contents) for cell in function.__closure__ or ())
     key = (
         type(pattern),
         code,
-        function.__defaults__,
-        cells,
+        own,
         tuple(described(x) for x in example_inputs),
         is_cuda,
         tuple(sorted((name, described(value)) for name, value in kwargs.items())),
