@@ -138,10 +138,17 @@ def sqnr(fp32: np.ndarray, out: np.ndarray) -> dict[str, float]:
     }
 
 
+def row_sqnr(fp32: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Each row's SQNR against fp32 (dB): its error's size as well as its direction, where a cosine sees only the
+    direction (an output that two dimensions dominate turns by an error across them, not by one along them)."""
+    return 10 * np.log10(np.maximum(np.square(fp32).sum(1), 1e-30) / np.maximum(np.square(out - fp32).sum(1), 1e-30))
+
+
 def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> dict[str, dict]:
     """Top-1 agreement with fp32 (argmax of the flattened output; for classifiers), cosine to fp32 per held-out row,
     raw and on outputs standardized per dimension with fp32's
-    mean and std over the rows (every dimension weighs alike): mean and worst row; the SQNR over all rows (`sqnr`).
+    mean and std over the rows (every dimension weighs alike): mean and worst row; each row's SQNR (`row_sqnr`):
+    the worst and the 5th percentile; the SQNR over all rows (`sqnr`).
     Also the share of fp32's output energy that varies with the input: near 0 (random-weight CNNs) the
     standardized figures compare quantization noise with noise and mean nothing."""
     n = len(next(iter(rows.values())))
@@ -155,12 +162,15 @@ def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> di
     for name, out in outs.items():
         out = out.reshape(n, -1)
         raw, standardized = cosines(fp32, out), cosines((fp32 - mean) / std, (out - mean) / std)
+        per_row = row_sqnr(fp32, out)
         result[name] = {
             "top1_agreement": round(float((out.argmax(1) == fp32.argmax(1)).mean()), 5),
             "cos_mean": round(float(raw.mean()), 5),
             "cos_worst": round(float(raw.min()), 5),
             "std_cos_mean": round(float(standardized.mean()), 5),
             "std_cos_worst": round(float(standardized.min()), 5),
+            "row_sqnr_worst_db": round(float(per_row.min()), 2),
+            "row_sqnr_p5_db": round(float(np.percentile(per_row, 5)), 2),
             **sqnr(fp32, out.astype(np.float64)),
         }
     return result
@@ -249,7 +259,7 @@ def table(rows: list[dict]) -> str:
     lines += [
         "",
         f"{'model':26} {'int8 model':20} {'cos mean':>9} {'cos worst':>9} {'std-cos mean':>12} "
-        f"{'std-cos worst':>13} {'input-dep':>9} {'SQNR dB':>8} {'raw SQNR':>8}",
+        f"{'std-cos worst':>13} {'input-dep':>9} {'SQNR dB':>8} {'raw SQNR':>8} {'row worst':>9} {'row p5':>7}",
     ]
     for row in rows:
         figures = dict(row.get("fidelity", {}))
@@ -258,7 +268,8 @@ def table(rows: list[dict]) -> str:
             lines.append(
                 f"{label(row['model']):26} {name:20} {f['cos_mean']:>9.4f} {f['cos_worst']:>9.4f} "
                 f"{f['std_cos_mean']:>12.4f} {f['std_cos_worst']:>13.4f} {share:>9.2%} "
-                f"{f['sqnr_db']:>8.2f} {f['raw_sqnr_db']:>8.2f}"
+                f"{f['sqnr_db']:>8.2f} {f['raw_sqnr_db']:>8.2f} {f['row_sqnr_worst_db']:>9.2f} "
+                f"{f['row_sqnr_p5_db']:>7.2f}"
             )
     return "\n".join(lines)
 
@@ -303,8 +314,9 @@ def markdown(report: dict) -> str:
                 )
     lines += [
         "",
-        "| model | int8 model | cosine to fp32, mean | worst | standardized cosine, mean | worst |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | int8 model | cosine to fp32, mean | worst | standardized cosine, mean | worst "
+        "| SQNR per row, worst | 5th percentile |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         figures = {k: v for k, v in row["fidelity"].items() if k != "fp32_input_dependent_share"}
@@ -313,7 +325,8 @@ def markdown(report: dict) -> str:
         for name, f in figures.items():
             lines.append(
                 f"| {label(row['model'])} | {name} | {f['cos_mean']:.4f} | {f['cos_worst']:.4f} | "
-                f"{f['std_cos_mean']:.4f} | {f['std_cos_worst']:.4f} |"
+                f"{f['std_cos_mean']:.4f} | {f['std_cos_worst']:.4f} | {f['row_sqnr_worst_db']:.2f} | "
+                f"{f['row_sqnr_p5_db']:.2f} |"
             )
     return "\n".join(lines)
 

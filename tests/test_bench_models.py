@@ -197,6 +197,31 @@ def test_bench_fidelity_reports_the_sqnr_of_the_varying_part_and_the_raw_one(mon
     assert figures["offset"]["raw_sqnr_db"] == pytest.approx(20.0, abs=0.1)
 
 
+def test_bench_fidelity_reports_each_rows_sqnr_which_sees_an_error_along_the_output(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = _script("bench")
+    rng = np.random.default_rng(1)
+    n = 40
+    fp32 = rng.normal(size=(n, 3)) + np.array([4.0, -4.0, 0.0])
+    along = fp32.copy()
+    along[7] *= 1.5  # half again as large: the same direction
+    across = fp32.copy()
+    across[7, :2] += [0.5, 0.5]  # a smaller error that turns the row
+    graded = fp32 + np.linspace(0.01, 1.0, n)[:, None] * rng.normal(size=(n, 3))  # row i's error grows with i
+    rows = {"row": np.arange(n)}
+    flows = {"fp32": fp32, "along": along, "across": across, "graded": graded}
+    sessions = {name: _Outputs(out) for name, out in flows.items()}
+    figures = bench.fidelity(sessions, rows, 8)
+    assert figures["along"]["cos_worst"] == pytest.approx(1.0)
+    assert figures["along"]["row_sqnr_worst_db"] == pytest.approx(20 * np.log10(2), abs=0.01)
+    expected = 10 * np.log10(np.square(fp32[7]).sum() / 0.5)
+    assert figures["across"]["row_sqnr_worst_db"] == pytest.approx(expected, abs=0.01)
+    assert figures["across"]["cos_worst"] < 1.0 - 1e-4 and expected > 20 * np.log10(2) + 10
+    per_row = 10 * np.log10(np.square(fp32).sum(1) / np.square(graded - fp32).sum(1))
+    assert figures["graded"]["row_sqnr_p5_db"] == pytest.approx(np.percentile(per_row, 5), abs=0.01)
+    assert figures["graded"]["row_sqnr_worst_db"] == pytest.approx(per_row.min(), abs=0.01)
+
+
 def test_sweep_variant_recipe_names_the_seed_and_observer_and_the_default_one_neither(tmp_path):
     import yaml
 
