@@ -14,8 +14,9 @@ and 32 with 2 threads and spinning off, and reports medians, the ratio quantcli 
 1: quantcli faster) and the speed-up over fp32. Fidelity: cosine similarity of each int8 model's
 outputs to fp32's on held-out inputs (photo crops; 256 token sequences), raw and on outputs
 standardized per dimension with fp32's mean and std over those inputs (every dimension weighing
-alike). The JSON also holds CPU times, the op counts ORT runs after optimizing each model, the
-machine (CPU model, AVX2/AVX-512/VNNI flags) and the versions.
+alike); each input's SQNR against fp32 (the worst and the 5th percentile), which sees an error's size
+where a cosine sees only its direction; the SQNR over all inputs. The JSON also holds CPU times, the op counts
+ORT runs after optimizing each model, the machine (CPU model, AVX2/AVX-512/VNNI flags) and the versions.
 
     python scripts/bench.py [--models resnet18,minilm] [--rounds 15] [--json out.json] [--markdown]
                             [--work DIR [--reuse]]
