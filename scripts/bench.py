@@ -140,9 +140,11 @@ def sqnr(fp32: np.ndarray, out: np.ndarray) -> dict[str, float]:
 
 
 def row_sqnr(fp32: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Each row's SQNR against fp32 (dB): its error's size as well as its direction, where a cosine sees only the
-    direction (an output that two dimensions dominate turns by an error across them, not by one along them)."""
-    return 10 * np.log10(np.maximum(np.square(fp32).sum(1), 1e-30) / np.maximum(np.square(out - fp32).sum(1), 1e-30))
+    """Each row's SQNR against fp32 (dB, as `sqnr`'s): its error's size as well as its direction, where a cosine sees
+    only the direction (an output that two dimensions dominate turns by an error across them, not by one along them)."""
+    from quantcli.numerics.parity import sqnr_db
+
+    return np.array([sqnr_db(reference, row) for reference, row in zip(fp32, out)])
 
 
 def fidelity(sessions: dict, rows: dict[str, np.ndarray], batch: int = 32) -> dict[str, dict]:
