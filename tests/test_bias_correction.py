@@ -177,3 +177,24 @@ def test_a_bias_a_token_linear_shares_with_another_call_is_left_as_it_is():
     before = prepared.state_dict()["mix.bias"].clone()
     assert bias_correction.correct(prepared, tuple(batch.values())) == ["head.bias"]
     assert torch.equal(prepared.state_dict()["mix.bias"], before)
+
+
+@pytest.mark.parametrize(("dtype", "qmin", "qmax"), [(torch.uint8, 0, 255), (torch.int8, -128, 127)])
+def test_per_tensor_fake_quantization_is_the_converted_programs_arithmetic_and_torchs_kernel_bit_for_bit(
+    dtype, qmin, qmax
+):
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    ops = torch.ops.quantized_decomposed
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        x = torch.randn(4, 8, 33, 17, generator=generator) * 10 ** (trial % 5 - 2)
+        obs = MinMaxObserver(dtype=dtype, quant_min=qmin, quant_max=qmax)
+        obs(x[:2] * 0.8)  # the rest of the batch reaches past the range: clamped
+        scale, zero_point = (float(v) for v in obs.calculate_qparams())
+        x.view(-1)[::7] = (torch.arange(x.numel())[::7] % 300 - 150 + 0.5) * scale  # halfway between two codes
+        faked = bias_correction.fake_quant(obs)(x)
+        assert faked.dtype == x.dtype
+        assert torch.equal(faked, torch.fake_quantize_per_tensor_affine(x, scale, int(zero_point), qmin, qmax))
+        q = ops.quantize_per_tensor(x, scale, int(zero_point), qmin, qmax, dtype)
+        assert torch.equal(faked, ops.dequantize_per_tensor(q, scale, int(zero_point), qmin, qmax, dtype))
