@@ -150,3 +150,41 @@ def test_architecture_chain(name, chained):
         if n.op == "call_module" and n.target.startswith("activation_post_process_")
     ]
     assert observed and all(dtype.is_floating_point for dtype in observed)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3", "bert"])
+@pytest.mark.slow
+def test_convert_saves_its_module_lifted_without_a_retrace_and_it_exports_as_the_retrace_does(name, chained, tmp_path):
+    import copy
+
+    from quantcli import _torch
+    from quantcli.loading.data import to_tensors
+    from quantcli.loading.inputs import dynamic_shapes, export_example
+    from quantcli.onnx import export as onnx_export
+    from quantcli.quantizers import pair_safety
+    from quantcli.stages.base import recipe_of, restore_prepared
+
+    converted = artifacts.open_artifact(chained(name) / "converted", ("converted",), "test")
+    recipe = recipe_of(converted)
+    module = _torch.convert(_torch.to_eval(restore_prepared(converted, artifacts.FLOAT_PROGRAM)), fold_quantize=True)
+    pair_safety.enforce(module, recipe.quantization)
+    _torch.prune_unused(module)  # the module convert made, again
+    lifted = _torch.lifted(copy.deepcopy(module), _torch.load_program(converted.file(artifacts.FLOAT_PROGRAM)))
+    args = to_tensors(export_example(recipe.inputs), recipe.inputs)
+    traced = _torch.export_program(module, args, dynamic_shapes(recipe.inputs))
+    saved = _torch.load_program(converted.file(artifacts.PROGRAM))  # the lift, not the re-trace (bert's node names)
+    assert [(n.op, n.name, n.target) for n in saved.graph.nodes] == [
+        (n.op, n.name, n.target) for n in lifted.graph.nodes
+    ]
+    io = converted.manifest["io"]
+    models = []
+    for program, path in ((lifted, tmp_path / "lifted.onnx"), (traced, tmp_path / "traced.onnx")):
+        model = onnx_export.to_onnx(program, opset=21, input_names=io["inputs"], output_names=io["outputs"])
+        onnx_export.tidy(model)
+        onnx.save(model, str(path))
+        models.append(model)
+    if name == "mobilenet_v3":  # a CNN: the same file to the byte
+        assert models[0].SerializeToString() == models[1].SerializeToString()
+    batch = {k: v.numpy() for k, v in example_batch(name, batch=3, seed=7).items()}
+    outputs = [runtime.run(runtime.session(tmp_path / f"{kind}.onnx"), batch) for kind in ("lifted", "traced")]
+    assert all(np.array_equal(a, b) for a, b in zip(*outputs)) and len(outputs[0]) == len(io["outputs"])

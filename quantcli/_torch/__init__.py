@@ -68,6 +68,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, 
 __all__ = [
     "torch",
     "export_program",
+    "lifted",
     "output_leaves",
     "portable_outputs",
     "export_failure",
@@ -117,6 +118,17 @@ def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
         setattr(owner, name, previous)
 
 
+def lifted(module: Any, template: Any) -> Any:
+    """The converted `module` (from `template.module()`) as an ExportedProgram without a re-trace
+    (`quantcli._torch.lifting`), or None where its graph needs torch.export."""
+    from quantcli._torch import lifting
+
+    program = lifting.lifted(module, template)
+    if program is not None:
+        functional_inplace(program.graph_module)
+    return program
+
+
 def export_program(module: Any, args: tuple, dynamic_shapes: Any) -> Any:
     """torch.export.export, non-strict (keeps nn_module_stack), with the recipe's dynamic axes.
 
@@ -139,8 +151,8 @@ def functional_inplace(module: Any) -> int:
     """Rewrite in-place ATen ops on values nothing else reads (`ReLU6(inplace=True)`'s hardtanh_) to their
     functional forms, in place; how many.
 
-    Every later trace of the program (convert's re-export, the ONNX exporter's decompositions)
-    functionalizes an in-place op through torch's reference implementations with the batch symbolic:
+    Every later trace of the program (convert's re-export where the lift cannot serve, the ONNX exporter's
+    decompositions) functionalizes an in-place op through torch's reference implementations with the batch symbolic:
     0.2 s for each hardtanh_, 7 s of each trace of EfficientNet-Lite0's 33, where the functional op
     costs nothing. The values are the same. Only an op whose mutated input is an intermediate result
     read by this op alone, and no view of another tensor, is rewritten: then no one can see the mutation.
