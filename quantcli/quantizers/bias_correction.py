@@ -39,12 +39,14 @@ _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 class _FakeQuant(torch.nn.Module):
     """Quantize then dequantize with an observer's parameters, as convert's QuantizeLinear/DequantizeLinear:
     8-bit values per tensor with the converted program's own arithmetic (torchao's quantize_per_tensor and
-    dequantize_per_tensor: x * (1 / scale), rounded, shifted, clamped; back by scale) on one buffer, in place,
-    per channel through torch's fused fake-quantize kernel, int32 values in float64 (which holds them all).
+    dequantize_per_tensor: x * (1 / scale), rounded, shifted, clamped, shifted back, times scale; the shifts by
+    the integer zero point are exact, so the clamp is shifted instead) on one buffer, in place; per channel
+    through torch's fused fake-quantize kernel; int32 values in float64 (which holds them all).
 
     torch's per-tensor kernel gives the same values (its float32 1 / scale is the correctly rounded quotient the
-    float64 one rounds to) in about 2.9x the time, single-threaded, with a mask no one reads: the fake-quantized
-    passes of calibrate are most of its time on a CNN's large activations.
+    float64 one rounds to) in 2.2x the time (229 against 105 ms on 38.5 million values, EPYC with AVX2, 2 threads,
+    medians of 21 interleaved), with a mask no one reads: the fake-quantized passes are a fifth of calibrate's
+    time on a CNN's large activations.
     """
 
     def __init__(self, obs: Any) -> None:
@@ -63,9 +65,8 @@ class _FakeQuant(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.wide:
             if self.axis is None:
-                out = x * (1.0 / self.scale)
-                out.round_().add_(self.zero_point).clamp_(self.qmin, self.qmax)
-                return out.sub_(self.zero_point).mul_(self.scale)
+                out = x * (1.0 / self.scale)  # + zero point, clamped, - zero point: the clamp shifted (exact)
+                return out.round_().clamp_(self.qmin - self.zero_point, self.qmax - self.zero_point).mul_(self.scale)
             return torch.fake_quantize_per_channel_affine(
                 x, self.scale, self.zero_point, self.axis % x.dim(), self.qmin, self.qmax
             )
