@@ -109,28 +109,35 @@ def test_a_program_saves_to_torchs_bytes_without_the_canonical_copy_torch_discar
     assert canonical == [1] and ours.read_bytes() == torchs.read_bytes()
 
 
-def test_a_program_loads_the_same_with_the_deserializers_type_hints_kept(chained, monkeypatch):
-    """The load keeps each schema class's type hints for its own duration: the same program as torch's own
-    deserializer gives, and torch's serializer module has its `typing` back after."""
+@pytest.mark.parametrize("name", ["two_io", "bert"])
+def test_a_program_loads_the_same_with_the_deserializers_type_hints_and_parses_kept(name, chained, monkeypatch):
+    """The load keeps each schema class's type hints and each shape text's parse for its own duration: the same
+    program as torch's own deserializer gives (symbolic sizes included), and torch's serializer module has its
+    `typing` and `sympy` back after."""
     import contextlib
     import typing
 
+    import sympy
     import torch
     from torch._export.serde import serialize
 
     from quantcli import _torch
 
-    path = chained("two_io") / "converted" / artifacts.PROGRAM
-    seen = []
+    path = chained(name) / "converted" / artifacts.PROGRAM
+    seen, parses = [], []
     hints = _torch._TypingWithCachedHints.get_type_hints
     monkeypatch.setattr(
         _torch._TypingWithCachedHints, "get_type_hints", lambda *a, **k: seen.append(1) or hints(*a, **k)
     )
+    monkeypatch.setattr(sympy, "sympify", lambda *a, sympify=sympy.sympify, **k: parses.append(1) or sympify(*a, **k))
     kept = _torch._load_program_file(path)
-    assert seen and serialize.typing is typing
+    assert seen and serialize.typing is typing and serialize.sympy is sympy
     monkeypatch.setattr(_torch, "_serializer_type_hints_cached", contextlib.nullcontext)
+    calls = len(parses)
     plain = _torch._load_program_file(path)
+    assert 0 < calls < len(parses) - calls  # the texts parsed once each, against a parse per size of every node
     assert str(kept.graph) == str(plain.graph) and str(kept.range_constraints) == str(plain.range_constraints)
+    assert [str(n.meta.get("val")) for n in kept.graph.nodes] == [str(n.meta.get("val")) for n in plain.graph.nodes]
     assert kept.state_dict.keys() == plain.state_dict.keys()
     assert all(torch.equal(kept.state_dict[k], plain.state_dict[k]) for k in kept.state_dict)
 

@@ -462,15 +462,38 @@ class _TypingWithCachedHints(types.ModuleType):
         return self._hints[key]
 
 
+class _SympyWithCachedParses(types.ModuleType):
+    """The sympy module, but sympify answers each (text, the names it may read) once."""
+
+    def __init__(self, sympy: types.ModuleType) -> None:
+        super().__init__("sympy")
+        self._sympy, self._parsed = sympy, {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sympy, name)
+
+    def sympify(self, a: Any, locals: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        if not isinstance(a, str) or kwargs or not isinstance(locals, dict):
+            return self._sympy.sympify(a, locals=locals, **kwargs)
+        key = (a, frozenset(locals.items()))
+        if key not in self._parsed:
+            self._parsed[key] = self._sympy.sympify(a, locals=locals)
+        return self._parsed[key]
+
+
 @contextlib.contextmanager
 def _serializer_type_hints_cached() -> Iterator[None]:
-    """torch.export.load with its deserializer's type hints computed once per class.
+    """torch.export.load with its deserializer's type hints computed once per class, and each shape expression
+    parsed once.
 
     The deserializer (torch._export.serde.serialize, private) asks typing.get_type_hints of a schema
     dataclass for every object it rebuilds. With each class's hints kept, loading a small EVA-02's
     converted program (2680 nodes) takes 4.8 s where it took 6.0, EfficientNet-Lite0's 0.66 s where it
-    took 1.07. Only that module's `typing` is replaced, for the load alone; the schema's classes do not
-    change while it runs.
+    took 1.07. It also parses the text of every symbolic size of every node's value with sympy's parser
+    (`s77`, `32*s77`: a handful of texts, each parsed hundreds of times; 2 % of the test suite's CPU time). A
+    parse depends only on the text and the names it may read (the symbols already made, sympy's functions), so
+    with those in the key each is kept; sympy's expressions are immutable. Only that module's `typing` and
+    `sympy` are replaced, for the load alone.
     """
     from torch._export.serde import serialize
 
@@ -478,7 +501,12 @@ def _serializer_type_hints_cached() -> Iterator[None]:
         yield
         return
     with _replaced(serialize, "typing", _TypingWithCachedHints()):
-        yield
+        sympy = getattr(serialize, "sympy", None)
+        if not isinstance(sympy, types.ModuleType) or not callable(getattr(sympy, "sympify", None)):
+            yield
+            return
+        with _replaced(serialize, "sympy", _SympyWithCachedParses(sympy)):
+            yield
 
 
 def _unsafe_entry(path: Path) -> str | None:
