@@ -244,3 +244,22 @@ def observers_changed(before: Path, after: Path) -> bool:
     old = torch.load(before / artifacts.STATE, weights_only=True)
     new = torch.load(after / artifacts.STATE, weights_only=True)
     return any(k in old and (old[k].shape != v.shape or not torch.equal(old[k], v)) for k, v in new.items())
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3", "bert"])
+@pytest.mark.slow
+def test_export_after_convert_in_one_process_reads_the_kept_program_and_writes_what_a_load_gives(
+    name, chained, tmp_path, monkeypatch
+):
+    from quantcli import _torch
+
+    stages.convert.run(chained(name) / "calibrated", tmp_path / "converted")
+    program = tmp_path / "converted" / artifacts.PROGRAM
+    loads, load = [], _torch._load_program_file
+    monkeypatch.setattr(_torch, "_load_program_file", lambda path: loads.append(Path(path)) or load(path))
+    stages.export.run(tmp_path / "converted", tmp_path / "kept.onnx")
+    assert program not in loads  # convert's lifted program, kept as saved
+    monkeypatch.setattr(_torch, "_LOADED", {})
+    stages.export.run(tmp_path / "converted", tmp_path / "loaded.onnx")
+    assert program in loads
+    assert (tmp_path / "kept.onnx").read_bytes() == (tmp_path / "loaded.onnx").read_bytes()

@@ -77,6 +77,7 @@ __all__ = [
     "prune_unused",
     "save_program",
     "load_program",
+    "keep_as_loaded",
     "file_identity",
     "save_state",
     "load_state",
@@ -376,9 +377,9 @@ def _discarded_canonical_form(program: Any, constants: Any = None) -> Any:
 # LOADED_PROGRAMS of them, each file at most CACHED_PROGRAM_BYTES: `quantcli run` reads the captured program
 # (carried as a hard link) in prepare, calibrate, convert and export, and a deep copy of a loaded program takes
 # 1/30 of loading it again (0.03 against 0.96 s for EfficientNet-Lite0's captured program). Every caller gets its
-# own copy: training and load_state_dict write into a program's tensors. A program is kept as loaded, never as
-# saved: the one torch.export made still has its tracing's shape ranges (a dynamic batch from 2, where the file
-# says from 1).
+# own copy: training and load_state_dict write into a program's tensors. A program is kept as loaded, and as saved
+# only where it is what loading its file gives (`keep_as_loaded`): one torch.export made still has its tracing's
+# shape ranges (a dynamic batch from 2, where the file says from 1).
 _LOADED: dict[tuple[int, ...], Any] = {}
 LOADED_PROGRAMS = 2
 CACHED_PROGRAM_BYTES = 256 * 2**20
@@ -394,12 +395,25 @@ def load_program(path: Path) -> Any:
     loaded = _LOADED.get(key)
     if loaded is None:
         loaded = _load_program_file(path)
-        if key[2] > CACHED_PROGRAM_BYTES:
+        if not _keep(key, loaded):
             return loaded
-        _LOADED[key] = loaded
-        while len(_LOADED) > LOADED_PROGRAMS:
-            del _LOADED[next(iter(_LOADED))]
     return copy.deepcopy(loaded)
+
+
+def keep_as_loaded(program: Any, path: Path) -> None:
+    """Keep a copy of `program`, just saved at `path`, as if this process had loaded it from there: for a program
+    whose shape ranges are its file's (`lifted`'s, which are the captured program's as loaded), whose ONNX export
+    is then the same to the byte (tests/test_pipeline.py). export reads convert's program without a load."""
+    _keep(file_identity(path), copy.deepcopy(program))
+
+
+def _keep(key: tuple[int, ...], program: Any) -> bool:
+    if key[2] > CACHED_PROGRAM_BYTES:
+        return False
+    _LOADED[key] = program
+    while len(_LOADED) > LOADED_PROGRAMS:
+        del _LOADED[next(iter(_LOADED))]
+    return True
 
 
 def file_identity(path: Path) -> tuple[int, ...]:

@@ -45,7 +45,7 @@ def run(
             module = _torch.convert(module, fold_quantize, reference_representation)
             extra = {"pair_safe_weights_lowered": pair_safety.enforce(module, recipe.quantization)}
         _torch.prune_unused(module)
-        program = _torch.lifted(module, _torch.load_program(parent.file(artifacts.PROGRAM)))
+        program = lifted = _torch.lifted(module, _torch.load_program(parent.file(artifacts.PROGRAM)))
         if program is None:  # a graph the lift leaves to torch.export
             args = to_tensors(export_example(recipe.inputs), recipe.inputs)
             try:
@@ -53,6 +53,8 @@ def run(
             except Exception as exc:
                 raise ModelError(f"cannot re-export the converted model: {type(exc).__name__}: {exc}") from exc
         _torch.save_program(program, st.tmp / artifacts.PROGRAM)
+        if lifted is not None:  # export in this process reads it without a load (the folder is renamed, not copied)
+            _torch.keep_as_loaded(program, st.tmp / artifacts.PROGRAM)
         staging.link_or_copy(parent.file(artifacts.PROGRAM), st.tmp / artifacts.FLOAT_PROGRAM)
         staging.link_or_copy(parent.file(artifacts.STATE), st.tmp / artifacts.STATE)  # the calibrated state, for report
         return {
