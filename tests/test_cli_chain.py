@@ -152,7 +152,7 @@ def test_architecture_chain(name, chained):
     assert observed and all(dtype.is_floating_point for dtype in observed)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3", "bert"])
+@pytest.mark.parametrize("name", ["mobilenet_v3", "hf_bert"])
 @pytest.mark.slow
 def test_convert_saves_its_module_lifted_without_a_retrace_and_it_exports_as_the_retrace_does(name, chained, tmp_path):
     import copy
@@ -172,10 +172,15 @@ def test_convert_saves_its_module_lifted_without_a_retrace_and_it_exports_as_the
     lifted = _torch.lifted(copy.deepcopy(module), _torch.load_program(converted.file(artifacts.FLOAT_PROGRAM)))
     args = to_tensors(export_example(recipe.inputs), recipe.inputs)
     traced = _torch.export_program(module, args, dynamic_shapes(recipe.inputs))
-    saved = _torch.load_program(converted.file(artifacts.PROGRAM))  # the lift, not the re-trace (bert's node names)
+    saved = _torch.load_program(converted.file(artifacts.PROGRAM))  # the lift, not the re-trace (hf_bert's node names)
     assert [(n.op, n.name, n.target) for n in saved.graph.nodes] == [
         (n.op, n.name, n.target) for n in lifted.graph.nodes
     ]
+    specs = [
+        [(s.kind, s.arg.name, s.target, s.persistent) for s in p.graph_signature.input_specs] for p in (lifted, traced)
+    ]
+    assert specs[0] == specs[1]  # parameters, buffers (a non-persistent one as a constant), inputs: named alike
+    assert lifted.state_dict.keys() == traced.state_dict.keys() and lifted.constants.keys() == traced.constants.keys()
     io = converted.manifest["io"]
     models = []
     for program, path in ((lifted, tmp_path / "lifted.onnx"), (traced, tmp_path / "traced.onnx")):

@@ -6,11 +6,12 @@ tensors through make_fx. On the test suite that re-trace was 8 % of all CPU time
 EfficientNet-Lite0 (EPYC, AVX2). The converted graph is already what such a trace gives (ATen ops, the values
 torch.export recorded, the captured program's symbolic shapes), so `lifted` builds the program from it as
 torch.export would: each attribute read becomes an input (parameters, then buffers, then other tensors, named
-p_/b_/c_ and the attribute's path, as torch names them), the user inputs follow, the ops keep their order and
-recorded values (a node convert added gets its value by running its op on the fake values of its inputs), and
-the signature, shape ranges and call graph are the captured program's (the same inputs and outputs). On the
-CNNs it was tried on the ONNX model comes out the same to the byte; where torch's trace would order or name a
-node otherwise (the dynamic-size reads of a transformer), the ONNX model computes the same values.
+p_/b_/c_ and the attribute's path, as torch names them; a non-persistent buffer kept with the constants, out of
+the state dict), the user inputs follow, the ops keep their order and recorded values (a node convert added
+gets its value by running its op on the fake values of its inputs), and the signature, shape ranges and call
+graph are the captured program's (the same inputs and outputs). On the CNNs it was tried on the ONNX model comes
+out the same to the byte; where torch's trace would order or name a node otherwise (the dynamic-size reads of a
+transformer), the ONNX model computes the same values.
 
 A graph holding anything else (a call of a submodule, a higher-order op) is left to torch.export (`None`).
 Private torch APIs: ExportedProgram's constructor and its signature types, which the next release may move.
@@ -52,6 +53,11 @@ def lifted(module: torch.fx.GraphModule, template: Any) -> ExportedProgram | Non
     kinds = {name: InputKind.PARAMETER for name, _ in module.named_parameters() if name in read}
     kinds |= {name: InputKind.BUFFER for name, _ in module.named_buffers() if name in read}
     kinds |= {name: InputKind.CONSTANT_TENSOR for name in sorted(read - set(kinds))}
+    transient = {  # buffers registered persistent=False: in the program's constants, as torch.export keeps them
+        f"{prefix}.{name}" if prefix else name
+        for prefix, owner in module.named_modules()
+        for name in owner._non_persistent_buffers_set
+    }
     fresh = torch.fx.Graph()
     values: dict[torch.fx.Node, torch.fx.Node] = {}
     specs, state, constants, attrs = [], {}, {}, {}
@@ -62,8 +68,8 @@ def lifted(module: torch.fx.GraphModule, template: Any) -> ExportedProgram | Non
         node = fresh.placeholder(_PREFIXES[kind] + re.sub(r"[^a-zA-Z0-9]", "_", name).lower())
         node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
         attrs[name] = node
-        (constants if kind is InputKind.CONSTANT_TENSOR else state)[name] = value
-        persistent = True if kind is InputKind.BUFFER else None
+        (constants if kind is InputKind.CONSTANT_TENSOR or name in transient else state)[name] = value
+        persistent = name not in transient if kind is InputKind.BUFFER else None
         specs.append(InputSpec(kind=kind, arg=TensorArgument(name=node.name), target=name, persistent=persistent))
     for old in inputs:
         values[old] = node = fresh.placeholder(old.name)
