@@ -351,3 +351,19 @@ def test_the_evaluations_fp32_onnx_is_exported_once_a_process_for_one_float_prog
     first = (tmp_path / "0.onnx").read_bytes()
     assert all((tmp_path / f"{index}.onnx").read_bytes() == first for index in range(1, 4))
     onnx.checker.check_model(onnx.load(str(tmp_path / "1.onnx")), full_check=True)
+
+
+def test_the_lift_rebuilds_an_aten_graph_and_leaves_a_python_call_to_torch_export():
+    from quantcli import _torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(5, 4)
+    program = _torch.export_program(model, (x,), ({0: torch.export.Dim("batch")},))
+    lifted = _torch.lifted(program.module(), program)
+    assert [s.kind.name for s in lifted.graph_signature.input_specs] == ["PARAMETER", "PARAMETER", "USER_INPUT"]
+    assert torch.equal(lifted.module()(x), model(x))
+    module = program.module()
+    relu = next(n for n in module.graph.nodes if n.target is torch.ops.aten.relu.default)
+    relu.target = torch.relu  # a Python function, as a reference representation calls: torch.export traces it
+    module.recompile()
+    assert _torch.lifted(module, program) is None

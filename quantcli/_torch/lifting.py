@@ -44,7 +44,7 @@ def lifted(module: torch.fx.GraphModule, template: Any) -> ExportedProgram | Non
     does not lift."""
     graph = module.graph
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if not all(_plain(n) for n in graph.nodes) or not inputs:
+    if not all(_plain(n) for n in graph.nodes) or not inputs or not all(_tensor(n) for n in inputs):
         return None
     fake_mode = next((v.fake_mode for n in inputs if hasattr(v := n.meta.get("val"), "fake_mode")), None)
     if fake_mode is None:
@@ -91,6 +91,8 @@ def lifted(module: torch.fx.GraphModule, template: Any) -> ExportedProgram | Non
             results = old.args[0]
             if not isinstance(results, (tuple, list)) or not all(isinstance(r, torch.fx.Node) for r in results):
                 return None
+            if not all(_tensor(values[r]) for r in results):  # an int or a size out: other argument kinds
+                return None
             node = fresh.output(type(results)(values[r] for r in results))
             node.meta = copy.copy(old.meta)
             outputs = [
@@ -122,6 +124,11 @@ def _plain(node: torch.fx.Node) -> bool:
         target = node.target
         return isinstance(target, torch._ops.OpOverload) or getattr(target, "__module__", None) == "_operator"
     return node.op in ("placeholder", "get_attr", "output")
+
+
+def _tensor(node: torch.fx.Node) -> bool:
+    """Whether a node's recorded value is a tensor (what a TensorArgument of the signature names)."""
+    return isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def _attribute(module: torch.nn.Module, name: str) -> Any:
