@@ -132,7 +132,7 @@ def test_a_program_loads_the_same_with_the_deserializers_type_hints_and_parses_k
     monkeypatch.setattr(sympy, "sympify", lambda *a, sympify=sympy.sympify, **k: parses.append(1) or sympify(*a, **k))
     kept = _torch._load_program_file(path)
     assert seen and serialize.typing is typing and serialize.sympy is sympy
-    monkeypatch.setattr(_torch, "_serializer_type_hints_cached", contextlib.nullcontext)
+    monkeypatch.setattr(_torch, "_deserializer_caches", contextlib.nullcontext)
     calls = len(parses)
     plain = _torch._load_program_file(path)
     assert 0 < calls < len(parses) - calls  # the texts parsed once each, against a parse per size of every node

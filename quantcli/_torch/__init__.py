@@ -401,10 +401,11 @@ def load_program(path: Path) -> Any:
 
 
 def keep_as_loaded(program: Any, path: Path) -> None:
-    """Keep a copy of `program`, just saved at `path`, as if this process had loaded it from there: for a program
-    whose shape ranges are its file's (`lifted`'s, which are the captured program's as loaded), whose ONNX export
-    is then the same to the byte (tests/test_pipeline.py). export reads convert's program without a load."""
-    _keep(file_identity(path), copy.deepcopy(program))
+    """Keep `program`, just saved at `path`, as if this process had loaded it from there (the caller hands it over:
+    it changes it no more; `load_program` gives out copies): for a program whose shape ranges are its file's
+    (`lifted`'s, which are the captured program's as loaded), whose ONNX export is then the same to the byte
+    (tests/test_pipeline.py). export reads convert's program without a load."""
+    _keep(file_identity(path), program)
 
 
 def _keep(key: tuple[int, ...], program: Any) -> bool:
@@ -443,7 +444,7 @@ def _load_program_file(path: Path) -> Any:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        with _serializer_type_hints_cached():
+        with _deserializer_caches():
             return torch.export.load(str(path))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -496,7 +497,7 @@ class _SympyWithCachedParses(types.ModuleType):
 
 
 @contextlib.contextmanager
-def _serializer_type_hints_cached() -> Iterator[None]:
+def _deserializer_caches() -> Iterator[None]:
     """torch.export.load with its deserializer's type hints computed once per class, and each shape expression
     parsed once.
 

@@ -211,13 +211,16 @@ def _why_again(previous: dict[str, Any], key: str, force: bool, why: Callable[[d
     return "--force" if force else "it did not match its report"
 
 
-def restore_prepared(art: Artifact, program: str = artifacts.PROGRAM, float_biases: bool = False) -> Any:
+def restore_prepared(
+    art: Artifact, program: str = artifacts.PROGRAM, float_biases: bool = False, captured: Any = None
+) -> Any:
     """Rebuild the prepared (observed or fake-quantized) module of a prepared/calibrated/trained artifact.
 
     A converted artifact keeps the captured program as `float.pt2` and the state it was converted
     from: `restore_prepared(converted, artifacts.FLOAT_PROGRAM)` gives the calibrated module back.
     `float_biases`: the biases calibrate corrected (quantizers.bias_correction) as the float model has them,
-    for a float reference.
+    for a float reference. `captured`: the program at `program`, where the caller has loaded it already (its
+    tensors become the module's).
 
     Prepared GraphModules do not pickle, so the artifact holds the captured program and the
     prepared module's state_dict; the same quantizer configuration (recorded, resolved, in the
@@ -227,7 +230,7 @@ def restore_prepared(art: Artifact, program: str = artifacts.PROGRAM, float_bias
 
     recipe = recipe_of(art)
     qat = bool(art.manifest["qat"])
-    captured = _torch.load_program(art.file(program))
+    captured = captured if captured is not None else _torch.load_program(art.file(program))
     if recipe.quantization.weight_only:  # statistics collectors where a method needs them, no observers
         module = weightonly.prepare(captured.module(), recipe.quantization)
     else:

@@ -36,7 +36,8 @@ def run(
     def body(st: Any) -> dict[str, Any]:
         from quantcli import _torch
 
-        module = _torch.to_eval(restore_prepared(parent))
+        captured = _torch.load_program(parent.file(artifacts.PROGRAM))  # also the lift's template: loaded once
+        module = _torch.to_eval(restore_prepared(parent, captured=captured))
         if recipe.quantization.weight_only:
             extra = _weight_only(module, recipe, st.tmp)
         else:
@@ -45,7 +46,7 @@ def run(
             module = _torch.convert(module, fold_quantize, reference_representation)
             extra = {"pair_safe_weights_lowered": pair_safety.enforce(module, recipe.quantization)}
         _torch.prune_unused(module)
-        program = lifted = _torch.lifted(module, _torch.load_program(parent.file(artifacts.PROGRAM)))
+        program = lifted = _torch.lifted(module, captured)
         if program is None:  # a graph the lift leaves to torch.export
             args = to_tensors(export_example(recipe.inputs), recipe.inputs)
             try:
@@ -54,7 +55,7 @@ def run(
                 raise ModelError(f"cannot re-export the converted model: {type(exc).__name__}: {exc}") from exc
         _torch.save_program(program, st.tmp / artifacts.PROGRAM)
         if lifted is not None:  # export in this process reads it without a load (the folder is renamed, not copied)
-            _torch.keep_as_loaded(program, st.tmp / artifacts.PROGRAM)
+            _torch.keep_as_loaded(program, st.tmp / artifacts.PROGRAM)  # only read below
         staging.link_or_copy(parent.file(artifacts.PROGRAM), st.tmp / artifacts.FLOAT_PROGRAM)
         staging.link_or_copy(parent.file(artifacts.STATE), st.tmp / artifacts.STATE)  # the calibrated state, for report
         return {
