@@ -373,3 +373,73 @@ def test_a_bin_holding_more_than_2_to_the_24_values_counts_them_all(name):
     finally:
         torch.set_num_threads(threads)
     assert float(observer.histogram.double().sum()) == n
+
+
+# ------------------------------------------------------------------ histogram counts: torch.histc's, bin for bin
+def edge_values(lo: float, hi: float, bins: int, dtype) -> torch.Tensor:
+    """Values at every bin edge of [lo, hi] as torch's float arithmetic places them, and their float neighbours on
+    both sides: where a bin index computed any other way (a reciprocal's product, float64) lands elsewhere."""
+    left, right = torch.tensor(lo, dtype=dtype), torch.tensor(hi, dtype=dtype)
+    edges = left + (right - left) * torch.arange(bins + 1, dtype=dtype) / bins
+    return torch.cat([edges, torch.nextafter(edges, right), torch.nextafter(edges, left)]).clamp(left, right)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lo,hi", [(0.0, 6.0), (-3.7, 11.3), (-1e-3, 2.5e-4), (0.1, 0.1)])
+def test_the_counts_are_torch_histcs_bin_for_bin(dtype, lo, hi):
+    from quantcli.quantizers.counting import CHUNK, histc
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat(
+        [
+            edge_values(lo, hi, 2048, dtype),
+            lo + (hi - lo) * torch.rand(2 * CHUNK + 123, generator=g, dtype=dtype),  # several chunks, a partial one
+            torch.tensor([lo - 1.0, hi + 1.0, lo, hi], dtype=dtype),  # outside [lo, hi]: not counted
+        ]
+    )
+    if lo < hi:
+        values = torch.cat([values, torch.tensor([float("nan")], dtype=dtype)])  # not counted either
+    else:  # histc's range is then the values' own: NaN has none
+        with pytest.raises(RuntimeError, match="not finite"):
+            torch.histc(torch.tensor([lo, float("nan")], dtype=dtype), 2048, lo, hi)
+        with pytest.raises(ValueError, match="not finite"):
+            histc(torch.tensor([lo, float("nan")], dtype=dtype), 2048, lo, hi)
+    counts = histc(values, 2048, lo, hi)
+    assert counts.dtype == torch.int64
+    assert torch.equal(counts.to(dtype), torch.histc(values, 2048, lo, hi))
+    assert int(counts.sum()) == (int(((values >= lo) & (values <= hi)).sum()) if lo < hi else values.numel())
+    if dtype == torch.float32:  # binned in float64 as asked, whatever the values' dtype
+        assert torch.equal(
+            histc(values, 2048, lo, hi, torch.float64).double(), torch.histc(values.double(), 2048, lo, hi)
+        )
+
+
+def test_the_histogram_observer_keeps_torchaos_state_batch_after_batch(monkeypatch):
+    """The same histogram, range and qparams as torchao's own forward after each batch: a first batch, one inside
+    the range, ones that widen it either way (the histograms combined), a constant one, one with an inf (torchao's
+    own path); and a tensor over EXACT_FLOAT32_COUNTS values, binned in float64 as torchao bins it given float64."""
+    from torchao.quantization.pt2e.observer import HistogramObserver as TorchaoHistogramObserver
+
+    from quantcli.quantizers import observers
+
+    monkeypatch.setattr(observers, "EXACT_FLOAT32_COUNTS", 5000)  # the float64 binning, on small tensors
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        torch.relu(torch.randn(64, 50, generator=g)),
+        edge_values(0.0, 2.0, 2048, torch.float32),
+        torch.randn(3000, generator=g) * 3,
+        torch.randn(40, 200, generator=g) * 5 + 2,  # 8000 values: over the (patched) threshold
+        torch.full((100,), 0.25),
+        torch.tensor([1.0, float("inf"), -2.0]),
+    ]
+    for start in (0, 4):  # the constant batch first: a range of one value
+        ours, theirs = observers.HistogramObserver(), TorchaoHistogramObserver()
+        for x in batches[start:] + batches[:start]:
+            assert ours(x) is x
+            theirs(x.double() if x.numel() > 5000 else x)
+            for name in ("histogram", "min_val", "max_val"):
+                assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+        assert ours.histogram.dtype == torch.float32 and float(ours.histogram.sum()) == sum(
+            int(torch.isfinite(x).sum()) for x in batches
+        )
+        assert all(torch.equal(a, b) for a, b in zip(ours.calculate_qparams(), theirs.calculate_qparams()))

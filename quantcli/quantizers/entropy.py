@@ -29,6 +29,8 @@ import math
 import torch
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 
+from quantcli.quantizers.counting import histc
+
 _SMOOTHING = 1e-4  # ORT's smooth_distribution eps
 _CHUNK = 256  # candidate thresholds scored at once: bounds the work matrices to 256 x bins
 
@@ -107,9 +109,7 @@ def histogram(x: torch.Tensor, bins: int, half_range: float) -> torch.Tensor:
         counts = torch.zeros(bins, dtype=torch.float64)
         counts[bins // 2] = x.numel()
         return counts
-    # in float32 a histc bin stops counting at 2**24 (quantcli.quantizers.observers.EXACT_FLOAT32_COUNTS)
-    chunks = x.reshape(-1).split(2**23)
-    return sum(torch.histc(c, bins, -half_range, half_range).double() for c in chunks)
+    return histc(x, bins, -half_range, half_range).double()  # exact counts, where histc's stop at 2**24
 
 
 def rebin(hist: torch.Tensor, old: float, new: float) -> torch.Tensor:
