@@ -265,6 +265,33 @@ def test_the_exporters_optimizer_runs_without_its_quadratic_rule_and_gets_it_bac
     np.testing.assert_array_equal(session.run(None, {"x": x.numpy()})[0], _RotateHalf()(x).numpy())
 
 
+def test_the_exporters_table_is_torchs_entry_for_entry_with_signatures_inferred_when_an_op_is_looked_up():
+    """quantcli's table of ATen -> ONNX functions holds what torch's `from_torchlib` builds: the same ops in the same
+    order, each with the same functions and flags. None of torchlib's signatures is inferred when it is built; a
+    lookup infers its op's, the one torch infers up front, and hands it to the function as torch does."""
+    from torch.onnx._internal.exporter import _registration
+
+    from quantcli._torch import exporter
+
+    ours, theirs = exporter._onnx_registry.__wrapped__(21), _registration.ONNXRegistry.from_torchlib(opset_version=21)
+    assert list(ours.functions) == list(theirs.functions) and len(theirs.functions) > 400
+    fields = ("onnx_function", "fx_target", "is_custom", "is_complex", "opset_introduced", "device")
+    for name, decomps in theirs.functions.items():
+        assert [[getattr(d, f) for f in fields] for d in ours.functions[name]] == [
+            [getattr(d, f) for f in fields] for d in decomps
+        ], name
+    deferred = [d for ds in ours.functions.values() for d in ds if isinstance(d, exporter._DeferredDecomp)]
+    assert len(deferred) > 400 and all(d.pending and d.signature is None for d in deferred)
+    conv = torch.ops.aten.convolution.default
+    for a, b in zip(ours.get_decomps(conv), theirs.get_decomps(conv), strict=True):
+        assert a.signature is not None and str(a.signature) == str(b.signature)
+        assert a.onnx_function._pt_onnx_signature is a.signature  # what the exporter's builder reads
+    for name, decomps in theirs.functions.items():
+        assert [str(d.signature) for d in ours.get_decomps(decomps[0].fx_target)] == [
+            str(d.signature) for d in theirs.get_decomps(decomps[0].fx_target)
+        ], name
+
+
 def test_tidy_keeps_one_initializer_per_constant_and_shapes_of_computed_tensors_only():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper

@@ -15,19 +15,59 @@ import operator as _operator
 from collections.abc import Iterator
 from typing import Any
 
+from torch.onnx._internal.exporter import _registration
+
 from quantcli._torch import _replaced, no_stack_traces, torch
+
+
+class _DeferredDecomp(_registration.OnnxDecompMeta):
+    """An OnnxDecompMeta whose signature is inferred by `signed()`, not when it is made."""
+
+    def __post_init__(self) -> None:
+        self.pending = True
+
+    def signed(self) -> _DeferredDecomp:
+        if self.pending:
+            self.pending = False
+            super().__post_init__()
+        return self
+
+
+class _Registry(_registration.ONNXRegistry):
+    """An ONNXRegistry whose deferred entries are signed as an export looks their op up."""
+
+    def get_decomps(self, target: Any) -> list[Any]:
+        decomps = super().get_decomps(target)
+        return [d.signed() if isinstance(d, _DeferredDecomp) else d for d in decomps]
 
 
 @functools.cache
 def _onnx_registry(opset: int) -> Any:
     """The dynamo exporter's table of ATen -> ONNX functions for `opset`, built once per process.
 
-    torch.onnx.export builds it on every call (0.5 s, more than the export of a small model takes);
-    the exporter only reads it.
+    torch.onnx.export builds it on every call (0.5 s, more than the export of a small model takes); the exporter
+    only reads it. Built as `ONNXRegistry.from_torchlib` builds it, entry for entry and in its order, except that a
+    torchlib function's ONNX signature is inferred (by OnnxDecompMeta's own inference) when an export first looks
+    its op up: from_torchlib infers all ~500 at once, parsing each one's Python source, 1.2 of the 1.9 s it took
+    in a new process (AMD EPYC with AVX2), where an export uses a few dozen.
     """
-    from torch.onnx._internal.exporter import _registration
+    from onnxscript.function_libs.torch_lib import ops, registration
 
-    return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    del ops  # imported for the registrations it makes
+    registry = _Registry()
+    registry._opset_version = opset
+    for meta in _registration._torchlib_registry.get_torchlib_ops():  # torch's own functions, as from_torchlib
+        registry._register(meta.fx_target, meta)
+    for name, functions in registration.default_registry.items():  # onnxscript's get_torchlib_ops, less the IR
+        target = None if name.startswith("internal::") else _registration._get_overload(name)
+        if target is not None:
+            for function, is_complex in [
+                *((f, False) for f in functions.overloads),
+                *((f, True) for f in functions.complex),
+            ]:
+                registry._register(target, _DeferredDecomp(function, target, None, is_complex=is_complex))
+    registry._cleanup_registry_based_on_opset_version()
+    return registry
 
 
 def onnx_program(
