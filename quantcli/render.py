@@ -104,6 +104,11 @@ def _report(report: dict[str, Any]) -> list[str]:
             f"this CPU's ONNX Runtime: {'passed' if parity['local']['passed'] else 'FAILED'}, "
             f"{parity['local']['excess_db']:.1f} dB"
         )
+    if "unfused" in parity:
+        lines.append(
+            f"  parity on {parity['unfused']}'s arithmetic, unfused (this CPU saturates what {parity['unfused']} "
+            f"computes exactly); this CPU's ONNX Runtime adds {parity['local']['excess_db']:.1f} dB"
+        )
     lines += _u8s8(report.get("u8s8"))
     lines += _kernels(report.get("kernels"))
     lines += _kv_cache(report.get("kv_cache"))
@@ -130,6 +135,8 @@ def _report(report: dict[str, Any]) -> list[str]:
             f"  {ev['metric']} to fp32 PyTorch on {ev['samples']} samples: fp32 ONNX {ev['fp32_onnx']:.4f}  "
             f"int8 ONNX {ev['int8_onnx']:.4f}{worst}"
         )
+    if ev.get("int8_arithmetic") == "unfused":
+        line += " (int8 unfused: the target's arithmetic)"
     lines += [
         line,
         f"  size: fp32 ONNX {sizes['fp32_onnx'] / 1024:.1f} KiB, int8 ONNX {sizes['int8_onnx'] / 1024:.1f} KiB",

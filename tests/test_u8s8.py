@@ -172,3 +172,27 @@ def test_a_model_for_avx2_is_checked_on_avx2s_arithmetic_wherever_export_runs(tm
         if u8s8_section["parity_arithmetic"] == "emulated":
             assert "with avx2's int16 pair saturation emulated" in run.stderr
             assert report["parity"]["local"]["passed"]  # this CPU's own ORT cannot see it
+
+
+def test_a_model_for_vnni_built_where_the_kernels_saturate_is_judged_on_vnnis_arithmetic(tmp_path, monkeypatch, caplog):
+    """8-bit weights for vnni, exported on a CPU whose u8 x s8 kernels saturate them (this one, on an AVX2 machine;
+    on a VNNI machine detect_cpu is made to say avx2): parity and the evaluation run the model unfused, the
+    integers a VNNI CPU computes, and pass; this CPU's own ORT is recorded beside, not judged (where it really
+    saturates, it would fail); a warning says so."""
+    from quantcli import pipeline
+    from quantcli.quantizers import cpu
+
+    saturates_here = saturates_u8s8(detect_cpu())
+    monkeypatch.setattr(cpu, "detect_cpu", lambda *args: "avx2")
+    recipe = digits_recipe(tmp_path, quantization={"target_cpu": "vnni"})
+    pipeline.run(recipe, tmp_path / "w")
+    report = json.loads((tmp_path / "w" / "model.report.json").read_text())
+    section, check = report["u8s8"], report["parity"]
+    assert section["this_cpu"] == "avx2" and section["target_saturates"] is False
+    assert section["parity_arithmetic"] == "unfused" and section["saturable_pairs"] > 100
+    assert check["passed"] and check["unfused"] == "vnni" and check["excess_db"] < 1
+    assert check["local"]["passed"] is not saturates_here  # this CPU's saturated outputs: recorded, not judged
+    evaluation = report["evaluation"]
+    assert evaluation["int8_arithmetic"] == "unfused" and evaluation["int8_onnx"] >= evaluation["fp32_torch"] - 0.01
+    assert any("saturate" in r.getMessage() and "ran it unfused" in r.getMessage() for r in caplog.records)
+    assert "parity on vnni's arithmetic, unfused" in cli("inspect", tmp_path / "w" / "model.onnx").stdout

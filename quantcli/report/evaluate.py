@@ -26,28 +26,37 @@ CACHED_ONNX_BYTES = 256 * 2**20
 
 
 def evaluate(
-    recipe: Recipe, float_program: Any, int8_path: Path, io: dict[str, list[str]], float_file: Path
+    recipe: Recipe,
+    float_program: Any,
+    int8_path: Path,
+    io: dict[str, list[str]],
+    float_file: Path,
+    unfused: bool = False,
 ) -> dict[str, Any]:
     """The metric of fp32 (PyTorch and ONNX) and int8 ONNX on the held-out data; sizes; median latency.
 
-    `float_file`: the file `float_program` was loaded from, whose fp32 ONNX a process exports once."""
+    `float_file`: the file `float_program` was loaded from, whose fp32 ONNX a process exports once. `unfused`: the
+    int8 model's metric with ORT's graph optimizations off, the target's arithmetic where this CPU saturates
+    (stages.export.target_arithmetic); its latency is still this CPU's, optimized."""
     section = recipe.evaluation
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
         _float_onnx(recipe, float_program, io, float_file, float_path)
         sessions = {"fp32_onnx": runtime.session(float_path), "int8_onnx": runtime.session(int8_path)}
+        scored = {**sessions, "int8_onnx": runtime.session(int8_path, optimize=False)} if unfused else sessions
         scores = Scores(section.metric, MODELS)
         _, batches = stream(recipe, "evaluation", float_program.module(), metric=section.metric)
         first = None
         for batch, fp32, target in batches:
             first = first or batch
             scores.reference(fp32, target)
-            for name, sess in sessions.items():
+            for name, sess in scored.items():
                 scores.add(name, runtime.run(sess, batch), fp32, target)
         result = {
             **scores.result(),
             "size_bytes": {"fp32_onnx": external.file_bytes(float_path), "int8_onnx": external.file_bytes(int8_path)},
             "ort_latency": _latency(sessions, first, section.batch_size),
+            **({"int8_arithmetic": "unfused"} if unfused else {}),
         }
     return result
 

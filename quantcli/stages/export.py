@@ -82,12 +82,25 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
     names = parent.manifest["io"]["outputs"]
     fp32, int8 = outputs(float_program, recipe, sample), outputs(program, recipe, sample)
     weight_only = recipe.quantization.weight_only  # float activations: no u8 x s8 kernel, nothing saturates
-    saturation, emulated = (None, None) if weight_only else target_arithmetic(model, recipe.quantization.target_cpu)
+    target_cpu = recipe.quantization.target_cpu
+    saturation = None if weight_only else target_arithmetic(model, target_cpu)
+    arithmetic = saturation["parity_arithmetic"] if saturation else "this cpu"
     limits = {"max_excess_db": recipe.export.parity_max_excess_db, "min_sqnr_db": recipe.export.parity_min_sqnr_db}
     check = parity.verdict(names, fp32, int8, runtime.run(runtime.session(path), sample), **limits)
-    if emulated is not None:  # this CPU cannot saturate: the target's arithmetic decides, this ORT must agree too
-        target = parity.verdict(names, fp32, int8, runtime.run_model(emulated, sample), **limits)
-        check = parity.with_local(target, check, recipe.quantization.target_cpu)
+    if arithmetic == "emulated":  # this CPU cannot saturate: the target's arithmetic decides, this ORT must agree too
+        from quantcli.onnx import u8s8
+
+        target = parity.verdict(names, fp32, int8, runtime.run_model(u8s8.emulate(model)[0], sample), **limits)
+        check = parity.with_local(target, check, target_cpu)
+    elif arithmetic == "unfused":  # this CPU saturates what the target computes exactly: ORT unfused computes that
+        target = parity.verdict(names, fp32, int8, runtime.run(runtime.session(path, optimize=False), sample), **limits)
+        check = parity.on_target(target, check, target_cpu)
+        log.warning(
+            f"this CPU's u8 x s8 kernels saturate {saturation['saturable_pairs']} weight pairs of this model for "
+            f"{target_cpu}, which computes them exactly: ONNX Runtime here gives other outputs than on {target_cpu}; "
+            "parity and evaluation ran it unfused (graph optimizations off), as the target computes it",
+            extra={"warning": True},
+        )
     kernels = fusion.analyze(path, weight_only=weight_only)
     warning = fusion.coverage_warning(kernels)
     if warning is not None:
@@ -118,7 +131,9 @@ def measure(parent: artifacts.Artifact, recipe: Recipe, program: Any, model: Any
         report["kv_cache"] = cache_check(path, sample)
     if recipe.evaluation is not None:
         float_file = parent.file(artifacts.FLOAT_PROGRAM)
-        report["evaluation"] = evaluate.evaluate(recipe, float_program, path, parent.manifest["io"], float_file)
+        report["evaluation"] = evaluate.evaluate(
+            recipe, float_program, path, parent.manifest["io"], float_file, unfused=arithmetic == "unfused"
+        )
     return report
 
 
@@ -150,29 +165,37 @@ def cache_check(path: Path, sample: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def target_arithmetic(model: Any, target_cpu: str) -> tuple[dict[str, Any], Any]:
-    """(the report's u8s8 section, the model computing the target's arithmetic where parity must use it).
+def target_arithmetic(model: Any, target_cpu: str) -> dict[str, Any]:
+    """The report's u8s8 section: per layer ORT runs in a pairing u8 x s8 kernel, the int8 weight pairs some uint8
+    input can saturate on x86 without VNNI (zero expected for a model built for such a target), and on which
+    arithmetic parity judges the model (`parity_arithmetic`):
 
-    The section counts, per layer ORT runs in a pairing u8 x s8 kernel, the int8 weight pairs some
-    uint8 input can saturate on x86 without VNNI (zero expected for a model built for such a target).
-    When the target saturates and this CPU does not, ORT here cannot show what the target computes:
-    the emulated model (quantcli.onnx.u8s8) does, run with graph optimizations off.
+    - "emulated": the target saturates and this CPU does not, so ORT here cannot show what the target computes;
+      the emulated model (quantcli.onnx.u8s8) does, run with graph optimizations off;
+    - "unfused": this CPU saturates pairs the target (VNNI, arm64) computes exactly; ORT with graph optimizations
+      off dequantizes and runs the float op, which computes the target's integers;
+    - "this cpu": ORT here computes what the target does.
     """
     from quantcli.onnx import u8s8
     from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
 
     here = detect_cpu()
-    emulate = saturates_u8s8(target_cpu) and not saturates_u8s8(here)
     counts = u8s8.saturable_pairs(model)
-    section = {
+    pairs = sum(counts.values())
+    if saturates_u8s8(target_cpu) and not saturates_u8s8(here):
+        arithmetic = "emulated"
+    elif pairs and saturates_u8s8(here) and not saturates_u8s8(target_cpu):
+        arithmetic = "unfused"
+    else:
+        arithmetic = "this cpu"
+    return {
         "target_cpu": target_cpu,
         "target_saturates": saturates_u8s8(target_cpu),
         "this_cpu": here,
-        "parity_arithmetic": "emulated" if emulate else "this cpu",
-        "saturable_pairs": sum(counts.values()),
+        "parity_arithmetic": arithmetic,
+        "saturable_pairs": pairs,
         "layers": counts,
     }
-    return section, (u8s8.emulate(model)[0] if emulate else None)
 
 
 def _callable_keys(recipe: Recipe) -> dict[str, str]:
