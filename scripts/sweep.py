@@ -19,8 +19,11 @@ float; apart, the ops on such paths that start at an integer kernel's float outp
 an output scale or MatMulIntegerToFloat, which the first count does not see), SQNR against fp32 on
 the held-out inputs (of the output less its mean over the inputs: what depends on the input, as
 random-weight CNNs' outputs hardly do; where that part holds under 0.1 % of the output's energy, of
-the raw output), latency at batch 1 and 32 (one thread, sessions interleaved
-round after round, medians: scripts/bench.py) and file size. A flow of ORT's that raises is recorded
+the raw output; scored with ORT's graph optimizations off, "unfused", where `--target-cpu` names a target
+whose u8 x s8 kernels do not saturate and this machine's do: the target's integers, not this CPU's
+saturated ones), latency at batch 1 and 32 (one thread, sessions interleaved
+round after round, medians: scripts/bench.py; of a target other than this machine's, meaningless) and
+file size. A flow of ORT's that raises is recorded
 as failed and the rest still measured.
 
     python scripts/sweep.py [NAME ...] [--out sweep-out] [--redo] [--rounds 7] [--markdown]
@@ -195,6 +198,20 @@ def graph_counts(path: Path) -> dict:
     }
 
 
+def exact_arithmetic(out: Path) -> bool:
+    """Whether this machine must score `out`'s models with ORT's graph optimizations off: their target's u8 x s8
+    kernels do not saturate (8-bit weights, ORT's flow without reduce_range) and this CPU's do, where the fused
+    kernels would saturate what the target computes exactly. Unfused, ORT dequantizes and runs the float op: the
+    integers a VNNI machine computes (tests/peer.py does the same). Latency on such a machine means nothing."""
+    import yaml
+
+    from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
+
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    target = (recipe.get("quantization") or {}).get("target_cpu", "auto")
+    return target != "auto" and saturates_u8s8(detect_cpu()) and not saturates_u8s8(target)
+
+
 def fidelity(sessions: dict, rows: dict[str, np.ndarray]) -> dict:
     """SQNR of each int8 model against fp32 on `rows` (bench.sqnr); the share of fp32's output that varies."""
     from bench import run_all, sqnr
@@ -254,7 +271,9 @@ def sweep_one(name: str, out: Path, args: argparse.Namespace) -> dict:
     result["mb"] = {k: file_mb(p) for k, p in files.items()}
     result["ops"] = {k: graph_counts(p) for k, p in files.items() if k != "fp32"}
     if "fp32" in files:
-        result["fidelity"] = fidelity(sessions, rows)
+        exact = exact_arithmetic(out)
+        scored = {k: runtime.session(p, threads=THREADS, optimize=False) for k, p in files.items()} if exact else None
+        result["fidelity"] = {**fidelity(scored or sessions, rows), **({"unfused": True} if exact else {})}
         result["ms"] = latency(sessions, rows, args.rounds)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
@@ -265,11 +284,11 @@ def kept_files(out: Path, flows) -> dict[str, Path]:
     return {k: out / "quantcli" / "model.onnx" if k == "quantcli" else out / f"{k}.onnx" for k in flows}
 
 
-def kept_sessions(out: Path, result: dict) -> dict:
+def kept_sessions(out: Path, result: dict, optimize: bool = True) -> dict:
     """ORT sessions of the model files a finished architecture kept, by flow."""
     from quantcli.onnx import runtime
 
-    return {k: runtime.session(p, threads=THREADS) for k, p in kept_files(out, result["mb"]).items()}
+    return {k: runtime.session(p, threads=THREADS, optimize=optimize) for k, p in kept_files(out, result["mb"]).items()}
 
 
 def recount(out: Path) -> None:
@@ -295,8 +314,10 @@ def rescore(name: str, out: Path, rows: int) -> None:
     begin with the 32 it had), into its result.json: a gap of a few tenths of a dB on 32 inputs can be their
     sampling spread."""
     result = json.loads((out / RESULT).read_text())
-    sessions = kept_sessions(out, result)
+    exact = exact_arithmetic(out)
+    sessions = kept_sessions(out, result, optimize=not exact)
     result["fidelity"] = fidelity(sessions, architectures().inputs(name, rows, HELD_OUT[1]))
+    result["fidelity"].update({"unfused": True} if exact else {})
     result["rescored_rows"] = rows
     (out / RESULT).write_text(json.dumps(result, indent=1) + "\n")
 
@@ -479,6 +500,7 @@ def cells(row: dict) -> list[str]:
         f"{q.get('float_ops', '-')}/{s.get('float_ops', '-')}" + after_kernels(q, s),
         "/".join("-" if math.isnan(x) else f"{x:.1f}" for x in (sq, ss))
         + (" raw" if raw else "")
+        + (" unfused" if row.get("fidelity", {}).get("unfused") else "")
         + (" (min-max)" if row["quantcli"].get("ranges") == "minmax" else ""),
         f"{r(1, 'quantize_static')}/{r(32, 'quantize_static')}",
         f"{r(1, 'quantize_dynamic')}/{r(32, 'quantize_dynamic')}" if dynamic else "",
