@@ -10,11 +10,13 @@ model's output SQNR against fp32, the worst output's).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantcli.artifacts import report_path
 from quantcli.errors import InputError, RecipeError
 from quantcli.numerics.evaluate import Scores, stream
 from quantcli.onnx import runtime
@@ -68,15 +70,20 @@ class Judge:
         self.batches = 0
 
     def measure(self, onnx_path: Path) -> dict[str, Any]:
-        """{"int8_onnx" (the metric) and "drop" under --max-drop, "sqnr_db", "latency_ms"} of the ONNX model."""
+        """{"int8_onnx" (the metric) and "drop" under --max-drop, "sqnr_db", "latency_ms"} of the ONNX model: the
+        metric on its target's arithmetic, as export judged it (unfused where this CPU saturates what the target
+        computes exactly: stages.export.target_arithmetic), the latency this CPU's."""
         sess = runtime.session(onnx_path)
+        report = json.loads(report_path(onnx_path).read_text())
+        unfused = (report.get("u8s8") or {}).get("parity_arithmetic") == "unfused"
+        scored = runtime.session(onnx_path, optimize=False) if unfused else sess
         scores = Scores(self.metric_name, ("fp32_torch", "int8_onnx"), self.callable)
         _, batches = stream(self.recipe, self.section, self.module, self.limit, self.metric_name)
         first = None
         for batch, fp32, target in batches:
             first = first if first is not None else batch
             scores.reference(fp32, target)
-            scores.add("int8_onnx", runtime.run(sess, batch), fp32, target)
+            scores.add("int8_onnx", runtime.run(scored, batch), fp32, target)
         if first is None:
             raise InputError(f"{self.section}: the data yielded no batches")
         figures = scores.result()
