@@ -20,7 +20,7 @@ an output scale or MatMulIntegerToFloat, which the first count does not see), SQ
 the held-out inputs (of the output less its mean over the inputs: what depends on the input, as
 random-weight CNNs' outputs hardly do; where that part holds under 0.1 % of the output's energy, of
 the raw output; scored with ORT's graph optimizations off, "unfused", where `--target-cpu` names a target
-whose u8 x s8 kernels do not saturate and this machine's do: the target's integers, not this CPU's
+whose u8 x s8 kernels do not saturate and this machine's do: the target's products, not this CPU's
 saturated ones), latency at batch 1 and 32 (one thread, sessions interleaved
 round after round, medians: scripts/bench.py; of a target other than this machine's, meaningless) and
 file size. A flow of ORT's that raises is recorded
@@ -202,7 +202,8 @@ def exact_arithmetic(out: Path) -> bool:
     """Whether this machine must score `out`'s models with ORT's graph optimizations off: their target's u8 x s8
     kernels do not saturate (8-bit weights, ORT's flow without reduce_range) and this CPU's do, where the fused
     kernels would saturate what the target computes exactly. Unfused, ORT dequantizes and runs the float op: the
-    integers a VNNI machine computes (tests/peer.py does the same). Latency on such a machine means nothing."""
+    products a VNNI machine computes, requantized in float (tests/peer.py does the same). Latency on such a
+    machine means nothing."""
     import yaml
 
     from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8

@@ -177,7 +177,7 @@ def test_a_model_for_avx2_is_checked_on_avx2s_arithmetic_wherever_export_runs(tm
 def test_a_model_for_vnni_built_where_the_kernels_saturate_is_judged_on_vnnis_arithmetic(tmp_path, monkeypatch, caplog):
     """8-bit weights for vnni, exported on a CPU whose u8 x s8 kernels saturate them (this one, on an AVX2 machine;
     on a VNNI machine detect_cpu is made to say avx2): parity and the evaluation run the model unfused, the
-    integers a VNNI CPU computes, and pass; this CPU's own ORT is recorded beside, not judged (where it really
+    products a VNNI CPU computes, and pass; this CPU's own ORT is recorded beside, not judged (where it really
     saturates, it would fail); a warning says so."""
     from quantcli import pipeline
     from quantcli.quantizers import cpu

@@ -173,7 +173,7 @@ def target_arithmetic(model: Any, target_cpu: str) -> dict[str, Any]:
     - "emulated": the target saturates and this CPU does not, so ORT here cannot show what the target computes;
       the emulated model (quantcli.onnx.u8s8) does, run with graph optimizations off;
     - "unfused": this CPU saturates pairs the target (VNNI, arm64) computes exactly; ORT with graph optimizations
-      off dequantizes and runs the float op, which computes the target's integers;
+      off dequantizes and runs the float op, which computes the target's products without saturation;
     - "this cpu": ORT here computes what the target does.
     """
     from quantcli.onnx import u8s8
