@@ -6,7 +6,7 @@ machine: tests build for the named TARGET and take their floors from here. A mod
 computes the same integers on AVX2, AVX-512 and VNNI machines, so its ONNX Runtime figures hold on
 all of them. A vnni-target model (8-bit weights) can saturate on an AVX2 machine: no figure of one
 is asserted from ORT's fused kernels there (tests/peer.py runs it with graph optimizations off on such
-a machine, which computes the integers a VNNI machine does).
+a machine, which computes the products a VNNI machine does, requantized in float).
 
 Measured with torch 2.13, torchao 0.18, onnxruntime 1.32 at target avx2 on an Intel Xeon with
 AVX-512 VNNI (exact there, and the same on AVX2 since nothing saturates), 2026-12-05. Each floor
