@@ -161,3 +161,18 @@ class _SaturatingFc1(torch.fx.Interpreter):
         out = acc * x_scale * w_scale + self.env[bias].numpy()
         assert math.isfinite(float(np.abs(out).max()))
         return torch.from_numpy(out.astype(np.float32))
+
+
+def test_on_the_targets_arithmetic_the_target_decides_and_this_cpus_figures_ride_along():
+    """Where this CPU saturates what the target computes exactly, the unfused run's verdict is the verdict, this
+    CPU's is recorded beside it; with avx2's saturation emulated on a VNNI machine, both must pass."""
+    fp32 = [np.ones((4, 3))]
+    int8 = [fp32[0] + 0.01]
+    exact = parity.verdict(["a"], fp32, int8, int8, max_excess_db=6.0)
+    saturated = parity.verdict(["a"], fp32, int8, [int8[0] + 0.1], max_excess_db=6.0)
+    unfused = parity.on_target(exact, saturated, "vnni")
+    assert unfused["passed"] and unfused["unfused"] == "vnni" and not unfused["local"]["passed"]
+    assert unfused["excess_db"] == exact["excess_db"] and unfused["local"]["excess_db"] > 6
+    failed = parity.on_target(saturated, exact, "vnni")
+    assert not failed["passed"] and parity.failure(failed).startswith("on vnni's arithmetic (unfused): ONNX Runtime's")
+    assert not parity.with_local(exact, saturated, "avx2")["passed"]  # the other direction: this CPU must pass too
