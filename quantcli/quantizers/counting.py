@@ -19,13 +19,22 @@ import torch
 CHUNK = 2**18  # values per step: its temporaries stay in cache
 
 
-def histc(x: torch.Tensor, bins: int, lo: float, hi: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+def histc(
+    x: torch.Tensor,
+    bins: int,
+    lo: float,
+    hi: float,
+    dtype: torch.dtype | None = None,
+    extrema: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """What `torch.histc(x.to(dtype), bins, lo, hi)` counts (int64), x binned in `dtype` (x's by default); values
     outside [lo, hi] and NaN are not counted, as histc counts none of them. lo == hi takes x's own range, as histc
-    does (one either side of a single value)."""
+    does (one either side of a single value). `extrema`: `torch.aminmax(x)`, where the caller has it already."""
     dtype = dtype or x.dtype
     flat = x.detach().reshape(-1)
-    smallest, largest = (v.to(dtype) for v in torch.aminmax(flat)) if flat.numel() else (None, None)
+    if extrema is None and flat.numel():
+        extrema = torch.aminmax(flat)
+    smallest, largest = (v.to(dtype) for v in extrema) if flat.numel() else (None, None)
     if lo == hi and smallest is not None:  # histc's rule: the values' own range, then one either side
         lo, hi = float(smallest), float(largest)
     if lo == hi:

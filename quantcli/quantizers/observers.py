@@ -55,7 +55,7 @@ class HistogramObserver(_TorchaoHistogramObserver):
         first = self.min_val == float("inf") or self.max_val == float("-inf")
         new_min = x_min if first else torch.min(self.min_val, x_min).detach()
         new_max = x_max if first else torch.max(self.max_val, x_max).detach()
-        update = histc(x, self.bins, float(new_min), float(new_max), dtype).to(dtype)
+        update = histc(x, self.bins, float(new_min), float(new_max), dtype, extrema=(x_min, x_max)).to(dtype)
         if first:
             combined = update
         elif new_min == self.min_val and new_max == self.max_val:
