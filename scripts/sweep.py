@@ -206,11 +206,11 @@ def exact_arithmetic(out: Path) -> bool:
     machine means nothing."""
     import yaml
 
-    from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
+    from quantcli.quantizers.cpu import detect_cpu, saturates_only_here
 
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     target = (recipe.get("quantization") or {}).get("target_cpu", "auto")
-    return target != "auto" and saturates_u8s8(detect_cpu()) and not saturates_u8s8(target)
+    return target != "auto" and saturates_only_here(target, detect_cpu())
 
 
 def fidelity(sessions: dict, rows: dict[str, np.ndarray]) -> dict:

@@ -27,7 +27,7 @@ from quantcli import _torch, quantizers
 from quantcli.onnx import export as onnx_export
 from quantcli.onnx import runtime
 from quantcli.onnx.fusion import analyze
-from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
+from quantcli.quantizers.cpu import detect_cpu, saturates_only_here, saturates_u8s8
 from quantcli.recipe import DEFAULT_OPSET, QuantizationSection
 
 torch = _torch.torch
@@ -79,7 +79,7 @@ def _dynamic(batch: dict) -> tuple:
 
 
 def _side(path: Path, test: dict, target_cpu: str) -> Side:
-    fused = not saturates_u8s8(HOST) or saturates_u8s8(target_cpu)  # see the module docstring
+    fused = not saturates_only_here(target_cpu, HOST)  # see the module docstring
     out = runtime.run(runtime.session(path, optimize=fused), {k: v.numpy() for k, v in test.items()})[0]
     return Side(path, out, analyze(path))
 

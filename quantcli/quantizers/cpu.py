@@ -52,6 +52,12 @@ def saturates_u8s8(target_cpu: str) -> bool:
     return target_cpu in ("avx2", "avx512")
 
 
+def saturates_only_here(target_cpu: str, here: str) -> bool:
+    """Whether CPU `here` saturates pairs that `target_cpu` computes exactly (an AVX2 machine running a VNNI or arm64
+    model): there ORT gives the target's products only with its graph optimizations off (unfused)."""
+    return saturates_u8s8(here) and not saturates_u8s8(target_cpu)
+
+
 _WEIGHTS = {
     False: "8-bit weights (-127..127)",
     True: "7-bit weights (-63..63) everywhere",

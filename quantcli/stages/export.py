@@ -177,14 +177,14 @@ def target_arithmetic(model: Any, target_cpu: str) -> dict[str, Any]:
     - "this cpu": ORT here computes what the target does.
     """
     from quantcli.onnx import u8s8
-    from quantcli.quantizers.cpu import detect_cpu, saturates_u8s8
+    from quantcli.quantizers.cpu import detect_cpu, saturates_only_here, saturates_u8s8
 
     here = detect_cpu()
     counts = u8s8.saturable_pairs(model)
     pairs = sum(counts.values())
     if saturates_u8s8(target_cpu) and not saturates_u8s8(here):
         arithmetic = "emulated"
-    elif pairs and saturates_u8s8(here) and not saturates_u8s8(target_cpu):
+    elif pairs and saturates_only_here(target_cpu, here):
         arithmetic = "unfused"
     else:
         arithmetic = "this cpu"
