@@ -166,11 +166,31 @@ class ConvFamilies(torch.nn.Module):
         return torch.relu(self.bn2d(self.deconv(y.reshape(-1, 8, 4, 4))))
 
 
+def _graph(graph_module):
+    return [(n.op, n.name, str(n.target), str(n.args), str(n.kwargs)) for n in graph_module.graph.nodes]
+
+
 @pytest.mark.slow
-def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert():
+def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert(monkeypatch):
+    """With every pattern torchao traces on the way (conv-bn fuse and fold, train/eval switches) traced as torchao
+    traces it too (strictly, once a pattern function): the same nodes, names and arguments."""
+    from torchao.quantization.pt2e import utils
+
     from quantcli import quantizers
     from quantcli.recipe import QuantizationSection
 
+    own, torchaos, compared = _torch._trace_pattern, utils._get_aten_graph_module_for_pattern, {}
+
+    def checked(pattern, example_inputs, is_cuda=False, **kwargs):
+        traced = own(pattern, example_inputs, is_cuda, **kwargs)
+        code = getattr(pattern, "fn", pattern).__code__
+        if code not in compared:
+            compared[code] = torchaos(pattern, example_inputs, is_cuda, **kwargs)
+            assert _graph(traced) == _graph(compared[code]), code.co_name
+        return traced
+
+    monkeypatch.setattr(_torch, "_trace_pattern", checked)
+    monkeypatch.setattr(_torch, "_TRACED_PATTERNS", {})
     torch.manual_seed(0)
     model = ConvFamilies().eval()
     x = torch.randn(8, 4, 16)
@@ -190,6 +210,7 @@ def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert(
     assert not [n for n in converted.graph.nodes if n.target in BN_OPS]
     with torch.no_grad():
         assert sqnr_db(expected, converted(x)) > 40
+    assert len(compared) >= 4, len(compared)  # fuse, fold, train and eval patterns
 
 
 def _scaled_conv(factor):
@@ -208,13 +229,13 @@ def test_torchao_patterns_are_traced_once_a_process_and_each_caller_gets_a_copy(
     from torchao.quantization.pt2e import utils
 
     traced = []
-    trace = utils._get_aten_graph_module_for_pattern
+    trace, torchaos = _torch._trace_pattern, utils._get_aten_graph_module_for_pattern
 
     def counting(pattern, *args, **kwargs):
         traced.append(pattern)
         return trace(pattern, *args, **kwargs)
 
-    monkeypatch.setattr(utils, "_get_aten_graph_module_for_pattern", counting)
+    monkeypatch.setattr(_torch, "_trace_pattern", counting)
     monkeypatch.setattr(_torch, "_TRACED_PATTERNS", {})
     small = (torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
     large = (torch.randn(1, 2, 5, 5), torch.randn(2, 2, 1, 1))
@@ -236,7 +257,7 @@ def test_torchao_patterns_are_traced_once_a_process_and_each_caller_gets_a_copy(
         two(x, weight), first(x, weight)
     )
     assert torch.equal(wider(*large), torch.nn.functional.conv2d(*large) * 2.0)
-    assert utils._get_aten_graph_module_for_pattern is counting  # put back after the block
+    assert utils._get_aten_graph_module_for_pattern is torchaos  # put back after the block
 
 
 # ------------------------------------------------------------------ train: state, convert, reload
