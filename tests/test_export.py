@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator as _operator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -220,6 +222,45 @@ def test_the_program_exported_stays_as_it_was():
     onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
     assert [(n.name, n.target, n.args) for n in program.graph.nodes] == before
     assert torch.ops.aten.batch_norm.default in [n.target for n in program.graph.nodes]
+
+
+class _Regrouped(torch.nn.Module):
+    """A reshape to a size computed from the dynamic batch (`operator.mul` of a symbolic size in the program)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).reshape(x.shape[0] * 2, -1)
+
+
+def test_arithmetic_on_a_dynamic_size_is_translated_without_the_retrace_and_gives_its_outputs(monkeypatch):
+    import onnxruntime as ort
+
+    from quantcli import _torch
+    from quantcli._torch import exporter
+
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = _torch.export_program(_Regrouped().eval(), (torch.randn(2, 3, 8, 8),), ({0: batch},))
+    assert _operator.mul in [n.target for n in program.graph.nodes]
+
+    def exported() -> tuple[str, Any]:
+        model = onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
+        ops = " ".join(p.value for n in model.graph.node for p in n.metadata_props if p.key == "namespace")
+        return ops, ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    direct_ops, direct = exported()
+    monkeypatch.setattr(exporter, "_decompositions_only_where_needed", contextlib.nullcontext)
+    retraced_ops, retraced = exported()
+    assert "aten.reshape.default" in direct_ops and "aten.view" not in direct_ops  # translated as it is
+    assert "aten.view.default" in retraced_ops  # the re-trace lowers the reshape
+    for n in (1, 3):
+        x = torch.randn(n, 3, 8, 8).numpy()
+        y = direct.run(None, {"x": x})[0]
+        assert y.shape == (2 * n, 72)
+        np.testing.assert_array_equal(y, retraced.run(None, {"x": x})[0])
 
 
 def test_a_program_with_an_op_onnx_lacks_is_still_retraced():
