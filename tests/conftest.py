@@ -344,6 +344,33 @@ def chained(tmp_path_factory: pytest.TempPathFactory, worker_id: str):
     return get
 
 
+@pytest.fixture
+def patterns_as_torchao_traces(monkeypatch) -> dict[Any, Any]:
+    """quantcli traces torchao's patterns non-strictly (`quantcli._torch._trace_pattern`); while a test runs, each
+    pattern function it traces is traced by torchao's own strict trace too, and the two graphs must be the same
+    (nodes, names, targets, arguments). {pattern function's code: torchao's graph}, for the test to count."""
+    from torchao.quantization.pt2e import utils
+
+    from quantcli import _torch
+
+    own, torchaos, compared = _torch._trace_pattern, utils._get_aten_graph_module_for_pattern, {}
+
+    def nodes(graph_module: Any) -> list[tuple[str, ...]]:
+        return [(n.op, n.name, str(n.target), str(n.args), str(n.kwargs)) for n in graph_module.graph.nodes]
+
+    def checked(pattern: Any, example_inputs: tuple, is_cuda: bool = False, **kwargs: Any) -> Any:
+        traced = own(pattern, example_inputs, is_cuda, **kwargs)
+        code = getattr(pattern, "fn", pattern).__code__
+        if code not in compared:
+            compared[code] = torchaos(pattern, example_inputs, is_cuda, **kwargs)
+            assert nodes(traced) == nodes(compared[code]), code.co_name
+        return traced
+
+    monkeypatch.setattr(_torch, "_trace_pattern", checked)
+    monkeypatch.setattr(_torch, "_TRACED_PATTERNS", {})  # traced anew, so that each is compared
+    return compared
+
+
 @pytest.fixture(scope="session")
 def decoder_folders(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """tests/decoders.py's Hugging Face decoder folders and texts, made once for all workers of the session."""

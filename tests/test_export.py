@@ -42,8 +42,9 @@ def test_an_opset_the_converter_cannot_reach_is_an_error_and_writes_nothing(mlp,
 
 
 @pytest.mark.slow
-def test_reference_representation_converts_and_exports(mlp, tmp_path):
+def test_reference_representation_converts_and_exports(mlp, tmp_path, patterns_as_torchao_traces):
     stages.convert.run(mlp / "calibrated", tmp_path / "converted", reference_representation=True)
+    assert patterns_as_torchao_traces  # the rewrite's patterns, each traced as torchao traces it too
     report = stages.export.run(tmp_path / "converted", tmp_path / "model.onnx").details["report"]
     assert report["parity"]["passed"]
     ops = report["onnx"]["ops"]

@@ -166,31 +166,13 @@ class ConvFamilies(torch.nn.Module):
         return torch.relu(self.bn2d(self.deconv(y.reshape(-1, 8, 4, 4))))
 
 
-def _graph(graph_module):
-    return [(n.op, n.name, str(n.target), str(n.args), str(n.kwargs)) for n in graph_module.graph.nodes]
-
-
 @pytest.mark.slow
-def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert(monkeypatch):
-    """With every pattern torchao traces on the way (conv-bn fuse and fold, train/eval switches) traced as torchao
-    traces it too (strictly, once a pattern function): the same nodes, names and arguments."""
-    from torchao.quantization.pt2e import utils
-
+def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert(patterns_as_torchao_traces):
+    """Every pattern torchao traces on the way (conv-bn fuse and fold, train/eval switches) is also traced as
+    torchao traces it: the same graphs."""
     from quantcli import quantizers
     from quantcli.recipe import QuantizationSection
 
-    own, torchaos, compared = _torch._trace_pattern, utils._get_aten_graph_module_for_pattern, {}
-
-    def checked(pattern, example_inputs, is_cuda=False, **kwargs):
-        traced = own(pattern, example_inputs, is_cuda, **kwargs)
-        code = getattr(pattern, "fn", pattern).__code__
-        if code not in compared:
-            compared[code] = torchaos(pattern, example_inputs, is_cuda, **kwargs)
-            assert _graph(traced) == _graph(compared[code]), code.co_name
-        return traced
-
-    monkeypatch.setattr(_torch, "_trace_pattern", checked)
-    monkeypatch.setattr(_torch, "_TRACED_PATTERNS", {})
     torch.manual_seed(0)
     model = ConvFamilies().eval()
     x = torch.randn(8, 4, 16)
@@ -210,7 +192,7 @@ def test_conv1d_and_conv_transpose_are_fused_for_training_and_folded_by_convert(
     assert not [n for n in converted.graph.nodes if n.target in BN_OPS]
     with torch.no_grad():
         assert sqnr_db(expected, converted(x)) > 40
-    assert len(compared) >= 4, len(compared)  # fuse, fold, train and eval patterns
+    assert len(patterns_as_torchao_traces) >= 4  # fuse, fold, train and eval patterns
 
 
 def _scaled_conv(factor):

@@ -61,6 +61,9 @@ from torchao.quantization.pt2e import (  # noqa: E402
 )
 from torchao.quantization.pt2e import export_utils as _export_utils  # noqa: E402  (private: see to_eval)
 from torchao.quantization.pt2e import qat_utils as _qat_utils  # noqa: E402  (private: see _present_convs_only)
+from torchao.quantization.pt2e import (  # noqa: E402  (private: see _traced_patterns_cached)
+    reference_representation_rewrite as _reference_rewrite,
+)
 from torchao.quantization.pt2e import utils as _pt2e_utils  # noqa: E402  (private: see _traced_patterns_cached)
 from torchao.quantization.pt2e.constant_fold import constant_fold  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
@@ -701,10 +704,12 @@ def _traced_patterns_cached() -> Iterator[None]:
             _TRACED_PATTERNS[key] = _trace_pattern(pattern, example_inputs, is_cuda, **kwargs)
         return copy.deepcopy(_TRACED_PATTERNS[key])
 
-    # qat_utils holds its own reference; export_utils imports it from utils at each call
-    with _replaced(_pt2e_utils, "_get_aten_graph_module_for_pattern", traced):
-        with _replaced(_qat_utils, "_get_aten_graph_module_for_pattern", traced):
-            yield
+    # qat_utils and the reference representation's rewrite hold their own references; export_utils imports it from
+    # utils at each call
+    with contextlib.ExitStack() as stack:
+        for module in (_pt2e_utils, _qat_utils, _reference_rewrite):
+            stack.enter_context(_replaced(module, "_get_aten_graph_module_for_pattern", traced))
+        yield
 
 
 def _trace_pattern(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool = False, **kwargs: Any) -> Any:
