@@ -142,16 +142,20 @@ class _Flatten(torch.nn.Module):
 
 def _exported_ops(model: torch.nn.Module) -> tuple[np.ndarray, str]:
     """The ONNX model's output on a fixed input, and the exporter's record of the torch ops it translated."""
-    import onnxruntime as ort
-
     from quantcli import _torch
 
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    program = _torch.export_program(model.eval(), (x,), None)
+    ops, session = _translated(_torch.export_program(model.eval(), (x,), None))
+    return session.run(None, {"x": x.numpy()})[0], ops
+
+
+def _translated(program: Any) -> tuple[str, Any]:
+    """The exporter's record of the torch ops it translated in `program`, and an ORT session of the ONNX model."""
+    import onnxruntime as ort
+
     onnx_model = onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
     ops = " ".join(p.value for n in onnx_model.graph.node for p in n.metadata_props if p.key == "namespace")
-    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x.numpy()})[0], ops
+    return ops, ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("variant", ["plain", "mask", "norm", "drop", "tail_drop", "tail_cast"])
@@ -237,8 +241,6 @@ class _Regrouped(torch.nn.Module):
 
 
 def test_arithmetic_on_a_dynamic_size_is_translated_without_the_retrace_and_gives_its_outputs(monkeypatch):
-    import onnxruntime as ort
-
     from quantcli import _torch
     from quantcli._torch import exporter
 
@@ -247,14 +249,9 @@ def test_arithmetic_on_a_dynamic_size_is_translated_without_the_retrace_and_give
     program = _torch.export_program(_Regrouped().eval(), (torch.randn(2, 3, 8, 8),), ({0: batch},))
     assert _operator.mul in [n.target for n in program.graph.nodes]
 
-    def exported() -> tuple[str, Any]:
-        model = onnx_export.to_onnx(program, opset=21, input_names=["x"], output_names=["y"])
-        ops = " ".join(p.value for n in model.graph.node for p in n.metadata_props if p.key == "namespace")
-        return ops, ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    direct_ops, direct = exported()
+    direct_ops, direct = _translated(program)
     monkeypatch.setattr(exporter, "_decompositions_only_where_needed", contextlib.nullcontext)
-    retraced_ops, retraced = exported()
+    retraced_ops, retraced = _translated(program)
     assert "aten.reshape.default" in direct_ops and "aten.view" not in direct_ops  # translated as it is
     assert "aten.view.default" in retraced_ops  # the re-trace lowers the reshape
     for n in (1, 3):

@@ -269,7 +269,6 @@ def _would_cast(node: Any, rule: Any) -> bool:
     )
 
 
-# the checks torch.export writes, which the ONNX exporter removes right after its decompositions
 @functools.lru_cache(maxsize=4)
 def _lowered_ops(implemented: frozenset[Any]) -> frozenset[Any]:
     """The ops the exporter's re-trace lowers, given those with an ONNX function: the keys of its decomposition table,
@@ -289,6 +288,7 @@ def _size_arithmetic(node: Any, registry: Any) -> bool:
     )
 
 
+# the checks torch.export writes, which the ONNX exporter removes right after its decompositions
 _EXPORTER_DROPS = {
     torch.ops.aten._assert_tensor_metadata.default,
     torch.ops.aten._assert_scalar.default,
