@@ -324,14 +324,20 @@ def rescore(name: str, out: Path, rows: int) -> None:
 
 
 # ---------------------------------------------------------------- the driver
-def run_child(name: str, out: Path, args: argparse.Namespace) -> None:
-    """sweep_one in a fresh process; a crash or a timeout becomes the architecture's result."""
+def child_env(name: str) -> dict[str, str]:
+    """The environment of an architecture's own process: one thread, and timm's and torchvision's packages where it
+    needs them (transformers' BertModel breaks beside that torchvision)."""
     zoo = [] if architectures().source(name) == "transformers" else ZOO_PATH
-    env = {
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(map(str, [*zoo, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])),
     }
+
+
+def run_child(name: str, out: Path, args: argparse.Namespace) -> None:
+    """sweep_one in a fresh process; a crash or a timeout becomes the architecture's result."""
+    env = child_env(name)
     command = [
         sys.executable,
         str(Path(__file__).resolve()),

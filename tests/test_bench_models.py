@@ -165,6 +165,37 @@ def test_sweep_summary_counts_each_shortfall_against_quantize_static():
     assert sweep.cells(rows[0])[4] == "31.0/30.0 (min-max)" and sweep.cells(rows[1])[4] == "31.0/30.0"
 
 
+def test_range_choice_check_counts_the_builds_each_way_keeps_the_rule_fresh_inputs_prefer(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts scripts/ on it, as when run
+    check = _script("range_choice_check")
+
+    def build(in_sample: str, out_of_sample: str, histogram: float, minmax: float) -> dict:
+        fresh = {"histogram": histogram, "minmax": minmax}
+        return {"in_sample": {"rule": in_sample}, "out_of_sample": {"rule": out_of_sample}, "fresh_sqnr_db": fresh}
+
+    rows = [
+        build("histogram", "minmax", 10.0, 10.5),  # out of sample right, in sample 0.5 dB short
+        build("minmax", "minmax", 20.0, 21.0),  # both right
+        build("histogram", "histogram", 30.0, 29.0),  # both right
+    ]
+    lines = check.summary(rows).splitlines()
+    assert lines[0].startswith("3 builds;")
+    assert [line.split() for line in lines[1:]] == [
+        ["in_sample", "2", "of", "3", "0.167"],
+        ["out_of_sample", "3", "of", "3", "0.000"],
+        ["histogram", "1", "of", "3", "0.500"],
+        ["minmax", "2", "of", "3", "0.333"],
+    ]
+
+
+def test_sweep_children_get_the_zoo_packages_only_where_they_need_them():
+    sweep = _script("sweep")
+    zoo = str(ROOT / "tests" / "zoo_site")
+    for name, wanted in (("timm:resnet18", True), ("torchvision:resnet18", True), ("transformers:bert", False)):
+        env = sweep.child_env(name)
+        assert (zoo in env["PYTHONPATH"].split(os.pathsep)) is wanted and env["OMP_NUM_THREADS"] == "1"
+
+
 class _Outputs:
     """An ONNX Runtime session's surface (`get_inputs`, `run`) answering with fixed outputs, row by row."""
 
