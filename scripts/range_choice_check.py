@@ -11,7 +11,8 @@ arithmetic (quantizers.bias_correction.fake_quant). One JSON line per build in O
 the builds there; the summary counts the builds where each way of choosing keeps the rule the fresh inputs
 prefer, and its mean loss to that rule (dB).
 
-    python scripts/range_choice_check.py --out judge-out --targets vnni avx2 timm:fbnetc_100 timm:mnasnet_small
+    python scripts/range_choice_check.py --out judge-out timm:fbnetc_100 timm:mnasnet_small   # both targets
+    python scripts/range_choice_check.py --out judge-out timm:resnet18 --targets avx2
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def judge_one(name: str, target: str, folder: Path, rows: int) -> dict:
         if not (work / dst / "manifest.json").is_file():
             source = [str(work / src)] if src else []
             command = [sys.executable, "-m", "quantcli", stage, *source, "--recipe", str(recipe), "-o", str(work / dst)]
-            subprocess.run([*command, "-q", "--force"], check=True)
+            subprocess.run([*command, "-q", "--force"], check=True, stdout=subprocess.DEVNULL)
 
     from quantcli import _torch  # first: it imports torch and torchao silenced
 
