@@ -66,14 +66,18 @@ def judge_one(name: str, target: str, folder: Path, rows: int) -> dict:
         for n in module.graph.nodes
         if n.op == "call_module" and isinstance(module.get_submodule(n.target), ObserverBase)
     ]
+
+    def states() -> list[dict]:
+        return [{k: v.clone() for k, v in o.state_dict().items()} for o in observers]
+
     session = range_choice.Session(module, correct=True)
     first_batch: list[dict] = []
     with torch.no_grad():
         for index, args in enumerate(batches(archs.inputs(name, *sweep.CALIBRATION), sweep.CALIBRATION[0])):
             session.forward(index, args)
             if index == 0:
-                first_batch = [{k: v.clone() for k, v in o.state_dict().items()} for o in observers]
-    full = [{k: v.clone() for k, v in o.state_dict().items()} for o in observers]
+                first_batch = states()
+    full = states()
     params = {n: module.get_parameter(n) for n in sorted(set(session.correction.layers.values()))}
     start = {n: p.detach().clone() for n, p in params.items()}
 
@@ -93,8 +97,7 @@ def judge_one(name: str, target: str, folder: Path, rows: int) -> dict:
 
     range_choice._restore(params, start)
     fp32 = outputs(lambda obs: torch.nn.Identity())
-    share = float(np.square(fp32 - fp32.mean(0)).sum() / max(np.square(fp32).sum(), 1e-30))
-    figure = "raw_sqnr_db" if share < sweep.INPUT_DEPENDENT else "sqnr_db"
+    figure = "raw_sqnr_db" if round(sweep.varying_share(fp32), 6) < sweep.INPUT_DEPENDENT else "sqnr_db"
     scores = {}
     for searched, rule in range_choice.RULES.items():
         for obs in session.observers:

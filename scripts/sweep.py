@@ -213,6 +213,12 @@ def exact_arithmetic(out: Path) -> bool:
     return target != "auto" and saturates_only_here(target, detect_cpu())
 
 
+def varying_share(fp32: np.ndarray) -> float:
+    """The share of fp32's output energy that varies with the input (each output less its mean over the rows)."""
+    centered = fp32 - fp32.mean(0)
+    return float(np.square(centered).sum() / max(np.square(fp32).sum(), 1e-30))
+
+
 def fidelity(sessions: dict, rows: dict[str, np.ndarray]) -> dict:
     """SQNR of each int8 model against fp32 on `rows` (bench.sqnr); the share of fp32's output that varies."""
     from bench import run_all, sqnr
@@ -223,8 +229,7 @@ def fidelity(sessions: dict, rows: dict[str, np.ndarray]) -> dict:
         for name, s in sessions.items()
     }
     fp32 = outs.pop("fp32").astype(np.float64)
-    centered = fp32 - fp32.mean(0)
-    result = {"share": round(float(np.square(centered).sum() / max(np.square(fp32).sum(), 1e-30)), 6)}
+    result = {"share": round(varying_share(fp32), 6)}
     for name, out in outs.items():
         result[name] = sqnr(fp32, out)
     return result
